@@ -1,0 +1,3 @@
+from lowvox.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""All of lowvox's settings in one object.
+
+Precedence, highest first: explicit values (CLI flags), `LOWVOX_*` environment variables,
+the TOML config file (`--config`, or `LOWVOX_CONFIG`), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from lowvox.errors import LowvoxError
+
+
+def _default_home() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "lowvox"
+
+
+class Settings(BaseSettings):
+    """The effective configuration of a lowvox process."""
+
+    model_config = SettingsConfigDict(env_prefix="LOWVOX_", extra="forbid", frozen=True)
+
+    # Network
+    host: str = "127.0.0.1"
+    port: int = Field(7851, ge=1, le=65535)
+    api_key: str | None = None
+    cors_origins: list[str] = ["*"]
+    public_url: str | None = None  # makes returned audio URLs absolute when set
+
+    # Data folders; each defaults to a folder under `home`.
+    home: Path = Field(default_factory=_default_home)
+    voices_dir: Path | None = None
+    outputs_dir: Path | None = None
+    models_dir: Path | None = None
+    cache_dir: Path | None = None
+
+    # Defaults for requests
+    engine: str = "espeak"
+    voice: str | None = None
+    language: str = "en"
+    audio_format: str = "wav"
+
+    # XTTS
+    model_dir: Path | None = None
+    model_name: str = "xtts-v2"
+    accept_model_license: bool = False
+
+    # Runtime
+    device: str = "auto"
+    precision: str = "auto"
+    residency: str = "auto"
+    threads: int | None = Field(None, ge=1)
+    keep_alive: float = Field(0, ge=0)  # seconds idle before unloading; 0 keeps it loaded
+
+    # Limits
+    max_text_chars: int = Field(20_000, ge=1)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_queue: int = Field(32, ge=1)
+    outputs_max_age_hours: float = Field(24 * 7, ge=0)
+    outputs_max_bytes: int = Field(2 * 1024**3, ge=0)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("home", "voices_dir", "outputs_dir", "models_dir", "cache_dir", "model_dir")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def voices_path(self) -> Path:
+        return self.voices_dir or self.home / "voices"
+
+    @property
+    def outputs_path(self) -> Path:
+        return self.outputs_dir or self.home / "outputs"
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir or self.home / "models"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache_dir or self.home / "cache"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _CONFIG_FILE or os.environ.get("LOWVOX_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+# Set only for the duration of `load_settings`; pydantic-settings asks for sources on a
+# classmethod, so the path travels through here rather than through an argument.
+_CONFIG_FILE: str | None = None
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from the config file, the environment and explicit overrides.
+
+    Overrides whose value is None are ignored, so CLI flags that were not given do not
+    hide the environment or the file.
+    """
+    global _CONFIG_FILE
+    if config_file is not None and not Path(config_file).is_file():
+        raise LowvoxError(f"config file not found: {config_file}")
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    _CONFIG_FILE = str(config_file) if config_file is not None else None
+    try:
+        return Settings(**explicit)
+    except ValueError as e:
+        raise LowvoxError(f"invalid settings: {e}") from e
+    finally:
+        _CONFIG_FILE = None
