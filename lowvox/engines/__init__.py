@@ -10,6 +10,7 @@ from lowvox.engines.base import (
     EngineCapabilities,
     SynthesisRequest,
     VoiceInfo,
+    concat_chunks,
 )
 from lowvox.errors import UnknownEngine
 from lowvox.settings import Settings
@@ -20,6 +21,7 @@ __all__ = [
     "EngineCapabilities",
     "SynthesisRequest",
     "VoiceInfo",
+    "concat_chunks",
     "ENGINE_NAMES",
     "create_engine",
 ]

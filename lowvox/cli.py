@@ -1,0 +1,233 @@
+"""The `lowvox` command: say, voices, doctor, serve, models, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lowvox import __version__
+from lowvox.errors import LowvoxError
+from lowvox.settings import Settings, load_settings
+
+log = logging.getLogger("lowvox")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (also LOWVOX_CONFIG)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--home", help="data folder (voices, outputs, models, cache)")
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", help="engine name (espeak, xtts)")
+    p.add_argument("--model-dir", help="XTTS model folder (config.json, model.pth, vocab.json)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 | int8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowvox", description="Text-to-speech for CPUs and small GPUs, built around XTTS v2."
+    )
+    parser.add_argument("--version", action="version", version=f"lowvox {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    say = sub.add_parser("say", help="speak text into an audio file")
+    _add_common(say)
+    _add_engine_flags(say)
+    say.add_argument("text", help="the text to speak ('-' reads standard input)")
+    say.add_argument("-o", "--output", required=True, help="output file ('-' for stdout)")
+    say.add_argument("--voice", help="voice name (or, for xtts, a reference clip)")
+    say.add_argument("--language", help="language code, or 'auto'")
+    say.add_argument("--speed", type=float, default=1.0, help="0.25 to 4.0 (default 1.0)")
+    say.add_argument("--format", help="wav, mp3, opus, aac, flac, pcm (default: from -o)")
+    say.add_argument("--pitch", type=int, help="espeak pitch, 0-100")
+
+    voices = sub.add_parser("voices", help="list the voices of an engine")
+    _add_common(voices)
+    _add_engine_flags(voices)
+
+    doctor = sub.add_parser("doctor", help="show settings, machine and models")
+    _add_common(doctor)
+    _add_engine_flags(doctor)
+
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    _add_common(serve)
+    _add_engine_flags(serve)
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 7851)")
+    serve.add_argument(
+        "--listen", action="store_true", help="accept connections from other machines (0.0.0.0)"
+    )
+    serve.add_argument("--api-key", help="require this key (Bearer or X-API-Key)")
+
+    models = sub.add_parser("models", help="list or download XTTS models")
+    _add_common(models)
+    msub = models.add_subparsers(dest="models_command", required=True)
+    mlist = msub.add_parser("list", help="installed models")
+    _add_common(mlist)
+    mdl = msub.add_parser("download", help="download a released model")
+    _add_common(mdl)
+    mdl.add_argument("name", help="model name, e.g. xtts-v2")
+    mdl.add_argument("--revision", help="repository revision (tag, branch or commit)")
+    mdl.add_argument(
+        "--accept-license",
+        action="store_true",
+        help="accept the Coqui Public Model License (non-commercial use only)",
+    )
+    return parser
+
+
+def _settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides = {
+        "log_level": getattr(args, "log_level", None),
+        "home": getattr(args, "home", None),
+        "engine": getattr(args, "engine", None),
+        "model_dir": getattr(args, "model_dir", None),
+        "device": getattr(args, "device", None),
+        "precision": getattr(args, "precision", None),
+        **extra,
+    }
+    return load_settings(getattr(args, "config", None), **overrides)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _read_text(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    from lowvox.audio.encode import StreamEncoder, encode_audio, format_from_path
+    from lowvox.engines import SynthesisRequest, concat_chunks, create_engine
+
+    settings = _settings_from_args(args)
+    to_stdout = args.output == "-"
+    fmt = (args.format or ("wav" if to_stdout else format_from_path(args.output))).lower()
+    options = {"pitch": args.pitch} if args.pitch is not None else {}
+    engine = create_engine(settings.engine, settings)
+    # Check everything before loading weights or writing a byte.
+    StreamEncoder(fmt, 24000)
+    engine.load()
+    request = engine.validate(
+        SynthesisRequest(
+            text=_read_text(args.text),
+            voice=args.voice or settings.voice,
+            language=args.language or settings.language,
+            speed=args.speed,
+            options=options,
+        ),
+        max_chars=settings.max_text_chars,
+    )
+    chunks = engine.synthesize_stream(request)
+    if to_stdout:
+        encoder = StreamEncoder(fmt, engine.sample_rate)
+        out = sys.stdout.buffer
+        for chunk in chunks:
+            out.write(encoder.write(chunk.samples))
+            out.flush()
+        out.write(encoder.close())
+        out.flush()
+        return 0
+    audio = concat_chunks(chunks, engine.sample_rate)
+    data = encode_audio(audio.samples, audio.sample_rate, fmt)
+    _write_atomic(Path(args.output), data)
+    log.info("wrote %s (%.2f s of audio)", args.output, audio.duration)
+    return 0
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_voices(args: argparse.Namespace) -> int:
+    from lowvox.engines import create_engine
+
+    settings = _settings_from_args(args)
+    engine = create_engine(settings.engine, settings)
+    engine.load()
+    for v in engine.voices():
+        lang = v.language or "-"
+        print(f"{v.id}\t{lang}\t{v.name}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from lowvox.doctor import report
+
+    settings = _settings_from_args(args)
+    print(report(settings))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lowvox.server.app import serve
+
+    host = "0.0.0.0" if args.listen else args.host
+    settings = _settings_from_args(args, host=host, port=args.port, api_key=args.api_key)
+    serve(settings)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from lowvox.engines.xtts.download import download_model, list_models
+
+    settings = _settings_from_args(args)
+    if args.models_command == "list":
+        models = list_models(settings.models_path)
+        if not models:
+            print(f"no models installed in {settings.models_path}")
+        for m in models:
+            print(f"{m.name}\t{m.path}")
+        return 0
+    path = download_model(
+        args.name,
+        settings.models_path,
+        revision=args.revision,
+        accept_license=args.accept_license or settings.accept_model_license,
+    )
+    print(f"installed {args.name} in {path}")
+    return 0
+
+
+COMMANDS = {
+    "say": cmd_say,
+    "voices": cmd_voices,
+    "doctor": cmd_doctor,
+    "serve": cmd_serve,
+    "models": cmd_models,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", None) or os.environ.get("LOWVOX_LOG_LEVEL") or "info"
+    _setup_logging(level if level in ("debug", "info", "warning", "error") else "info")
+    try:
+        return COMMANDS[args.command](args)
+    except LowvoxError as e:
+        print(f"lowvox: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
