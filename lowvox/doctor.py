@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from lowvox import __version__
+from lowvox.errors import LowvoxError
 from lowvox.runtime.devices import INTERESTING_CPU_FLAGS, probe_machine
+from lowvox.runtime.planner import plan
 from lowvox.settings import Settings
 
 _SECRET_FIELDS = {"api_key"}
@@ -84,4 +86,9 @@ def report(settings: Settings) -> str:
         lines.append("  gpu: none")
     lines.append(f"  {_espeak_line()}")
     lines += [f"  {line}" for line in _models_lines(settings)]
+    try:
+        described = plan(machine, settings.device, settings.precision, settings.residency).describe()
+    except LowvoxError as e:
+        described = f"impossible: {e}"
+    lines += ["", f"XTTS plan: {described}"]
     return "\n".join(lines)
