@@ -109,7 +109,8 @@ def _read_text(text: str) -> str:
 
 
 def cmd_say(args: argparse.Namespace) -> int:
-    from lowvox.audio.encode import StreamEncoder, encode_audio, format_from_path
+    from lowvox.audio.encode import StreamEncoder, encode_audio
+    from lowvox.audio.formats import format_from_path, get_format
     from lowvox.engines import SynthesisRequest, concat_chunks, create_engine
 
     settings = _settings_from_args(args)
@@ -118,7 +119,7 @@ def cmd_say(args: argparse.Namespace) -> int:
     options = {"pitch": args.pitch} if args.pitch is not None else {}
     engine = create_engine(settings.engine, settings)
     # Check everything before loading weights or writing a byte.
-    StreamEncoder(fmt, 24000)
+    get_format(fmt)
     engine.load()
     request = engine.validate(
         SynthesisRequest(

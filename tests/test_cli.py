@@ -48,7 +48,7 @@ def test_say_format_from_extension_and_flag(tmp_path):
     import av
 
     with av.open(str(out)) as container:
-        assert container.streams.audio[0].codec_context.name == "mp3"
+        assert container.streams.audio[0].codec_context.name.startswith("mp3")
 
 
 def test_say_to_stdout_streams_wav(tmp_path):
