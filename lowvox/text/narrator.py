@@ -1,0 +1,112 @@
+"""Narrator segmentation, AllTalk-style: *narration* and "speech" get different voices.
+
+Text between asterisks is narration, text in double quotes (straight or curly) is a
+character speaking, and everything else follows the `outside` mode: spoken by the
+character, by the narrator, or not at all ("silent"). A quote inside narration is the
+character speaking (`*She said "hi" and left*` is narrator, character, narrator). A
+marker with no partner is dropped and its text read as if it were not there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lowvox.errors import InvalidRequest
+
+Role = Literal["narrator", "character"]
+NARRATOR_MODES = ("character", "narrator", "silent")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One stretch of text and who speaks it."""
+
+    text: str
+    role: Role
+
+
+def _pairs(positions: list[int]) -> list[tuple[int, int]]:
+    """First with second, third with fourth, ...; an odd last one has no partner."""
+    return list(zip(positions[0::2], positions[1::2], strict=False))
+
+
+def _quote_spans(text: str) -> list[tuple[int, int]]:
+    spans = _pairs([i for i, c in enumerate(text) if c == '"'])
+    taken = {i for span in spans for i in span}
+
+    def inside(i: int) -> bool:
+        return any(a < i < b for a, b in spans)
+
+    for i, c in enumerate(text):
+        if c != "“" or inside(i):
+            continue
+        close = next(
+            (j for j in range(i + 1, len(text)) if text[j] == "”" and j not in taken), None
+        )
+        if close is not None and not any(a < close < b for a, b in spans):
+            spans.append((i, close))
+            taken.update((i, close))
+    return sorted(spans)
+
+
+def _mark(length: int, spans: list[tuple[int, int]]) -> list[bool]:
+    """Per character: is it strictly inside one of the spans?"""
+    depth = [0] * (length + 1)
+    for a, b in spans:
+        depth[a + 1] += 1
+        depth[b] -= 1
+    out, level = [], 0
+    for i in range(length):
+        level += depth[i]
+        out.append(level > 0)
+    return out
+
+
+def _speakable(text: str) -> bool:
+    # Fragments with no letter or digit ("...", "!?", a lone dash) make no speech.
+    return any(c.isalnum() for c in text)
+
+
+def segment_narrator(text: str, mode: str = "character") -> list[Segment]:
+    """Split `text` into narrator and character segments, in order.
+
+    `mode` says who speaks text outside both markers: "character", "narrator" or
+    "silent" (dropped). Consecutive segments with the same speaker are joined; segments
+    with nothing to say (only punctuation or spaces) are dropped.
+    """
+    if mode not in NARRATOR_MODES:
+        raise InvalidRequest(
+            f"narrator mode must be one of {', '.join(NARRATOR_MODES)}, not {mode!r}",
+            field="text_not_inside",
+        )
+    if not isinstance(text, str):
+        raise InvalidRequest("text must be a string", field="text")
+    quotes = _quote_spans(text)
+    in_quote = _mark(len(text), quotes)
+    stars = _pairs([i for i, c in enumerate(text) if c == "*" and not in_quote[i]])
+    in_star = _mark(len(text), stars)
+    markers = {i for span in quotes + stars for i in span}
+    outside: Role | None = None if mode == "silent" else mode  # type: ignore[assignment]
+
+    pieces: list[tuple[Role | None, str]] = []
+    for i, c in enumerate(text):
+        role = "character" if in_quote[i] else "narrator" if in_star[i] else outside
+        if i in markers or c in '*"“”':  # paired markers delimit; stray ones are dropped
+            c = " "
+            role = pieces[-1][0] if pieces else role
+        if pieces and pieces[-1][0] == role:
+            pieces[-1] = (role, pieces[-1][1] + c)
+        else:
+            pieces.append((role, c))
+
+    segments: list[Segment] = []
+    for role, raw in pieces:
+        piece = " ".join(raw.split())
+        if role is None or not _speakable(piece):
+            continue
+        if segments and segments[-1].role == role:
+            segments[-1] = Segment(f"{segments[-1].text} {piece}", role)
+        else:
+            segments.append(Segment(piece, role))
+    return segments

@@ -1,0 +1,82 @@
+"""Sentence splitting for XTTS: sentence boundaries, then greedy packing up to a limit.
+
+The reference front-end runs spaCy's rule-based `sentencizer` over a blank spaCy
+pipeline and packs the sentences into chunks of at most the language's character limit,
+wrapping a single over-long sentence at word boundaries. lowvox gets the same chunks
+without spaCy: `sentence_tokens` reproduces the few tokenizer rules that decide where a sentence
+can end (a full stop, "!" or "?" standing as a token of its own; closing quotes and
+brackets staying with their sentence), and `_sentences` the sentencizer itself.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+from lowvox.text.languages import char_limit, rule_key
+from lowvox.text.sentence_tokens import tokens as _tokens
+from lowvox.text.split_rules import SENTENCE_END
+
+
+def _sentences(text: str, family: str) -> list[str]:
+    """spaCy's sentencizer: a sentence ends after a token that is a sentence-final mark,
+    once the punctuation that follows it (closing quotes, brackets, more marks) is past."""
+    tokens = _tokens(text, family)
+    if not tokens:
+        return []
+    starts = [0]
+    seen_end = False
+    for i, tok in enumerate(tokens):
+        is_end = tok.text in SENTENCE_END
+        if seen_end and not tok.is_punct and not is_end:
+            starts.append(i)
+            seen_end = False
+        elif is_end:
+            seen_end = True
+    starts.append(len(tokens))
+    out = []
+    for a, b in zip(starts, starts[1:], strict=False):
+        if a == b:
+            continue
+        pieces = [t.text + t.space for t in tokens[a : b - 1]] + [tokens[b - 1].text]
+        out.append("".join(pieces))
+    return out
+
+
+_FAMILY = {"zh": "zh", "ja": "ja", "ar": "ar", "es": "es", "hi": "hi"}
+
+
+def split_sentences_exact(text: str, lang: str, limit: int | None) -> list[str]:
+    """The reference's chunks, blank ones included (see `split_sentences`)."""
+    if limit is None or len(text) < limit:
+        return [text.lstrip()]
+    family = _FAMILY.get(rule_key(lang), "en")
+    chunks = [""]
+    for sentence in _sentences(text, family):
+        if len(chunks[-1]) + len(sentence) <= limit:
+            # The joining space is not counted against the limit, as in the reference.
+            chunks[-1] = (chunks[-1] + " " + sentence).lstrip()
+        elif len(sentence) > limit:
+            chunks += textwrap.wrap(
+                sentence, width=limit, drop_whitespace=True, break_on_hyphens=False, tabsize=1
+            )
+        else:
+            chunks.append(sentence)
+    if len(chunks) > 1 and chunks[0] == "":
+        del chunks[0]
+    return chunks
+
+
+def split_sentences(text: str, lang: str, limit: int | None = None) -> list[str]:
+    """Split `text` into chunks XTTS can speak one at a time.
+
+    Sentences are packed greedily into chunks of at most `limit` characters (default: the
+    language's XTTS limit); a sentence longer than that is wrapped at word boundaries. Text
+    shorter than the limit is one chunk. Chunks that are only whitespace are dropped.
+    """
+    if limit is None:
+        limit = char_limit(lang)
+    elif limit < 1:
+        from lowvox.errors import InvalidRequest
+
+        raise InvalidRequest(f"split limit must be positive, not {limit}", field="limit")
+    return [c for c in split_sentences_exact(text, lang, limit) if c.strip()]
