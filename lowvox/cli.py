@@ -80,6 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept the Coqui Public Model License (non-commercial use only)",
     )
+    bench = sub.add_parser("bench", help="measure speed, memory and fidelity of the XTTS engine")
+    _add_common(bench)
+    src = bench.add_mutually_exclusive_group()
+    src.add_argument("--model-dir", help="a real model folder")
+    src.add_argument(
+        "--random-weights",
+        choices=["full", "tiny"],
+        help="random weights of the full-size (default) or a tiny architecture",
+    )
+    bench.add_argument("--precision", default="fp32,int8", help="comma list: fp32,bf16,fp16,int8")
+    bench.add_argument("--device", default="cpu", help="comma list: cpu,cuda,cuda:1")
+    bench.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,8")
+    bench.add_argument("--new-tokens", type=int, default=None, help="audio tokens per run (215)")
+    bench.add_argument("--text", help="the sentence to speak")
+    bench.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    bench.add_argument("--cache-dir", help="where converted weights and random models live")
+    bench.add_argument("--compare-reference", metavar="PYTHON", help="a python with coqui-tts")
+    bench.add_argument("--fidelity", action="store_true", help="reduced precision vs fp32")
+    bench.add_argument("--golden", help="also report fidelity on this model folder")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -210,12 +230,46 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from lowvox.bench.run import BenchOptions, format_report, run_bench
+    from lowvox.bench.workload import DEFAULT_NEW_TOKENS, DEFAULT_SENTENCE
+
+    def split(value: str) -> list[str]:
+        return [v.strip() for v in value.split(",") if v.strip()]
+
+    settings = load_settings(args.config, log_level=args.log_level, home=args.home)
+    try:
+        batch_sizes = [int(b) for b in split(args.batch_sizes)]
+    except ValueError as e:
+        raise LowvoxError(f"--batch-sizes takes integers: {args.batch_sizes!r}") from e
+    opts = BenchOptions(
+        model_dir=Path(args.model_dir) if args.model_dir else None,
+        random_weights=None if args.model_dir else (args.random_weights or "full"),
+        precisions=split(args.precision),
+        devices=split(args.device),
+        batch_sizes=batch_sizes,
+        new_tokens=args.new_tokens or DEFAULT_NEW_TOKENS,
+        text=args.text or DEFAULT_SENTENCE,
+        threads=args.threads or settings.threads,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else settings.cache_path,
+        compare_reference=args.compare_reference,
+        fidelity=args.fidelity,
+        golden_dir=Path(args.golden) if args.golden else None,
+    )
+    report = run_bench(opts)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
 COMMANDS = {
     "say": cmd_say,
     "voices": cmd_voices,
     "doctor": cmd_doctor,
     "serve": cmd_serve,
     "models": cmd_models,
+    "bench": cmd_bench,
 }
 
 

@@ -1,0 +1,195 @@
+"""`lowvox bench`: run the fixed workload per device/precision, in separate processes.
+
+Each case runs in its own interpreter so that load time and peak RSS are that case's
+alone; `--compare-reference PYTHON` runs the same token ids through coqui-tts in another
+interpreter in the same run and prints lowvox's ratio against it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowvox.bench.workload import DEFAULT_NEW_TOKENS, DEFAULT_SENTENCE
+from lowvox.errors import LowvoxError
+
+log = logging.getLogger(__name__)
+
+WORKER_TIMEOUT_S = 3600
+
+
+@dataclass
+class BenchOptions:
+    model_dir: Path | None
+    random_weights: str | None  # "full" | "tiny" | None
+    precisions: list[str]
+    devices: list[str]
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    new_tokens: int = DEFAULT_NEW_TOKENS
+    text: str = DEFAULT_SENTENCE
+    threads: int | None = None
+    cache_dir: Path | None = None
+    compare_reference: str | None = None
+    fidelity: bool = False
+    golden_dir: Path | None = None
+
+
+def _run_json(cmd: list[str], what: str) -> dict[str, Any]:
+    log.info("running %s", what)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"{what} timed out after {WORKER_TIMEOUT_S} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": f"{what} failed (exit {proc.returncode}): " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def model_folder(opts: BenchOptions) -> Path:
+    if opts.model_dir is not None:
+        if not (opts.model_dir / "model.pth").is_file():
+            raise LowvoxError(f"no model.pth in {opts.model_dir}")
+        return opts.model_dir
+    from lowvox.bench.random_model import ensure_random_model
+
+    root = (opts.cache_dir or Path.home() / ".cache" / "lowvox") / "bench"
+    return ensure_random_model(root, opts.random_weights or "full")
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    folder = model_folder(opts)
+    cases = []
+    for device in opts.devices:
+        for precision in opts.precisions:
+            job = {
+                "model_dir": str(folder),
+                "device": device,
+                "precision": precision,
+                "new_tokens": opts.new_tokens,
+                "text": opts.text,
+                "threads": opts.threads,
+                "batch_sizes": opts.batch_sizes,
+                "cache_dir": str(opts.cache_dir) if opts.cache_dir else None,
+            }
+            cmd = [sys.executable, "-m", "lowvox.bench.worker", json.dumps(job)]
+            cases.append(
+                _run_json(cmd, f"{device}/{precision}") | {"device": device, "precision": precision}
+            )
+    report: dict[str, Any] = {"model": str(folder), "new_tokens": opts.new_tokens, "cases": cases}
+    if opts.compare_reference:
+        report["reference"] = run_reference(opts, folder, cases)
+    if opts.fidelity:
+        from lowvox.bench.fidelity import fidelity_report
+
+        report["fidelity"] = fidelity_report(
+            folder, [p for p in opts.precisions if p != "fp32"], opts
+        )
+    return report
+
+
+def run_reference(opts: BenchOptions, folder: Path, cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same token ids and token count through coqui-tts, in the given interpreter."""
+    from lowvox.text.tokenizer import XttsTokenizer
+
+    ids = XttsTokenizer.from_file(folder / "vocab.json").encode(opts.text.strip().lower(), "en")
+    config = json.loads((folder / "config.json").read_text())
+    job = {
+        "tokens": ids,
+        "new_tokens": opts.new_tokens,
+        "threads": opts.threads,
+        "model_args": config["model_args"],
+        "model_dir": str(folder) if opts.model_dir is not None else None,
+    }
+    worker = Path(__file__).with_name("reference_worker.py")
+    return _run_json(
+        [opts.compare_reference, str(worker), json.dumps(job)], "reference (coqui-tts)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+COLUMNS = [
+    ("device", "device", "{}"),
+    ("precision", "precision", "{}"),
+    ("load_s", "load s", "{:.1f}"),
+    ("prefill_s", "prefill s", "{:.3f}"),
+    ("decode_ms_per_token", "ms/token", "{:.1f}"),
+    ("tokens_per_s", "tokens/s", "{:.1f}"),
+    ("vocoder_s_per_audio_s", "vocoder s/s", "{:.3f}"),
+    ("e2e_rtf", "RTF", "{:.3f}"),
+    ("stream_first_audio_s", "first audio s", "{:.3f}"),
+    ("peak_rss_bytes", "peak RSS GB", "{:.2f}"),
+    ("peak_vram_bytes", "peak VRAM GB", "{:.2f}"),
+]
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key.endswith("_bytes"):
+        value = value / 1e9
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    rows = list(report["cases"])
+    ref = report.get("reference")
+    if ref and "error" not in ref:
+        rows.append({**ref, "device": "cpu", "precision": "reference"})
+    batch_keys = sorted(
+        {k for r in rows for k in r if k.startswith("batch") and k.endswith("_rtf")},
+        key=lambda k: int(k[5:-4]),
+    )
+    cols = COLUMNS + [(k, f"batch {k[5:-4]} RTF", "{:.3f}") for k in batch_keys]
+    table = [[title for _, title, _ in cols]]
+    table += [[_cell(r, key, fmt) for key, _, fmt in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    lines = [
+        f"model: {report['model']}   workload: {report['new_tokens']} tokens, stop token suppressed"
+    ]
+    for i, line in enumerate(table):
+        lines.append("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for r in report["cases"]:
+        if "error" in r:
+            lines.append(f"{r['device']}/{r['precision']}: {r['error']}")
+    if ref:
+        if "error" in ref:
+            lines.append(f"reference: {ref['error']}")
+        else:
+            lines.append("")
+            lines.append("ratio vs reference (higher is better for lowvox):")
+            for r in report["cases"]:
+                if "error" in r:
+                    continue
+                speed = ref["decode_ms_per_token"] / r["decode_ms_per_token"]
+                rtf = ref["e2e_rtf"] / r["e2e_rtf"]
+                voc = ref["vocoder_s_per_audio_s"] / r["vocoder_s_per_audio_s"]
+                lines.append(
+                    f"  {r['device']}/{r['precision']}: decode {speed:.2f}x, end-to-end {rtf:.2f}x, vocoder {voc:.2f}x faster; "
+                    f"peak RSS {r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x"
+                )
+    fid = report.get("fidelity")
+    if fid:
+        lines.append("")
+        lines.append("fidelity vs fp32:")
+        for name, rows_ in fid.items():
+            for r in rows_:
+                lines.append(
+                    f"  {name} {r['precision']}: logit cosine mean {r['logit_cosine_mean']:.5f} min {r['logit_cosine_min']:.5f}, "
+                    f"teacher-forced top-1 agreement {r['top1_agreement'] * 100:.1f}%, vocoder SNR {r['vocoder_snr_db']}"
+                )
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""One benchmark case, run in its own process so that peak memory is its own.
+
+Invoked as `python -m lowvox.bench.worker '<json>'`; prints one JSON line of results.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_model(job: dict[str, Any]):
+    from lowvox.engines.xtts.model import XttsModel
+
+    return XttsModel.load(
+        job["model_dir"],
+        device=job.get("device", "cpu"),
+        precision=job["precision"],
+        cache_dir=job.get("cache_dir"),
+    )
+
+
+def bench_voice(model, seed: int = 0):
+    """A studio speaker when the model has one; else fixed random latents."""
+    from lowvox.engines.xtts.voice import Voice
+
+    if model.speakers:
+        return next(iter(model.speakers.values()))
+    g = torch.Generator().manual_seed(seed)
+    dim = model.config.model_args.gpt_n_model_channels
+    cond = torch.randn(1, 32, dim, generator=g) * 0.1
+    spk = torch.nn.functional.normalize(torch.randn(1, 512, 1, generator=g), dim=1)
+    return Voice(cond, spk, name="bench")
+
+
+def suppress_stop_token(model) -> None:
+    """Timing runs decode a fixed number of tokens: the stop token is never chosen."""
+    stop = model.config.model_args.gpt_stop_audio_token
+    with torch.no_grad():
+        model.gpt.mel_head.bias[stop] = -1e4
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(job: dict[str, Any]) -> dict[str, Any]:
+    from lowvox.engines.xtts.generate import Generator
+    from lowvox.engines.xtts.sampling import SamplingOptions
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    device = job.get("device", "cpu")
+    t0 = time.perf_counter()
+    model = load_model(job)
+    load_s = time.perf_counter() - t0
+    suppress_stop_token(model)
+    voice = bench_voice(model)
+    n_new = int(job["new_tokens"])
+    ids = model.tokenizer.encode(job["text"].strip().lower(), "en")
+    text_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
+    options = SamplingOptions(
+        repetition_penalty=float(job.get("repetition_penalty", 5.0)), do_sample=False
+    )
+    result: dict[str, Any] = {
+        "precision": job["precision"],
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "text_tokens": len(ids),
+        "load_s": load_s,
+    }
+
+    with torch.inference_mode():
+        # Warm-up: a short generation and vocoding, as the server does at start-up.
+        warm = Generator(model.gpt, voice.gpt_cond_latent, text_ids, options, 8).run()
+        model._vocode(warm.latents, voice)
+
+        times, latents = [], []
+        _sync(device)
+        start = time.perf_counter()
+        for step in Generator(model.gpt, voice.gpt_cond_latent, text_ids, options, n_new).steps():
+            _sync(device)
+            times.append(time.perf_counter())
+            latents.append(step.latent)
+        n = len(times)
+        prefill_s = times[0] - start
+        decode_s = times[-1] - times[0]
+        result.update(
+            generated_tokens=n,
+            prefill_s=prefill_s,
+            decode_ms_per_token=decode_s / max(n - 1, 1) * 1000,
+            tokens_per_s=(n - 1) / decode_s if decode_s > 0 else float("nan"),
+        )
+
+        lat = torch.cat(latents, dim=1)
+        t = time.perf_counter()
+        wav = model._vocode(lat, voice)
+        _sync(device)
+        vocoder_s = time.perf_counter() - t
+        audio_s = len(wav) / model.sample_rate
+        result.update(audio_s=audio_s, vocoder_s_per_audio_s=vocoder_s / audio_s)
+
+    # End to end through the public API, text in, audio out.
+    t = time.perf_counter()
+    out = model.synthesize(
+        job["text"],
+        language="en",
+        voice=voice,
+        do_sample=False,
+        max_new_tokens=n_new,
+        split_sentences=False,
+    )
+    e2e_s = time.perf_counter() - t
+    result["e2e_rtf"] = e2e_s / (len(out.wav) / model.sample_rate)
+
+    # Streaming: time from the request to the first audio chunk.
+    t = time.perf_counter()
+    stream = model.synthesize_stream(
+        job["text"],
+        language="en",
+        voice=voice,
+        do_sample=False,
+        max_new_tokens=n_new,
+        split_sentences=False,
+    )
+    next(iter(stream))
+    result["stream_first_audio_s"] = time.perf_counter() - t
+    stream.close()
+
+    for batch in job.get("batch_sizes", []):
+        if batch <= 1:
+            continue
+        batch_fn = getattr(model, "synthesize_batch", None)
+        if batch_fn is None:
+            result[f"batch{batch}_rtf"] = None
+            continue
+        texts = [f"{job['text']} Number {i}." for i in range(batch)]
+        t = time.perf_counter()
+        outs = batch_fn(texts, language="en", voice=voice, do_sample=False, max_new_tokens=n_new)
+        elapsed = time.perf_counter() - t
+        total_audio = sum(len(o.wav) for o in outs) / model.sample_rate
+        result[f"batch{batch}_rtf"] = elapsed / total_audio
+
+    result["peak_rss_bytes"] = _peak_rss_bytes()
+    if device.startswith("cuda"):
+        result["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    try:
+        result = run(job)
+    except Exception as e:  # reported to the parent, which prints it in the table
+        result = {
+            "precision": job.get("precision"),
+            "device": job.get("device"),
+            "error": f"{type(e).__name__}: {e}",
+        }
+    print(json.dumps(result, default=lambda o: float(o) if isinstance(o, np.floating) else str(o)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""`lowvox bench` on a tiny random model: it runs end to end and reports every figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowvox.bench.fidelity import compare
+from lowvox.bench.random_model import ensure_random_model, random_state_dict
+from lowvox.engines.xtts.model import XttsModel
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return ensure_random_model(tmp_path_factory.mktemp("bench"), "tiny", seed=3)
+
+
+def test_random_model_loads_through_the_real_loader(tiny_folder, tmp_path):
+    model = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    assert model.config.model_args.gpt_layers == 2
+    assert model.tokenizer.encode("hello", "en")[0] == 3  # the [en] tag
+
+
+def test_random_state_dict_is_finite_and_seeded(tiny_folder, tmp_path):
+    model = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    a, b = random_state_dict(model, 1), random_state_dict(model, 1)
+    c = random_state_dict(model, 2)
+    assert all(torch.isfinite(t.float()).all() for t in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].dim() > 1)
+
+
+def test_bench_command_reports_every_figure(tiny_folder, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "lowvox", "bench", "--model-dir", str(tiny_folder),
+            "--precision", "fp32", "--new-tokens", "12", "--cache-dir", str(tmp_path), "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    (case,) = report["cases"]
+    assert "error" not in case, case
+    assert case["generated_tokens"] == 12  # the stop token never ends a timing run
+    for key in ("load_s", "prefill_s", "decode_ms_per_token", "tokens_per_s", "vocoder_s_per_audio_s",
+                "e2e_rtf", "stream_first_audio_s", "peak_rss_bytes"):  # fmt: skip
+        assert case[key] > 0, key
+
+
+def test_bench_table_and_bad_model_dir(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowvox", "bench", "--model-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "no model.pth" in proc.stderr
+
+
+def test_fidelity_of_a_model_against_itself_is_perfect(tiny_folder, tmp_path):
+    a = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    b = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    r = compare(a, b, "hello there, how are you?", tokens=16)
+    assert r["logit_cosine_min"] > 0.99999
+    assert r["top1_agreement"] == 1.0
+    assert r["vocoder_snr_db"].startswith("identical")
+
+
+def test_fidelity_detects_a_perturbed_model(tiny_folder, tmp_path):
+    a = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    b = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    with torch.no_grad():
+        for p in b.gpt.gpt.parameters():
+            p.add_(torch.randn_like(p) * p.std() * 0.5)
+    r = compare(a, b, "hello there, how are you?", tokens=16)
+    assert r["logit_cosine_mean"] < 0.999
