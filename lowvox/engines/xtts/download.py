@@ -1,0 +1,201 @@
+"""Installing and listing XTTS models in the models folder.
+
+`download_model` fetches a released model through `huggingface_hub`, only after the user has
+accepted the model's licence, into `<models>/<name>/` (files land in a temporary folder and
+are moved in place at the end, so an interrupted download never looks installed).
+`list_models` shows every model folder, including fine-tunes dropped in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from lowvox.errors import LowvoxError
+
+log = logging.getLogger(__name__)
+
+MARKER = "lowvox-model.json"  # written by download_model: where the files came from
+REQUIRED_FILES = ("config.json", "model.pth", "vocab.json")
+PROBE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    repo_id: str
+    files: tuple[str, ...]
+    license_name: str
+    license_url: str
+    default_revision: str = "main"
+
+
+KNOWN_MODELS: dict[str, ModelSource] = {
+    "xtts-v2": ModelSource(
+        repo_id="coqui/XTTS-v2",
+        files=("config.json", "model.pth", "vocab.json", "speakers_xtts.pth"),
+        license_name="Coqui Public Model License 1.0.0 (non-commercial use only)",
+        license_url="https://coqui.ai/cpml",
+    ),
+}
+
+
+class ModelError(LowvoxError):
+    """A model cannot be downloaded or read."""
+
+
+class LicenseNotAccepted(ModelError):
+    status_code = 403
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A folder in the models directory that holds (or should hold) an XTTS model."""
+
+    name: str
+    path: Path
+    complete: bool
+    missing: tuple[str, ...] = ()
+    size_bytes: int = 0
+    languages: tuple[str, ...] = ()
+    source: str = "local"  # "huggingface:<repo>" for downloaded models
+    revision: str | None = None
+    license_name: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def licence_notice(name: str) -> str:
+    source = _source(name)
+    return (
+        f"{name} is distributed under the {source.license_name} ({source.license_url}). "
+        "Accept it with `--accept-license` or the setting `accept_model_license = true` "
+        "(LOWVOX_ACCEPT_MODEL_LICENSE=1)."
+    )
+
+
+def _source(name: str) -> ModelSource:
+    try:
+        return KNOWN_MODELS[name]
+    except KeyError:
+        raise ModelError(
+            f"unknown model {name!r} (downloadable: {', '.join(KNOWN_MODELS)})"
+        ) from None
+
+
+def _check_network(endpoint: str) -> None:
+    """Fail in seconds, with a clear message, when the hub cannot be reached."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ModelError("cannot download: HF_HUB_OFFLINE is set (offline mode)")
+    url = urlparse(endpoint)
+    host, port = url.hostname or endpoint, url.port or (443 if url.scheme != "http" else 80)
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        raise ModelError(
+            f"cannot download: no network connection to {endpoint} ({e}). "
+            "Connect to the internet, or copy a model folder into the models directory."
+        ) from e
+
+
+def download_model(
+    name: str,
+    models_dir: str | os.PathLike[str],
+    revision: str | None = None,
+    accept_license: bool = False,
+) -> Path:
+    """Download model `name` into `<models_dir>/<name>` and return that folder."""
+    source = _source(name)
+    if not accept_license:
+        raise LicenseNotAccepted(
+            f"the licence of {name} has not been accepted. " + licence_notice(name)
+        )
+    try:
+        import huggingface_hub
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:
+        raise ModelError("downloading models needs the huggingface_hub package") from e
+
+    _check_network(huggingface_hub.constants.ENDPOINT)
+    models_dir = Path(models_dir)
+    target = models_dir / name
+    partial = models_dir / f".{name}.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    rev = revision or source.default_revision
+    for filename in source.files:
+        log.info("downloading %s/%s (%s)", source.repo_id, filename, rev)
+        try:
+            hf_hub_download(source.repo_id, filename, revision=rev, local_dir=partial)
+        except Exception as e:  # the hub client raises many unrelated types (HTTP, OS, ...)
+            raise ModelError(f"downloading {source.repo_id}/{filename} ({rev}) failed: {e}") from e
+    marker = {
+        "name": name,
+        "source": f"huggingface:{source.repo_id}",
+        "revision": rev,
+        "files": list(source.files),
+        "license": source.license_name,
+        "license_url": source.license_url,
+        "license_accepted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (partial / MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+    target.mkdir(parents=True, exist_ok=True)
+    for filename in [*source.files, MARKER]:
+        os.replace(partial / filename, target / filename)
+    shutil.rmtree(partial, ignore_errors=True)
+    log.info("installed %s in %s", name, target)
+    return target
+
+
+def list_models(models_dir: str | os.PathLike[str]) -> list[InstalledModel]:
+    """Every model folder under `models_dir`, complete or not, sorted by name."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return []
+    found = []
+    for entry in sorted(models_dir.iterdir(), key=lambda p: p.name.lower()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        has_any = any((entry / f).is_file() for f in (*REQUIRED_FILES, MARKER))
+        if not has_any:
+            continue
+        found.append(_describe(entry))
+    return found
+
+
+def _describe(folder: Path) -> InstalledModel:
+    missing = tuple(f for f in REQUIRED_FILES if not (folder / f).is_file())
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    languages: tuple[str, ...] = ()
+    details: dict[str, Any] = {}
+    if (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            languages = tuple(config.get("languages") or ())
+            args = config.get("model_args") or {}
+            details = {k: args.get(k) for k in ("gpt_layers", "gpt_n_model_channels")}
+        except (OSError, ValueError, AttributeError) as e:
+            details = {"error": f"unreadable config.json: {e}"}
+    marker: dict[str, Any] = {}
+    if (folder / MARKER).is_file():
+        try:
+            marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            marker = {}
+    return InstalledModel(
+        name=folder.name,
+        path=folder,
+        complete=not missing and "error" not in details,
+        missing=missing,
+        size_bytes=size,
+        languages=languages,
+        source=str(marker.get("source", "local")),
+        revision=marker.get("revision"),
+        license_name=marker.get("license"),
+        details=details,
+    )

@@ -1,0 +1,291 @@
+"""The XTTS autoregressive model: a GPT-2-style decoder over [voice latents | text | audio codes].
+
+Parameter names follow the released checkpoint (`gpt.*` minus the prefix), including the
+GPT-2 "Conv1D" projections whose weights are stored [in, out].
+
+The decoder runs in two shapes only: a prefill of a whole prompt and one-token decode
+steps, both writing keys/values into a preallocated `KVCache` by position. Hidden states
+go through two LayerNorms (the stack's `ln_f`, then `final_norm`) before `mel_head`; the
+normed states are also the "latents" the vocoder consumes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowvox.engines.xtts.config import XttsArgs
+
+LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon and nn.LayerNorm's default
+
+# A sequence position: a Python int (eager, the cache is sliced to the filled length), or a
+# 0-dim long tensor (static shapes: the whole cache is attended with a mask, so one
+# compiled / graph-captured decode step serves every position).
+Position = int | torch.Tensor
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: y = x @ W + b with W stored [in, out]."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.empty(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1] + (self.weight.shape[1],)
+        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return y.view(shape)
+
+
+def conv1d_to_linear(module: nn.Module) -> int:
+    """Swap every `Conv1D` under `module` for an equivalent `nn.Linear` (weights transposed to
+    [out, in]); returns how many. Module-swapping tools (int8 quantisation) expect nn.Linear.
+    Do it after loading: the state dict then no longer has the checkpoint's layout."""
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                n_in, n_out = child.weight.shape
+                linear = nn.Linear(n_in, n_out, device="meta")
+                linear.weight = nn.Parameter(
+                    child.weight.detach().t().contiguous(), requires_grad=False
+                )
+                linear.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                setattr(parent, name, linear)
+                swapped += 1
+    return swapped
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer for a fixed maximum length, written by position."""
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (batch, heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(
+        self, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, H, T, hd] at positions start..start+T; return the filled prefix."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def update_at(
+        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, H, T, hd] at `positions` [T] (a tensor: no shape depends on it);
+        return the whole cache."""
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"model dim {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.c_attn = Conv1D(dim, 3 * dim)
+        self.c_proj = Conv1D(dim, dim)
+
+    def forward(self, x: torch.Tensor, start: Position, cache: KVCache | None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        # [B, T, D] -> [B, H, T, hd]
+        q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2) for y in (q, k, v))
+        if isinstance(start, torch.Tensor):
+            if cache is None:
+                raise ValueError("a tensor position needs a cache")
+            # Static shapes (for compilation / graph capture): attend over the whole cache,
+            # masking the positions not written yet.
+            pos = start + torch.arange(t, device=x.device)  # [T]
+            keys, values = cache.update_at(pos, k, v)
+            mask = torch.arange(cache.max_len, device=x.device)[None, :] <= pos[:, None]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+        if cache is not None:
+            k, v = cache.update(start, k, v)
+        elif start != 0:
+            raise ValueError("attention without a cache must start at position 0")
+        if t == 1:
+            # One new token sees every cached position: no mask needed.
+            y = F.scaled_dot_product_attention(q, k, v)
+        elif start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # A block after a prefix: row i sees keys 0..start+i.
+            rows = torch.arange(start, start + t, device=x.device)[:, None]
+            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= rows
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(b, t, d)  # [B, T, D]
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(dim, hidden)
+        self.c_proj = Conv1D(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2's "gelu_new" is the tanh approximation.
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, heads)
+        self.ln_2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = MLP(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor, start: Position, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), start, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """The GPT-2 stack without token or position embeddings (XTTS supplies its own)."""
+
+    def __init__(self, layers: int, dim: int, heads: int) -> None:
+        super().__init__()
+        self.h = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def forward(
+        self, x: torch.Tensor, start: Position = 0, caches: list[KVCache] | None = None
+    ) -> torch.Tensor:
+        for i, block in enumerate(self.h):
+            x = block(x, start, caches[i] if caches is not None else None)
+        return self.ln_f(x)
+
+
+class PositionEmbedding(nn.Module):
+    """Learned absolute positions; `forward(start, length)` -> [1, length, D]."""
+
+    def __init__(self, positions: int, dim: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(positions, dim)
+
+    def forward(self, start: Position, length: int) -> torch.Tensor:
+        if isinstance(start, torch.Tensor):
+            return self.emb(start + torch.arange(length, device=start.device)).unsqueeze(0)
+        if start + length > self.emb.num_embeddings:
+            raise ValueError(
+                f"position {start + length - 1} is past the table of {self.emb.num_embeddings}"
+            )
+        return self.emb.weight[start : start + length].unsqueeze(0)
+
+
+class XttsGpt(nn.Module):
+    """Text/voice-conditioned audio-token decoder (`gpt.*` in the checkpoint).
+
+    `conditioning_encoder` and `conditioning_perceiver` turn a reference mel into the 32
+    voice latents; they are built by the caller (the voice modules) and may be absent when
+    only decoding is needed.
+    """
+
+    def __init__(
+        self,
+        args: XttsArgs,
+        conditioning_encoder: nn.Module | None = None,
+        conditioning_perceiver: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.args = args
+        dim = args.gpt_n_model_channels
+        self.conditioning_encoder = conditioning_encoder
+        self.conditioning_perceiver = conditioning_perceiver
+        self.text_embedding = nn.Embedding(args.gpt_number_text_tokens, dim)
+        self.mel_embedding = nn.Embedding(args.gpt_num_audio_tokens, dim)
+        self.gpt = Transformer(args.gpt_layers, dim, args.gpt_n_heads)
+        self.mel_pos_embedding = PositionEmbedding(args.mel_positions, dim)
+        self.text_pos_embedding = PositionEmbedding(args.text_positions, dim)
+        self.final_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mel_head = nn.Linear(dim, args.gpt_num_audio_tokens)
+
+    @property
+    def dim(self) -> int:
+        return self.args.gpt_n_model_channels
+
+    @property
+    def heads(self) -> int:
+        return self.args.gpt_n_heads
+
+    def make_caches(
+        self, max_len: int, batch: int = 1, device: torch.device | str | None = None
+    ) -> list[KVCache]:
+        """One preallocated cache per layer, in the dtype/device of the weights."""
+        w = self.mel_head.weight
+        return [
+            KVCache(batch, self.heads, max_len, self.dim // self.heads, w.dtype, device or w.device)
+            for _ in self.gpt.h
+        ]
+
+    def text_embeddings(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] text ids (already wrapped in start/stop) -> [B, T, D] with positions."""
+        return self.text_embedding(text_ids) + self.text_pos_embedding(0, text_ids.shape[1])
+
+    def audio_embeddings(self, codes: torch.Tensor, start: Position) -> torch.Tensor:
+        """[B, T] audio ids at audio positions start.. -> [B, T, D]."""
+        return self.mel_embedding(codes) + self.mel_pos_embedding(start, codes.shape[1])
+
+    def wrap_text(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T + 2]: start and stop text tokens around the text."""
+        a = self.args
+        b = text_ids.shape[0]
+        start = text_ids.new_full((b, 1), a.gpt_start_text_token)
+        stop = text_ids.new_full((b, 1), a.gpt_stop_text_token)
+        return torch.cat([start, text_ids, stop], dim=1)
+
+    def prompt_embeddings(self, cond_latent: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
+        """Voice latents [B, 32, D] and text ids [B, T] -> prompt [B, 32 + T + 2, D]."""
+        text = self.text_embeddings(self.wrap_text(text_ids))
+        return torch.cat([cond_latent.to(text.dtype), text], dim=1)
+
+    def hidden(
+        self, emb: torch.Tensor, start: Position = 0, caches: list[KVCache] | None = None
+    ) -> torch.Tensor:
+        """Embeddings [B, T, D] at sequence positions start.. -> normed latents [B, T, D]."""
+        return self.final_norm(self.gpt(emb, start, caches))
+
+    def logits(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] -> [B, T, num_audio_tokens]."""
+        return self.mel_head(latents)
+
+    def teacher_forced_latents(
+        self, cond_latent: torch.Tensor, text_ids: torch.Tensor, codes: torch.Tensor
+    ) -> torch.Tensor:
+        """Latents of known codes in one pass: [B, N] codes -> [B, N, D].
+
+        Latent i is the state at the input that predicts code i (the start token for i=0,
+        code i-1 after), exactly what decoding those codes step by step produces.
+        """
+        a = self.args
+        start = codes.new_full((codes.shape[0], 1), a.gpt_start_audio_token)
+        audio_in = torch.cat([start, codes[:, :-1]], dim=1)
+        prompt = self.prompt_embeddings(cond_latent, text_ids)
+        emb = torch.cat([prompt, self.audio_embeddings(audio_in, 0)], dim=1)
+        return self.hidden(emb)[:, prompt.shape[1] :]

@@ -1,0 +1,210 @@
+"""Streaming vocoding with flat per-chunk cost.
+
+The reference re-vocodes the whole prefix for every chunk and cross-fades, which costs
+O(T^2) over an utterance. Here each chunk vocodes only the frames it emits plus a fixed
+margin of context on both sides. HiFi-GAN is a stack of finite convolutions, so an output
+frame depends on at most R interpolated frames on each side (R = the generator's receptive
+radius); with R frames of context the chunk's audio equals the whole-utterance audio.
+
+Frames are addressed in whole-utterance coordinates: the two linear interpolations that
+turn latents into vocoder frames are evaluated at global frame indices (exactly as
+F.interpolate does for the whole sequence), and a frame is treated as known only once every
+latent it reads has arrived, so nothing emitted ever changes when more latents come in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from lowvox.engines.xtts.hifigan import HifiganDecoder
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FIRST_CHUNK_TOKENS = 20
+DEFAULT_CHUNK_TOKENS = 20
+
+
+def _source_positions(
+    out_idx: torch.Tensor, scale_factor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left source index and weight of the right neighbour for linear interpolation by
+    `scale_factor` (align_corners=False), in float32 as PyTorch's CPU kernel computes them."""
+    inv = torch.tensor(1.0 / scale_factor, dtype=torch.float32)
+    src = (inv * (out_idx.to(torch.float32) + 0.5) - 0.5).clamp(min=0.0)
+    idx0 = src.to(torch.int64)
+    return idx0, (src - idx0).clamp(0.0, 1.0)
+
+
+def interpolate_frames(
+    x: torch.Tensor, offset: int, start: int, stop: int, scale_factor: float, in_len: int
+) -> torch.Tensor:
+    """Frames `start..stop-1` of `F.interpolate(full, scale_factor, mode="linear")`.
+
+    `x` `[B, C, L]` holds input frames `offset..offset+L-1` of the full sequence, whose length
+    is `in_len` (it decides the clamp at the end); it must cover every frame read.
+    """
+    idx0, w1 = _source_positions(torch.arange(start, stop), scale_factor)
+    idx1 = torch.where(idx0 < in_len - 1, idx0 + 1, idx0)
+    a = x.index_select(2, idx0 - offset)
+    b = x.index_select(2, idx1 - offset)
+    w1 = w1.to(x.dtype)
+    return a * (1.0 - w1) + b * w1
+
+
+def _index0(i: int, scale_factor: float) -> int:
+    return int(_source_positions(torch.tensor([i]), scale_factor)[0][0])
+
+
+def _stable_count(n_in: int, scale_factor: float) -> int:
+    """How many leading output frames read only inputs `0..n_in-1` with a real right
+    neighbour, i.e. will not change when more input frames arrive."""
+    lo, hi = 0, math.floor(n_in * scale_factor)  # invariant: frames < lo are stable
+    while lo < hi:  # the left index is monotone in the output index: binary search
+        mid = (lo + hi) // 2
+        if _index0(mid, scale_factor) <= n_in - 2:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+class StreamingVocoder:
+    """Turns GPT latents pushed in pieces into final audio, vocoding each frame range once.
+
+    `push` buffers latents and vocodes when `first_chunk_tokens` (for the first chunk) or
+    `chunk_tokens` (afterwards) new latents have arrived; it returns the audio that is now
+    final (possibly empty). `flush` returns the rest. Concatenated, the pieces equal
+    `decoder(all_latents, speaker_embedding)` up to float rounding.
+
+    `context` is the number of interpolated frames of context on each side of a chunk;
+    the default is the decoder's receptive radius (exact). Smaller trades accuracy at the
+    seams for latency.
+    """
+
+    def __init__(
+        self,
+        decoder: HifiganDecoder,
+        speaker_embedding: torch.Tensor,
+        *,
+        context: int | None = None,
+        first_chunk_tokens: int = DEFAULT_FIRST_CHUNK_TOKENS,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> None:
+        if first_chunk_tokens < 1 or chunk_tokens < 1:
+            raise ValueError("first_chunk_tokens and chunk_tokens must be at least 1")
+        self.decoder = decoder
+        param = next(decoder.waveform_decoder.parameters())
+        self._device, self._dtype = param.device, param.dtype
+        self.g = speaker_embedding.detach().reshape(1, -1, 1).to(self._device, self._dtype)
+        radius = decoder.waveform_decoder.receptive_radius()
+        self.context = radius if context is None else int(context)
+        self.first_chunk_tokens = first_chunk_tokens
+        self.chunk_tokens = chunk_tokens
+        self.hop = decoder.hop_length
+        self.scales = decoder.frame_scales
+        self._buf: torch.Tensor | None = None  # [1, capacity, D], grown by doubling
+        self._n = 0  # latents received
+        self._pending = 0  # latents received since the last vocoding
+        self._emitted = 0  # frames whose audio has been returned
+        self._finished = False
+        self.frames_vocoded: list[int] = []  # frames run through HiFi-GAN, per vocoding
+
+    @property
+    def num_latents(self) -> int:
+        return self._n
+
+    def _append(self, latents: torch.Tensor) -> None:
+        n = latents.shape[1]
+        if self._buf is None:
+            cap = max(64, n)
+            self._buf = latents.new_empty(
+                1, cap, latents.shape[2], device=self._device, dtype=self._dtype
+            )
+        elif self._n + n > self._buf.shape[1]:
+            cap = max(2 * self._buf.shape[1], self._n + n)
+            grown = self._buf.new_empty(1, cap, self._buf.shape[2])
+            grown[:, : self._n] = self._buf[:, : self._n]
+            self._buf = grown
+        self._buf[:, self._n : self._n + n] = latents
+        self._n += n
+
+    def push(self, latents: torch.Tensor) -> np.ndarray:
+        """Add `[1, n, D]` latents; return the float32 audio that became final (maybe empty)."""
+        if self._finished:
+            raise RuntimeError("push after flush")
+        if latents.dim() != 3 or latents.shape[0] != 1:
+            raise ValueError(f"expected latents [1, n, D], got {tuple(latents.shape)}")
+        if latents.shape[1] == 0:
+            return np.zeros(0, np.float32)
+        self._append(latents.detach())
+        self._pending += latents.shape[1]
+        threshold = self.chunk_tokens if self._emitted else self.first_chunk_tokens
+        if self._pending < threshold:
+            return np.zeros(0, np.float32)
+        return self._vocode(final=False)
+
+    def flush(self) -> np.ndarray:
+        """Vocode everything not yet returned (the end of the utterance)."""
+        if self._finished:
+            return np.zeros(0, np.float32)
+        self._finished = True
+        if self._n == 0:
+            return np.zeros(0, np.float32)
+        return self._vocode(final=True)
+
+    def _lengths(self) -> list[int]:
+        """Sequence length after each interpolation stage, for the latents received so far."""
+        lengths = [self._n]
+        for s in self.scales:
+            lengths.append(math.floor(lengths[-1] * s))
+        return lengths
+
+    def _stable_frames(self) -> int:
+        """Frames (after all interpolation stages) that no future latent can change."""
+        n = self._n
+        for s in self.scales:
+            n = _stable_count(n, s)
+        return n
+
+    def _frames(self, start: int, stop: int) -> torch.Tensor:
+        """Vocoder input frames `start..stop-1` of the current sequence: `[1, D, stop-start]`."""
+        lengths = self._lengths()
+        # Walk back through the stages to find which input frames are read.
+        spans = [(start, stop)]
+        for s, in_len in zip(reversed(self.scales), reversed(lengths[:-1]), strict=True):
+            lo, hi = spans[-1]
+            first = _index0(lo, s)
+            last = min(_index0(hi - 1, s) + 1, in_len - 1)
+            spans.append((first, last + 1))
+        spans.reverse()  # spans[k]: frame range needed after k stages
+        lo, hi = spans[0]
+        assert self._buf is not None
+        x = self._buf[:, lo:hi].transpose(1, 2)  # [1, D, hi - lo]
+        for k, s in enumerate(self.scales):
+            nxt_lo, nxt_hi = spans[k + 1]
+            x = interpolate_frames(x, spans[k][0], nxt_lo, nxt_hi, s, lengths[k])
+        return x
+
+    @torch.inference_mode()
+    def _vocode(self, final: bool) -> np.ndarray:
+        if final:
+            available = self._lengths()[-1]
+            end = available
+        else:
+            available = self._stable_frames()
+            end = available - self.context  # keep `context` known frames to the right
+        if end <= self._emitted:
+            return np.zeros(0, np.float32)
+        w0 = max(0, self._emitted - self.context)
+        w1 = min(available, end + self.context)
+        z = self._frames(w0, w1)
+        audio = self.decoder.waveform_decoder(z, self.g)[0, 0]  # [(w1 - w0) * hop]
+        out = audio[(self._emitted - w0) * self.hop : (end - w0) * self.hop]
+        self.frames_vocoded.append(w1 - w0)
+        self._emitted = end
+        self._pending = 0
+        return out.float().cpu().numpy()

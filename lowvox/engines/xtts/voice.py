@@ -1,0 +1,390 @@
+"""Voices: cloning from reference audio, the on-disk latent cache, and studio speakers.
+
+A voice is two tensors: the GPT conditioning latents (the perceiver's 32 outputs, averaged
+over 4-second chunks of the references) and the speaker embedding that conditions HiFi-GAN
+(the speaker encoder's output, averaged over the references). Cloning follows the reference
+pipeline step for step so the latents match it: decode, downmix, resample (windowed sinc) to
+the model rate, clip, cut to `max_ref_length`, optionally peak-normalise, then embed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lowvox.audio.io import Audio, load_audio
+from lowvox.audio.mel import MelConfig, MelSpectrogram
+from lowvox.audio.resample import resample
+from lowvox.errors import InvalidRequest, LowvoxError
+
+logger = logging.getLogger(__name__)
+
+# References shorter than this (per chunk) carry too little speech to condition on.
+MIN_CHUNK_SECONDS = 0.33
+# Peak level that `sound_norm_refs` scales references to.
+NORM_PEAK = 0.75
+# Bump when cloning changes in a way that alters the latents, to invalidate old caches.
+CACHE_VERSION = "1"
+
+
+@dataclass
+class Voice:
+    """A speaker: GPT conditioning latents `[1, 32, D]` and speaker embedding `[1, 512, 1]`."""
+
+    gpt_cond_latent: torch.Tensor
+    speaker_embedding: torch.Tensor
+    name: str | None = None
+
+
+def conditioning_mel_config(sample_rate: int) -> MelConfig:
+    """The mel spectrogram XTTS v2 conditions on (per 4 s chunk, at the model rate)."""
+    return MelConfig(
+        sample_rate=sample_rate,
+        n_fft=2048,
+        hop_length=256,
+        win_length=1024,
+        n_mels=80,
+        f_min=0.0,
+        f_max=8000.0,
+        norm="slaney",
+        window="hann",
+    )
+
+
+@lru_cache(maxsize=4)
+def _conditioning_mel(sample_rate: int) -> MelSpectrogram:
+    return MelSpectrogram(conditioning_mel_config(sample_rate))
+
+
+def conditioning_mel(
+    audio: torch.Tensor, mel_stats: torch.Tensor, mel: MelSpectrogram
+) -> torch.Tensor:
+    """`[B, N]` audio -> `[B, 80, frames]` log-mel divided by the model's per-band `mel_stats`."""
+    spec = mel(audio)
+    return torch.log(spec.clamp(min=1e-5)) / mel_stats.reshape(1, -1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference inputs
+
+
+RefInput = str | os.PathLike[str] | bytes | Audio | np.ndarray | torch.Tensor | tuple
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """One reference clip: its content digest and how to decode it."""
+
+    digest: str
+    data: bytes | Audio
+
+
+def _as_reference(ref: Any, default_rate: int) -> _Reference:
+    if isinstance(ref, str | os.PathLike):
+        path = Path(ref)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as e:
+            raise InvalidRequest(f"reference audio not found: {path}") from e
+        except OSError as e:
+            raise InvalidRequest(f"cannot read reference audio {path}: {e}") from e
+        return _Reference("file:" + hashlib.sha256(data).hexdigest(), data)
+    if isinstance(ref, bytes | bytearray | memoryview):
+        data = bytes(ref)
+        return _Reference("file:" + hashlib.sha256(data).hexdigest(), data)
+    rate = default_rate
+    if isinstance(ref, Audio):
+        samples, rate = ref.samples, ref.sample_rate
+    elif isinstance(ref, tuple) and len(ref) == 2:
+        samples, rate = ref
+    else:
+        samples = ref  # a bare array is taken to be at the model's rate
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu().numpy()
+    if not isinstance(samples, np.ndarray):
+        raise InvalidRequest(f"unsupported reference audio type: {type(ref).__name__}")
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim == 2:
+        # soundfile gives [N, channels], torch-style code [channels, N]; channels are few.
+        axis = 1 if samples.shape[1] <= 8 < samples.shape[0] else 0
+        samples = samples.mean(axis=axis, dtype=np.float32)
+    if samples.ndim != 1 or samples.size == 0:
+        raise InvalidRequest("reference audio must be a non-empty mono or multi-channel array")
+    if not np.isfinite(samples).all():
+        raise InvalidRequest("reference audio contains NaN or infinite samples")
+    if int(rate) != rate or rate <= 0:
+        raise InvalidRequest(f"invalid reference sample rate: {rate!r}")
+    samples = np.ascontiguousarray(samples)
+    h = hashlib.sha256(samples.tobytes())
+    h.update(str(int(rate)).encode())
+    return _Reference("pcm:" + h.hexdigest(), Audio(samples, int(rate)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+@dataclass(frozen=True)
+class CloneSettings:
+    """What, besides the audio and the model, determines a cloned voice."""
+
+    gpt_cond_len: int
+    gpt_cond_chunk_len: int
+    max_ref_length: int
+    sound_norm_refs: bool
+    sample_rate: int
+
+
+class VoiceCache:
+    """Cloned voices as safetensors files in `cache_dir`, keyed by content and settings.
+
+    A file that cannot be read or does not hold a voice is treated as missing (and replaced
+    on the next `put`): the cache can never make cloning fail.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
+        self.cache_dir = Path(cache_dir)
+
+    @staticmethod
+    def key(digests: Sequence[str], settings: CloneSettings, fingerprint: str) -> str:
+        payload = json.dumps(
+            {
+                "version": CACHE_VERSION,
+                "audio": list(digests),
+                "settings": settings.__dict__,
+                "model": fingerprint,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.cache_dir / f"voice-{key}.safetensors"
+
+    def get(self, key: str) -> Voice | None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+            latent, emb = tensors["gpt_cond_latent"], tensors["speaker_embedding"]
+            if latent.dim() != 3 or emb.dim() != 3 or emb.shape[-1] != 1:
+                raise ValueError(f"unexpected shapes {tuple(latent.shape)}, {tuple(emb.shape)}")
+            if not (torch.isfinite(latent).all() and torch.isfinite(emb).all()):
+                raise ValueError("non-finite values")
+        except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
+            logger.warning("ignoring unreadable voice cache file %s: %s", path, e)
+            return None
+        return Voice(latent.float(), emb.float())
+
+    def put(self, key: str, voice: Voice) -> None:
+        from safetensors.torch import save_file
+
+        path = self.path(key)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            save_file(
+                {
+                    "gpt_cond_latent": voice.gpt_cond_latent.detach().float().cpu().contiguous(),
+                    "speaker_embedding": voice.speaker_embedding.detach()
+                    .float()
+                    .cpu()
+                    .contiguous(),
+                },
+                str(tmp),
+                metadata={"version": CACHE_VERSION},
+            )
+            os.replace(tmp, path)  # atomic: readers never see a half-written file
+        except OSError as e:
+            logger.warning("could not write voice cache file %s: %s", path, e)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cloning
+
+
+def _param_of(module: torch.nn.Module) -> torch.Tensor:
+    return next(module.parameters())
+
+
+def gpt_cond_latent(
+    model: Any, audio: torch.Tensor, *, gpt_cond_len: int, gpt_cond_chunk_len: int
+) -> torch.Tensor:
+    """`[1, N]` audio at the model rate -> `[1, num_latents, D]` GPT conditioning latents.
+
+    The first `gpt_cond_len` seconds (all when <= 0) are cut in `gpt_cond_chunk_len`-second
+    chunks; each chunk's perceiver output is computed alone and the results averaged.
+    """
+    rate = int(model.config.audio.sample_rate)
+    if gpt_cond_len > 0:
+        audio = audio[:, : rate * gpt_cond_len]
+    if gpt_cond_chunk_len <= 0:
+        raise InvalidRequest("gpt_cond_chunk_len must be positive")
+    encoder = model.gpt.conditioning_encoder
+    perceiver = model.gpt.conditioning_perceiver
+    p = _param_of(encoder)
+    mel = _conditioning_mel(rate)
+    mel_stats = model.mel_stats.detach().float().cpu()
+    step = rate * gpt_cond_chunk_len
+    styles = []
+    for start in range(0, audio.shape[1], step):
+        chunk = audio[:, start : start + step]
+        if chunk.shape[-1] < rate * MIN_CHUNK_SECONDS:
+            continue
+        m = conditioning_mel(chunk, mel_stats, mel)  # [1, 80, frames]
+        feats = encoder(m.to(device=p.device, dtype=p.dtype))  # [1, D, frames]
+        styles.append(perceiver(feats.transpose(1, 2)).float())  # [1, 32, D]
+    if not styles:
+        raise InvalidRequest(
+            f"reference audio is too short (at least {MIN_CHUNK_SECONDS:.2f} seconds needed)"
+        )
+    return torch.stack(styles).mean(dim=0).cpu()
+
+
+def speaker_embedding(model: Any, audio: torch.Tensor) -> torch.Tensor:
+    """`[1, N]` audio at the model rate -> `[1, 512, 1]` L2-normalised speaker embedding."""
+    encoder = model.hifigan_decoder.speaker_encoder
+    audio16k = resample(audio, int(model.config.audio.sample_rate), encoder.sample_rate)
+    p = _param_of(encoder)
+    emb = encoder.embed(audio16k.to(device=p.device, dtype=p.dtype))  # [1, 512]
+    return emb.float().cpu().unsqueeze(-1)
+
+
+def _is_single_reference(x: Any) -> bool:
+    if isinstance(x, str | os.PathLike | bytes | bytearray | memoryview | Audio):
+        return True
+    if isinstance(x, np.ndarray | torch.Tensor):
+        return True
+    # (samples, sample_rate); a tuple of paths is a list of references
+    return (
+        isinstance(x, tuple)
+        and len(x) == 2
+        and isinstance(x[0], np.ndarray | torch.Tensor)
+        and isinstance(x[1], int | np.integer)
+    )
+
+
+def _decode(ref: _Reference, rate: int, max_ref_length: int) -> torch.Tensor:
+    source = io.BytesIO(ref.data) if isinstance(ref.data, bytes) else ref.data
+    max_seconds = max_ref_length if max_ref_length > 0 else None
+    audio = load_audio(source, rate, max_seconds=max_seconds)  # [1, N], clipped
+    if audio.shape[-1] == 0:
+        raise InvalidRequest("reference audio is empty")
+    return audio
+
+
+def clone_voice(
+    model: Any,
+    audio_paths_or_arrays: RefInput | Iterable[RefInput],
+    *,
+    gpt_cond_len: int,
+    gpt_cond_chunk_len: int,
+    max_ref_length: int,
+    sound_norm_refs: bool = False,
+    cache: VoiceCache | None = None,
+) -> Voice:
+    """Clone a voice from one or more reference clips (paths, bytes, or arrays).
+
+    Arrays may be given as `(samples, sample_rate)` or `Audio`; a bare array is taken to be
+    at the model's rate. Each reference contributes its own speaker embedding (averaged);
+    the GPT latents come from the references concatenated. The result is on the CPU in
+    float32. With a `cache`, a voice already cloned from the same audio, settings and model
+    is read back instead of recomputed.
+    """
+    refs_in = (
+        [audio_paths_or_arrays]
+        if _is_single_reference(audio_paths_or_arrays)
+        else list(audio_paths_or_arrays)
+    )
+    if not refs_in:
+        raise InvalidRequest("no reference audio given")
+    rate = int(model.config.audio.sample_rate)
+    refs = [_as_reference(r, rate) for r in refs_in]
+    settings = CloneSettings(
+        gpt_cond_len=int(gpt_cond_len),
+        gpt_cond_chunk_len=int(gpt_cond_chunk_len),
+        max_ref_length=int(max_ref_length),
+        sound_norm_refs=bool(sound_norm_refs),
+        sample_rate=rate,
+    )
+    key = None
+    if cache is not None:
+        key = VoiceCache.key([r.digest for r in refs], settings, str(model.fingerprint))
+        cached = cache.get(key)
+        if cached is not None:
+            logger.debug("voice cache hit %s", key[:12])
+            return cached
+
+    with torch.inference_mode():
+        audios, embeddings = [], []
+        for ref in refs:
+            audio = _decode(ref, rate, settings.max_ref_length)
+            if settings.sound_norm_refs:
+                peak = audio.abs().max()
+                if peak <= 0:
+                    raise InvalidRequest("reference audio is silent")
+                audio = audio / peak * NORM_PEAK
+            embeddings.append(speaker_embedding(model, audio))
+            audios.append(audio)
+        latent = gpt_cond_latent(
+            model,
+            torch.cat(audios, dim=-1),
+            gpt_cond_len=settings.gpt_cond_len,
+            gpt_cond_chunk_len=settings.gpt_cond_chunk_len,
+        )
+        voice = Voice(latent, torch.stack(embeddings).mean(dim=0))
+
+    if cache is not None and key is not None:
+        cache.put(key, voice)
+    return voice
+
+
+# ---------------------------------------------------------------------------------------------
+# Studio speakers
+
+
+class SpeakerFileError(LowvoxError):
+    """speakers_xtts.pth is missing, unsafe or not in the expected layout."""
+
+
+def load_studio_speakers(path: str | os.PathLike[str]) -> dict[str, Voice]:
+    """Read the released `speakers_xtts.pth` ({name: {gpt_cond_latent, speaker_embedding}})."""
+    path = Path(path)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise SpeakerFileError(f"speaker file not found: {path}") from e
+    except Exception as e:  # torch raises several unrelated types for bad/unsafe files
+        raise SpeakerFileError(f"cannot read speaker file {path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise SpeakerFileError(f"{path}: expected a mapping of speaker names")
+    voices: dict[str, Voice] = {}
+    for name, entry in raw.items():
+        try:
+            latent, emb = entry["gpt_cond_latent"], entry["speaker_embedding"]
+            if not (isinstance(latent, torch.Tensor) and isinstance(emb, torch.Tensor)):
+                raise TypeError("not tensors")
+        except (TypeError, KeyError) as e:
+            raise SpeakerFileError(f"{path}: speaker {name!r} is malformed ({e})") from e
+        latent = latent.float().reshape(1, *latent.shape[-2:])  # [1, 32, D]
+        emb = emb.float().reshape(1, -1, 1)  # [1, 512, 1]
+        voices[str(name)] = Voice(latent, emb, name=str(name))
+    return voices

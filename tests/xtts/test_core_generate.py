@@ -1,0 +1,189 @@
+"""The GPT and the decode loop: parity with the reference, and cache/stop/limit behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowvox.engines.xtts.generate import Generator, LatentStretcher, decode_step, stretch_latents
+from lowvox.engines.xtts.sampling import SamplingOptions
+from lowvox.errors import InvalidRequest
+
+GREEDY = SamplingOptions(repetition_penalty=5.0, do_sample=False)
+
+
+def text_ids(golden_cases, case_id: int) -> torch.Tensor:
+    case = next(c for c in golden_cases["text_cases"] if c["id"] == case_id)
+    return torch.tensor([case["token_ids"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden parity
+
+
+def test_teacher_forced_latents_match_reference(
+    golden_model, golden_ref, golden_cases, close
+) -> None:
+    # tf.*: the reference's GPT forward (return_latent) over known codes, text case 0, voice 0.
+    with torch.inference_mode():
+        latents = golden_model.gpt.teacher_forced_latents(
+            golden_ref["voice0.gpt_cond_latent"], text_ids(golden_cases, 0), golden_ref["tf.codes"]
+        )
+    close(latents, golden_ref["tf.latents"], "tf.latents")
+
+
+def test_greedy_generation_matches_reference(
+    golden_model, golden_ref, golden_cases, close, gen_case: int
+) -> None:
+    case_id = gen_case
+    settings = golden_cases["generation"]
+    options = SamplingOptions(
+        repetition_penalty=settings["repetition_penalty"], do_sample=settings["do_sample"]
+    )
+    gen = Generator(
+        golden_model.gpt,
+        golden_ref["voice0.gpt_cond_latent"],
+        text_ids(golden_cases, case_id),
+        options,
+        settings["max_new_tokens"],
+    ).run()
+    assert torch.equal(gen.codes, golden_ref[f"gen{case_id}.codes"][0])
+    close(gen.latents, golden_ref[f"gen{case_id}.latents"], f"gen{case_id}.latents")
+    # gen*.logits: the raw (unprocessed) logits of the first 32 decoding steps.
+    ref_logits = golden_ref[f"gen{case_id}.logits"]
+    close(gen.logits[:, : ref_logits.shape[1]], ref_logits, f"gen{case_id}.logits")
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaviour, on the test-made random model
+
+
+def test_cached_decoding_equals_one_full_pass(random_model) -> None:
+    gpt = random_model.gpt
+    torch.manual_seed(1)
+    cond = torch.randn(1, 32, gpt.dim)
+    ids = torch.randint(30, 200, (1, 17))
+    options = SamplingOptions(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=2.0)
+    gen = Generator(gpt, cond, ids, options, 40, torch.Generator().manual_seed(5)).run()
+    assert not gen.stopped and gen.codes.shape == (40,)
+    with torch.inference_mode():
+        full = gpt.teacher_forced_latents(cond, ids, gen.codes[None])
+    torch.testing.assert_close(gen.latents, full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gen.logits, gpt.logits(full), atol=1e-4, rtol=1e-4)
+
+
+def test_static_shape_decode_step_matches_eager(random_model) -> None:
+    """Tensor positions (the graph-capturable path) give the same latents as int ones."""
+    gpt = random_model.gpt
+    torch.manual_seed(2)
+    cond, ids = torch.randn(1, 32, gpt.dim), torch.randint(30, 200, (1, 11))
+    codes = torch.randint(0, 500, (1, 12))
+    with torch.inference_mode():
+        prompt = gpt.prompt_embeddings(cond, ids)
+        p = prompt.shape[1]
+        caches = gpt.make_caches(p + 16)
+        start = torch.tensor([[gpt.args.gpt_start_audio_token]])
+        gpt.hidden(torch.cat([prompt, gpt.audio_embeddings(start, 0)], 1), 0, caches)
+        static = [
+            decode_step(
+                gpt, codes[:, i : i + 1], torch.tensor(i + 1), torch.tensor(p + 1 + i), caches
+            )
+            for i in range(codes.shape[1])
+        ]
+        expected = gpt.teacher_forced_latents(cond, ids, torch.cat([codes, codes[:, :1]], 1))
+    torch.testing.assert_close(torch.cat(static, 1), expected[:, 1:], atol=1e-5, rtol=1e-4)
+
+
+def test_conv1d_layers_swap_for_linear(random_bundle) -> None:
+    from lowvox.engines.xtts.gpt import conv1d_to_linear
+    from lowvox.engines.xtts.model import XttsModel
+
+    model = XttsModel.load(random_bundle.path)
+    cond, ids = torch.randn(1, 32, model.gpt.dim), torch.randint(30, 200, (1, 9))
+    before = Generator(model.gpt, cond, ids, GREEDY, 10).run()
+    layers = model.config.model_args.gpt_layers
+    assert conv1d_to_linear(model.gpt) == 4 * layers
+    assert isinstance(model.gpt.gpt.h[0].mlp.c_fc, torch.nn.Linear)
+    after = Generator(model.gpt, cond, ids, GREEDY, 10).run()
+    assert torch.equal(before.codes, after.codes)
+    torch.testing.assert_close(before.latents, after.latents, atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_sampling_repeats_and_differs_by_seed(random_model) -> None:
+    gpt = random_model.gpt
+    cond, ids = torch.randn(1, 32, gpt.dim), torch.randint(30, 200, (1, 9))
+    options = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0)
+
+    def run(seed: int) -> list[int]:
+        g = torch.Generator().manual_seed(seed)
+        return Generator(gpt, cond, ids, options, 25, g).run().codes.tolist()
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_stop_token_ends_generation(random_model) -> None:
+    gpt = random_model.gpt
+    a = gpt.args
+    cond, ids = torch.randn(1, 32, gpt.dim), torch.randint(30, 200, (1, 9))
+    first = Generator(gpt, cond, ids, GREEDY, 12).run()
+    assert not first.stopped and len(first.codes) == 12
+    # With a huge bias on the stop token, the first step stops.
+    bias = gpt.mel_head.bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias[a.gpt_stop_audio_token] = 1e4
+        gen = Generator(gpt, cond, ids, GREEDY, 12).run()
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert gen.stopped and gen.codes.numel() == 0
+    assert gen.latents.shape == (1, 1, gpt.dim)  # the reference keeps the stop step's latent
+
+
+def test_placeholders_count_for_the_repetition_penalty(random_model) -> None:
+    gpt = random_model.gpt
+    cond, ids = torch.randn(1, 32, gpt.dim), torch.randint(30, 200, (1, 9))
+    bias = gpt.mel_head.bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias[1] = 50.0  # audio token 1 is the prompt placeholder id
+        plain = Generator(gpt, cond, ids, SamplingOptions(do_sample=False), 1).run()
+        penalised = Generator(
+            gpt, cond, ids, SamplingOptions(repetition_penalty=1e3, do_sample=False), 1
+        ).run()
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert plain.codes.tolist() == [1]
+    assert penalised.codes.tolist() != [1]
+
+
+def test_limits(random_model) -> None:
+    gpt = random_model.gpt
+    a = gpt.args
+    cond = torch.randn(1, 32, gpt.dim)
+    too_long = torch.full((1, a.gpt_max_text_tokens), 40)
+    with pytest.raises(InvalidRequest, match="tokens long"):
+        Generator(gpt, cond, too_long, GREEDY, 5)
+    with pytest.raises(InvalidRequest):
+        Generator(gpt, cond, too_long[:, :5], GREEDY, 0)
+    # max_new_tokens is capped at what the position table allows.
+    gen = Generator(gpt, cond, too_long[:, :5], GREEDY, 10_000)
+    assert gen.max_new_tokens == a.max_generated_tokens
+    assert len(gen.run().codes) <= a.max_generated_tokens
+
+
+@pytest.mark.parametrize("speed", [0.5, 0.8, 1.0, 1.25, 1.7, 3.0])
+@pytest.mark.parametrize("piece", [1, 7, 20])
+def test_incremental_stretch_equals_whole(speed: float, piece: int) -> None:
+    latents = torch.randn(1, 53, 16)
+    whole = stretch_latents(latents, speed)
+    stretcher = LatentStretcher(speed)
+    parts = [stretcher.push(latents[:, i : i + piece]) for i in range(0, 53, piece)]
+    parts.append(stretcher.finish())
+    joined = torch.cat([p for p in parts if p.numel()], dim=1)
+    assert joined.shape == whole.shape
+    torch.testing.assert_close(joined, whole, atol=1e-5, rtol=1e-5)

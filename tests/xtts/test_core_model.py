@@ -1,0 +1,244 @@
+"""XttsModel end to end: loading, golden audio parity, streaming, options and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowvox.engines.xtts.model import XttsModel
+from lowvox.engines.xtts.voice import Voice
+from lowvox.errors import InvalidRequest, LowvoxError, UnknownLanguage, UnknownVoice
+
+
+def snr_db(actual: np.ndarray, reference: np.ndarray) -> float:
+    noise = float(np.sum((actual - reference) ** 2))
+    return 10 * np.log10(float(np.sum(reference**2)) / max(noise, 1e-30))
+
+
+def reference_options(golden_cases) -> dict:
+    g = golden_cases["generation"]
+    return dict(
+        do_sample=g["do_sample"],
+        repetition_penalty=g["repetition_penalty"],
+        max_new_tokens=g["max_new_tokens"],
+        split_sentences=False,  # the reference's inference() default
+    )
+
+
+def case(golden_cases, case_id: int) -> dict:
+    return next(c for c in golden_cases["text_cases"] if c["id"] == case_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden parity
+
+
+def test_golden_loads_through_the_public_api(golden_model) -> None:
+    assert golden_model.sample_rate == 24000
+    assert golden_model.fingerprint and len(golden_model.fingerprint) == 64
+    assert set(golden_model.speakers) == {"Alpha Voice", "Beta Voice"}
+    assert "zh-cn" in golden_model.config.languages
+
+
+def test_synthesize_matches_reference_inference(
+    golden_model, golden_ref, golden_cases, golden_voice, close, gen_case: int, infer_speed: float
+) -> None:
+    case_id, speed = gen_case, infer_speed
+    c = case(golden_cases, case_id)
+    result = golden_model.synthesize(
+        c["text"], language=c["language"], voice=golden_voice, speed=speed,
+        **reference_options(golden_cases),
+    )  # fmt: skip
+    assert result.sample_rate == 24000 and result.wav.dtype == np.float32
+    assert len(result.codes) == 1
+    assert np.array_equal(result.codes[0], golden_ref[f"gen{case_id}.codes"][0].numpy())
+    key = f"infer{case_id}.wav" if speed == 1.0 else f"infer{case_id}.speed{speed:g}.wav"
+    close(torch.from_numpy(result.wav), golden_ref[key], key)
+    if speed == 1.0:
+        # gen*.wav is the vocoder run on gen*.latents: the same audio, another route.
+        close(torch.from_numpy(result.wav), golden_ref[f"gen{case_id}.wav"], f"gen{case_id}.wav")
+
+
+def test_tokenizer_reproduces_generation_case_ids(golden_model, golden_cases) -> None:
+    for case_id in golden_cases["generation_case_ids"]:
+        c = case(golden_cases, case_id)
+        ids = golden_model.tokenizer.encode(c["text"].strip().lower(), c["language"])
+        assert ids == c["token_ids"], case_id
+
+
+def test_stream_equals_whole_utterance(
+    golden_model, golden_ref, golden_cases, golden_voice
+) -> None:
+    case_id = golden_cases["generation_case_ids"][-1]
+    c = case(golden_cases, case_id)
+    options = reference_options(golden_cases)
+    chunks = list(
+        golden_model.synthesize_stream(
+            c["text"], language=c["language"], voice=golden_voice, **options
+        )
+    )
+    whole = golden_ref[f"infer{case_id}.wav"].numpy()
+    streamed = np.concatenate([ch.wav for ch in chunks])
+    assert streamed.shape == whole.shape
+    assert snr_db(streamed, whole) >= 40
+    # A chunk after every 20 tokens (e.g. 90 tokens: at 20, 40, 60, 80), then the rest.
+    tokens = golden_ref[f"gen{case_id}.latents"].shape[1]
+    assert len(chunks) == tokens // 20 + 1
+    assert all(ch.sample_rate == 24000 and ch.wav.dtype == np.float32 for ch in chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# The test-made random bundle
+
+
+def test_random_bundle_loads_every_weight(random_model, random_bundle) -> None:
+    state = random_model.state_dict()
+    assert sorted(state) == sorted(random_bundle.state)
+    for key, expected in random_bundle.state.items():
+        torch.testing.assert_close(state[key], expected, atol=2e-3, rtol=2e-3, msg=key)
+    assert random_model.config.model_args.gpt_layers == 3
+    assert random_model.config.sampling.repetition_penalty == 3.0  # defaults from config.json
+    assert list(random_model.speakers) == ["Test Speaker"]
+
+
+def test_random_bundle_synthesis_is_seeded_and_streams(random_model) -> None:
+    # Over the 250-character limit of English, so the splitter must cut it in two.
+    text = (
+        "Hello world, this first sentence goes on for quite a while so that the two of them "
+        "together are too long for one piece, and it keeps going with more and more words. "
+        "This is the second sentence, which is also rather long and wordy, as it must be, "
+        "since together they have to pass the limit."
+    )
+    kwargs = dict(language="en", voice="Test Speaker", max_new_tokens=12, seed=11)
+    a = random_model.synthesize(text, **kwargs)
+    b = random_model.synthesize(text, **kwargs)
+    assert len(a.codes) == 2  # split into sentences
+    assert all(np.array_equal(x, y) for x, y in zip(a.codes, b.codes, strict=True))
+    np.testing.assert_array_equal(a.wav, b.wav)
+    c = random_model.synthesize(text, **{**kwargs, "seed": 12})
+    assert not all(np.array_equal(x, y) for x, y in zip(a.codes, c.codes, strict=True))
+
+    chunks = list(random_model.synthesize_stream(text, first_chunk_tokens=5, **kwargs))
+    assert {ch.sentence for ch in chunks} == {0, 1}
+    streamed = np.concatenate([ch.wav for ch in chunks])
+    assert streamed.shape == a.wav.shape
+    assert snr_db(streamed, a.wav) >= 40
+
+
+def test_unsplit_text_is_one_piece(random_model) -> None:
+    result = random_model.synthesize(
+        "One. Two.", voice="Test Speaker", max_new_tokens=5, split_sentences=False, seed=1
+    )
+    assert len(result.codes) == 1
+
+
+@pytest.mark.parametrize("speed", [0.8, 1.5])
+def test_speed_changes_length_and_streams_identically(random_model, speed: float) -> None:
+    kwargs = dict(voice="Test Speaker", max_new_tokens=24, do_sample=False, split_sentences=False)
+    base = random_model.synthesize("Speed test.", **kwargs)
+    fast = random_model.synthesize("Speed test.", speed=speed, **kwargs)
+    frames = len(base.wav) / 24
+    assert abs(len(fast.wav) / len(base.wav) - 1 / speed) < 4 / frames + 0.02
+    streamed = np.concatenate(
+        [c.wav for c in random_model.synthesize_stream("Speed test.", speed=speed, **kwargs)]
+    )
+    assert streamed.shape == fast.wav.shape
+    assert snr_db(streamed, fast.wav) >= 40
+
+
+def test_stream_vocoder_work_per_chunk_is_flat(random_model) -> None:
+    """Each chunk vocodes a bounded number of frames, however long the utterance is."""
+    sizes: list[int] = []
+    hook = random_model.hifigan_decoder.waveform_decoder.register_forward_pre_hook(
+        lambda _m, args: sizes.append(args[0].shape[-1])
+    )
+    bias = random_model.gpt.mel_head.bias
+    stop = random_model.config.model_args.gpt_stop_audio_token
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias[stop] = -1e4  # never stop early: lengths are exactly max_new_tokens
+        per_run = {}
+        for n in (24, 60):
+            sizes.clear()
+            list(random_model.synthesize_stream(
+                "A long utterance.", voice="Test Speaker", max_new_tokens=n, do_sample=False,
+                first_chunk_tokens=12,
+            ))  # fmt: skip
+            per_run[n] = list(sizes)
+    finally:
+        hook.remove()
+        with torch.no_grad():
+            bias.copy_(saved)
+    frames_long = random_model.hifigan_decoder.num_frames(60)
+    assert len(per_run[60]) >= 2 * len(per_run[24])  # more chunks...
+    # ...but none bigger (up to a frame or two of interpolation rounding), and each far
+    # smaller than vocoding the whole utterance at once.
+    assert max(per_run[60]) <= max(per_run[24]) + 2
+    assert max(per_run[60]) < frames_long / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_bad_requests_are_clear_errors(random_model) -> None:
+    m = random_model
+    with pytest.raises(InvalidRequest, match="empty"):
+        m.synthesize("   ", voice="Test Speaker")
+    with pytest.raises(UnknownVoice):
+        m.synthesize("Hi.", voice="Nobody")
+    with pytest.raises(UnknownLanguage):
+        m.synthesize("Hi.", language="xx", voice="Test Speaker")
+    for bad in (
+        {"temperature": 0},
+        {"top_p": 2.0},
+        {"max_new_tokens": 0},
+        {"max_new_tokens": 10**6},
+        {"speed": 0.0},
+        {"seed": "x"},
+    ):
+        with pytest.raises(InvalidRequest):
+            m.synthesize("Hi.", voice="Test Speaker", **bad)
+    # Streams validate everything before the first chunk is asked for.
+    with pytest.raises(InvalidRequest):
+        m.synthesize_stream("Hi.", voice="Test Speaker", first_chunk_tokens=0)
+    with pytest.raises(InvalidRequest, match="tokens long"):
+        m.synthesize_stream("word " * 400, voice="Test Speaker", split_sentences=False)
+    assert m.resolve_language("en-US") == "en"
+    assert m.resolve_language("zh-cn") == "zh-cn"
+
+
+def test_load_errors(tmp_path, random_bundle) -> None:
+    with pytest.raises(LowvoxError, match="not found"):
+        XttsModel.load(tmp_path / "nothing")
+    with pytest.raises(LowvoxError, match="precision"):
+        XttsModel.load(random_bundle.path, precision="fp8")
+
+
+def test_clone_voice_uses_config_defaults(random_model, golden_dir) -> None:
+    voice = random_model.clone_voice([golden_dir / "ref_a.wav"])
+    assert isinstance(voice, Voice)
+    assert voice.gpt_cond_latent.shape == (1, 32, random_model.gpt.dim)
+    assert voice.speaker_embedding.shape == (1, 512, 1)
+    result = random_model.synthesize("Hi.", voice=voice, max_new_tokens=5, seed=0)
+    assert result.wav.size > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_gpt(random_bundle, random_model, precision: str) -> None:
+    if precision == "fp16" and not torch.cuda.is_available():
+        pytest.skip("fp16 matmuls are a GPU feature")
+    device = "cuda" if precision == "fp16" else "cpu"
+    model = XttsModel.load(random_bundle.path, device=device, precision=precision)
+    assert model.gpt.mel_head.weight.dtype == (
+        torch.bfloat16 if precision == "bf16" else torch.float16
+    )
+    assert model.hifigan_decoder.waveform_decoder.conv_pre.weight.dtype == torch.float32
+    kwargs = dict(voice="Test Speaker", max_new_tokens=8, do_sample=False, split_sentences=False)
+    half = model.synthesize("Precision.", **kwargs)
+    full = random_model.synthesize("Precision.", **kwargs)
+    assert np.isfinite(half.wav).all() and half.wav.shape == full.wav.shape
+    # Random weights make greedy codes fragile; the first token should still agree.
+    assert half.codes[0][0] == full.codes[0][0]
