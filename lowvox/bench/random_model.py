@@ -121,6 +121,9 @@ def random_state_dict(model: torch.nn.Module, seed: int) -> dict[str, torch.Tens
     out = {}
     for name, t in model.state_dict().items():
         leaf = name.rsplit(".", 1)[-1]
+        if ".torch_spec." in name:
+            out[name] = t.clone()  # the speaker encoder's fixed front-end: keep it as built
+            continue
         if t.dim() <= 1:
             ones = leaf in ("weight", "running_var") or name == "mel_stats"
             out[name] = torch.ones(t.shape) if ones else torch.zeros(t.shape)

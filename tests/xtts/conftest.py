@@ -155,7 +155,9 @@ def make_random_bundle(
     model = XttsModel(config)
     state: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        if not t.is_floating_point():
+        if not t.is_floating_point() or ".torch_spec." in name:
+            # Integers, and the speaker encoder's fixed front-end (pre-emphasis filter,
+            # window, mel filterbank), keep the values the modules compute.
             state[name] = t.clone()
         elif name.endswith("running_var") or name == "mel_stats":
             state[name] = torch.rand_like(t) + 0.5

@@ -255,3 +255,10 @@ def test_malformed_speaker_files(tmp_path: Path, payload) -> None:
         V.load_studio_speakers(path)
     with pytest.raises(V.SpeakerFileError):
         V.load_studio_speakers(tmp_path / "missing.pth")
+
+
+def test_random_bundle_clones_finite_voices(random_model, golden_dir) -> None:
+    """A test-made model must give usable voices, or the tests on it prove little."""
+    voice = random_model.clone_voice([golden_dir / "ref_a.wav"])
+    assert torch.isfinite(voice.gpt_cond_latent).all()
+    assert torch.isfinite(voice.speaker_embedding).all()
