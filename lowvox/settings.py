@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     voice: str | None = None
     language: str = "en"
     audio_format: str = "wav"
+    # OpenAI voice names (alloy, nova, ...) -> lowvox voices; unmapped ones use the default.
+    openai_voice_map: dict[str, str] = {}
 
     # XTTS
     model_dir: Path | None = None

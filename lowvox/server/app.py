@@ -1,0 +1,159 @@
+"""The FastAPI application: app factory, lifespan and `serve`.
+
+`create_app(settings)` builds everything from one Settings object (no module-level state);
+the lifespan loads and warms up the default engine on its own worker thread, starts the
+outputs retention sweep, and stops the engines on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+import lowvox
+from lowvox.engines import create_engine
+from lowvox.errors import LowvoxError
+from lowvox.server.engines import EngineFactory, EngineHub
+from lowvox.server.errors import install_error_handlers
+from lowvox.server.outputs import OutputStore
+from lowvox.server.routes import alltalk, core, openai, voices, web, xtts_api
+from lowvox.server.security import ApiKeyMiddleware, BodyLimitMiddleware
+from lowvox.server.state import ServerState
+from lowvox.settings import Settings
+from lowvox.voices.store import MAX_CLIPS, VoiceStore
+
+logger = logging.getLogger(__name__)
+
+# How often the retention sweep runs while the server is up.
+RETENTION_INTERVAL_S = 60.0
+
+# Headers a browser script may read from our responses.
+EXPOSED_HEADERS = [
+    "X-Output-File-Url", "X-Output-File", "X-Sample-Rate", "X-Request-Id", "Retry-After",
+]  # fmt: skip
+
+
+def create_app(settings: Settings, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """Build the app. `engine_factory(name, settings) -> Engine` replaces the registry (tests)."""
+    hub = EngineHub(settings, engine_factory) if engine_factory else EngineHub(settings)
+    state = ServerState(
+        settings=settings,
+        hub=hub,
+        outputs=OutputStore(
+            settings.outputs_path, settings.outputs_max_age_hours, settings.outputs_max_bytes
+        ),
+        voices=VoiceStore(settings.voices_path, settings.max_upload_bytes),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await hub.get(None, warmup=True)
+        except LowvoxError as e:
+            logger.error("cannot start the %s engine: %s", hub.default, e)
+            raise
+        tasks = [asyncio.create_task(_retention_loop(state.outputs))]
+        if settings.keep_alive > 0:
+            tasks.append(asyncio.create_task(_keep_alive_loop(hub, settings.keep_alive)))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await hub.close()
+
+    app = FastAPI(
+        title="lowvox",
+        version=lowvox.__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.lowvox = state
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    app.include_router(core.router)
+    app.include_router(openai.router)
+    app.include_router(alltalk.router)
+    app.include_router(xtts_api.router)
+    app.include_router(voices.router)
+    app.include_router(web.router)
+    web.mount_static(app)
+
+    # Order matters: the last middleware added runs first. CORS must answer preflights
+    # before the key check (browsers send no credentials on a preflight).
+    app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings))
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["*"],
+        allow_headers=["*"],
+        expose_headers=EXPOSED_HEADERS,
+        allow_credentials=False,
+        **_private_network_option(),
+    )
+    return app
+
+
+def _private_network_option() -> dict[str, bool]:
+    # Chrome's Private Network Access (a page elsewhere calling a server on this machine or
+    # the LAN) needs one more preflight header, which only newer Starlette releases send.
+    params = inspect.signature(CORSMiddleware.__init__).parameters
+    return {"allow_private_network": True} if "allow_private_network" in params else {}
+
+
+def body_limit(settings: Settings) -> int:
+    """The largest request body worth reading: a voice upload, or the longest text escaped."""
+    return max(settings.max_upload_bytes * MAX_CLIPS, settings.max_text_chars * 12) + 64 * 1024
+
+
+async def _retention_loop(outputs: OutputStore) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(outputs.enforce_retention)
+        except Exception:
+            logger.exception("outputs retention sweep failed")
+        await asyncio.sleep(RETENTION_INTERVAL_S)
+
+
+async def _keep_alive_loop(hub: EngineHub, idle_seconds: float) -> None:
+    while True:
+        await asyncio.sleep(min(max(idle_seconds / 4, 0.05), 30.0))
+        try:
+            await hub.unload_idle(idle_seconds)
+        except Exception:
+            logger.exception("unloading idle engines failed")
+
+
+def serve(settings: Settings) -> None:
+    """Run the server in the foreground (blocking) on settings.host:settings.port."""
+    import uvicorn
+
+    # Constructing the default engine checks its files and libraries (no model loading), so
+    # a missing model is a clean LowvoxError for the CLI rather than a failed lifespan.
+    create_engine(settings.engine, settings)
+    app = create_app(settings)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        logger.warning(
+            "listening on %s without an API key: anyone on the network can use it", settings.host
+        )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # Our logging is configured by the CLI; uvicorn keeps only its access log format.
+        log_config=None,
+        timeout_graceful_shutdown=5,
+    )

@@ -1,0 +1,77 @@
+"""Every failure becomes a short JSON answer: 4xx naming the problem, 500 without a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from lowvox.errors import LowvoxError
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int, message: str, kind: str, field: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    # `detail` is what FastAPI clients expect; `error` is the OpenAI shape, so both SDK
+    # families show the message.
+    body = {
+        "detail": message,
+        "error": {"message": message, "type": kind, "param": field, "code": status},
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _kind(status: int) -> str:
+    return "invalid_request_error" if 400 <= status < 500 else "server_error"
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    problems = []
+    first_field = None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "form")]
+        name = ".".join(loc) or "request"
+        first_field = first_field or name
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "json_invalid":
+            msg = "the body is not valid JSON"
+            name = "body"
+        problems.append(f"{name}: {msg}")
+    return "invalid request: " + "; ".join(problems[:5]), first_field
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LowvoxError)
+    async def _lowvox(request: Request, exc: LowvoxError) -> JSONResponse:
+        status = int(getattr(exc, "status_code", 500) or 500)
+        headers = None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            headers = {"Retry-After": str(int(retry_after))}
+        if status >= 500:
+            logger.warning("%s %s failed: %s", request.method, request.url.path, exc)
+        return error_response(status, str(exc), _kind(status), getattr(exc, "field", None), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, field = _describe_validation(exc)
+        return error_response(422, message, "invalid_request_error", field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and exc.detail == "Not Found":
+            message = f"not found: {request.url.path}"
+        return error_response(
+            exc.status_code, message, _kind(exc.status_code), headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error in %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error (see the server log)", "server_error")

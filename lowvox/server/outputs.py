@@ -1,0 +1,139 @@
+"""The outputs folder: generated files are named safely, served safely and expire.
+
+A file name from a client is only ever looked up among the folder's own entries, so no
+`..`, absolute path, symlink or odd character can reach anything outside it. Retention
+(age and total size) runs after every write and on a timer, not only at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from lowvox.errors import InvalidRequest, LowvoxError
+
+logger = logging.getLogger(__name__)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+class OutputNotFound(LowvoxError):
+    status_code = 404
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no such output file: {name!r}")
+
+
+def safe_stem(hint: str | None, default: str = "output") -> str:
+    """A file-name stem built from a client's hint: letters, digits, `._-` only, no dots first."""
+    stem = Path(str(hint or "")).name  # drop any directories the client sent
+    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
+    stem = _UNSAFE.sub("_", stem).strip("._-")[:80]
+    return stem or default
+
+
+class OutputStore:
+    """Writes, finds and expires generated audio files in one folder."""
+
+    def __init__(self, root: Path, max_age_hours: float = 0, max_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.max_age_s = max_age_hours * 3600
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def new_name(self, hint: str | None, ext: str, timestamp: bool = True) -> str:
+        """A fresh file name; with `timestamp` a unique suffix keeps concurrent requests apart."""
+        stem = safe_stem(hint)
+        ext = _UNSAFE.sub("", ext.lstrip("."))[:8] or "bin"
+        if timestamp:
+            stem = f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:8]}"
+        return f"{stem}.{ext}"
+
+    def path_for(self, name: str) -> Path:
+        if not _NAME_OK.match(name):
+            raise InvalidRequest(f"invalid output file name: {name!r}", field="file")
+        return self.root / name
+
+    def write(self, name: str, data: bytes) -> Path:
+        """Write atomically (temp file + rename): a reader never sees a half-written file."""
+        path = self.path_for(name)
+        tmp = self.root / f".{name}.{uuid.uuid4().hex[:8]}.part"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.enforce_retention(keep=name)
+        return path
+
+    def find(self, name: str) -> Path:
+        """The file called `name` in the folder, or OutputNotFound; no path tricks reach outside."""
+        if not isinstance(name, str) or not _NAME_OK.match(name):
+            raise OutputNotFound(str(name))
+        try:
+            with os.scandir(self.root) as it:
+                for entry in it:
+                    if entry.name == name and entry.is_file(follow_symlinks=False):
+                        return self.root / entry.name
+        except FileNotFoundError:
+            pass
+        raise OutputNotFound(name)
+
+    def list(self) -> list[tuple[str, int, float]]:
+        """(name, size, mtime) of every finished file, newest first."""
+        out = []
+        try:
+            with os.scandir(self.root) as it:
+                for entry in it:
+                    if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    out.append((entry.name, st.st_size, st.st_mtime))
+        except FileNotFoundError:
+            return []
+        out.sort(key=lambda t: t[2], reverse=True)
+        return out
+
+    def enforce_retention(self, keep: str | None = None) -> int:
+        """Delete files older than the age limit, then the oldest until under the size limit."""
+        if not self.max_age_s and not self.max_bytes:
+            return 0
+        removed = 0
+        with self._lock:
+            files = self.list()
+            now = time.time()
+            survivors = []
+            for name, size, mtime in files:
+                if self.max_age_s and now - mtime > self.max_age_s and name != keep:
+                    removed += self._remove(name)
+                else:
+                    survivors.append((name, size, mtime))
+            if self.max_bytes:
+                total = sum(size for _, size, _ in survivors)
+                for name, size, _ in reversed(survivors):  # oldest first
+                    if total <= self.max_bytes:
+                        break
+                    if name == keep:
+                        continue
+                    removed += self._remove(name)
+                    total -= size
+        if removed:
+            logger.info("retention removed %d output file(s)", removed)
+        return removed
+
+    def _remove(self, name: str) -> int:
+        try:
+            (self.root / name).unlink()
+            return 1
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            logger.warning("could not remove %s: %s", name, e)
+            return 0

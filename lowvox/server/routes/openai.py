@@ -1,0 +1,123 @@
+"""OpenAI-compatible speech API: `/v1/audio/speech`, `/v1/audio/voices`, `/v1/models`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict
+
+from lowvox.errors import InvalidRequest
+from lowvox.server import synthesis
+from lowvox.server.state import ServerState, State
+
+router = APIRouter()
+
+# OpenAI's model names all mean "the default engine" here.
+OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+# OpenAI's voice names: clients hard-code them, so unknown ones fall back to the default voice.
+OPENAI_VOICES = (
+    "alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
+)  # fmt: skip
+
+
+class UnknownModel(InvalidRequest):
+    status_code = 404
+
+    def __init__(self, model: str, available: list[str]) -> None:
+        super().__init__(
+            f"unknown model: {model!r} (available: {', '.join(available)})", field="model"
+        )
+
+
+class SpeechRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = "tts-1"
+    input: str
+    voice: str | dict[str, Any] | None = None
+    response_format: str = "mp3"
+    speed: float = 1.0
+    stream: bool = False
+    stream_format: str | None = None
+    instructions: str | None = None  # accepted for compatibility; engines have no prompt
+    # lowvox extensions
+    language: str | None = None
+    save: bool = False
+    options: dict[str, Any] | None = None  # engine knobs: temperature, top_k, seed, do_sample...
+
+
+def _engine_for(model: str, state: ServerState) -> str | None:
+    name = (model or "").strip().lower()
+    if name in OPENAI_MODELS or name in ("", "lowvox"):
+        return None
+    if name in state.hub.names:
+        return name
+    if name == state.settings.model_name.lower():
+        return "xtts"
+    raise UnknownModel(model, [*OPENAI_MODELS, *state.hub.names])
+
+
+def map_voice(voice: Any, state: ServerState, known: set[str]) -> str | None:
+    """OpenAI voice names go through the configured map; others are lowvox voices."""
+    if isinstance(voice, dict):
+        voice = voice.get("id")
+    if voice is None:
+        return None
+    if not isinstance(voice, str):
+        raise InvalidRequest("voice must be a string", field="voice")
+    mapped = state.settings.openai_voice_map.get(voice) or state.settings.openai_voice_map.get(
+        voice.lower()
+    )
+    if mapped:
+        return mapped
+    if voice.lower() in OPENAI_VOICES and voice not in known and voice.lower() not in known:
+        return None
+    return voice
+
+
+@router.post("/v1/audio/speech")
+async def speech(body: SpeechRequest, request: Request, state: State) -> Any:
+    if body.stream_format not in (None, "audio"):
+        raise InvalidRequest(
+            f"stream_format {body.stream_format!r} is not supported (use 'audio')",
+            field="stream_format",
+        )
+    engine = _engine_for(body.model, state)
+    slot = await state.hub.get(engine)
+    known = {name for v in await state.hub.voices(slot) for name in (v.id, v.name)}
+    plan = await synthesis.plan_job(
+        state.hub,
+        text=body.input,
+        voice=map_voice(body.voice, state, known),
+        language=body.language,
+        speed=body.speed,
+        fmt=body.response_format,
+        engine=engine,
+        options=body.options,
+    )
+    stream = body.stream or body.stream_format == "audio"
+    return await synthesis.respond(
+        state, plan, request, stream=stream, save_hint="speech" if body.save else None
+    )
+
+
+@router.get("/v1/audio/voices")
+async def voices(state: State, model: str | None = None) -> dict:
+    slot = await state.hub.get(_engine_for(model or "", state))
+    return {"voices": [{"id": v.id, "name": v.name} for v in await state.hub.voices(slot)]}
+
+
+@router.get("/v1/models")
+async def models(state: State) -> dict:
+    ids = [*OPENAI_MODELS, *state.hub.names]
+    return {
+        "object": "list",
+        "data": [{"id": i, "object": "model", "created": 0, "owned_by": "lowvox"} for i in ids],
+    }
+
+
+@router.get("/v1/audio/models")
+async def audio_models(state: State) -> dict:
+    """Open WebUI asks OpenAI-compatible TTS servers for their models here."""
+    return {"models": [{"id": i, "name": i} for i in (*OPENAI_MODELS, *state.hub.names)]}

@@ -1,0 +1,137 @@
+"""lowvox's voice library API: list, upload (one or more clips), rename, delete, preview.
+
+Engines that clone voices compute the voice's conditioning once, at upload, through an
+optional engine hook `prepare_voice(name, clip_paths)` run on the engine's own worker;
+`forget_voice(name)` is called after a rename or delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+from starlette.datastructures import UploadFile
+
+from lowvox.errors import InvalidRequest, LowvoxError
+from lowvox.server import synthesis
+from lowvox.server.state import ServerState, State
+from lowvox.voices.store import MAX_CLIPS, StoredVoice
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api/library")
+
+
+class PayloadTooLarge(InvalidRequest):
+    status_code = 413
+
+
+def describe(state: ServerState, voice: StoredVoice) -> dict[str, Any]:
+    return {
+        "name": voice.name,
+        "clips": len(voice.clips),
+        "duration": round(voice.duration, 2),
+        "created": voice.created,
+        "preview_url": synthesis.output_url(
+            state.settings, "/api/library/voices", f"{voice.name}/preview"
+        ),
+    }
+
+
+def _hook(engine: Any, method: str) -> Any:
+    hook = getattr(engine, method, None)
+    if hook is None and method == "prepare_voice" and hasattr(engine, "model"):
+        # Engines without the hook but with a cloning model (XTTS): cloning once fills the
+        # engine's latents cache, so later requests with this voice skip the encoders.
+        def hook(name: str, clips: list) -> None:
+            engine.model.clone_voice(clips)
+
+    return hook
+
+
+async def _engine_hook(state: ServerState, method: str, *args: Any) -> None:
+    """Call a voice hook on every loaded engine that clones voices, on its worker thread."""
+    for slot in state.hub.loaded().values():
+        if not slot.engine.capabilities.cloning:
+            continue
+        hook = _hook(slot.engine, method)
+        if hook is not None:
+            await slot.scheduler.run(lambda hook=hook: hook(*args))
+
+
+@router.get("/voices")
+async def list_voices(state: State) -> dict:
+    voices = await asyncio.to_thread(state.voices.list)
+    return {"voices": [describe(state, v) for v in voices]}
+
+
+@router.post("/voices", status_code=201)
+async def upload_voice(request: Request, state: State) -> dict:
+    limit = state.settings.max_upload_bytes * MAX_CLIPS + 64 * 1024
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(
+            f"upload is {declared} bytes, over the limit of {limit}", field="files"
+        )
+    ctype = request.headers.get("content-type", "")
+    if "multipart/form-data" not in ctype and "x-www-form-urlencoded" not in ctype:
+        raise InvalidRequest("upload voices as multipart/form-data with `name` and `files`")
+    try:
+        form = await request.form(max_files=MAX_CLIPS + 1, max_fields=20)
+    except Exception as e:  # malformed multipart bodies
+        raise InvalidRequest(f"could not read the upload: {e}") from e
+    name = form.get("name")
+    files = [
+        f
+        for key in ("files", "file", "files[]")
+        for f in form.getlist(key)
+        if isinstance(f, UploadFile)
+    ]
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest("the voice needs a name", field="name")
+    uploads = []
+    for f in files:
+        data = await f.read(state.settings.max_upload_bytes + 1)
+        uploads.append((f.filename or "upload", data))
+    voice = await asyncio.to_thread(state.voices.add, name, uploads)
+    try:
+        await _engine_hook(state, "prepare_voice", voice.name, list(voice.clips))
+    except LowvoxError:
+        await asyncio.to_thread(state.voices.delete, voice.name)
+        raise
+    except Exception as e:
+        await asyncio.to_thread(state.voices.delete, voice.name)
+        raise InvalidRequest(f"the engine could not use these clips: {e}", field="files") from e
+    return {"voice": describe(state, voice)}
+
+
+@router.patch("/voices/{name}")
+@router.post("/voices/{name}/rename", include_in_schema=False)
+async def rename_voice(name: str, request: Request, state: State) -> dict:
+    try:
+        body = await request.json()
+    except ValueError as e:
+        raise InvalidRequest('send JSON like {"name": "new name"}') from e
+    new = body.get("name") if isinstance(body, dict) else None
+    if not isinstance(new, str):
+        raise InvalidRequest("the new name is missing", field="name")
+    voice = await asyncio.to_thread(state.voices.rename, name, new)
+    await _engine_hook(state, "forget_voice", name)
+    await _engine_hook(state, "prepare_voice", voice.name, list(voice.clips))
+    return {"voice": describe(state, voice)}
+
+
+@router.delete("/voices/{name}")
+async def delete_voice(name: str, state: State) -> dict:
+    await asyncio.to_thread(state.voices.delete, name)
+    await _engine_hook(state, "forget_voice", name)
+    return {"deleted": name}
+
+
+@router.get("/voices/{name}/preview")
+async def preview(name: str, state: State) -> FileResponse:
+    voice = state.voices.get(name)
+    return FileResponse(voice.clips[0], media_type="audio/wav")

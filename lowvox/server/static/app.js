@@ -1,0 +1,268 @@
+// lowvox web page: plain browser JavaScript, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { engine: null, audioUrl: null };
+
+function apiKey() {
+  return localStorage.getItem("lowvox-api-key") || "";
+}
+
+function authHeaders(extra = {}) {
+  const key = apiKey();
+  return key ? { ...extra, "X-API-Key": key } : extra;
+}
+
+// <audio src> cannot send headers, so the key travels in the query for media URLs.
+function withKey(url) {
+  const key = apiKey();
+  if (!key) return url;
+  return url + (url.includes("?") ? "&" : "?") + "api_key=" + encodeURIComponent(key);
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail || detail; } catch (e) { /* not JSON */ }
+    throw new Error(`${response.status}: ${detail}`);
+  }
+  return response;
+}
+
+function say(text, isError = false) {
+  const el = $("message");
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+}
+
+function fillSelect(select, items, selected) {
+  select.innerHTML = "";
+  for (const item of items) {
+    const option = document.createElement("option");
+    option.value = item.value;
+    option.textContent = item.label;
+    if (item.value === selected) option.selected = true;
+    select.appendChild(option);
+  }
+}
+
+async function loadEngines() {
+  const data = await (await api("/api/engines")).json();
+  fillSelect($("engine"), data.engines.map((e) => ({ value: e.name, label: e.name })), data.default);
+  await loadEngine(data.default);
+}
+
+async function loadEngine(name) {
+  say(`loading ${name}…`);
+  try {
+    const info = await (await api(`/api/engines/${encodeURIComponent(name)}`)).json();
+    state.engine = info;
+    fillSelect($("voice"), info.voices.map((v) => ({ value: v.id, label: v.name })), info.default_voice);
+    const langs = info.languages.map((l) => ({ value: l, label: l }));
+    fillSelect($("language"), [{ value: "auto", label: "auto" }, ...langs], info.languages.includes("en") ? "en" : "auto");
+    say("");
+  } catch (e) {
+    say(`${name}: ${e.message}`, true);
+  }
+}
+
+function request() {
+  return {
+    model: $("engine").value,
+    input: $("text").value,
+    voice: $("voice").value,
+    language: $("language").value,
+    response_format: $("format").value,
+    speed: parseFloat($("speed").value),
+  };
+}
+
+function showAudio(url, filename) {
+  const player = $("player");
+  player.src = url;
+  player.play().catch(() => { /* autoplay may be blocked; the controls remain */ });
+  const link = $("download");
+  link.href = url;
+  link.download = filename;
+  link.classList.remove("hidden");
+}
+
+async function generate() {
+  const body = { ...request(), save: true };
+  $("generate").disabled = true;
+  say("generating…");
+  try {
+    const response = await api("/v1/audio/speech", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    const blob = await response.blob();
+    if (state.audioUrl) URL.revokeObjectURL(state.audioUrl);
+    state.audioUrl = URL.createObjectURL(blob);
+    showAudio(state.audioUrl, response.headers.get("X-Output-File") || `lowvox.${body.response_format}`);
+    say(`done: ${(blob.size / 1024).toFixed(1)} KiB`);
+    loadRecent();
+  } catch (e) {
+    say(e.message, true);
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+function stream() {
+  const r = request();
+  if (!r.input.trim()) { say("text is empty", true); return; }
+  // The browser plays the WAV/MP3 stream as it arrives; the server also keeps the file.
+  const params = new URLSearchParams({
+    text: r.input, voice: r.voice, language: r.language, engine: r.model,
+    speed: String(r.speed), format: r.response_format === "wav" ? "wav" : "mp3",
+    output_file: "web_stream",
+  });
+  showAudio(withKey(`/api/tts-generate-streaming?${params}`), `lowvox-stream.${params.get("format")}`);
+  say("streaming…");
+  $("player").onended = () => { say("done"); loadRecent(); };
+}
+
+async function stop() {
+  try {
+    const data = await (await api("/api/stop", { method: "POST" })).json();
+    say(`stopped ${data.cancelled} generation(s)`);
+    $("player").pause();
+  } catch (e) { say(e.message, true); }
+}
+
+async function loadVoices() {
+  const data = await (await api("/api/library/voices")).json();
+  const body = $("voice-table").querySelector("tbody");
+  body.innerHTML = "";
+  for (const v of data.voices) {
+    const row = document.createElement("tr");
+    const cells = [v.name, String(v.clips), v.duration.toFixed(1)];
+    for (const text of cells) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      row.appendChild(td);
+    }
+    const actions = document.createElement("td");
+    const preview = document.createElement("button");
+    preview.textContent = "Play";
+    preview.className = "secondary";
+    preview.onclick = () => showAudio(withKey(v.preview_url), `${v.name}.wav`);
+    const rename = document.createElement("button");
+    rename.textContent = "Rename";
+    rename.className = "secondary";
+    rename.onclick = async () => {
+      const name = prompt("New name", v.name);
+      if (!name || name === v.name) return;
+      try {
+        await api(`/api/library/voices/${encodeURIComponent(v.name)}`, {
+          method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ name }),
+        });
+        loadVoices();
+      } catch (e) { say(e.message, true); }
+    };
+    const remove = document.createElement("button");
+    remove.textContent = "Delete";
+    remove.className = "secondary";
+    remove.onclick = async () => {
+      if (!confirm(`Delete voice ${v.name}?`)) return;
+      try {
+        await api(`/api/library/voices/${encodeURIComponent(v.name)}`, { method: "DELETE" });
+        loadVoices();
+      } catch (e) { say(e.message, true); }
+    };
+    actions.append(preview, rename, remove);
+    row.appendChild(actions);
+    body.appendChild(row);
+  }
+}
+
+async function upload(event) {
+  event.preventDefault();
+  const form = new FormData();
+  form.append("name", $("voice-name").value);
+  for (const file of $("voice-files").files) form.append("files", file);
+  say("uploading…");
+  try {
+    const data = await (await api("/api/library/voices", { method: "POST", body: form })).json();
+    say(`voice ${data.voice.name} stored (${data.voice.clips} clip(s))`);
+    $("upload-form").reset();
+    await loadVoices();
+    await loadEngine($("engine").value);
+  } catch (e) {
+    say(e.message, true);
+  }
+}
+
+async function loadRuntime() {
+  const data = await (await api("/api/runtime")).json();
+  $("device").value = data.device;
+  fillSelect($("precision"), data.choices.precision.map((p) => ({ value: p, label: p })), data.precision);
+  fillSelect($("residency"), data.choices.residency.map((p) => ({ value: p, label: p })), data.residency);
+  $("low-vram").checked = data.low_vram;
+  $("fast-path").checked = data.fast_path;
+}
+
+async function applyRuntime() {
+  say("reloading the engine…");
+  try {
+    await api("/api/runtime", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ device: $("device").value, precision: $("precision").value, residency: $("residency").value }),
+    });
+    await loadRuntime();
+    say("runtime settings applied");
+  } catch (e) { say(e.message, true); }
+}
+
+async function toggle(path, param, checked) {
+  try {
+    await api(`${path}?${param}=${checked ? "True" : "False"}`, { method: "POST" });
+  } catch (e) { say(e.message, true); }
+}
+
+async function loadRecent() {
+  const data = await (await api("/api/recent")).json();
+  const list = $("recent-list");
+  list.innerHTML = "";
+  for (const g of data.generations) {
+    const li = document.createElement("li");
+    const link = document.createElement("a");
+    link.href = withKey(g.url);
+    link.textContent = g.file;
+    link.onclick = (event) => { event.preventDefault(); showAudio(withKey(g.url), g.file); };
+    li.append(link, document.createTextNode(` — ${g.engine}/${g.voice || "default"}: ${g.text}`));
+    list.appendChild(li);
+  }
+}
+
+async function start() {
+  $("api-key").value = apiKey();
+  $("api-key").onchange = () => {
+    localStorage.setItem("lowvox-api-key", $("api-key").value);
+    start();
+  };
+  $("speed").addEventListener("input", () => { $("speed-value").textContent = Number($("speed").value).toFixed(2); });
+  $("engine").onchange = () => loadEngine($("engine").value);
+  $("generate").onclick = generate;
+  $("stream").onclick = stream;
+  $("stop").onclick = stop;
+  $("upload-form").onsubmit = upload;
+  $("apply-runtime").onclick = applyRuntime;
+  $("low-vram").onchange = () => toggle("/api/lowvramsetting", "new_low_vram_value", $("low-vram").checked);
+  $("fast-path").onchange = () => toggle("/api/deepspeed", "new_deepspeed_value", $("fast-path").checked);
+  try {
+    const ready = await (await api("/api/ready")).text();
+    $("status").textContent = ready === "Ready" ? "ready" : ready;
+    await loadEngines();
+    await Promise.all([loadVoices(), loadRuntime(), loadRecent()]);
+  } catch (e) {
+    $("status").textContent = "offline";
+    say(e.message, true);
+  }
+}
+
+start();

@@ -1,0 +1,167 @@
+"""Issue 2 over real HTTP: readiness, voices, /v1/audio/speech formats, streaming, bad input."""
+
+from __future__ import annotations
+
+import pytest
+from srv_audio import decode, dominant_frequency
+from srv_fixtures import CHUNK_SECONDS, FAKE_RATE, fake_frequency
+
+FORMATS = ("wav", "mp3", "opus", "aac", "flac", "pcm")
+# Codec facts, not lowvox choices: Opus always runs at 48 kHz; the others keep 24 kHz.
+EXPECTED_RATE = {"opus": 48_000}
+
+
+def test_ready_is_plain_text(client):
+    r = client.get("/api/ready")
+    assert r.status_code == 200
+    assert r.text == "Ready"
+
+
+def test_lifespan_loaded_and_warmed_default_engine(server):
+    assert server.engine.loaded and server.engine.warmed
+
+
+def test_voice_lists(client):
+    r = client.get("/api/voices")
+    assert r.json() == {"status": "success", "voices": ["alpha", "beta", "gamma"]}
+    r = client.get("/v1/audio/voices")
+    assert r.json() == {"voices": [{"id": v, "name": v} for v in ("alpha", "beta", "gamma")]}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_round_trips(client, fmt):
+    text = "one two three four five six seven eight"  # 8 chunks of 0.1 s
+    r = client.post(
+        "/v1/audio/speech",
+        json={"model": "tts-1", "input": text, "voice": "beta", "response_format": fmt},
+    )
+    assert r.status_code == 200, r.text
+    samples, rate, channels = decode(r.content, fmt)
+    assert rate == EXPECTED_RATE.get(fmt, FAKE_RATE)
+    assert channels == 1
+    # Lossy codecs pad by a frame or two (< 0.1 s); the duration itself must survive.
+    assert abs(len(samples) / rate - 8 * CHUNK_SECONDS) < 0.1
+    assert abs(dominant_frequency(samples, rate) - fake_frequency("beta", text)) < 5
+
+
+@pytest.mark.parametrize("fmt", ("wav", "pcm", "mp3", "opus"))
+def test_streamed_formats_decode(client, fmt):
+    text = "a b c d e"
+    with client.stream(
+        "POST",
+        "/v1/audio/speech",
+        json={"input": text, "voice": "alpha", "response_format": fmt, "stream": True},
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["x-accel-buffering"] == "no"
+        data = b"".join(r.iter_bytes())
+    samples, rate, _ = decode(data, fmt)
+    assert abs(len(samples) / rate - 5 * CHUNK_SECONDS) < 0.1
+    if fmt == "wav":
+        # Streamed WAV has unknown-size fields browsers accept.
+        assert data[4:8] == b"\xff\xff\xff\xff" and data[40:44] == b"\xff\xff\xff\xff"
+
+
+def test_stream_arrives_before_synthesis_ends(server, client):
+    """The first bytes reach the client while the engine is still held before its last chunk."""
+    engine = server.engine
+    engine.gate.clear()
+    done_before = len(engine.finished_jobs)
+    text = "stream me please now"
+    with client.stream(
+        "POST",
+        "/v1/audio/speech",
+        json={"input": text, "voice": "gamma", "response_format": "pcm", "stream": True},
+    ) as r:
+        it = r.iter_raw()
+        first = next(it)
+        assert len(first) > 0
+        # The engine cannot have finished: it is waiting on the gate.
+        assert len(engine.finished_jobs) == done_before
+        engine.gate.set()
+        rest = b"".join(it)
+    total = len(first) + len(rest)
+    assert total == 4 * int(CHUNK_SECONDS * FAKE_RATE) * 2
+    assert engine.finished_jobs[-1] == text
+
+
+def test_speed_is_passed_to_the_engine(client):
+    text = "speed test here"
+    r = client.post(
+        "/v1/audio/speech",
+        json={"input": text, "voice": "alpha", "response_format": "wav", "speed": 2.0},
+    )
+    samples, rate, _ = decode(r.content, "wav")
+    assert abs(dominant_frequency(samples, rate) - 2 * fake_frequency("alpha", text)) < 10
+
+
+def test_openai_voice_names_fall_back_to_default(client):
+    r = client.post(
+        "/v1/audio/speech",
+        json={"input": "hello there", "voice": "alloy", "response_format": "wav"},
+    )
+    assert r.status_code == 200
+    samples, rate, _ = decode(r.content, "wav")
+    assert abs(dominant_frequency(samples, rate) - fake_frequency("alpha", "hello there")) < 5
+
+
+def test_models_list(client):
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert "tts-1" in ids and "espeak" in ids and "xtts" in ids
+    # Open WebUI's model lookup for OpenAI-compatible TTS servers
+    ids = [m["id"] for m in client.get("/v1/audio/models").json()["models"]]
+    assert "tts-1" in ids
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"input": "", "voice": "alpha"}, 400, "text is empty"),
+        ({"input": "   \n\t ", "voice": "alpha"}, 400, "text is empty"),
+        ({"input": "hi", "voice": "nobody"}, 404, "unknown voice"),
+        ({"input": "hi", "voice": "alpha", "language": "xx"}, 400, "unknown language"),
+        (
+            {"input": "hi", "voice": "alpha", "response_format": "ogg-vorbis"},
+            400,
+            "unsupported audio format",
+        ),
+        ({"input": "hi", "voice": "alpha", "speed": 0.1}, 400, "speed"),
+        ({"input": "hi", "voice": "alpha", "speed": 4.5}, 400, "speed"),
+        ({"input": "hi", "voice": "alpha", "speed": "fast"}, 422, "speed"),
+        ({"voice": "alpha"}, 422, "input"),
+        ({"input": "hi", "model": "gpt-9"}, 404, "unknown model"),
+    ],
+)
+def test_bad_input_is_a_clear_4xx(client, body, status, words):
+    r = client.post("/v1/audio/speech", json={"response_format": "wav", **body})
+    assert r.status_code == status, r.text
+    message = r.json()["detail"]
+    assert words in message.lower()
+    assert "Traceback" not in r.text
+
+
+def test_text_over_the_limit(tmp_path):
+    from srv_fixtures import live_server
+
+    with live_server(tmp_path, max_text_chars=50) as s, s.client() as c:
+        r = c.post("/v1/audio/speech", json={"input": "word " * 20, "voice": "alpha"})
+        assert r.status_code == 400
+        assert "over the limit of 50" in r.json()["detail"]
+
+
+def test_malformed_json(client):
+    r = client.post(
+        "/v1/audio/speech", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 422
+    assert "json" in r.json()["detail"].lower()
+
+
+def test_unexpected_errors_are_500_without_traceback(server, client, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("secret internals /home/x/model.py line 12")
+
+    monkeypatch.setattr(server.engine, "synthesize_stream", boom)
+    r = client.post("/v1/audio/speech", json={"input": "hi", "voice": "alpha"})
+    assert r.status_code == 500
+    assert "secret" not in r.text and "Traceback" not in r.text

@@ -1,0 +1,174 @@
+"""Voice library over HTTP: validated atomic uploads, rename, delete, preview, engine hook."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+from srv_fixtures import FakeEngine, FakeFactory, live_server
+
+from lowvox.engines.base import EngineCapabilities, VoiceInfo
+from lowvox.errors import InvalidRequest
+
+
+def wav_bytes(seconds: float, rate: int = 22_050, freq: float = 220.0, fmt: str = "WAV") -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    buf = io.BytesIO()
+    sf.write(buf, 0.3 * np.sin(2 * np.pi * freq * t), rate, format=fmt, subtype="PCM_16")
+    return buf.getvalue()
+
+
+class CloningEngine(FakeEngine):
+    capabilities = EngineCapabilities(streaming=True, cloning=True)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepared: list[tuple[str, int]] = []
+        self.forgotten: list[str] = []
+
+    def prepare_voice(self, name, paths) -> None:
+        if name.startswith("reject"):
+            raise InvalidRequest("the speaker encoder found no voice in these clips")
+        self.prepared.append((name, len(paths)))
+
+    def forget_voice(self, name) -> None:
+        self.forgotten.append(name)
+
+    def voices(self):
+        # Cloned voices join the engine's list once prepared, as XTTS's library voices do.
+        gone = set(self.forgotten)
+        extra = [VoiceInfo(id=n, name=n, kind="cloned") for n, _ in self.prepared if n not in gone]
+        return super().voices() + extra
+
+
+class CloningFactory(FakeFactory):
+    def __call__(self, name, settings):
+        self.engines.setdefault(name, CloningEngine())
+        return self.engines[name]
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    with live_server(
+        tmp_path_factory.mktemp("lib"), CloningFactory(), max_upload_bytes=1_200_000
+    ) as s:
+        yield s
+
+
+def stored(lib) -> list[str]:
+    return sorted(p.name for p in lib.settings.voices_path.iterdir())
+
+
+def upload(c, name, *clips):
+    files = [("files", (f"clip{i}.wav", data, "audio/wav")) for i, data in enumerate(clips)]
+    return c.post("/api/library/voices", data={"name": name}, files=files)
+
+
+def test_upload_list_preview_rename_delete(lib):
+    with lib.client() as c:
+        r = upload(c, "Narrator One", wav_bytes(3), wav_bytes(4.5, 44_100, 330))
+        assert r.status_code == 201, r.text
+        v = r.json()["voice"]
+        assert v["name"] == "Narrator One" and v["clips"] == 2
+        assert abs(v["duration"] - 7.5) < 0.01
+        # Latents were computed once, at upload, by the engine's hook.
+        assert ("Narrator One", 2) in lib.engine.prepared
+        names = [x["name"] for x in c.get("/api/library/voices").json()["voices"]]
+        assert "Narrator One" in names
+        p = c.get(v["preview_url"])
+        assert p.status_code == 200
+        samples, rate = sf.read(io.BytesIO(p.content))
+        assert rate == 22_050 and abs(len(samples) / rate - 3) < 0.01
+        r = c.patch("/api/library/voices/Narrator One", json={"name": "Storyteller"})
+        assert r.status_code == 200 and r.json()["voice"]["name"] == "Storyteller"
+        assert "Narrator One" in lib.engine.forgotten
+        assert c.get("/api/library/voices/Narrator One/preview").status_code == 404
+        assert c.delete("/api/library/voices/Storyteller").status_code == 200
+        assert c.delete("/api/library/voices/Storyteller").status_code == 404
+        assert "Storyteller" not in stored(lib)
+
+
+def test_mp3_and_flac_uploads_are_accepted(lib):
+    with lib.client() as c:
+        r = upload(c, "flac voice", wav_bytes(2.5, fmt="FLAC"))
+        assert r.status_code == 201, r.text
+        c.delete("/api/library/voices/flac voice")
+
+
+@pytest.mark.parametrize(
+    ("name", "clips", "status", "words"),
+    [
+        ("short", [wav_bytes(1.0)], 400, "allowed 2-60 s"),
+        ("long", [wav_bytes(61, rate=8_000)], 400, "allowed 2-60 s"),
+        ("text", [b"this is not audio at all, just text" * 50], 400, "not a readable audio file"),
+        ("empty", [b""], 400, "empty"),
+        ("huge", [wav_bytes(14, rate=48_000)], 400, "over the limit"),
+        ("silent", [wav_bytes(3, freq=0)], 400, "silent"),
+        ("none", [], 400, "no audio files"),
+        ("../escape", [wav_bytes(3)], 400, "invalid voice name"),
+        ("a/b", [wav_bytes(3)], 400, "invalid voice name"),
+        (".hidden", [wav_bytes(3)], 400, "invalid voice name"),
+        ("..", [wav_bytes(3)], 400, "invalid voice name"),
+        ("reject me", [wav_bytes(3)], 400, "no voice in these clips"),
+        ("x" * 65, [wav_bytes(3)], 400, "invalid voice name"),
+    ],
+)
+def test_bad_uploads_store_nothing(lib, name, clips, status, words):
+    before = stored(lib)
+    with lib.client() as c:
+        r = upload(c, name, *clips)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+    assert stored(lib) == before
+
+
+def test_one_bad_clip_rejects_the_whole_voice(lib):
+    with lib.client() as c:
+        r = upload(c, "mixed", wav_bytes(3), wav_bytes(0.5))
+        assert r.status_code == 400 and "file 2" in r.json()["detail"]
+    assert "mixed" not in stored(lib)
+
+
+def test_duplicate_and_bad_rename(lib):
+    with lib.client() as c:
+        assert upload(c, "dup", wav_bytes(3)).status_code == 201
+        assert upload(c, "DUP", wav_bytes(3)).status_code == 409
+        assert upload(c, "other", wav_bytes(3)).status_code == 201
+        assert c.patch("/api/library/voices/dup", json={"name": "other"}).status_code == 409
+        assert c.patch("/api/library/voices/dup", json={"name": "../../x"}).status_code == 400
+        assert c.patch("/api/library/voices/dup", content=b"nope").status_code == 400
+        assert c.delete("/api/library/voices/..%2F..%2Fetc").status_code == 404
+        c.delete("/api/library/voices/dup")
+        c.delete("/api/library/voices/other")
+
+
+def test_not_multipart_and_malformed_multipart(lib):
+    with lib.client() as c:
+        assert c.post("/api/library/voices", json={"name": "x"}).status_code == 400
+        r = c.post(
+            "/api/library/voices",
+            content=b'--zzz\r\nContent-Disposition: form-data; name="name"\r\n\r\nbroken',
+            headers={"Content-Type": "multipart/form-data; boundary=zzz"},
+        )
+        assert 400 <= r.status_code < 500
+
+
+def test_alltalk_flat_wav_voices_are_listed(tmp_path):
+    with live_server(tmp_path) as s, s.client() as c:
+        (s.settings.voices_path / "female_01.wav").write_bytes(wav_bytes(3))
+        voices = c.get("/api/library/voices").json()["voices"]
+        assert [v["name"] for v in voices] == ["female_01"]
+        assert c.get("/sample/female_01.wav").status_code == 200
+
+
+def test_sillytavern_xtts_lists_library_voices_with_absolute_previews(lib):
+    with lib.client() as c:
+        assert upload(c, "Library Lady", wav_bytes(3)).status_code == 201
+        speakers = {s["voice_id"]: s for s in c.get("/speakers").json()}
+        url = speakers["Library Lady"]["preview_url"]
+        assert url.startswith(lib.url + "/sample/")
+        assert speakers["alpha"]["preview_url"] is None
+        assert c.get(url.removeprefix(lib.url)).status_code == 200
+        c.delete("/api/library/voices/Library Lady")

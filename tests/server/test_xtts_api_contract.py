@@ -1,0 +1,116 @@
+"""Replay of SillyTavern's XTTSv2 provider (xtts-api-server API) against a running server."""
+
+from __future__ import annotations
+
+import pytest
+from srv_audio import decode, dominant_frequency
+from srv_fixtures import CHUNK_SECONDS, fake_chunks, fake_frequency
+
+ST_JSON = {"Content-Type": "application/json", "Cache-Control": "no-cache"}
+# What the provider sends from its sliders: jQuery .val() gives strings.
+ST_SETTINGS = {
+    "temperature": "0.75",
+    "speed": "1.5",
+    "length_penalty": "1",
+    "repetition_penalty": "5",
+    "top_p": "0.85",
+    "top_k": "0",
+    "enable_text_splitting": True,
+    "stream_chunk_size": "100",
+}
+
+
+def test_sillytavern_xtts_sequence(server, client):
+    # checkReady(): speakers and settings in parallel
+    speakers = client.get("/speakers").json()
+    assert [s["name"] for s in speakers] == ["alpha", "beta", "gamma"]
+    assert all({"name", "voice_id", "preview_url"} <= set(s) for s in speakers)
+    r = client.post("/set_tts_settings", json=ST_SETTINGS, headers=ST_JSON)
+    assert r.status_code == 200, r.text
+    opts = server.state.tts_options
+    assert opts["speed"] == 1.5 and opts["top_k"] == 0 and opts["temperature"] == 0.75
+    # generateTts(): non-streaming
+    voice = speakers[2]["voice_id"]
+    text = "the provider strips quotes"
+    r = client.post(
+        "/tts_to_audio/",
+        json={"text": text, "speaker_wav": voice, "language": "en"},
+        headers=ST_JSON,
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "audio/wav"
+    samples, rate, _ = decode(r.content, "wav")
+    assert abs(len(samples) / rate - fake_chunks(text) * CHUNK_SECONDS) < 0.01
+    # The speed set through /set_tts_settings applies (the fake engine scales its pitch).
+    assert abs(dominant_frequency(samples, rate) - 1.5 * fake_frequency(voice, text)) < 10
+    client.post("/set_tts_settings", json={"speed": "1"}, headers=ST_JSON)
+
+
+def test_streaming_url_the_provider_builds(client):
+    for path in ("/tts_stream/", "/tts_stream"):
+        params = {"text": "streaming for the audio tag", "speaker_wav": "beta", "language": "en"}
+        with client.stream("GET", path, params=params) as r:
+            assert r.status_code == 200
+            assert r.headers["x-accel-buffering"] == "no"
+            body = b"".join(r.iter_bytes())
+        samples, rate, _ = decode(body, "wav")
+        assert abs(len(samples) / rate - fake_chunks(params["text"]) * CHUNK_SECONDS) < 0.01
+
+
+def test_lists_and_languages(client):
+    assert client.get("/speakers_list").json() == ["alpha", "beta", "gamma"]
+    langs = client.get("/languages").json()["languages"]
+    assert langs["English"] == "en" and langs["German"] == "de"
+
+
+def test_tts_to_file_stays_in_outputs(server, client):
+    r = client.post(
+        "/tts_to_file",
+        json={
+            "text": "save me",
+            "speaker_wav": "alpha",
+            "language": "en",
+            "file_name_or_path": "../../etc/evil.wav",
+        },
+    )
+    assert r.status_code == 200
+    out = r.json()["output_path"]
+    assert out.startswith(str(server.settings.outputs_path))
+    assert "evil" in out and ".." not in out
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"temperature": "warm"}, 400),
+        ({"top_p": "2"}, 400),
+        ({"speed": "0"}, 400),
+        ({"enable_text_splitting": "perhaps"}, 400),
+    ],
+)
+def test_bad_settings(client, body, status):
+    r = client.post("/set_tts_settings", json=body)
+    assert r.status_code == status
+    assert list(body)[0] in r.json()["detail"]
+
+
+def test_bad_generation_requests(client):
+    r = client.post(
+        "/tts_to_audio/", json={"text": "hi", "speaker_wav": "nobody", "language": "en"}
+    )
+    assert r.status_code == 404 and "unknown voice" in r.json()["detail"]
+    r = client.post("/tts_to_audio/", json={"text": "  ", "speaker_wav": "alpha", "language": "en"})
+    assert r.status_code == 400
+    r = client.get("/tts_stream", params={"text": "hi", "speaker_wav": "alpha", "language": "zz"})
+    assert r.status_code == 400 and "language" in r.json()["detail"]
+    r = client.post(
+        "/tts_to_audio/", content=b"{oops", headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 400 and "json" in r.json()["detail"].lower()
+    r = client.post("/tts_to_audio/", json=["not", "an", "object"])
+    assert r.status_code == 400
+
+
+def test_sample_of_unknown_voice_is_404(client):
+    assert client.get("/sample/nobody.wav").status_code == 404
+    assert client.get("/sample/..%2F..%2Fetc%2Fpasswd").status_code == 404
