@@ -208,6 +208,9 @@ def test_stop_generation_stops_a_running_generation(server, client):
     assert not t.is_alive(), "the cancelled request never answered"
     assert answers[0].status_code == 499
     assert answers[0].json()["status"] == "generate-failure"
+    deadline = time.monotonic() + 10  # the engine's thread may notice the cancel a bit later
+    while "long speech here" not in engine.cancelled_jobs and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert "long speech here" in engine.cancelled_jobs
     engine.gate.set()
 

@@ -152,7 +152,8 @@ def test_cancel_a_non_streaming_request_by_id(server, client):
     assert not t.is_alive(), "the cancelled request never answered"
     assert answer[0].status_code == 499
     assert "cancelled" in answer[0].json()["detail"]
-    assert text in engine.cancelled_jobs
+    # The answer can leave before the engine's thread notices the cancel: wait for it.
+    assert wait_for(lambda: text in engine.cancelled_jobs)
     assert text not in engine.finished_jobs
 
 
@@ -235,7 +236,7 @@ def test_cancel_a_stream_by_id(server, client):
             assert other.post("/api/cancel/s-1").json() == {"cancelled": 1}
         rest = b"".join(it)  # the stream ends early instead of hanging
     assert len(rest) < 4 * 2400 * 2
-    assert text in engine.cancelled_jobs
+    assert wait_for(lambda: text in engine.cancelled_jobs)
     engine.gate.set()
 
 
