@@ -87,7 +87,9 @@ def report(settings: Settings) -> str:
     lines.append(f"  {_espeak_line()}")
     lines += [f"  {line}" for line in _models_lines(settings)]
     try:
-        described = plan(machine, settings.device, settings.precision, settings.residency).describe()
+        described = plan(
+            machine, settings.device, settings.precision, settings.residency
+        ).describe()
     except LowvoxError as e:
         described = f"impossible: {e}"
     lines += ["", f"XTTS plan: {described}"]

@@ -54,12 +54,65 @@ def decode_step(
     audio_pos: Position,
     seq_pos: Position,
     caches: list[KVCache],
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Feed one audio token [B, 1] at audio position `audio_pos`, sequence position `seq_pos`;
     return its latent [B, 1, D]. With tensor positions every shape is static, so this
     function can be compiled or graph-captured once and replayed for every step."""
     emb = gpt.audio_embeddings(token, audio_pos)
-    return gpt.hidden(emb, seq_pos, caches)
+    return gpt.hidden(emb, seq_pos, caches, mask)
+
+
+class StaticDecoder:
+    """The one-token decode step over static buffers (token, positions, a KV cache of
+    `max_len`): with tensor positions every shape is fixed and attention covers the whole
+    cache under a mask, so the step can be captured once as a CUDA graph and replayed for
+    every token of every generation. Uncaptured (CPU) it computes the same, only slower."""
+
+    def __init__(self, gpt: XttsGpt, max_len: int, capture: bool = False) -> None:
+        device = gpt.mel_head.weight.device
+        self.gpt = gpt
+        self.max_len = max_len
+        self.caches = gpt.make_caches(max_len)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.audio_pos = torch.zeros((), dtype=torch.long, device=device)
+        self.seq_pos = torch.zeros((), dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+        if capture:
+            self._capture()
+
+    def _run(self) -> torch.Tensor:
+        return decode_step(self.gpt, self.token, self.audio_pos, self.seq_pos, self.caches)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        # Warm up on a side stream (allocator pools, kernel selection), then capture.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.out = self._run()
+        self.graph = graph
+        for cache in self.caches:  # the warm-up wrote position 0
+            cache.k.zero_()
+            cache.v.zero_()
+        log.info("captured the decode step as a CUDA graph (cache of %d)", self.max_len)
+
+    def step(self, token: torch.Tensor, audio_pos: int, seq_pos: int) -> torch.Tensor:
+        """Feed `token` ([1] or [1, 1]) at the given positions; its latent [1, 1, D]."""
+        self.token.copy_(token.view(1, 1))
+        self.audio_pos.fill_(audio_pos)
+        self.seq_pos.fill_(seq_pos)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        assert self.out is not None
+        return self.out.clone()  # the next replay overwrites the static output
 
 
 class Generator:
@@ -73,7 +126,10 @@ class Generator:
         options: SamplingOptions,
         max_new_tokens: int,
         generator: torch.Generator | None = None,
+        static: StaticDecoder | None = None,
     ) -> None:
+        """`static`: decode through this fixed-shape (possibly graph-captured) step when
+        the generation fits its cache; otherwise the ordinary eager step is used."""
         args = gpt.args
         if text_ids.dim() != 2 or text_ids.shape[0] != 1:
             raise ValueError(f"text_ids must be [1, T], got {tuple(text_ids.shape)}")
@@ -91,6 +147,7 @@ class Generator:
         self.generator = generator
         self.cond_latent = cond_latent
         self.text_ids = text_ids
+        self.static = static
 
     @torch.inference_mode()
     def steps(self) -> Iterator[Step]:
@@ -100,7 +157,14 @@ class Generator:
             self.cond_latent.to(device), self.text_ids.to(device)
         )  # [1, P, D]
         p = prompt.shape[1]
-        caches = gpt.make_caches(p + 1 + self.max_new_tokens)
+        static = self.static
+        if static is not None and static.max_len < p + 1 + self.max_new_tokens:
+            static = None
+        # The static decoder's caches are reused: positions past the current one are
+        # masked, so what an earlier generation left there is never seen.
+        caches = (
+            static.caches if static is not None else gpt.make_caches(p + 1 + self.max_new_tokens)
+        )
         start = torch.full((1, 1), args.gpt_start_audio_token, dtype=torch.long, device=device)
         emb = torch.cat([prompt, gpt.audio_embeddings(start, 0)], dim=1)
         # Only the last position's state is needed; the rest only fills the cache.
@@ -118,7 +182,10 @@ class Generator:
             if is_stop or i + 1 == self.max_new_tokens:
                 return
             seen[0, token] = True
-            latent = decode_step(gpt, token.view(1, 1), i + 1, p + 1 + i, caches)
+            if static is not None:
+                latent = static.step(token, i + 1, p + 1 + i)
+            else:
+                latent = decode_step(gpt, token.view(1, 1), i + 1, p + 1 + i, caches)
 
     def run(self) -> Generation:
         tokens, latents, logits = [], [], []

@@ -43,19 +43,59 @@ def conv1d_to_linear(module: nn.Module) -> int:
     """Swap every `Conv1D` under `module` for an equivalent `nn.Linear` (weights transposed to
     [out, in]); returns how many. Module-swapping tools (int8 quantisation) expect nn.Linear.
     Do it after loading: the state dict then no longer has the checkpoint's layout."""
-    swapped = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Conv1D):
-                n_in, n_out = child.weight.shape
-                linear = nn.Linear(n_in, n_out, device="meta")
-                linear.weight = nn.Parameter(
-                    child.weight.detach().t().contiguous(), requires_grad=False
-                )
-                linear.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
-                setattr(parent, name, linear)
-                swapped += 1
+    # Hold (parent, name) pairs only, never the Conv1D modules themselves, so each old
+    # weight is freed as soon as its layer is swapped (peak: one layer, not a second model).
+    targets = [
+        (parent, name)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, Conv1D)
+    ]
+    for parent, name in targets:
+        child = getattr(parent, name)
+        n_in, n_out = child.weight.shape
+        linear = nn.Linear(n_in, n_out, device="meta")
+        linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=False)
+        linear.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+        setattr(parent, name, linear)
+        del child
+    swapped = len(targets)
     return swapped
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that normalises in float32 whatever the input's dtype (its parameters
+    stay float32) and returns `output_dtype` (default: the input's). In half precision the
+    blocks' norms hand half-precision inputs to the linears while the residual stream stays
+    float32 (see `cast_gpt`)."""
+
+    output_dtype: torch.dtype | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.output_dtype is None:
+            # The common case (fp32 and int8 models): plain LayerNorm, no extra calls in
+            # a decode step that runs 61 of them per token.
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        y = F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+        return y.to(self.output_dtype or x.dtype)
+
+
+def cast_gpt(gpt: XttsGpt, dtype: torch.dtype) -> XttsGpt:
+    """Half precision for the decoder: the transformer's linear weights in `dtype` (95% of
+    the GPT's bytes), and the blocks' norms emitting `dtype` for them. Embeddings, every
+    LayerNorm's statistics, the residual stream, the latents, `mel_head` and the voice
+    modules stay float32: they cost little, and rounding `mel_head`'s weights alone moved
+    greedy choices where two tokens were close."""
+    linears = [m for m in gpt.gpt.h.modules() if isinstance(m, Conv1D | nn.Linear)]
+    for module in linears:
+        for key, t in list(module.named_parameters(recurse=False)):
+            setattr(module, key, nn.Parameter(t.detach().to(dtype), requires_grad=False))
+    for block in gpt.gpt.h:
+        block.ln_1.output_dtype = dtype
+        block.ln_2.output_dtype = dtype
+    return gpt
 
 
 class KVCache(nn.Module):
@@ -107,11 +147,25 @@ class Attention(nn.Module):
         self.c_attn = Conv1D(dim, 3 * dim)
         self.c_proj = Conv1D(dim, dim)
 
-    def forward(self, x: torch.Tensor, start: Position, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: Position,
+        cache: KVCache | None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)
         # [B, T, D] -> [B, H, T, hd]
         q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2) for y in (q, k, v))
+        if mask is not None:
+            # Batches of padded sequences: the caller's mask [B, 1, T, start + T] says which
+            # cached positions each row may see (its own, causally; never its padding).
+            if cache is None or isinstance(start, torch.Tensor):
+                raise ValueError("an explicit mask needs a cache and an int position")
+            k, v = cache.update(start, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
         if isinstance(start, torch.Tensor):
             if cache is None:
                 raise ValueError("a tensor position needs a cache")
@@ -156,13 +210,19 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.ln_1 = LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, heads)
-        self.ln_2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.ln_2 = LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = MLP(dim, 4 * dim)
 
-    def forward(self, x: torch.Tensor, start: Position, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), start, cache)
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: Position,
+        cache: KVCache | None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), start, cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -172,13 +232,17 @@ class Transformer(nn.Module):
     def __init__(self, layers: int, dim: int, heads: int) -> None:
         super().__init__()
         self.h = nn.ModuleList(Block(dim, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.ln_f = LayerNorm(dim, eps=LAYER_NORM_EPS)
 
     def forward(
-        self, x: torch.Tensor, start: Position = 0, caches: list[KVCache] | None = None
+        self,
+        x: torch.Tensor,
+        start: Position = 0,
+        caches: list[KVCache] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         for i, block in enumerate(self.h):
-            x = block(x, start, caches[i] if caches is not None else None)
+            x = block(x, start, caches[i] if caches is not None else None, mask)
         return self.ln_f(x)
 
 
@@ -223,7 +287,7 @@ class XttsGpt(nn.Module):
         self.gpt = Transformer(args.gpt_layers, dim, args.gpt_n_heads)
         self.mel_pos_embedding = PositionEmbedding(args.mel_positions, dim)
         self.text_pos_embedding = PositionEmbedding(args.text_positions, dim)
-        self.final_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.final_norm = LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mel_head = nn.Linear(dim, args.gpt_num_audio_tokens)
 
     @property
@@ -237,12 +301,19 @@ class XttsGpt(nn.Module):
     def make_caches(
         self, max_len: int, batch: int = 1, device: torch.device | str | None = None
     ) -> list[KVCache]:
-        """One preallocated cache per layer, in the dtype/device of the weights."""
+        """One preallocated cache per layer, in the dtype keys are computed in."""
         w = self.mel_head.weight
+        dtype = self.compute_dtype
         return [
-            KVCache(batch, self.heads, max_len, self.dim // self.heads, w.dtype, device or w.device)
+            KVCache(batch, self.heads, max_len, self.dim // self.heads, dtype, device or w.device)
             for _ in self.gpt.h
         ]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the blocks' linear inputs (attention keys/values included)."""
+        first = self.gpt.h[0].ln_1.output_dtype if len(self.gpt.h) else None
+        return first or self.text_embedding.weight.dtype
 
     def text_embeddings(self, text_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] text ids (already wrapped in start/stop) -> [B, T, D] with positions."""
@@ -266,10 +337,15 @@ class XttsGpt(nn.Module):
         return torch.cat([cond_latent.to(text.dtype), text], dim=1)
 
     def hidden(
-        self, emb: torch.Tensor, start: Position = 0, caches: list[KVCache] | None = None
+        self,
+        emb: torch.Tensor,
+        start: Position = 0,
+        caches: list[KVCache] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Embeddings [B, T, D] at sequence positions start.. -> normed latents [B, T, D]."""
-        return self.final_norm(self.gpt(emb, start, caches))
+        """Embeddings [B, T, D] at sequence positions start.. -> normed latents [B, T, D]
+        (`mask` [B, 1, T, start + T]: which positions each row sees, for padded batches)."""
+        return self.final_norm(self.gpt(emb, start, caches, mask))
 
     def logits(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, T, num_audio_tokens]."""

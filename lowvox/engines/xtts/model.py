@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +25,42 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowvox.engines.xtts.batching import DEFAULT_STREAM_FIRST_TOKENS, BatchSynthesis, cat_latents
 from lowvox.engines.xtts.checkpoint import (
     CheckpointError,
+    _source_stamp,
     check_keys,
+    convert_state_dict,
     default_cache_path,
+    file_sha256,
+    load_checkpoint,
     load_weights,
 )
 from lowvox.engines.xtts.conditioning import ConditioningEncoder
 from lowvox.engines.xtts.config import ConfigError, XttsConfig
-from lowvox.engines.xtts.generate import Generator, LatentStretcher, stretch_latents
-from lowvox.engines.xtts.gpt import XttsGpt
+from lowvox.engines.xtts.generate import (
+    Generator,
+    LatentStretcher,
+    StaticDecoder,
+    stretch_latents,
+)
+from lowvox.engines.xtts.gpt import XttsGpt, cast_gpt, conv1d_to_linear
 from lowvox.engines.xtts.hifigan import HifiganDecoder
 from lowvox.engines.xtts.perceiver import PerceiverResampler
+from lowvox.engines.xtts.results import (
+    BatchItem,
+    GenerationSettings,
+    StreamChunk,
+    SynthesisResult,
+)
 from lowvox.engines.xtts.sampling import SamplingOptions
 from lowvox.engines.xtts.streaming import StreamingVocoder
 from lowvox.engines.xtts.voice import Voice, VoiceCache, load_studio_speakers
 from lowvox.engines.xtts.voice import clone_voice as clone_from_references
 from lowvox.errors import InvalidRequest, LowvoxError, UnknownLanguage, UnknownVoice
+from lowvox.runtime.memory import return_freed_memory
+from lowvox.runtime.qcache import quantized_cache_path, read_quantized, write_quantized
+from lowvox.runtime.quant import INT8_MODE, int8_skeleton, quantize_linears
 from lowvox.text.tokenizer import XttsTokenizer
 
 log = logging.getLogger(__name__)
@@ -51,40 +70,15 @@ log = logging.getLogger(__name__)
 COND_MEL_CHANNELS = 80
 PERCEIVER = {"depth": 2, "num_latents": 32, "dim_head": 64, "heads": 8, "ff_mult": 4}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_STREAM_FIRST_TOKENS = 20
+LOAD_PRECISIONS = (*PRECISIONS, "int8")
+# Which linears int8 applies to (names under `XttsGpt`): the transformer's projections, where
+# decoding spends its time. Embeddings, norms, `mel_head` and the voice modules stay float.
+INT8_LAYERS = ("gpt.h.",)
+# Utterances longer than this many latents are vocoded in pieces (see `_vocode`).
+VOCODE_CHUNK_TOKENS = 40
 
 
-@dataclass(frozen=True)
-class SynthesisResult:
-    """Whole-utterance audio: float32 samples at `sample_rate`, and the audio codes of each
-    sentence (without the stop token)."""
-
-    wav: np.ndarray
-    sample_rate: int
-    codes: list[np.ndarray]
-
-
-@dataclass(frozen=True)
-class StreamChunk:
-    """A piece of audio from `synthesize_stream`; `sentence` is the index it belongs to."""
-
-    wav: np.ndarray
-    sample_rate: int
-    sentence: int
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Everything `synthesize` needs besides text and voice, with config defaults filled in."""
-
-    sampling: SamplingOptions
-    max_new_tokens: int
-    speed: float
-    split_sentences: bool
-    seed: int | None
-
-
-class XttsModel(nn.Module):
+class XttsModel(BatchSynthesis, nn.Module):
     """XTTS v2: voice conditioning, the autoregressive GPT, and the HiFi-GAN decoder."""
 
     def __init__(self, config: XttsConfig) -> None:
@@ -116,6 +110,8 @@ class XttsModel(nn.Module):
         self.speakers: dict[str, Voice] = {}
         self.voice_cache: VoiceCache | None = None
         self.model_dir: Path | None = None
+        self.precision = "fp32"
+        self.static_decoder: StaticDecoder | None = None
         self._lock = threading.RLock()  # one generation at a time; re-entrant for callbacks
 
     # ------------------------------------------------------------------------------------
@@ -131,16 +127,19 @@ class XttsModel(nn.Module):
     ) -> XttsModel:
         """Load a model folder (config.json, model.pth, vocab.json, optional speakers_xtts.pth).
 
-        `precision` ("fp32", "fp16", "bf16") applies to the GPT; the conditioning modules and
-        the vocoder stay in float32. Converted weights are cached as safetensors in
-        `cache_dir` (or beside model.pth when that folder is writable).
+        `precision` applies to the GPT: "fp32"; "bf16" or "fp16" weights with float32
+        LayerNorms; "int8" weight-only transformer linears (the rest in float32). The voice
+        modules, HiFi-GAN and the speaker encoder always stay float32. Converted weights are
+        cached as safetensors in `cache_dir` (or beside model.pth when that folder is
+        writable); int8 weights get their own cache, so loading them later never builds the
+        float model.
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise LowvoxError(f"model folder not found: {model_dir}")
-        if precision not in PRECISIONS:
+        if precision not in LOAD_PRECISIONS:
             raise LowvoxError(
-                f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})"
+                f"unknown precision {precision!r} (choose from {', '.join(LOAD_PRECISIONS)})"
             )
         # Cheap checks first, so a broken folder fails before the weights are converted.
         checkpoint = model_dir / "model.pth"
@@ -149,35 +148,110 @@ class XttsModel(nn.Module):
         vocab_path = _vocab_path(model_dir, config)
         tokenizer = XttsTokenizer.from_file(vocab_path)
 
+        # Large freed tensors (vocoder activations) go back to the system: RSS stays near
+        # what the model needs, not the high-water mark of every activation size.
+        return_freed_memory()
         cache_path = default_cache_path(checkpoint, Path(cache_dir) if cache_dir else None)
-        weights = load_weights(checkpoint, cache_path)
-        if config is None:
-            if weights.config is None:
-                raise ConfigError(f"{model_dir} has no config.json and model.pth holds no config")
-            config = XttsConfig.from_dict(weights.config)
-        config = replace(config, model_args=_text_tokens_from_vocab(config.model_args, vocab_path))
-
-        model = cls.from_state_dict(config, weights.state_dict, source=str(checkpoint))
-        model.fingerprint = weights.fingerprint
+        if precision == "int8":
+            model = cls._load_int8(checkpoint, cache_path, config, vocab_path)
+        else:
+            weights = load_weights(checkpoint, cache_path)
+            if config is None:
+                config = _config_from(weights.config, model_dir)
+            config = replace(
+                config, model_args=_text_tokens_from_vocab(config.model_args, vocab_path)
+            )
+            model = cls.from_state_dict(config, weights.state_dict, source=str(checkpoint))
+            model.fingerprint = weights.fingerprint
+            del weights
+            if precision != "fp32":
+                # LayerNorms and the voice modules stay float32 (see `cast_gpt`).
+                cast_gpt(model.gpt, PRECISIONS[precision])
+        model.precision = precision
         model.model_dir = model_dir
         model.to(device)
-        if precision != "fp32":
-            model.gpt.to(PRECISIONS[precision])
-            # The voice modules run once per voice, in float32.
-            model.gpt.conditioning_encoder.float()
-            model.gpt.conditioning_perceiver.float()
 
         model.tokenizer = tokenizer
         speakers_file = model_dir / "speakers_xtts.pth"
         if speakers_file.is_file():
             model.speakers = load_studio_speakers(speakers_file)
+        args = model.config.model_args
         log.info(
-            "loaded XTTS from %s (%d layers, dim %d, %d studio speakers)",
-            model_dir,
-            config.model_args.gpt_layers,
-            config.model_args.gpt_n_model_channels,
+            "loaded XTTS from %s (%d layers, dim %d, %s on %s, %d studio speakers)",
+            model_dir, args.gpt_layers, args.gpt_n_model_channels, precision, device,
             len(model.speakers),
-        )
+        )  # fmt: skip
+        return model
+
+    @classmethod
+    def _load_int8(
+        cls,
+        checkpoint: Path,
+        cache_path: Path | None,
+        config: XttsConfig | None,
+        vocab_path: Path,
+    ) -> XttsModel:
+        """The GPT's transformer linears in int8 (weight-only, per-channel scales).
+
+        From the int8 cache the model is built on the meta device and the saved tensors are
+        assigned as they are: the float GPT never exists. Without a valid cache the float
+        model is loaded once, quantised layer by layer (each float weight freed as its layer
+        is swapped), and the cache written.
+        """
+        if not checkpoint.is_file():
+            raise CheckpointError(f"checkpoint not found: {checkpoint}")
+        int8_path = quantized_cache_path(cache_path, "int8")
+        expected = {**_source_stamp(checkpoint), "precision": "int8", "mode": INT8_MODE}
+        cached = cls._int8_from_cache(int8_path, expected, config, checkpoint, vocab_path)
+        if cached is not None:
+            return cached
+
+        # Straight from model.pth (not through the float cache): one float copy of the
+        # weights exists, and it shrinks as each layer is quantised.
+        ckpt = load_checkpoint(checkpoint)
+        raw_config = ckpt.config
+        state = convert_state_dict(ckpt.state_dict)
+        del ckpt
+        if config is None:
+            config = _config_from(raw_config, checkpoint.parent)
+        config = replace(config, model_args=_text_tokens_from_vocab(config.model_args, vocab_path))
+        model = cls.from_state_dict(config, state, source=str(checkpoint))
+        del state  # the model now holds the only references to the float weights
+        fingerprint = file_sha256(checkpoint)
+        conv1d_to_linear(model.gpt.gpt)
+        swapped = quantize_linears(model.gpt, include=INT8_LAYERS)
+        model.fingerprint = fingerprint
+        meta = {**expected, "sha256": fingerprint}
+        if raw_config is not None:
+            meta["config"] = json.dumps(raw_config, default=str)
+        log.info("quantised %d GPT linear layers to int8", swapped)
+        write_quantized(int8_path, model.state_dict(), meta)
+        # Use what was written: the converted model still pins the memory-mapped
+        # checkpoint's pages, the reloaded one holds only its own int8 tensors.
+        reloaded = cls._int8_from_cache(int8_path, expected, config, checkpoint, vocab_path)
+        return reloaded if reloaded is not None else model
+
+    @classmethod
+    def _int8_from_cache(
+        cls,
+        path: Path | None,
+        expected: dict[str, str],
+        config: XttsConfig | None,
+        checkpoint: Path,
+        vocab_path: Path,
+    ) -> XttsModel | None:
+        cached = read_quantized(path, expected)
+        if cached is None:
+            return None
+        if config is None:
+            config = _config_from(cached.config, checkpoint.parent)
+        config = replace(config, model_args=_text_tokens_from_vocab(config.model_args, vocab_path))
+        with torch.device("meta"):
+            model = cls(config)
+        conv1d_to_linear(model.gpt.gpt)
+        int8_skeleton(model.gpt, include=INT8_LAYERS)
+        model = cls._assign(model, cached.state_dict, str(path))
+        model.fingerprint = cached.metadata["sha256"]
         return model
 
     @classmethod
@@ -187,6 +261,11 @@ class XttsModel(nn.Module):
         """Build on the meta device and assign mapped weights; every key must match."""
         with torch.device("meta"):
             model = cls(config)
+        return cls._assign(model, state_dict, source)
+
+    @staticmethod
+    def _assign(model: XttsModel, state_dict: dict[str, torch.Tensor], source: str) -> XttsModel:
+        """Assign `state_dict` to a meta-device `model`; every key and shape must match."""
         expected = {k: v.shape for k, v in model.state_dict().items()}
         check_keys(expected, state_dict, source)
         model.load_state_dict(state_dict, strict=True, assign=True)
@@ -196,6 +275,25 @@ class XttsModel(nn.Module):
             if left:
                 raise CheckpointError(f"{source} left tensors uninitialised: {_names(left)}")
         return model.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------------------------
+    # Fast decoding
+
+    def enable_static_decoding(self, capture: bool | None = None) -> None:
+        """Decode single requests through one fixed-shape step with a cache for the longest
+        prompt plus the most tokens, captured as a CUDA graph on a GPU (`capture` None:
+        when the model is on CUDA). The weights must then stay where they are (no low-VRAM
+        residency): the graph holds their addresses."""
+        a = self.config.model_args
+        longest = PERCEIVER["num_latents"] + a.gpt_max_text_tokens + 2 + a.max_generated_tokens
+        if capture is None:
+            capture = self.device.type == "cuda"
+        with self._lock:
+            self.static_decoder = StaticDecoder(self.gpt, longest, capture=capture)
+
+    def disable_static_decoding(self) -> None:
+        with self._lock:
+            self.static_decoder = None
 
     # ------------------------------------------------------------------------------------
     # Voices
@@ -333,8 +431,18 @@ class XttsModel(nn.Module):
         dec = self.hifigan_decoder
         w = next(dec.parameters())
         g = voice.speaker_embedding.to(w.device, w.dtype)
-        wav = dec(latents.to(w.device, w.dtype), g)  # [1, 1, N]
-        return wav.reshape(-1).float().cpu().numpy()
+        latents = latents.to(w.device, w.dtype)
+        n = VOCODE_CHUNK_TOKENS
+        if latents.shape[1] <= n:
+            wav = dec(latents, g)  # [1, 1, N]
+            return wav.reshape(-1).float().cpu().numpy()
+        # Long utterances in pieces with enough context on each side: the same audio (to
+        # float rounding), but the vocoder's activations stay those of one piece, not of
+        # the whole sentence (about 50 MB per second of audio).
+        vocoder = StreamingVocoder(dec, g, first_chunk_tokens=1, chunk_tokens=1)
+        parts = [vocoder.push(latents[:, i : i + n]) for i in range(0, latents.shape[1], n)]
+        parts.append(vocoder.flush())
+        return np.concatenate(parts).astype(np.float32)
 
     @torch.inference_mode()
     def synthesize(
@@ -372,6 +480,7 @@ class XttsModel(nn.Module):
                     settings.sampling,
                     settings.max_new_tokens,
                     rng,
+                    self.static_decoder,
                 ).run()
                 latents = stretch_latents(gen.latents, settings.speed)
                 wavs.append(self._vocode(latents, v))
@@ -448,6 +557,7 @@ class XttsModel(nn.Module):
                     settings.sampling,
                     settings.max_new_tokens,
                     rng,
+                    self.static_decoder,
                 )
                 pending: list[torch.Tensor] = []
                 due = first_chunk_tokens
@@ -456,12 +566,12 @@ class XttsModel(nn.Module):
                         return
                     pending.append(step.latent)
                     if len(pending) >= due:
-                        frames = stretcher.push(_cat(pending, w))
+                        frames = stretcher.push(cat_latents(pending, w))
                         pending, due = [], chunk_tokens
                         wav = vocoder.push(frames) if frames.shape[1] else np.zeros(0, np.float32)
                         if wav.size:
                             yield StreamChunk(wav.astype(np.float32), self.sample_rate, index)
-                tails = [stretcher.push(_cat(pending, w))] if pending else []
+                tails = [stretcher.push(cat_latents(pending, w))] if pending else []
                 tails.append(stretcher.finish())
                 rest = [vocoder.push(t) for t in tails if t.shape[1]]
                 rest.append(vocoder.flush())
@@ -470,13 +580,15 @@ class XttsModel(nn.Module):
                     yield StreamChunk(wav.astype(np.float32), self.sample_rate, index)
 
 
+def _config_from(raw: dict[str, Any] | None, model_dir: Path) -> XttsConfig:
+    if raw is None:
+        raise ConfigError(f"{model_dir} has no config.json and model.pth holds no config")
+    return XttsConfig.from_dict(raw)
+
+
 def _names(keys: list[str], limit: int = 40) -> str:
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
-
-
-def _cat(latents: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return torch.cat(latents, dim=1).to(like.device, like.dtype)  # [1, n, D]
 
 
 def _vocab_path(model_dir: Path, config: XttsConfig | None) -> Path:
@@ -511,6 +623,7 @@ def _text_tokens_from_vocab(args: Any, vocab_path: Path) -> Any:
 
 
 __all__ = [
+    "BatchItem",
     "GenerationSettings",
     "StreamChunk",
     "SynthesisResult",

@@ -1,0 +1,161 @@
+"""On-disk cache of a model's quantised weights (safetensors).
+
+The file holds the whole state dict of the quantised model (int8 weights, their scales and
+every tensor that stays in float) and, in its metadata, the precision, the quantisation mode
+and the stamp of the source checkpoint (name, size, mtime, converter version) plus its
+sha256. A cache whose stamp, precision or mode differ from what is asked for is stale and is
+rebuilt; the mode is read from the metadata, never guessed from the file name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizedWeights:
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        raw = self.metadata.get("config")
+        return json.loads(raw) if raw else None
+
+
+def quantized_cache_path(float_cache: Path | None, precision: str) -> Path | None:
+    """`model-<tag>.lowvox.safetensors` -> `model-<tag>.<precision>.lowvox.safetensors`."""
+    if float_cache is None:
+        return None
+    name = float_cache.name.removesuffix(".lowvox.safetensors")
+    return float_cache.with_name(f"{name}.{precision}.lowvox.safetensors")
+
+
+def read_quantized(path: Path | None, expected: Mapping[str, str]) -> QuantizedWeights | None:
+    """The cached weights when `path` exists and its metadata has every `expected` value;
+    None when absent, stale or unreadable (the caller rebuilds it)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with path.open("rb") as f:
+            header, base = _read_header(f)
+            meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+            stale = {k for k, v in expected.items() if meta.get(k) != v}
+            if stale or "sha256" not in meta:
+                log.info("quantised cache %s is stale (%s); rebuilding it", path, sorted(stale))
+                return None
+            state = {name: _read_tensor(f, base, name, info) for name, info in header.items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring unreadable quantised cache %s: %s", path, e)
+        return None
+    log.debug("loaded quantised weights from %s", path)
+    return QuantizedWeights(state, meta)
+
+
+# safetensors dtype names -> torch dtypes (those a lowvox model can hold).
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 1024**2
+
+
+def _read_header(f: BinaryIO) -> tuple[dict[str, Any], int]:
+    """The safetensors JSON header and the offset where tensor data begins."""
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise ValueError("file too short for a safetensors header")
+    (size,) = struct.unpack("<Q", raw)
+    if size > _MAX_HEADER:
+        raise ValueError(f"safetensors header of {size} bytes is implausible")
+    header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not an object")
+    return header, 8 + size
+
+
+def _read_tensor(f: BinaryIO, base: int, name: str, info: dict[str, Any]) -> torch.Tensor:
+    """Read one tensor straight into memory torch allocated itself.
+
+    Not safetensors' own loader: its tensors are either views of a memory map (whose pages
+    then count a second time once copied) or sit at unaligned file offsets, which the fused
+    int8 kernels cannot read. Here each tensor is one fresh, 64-byte-aligned allocation.
+    """
+    dtype = _DTYPES[info["dtype"]]
+    shape = [int(n) for n in info["shape"]]
+    start, end = (int(n) for n in info["data_offsets"])
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if end - start != nbytes:
+        raise ValueError(f"{name}: {end - start} bytes stored for shape {shape} {dtype}")
+    if nbytes:
+        buf = memoryview(t.view(-1).view(torch.uint8).numpy())
+        f.seek(base + start)
+        done = 0
+        while done < nbytes:
+            got = f.readinto(buf[done:])
+            if not got:
+                raise ValueError(f"{name}: file ends inside the tensor")
+            done += got
+    return t
+
+
+def write_quantized(
+    path: Path | None, state: Mapping[str, torch.Tensor], meta: dict[str, str]
+) -> None:
+    """Write atomically (temp file + rename); a failure to write is logged, not raised."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        _write_safetensors(tmp, state, meta)
+        os.replace(tmp, path)
+        log.info("wrote quantised weights cache %s", path)
+    except (OSError, ValueError) as e:
+        log.warning("could not write quantised weights cache %s: %s", path, e)
+
+
+def _write_safetensors(path: Path, state: Mapping[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """The safetensors format, written one tensor at a time: unlike `save_file`, no
+    serialised copy of the whole model is built in memory first."""
+    names = {dtype: name for name, dtype in _DTYPES.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    header: dict[str, Any] = {"__metadata__": meta}
+    offset = 0
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.dtype not in names:
+            raise ValueError(f"{key}: dtype {t.dtype} cannot be cached")
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}  # fmt: skip
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key in sorted(tensors):
+            t = tensors[key]
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))

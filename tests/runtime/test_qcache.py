@@ -1,0 +1,69 @@
+"""The quantised-weights cache: a standard safetensors file, read back aligned and checked."""
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lowvox.runtime.qcache import quantized_cache_path, read_quantized, write_quantized
+
+META = {"precision": "int8", "mode": "m1", "source_size": "10", "sha256": "abc"}
+
+
+def state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w": torch.randint(-127, 128, (7, 5), dtype=torch.int8, generator=g),
+        "scales": torch.rand(7, generator=g).to(torch.bfloat16),
+        "bias": torch.randn(7, generator=g),
+        "steps": torch.tensor(3),
+        "empty": torch.zeros(0, 4),
+    }
+
+
+def test_roundtrip_keeps_values_dtypes_and_alignment(tmp_path):
+    path = tmp_path / "m.int8.lowvox.safetensors"
+    write_quantized(path, state(), META)
+    got = read_quantized(path, {"precision": "int8", "mode": "m1"})
+    assert got is not None and got.metadata == META
+    for key, value in state().items():
+        assert got.state_dict[key].dtype == value.dtype
+        assert torch.equal(got.state_dict[key], value), key
+        assert got.state_dict[key].data_ptr() % 64 == 0 or value.numel() == 0
+
+
+def test_files_are_standard_safetensors_both_ways(tmp_path):
+    ours = tmp_path / "ours.safetensors"
+    write_quantized(ours, state(), META)
+    with safe_open(str(ours), framework="pt") as f:
+        assert f.metadata() == META
+        assert torch.equal(f.get_tensor("w"), state()["w"])
+    theirs = tmp_path / "theirs.safetensors"
+    save_file(state(), str(theirs), metadata=META)
+    got = read_quantized(theirs, {"mode": "m1"})
+    assert got is not None and torch.equal(got.state_dict["scales"], state()["scales"])
+
+
+def test_stale_missing_or_damaged_caches_are_not_used(tmp_path):
+    path = tmp_path / "c.safetensors"
+    assert read_quantized(path, {}) is None  # absent
+    assert read_quantized(None, {}) is None  # no cache location at all
+    write_quantized(path, state(), META)
+    assert read_quantized(path, {"mode": "m2"}) is None  # another quantisation mode
+    assert read_quantized(path, {"source_size": "11"}) is None  # the source changed
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 20])  # truncated
+    assert read_quantized(path, {"mode": "m1"}) is None
+    path.write_bytes(b"\xff" * 64)  # garbage
+    assert read_quantized(path, {}) is None
+
+
+def test_no_sha_means_stale(tmp_path):
+    path = tmp_path / "c.safetensors"
+    write_quantized(path, state(), {"mode": "m1"})
+    assert read_quantized(path, {"mode": "m1"}) is None
+
+
+def test_cache_path_names_the_precision(tmp_path):
+    base = tmp_path / "model-0123.lowvox.safetensors"
+    assert quantized_cache_path(base, "int8").name == "model-0123.int8.lowvox.safetensors"
+    assert quantized_cache_path(None, "int8") is None

@@ -1,0 +1,176 @@
+"""The xtts engine's runtime: device plan, threads, batching, residency, keep-alive."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lowvox.engines import SynthesisRequest
+from lowvox.engines.xtts.engine import XttsEngine
+from lowvox.errors import InvalidRequest, LowvoxError
+from lowvox.runtime.devices import probe_machine
+from lowvox.runtime.planner import Plan, PlanError
+from lowvox.settings import Settings
+
+GREEDY = {"max_new_tokens": 8, "do_sample": False}
+CPU_FP32 = Plan("cpu", "fp32", "cpu", "float32", ["test"])
+
+
+@pytest.fixture(autouse=True)
+def _keep_one_thread():
+    """Engines set torch's thread count at load; give the other tests back theirs."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def settings(bundle, tmp_path, **kw) -> Settings:
+    return Settings(home=tmp_path, model_dir=bundle.path, engine="xtts", threads=1, **kw)
+
+
+def request(text: str = "Hello there.", **options) -> SynthesisRequest:
+    return SynthesisRequest(text=text, voice="Test Speaker", options={**GREEDY, **options})
+
+
+def test_from_settings_applies_the_plan(random_bundle, tmp_path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="lowvox.engines.xtts.engine"):
+        engine = XttsEngine.from_settings(settings(random_bundle, tmp_path, precision="bf16"))
+    assert (engine.plan.device, engine.plan.precision) == ("cpu", "bf16")
+    assert "xtts plan: device=cpu precision=bf16" in caplog.text
+    engine.load()
+    assert engine.model.precision == "bf16"
+    assert engine.model.gpt.gpt.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+
+
+def test_auto_follows_the_planner(random_bundle, tmp_path) -> None:
+    from lowvox.runtime.planner import plan
+
+    engine = XttsEngine.from_settings(settings(random_bundle, tmp_path))
+    expected = plan(probe_machine())
+    assert (engine.plan.device, engine.plan.precision) == (expected.device, expected.precision)
+    if expected.device == "cpu":
+        assert engine.plan.precision == "int8"  # CPU: int8 weights
+        engine.load()
+        assert engine.model.precision == "int8"
+
+
+@pytest.mark.parametrize(
+    "choice, message",
+    [({"precision": "fp16"}, "fp16 needs a GPU"), ({"precision": "int4"}, "unknown precision")],
+)
+def test_impossible_choices_are_clear_errors(random_bundle, tmp_path, choice, message) -> None:
+    if torch.cuda.is_available() and choice.get("precision") == "fp16":
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(PlanError, match=message):
+        XttsEngine.from_settings(settings(random_bundle, tmp_path, **choice))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(random_bundle, tmp_path) -> None:
+    with pytest.raises(LowvoxError, match="no such GPU"):
+        XttsEngine.from_settings(settings(random_bundle, tmp_path, device="cuda"))
+
+
+def test_threads_come_from_settings_or_the_machine(random_bundle, tmp_path) -> None:
+    engine = XttsEngine.from_settings(settings(random_bundle, tmp_path, precision="fp32"))
+    engine.load()
+    assert torch.get_num_threads() == 1 == engine.threads
+    plain = Settings(home=tmp_path, model_dir=random_bundle.path, engine="xtts")
+    assert XttsEngine.from_settings(plain).threads == probe_machine().cpu_count
+
+
+def test_unload_and_reload(random_bundle, tmp_path) -> None:
+    engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32)
+    engine.load()
+    assert engine.loaded
+    first = engine.synthesize(request())
+    engine.unload()
+    assert not engine.loaded
+    again = engine.synthesize(request())  # the next request loads the model again
+    assert engine.loaded
+    np.testing.assert_array_equal(first.samples, again.samples)
+
+
+def test_keep_alive_unloads_when_idle(random_bundle, tmp_path) -> None:
+    engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32, keep_alive=0.2)
+    engine.synthesize(request())
+    assert engine.loaded
+    deadline = time.monotonic() + 20
+    while engine.loaded and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.loaded
+    assert engine.synthesize(request()).samples.size > 0
+    engine.unload()
+
+
+def test_batch_equals_requests_alone(random_bundle, tmp_path) -> None:
+    engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32)
+    requests = [
+        request("Hello there."),
+        request("A somewhat longer sentence for the second request.", max_new_tokens=12),
+        request("Third.", max_new_tokens=5),
+    ]
+    batched = engine.synthesize_batch(requests)
+    assert engine.max_batch_size >= len(requests)
+    for req, chunk in zip(requests, batched, strict=True):
+        single = engine.synthesize(req)
+        assert chunk.sample_rate == single.sample_rate == engine.sample_rate
+        assert chunk.samples.shape == single.samples.shape
+        np.testing.assert_allclose(chunk.samples, single.samples, atol=1e-3)
+
+
+def test_batch_stream_validates_every_request_first(random_bundle, tmp_path) -> None:
+    engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32)
+    good = request()
+    bad = SynthesisRequest(text="Hi.", voice="Test Speaker", options={"top_k": "many"})
+    with pytest.raises(InvalidRequest):
+        engine.synthesize_batch_stream([good, bad])  # raised before any chunk exists
+    with pytest.raises(InvalidRequest):
+        engine.synthesize_batch_stream([])
+
+
+def test_low_vram_residency_moves_weights_per_request(random_bundle, tmp_path) -> None:
+    """On the CPU the storage and compute devices are the same, but the manager's moves
+    show the wiring: weights visit the compute device for each request only."""
+    plan = Plan("cpu", "fp32", "low_vram", "float32", ["test"])
+    engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=plan)
+    engine.load()
+    residency = engine._residency
+    assert residency is not None and residency.moves == 0
+    out = engine.synthesize(request())
+    after_one = residency.moves
+    assert after_one > 0 and not residency.busy
+    engine.synthesize(request())
+    assert residency.moves > after_one
+    plain = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32)
+    np.testing.assert_array_equal(out.samples, plain.synthesize(request()).samples)
+    engine.set_low_vram(False)
+    assert engine._residency is None and not engine.low_vram
+    engine.set_low_vram(True)
+    assert engine._residency is not None
+
+
+def test_toggles_on_a_cpu_plan(random_bundle, tmp_path) -> None:
+    engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32)
+    engine.load()
+    engine.set_low_vram(True)  # nothing to move without a GPU: remembered only
+    assert engine.low_vram and engine._residency is None
+    engine.set_fast_path(True)
+    assert engine.fast_path
+    assert engine.synthesize(request()).samples.size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_low_vram_on_a_gpu_frees_memory_between_requests(random_bundle, tmp_path) -> None:
+    plan = Plan("cuda:0", "fp16", "low_vram", "float16", ["test"])
+    engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=plan)
+    engine.load()
+    assert engine.model.gpt.mel_head.weight.device.type == "cpu"  # no start-up spike
+    base = torch.cuda.memory_allocated()
+    assert engine.synthesize(request()).samples.size > 0
+    assert torch.cuda.memory_allocated() <= base + 1024**2

@@ -1,0 +1,21 @@
+"""Long utterances are vocoded in pieces (flat memory) with the same audio as in one go."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lowvox.engines.xtts.model import VOCODE_CHUNK_TOKENS
+
+
+def test_long_utterance_vocoded_in_pieces_equals_one_go(golden_model) -> None:
+    voice = golden_model.speakers["Alpha Voice"]
+    g = torch.Generator().manual_seed(3)
+    n = 2 * VOCODE_CHUNK_TOKENS + 17  # not a multiple of the piece size
+    latents = torch.randn(1, n, golden_model.gpt.dim, generator=g)
+    with torch.inference_mode():
+        pieces = golden_model._vocode(latents, voice)
+        whole = golden_model.hifigan_decoder(latents, voice.speaker_embedding).reshape(-1)
+    assert pieces.dtype == np.float32 and pieces.shape == tuple(whole.shape)
+    peak = float(whole.abs().max())
+    assert np.abs(pieces - whole.numpy()).max() <= 1e-4 * peak

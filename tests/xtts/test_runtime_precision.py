@@ -1,0 +1,155 @@
+"""Precisions of `XttsModel.load`: int8 weight-only (with its own cache), bf16, fidelity."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import lowvox.engines.xtts.model as model_module
+from lowvox.bench.fidelity import compare
+from lowvox.engines.xtts.gpt import Conv1D, LayerNorm
+from lowvox.engines.xtts.model import XttsModel
+from lowvox.errors import LowvoxError
+from lowvox.runtime.quant import INT8_MODE, Int8Linear
+
+TEXT = "This sentence checks how far reduced precision moves the model."
+GREEDY = dict(voice="Test Speaker", max_new_tokens=10, do_sample=False, split_sentences=False)
+
+
+def int8_cache(cache_dir: Path) -> Path:
+    found = list(cache_dir.glob("*.int8.lowvox.safetensors"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_int8_swaps_only_the_transformer_linears(random_bundle, tmp_path) -> None:
+    model = XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
+    assert model.precision == "int8"
+    block = model.gpt.gpt.h[0]
+    for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+        assert isinstance(layer, Int8Linear) and layer.weight.dtype == torch.int8
+    assert not any(isinstance(m, Conv1D) for m in model.modules())
+    # Everything else keeps float32 weights.
+    assert model.gpt.mel_head.weight.dtype == torch.float32
+    assert model.gpt.text_embedding.weight.dtype == torch.float32
+    assert model.hifigan_decoder.waveform_decoder.conv_pre.weight.dtype == torch.float32
+    speaker = model.hifigan_decoder.speaker_encoder
+    assert all(p.dtype == torch.float32 for p in speaker.parameters())
+    assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, LayerNorm))
+
+
+def test_int8_cache_records_its_mode_and_source(random_bundle, tmp_path) -> None:
+    model = XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
+    path = int8_cache(tmp_path)
+    with safe_open(str(path), framework="pt") as f:  # a standard safetensors file
+        meta = f.metadata()
+        assert f.get_tensor("gpt.gpt.h.0.attn.c_attn.weight").dtype == torch.int8
+    assert meta["precision"] == "int8" and meta["mode"] == INT8_MODE
+    assert meta["sha256"] == model.fingerprint
+    st = (random_bundle.path / "model.pth").stat()
+    assert meta["source_size"] == str(st.st_size)
+    assert meta["source_mtime_ns"] == str(st.st_mtime_ns)
+
+
+def test_int8_from_cache_never_builds_the_float_model(random_bundle, tmp_path, monkeypatch):
+    first = XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the float checkpoint was read")
+
+    monkeypatch.setattr(model_module, "load_checkpoint", refuse)
+    monkeypatch.setattr(model_module, "load_weights", refuse)
+    monkeypatch.setattr(model_module, "quantize_linears", refuse)
+    again = XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
+    assert again.fingerprint == first.fingerprint
+    for (name, a), (_, b) in zip(
+        first.state_dict().items(), again.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    # The fused kernel needs aligned weights; the cache reader provides them.
+    assert all(m.weight.data_ptr() % 64 == 0 for m in again.modules() if isinstance(m, Int8Linear))
+    a = first.synthesize(TEXT, **GREEDY)
+    b = again.synthesize(TEXT, **GREEDY)
+    assert np.array_equal(a.codes[0], b.codes[0]) and np.array_equal(a.wav, b.wav)
+
+
+def test_int8_cache_is_rebuilt_when_the_source_changes(random_bundle, tmp_path) -> None:
+    folder = copy_bundle(random_bundle.path, tmp_path / "model")
+    cache = tmp_path / "cache"
+    XttsModel.load(folder, precision="int8", cache_dir=cache)
+    path = int8_cache(cache)
+    before = path.stat().st_mtime_ns
+    st = (folder / "model.pth").stat()
+    os.utime(folder / "model.pth", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    XttsModel.load(folder, precision="int8", cache_dir=cache)
+    assert path.stat().st_mtime_ns != before
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["source_mtime_ns"] == str(st.st_mtime_ns + 10**9)
+
+
+def test_int8_cache_with_another_mode_is_not_used(random_bundle, tmp_path, monkeypatch):
+    XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
+    monkeypatch.setattr(model_module, "INT8_MODE", "some-future-int8-layout")
+    calls = []
+    real = model_module.quantize_linears
+    monkeypatch.setattr(
+        model_module, "quantize_linears", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
+    assert calls  # converted again rather than trusting a cache of another mode
+    with safe_open(str(int8_cache(tmp_path)), framework="pt") as f:
+        assert f.metadata()["mode"] == "some-future-int8-layout"
+
+
+def test_bf16_keeps_norms_and_residual_in_float32(random_bundle) -> None:
+    model = XttsModel.load(random_bundle.path, precision="bf16")
+    block = model.gpt.gpt.h[0]
+    assert block.attn.c_attn.weight.dtype == torch.bfloat16
+    assert block.ln_1.weight.dtype == torch.float32
+    assert model.gpt.final_norm.weight.dtype == torch.float32
+    x = torch.randn(1, 3, model.gpt.dim)
+    assert block.ln_1(x).dtype == torch.bfloat16  # feeds the bf16 linears
+    assert block(x, 0, None).dtype == torch.float32  # the residual stream stays float32
+    caches = model.gpt.make_caches(8)
+    assert caches[0].k.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_fidelity_on_the_golden_model(golden_model, golden_dir, tmp_path, precision) -> None:
+    """Teacher-forced logits of the reduced-precision model against fp32 (the issue's
+    targets: cosine >= 0.999, top-1 agreement >= 99%)."""
+    test = XttsModel.load(golden_dir, precision=precision, cache_dir=tmp_path)
+    report = compare(golden_model, test, TEXT, tokens=60)
+    assert report["logit_cosine_min"] >= 0.999
+    assert report["top1_agreement"] >= 0.99
+
+
+def test_unknown_precision_is_a_clear_error(random_bundle) -> None:
+    with pytest.raises(LowvoxError, match="unknown precision 'int4'"):
+        XttsModel.load(random_bundle.path, precision="int4")
+
+
+def test_layer_norm_matches_torch_in_float32() -> None:
+    ours, ref = LayerNorm(16), nn.LayerNorm(16)
+    with torch.no_grad():
+        for p in (*ours.parameters(), *ref.parameters()):
+            p.copy_(torch.randn_like(p))
+        ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(ours(x), ref(x))
+    half = ours(x.bfloat16())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), ref(x.bfloat16().float()), atol=0.02, rtol=0.01)
