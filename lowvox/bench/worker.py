@@ -112,28 +112,17 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         result.update(audio_s=audio_s, vocoder_s_per_audio_s=vocoder_s / audio_s)
 
     # End to end through the public API, text in, audio out.
-    t = time.perf_counter()
-    out = model.synthesize(
-        job["text"],
-        language="en",
-        voice=voice,
-        do_sample=False,
-        max_new_tokens=n_new,
-        split_sentences=False,
+    request = dict(
+        language="en", voice=voice, do_sample=False, max_new_tokens=n_new, split_sentences=False
     )
+    t = time.perf_counter()
+    out = model.synthesize(job["text"], **request)
     e2e_s = time.perf_counter() - t
     result["e2e_rtf"] = e2e_s / (len(out.wav) / model.sample_rate)
 
     # Streaming: time from the request to the first audio chunk.
     t = time.perf_counter()
-    stream = model.synthesize_stream(
-        job["text"],
-        language="en",
-        voice=voice,
-        do_sample=False,
-        max_new_tokens=n_new,
-        split_sentences=False,
-    )
+    stream = model.synthesize_stream(job["text"], **request)
     next(iter(stream))
     result["stream_first_audio_s"] = time.perf_counter() - t
     stream.close()
