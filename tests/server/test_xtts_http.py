@@ -1,8 +1,7 @@
 """The XTTS engine behind the real server, with the tiny random golden model.
 
-Slow on CPU (the random model never stops early: ~600 tokens per request), so opt-in:
-`--run-slow` or LOWVOX_RUN_SLOW=1. Skips when the golden bundle is absent or the engine
-cannot run yet (its modules missing).
+The random model rarely stops on its own, so requests cap `max_new_tokens` to stay fast.
+Skips when the golden bundle is absent.
 """
 
 from __future__ import annotations
@@ -16,9 +15,7 @@ from srv_audio import decode
 from srv_fixtures import LiveServer, make_settings
 
 GOLDEN = Path(__file__).resolve().parents[2] / "../shared/golden/xtts-tiny"
-GREEDY = {"do_sample": False}
-
-pytestmark = pytest.mark.slow
+GREEDY = {"do_sample": False, "max_new_tokens": 30}
 
 
 @pytest.fixture(scope="module")
@@ -75,29 +72,45 @@ def test_upload_clones_once_and_the_voice_speaks(xtts_server):
         assert len(r.content) > 0
 
 
-def test_concurrent_greedy_requests_match_alone(xtts_server):
+def test_concurrent_greedy_requests_are_batched_and_match_alone(xtts_server, monkeypatch):
     with xtts_server.client() as c:
         voices = [v["id"] for v in c.get("/v1/audio/voices").json()["voices"]]
-    cases = [
-        {"input": text, "voice": voices[i % len(voices)]}
-        for i, text in enumerate(["One two.", "Three."])
-    ]
+    slot = xtts_server.state.hub.loaded()["xtts"]
+    batch_sizes: list[int] = []
+    real_batch = slot.engine.synthesize_batch_stream
+
+    def counting_batch(requests, cancels):
+        batch_sizes.append(len(requests))
+        return real_batch(requests, cancels)
+
+    monkeypatch.setattr(slot.engine, "synthesize_batch_stream", counting_batch)
+    texts = ["One two.", "Three.", "Four five six.", "Seven.", "Eight nine.", "Ten."]
+    cases = [{"input": t, "voice": voices[i % len(voices)]} for i, t in enumerate(texts)]
     together: dict[int, bytes] = {}
 
     def one(i: int) -> None:
         with xtts_server.client() as c:
             together[i] = speech(c, **cases[i], stream=i % 2 == 0).content
 
+    # A long request keeps the worker busy so that the six queue up behind it.
+    busy = threading.Thread(
+        target=lambda: speech(
+            xtts_server.client(), input="Busy.", voice=voices[0],
+            options={"do_sample": False, "max_new_tokens": 400},
+        )
+    )  # fmt: skip
+    busy.start()
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
     for t in threads:
         t.start()
-    for t in threads:
+    for t in [busy, *threads]:
         t.join()
+    assert max(batch_sizes, default=0) > 1, batch_sizes  # decoded together, not one by one
     with xtts_server.client() as c:
         for i, case in enumerate(cases):
             alone = speech(c, **case).content
             a = np.frombuffer(together[i], "<i2").astype(np.float32)
             b = np.frombuffer(alone, "<i2").astype(np.float32)
-            assert len(a) == len(b)
+            assert len(a) == len(b), f"request {i} got audio of another length"
             # Same tokens; the waveform may differ by float rounding between batch shapes.
-            assert np.abs(a - b).max() <= 2
+            assert np.abs(a - b).max() <= 2, f"request {i} got other audio"
