@@ -273,15 +273,51 @@ class _AvEncoder:
             self._container.mux(packet)
 
 
-def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:
+class _Resampler:
+    """Stateful rate conversion of float32 mono audio through libswresample, for callers
+    that need a fixed rate (OpenAI's pcm is 24 kHz whatever the engine makes)."""
+
+    def __init__(self, source_rate: int, target_rate: int) -> None:
+        self.source_rate = source_rate
+        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
+        self._pts = 0
+
+    @staticmethod
+    def _samples(frames: list[av.AudioFrame]) -> np.ndarray:
+        if not frames:
+            return np.zeros(0, np.float32)
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in frames]).astype(np.float32)
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        if not len(x):
+            return np.zeros(0, np.float32)
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(x, np.float32).reshape(1, -1), format="flt", layout="mono"
+        )
+        frame.sample_rate = self.source_rate
+        frame.pts = self._pts
+        self._pts += len(x)
+        return self._samples(self._resampler.resample(frame))
+
+    def flush(self) -> np.ndarray:
+        return self._samples(self._resampler.resample(None))
+
+
+def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str, rate: int | None = None) -> bytes:
     """A complete file of format `fmt` (name or alias) holding `samples`.
 
-    `samples` is float32 mono in [-1, 1] at `sample_rate`. Sizes in headers are exact
-    (a WAV here has real sizes; the streaming variant is `StreamEncoder`).
+    `samples` is float32 mono in [-1, 1] at `sample_rate`; with `rate` the audio is
+    resampled to that rate first. Sizes in headers are exact (a WAV here has real sizes;
+    the streaming variant is `StreamEncoder`).
     """
     spec_format = get_format(fmt)
-    rate = _check_rate(sample_rate)
+    rate_in = _check_rate(sample_rate)
     x = _as_mono(samples)
+    if rate is not None and _check_rate(rate) != rate_in:
+        resampler = _Resampler(rate_in, rate)
+        x = np.concatenate([resampler.push(x), resampler.flush()])
+        rate_in = rate
+    rate = rate_in
     name = spec_format.name
     if name == "pcm":
         return _to_s16le(x)
@@ -306,9 +342,14 @@ class StreamEncoder:
     frame); `close` returns the tail. Concatenated, the outputs are one valid file.
     """
 
-    def __init__(self, fmt: str, sample_rate: int) -> None:
+    def __init__(self, fmt: str, sample_rate: int, rate: int | None = None) -> None:
+        """`rate`: resample to this rate first (default: keep `sample_rate`)."""
         self.format: AudioFormat = get_format(fmt)
         self.sample_rate = _check_rate(sample_rate)
+        self._resampler: _Resampler | None = None
+        if rate is not None and _check_rate(rate) != self.sample_rate:
+            self._resampler = _Resampler(self.sample_rate, rate)
+            self.sample_rate = rate
         self._header_sent = False
         self._closed = False
         self._av: _AvEncoder | None = None
@@ -327,6 +368,11 @@ class StreamEncoder:
         if self._closed:
             raise LowvoxError("write to a closed StreamEncoder")
         x = _as_mono(samples)
+        if self._resampler is not None:
+            x = self._resampler.push(x)
+        return self._encode(x)
+
+    def _encode(self, x: np.ndarray) -> bytes:
         if self._av is not None:
             try:
                 self._av.write(x)
@@ -339,14 +385,15 @@ class StreamEncoder:
         """Finish the stream; returns the last bytes. Closing twice returns b""."""
         if self._closed:
             return b""
+        tail = self._encode(self._resampler.flush()) if self._resampler is not None else b""
         self._closed = True
         if self._av is not None:
             try:
                 self._av.close()
             except av.FFmpegError as e:
                 raise LowvoxError(f"{self.format.name} encoding failed: {e}") from e
-            return self._sink.take()
-        return self._start()
+            return tail + self._sink.take()
+        return tail + self._start()
 
     def _start(self) -> bytes:
         """The WAV header, once, before the first samples (or at close when there were none)."""

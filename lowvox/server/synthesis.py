@@ -232,8 +232,12 @@ async def collect(job: Job, request: Request | None = None) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-async def encode(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:
-    return await asyncio.to_thread(_encoder_module().encode_audio, samples, sample_rate, fmt)
+async def encode(
+    samples: np.ndarray, sample_rate: int, fmt: str, out_rate: int | None = None
+) -> bytes:
+    return await asyncio.to_thread(
+        _encoder_module().encode_audio, samples, sample_rate, fmt, out_rate
+    )
 
 
 async def _prepend(
@@ -261,10 +265,12 @@ async def stream_bytes(
     sample_rate: int,
     on_complete: Callable[[np.ndarray], Any] | None = None,
     chunks: AsyncIterator[AudioChunk] | None = None,
+    out_rate: int | None = None,
 ) -> AsyncIterator[bytes]:
-    """Encoded bytes as chunks arrive. With `on_complete`, the whole audio is handed over at
-    the end (to be saved), so a streamed request keeps its file."""
-    encoder = _encoder_module().StreamEncoder(fmt, sample_rate)
+    """Encoded bytes as chunks arrive (resampled to `out_rate` when given). With
+    `on_complete`, the whole audio is handed over at the end (to be saved), so a streamed
+    request keeps its file."""
+    encoder = _encoder_module().StreamEncoder(fmt, sample_rate, out_rate)
     kept: list[np.ndarray] = []
     completed = False
     try:
@@ -316,9 +322,14 @@ class JobStream(StreamingResponse):
 
 
 async def save_output(
-    outputs: OutputStore, name: str, samples: np.ndarray, sample_rate: int, fmt: str
+    outputs: OutputStore,
+    name: str,
+    samples: np.ndarray,
+    sample_rate: int,
+    fmt: str,
+    out_rate: int | None = None,
 ) -> None:
-    data = await encode(samples, sample_rate, fmt)
+    data = await encode(samples, sample_rate, fmt, out_rate)
     await asyncio.to_thread(outputs.write, name, data)
 
 
@@ -337,8 +348,10 @@ async def respond(
     stream: bool,
     save_hint: str | None = None,
     timestamp: bool = True,
+    out_rate: int | None = None,
 ) -> Response:
-    """Run a planned job and answer with its audio, whole or streamed.
+    """Run a planned job and answer with its audio, whole or streamed, resampled to
+    `out_rate` when the API fixes one.
 
     With `save_hint` the audio is also written to the outputs folder, streamed or not, and
     `X-Output-File-Url` tells where it will be.
@@ -346,7 +359,8 @@ async def respond(
     fmt, rate = plan.fmt, plan.sample_rate
     name = state.outputs.new_name(save_hint, fmt, timestamp) if save_hint else None
     tag = request_tag(request)
-    headers = {"X-Sample-Rate": str(_encoder_module().output_rate(fmt, rate)), "X-Request-Id": tag}
+    sent_rate = _encoder_module().output_rate(fmt, out_rate or rate)
+    headers = {"X-Sample-Rate": str(sent_rate), "X-Request-Id": tag}
     if name:
         url = output_url(state.settings, "/audio", name)
         headers["X-Output-File-Url"] = url
@@ -368,14 +382,14 @@ async def respond(
     if stream:
 
         async def keep(audio: np.ndarray) -> None:
-            await save_output(state.outputs, name, audio, rate, fmt)
+            await save_output(state.outputs, name, audio, rate, fmt, out_rate)
             remember()
 
         first, rest = await first_chunk(job, request)
-        body = stream_bytes(job, fmt, rate, keep if name else None, _prepend(first, rest))
+        body = stream_bytes(job, fmt, rate, keep if name else None, _prepend(first, rest), out_rate)
         return JobStream(body, job, media_type=media_type(fmt), headers=headers)
     audio = await collect(job, request)
-    data = await encode(audio, rate, fmt)
+    data = await encode(audio, rate, fmt, out_rate)
     if name:
         await asyncio.to_thread(state.outputs.write, name, data)
         remember()

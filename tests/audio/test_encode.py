@@ -225,3 +225,19 @@ def test_out_of_range_and_non_finite_samples_are_clipped() -> None:
     data = encode_audio(signal, 24000, "wav")
     x, _ = sf.read(io.BytesIO(data), dtype="int16")
     assert x.tolist() == [0, 32767, -32767, 32767, -32767]
+
+
+@pytest.mark.parametrize("fmt", ["pcm", "wav", "mp3"])
+def test_resampling_to_a_fixed_rate_whole_and_streamed(fmt):
+    """A caller may ask for a rate (OpenAI's pcm is 24 kHz): duration and pitch survive."""
+    rate_in, rate_out = 22_050, 24_000
+    x = sine(rate_in)
+    whole = encode_audio(x, rate_in, fmt, rate=rate_out)
+    enc = StreamEncoder(fmt, rate_in, rate=rate_out)
+    streamed = b"".join(enc.write(x[i : i + 1000]) for i in range(0, len(x), 1000)) + enc.close()
+    assert enc.output_rate == rate_out
+    for data in (whole, streamed):
+        y, rate, channels = decode(data, fmt, rate_out)
+        assert (rate, channels) == (rate_out, 1)
+        assert abs(len(y) / rate - DURATION) < 0.08
+        assert abs(dominant_frequency(y, rate) - FREQ) < 5

@@ -110,3 +110,18 @@ def test_concurrent_requests_get_their_own_audio(espeak_server):
         assert abs(len(got[i]) - n) < 0.01 * n
         others = [m for j, m in enumerate(alone) if j != i]
         assert all(abs(len(got[i]) - m) > 0.01 * m for m in others)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_pcm_is_24khz_whatever_the_engine_rate(espeak_server, stream):
+    """OpenAI clients play headerless pcm at 24 kHz; espeak makes 22.05 kHz audio."""
+    body = {"input": "Hello from lowvox.", "response_format": "pcm", "stream": stream}
+    with espeak_server.client() as c:
+        pcm = c.post("/v1/audio/speech", json=body)
+        wav = c.post("/v1/audio/speech", json={**body, "response_format": "wav"})
+    assert pcm.status_code == 200 and wav.headers["x-sample-rate"] == "22050"
+    assert pcm.headers["x-sample-rate"] == "24000"
+    samples, _, _ = decode(pcm.content, "pcm")
+    reference, rate, _ = decode(wav.content, "wav")
+    # Same duration as the engine's own audio, so it plays at the right speed.
+    assert abs(len(samples) / 24_000 - len(reference) / rate) < 0.05

@@ -76,6 +76,9 @@ def map_voice(voice: Any, state: ServerState, known: set[str]) -> str | None:
     return voice
 
 
+OPENAI_PCM_RATE = 24_000
+
+
 @router.post("/v1/audio/speech")
 async def speech(body: SpeechRequest, request: Request, state: State) -> Any:
     if body.stream_format not in (None, "audio"):
@@ -97,8 +100,15 @@ async def speech(body: SpeechRequest, request: Request, state: State) -> Any:
         options=body.options,
     )
     stream = body.stream or body.stream_format == "audio"
+    # OpenAI's pcm has no header: clients assume 24 kHz, so resample whatever the engine makes.
+    out_rate = OPENAI_PCM_RATE if plan.fmt == "pcm" else None
     return await synthesis.respond(
-        state, plan, request, stream=stream, save_hint="speech" if body.save else None
+        state,
+        plan,
+        request,
+        stream=stream,
+        save_hint="speech" if body.save else None,
+        out_rate=out_rate,
     )
 
 
