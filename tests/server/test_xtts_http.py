@@ -114,3 +114,18 @@ def test_concurrent_greedy_requests_are_batched_and_match_alone(xtts_server, mon
             assert len(a) == len(b), f"request {i} got audio of another length"
             # Same tokens; the waveform may differ by float rounding between batch shapes.
             assert np.abs(a - b).max() <= 2, f"request {i} got other audio"
+
+
+def test_impossible_runtime_change_keeps_the_engine(xtts_server):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: cuda is a possible choice here")
+    with xtts_server.client() as c:
+        before = c.get("/api/runtime").json()
+        r = c.post("/api/runtime", json={"device": "cuda"})
+        assert r.status_code == 400, r.text
+        assert "no such GPU" in r.text
+        assert c.get("/api/runtime").json()["device"] == before["device"]
+        voice = c.get("/v1/audio/voices").json()["voices"][0]["id"]
+        assert len(speech(c, voice=voice).content) > 0  # the engine still speaks

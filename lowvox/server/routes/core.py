@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from lowvox.audio.formats import FORMATS, format_from_path
-from lowvox.errors import InvalidRequest, UnsupportedFormat
+from lowvox.errors import InvalidRequest, LowvoxError, UnsupportedFormat
 from lowvox.runtime.planner import PRECISIONS, RESIDENCIES
 from lowvox.server.state import State
 
@@ -156,7 +156,14 @@ async def change_runtime(change: RuntimeChange, state: State) -> dict:
             field="residency",
         )
     if updates:
-        state.settings = state.settings.model_copy(update=updates)
-        state.hub.settings = state.settings
-        await state.hub.reload(state.hub.default)
+        previous = state.settings
+        state.settings = state.hub.settings = previous.model_copy(update=updates)
+        try:
+            await state.hub.reload(state.hub.default)
+        except LowvoxError:
+            # An impossible plan (say cuda on a machine without a GPU) changes nothing:
+            # the engine comes back as it was, and the caller gets the reason.
+            state.settings = state.hub.settings = previous
+            await state.hub.reload(state.hub.default)
+            raise
     return await runtime(state)
