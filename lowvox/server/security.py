@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hmac
-import json
 from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lowvox.errors import InvalidRequest
+from lowvox.server.errors import error_response
 
 # The page itself and its assets hold no data; the page asks for the key and sends it.
 _OPEN_PATHS = ("/", "/favicon.ico")
@@ -48,29 +48,10 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         message = "missing API key" if presented is None else "invalid API key"
-        body = json.dumps(
-            {
-                "detail": message,
-                "error": {
-                    "message": message,
-                    "type": "authentication_error",
-                    "param": None,
-                    "code": 401,
-                },
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
+        answer = error_response(
+            401, message, "authentication_error", headers={"WWW-Authenticate": "Bearer"}
         )
-        await send({"type": "http.response.body", "body": body})
+        await answer(scope, receive, send)
 
 
 class BodyLimitMiddleware:
@@ -87,7 +68,7 @@ class BodyLimitMiddleware:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            await _refuse(send, self.limit)
+            await _refuse(scope, receive, send, self.limit)
             return
         seen = 0
 
@@ -107,27 +88,6 @@ class BodyTooLarge(InvalidRequest):
     status_code = 413
 
 
-async def _refuse(send: Send, limit: int) -> None:
+async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
     message = f"request body is over the limit of {limit} bytes"
-    body = json.dumps(
-        {
-            "detail": message,
-            "error": {
-                "message": message,
-                "type": "invalid_request_error",
-                "param": None,
-                "code": 413,
-            },
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await error_response(413, message, "invalid_request_error")(scope, receive, send)

@@ -1,7 +1,6 @@
 """Builders shared by the voice tests (this module holds no tests itself).
 
-`golden_voice_model` assembles the voice-side modules from the golden bundle's config and
-weights (loaded strictly); `random_voice_model` makes a small random model whose sizes and
+`golden_voice_model` builds the golden model from its config and weights (loaded strictly); `random_voice_model` makes a small random model whose sizes and
 seed differ from the golden bundle, so properties are checked on more than one model.
 """
 
@@ -20,49 +19,17 @@ from lowvox.engines.xtts.speaker_encoder import SpeakerEncoderConfig
 GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "xtts-tiny"
 
 
-def _slice(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def golden_voice_model(golden_dir: Path) -> SimpleNamespace:
-    """The conditioning encoder, perceiver and HiFi-GAN decoder of the golden model."""
+def golden_voice_model(golden_dir: Path):
+    """The golden model, built from its config and weights with every key checked; the
+    voice tests use its conditioning encoder, perceiver, HiFi-GAN decoder and mel_stats."""
     from lowvox.engines.xtts.checkpoint import read_state_dict
     from lowvox.engines.xtts.config import XttsConfig
+    from lowvox.engines.xtts.model import XttsModel
 
     config = XttsConfig.from_file(golden_dir / "config.json")
-    state = read_state_dict(golden_dir / "model.pth")
-    a = config.model_args
-    encoder = ConditioningEncoder(80, a.gpt_n_model_channels, num_attn_heads=a.gpt_n_heads)
-    perceiver = PerceiverResampler(
-        a.gpt_n_model_channels,
-        depth=2,
-        dim_context=a.gpt_n_model_channels,
-        num_latents=32,
-        dim_head=64,
-        heads=8,
-        ff_mult=4,
-    )
-    decoder = HifiganDecoder(
-        input_sample_rate=a.input_sample_rate,
-        output_sample_rate=a.output_sample_rate,
-        output_hop_length=a.output_hop_length,
-        ar_mel_length_compression=a.gpt_code_stride_len,
-        decoder_input_dim=a.decoder_input_dim,
-        d_vector_dim=a.d_vector_dim,
-        cond_d_vector_in_each_upsampling_layer=a.cond_d_vector_in_each_upsampling_layer,
-    )
-    encoder.load_state_dict(_slice(state, "gpt.conditioning_encoder."), strict=True)
-    perceiver.load_state_dict(_slice(state, "gpt.conditioning_perceiver."), strict=True)
-    decoder.load_state_dict(_slice(state, "hifigan_decoder."), strict=True)
-    for m in (encoder, perceiver, decoder):
-        m.eval()
-    return SimpleNamespace(
-        config=config,
-        gpt=SimpleNamespace(conditioning_encoder=encoder, conditioning_perceiver=perceiver),
-        hifigan_decoder=decoder,
-        mel_stats=state["mel_stats"],
-        fingerprint="golden",
-    )
+    model = XttsModel.from_state_dict(config, read_state_dict(golden_dir / "model.pth"))
+    model.fingerprint = "golden"
+    return model
 
 
 def random_decoder(seed: int = 11, dim: int = 48, d_vector: int = 24) -> HifiganDecoder:
