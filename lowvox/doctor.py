@@ -40,6 +40,15 @@ def _espeak_line() -> str:
     return f"espeak-ng: {state} at {lib}"
 
 
+def _kernels_line() -> str:
+    """lowvox's C kernels for int8 decoding (built on first use, here if need be)."""
+    try:
+        from lowvox.runtime import kernels
+    except ImportError:  # no torch
+        return "unavailable (torch missing)"
+    return kernels.describe()
+
+
 def _models_lines(settings: Settings) -> list[str]:
     try:
         from lowvox.engines.xtts.download import list_models
@@ -85,6 +94,7 @@ def report(settings: Settings) -> str:
     else:
         lines.append("  gpu: none")
     lines.append(f"  {_espeak_line()}")
+    lines.append(f"  cpu kernels: {_kernels_line()}")
     lines += [f"  {line}" for line in _models_lines(settings)]
     try:
         described = plan(

@@ -133,6 +133,7 @@ def test_doctor_shows_settings_and_environment(tmp_path):
     assert "port = 7851" in out
     assert f"home = {tmp_path}" in out
     assert "torch:" in out and "espeak-ng: found" in out
+    assert "cpu kernels: " in out
 
 
 def test_doctor_hides_api_key(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+from lowvox.runtime.hugepages import huge_buffer
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,11 @@ def read_quantized(path: Path | None, expected: Mapping[str, str]) -> QuantizedW
             if stale or "sha256" not in meta:
                 log.info("quantised cache %s is stale (%s); rebuilding it", path, sorted(stale))
                 return None
-            state = {name: _read_tensor(f, base, name, info) for name, info in header.items()}
+            arena = _Arena(header)
+            state = {
+                name: _read_tensor(f, base, name, info, arena.take(name))
+                for name, info in header.items()
+            }
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("ignoring unreadable quantised cache %s: %s", path, e)
         return None
@@ -93,17 +100,45 @@ def _read_header(f: BinaryIO) -> tuple[dict[str, Any], int]:
     return header, 8 + size
 
 
-def _read_tensor(f: BinaryIO, base: int, name: str, info: dict[str, Any]) -> torch.Tensor:
-    """Read one tensor straight into memory torch allocated itself.
+class _Arena:
+    """The int8 weights (what decoding streams every token) share one huge-page buffer;
+    each gets a 64-byte-aligned slice of it."""
+
+    ALIGN = 64
+
+    def __init__(self, header: Mapping[str, Any]) -> None:
+        self.slots: dict[str, tuple[int, int]] = {}
+        total = 0
+        for name, info in sorted(header.items()):
+            if info.get("dtype") != "I8":
+                continue
+            size = math.prod(int(n) for n in info["shape"])
+            self.slots[name] = (total, size)
+            total += size + (-size % self.ALIGN)
+        self.buffer = huge_buffer(total) if total else None
+
+    def take(self, name: str) -> torch.Tensor | None:
+        """The uint8 slice reserved for `name`, or None when it gets its own allocation."""
+        if name not in self.slots or self.buffer is None:
+            return None
+        start, size = self.slots[name]
+        return self.buffer[start : start + size]
+
+
+def _read_tensor(
+    f: BinaryIO, base: int, name: str, info: dict[str, Any], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Read one tensor straight into memory torch allocated itself (or into `out`, a uint8
+    buffer of the right size).
 
     Not safetensors' own loader: its tensors are either views of a memory map (whose pages
     then count a second time once copied) or sit at unaligned file offsets, which the fused
-    int8 kernels cannot read. Here each tensor is one fresh, 64-byte-aligned allocation.
+    int8 kernels cannot read. Here each tensor is a fresh, 64-byte-aligned allocation.
     """
     dtype = _DTYPES[info["dtype"]]
     shape = [int(n) for n in info["shape"]]
     start, end = (int(n) for n in info["data_offsets"])
-    t = torch.empty(shape, dtype=dtype)
+    t = torch.empty(shape, dtype=dtype) if out is None else out.view(dtype).view(shape)
     nbytes = t.numel() * t.element_size()
     if end - start != nbytes:
         raise ValueError(f"{name}: {end - start} bytes stored for shape {shape} {dtype}")

@@ -1,15 +1,21 @@
 """Weight-only int8 quantisation of linear layers, by module swap.
 
-Each output channel gets its own scale (symmetric, max-abs / 127). The matmul uses
-PyTorch's fused int8-weight kernel with bf16 activations, which reads a quarter of the
-bytes fp32 would: decoding one token is bound by how fast weights stream from memory.
+Each output channel gets its own scale (symmetric, max-abs / 127). Decoding one token is
+bound by how fast weights stream from memory, and int8 reads a quarter of fp32's bytes.
+On CPU the matmul is lowvox's own kernel (`runtime/kernels`: float32 activations, scale and
+bias applied in the same pass); elsewhere, or without that kernel, PyTorch's fused
+int8-weight kernel with bf16 activations.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lowvox.runtime import kernels
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +34,27 @@ def _bf16_ceil(x: torch.Tensor) -> torch.Tensor:
     down = x.to(torch.bfloat16).float()
     up = torch.nextafter(down.to(torch.bfloat16), torch.tensor(float("inf"), dtype=torch.bfloat16))
     return torch.where(down >= x, down, up.float())
+
+
+# From this many rows (a prefill, not a decode step or a small batch) a CPU with bf16
+# matrix instructions is faster widening the weights to bf16 once and running one matmul.
+MATMUL_ROWS = 16
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX-512 bf16: torch's bf16 matmuls run natively instead of emulated."""
+    from lowvox.runtime.devices import probe_machine
+
+    return probe_machine(with_gpus=False).cpu_has_bf16
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place modification counter; -1 where it has none (inference tensors)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 # Whether torch has the fused int8-weight kernel for a device type (learnt on first use).
@@ -64,7 +91,42 @@ class Int8Linear(nn.Module):
             mod.bias.copy_(linear.bias.detach().float())
         return mod
 
+    _scales_f32: torch.Tensor | None = None
+    _scales_key: tuple[int, int] | None = None
+
+    def float_scales(self) -> torch.Tensor:
+        """The scales as float32 (exact: they are bf16 values), converted again only when
+        the scales are replaced or changed in place (`load_state_dict`)."""
+        key = (id(self.scales), _version(self.scales))
+        if self._scales_f32 is None or key != self._scales_key or key[1] < 0:
+            self._scales_f32 = self.scales.float().contiguous()
+            self._scales_key = key
+        return self._scales_f32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            rows = x.numel() // self.in_features
+            if rows >= MATMUL_ROWS and cpu_has_fast_bf16():
+                return self._forward_bf16_matmul(x)
+            if kernels.available():
+                x2 = x.reshape(-1, self.in_features).contiguous()  # [N, in]
+                y = kernels.int8_linear(x2, self.weight, self.float_scales(), self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
+        return self._forward_fused(x)
+
+    def _forward_bf16_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows at once (a prompt's prefill): the weights widened to bf16 (exact, int8
+        fits bf16's mantissa) once for all rows, one bf16 matmul on the CPU's matrix units,
+        float32 scales and bias after."""
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [N, in]
+        y = torch.mm(x2, self.weight.to(torch.bfloat16).t()).float() * self.float_scales()
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """PyTorch's fused int8-weight kernel with bf16 activations (GPUs, and CPUs without
+        lowvox's kernel)."""
         if self.weight.data_ptr() % 64:
             # The fused kernel's vector loads need 64-byte alignment (a weight assigned from
             # a memory-mapped file may lack it, and the kernel would crash): copy once.

@@ -67,3 +67,29 @@ def test_cache_path_names_the_precision(tmp_path):
     base = tmp_path / "model-0123.lowvox.safetensors"
     assert quantized_cache_path(base, "int8").name == "model-0123.int8.lowvox.safetensors"
     assert quantized_cache_path(None, "int8") is None
+
+
+def test_int8_weights_share_one_huge_page_buffer(tmp_path):
+    """Every int8 tensor lands in one 2 MB-aligned buffer (huge pages for the weights that
+    decoding streams), each 64-byte aligned; other dtypes get their own allocations."""
+    g = torch.Generator().manual_seed(1)
+    big = {
+        f"layer{i}.weight": torch.randint(
+            -127, 128, (1000 + i, 1100), dtype=torch.int8, generator=g
+        )
+        for i in range(3)
+    }
+    big["layer0.scales"] = torch.rand(1000).to(torch.bfloat16)
+    path = tmp_path / "big.int8.lowvox.safetensors"
+    write_quantized(path, big, META)
+    got = read_quantized(path, {"precision": "int8"})
+    assert got is not None
+    int8 = [got.state_dict[f"layer{i}.weight"] for i in range(3)]
+    storages = {t.untyped_storage().data_ptr() for t in int8}
+    assert len(storages) == 1
+    assert min(t.data_ptr() for t in int8) % (2 * 1024 * 1024) == 0
+    for i, t in enumerate(int8):
+        assert t.data_ptr() % 64 == 0 and torch.equal(t, big[f"layer{i}.weight"])
+    scales = got.state_dict["layer0.scales"]
+    assert scales.untyped_storage().data_ptr() not in storages
+    assert torch.equal(scales, big["layer0.scales"])

@@ -133,6 +133,10 @@ class XttsEngine(Engine):
         machine = probe_machine()
         plan = make_plan(machine, settings.device, settings.precision, settings.residency)
         log.info("xtts plan: %s", plan.describe())
+        if plan.device == "cpu":
+            from lowvox.runtime import kernels
+
+            log.info("cpu kernels: %s", kernels.describe())
         return cls(
             model_dir,
             voices_dir=settings.voices_path,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowvox.engines.xtts.config import XttsArgs
+from lowvox.runtime import kernels
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon and nn.LayerNorm's default
 
@@ -138,6 +139,14 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def _use_cpu_kernel(cache_keys: torch.Tensor) -> bool:
+    return (
+        cache_keys.device.type == "cpu"
+        and cache_keys.dtype == torch.float32
+        and kernels.available()
+    )
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -180,6 +189,10 @@ class Attention(nn.Module):
             k, v = cache.update(start, k, v)
         elif start != 0:
             raise ValueError("attention without a cache must start at position 0")
+        if t == 1 and b == 1 and _use_cpu_kernel(k):
+            # A CPU decode step: lowvox's one-query kernel reads the cache in place.
+            y = kernels.attend_one(q.reshape(self.heads, -1), k[0], v[0])
+            return self.c_proj(y.view(1, 1, d))
         if t == 1:
             # One new token sees every cached position: no mask needed.
             y = F.scaled_dot_product_attention(q, k, v)

@@ -1,0 +1,118 @@
+"""Compile `cpu_kernels.c` for this machine, once, into a cache folder.
+
+The library is built with the system C compiler (`$CC`, else cc/gcc/clang) for the CPU it
+runs on (`-march=native`), keyed by a hash of the source, compiler, flags and the CPU's
+feature list: a cache folder shared between different machines never hands one a library
+it cannot execute. The build goes to a temporary name and is renamed into place, so
+concurrent processes never load a half-written file. No compiler, or a failed build, means
+no library: callers fall back to torch's kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# Tried in order; the first that compiles wins (a compiler without -march=native or
+# OpenMP still gives a working, slower library).
+FLAG_SETS = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-fopenmp"),
+    ("-O3",),
+)
+BUILD_TIMEOUT_S = 120
+
+
+def kernel_dir() -> Path:
+    """`$LOWVOX_KERNEL_DIR`, else `$XDG_CACHE_HOME/lowvox/kernels` (~/.cache/...)."""
+    if os.environ.get("LOWVOX_KERNEL_DIR"):
+        return Path(os.environ["LOWVOX_KERNEL_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lowvox" / "kernels"
+
+
+def find_compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _cpu_identity() -> str:
+    """The CPU's feature list (what -march=native compiles for)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else "unknown"
+
+
+def build_library(folder: Path | None = None) -> Path | None:
+    """The path of a compiled library for this machine (built now if needed), or None."""
+    cc = find_compiler()
+    if cc is None:
+        log.info("no C compiler found: lowvox's CPU kernels are off, torch's are used")
+        return None
+    folder = folder or kernel_dir()
+    source = SOURCE.read_bytes()
+    version = _compiler_version(cc)
+    errors = []
+    for flags in FLAG_SETS:
+        stamp = "\n".join([cc, version, " ".join(flags), platform.machine(), _cpu_identity()])
+        digest = hashlib.sha256(source + stamp.encode()).hexdigest()[:16]
+        target = folder / f"lowvox_cpu_{digest}.so"
+        if target.is_file():
+            return target
+        error = _compile(cc, flags, target)
+        if error is None:
+            log.info("built lowvox CPU kernels with %s %s", Path(cc).name, " ".join(flags))
+            return target
+        errors.append(f"{' '.join(flags)}: {error}")
+    log.warning("could not build lowvox's CPU kernels (torch's are used):\n%s", "\n".join(errors))
+    return None
+
+
+def _compile(cc: str, flags: tuple[str, ...], target: Path) -> str | None:
+    """Compile to `target` atomically; the error text, or None on success."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError as e:
+        return f"cannot write to {target.parent}: {e}"
+    cmd = [cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if out.returncode != 0:
+            return (out.stderr or out.stdout).strip()[-500:] or f"exit status {out.returncode}"
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
