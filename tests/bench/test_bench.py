@@ -82,3 +82,11 @@ def test_fidelity_detects_a_perturbed_model(tiny_folder, tmp_path):
             p.add_(torch.randn_like(p) * p.std() * 0.5)
     r = compare(a, b, "hello there, how are you?", tokens=16)
     assert r["logit_cosine_mean"] < 0.999
+
+
+def test_fidelity_pools_positions_over_several_texts(tiny_folder, tmp_path):
+    a = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    b = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    r = compare(a, b, ["hello there.", "how are you today?"], tokens=8)
+    assert r["positions"] == 16
+    assert r["top1_agreement"] == 1.0
