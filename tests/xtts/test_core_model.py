@@ -164,7 +164,7 @@ def test_stream_vocoder_work_per_chunk_is_flat(random_model) -> None:
             sizes.clear()
             list(random_model.synthesize_stream(
                 "A long utterance.", voice="Test Speaker", max_new_tokens=n, do_sample=False,
-                first_chunk_tokens=12,
+                first_chunk_tokens=12, chunk_tokens=12,
             ))  # fmt: skip
             per_run[n] = list(sizes)
     finally:
@@ -243,3 +243,27 @@ def test_half_precision_gpt(random_bundle, random_model, precision: str) -> None
     assert np.isfinite(half.wav).all() and half.wav.shape == full.wav.shape
     # Random weights make greedy codes fragile; the first token should still agree.
     assert half.codes[0][0] == full.codes[0][0]
+
+
+def test_stream_cadence_is_a_short_first_chunk_then_longer_ones(random_model, monkeypatch):
+    """The vocoder is pushed after 12 tokens, then every 20 (unless asked otherwise)."""
+    from lowvox.engines.xtts import model as model_module
+
+    pushed: list[int] = []
+    real = model_module.StreamingVocoder.push
+
+    def spy(self, latents):
+        pushed.append(latents.shape[1])
+        return real(self, latents)
+
+    monkeypatch.setattr(model_module.StreamingVocoder, "push", spy)
+    kwargs = dict(voice="Test Speaker", max_new_tokens=55, do_sample=False, split_sentences=False)
+    chunks = list(random_model.synthesize_stream("A cadence test.", **kwargs))
+    assert chunks and pushed[:3] == [12, 20, 20]
+    pushed.clear()
+    list(random_model.synthesize_stream("A cadence test.", first_chunk_tokens=30, **kwargs))
+    assert pushed[0] == 30 and pushed[1] == 25  # later chunks never shorter than the first
+    pushed.clear()
+    list(random_model.synthesize_stream("A cadence test.", first_chunk_tokens=4,
+                                        chunk_tokens=7, **kwargs))  # fmt: skip
+    assert pushed[:3] == [4, 7, 7]

@@ -22,7 +22,19 @@ from lowvox.engines.xtts.streaming import StreamingVocoder
 from lowvox.engines.xtts.voice import Voice
 from lowvox.errors import InvalidRequest
 
-DEFAULT_STREAM_FIRST_TOKENS = 20
+# Streaming cadence in audio tokens (~46 ms of audio each). A short first chunk makes the
+# first audio come sooner; later chunks are longer because each vocoding also recomputes
+# the HiFi-GAN's receptive context on both sides, a cost paid per chunk.
+DEFAULT_STREAM_FIRST_TOKENS = 12
+DEFAULT_STREAM_CHUNK_TOKENS = 20
+
+
+def later_chunk_tokens(first_chunk_tokens: int, chunk_tokens: int | None) -> int:
+    """The cadence after the first chunk: as asked, else the default (or the first
+    chunk's size when that is larger)."""
+    return chunk_tokens or max(first_chunk_tokens, DEFAULT_STREAM_CHUNK_TOKENS)
+
+
 # Rows decoded together by `synthesize_batch` when no size is given: enough to fill the
 # matmuls' spare compute during memory-bound decoding without growing the KV caches much.
 DEFAULT_MAX_BATCH = 8
@@ -128,7 +140,7 @@ class BatchSynthesis:
             plans.append((voice, settings, self.encode_sentences(item.text, lang,
                                                                   settings.split_sentences)))  # fmt: skip
         return self._stream_waves(plans, cancels, first_chunk_tokens,
-                                  chunk_tokens or first_chunk_tokens)  # fmt: skip
+                                  later_chunk_tokens(first_chunk_tokens, chunk_tokens))  # fmt: skip
 
     def _stream_waves(
         self,

@@ -25,7 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowvox.engines.xtts.batching import DEFAULT_STREAM_FIRST_TOKENS, BatchSynthesis, cat_latents
+from lowvox.engines.xtts.batching import (
+    DEFAULT_STREAM_FIRST_TOKENS,
+    BatchSynthesis,
+    cat_latents,
+    later_chunk_tokens,
+)
 from lowvox.engines.xtts.checkpoint import (
     CheckpointError,
     _source_stamp,
@@ -508,7 +513,7 @@ class XttsModel(BatchSynthesis, nn.Module):
         cancel: threading.Event | None = None,
     ) -> Iterator[StreamChunk]:
         """Yield audio as it is generated: the first chunk after `first_chunk_tokens` tokens,
-        then every `chunk_tokens` (default: the same) tokens. Only new latents are vocoded
+        then every `chunk_tokens` tokens (default 20, or `first_chunk_tokens` if larger). Only new latents are vocoded
         (with a little context), so each chunk costs the same however long the text is.
 
         Everything is validated before the first chunk; setting `cancel` stops generation
@@ -530,7 +535,7 @@ class XttsModel(BatchSynthesis, nn.Module):
         v = self.resolve_voice(voice)
         pieces = self.encode_sentences(text, lang, settings.split_sentences)
         return self._stream(pieces, v, settings, first_chunk_tokens,
-                            chunk_tokens or first_chunk_tokens, cancel)  # fmt: skip
+                            later_chunk_tokens(first_chunk_tokens, chunk_tokens), cancel)  # fmt: skip
 
     def _stream(
         self,
