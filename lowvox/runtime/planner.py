@@ -2,7 +2,8 @@
 
 `auto` looks at the machine: the whole model on the GPU in fp16 when it fits, low-VRAM
 residency (weights in RAM, moved to the GPU per request) when it does not, and the CPU with
-int8 weights (bf16 compute where the CPU has native bf16) without a GPU. Every choice can be
+int8 weights without a GPU (float32 activations through lowvox's kernel; prompts in bf16
+on CPUs with native bf16 matrix units). Every choice can be
 forced, and a forced choice the machine cannot honour is a clear error.
 """
 
@@ -112,7 +113,7 @@ def plan(
             )
         if precision == "bf16" and not machine.cpu_has_bf16:
             reasons.append("warning: this CPU has no native bf16; bf16 will be slow")
-        # int8 layers convert their input to bf16 themselves; the rest of the model runs fp32.
+        # int8 layers pick their own compute (runtime/quant.py); the rest runs float32.
         compute = "bfloat16" if precision == "bf16" else "float32"
         return Plan("cpu", precision, "cpu", compute, reasons)
 
