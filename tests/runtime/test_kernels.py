@@ -63,17 +63,23 @@ def test_int8_linear_matches_float64(m, k, n, with_bias):
 
 @needs_compiler
 @pytest.mark.parametrize("length", [1, 2, 15, 16, 17, 300])
-@pytest.mark.parametrize("heads,dim", [(16, 64), (3, 20)])
-def test_attend_one_matches_sdpa_over_a_cache_prefix(length, heads, dim):
+@pytest.mark.parametrize("heads,dim", [(16, 64), (3, 20), (2, 128)])
+def test_attend_one_writes_the_cache_and_matches_sdpa(length, heads, dim):
     g = torch.Generator().manual_seed(length + heads)
-    cache_k = torch.randn(1, heads, 320, dim, generator=g)
+    cache_k = torch.randn(1, heads, 320, dim, generator=g) * 2
     cache_v = torch.randn(1, heads, 320, dim, generator=g)
-    q = torch.randn(heads, dim, generator=g)
-    out = kernels.attend_one(q, cache_k[0, :, :length], cache_v[0, :, :length])
+    q, k_new, v_new = (torch.randn(heads, dim, generator=g) * 2 for _ in range(3))
+    pos = length - 1
+    ref_k, ref_v = cache_k.clone().double(), cache_v.clone().double()
+    ref_k[0, :, pos], ref_v[0, :, pos] = k_new.double(), v_new.double()
+    out = kernels.attend_one(q, k_new, v_new, cache_k, cache_v, pos)
+    assert torch.equal(cache_k[0, :, pos], k_new) and torch.equal(cache_v[0, :, pos], v_new)
     ref = F.scaled_dot_product_attention(
-        q[None, :, None].double(), cache_k[:, :, :length].double(), cache_v[:, :, :length].double()
+        q[None, :, None].double(), ref_k[:, :, :length], ref_v[:, :, :length]
     )[0, :, 0]
     assert (out.double() - ref).abs().max().item() < 1e-5
+    # Positions past `pos` were neither read nor written.
+    assert torch.equal(cache_k[0, :, length:].double(), ref_k[0, :, length:])
 
 
 @needs_compiler
@@ -90,10 +96,15 @@ def test_bad_inputs_are_errors_not_crashes():
     with pytest.raises(ValueError, match="bias"):
         kernels.int8_linear(x, w, s, torch.zeros(7))
     cache = torch.randn(1, 4, 10, 8)
+    q = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="outside"):
+        kernels.attend_one(q, q, q, cache, cache.clone(), 10)
     with pytest.raises(ValueError):
-        kernels.attend_one(torch.randn(4, 8), cache[0].transpose(1, 2), cache[0])
+        kernels.attend_one(q, q, q, cache.transpose(2, 3), cache.clone(), 1)
     with pytest.raises(ValueError):
-        kernels.attend_one(torch.randn(4, 8), cache[0, :, :5], cache[0, :, :6])
+        kernels.attend_one(q, q[:3].contiguous(), q, cache, cache.clone(), 1)
+    with pytest.raises(ValueError, match="differ"):
+        kernels.attend_one(q, q, q, cache, cache[:, :, :5].contiguous(), 1)
 
 
 @needs_compiler
@@ -230,3 +241,77 @@ def test_portable_build_without_native_flags_is_correct(fresh_kernels, monkeypat
     y = kernels.int8_linear(x, w, s, None)
     assert (y.double() - _int8_reference(x, w, s, None)).abs().max().item() < 1e-3
     assert shutil.which(build.find_compiler() or "") is not None
+
+
+def _int8_block(dim: int = 64, heads: int = 4, seed: int = 0):
+    from lowvox.engines.xtts.gpt import Block, conv1d_to_linear
+    from lowvox.runtime.quant import quantize_linears
+
+    torch.manual_seed(seed)
+    block = Block(dim, heads)
+    for name, p in block.named_parameters():
+        with torch.no_grad():
+            if name.endswith("weight") and p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    conv1d_to_linear(block)
+    quantize_linears(block)
+    return block
+
+
+@needs_compiler
+@pytest.mark.parametrize("dim,heads", [(64, 4), (96, 3)])
+def test_fused_block_decode_equals_the_module_path(dim, heads, monkeypatch):
+    """One C call per block gives the same output and cache contents as the torch ops."""
+    from lowvox.engines.xtts.gpt import Block, KVCache
+
+    block = _int8_block(dim, heads)
+    prompt = torch.randn(1, 9, dim)
+    token = torch.randn(1, 1, dim)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(Block, "_fused_decoder", lambda *a: None)
+        cache = KVCache(1, heads, 16, dim // heads)
+        with torch.inference_mode():
+            block(prompt, 0, cache)  # prefill: always the module path
+            before = token.clone()
+            out = block(token, 9, cache)
+            assert torch.equal(token, before)  # the input is not modified
+        results.append((out, cache.k.clone(), cache.v.clone()))
+    (a, ka, va), (b, kb, vb) = results
+    assert block._fused is not None  # the fused path did run
+    assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item())
+    assert torch.allclose(ka, kb, atol=1e-5) and torch.allclose(va, vb, atol=1e-5)
+    assert not torch.equal(ka[0, :, 9], torch.zeros_like(ka[0, :, 9]))
+
+
+@needs_compiler
+def test_fused_block_follows_new_weights_and_moves(monkeypatch):
+    from lowvox.engines.xtts.gpt import KVCache
+
+    block, other = _int8_block(seed=1), _int8_block(seed=2)
+    cache = KVCache(1, 4, 8, 16)
+    x = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        first = block(x, 0, cache)
+    block.load_state_dict(other.state_dict())  # in place: new scales, same buffers
+    with torch.inference_mode():
+        again = block(x, 0, KVCache(1, 4, 8, 16))
+        expected = other(x, 0, KVCache(1, 4, 8, 16))
+    assert not torch.allclose(first, again)
+    assert torch.allclose(again, expected, atol=1e-5)
+    block.to(torch.device("cpu"))
+    assert block._fused is None
+
+
+@needs_compiler
+def test_fused_block_refuses_mismatched_tensors():
+    w = torch.zeros(3 * 64, 64, dtype=torch.int8)
+    s, b = torch.ones(3 * 64), torch.zeros(3 * 64)
+    ln = (torch.ones(64), torch.zeros(64))
+    with pytest.raises(ValueError, match="shape"):
+        kernels.FusedBlock(ln, ln, 1e-5, [(w, s, b)] * 4, 4)
+    with pytest.raises(ValueError, match="heads"):
+        kernels.FusedBlock(ln, ln, 1e-5, [(w, s, b)] * 4, 5)

@@ -17,6 +17,7 @@ from torch import nn
 
 from lowvox.engines.xtts.config import XttsArgs
 from lowvox.runtime import kernels
+from lowvox.runtime.quant import Int8Linear
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon and nn.LayerNorm's default
 
@@ -185,14 +186,18 @@ class Attention(nn.Module):
             mask = torch.arange(cache.max_len, device=x.device)[None, :] <= pos[:, None]
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+        if t == 1 and b == 1 and cache is not None and _use_cpu_kernel(cache.k):
+            # A CPU decode step: lowvox's kernel writes this token's key/value into the
+            # cache and attends over it in place. [1, H, 1, hd] -> [H, hd] are free views.
+            y = kernels.attend_one(
+                q.reshape(self.heads, -1), k.reshape(self.heads, -1), v.reshape(self.heads, -1),
+                cache.k, cache.v, start,
+            )  # fmt: skip
+            return self.c_proj(y.view(1, 1, d))
         if cache is not None:
             k, v = cache.update(start, k, v)
         elif start != 0:
             raise ValueError("attention without a cache must start at position 0")
-        if t == 1 and b == 1 and _use_cpu_kernel(k):
-            # A CPU decode step: lowvox's one-query kernel reads the cache in place.
-            y = kernels.attend_one(q.reshape(self.heads, -1), k[0], v[0])
-            return self.c_proj(y.view(1, 1, d))
         if t == 1:
             # One new token sees every cached position: no mask needed.
             y = F.scaled_dot_product_attention(q, k, v)
@@ -227,6 +232,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads)
         self.ln_2 = LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = MLP(dim, 4 * dim)
+        self._fused: tuple[tuple[int, ...], kernels.FusedBlock] | None = None
 
     def forward(
         self,
@@ -235,8 +241,44 @@ class Block(nn.Module):
         cache: KVCache | None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if (
+            mask is None
+            and cache is not None
+            and isinstance(start, int)
+            and x.shape[0] == 1
+            and x.shape[1] == 1
+        ):
+            fused = self._fused_decoder(x, cache)
+            if fused is not None:
+                return fused(x, cache.k, cache.v, start)
         x = x + self.attn(self.ln_1(x), start, cache, mask)
         return x + self.mlp(self.ln_2(x))
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moved or cast: the fused decoder must not keep the old tensors alive.
+        self._fused = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _fused_decoder(self, x: torch.Tensor, cache: KVCache) -> kernels.FusedBlock | None:
+        """The whole block as one C call, for CPU decode steps of int8 models (where the
+        per-op overhead of ~15 small torch calls per block costs as much as attention)."""
+        linears = (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
+        if (
+            x.dtype != torch.float32
+            or not _use_cpu_kernel(cache.k)
+            or not all(isinstance(m, Int8Linear) and m.bias is not None for m in linears)
+            or self.ln_1.output_dtype is not None
+            or self.ln_1.eps != self.ln_2.eps
+        ):
+            return None
+        parts = [(m.weight, m.float_scales(), m.bias) for m in linears]
+        norms = (self.ln_1.weight, self.ln_1.bias, self.ln_2.weight, self.ln_2.bias)
+        # Rebuilt when any tensor is replaced (a load, a move, new scales).
+        key = tuple(t.data_ptr() for t in (*norms, *(t for part in parts for t in part)))
+        if self._fused is None or self._fused[0] != key:
+            fused = kernels.FusedBlock(norms[:2], norms[2:], self.ln_1.eps, parts, self.attn.heads)
+            self._fused = (key, fused)
+        return self._fused[1]
 
 
 class Transformer(nn.Module):

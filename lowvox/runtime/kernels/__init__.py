@@ -1,4 +1,5 @@
-"""lowvox's own CPU kernels (int8-weight linear, one-query attention), loaded through ctypes.
+"""lowvox's own CPU kernels (int8-weight linear, one-query attention, a whole int8 GPT block
+for one token), loaded through ctypes.
 
 `load()` builds the C library on first use (see `build.py`); when that is impossible, or
 `LOWVOX_CPU_KERNELS=0` is set, `available()` is False and callers use torch's kernels. The
@@ -69,8 +70,27 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_isa.argtypes, lib.lv_isa.restype = [], i32
     lib.lv_int8_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i32]
     lib.lv_int8_linear.restype = None
-    lib.lv_attend_one.argtypes = [p, p, p, i64, i64, i64, i64, f32, p, p, i32]
+    lib.lv_attend_one.argtypes = [p, p, p, p, p, i64, i64, i64, i64, f32, p, p, i32]
     lib.lv_attend_one.restype = None
+    lib.lv_block_decode.argtypes = [
+        p,
+        i64,
+        i64,
+        p,
+        p,
+        p,
+        p,
+        f32,
+        *([p] * 12),
+        p,
+        p,
+        i64,
+        i64,
+        p,
+        p,
+        i32,
+    ]
+    lib.lv_block_decode.restype = None
     return lib
 
 
@@ -128,34 +148,103 @@ def int8_linear(
     return y
 
 
-def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One query per head over a cache: q [H, D], keys/values [H, L, D] views whose rows
-    are contiguous (a prefix of a [1, H, max_len, D] cache) -> [H, D] float32.
-    Same as `scaled_dot_product_attention` without a mask."""
+def attend_one(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    pos: int,
+) -> torch.Tensor:
+    """One decode step's attention: write k_new/v_new [H, D] at position `pos` of the
+    [1, H, max_len, D] caches, then attend with q [H, D] over positions 0..pos -> [H, D]
+    float32. Same as `scaled_dot_product_attention` over the filled cache, without a mask."""
     lib = load()
     if lib is None:
         raise RuntimeError("lowvox's CPU kernels are not available")
     heads, dim = q.shape
-    _check(q, torch.float32, "q")
-    for name, t in (("keys", keys), ("values", values)):
-        if (
-            t.device.type != "cpu"
-            or t.dtype != torch.float32
-            or t.dim() != 3
-            or t.shape[0] != heads
-            or t.shape[2] != dim
-            or t.stride(2) != 1
-            or t.stride(1) != dim
-        ):
-            raise ValueError(f"{name} must be [H, L, D] float32 with contiguous rows")
-    if keys.shape[1] != values.shape[1] or keys.stride(0) != values.stride(0):
-        raise ValueError("keys and values must have the same length and layout")
-    length = keys.shape[1]
+    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new)):
+        _check(t, torch.float32, name)
+        if t.shape != (heads, dim):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({heads}, {dim})")
+    for name, t in (("cache_k", cache_k), ("cache_v", cache_v)):
+        _check(t, torch.float32, name)
+        if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] != heads or t.shape[3] != dim:
+            raise ValueError(f"{name} must be [1, {heads}, max_len, {dim}], got {tuple(t.shape)}")
+    if cache_k.shape != cache_v.shape:
+        raise ValueError("the key and value caches differ in shape")
+    max_len = cache_k.shape[2]
+    if not 0 <= pos < max_len:
+        raise ValueError(f"position {pos} is outside a cache of {max_len}")
     threads = torch.get_num_threads()
     out = torch.empty(heads, dim, dtype=torch.float32)
-    scratch = torch.empty(threads * max(length, 1), dtype=torch.float32)
+    scratch = torch.empty(threads * (pos + 1), dtype=torch.float32)
     lib.lv_attend_one(
-        q.data_ptr(), keys.data_ptr(), values.data_ptr(), heads, length, dim, keys.stride(0),
-        dim**-0.5, out.data_ptr(), scratch.data_ptr(), threads,
+        q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), cache_k.data_ptr(),
+        cache_v.data_ptr(), heads, pos, dim, max_len * dim, dim**-0.5, out.data_ptr(),
+        scratch.data_ptr(), threads,
     )  # fmt: skip
     return out
+
+
+class FusedBlock:
+    """A pre-LN GPT-2 block with int8 linears, decoded one token at a time by one C call
+    (`lv_block_decode`). Built from the block's tensors, checked once; it keeps them alive.
+
+    linears: (weight int8 [out, in], float32 scales [out], float32 bias [out]) for c_attn,
+    attn c_proj, c_fc and mlp c_proj, in that order.
+    """
+
+    def __init__(
+        self,
+        ln_1: tuple[torch.Tensor, torch.Tensor],
+        ln_2: tuple[torch.Tensor, torch.Tensor],
+        eps: float,
+        linears: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        heads: int,
+    ) -> None:
+        dim = ln_1[0].shape[0]
+        if dim % heads:
+            raise ValueError(f"{dim} channels do not split into {heads} heads")
+        shapes = [(3 * dim, dim), (dim, dim), (4 * dim, dim), (dim, 4 * dim)]
+        for t in (*ln_1, *ln_2):
+            _check(t, torch.float32, "a LayerNorm parameter")
+            if t.shape != (dim,):
+                raise ValueError(f"LayerNorm parameter of shape {tuple(t.shape)}, not ({dim},)")
+        for (w, s, b), shape in zip(linears, shapes, strict=True):
+            _check(w, torch.int8, "weight")
+            _check(s, torch.float32, "scales")
+            _check(b, torch.float32, "bias")
+            if tuple(w.shape) != shape or s.shape != (shape[0],) or b.shape != (shape[0],):
+                raise ValueError(f"linear of shape {tuple(w.shape)} where {shape} was expected")
+        self.dim, self.heads, self.eps = dim, heads, float(eps)
+        self._tensors = (*ln_1, *ln_2, *(t for lin in linears for t in lin))
+        self._ptrs = [t.data_ptr() for t in self._tensors]
+
+    def __call__(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: int):
+        """x [1, 1, dim] float32 at sequence position `pos` -> the block's output (a new
+        tensor); the token's key/value are written into the [1, H, max_len, hd] caches."""
+        lib = load()
+        if lib is None:
+            raise RuntimeError("lowvox's CPU kernels are not available")
+        dim, heads = self.dim, self.heads
+        if x.shape != (1, 1, dim) or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"x must be [1, 1, {dim}] float32 on the CPU")
+        for t in (cache_k, cache_v):
+            _check(t, torch.float32, "cache")
+            if t.dim() != 4 or t.shape[:2] != (1, heads) or t.shape[3] * heads != dim:
+                raise ValueError(f"cache of shape {tuple(t.shape)} does not fit the block")
+        max_len = cache_k.shape[2]
+        if cache_v.shape != cache_k.shape or not 0 <= pos < max_len:
+            raise ValueError(f"position {pos} is outside a cache of {max_len}")
+        out = x.clone()
+        threads = torch.get_num_threads()
+        work = torch.empty(9 * dim, dtype=torch.float32)
+        scratch = torch.empty(threads * (pos + 1), dtype=torch.float32)
+        p = self._ptrs
+        lib.lv_block_decode(
+            out.data_ptr(), dim, heads, p[0], p[1], p[2], p[3], self.eps, *p[4:],
+            cache_k.data_ptr(), cache_v.data_ptr(), pos, max_len, work.data_ptr(),
+            scratch.data_ptr(), threads,
+        )  # fmt: skip
+        return out

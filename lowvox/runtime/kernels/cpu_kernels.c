@@ -9,8 +9,10 @@
  *   is shaped for memory: each thread walks a contiguous band of rows (four at a time,
  *   one pass over memory whatever m is), prefetching ahead, and converts int8 -> float32
  *   in registers. Activations stay float32 (no rounding of x to bf16).
- * lv_attend_one: attention of one query per head over a key/value cache (decode steps);
- *   no mask is needed because the cache holds exactly the positions to attend.
+ * lv_block_decode: a whole transformer block for one token in one call (what decoding
+ *   runs 30 times per token): no Python or framework work between its steps.
+ * lv_attend_one: a decode step's attention: the new key/value written into the cache and
+ *   one query per head attending over every cached position (no mask needed).
  */
 #include <math.h>
 #include <stddef.h>
@@ -122,10 +124,12 @@ LV_INLINE void block_rows(const int mt, const float *x, int64_t k, const int8_t 
 }
 #endif
 
-void lv_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
-                    const float *bias, float *y, int64_t n, int nthreads) {
+/* The rows of y = x w^T * scale + bias, shared among the threads of the enclosing
+ * parallel region (an orphaned `omp for`; alone, one thread does them all). */
+static void linear_rows(const float *x, int64_t m, int64_t k, const int8_t *w,
+                        const float *scale, const float *bias, float *y, int64_t n) {
     const int64_t blocks = (n + ROWS - 1) / ROWS;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t r0 = b * ROWS;
         const int rows = (int)(n - r0 < ROWS ? n - r0 : ROWS);
@@ -147,48 +151,237 @@ void lv_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const
     }
 }
 
-/* out[h, :] = softmax(q[h] . K[h, :len]^T * scale) V[h, :len] for each head h.
- * q and out: [heads, dim]; keys/values: head h's rows start at h * head_stride, row
- * stride dim (the layout of a [1, heads, max_len, dim] cache). scratch: nthreads * len
- * floats for the attention weights. */
-void lv_attend_one(const float *q, const float *keys, const float *values, int64_t heads,
-                   int64_t len, int64_t dim, int64_t head_stride, float scale, float *out,
-                   float *scratch, int nthreads) {
+void lv_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
+                    const float *bias, float *y, int64_t n, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    linear_rows(x, m, k, w, scale, bias, y, n);
+}
+
+/* Attention weights for one head: p[j] = exp(s[j] - max) / sum, in place over len scores. */
+#if LV_ISA == 2
+/* exp(x) for x <= 0 (scores minus their maximum): 2^(x log2 e) split into 2^n * 2^f,
+ * f in [-0.5, 0.5], 2^f by a degree-6 polynomial (relative error ~2e-7). */
+LV_INLINE __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5353362e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6180676e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503406e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022652e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* One head, dim a multiple of 16 (at most 256). */
+static void attend_head(const float *qh, const float *kh, const float *vh, int64_t len,
+                        int64_t dim, float scale, float *p, float *oh) {
+    const int nv = (int)(dim / 16);
+    __m512 qv[16];
+    for (int c = 0; c < nv; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(qh + 16 * c), _mm512_set1_ps(scale));
+    float top = -INFINITY;
+    int64_t j = 0;
+    for (; j + 4 <= len; j += 4) { /* four keys at once: independent FMA chains */
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        const float *k0 = kh + j * dim;
+        for (int c = 0; c < nv; c++) {
+            a0 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k0 + 16 * c), a0);
+            a1 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k0 + dim + 16 * c), a1);
+            a2 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k0 + 2 * dim + 16 * c), a2);
+            a3 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k0 + 3 * dim + 16 * c), a3);
+        }
+        p[j] = _mm512_reduce_add_ps(a0);
+        p[j + 1] = _mm512_reduce_add_ps(a1);
+        p[j + 2] = _mm512_reduce_add_ps(a2);
+        p[j + 3] = _mm512_reduce_add_ps(a3);
+    }
+    for (; j < len; j++) {
+        __m512 a = _mm512_setzero_ps();
+        for (int c = 0; c < nv; c++) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kh + j * dim + 16 * c), a);
+        p[j] = _mm512_reduce_add_ps(a);
+    }
+    for (j = 0; j < len; j++) top = p[j] > top ? p[j] : top;
+    __m512 total = _mm512_setzero_ps();
+    const __m512 tv = _mm512_set1_ps(top);
+    for (j = 0; j + 16 <= len; j += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + j), tv));
+        _mm512_storeu_ps(p + j, e);
+        total = _mm512_add_ps(total, e);
+    }
+    if (j < len) {
+        __mmask16 mask = (__mmask16)((1u << (len - j)) - 1u);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + j), tv));
+        e = _mm512_maskz_mov_ps(mask, e);
+        _mm512_mask_storeu_ps(p + j, mask, e);
+        total = _mm512_add_ps(total, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(total);
+    __m512 acc[16];
+    for (int c = 0; c < nv; c++) acc[c] = _mm512_setzero_ps();
+    for (j = 0; j < len; j++) {
+        const __m512 pj = _mm512_set1_ps(p[j]);
+        const float *vj = vh + j * dim;
+        for (int c = 0; c < nv; c++) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + 16 * c), acc[c]);
+    }
+    for (int c = 0; c < nv; c++) _mm512_storeu_ps(oh + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+}
+#define LV_FAST_DIM(dim) ((dim) % 16 == 0 && (dim) <= 256)
+#else
+#define LV_FAST_DIM(dim) 0
+static void attend_head(const float *qh, const float *kh, const float *vh, int64_t len,
+                        int64_t dim, float scale, float *p, float *oh) {
+    (void)qh, (void)kh, (void)vh, (void)len, (void)dim, (void)scale, (void)p, (void)oh;
+}
+#endif
+
+static void attend_head_portable(const float *qh, const float *kh, const float *vh, int64_t len,
+                                 int64_t dim, float scale, float *p, float *oh) {
+    float top = -INFINITY;
+    for (int64_t j = 0; j < len; j++) {
+        const float *kj = kh + j * dim;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < dim; d++) s += qh[d] * kj[d];
+        s *= scale;
+        p[j] = s;
+        top = s > top ? s : top;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < len; j++) {
+        p[j] = expf(p[j] - top);
+        total += p[j];
+    }
+    for (int64_t d = 0; d < dim; d++) oh[d] = 0.0f;
+    for (int64_t j = 0; j < len; j++) {
+        const float *vj = vh + j * dim;
+        const float pj = p[j] / total;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; d++) oh[d] += pj * vj[d];
+    }
+}
+
+/* Heads shared among the threads of the enclosing parallel region; p: this thread's
+ * scratch of pos + 1 floats. */
+static void attend_heads(const float *q, const float *k_new, const float *v_new, float *keys,
+                         float *values, int64_t heads, int64_t pos, int64_t dim,
+                         int64_t head_stride, float scale, float *out, float *p) {
+    const int64_t len = pos + 1;
+#pragma omp for schedule(static)
+    for (int64_t h = 0; h < heads; h++) {
+        float *kh = keys + h * head_stride;
+        float *vh = values + h * head_stride;
+        for (int64_t d = 0; d < dim; d++) {
+            kh[pos * dim + d] = k_new[h * dim + d];
+            vh[pos * dim + d] = v_new[h * dim + d];
+        }
+        if (LV_FAST_DIM(dim))
+            attend_head(q + h * dim, kh, vh, len, dim, scale, p, out + h * dim);
+        else
+            attend_head_portable(q + h * dim, kh, vh, len, dim, scale, p, out + h * dim);
+    }
+}
+
+static float *thread_scratch(float *scratch, int64_t each) {
+#ifdef _OPENMP
+    return scratch + (int64_t)omp_get_thread_num() * each;
+#else
+    (void)each;
+    return scratch;
+#endif
+}
+
+/* One decode step's attention, for every head h: write the new key and value (k_new[h],
+ * v_new[h]: [heads, dim]) at position `pos` of the caches, then
+ *   out[h] = softmax(q[h] . K[h, :pos + 1]^T * scale) V[h, :pos + 1].
+ * Caches: head h's rows start at h * head_stride, row stride dim (a [1, heads, max_len,
+ * dim] cache). scratch: nthreads * (pos + 1) floats for the attention weights. */
+void lv_attend_one(const float *q, const float *k_new, const float *v_new, float *keys,
+                   float *values, int64_t heads, int64_t pos, int64_t dim, int64_t head_stride,
+                   float scale, float *out, float *scratch, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    attend_heads(q, k_new, v_new, keys, values, heads, pos, dim, head_stride, scale, out,
+                 thread_scratch(scratch, pos + 1));
+}
+
+/* y = LayerNorm(x) * w + b over n values (two-pass mean and variance, as torch). */
+static void layer_norm(const float *x, const float *w, const float *b, float eps, float *y,
+                       int64_t n) {
+    double mean = 0.0, var = 0.0;
+    for (int64_t i = 0; i < n; i++) mean += x[i];
+    mean /= (double)n;
+    for (int64_t i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    const float inv = (float)(1.0 / sqrt(var / (double)n + (double)eps));
+    const float mu = (float)mean;
+    for (int64_t i = 0; i < n; i++) y[i] = (x[i] - mu) * inv * w[i] + b[i];
+}
+
+/* GPT-2's gelu_new: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), in place. */
+static void gelu_tanh(float *x, int64_t n) {
+    const float c = 0.7978845608028654f;
+    int64_t i = 0;
+#if LV_ISA == 2
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        __m512 u = _mm512_mul_ps(_mm512_set1_ps(c),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v),
+                                                 _mm512_mul_ps(v, v), v));
+        /* tanh(u) = 1 - 2 / (exp(2u) + 1); exp512 is accurate for |2u| up to ~87 */
+        u = _mm512_min_ps(_mm512_max_ps(u, _mm512_set1_ps(-40.0f)), _mm512_set1_ps(40.0f));
+        __m512 e = exp512(_mm512_add_ps(u, u));
+        __m512 t = _mm512_sub_ps(_mm512_set1_ps(1.0f),
+                                 _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+        _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v),
+                                              _mm512_add_ps(_mm512_set1_ps(1.0f), t)));
+    }
+#endif
+    for (; i < n; i++) {
+        const float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
+    }
+}
+
+/* One pre-LN GPT-2 block for one token, in place on the residual stream x [dim]:
+ *   x += c_proj(attention(c_attn(ln_1(x)))); x += mlp_proj(gelu(c_fc(ln_2(x))))
+ * with int8 linears (weights [out, in], per-row scales, biases), the key/value written at
+ * `pos` of the caches. One parallel region for the whole block: its steps are separated
+ * by the barriers of `omp for` / `omp single`, not by forking threads again.
+ * work: 9 * dim floats; scratch: nthreads * (pos + 1) floats. */
+void lv_block_decode(float *x, int64_t dim, int64_t heads, const float *ln1_w,
+                     const float *ln1_b, const float *ln2_w, const float *ln2_b, float eps,
+                     const int8_t *attn_w, const float *attn_s, const float *attn_b,
+                     const int8_t *proj_w, const float *proj_s, const float *proj_b,
+                     const int8_t *fc_w, const float *fc_s, const float *fc_b,
+                     const int8_t *mlp_w, const float *mlp_s, const float *mlp_b, float *keys,
+                     float *values, int64_t pos, int64_t max_len, float *work, float *scratch,
+                     int nthreads) {
+    const int64_t hd = dim / heads;
+    float *h = work;              /* [dim]: normed input */
+    float *qkv = h + dim;         /* [3 dim] */
+    float *att = qkv + 3 * dim;   /* [dim] */
+    float *hidden = att + dim;    /* [4 dim] */
 #pragma omp parallel num_threads(nthreads)
     {
-#ifdef _OPENMP
-        float *p = scratch + (int64_t)omp_get_thread_num() * len;
-#else
-        float *p = scratch;
-#endif
-#pragma omp for schedule(static)
-        for (int64_t h = 0; h < heads; h++) {
-            const float *qh = q + h * dim;
-            const float *kh = keys + h * head_stride;
-            const float *vh = values + h * head_stride;
-            float *oh = out + h * dim;
-            float top = -INFINITY;
-            for (int64_t j = 0; j < len; j++) {
-                const float *kj = kh + j * dim;
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t d = 0; d < dim; d++) s += qh[d] * kj[d];
-                s *= scale;
-                p[j] = s;
-                top = s > top ? s : top;
-            }
-            float total = 0.0f;
-            for (int64_t j = 0; j < len; j++) {
-                p[j] = expf(p[j] - top);
-                total += p[j];
-            }
-            for (int64_t d = 0; d < dim; d++) oh[d] = 0.0f;
-            for (int64_t j = 0; j < len; j++) {
-                const float *vj = vh + j * dim;
-                const float pj = p[j] / total;
-#pragma omp simd
-                for (int64_t d = 0; d < dim; d++) oh[d] += pj * vj[d];
-            }
+        float *p = thread_scratch(scratch, pos + 1);
+#pragma omp single
+        layer_norm(x, ln1_w, ln1_b, eps, h, dim);
+        linear_rows(h, 1, dim, attn_w, attn_s, attn_b, qkv, 3 * dim);
+        attend_heads(qkv, qkv + dim, qkv + 2 * dim, keys, values, heads, pos, hd, max_len * hd,
+                     1.0f / sqrtf((float)hd), att, p);
+        linear_rows(att, 1, dim, proj_w, proj_s, proj_b, h, dim);
+#pragma omp single
+        {
+            for (int64_t i = 0; i < dim; i++) x[i] += h[i];
+            layer_norm(x, ln2_w, ln2_b, eps, h, dim);
         }
+        linear_rows(h, 1, dim, fc_w, fc_s, fc_b, hidden, 4 * dim);
+#pragma omp single
+        gelu_tanh(hidden, 4 * dim);
+        linear_rows(hidden, 1, 4 * dim, mlp_w, mlp_s, mlp_b, h, dim);
+#pragma omp single
+        for (int64_t i = 0; i < dim; i++) x[i] += h[i];
     }
 }
