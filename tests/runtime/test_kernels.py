@@ -241,6 +241,17 @@ def test_portable_build_without_native_flags_is_correct(fresh_kernels, monkeypat
     y = kernels.int8_linear(x, w, s, None)
     assert (y.double() - _int8_reference(x, w, s, None)).abs().max().item() < 1e-3
     assert shutil.which(build.find_compiler() or "") is not None
+    # The fused block (portable attention, scalar GELU) against the module path.
+    from lowvox.engines.xtts.gpt import KVCache
+
+    block = _int8_block()
+    token = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        fused = block(token, 0, KVCache(1, 4, 4, 16))
+        assert block._fused is not None
+        monkeypatch.setattr(type(block), "_fused_decoder", lambda *a: None)
+        plain = block(token, 0, KVCache(1, 4, 4, 16))
+    assert torch.allclose(fused, plain, atol=1e-4)
 
 
 def _int8_block(dim: int = 64, heads: int = 4, seed: int = 0):

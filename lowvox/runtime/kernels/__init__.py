@@ -239,7 +239,7 @@ class FusedBlock:
             raise ValueError(f"position {pos} is outside a cache of {max_len}")
         out = x.clone()
         threads = torch.get_num_threads()
-        work = torch.empty(9 * dim, dtype=torch.float32)
+        work = torch.empty((8 + threads) * dim, dtype=torch.float32)
         scratch = torch.empty(threads * (pos + 1), dtype=torch.float32)
         p = self._ptrs
         lib.lv_block_decode(

@@ -344,12 +344,46 @@ static void gelu_tanh(float *x, int64_t n) {
     }
 }
 
+/* This thread's share [*b0, *b1) of `count` items, in contiguous bands. */
+static void my_band(int64_t count, int64_t *b0, int64_t *b1) {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int64_t t = 0, nt = 1;
+#endif
+    const int64_t chunk = (count + nt - 1) / nt;
+    *b0 = t * chunk < count ? t * chunk : count;
+    *b1 = *b0 + chunk < count ? *b0 + chunk : count;
+}
+
+/* Output rows [r0, r1) of y = x w^T * scale + bias for one activation row (r0 a
+ * multiple of ROWS). */
+static void linear_band(const float *x, int64_t k, const int8_t *w, const float *scale,
+                        const float *bias, float *y, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r += ROWS) {
+        const int rows = (int)(r1 - r < ROWS ? r1 - r : ROWS);
+        const int8_t *wr[ROWS];
+        for (int i = 0; i < ROWS; i++) wr[i] = w + (r + (i < rows ? i : 0)) * k;
+        block_rows(1, x, k, wr, rows, scale + r, bias + r, y + r, 0);
+    }
+}
+
+/* This thread's band of the n outputs, in whole ROWS blocks: [*r0, *r1). */
+static void my_rows(int64_t n, int64_t *r0, int64_t *r1) {
+    int64_t b0, b1;
+    my_band((n + ROWS - 1) / ROWS, &b0, &b1);
+    *r0 = b0 * ROWS;
+    *r1 = b1 * ROWS < n ? b1 * ROWS : n;
+}
+
 /* One pre-LN GPT-2 block for one token, in place on the residual stream x [dim]:
  *   x += c_proj(attention(c_attn(ln_1(x)))); x += mlp_proj(gelu(c_fc(ln_2(x))))
  * with int8 linears (weights [out, in], per-row scales, biases), the key/value written at
- * `pos` of the caches. One parallel region for the whole block: its steps are separated
- * by the barriers of `omp for` / `omp single`, not by forking threads again.
- * work: 9 * dim floats; scratch: nthreads * (pos + 1) floats. */
+ * `pos` of the caches. One parallel region for the whole block, and only five barriers:
+ * every thread computes the (cheap) LayerNorms itself, and applies GELU and the residual
+ * adds to its own band of rows. Few barriers matter when another process competes for
+ * the cores: each one waits for the slowest thread.
+ * work: (8 + nthreads) * dim floats; scratch: nthreads * (pos + 1) floats. */
 void lv_block_decode(float *x, int64_t dim, int64_t heads, const float *ln1_w,
                      const float *ln1_b, const float *ln2_w, const float *ln2_b, float eps,
                      const int8_t *attn_w, const float *attn_s, const float *attn_b,
@@ -359,29 +393,32 @@ void lv_block_decode(float *x, int64_t dim, int64_t heads, const float *ln1_w,
                      float *values, int64_t pos, int64_t max_len, float *work, float *scratch,
                      int nthreads) {
     const int64_t hd = dim / heads;
-    float *h = work;              /* [dim]: normed input */
-    float *qkv = h + dim;         /* [3 dim] */
+    float *qkv = work;            /* [3 dim]; later the MLP's output */
     float *att = qkv + 3 * dim;   /* [dim] */
-    float *hidden = att + dim;    /* [4 dim] */
+    float *hidden = att + dim;    /* [4 dim]; first the attention projection's output */
+    float *normed = hidden + 4 * dim; /* [nthreads, dim] */
 #pragma omp parallel num_threads(nthreads)
     {
         float *p = thread_scratch(scratch, pos + 1);
-#pragma omp single
+        float *h = thread_scratch(normed, dim);
+        int64_t r0, r1;
         layer_norm(x, ln1_w, ln1_b, eps, h, dim);
-        linear_rows(h, 1, dim, attn_w, attn_s, attn_b, qkv, 3 * dim);
+        my_rows(3 * dim, &r0, &r1);
+        linear_band(h, dim, attn_w, attn_s, attn_b, qkv, r0, r1);
+#pragma omp barrier
         attend_heads(qkv, qkv + dim, qkv + 2 * dim, keys, values, heads, pos, hd, max_len * hd,
-                     1.0f / sqrtf((float)hd), att, p);
-        linear_rows(att, 1, dim, proj_w, proj_s, proj_b, h, dim);
-#pragma omp single
-        {
-            for (int64_t i = 0; i < dim; i++) x[i] += h[i];
-            layer_norm(x, ln2_w, ln2_b, eps, h, dim);
-        }
-        linear_rows(h, 1, dim, fc_w, fc_s, fc_b, hidden, 4 * dim);
-#pragma omp single
-        gelu_tanh(hidden, 4 * dim);
-        linear_rows(hidden, 1, 4 * dim, mlp_w, mlp_s, mlp_b, h, dim);
-#pragma omp single
-        for (int64_t i = 0; i < dim; i++) x[i] += h[i];
-    }
+                     1.0f / sqrtf((float)hd), att, p); /* ends in a barrier */
+        my_rows(dim, &r0, &r1);
+        linear_band(att, dim, proj_w, proj_s, proj_b, hidden, r0, r1);
+        for (int64_t i = r0; i < r1; i++) x[i] += hidden[i];
+#pragma omp barrier
+        layer_norm(x, ln2_w, ln2_b, eps, h, dim);
+        my_rows(4 * dim, &r0, &r1);
+        linear_band(h, dim, fc_w, fc_s, fc_b, hidden, r0, r1);
+        gelu_tanh(hidden + r0, r1 - r0);
+#pragma omp barrier
+        my_rows(dim, &r0, &r1);
+        linear_band(hidden, 4 * dim, mlp_w, mlp_s, mlp_b, qkv, r0, r1);
+        for (int64_t i = r0; i < r1; i++) x[i] += qkv[i];
+    } /* the region's end is the fifth barrier */
 }
