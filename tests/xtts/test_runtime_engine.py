@@ -174,3 +174,16 @@ def test_low_vram_on_a_gpu_frees_memory_between_requests(random_bundle, tmp_path
     base = torch.cuda.memory_allocated()
     assert engine.synthesize(request()).samples.size > 0
     assert torch.cuda.memory_allocated() <= base + 1024**2
+
+
+def test_vocoder_precision_setting_reaches_the_model(random_bundle, tmp_path) -> None:
+    engine = XttsEngine.from_settings(settings(random_bundle, tmp_path, vocoder_precision="fp32"))
+    engine.load()
+    assert engine.model.hifigan_decoder.precision == "fp32"
+
+
+def test_a_bf16_vocoder_on_a_gpu_plan_is_refused(random_bundle) -> None:
+    gpu = Plan("cuda:0", "fp16", "gpu", "float16", ["test"])
+    with pytest.raises(PlanError, match="CPU feature"):
+        XttsEngine(random_bundle.path, plan=gpu, vocoder_precision="bf16")
+    assert XttsEngine(random_bundle.path, plan=gpu).vocoder_precision == "fp32"

@@ -1,17 +1,18 @@
-"""Long utterances are vocoded in pieces (flat memory) with the same audio as in one go."""
+"""Long utterances are vocoded in windows (flat memory) with the same audio as in one go."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from lowvox.engines.xtts.model import VOCODE_CHUNK_TOKENS
+from lowvox.engines.xtts.streaming import DEFAULT_WINDOW_FRAMES
 
 
 def test_long_utterance_vocoded_in_pieces_equals_one_go(golden_model) -> None:
     voice = golden_model.speakers["Alpha Voice"]
     g = torch.Generator().manual_seed(3)
-    n = 2 * VOCODE_CHUNK_TOKENS + 17  # not a multiple of the piece size
+    # About four frames per latent: more than two windows, not a multiple of one.
+    n = DEFAULT_WINDOW_FRAMES // 2 + 17
     latents = torch.randn(1, n, golden_model.gpt.dim, generator=g)
     with torch.inference_mode():
         pieces = golden_model._vocode(latents, voice)

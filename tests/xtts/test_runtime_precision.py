@@ -153,3 +153,31 @@ def test_layer_norm_matches_torch_in_float32() -> None:
     half = ours(x.bfloat16())
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), ref(x.bfloat16().float()), atol=0.02, rtol=0.01)
+
+
+@pytest.mark.parametrize(
+    "precision,asked,expected",
+    [
+        ("fp32", "auto", "fp32"),  # a float32 model keeps a float32 vocoder
+        ("int8", "auto", "bf16"),  # bf16 where the CPU has it (else fp32, see below)
+        ("bf16", "auto", "bf16"),
+        ("int8", "fp32", "fp32"),
+    ],
+)
+def test_vocoder_precision_follows_the_gpt_or_the_setting(random_bundle, precision, asked,
+                                                          expected, tmp_path) -> None:  # fmt: skip
+    from lowvox.engines.xtts.hifigan import bf16_supported
+
+    if expected == "bf16" and not bf16_supported():
+        expected = "fp32"
+    model = XttsModel.load(
+        random_bundle.path, precision=precision, cache_dir=tmp_path, vocoder_precision=asked
+    )
+    assert model.hifigan_decoder.precision == expected
+    out = model.synthesize("Hello.", voice="Test Speaker", max_new_tokens=6, do_sample=False)
+    assert out.wav.size and np.isfinite(out.wav).all()
+
+
+def test_unknown_vocoder_precision_is_a_clear_error(random_bundle) -> None:
+    with pytest.raises(LowvoxError, match="vocoder precision"):
+        XttsModel.load(random_bundle.path, vocoder_precision="int8")

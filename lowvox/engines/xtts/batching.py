@@ -21,6 +21,7 @@ from lowvox.engines.xtts.results import BatchItem, GenerationSettings, StreamChu
 from lowvox.engines.xtts.streaming import StreamingVocoder
 from lowvox.engines.xtts.voice import Voice
 from lowvox.errors import InvalidRequest
+from lowvox.runtime.memory import release_heap
 
 # Streaming cadence in audio tokens (~46 ms of audio each). A short first chunk makes the
 # first audio come sooner; later chunks are longer because each vocoding also recomputes
@@ -96,6 +97,7 @@ class BatchSynthesis:
                     latents = stretch_latents(gen.latents, settings.speed)
                     wavs[i].append(self._vocode(latents, voices[i]))
                     codes[i].append(gen.codes.cpu().numpy())
+            release_heap()
         return [
             SynthesisResult(
                 wav=np.concatenate(w).astype(np.float32) if w else np.zeros(0, np.float32),

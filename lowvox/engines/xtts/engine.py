@@ -29,7 +29,7 @@ from lowvox.engines.base import (
 )
 from lowvox.errors import EngineUnavailable, InvalidRequest, UnknownVoice
 from lowvox.runtime.devices import probe_machine
-from lowvox.runtime.planner import Plan
+from lowvox.runtime.planner import Plan, PlanError
 from lowvox.runtime.planner import plan as make_plan
 from lowvox.settings import Settings
 
@@ -81,6 +81,7 @@ class XttsEngine(Engine):
         threads: int | None = None,
         keep_alive: float = 0.0,
         plan: Plan | None = None,
+        vocoder_precision: str = "auto",
         allow_voice_paths: bool = True,
     ) -> None:
         """`device`, `precision` and `residency` go through the device planner (unless a
@@ -112,6 +113,12 @@ class XttsEngine(Engine):
         self.precision = self.plan.precision
         self.threads = threads
         self.keep_alive = float(keep_alive)
+        if vocoder_precision not in ("auto", "fp32", "bf16"):
+            raise PlanError(f"unknown vocoder precision {vocoder_precision!r} (auto, fp32, bf16)")
+        if vocoder_precision == "bf16" and self.device != "cpu":
+            raise PlanError("vocoder precision bf16 is a CPU feature; on a GPU use fp32 or auto")
+        # On a GPU the vocoder runs fp32 (low-VRAM loads on the CPU first: decide here).
+        self.vocoder_precision = vocoder_precision if self.device == "cpu" else "fp32"
         self.max_batch_size = MAX_BATCH_SIZE
         self.low_vram = self.plan.residency == "low_vram"
         self.fast_path = False
@@ -144,6 +151,7 @@ class XttsEngine(Engine):
             plan=plan,
             threads=settings.threads or machine.cpu_count,
             keep_alive=settings.keep_alive,
+            vocoder_precision=settings.vocoder_precision,
         )
 
     # -- model ---------------------------------------------------------------------------------
@@ -158,6 +166,7 @@ class XttsEngine(Engine):
         request = SynthesisRequest(text="Ready.", options={"max_new_tokens": 8, "seed": 0})
         for _ in self.synthesize_stream(self.validate(request)):
             pass
+        self.model.warm_up_vocoder()
 
     def unload(self) -> None:
         """Free the model entirely (RAM and GPU); the next request loads it again."""
@@ -198,16 +207,19 @@ class XttsEngine(Engine):
         cache = self.cache_dir / "xtts" if self.cache_dir is not None else None
         # Low-VRAM: the weights load into RAM; the GPU only sees them during requests.
         where = "cpu" if self.low_vram else self.device
-        model = XttsModel.load(self.model_dir, where, self.precision, cache_dir=cache)
+        model = XttsModel.load(
+            self.model_dir, where, self.precision, cache_dir=cache,
+            vocoder_precision=self.vocoder_precision,
+        )  # fmt: skip
         if cache is not None:
             model.voice_cache = VoiceCache(cache / "voices")
         if self.low_vram:
             self._residency = self._make_residency(model)
         self._apply_fast_path(model)
         log.info(
-            "xtts ready: %s on %s%s (%d CPU threads)",
+            "xtts ready: %s on %s%s, %s vocoder (%d CPU threads)",
             self.precision, self.device, " (low-VRAM)" if self.low_vram else "",
-            torch.get_num_threads(),
+            model.hifigan_decoder.precision, torch.get_num_threads(),
         )  # fmt: skip
         return model
 

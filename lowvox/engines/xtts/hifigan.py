@@ -18,10 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowvox.engines.xtts.speaker_encoder import ResNetSpeakerEncoder, SpeakerEncoderConfig
+from lowvox.errors import EngineUnavailable, LowvoxError
 
 LRELU_SLOPE = 0.1
 # The activation before the output convolution uses leaky_relu's default slope.
 FINAL_LRELU_SLOPE = 0.01
+VOCODER_PRECISIONS = ("fp32", "bf16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# In float32 the fused path gains ~5% in steady state, and much more when the cores are
+# contended (fewer parallel regions), but builds its oneDNN kernels per input length: it
+# pays from the released size (512 channels) down, not for tiny test models.
+FUSE_MIN_CHANNELS = 256
+# oneDNN picks a packed weight layout for an expected input length; any length runs with it.
+_PACK_HINT_FRAMES = 4096
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,14 @@ class GeneratorConfig:
     @property
     def hop_length(self) -> int:
         return math.prod(self.upsample_rates)
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU runs oneDNN's bf16 convolutions natively (AVX512-BF16 or AMX);
+    elsewhere oneDNN would emulate them, slower than float32."""
+    return torch.backends.mkldnn.is_available() and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    )
 
 
 def _same_padding(kernel_size: int, dilation: int = 1) -> int:
@@ -139,8 +156,79 @@ class HifiganGenerator(nn.Module):
             conds.append(nn.Conv1d(cond_channels, ch_out, 1))
         self.conds = nn.ModuleList(conds) if cond_in_each_up_layer else None
         self.conv_post = nn.Conv1d(ch_out, 1, 7, padding=3, bias=False)
+        self.precision = "fp32"
+        # The fused oneDNN path (see `_FusedPlan`): None picks it for bf16 always and for
+        # fp32 at FUSE_MIN_CHANNELS and up; True forces it, False forbids it (fp32 only).
+        self.fused: bool | None = None
+        self._plan: _FusedPlan | None = None
+        self._plan_key: tuple = ()
+
+    def set_precision(self, precision: str) -> None:
+        """Compute in "fp32" (the default) or "bf16"; weights stay float32 either way.
+
+        bf16 convolutions run on oneDNN (AMX where the CPU has it) from bf16 copies of the
+        weights, made once per precision; "fp32" drops them. Idempotent and undoable.
+        """
+        if precision not in VOCODER_PRECISIONS:
+            raise LowvoxError(
+                f"unknown vocoder precision {precision!r} "
+                f"(choose from {', '.join(VOCODER_PRECISIONS)})"
+            )
+        if precision == "bf16" and not bf16_supported():
+            raise EngineUnavailable("bf16 vocoding needs a CPU with native bf16 and oneDNN")
+        if precision != self.precision:
+            self.precision = precision
+            self._plan = None
 
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """`[B, in, F]` frames (any float dtype) + `[B, cond, 1]` -> float32 `[B, 1, F * hop]`."""
+        if self._can_fuse(x):
+            plan = self._fused_plan()
+            g = g.float()
+            if len(x) == 1:
+                return plan.run(x, g)
+            return torch.cat([plan.run(x[b : b + 1], g[b : b + 1]) for b in range(len(x))])
+        if self.precision != "fp32":
+            raise RuntimeError(f"{self.precision} vocoding needs oneDNN on CPU, in inference")
+        return self._reference_forward(x.to(self.conv_pre.weight.dtype), g)
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        """The fused oneDNN path serves CPU inference with float32 weights; anything else
+        (autograd, other devices, a module cast to half) takes the plain path. Small float32
+        generators stay plain: their convolutions are cheap, oneDNN's per-shape set-up is not."""
+        w = self.conv_pre.weight
+        wanted = self.fused
+        if wanted is None:
+            wanted = self.precision != "fp32" or w.shape[0] >= FUSE_MIN_CHANNELS
+        return (
+            wanted
+            and x.device.type == "cpu"
+            and w.device.type == "cpu"
+            and w.dtype == torch.float32
+            and not (torch.is_grad_enabled() and w.requires_grad)
+            and torch.backends.mkldnn.is_available()
+        )
+
+    def __getstate__(self) -> dict:
+        # The plan's oneDNN tensors cannot be copied or pickled; a copy builds its own.
+        state = self.__dict__.copy()
+        state["_plan"], state["_plan_key"] = None, ()
+        return state
+
+    def _fused_plan(self) -> _FusedPlan:
+        # Rebuilt whenever a weight was replaced or modified in place (load_state_dict,
+        # .to(), a test's edit): the packed copies must never go stale.
+        # (Inference tensors keep no version counter; only replacing them is seen.)
+        key = (
+            self.precision,
+            *((p.data_ptr(), 0 if p.is_inference() else p._version) for p in self.parameters()),
+        )
+        if self._plan is None or self._plan_key != key:
+            self._plan = _FusedPlan(self, _DTYPES[self.precision])
+            self._plan_key = key
+        return self._plan
+
+    def _reference_forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         # Activations are [B, C, 1, T] in channels-last memory (see `_conv`); the speaker
         # terms are [B, C, 1, 1] and broadcast over time. Every in-place op below acts on a
         # fresh conv output owned by this function.
@@ -174,6 +262,198 @@ class HifiganGenerator(nn.Module):
             # output t is fed by inputs j with j*u - p <= t <= j*u - p + k - 1
             r = math.ceil((r + max(p, k - 1 - p)) / u) + 1
         return r + self.conv_pre.kernel_size[0] // 2
+
+
+class _PackedConv:
+    """One convolution as a oneDNN 2-D convolution on `[1, C, 1, T]` channels-last
+    activations, its weight reordered once into oneDNN's own layout (in `dtype`) instead of
+    on every call."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        padding: int,
+        stride: int = 1,
+        dilation: int = 1,
+    ) -> None:
+        w = weight.detach().unsqueeze(2)  # [O, I, 1, k]
+        self.padding = [0, padding]
+        self.stride = [1, stride]
+        self.dilation = [1, dilation]
+        self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            w.to(dtype).to_mkldnn(),
+            self.padding,
+            self.stride,
+            self.dilation,
+            1,
+            [1, w.shape[1], 1, _PACK_HINT_FRAMES],
+        )
+        self.bias = None if bias is None else bias.detach().to(dtype)
+
+    @classmethod
+    def of(cls, conv: nn.Conv1d, dtype: torch.dtype, scale: float = 1.0) -> _PackedConv:
+        """`conv`, its weight multiplied by `scale` (which absorbs a preceding division)."""
+        w = conv.weight if scale == 1.0 else conv.weight * scale
+        return cls(w, conv.bias, dtype, conv.padding[0], conv.stride[0], conv.dilation[0])
+
+    def __call__(
+        self, x: torch.Tensor, post: str = "none", scalars: Sequence[float] = (), bias=None
+    ) -> torch.Tensor:
+        """conv(x), then the element-wise `post` ("none", "leaky_relu", "tanh") fused in."""
+        return torch.ops.mkldnn._convolution_pointwise(
+            x,
+            self.weight,
+            self.bias if bias is None else bias,
+            self.padding,
+            self.stride,
+            self.dilation,
+            1,
+            post,
+            list(scalars),
+            None,
+        )
+
+    def plus(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """A new tensor `other + conv(x)`."""
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, self.weight, self.bias, self.padding, self.stride, self.dilation, 1,
+            "add", None, None, [], None,
+        )  # fmt: skip
+
+    def add_to(self, other: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`other += conv(x)`, accumulated by oneDNN as it writes the result."""
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            other, x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1,
+            "add", None, None, [], None,
+        )  # fmt: skip
+
+
+def _polyphase(up: nn.ConvTranspose1d) -> tuple[torch.Tensor, int] | None:
+    """A stride-u ConvTranspose1d as a plain convolution making u x out channels.
+
+    Output sample m*u + r only reads taps kk = (r + p) % u + j*u of input m + (r + p) // u - j,
+    so phase r is a small ordinary convolution; stacked phase-major, `[1, u*out, 1, T]`
+    channels-last memory is exactly `[1, out, 1, T*u]` channels-last (a free view). Returns
+    (`[u*out, in, K]` weight, padding), or None where the layer has no such symmetric form.
+    """
+    w = up.weight.detach()  # [in, out, k]
+    c_in, c_out, k = w.shape
+    u, p = up.stride[0], up.padding[0]
+    if up.dilation[0] != 1 or up.groups != 1 or k % u or k - 2 * p + up.output_padding[0] != u:
+        return None
+    taps = {}  # (phase r, input offset d) -> kernel index
+    for r in range(u):
+        c, s = divmod(r + p, u)
+        for j in range(k // u):
+            taps[(r, c - j)] = s + j * u
+    lo, hi = min(d for _, d in taps), max(d for _, d in taps)
+    if lo != -hi:
+        return None
+    out = w.new_zeros(u, c_out, c_in, hi - lo + 1)  # zero where a phase skips an offset
+    for (r, d), kk in taps.items():
+        out[r, :, :, d - lo] = w[:, :, kk].T
+    return out.reshape(u * c_out, c_in, hi - lo + 1), hi
+
+
+class _FusedPlan:
+    """The generator rewritten for CPU inference: fewer passes over memory, same function.
+
+    - every convolution's weight is prepacked (`_PackedConv`);
+    - the leaky ReLU after a resblock's first convolution and the residual add after its
+      second run inside the convolution (oneDNN post-ops); the block input's leaky ReLU is
+      computed once per stage for all sibling blocks, later ones into one reused buffer;
+    - the speaker terms (constant over time) are folded into the conv_pre and upsampler
+      biases; the average over sibling blocks is folded into the next layer's weight
+      (leaky ReLU is positively homogeneous: lrelu(z / n) = lrelu(z) / n);
+    - conv_post runs in float32 with tanh fused, whatever the compute dtype.
+    Weights are copies: the plan belongs to one set of weight values (see `_fused_plan`).
+    """
+
+    def __init__(self, gen: HifiganGenerator, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.gen = gen
+        n = gen.num_kernels
+        self.pre = _PackedConv.of(gen.conv_pre, dtype)
+        self.ups: list[_PackedConv | torch.Tensor] = []
+        for i, up in enumerate(gen.ups):
+            scale = 1.0 / n if i else 1.0
+            phases = _polyphase(up)
+            if phases is None:  # plain transposed convolution, weight [in, out, 1, k]
+                w = up.weight.detach().unsqueeze(2) * scale
+                self.ups.append(w.to(dtype).contiguous(memory_format=torch.channels_last))
+            else:
+                self.ups.append(_PackedConv(phases[0] * scale, None, dtype, phases[1]))
+        self.blocks = [
+            [
+                [
+                    (_PackedConv.of(c1, dtype), _PackedConv.of(c2, dtype))
+                    for c1, c2 in zip(b.convs1, b.convs2, strict=True)
+                ]
+                for b in gen.resblocks[i * n : (i + 1) * n]
+            ]
+            for i in range(len(gen.ups))
+        ]
+        self.post = _PackedConv.of(gen.conv_post, torch.float32, scale=1.0 / n)
+
+    def _bias(self, conv: nn.Module, cond: nn.Conv1d | None, g: torch.Tensor) -> torch.Tensor:
+        """conv's bias plus the speaker term `cond(g)`: `[C]` in the compute dtype."""
+        b = conv.bias.detach().float()
+        if cond is not None:
+            b = b + F.conv1d(g, cond.weight, cond.bias).reshape(-1)
+        return b.to(self.dtype)
+
+    def run(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """`[1, in, F]` frames + float32 `[1, cond, 1]` speaker -> float32 `[1, 1, F * hop]`."""
+        gen = self.gen
+        x = x.to(self.dtype).unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        o = self.pre(x, bias=self._bias(gen.conv_pre, gen.cond_layer, g))  # [1, C, 1, F]
+        for i, blocks in enumerate(self.blocks):
+            o = self._upsample(i, F.leaky_relu(o, LRELU_SLOPE, inplace=True), g)
+            o = self._stage(blocks, o)  # [1, C / 2**(i+1), 1, F * (u_0 ... u_i)]
+        o = F.leaky_relu(o, FINAL_LRELU_SLOPE, inplace=True).float()
+        return self.post(o, "tanh").squeeze(2)  # [1, 1, N]
+
+    def _upsample(self, i: int, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Upsampler i (with its speaker term) on `[1, C, 1, T]` -> `[1, C / 2, 1, T * u]`."""
+        up = self.gen.ups[i]
+        cond = self.gen.conds[i] if self.gen.conds is not None else None
+        bias = self._bias(up, cond, g)
+        packed = self.ups[i]
+        if isinstance(packed, torch.Tensor):
+            return F.conv_transpose2d(
+                o,
+                packed,
+                bias,
+                stride=(1, up.stride[0]),
+                padding=(0, up.padding[0]),
+                output_padding=(0, up.output_padding[0]),
+            )
+        u = up.stride[0]
+        y = packed(o, bias=bias.repeat(u))  # [1, u * C', 1, T], phase-major channels
+        c = y.shape[1] // u
+        # channels-last [T, u, C'] memory is [T * u, C']: a view, no copy
+        return y.permute(0, 2, 3, 1).reshape(1, 1, -1, c).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def _stage(blocks: list, o: torch.Tensor) -> torch.Tensor:
+        """The sum (not yet the mean) of the sibling resblocks' outputs for input `o`."""
+        a = F.leaky_relu(o, LRELU_SLOPE)  # the first input of every block
+        buf = None  # lrelu of the running residual, reused within the stage
+        z = None
+        for pairs in blocks:
+            xa, x = a, o
+            for j, (c1, c2) in enumerate(pairs):
+                t = c1(xa, "leaky_relu", [LRELU_SLOPE])
+                # x starts as o, which the sibling blocks also read: never written into.
+                x = c2.plus(t, x) if j == 0 else c2.add_to(x, t)
+                if j + 1 < len(pairs):
+                    if buf is None:
+                        buf = torch.empty_like(x)
+                    xa = torch._C._nn.leaky_relu(x, LRELU_SLOPE, out=buf)
+            z = x if z is None else z.add_(x)
+        return z
 
 
 class HifiganDecoder(nn.Module):
@@ -212,6 +492,16 @@ class HifiganDecoder(nn.Module):
                 f"the generator expects {d_vector_dim}"
             )
         self.speaker_encoder = ResNetSpeakerEncoder(speaker_encoder)
+
+    @property
+    def precision(self) -> str:
+        """The generator's compute precision ("fp32" or "bf16")."""
+        return self.waveform_decoder.precision
+
+    def set_precision(self, precision: str) -> None:
+        """Vocode in "fp32" or "bf16" (see `HifiganGenerator.set_precision`). The speaker
+        encoder is untouched (float32); inputs and outputs stay float32 either way."""
+        self.waveform_decoder.set_precision(precision)
 
     @property
     def hop_length(self) -> int:

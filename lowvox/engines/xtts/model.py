@@ -50,7 +50,7 @@ from lowvox.engines.xtts.generate import (
     stretch_latents,
 )
 from lowvox.engines.xtts.gpt import XttsGpt, cast_gpt, conv1d_to_linear
-from lowvox.engines.xtts.hifigan import HifiganDecoder
+from lowvox.engines.xtts.hifigan import HifiganDecoder, bf16_supported
 from lowvox.engines.xtts.perceiver import PerceiverResampler
 from lowvox.engines.xtts.results import (
     BatchItem,
@@ -59,11 +59,11 @@ from lowvox.engines.xtts.results import (
     SynthesisResult,
 )
 from lowvox.engines.xtts.sampling import SamplingOptions
-from lowvox.engines.xtts.streaming import StreamingVocoder
+from lowvox.engines.xtts.streaming import StreamingVocoder, vocode_in_windows
 from lowvox.engines.xtts.voice import Voice, VoiceCache, load_studio_speakers
 from lowvox.engines.xtts.voice import clone_voice as clone_from_references
 from lowvox.errors import InvalidRequest, LowvoxError, UnknownLanguage, UnknownVoice
-from lowvox.runtime.memory import return_freed_memory
+from lowvox.runtime.memory import release_heap, return_freed_memory
 from lowvox.runtime.qcache import quantized_cache_path, read_quantized, write_quantized
 from lowvox.runtime.quant import INT8_MODE, int8_skeleton, quantize_linears
 from lowvox.text.tokenizer import XttsTokenizer
@@ -79,8 +79,6 @@ LOAD_PRECISIONS = (*PRECISIONS, "int8")
 # Which linears int8 applies to (names under `XttsGpt`): the transformer's projections, where
 # decoding spends its time. Embeddings, norms, `mel_head` and the voice modules stay float.
 INT8_LAYERS = ("gpt.h.",)
-# Utterances longer than this many latents are vocoded in pieces (see `_vocode`).
-VOCODE_CHUNK_TOKENS = 40
 
 
 class XttsModel(BatchSynthesis, nn.Module):
@@ -129,12 +127,15 @@ class XttsModel(BatchSynthesis, nn.Module):
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         cache_dir: str | os.PathLike[str] | None = None,
+        vocoder_precision: str = "auto",
     ) -> XttsModel:
         """Load a model folder (config.json, model.pth, vocab.json, optional speakers_xtts.pth).
 
         `precision` applies to the GPT: "fp32"; "bf16" or "fp16" weights with float32
         LayerNorms; "int8" weight-only transformer linears (the rest in float32). The voice
-        modules, HiFi-GAN and the speaker encoder always stay float32. Converted weights are
+        modules and the speaker encoder always stay float32. `vocoder_precision` is the
+        HiFi-GAN's compute: "fp32", "bf16" (CPUs with native bf16), or "auto": bf16 where
+        the CPU has it and the GPT itself runs in int8 or bf16, else fp32. Converted weights are
         cached as safetensors in `cache_dir` (or beside model.pth when that folder is
         writable); int8 weights get their own cache, so loading them later never builds the
         float model.
@@ -175,6 +176,9 @@ class XttsModel(BatchSynthesis, nn.Module):
         model.precision = precision
         model.model_dir = model_dir
         model.to(device)
+        model.hifigan_decoder.set_precision(
+            _vocoder_precision(vocoder_precision, precision, torch.device(device))
+        )
 
         model.tokenizer = tokenizer
         speakers_file = model_dir / "speakers_xtts.pth"
@@ -432,22 +436,25 @@ class XttsModel(BatchSynthesis, nn.Module):
             return None
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    @torch.inference_mode()
+    def warm_up_vocoder(self, latents: int = 100) -> None:
+        """Vocode silence once in the full window size, so that oneDNN builds its kernels
+        (about 1 s in bf16) at start-up rather than in the first request."""
+        dec = self.hifigan_decoder
+        w = next(dec.parameters())
+        g = torch.zeros(1, dec.waveform_decoder.cond_layer.in_channels, 1, device=w.device)
+        with self._lock:
+            vocode_in_windows(dec, torch.zeros(1, latents, self.gpt.dim, device=w.device), g)
+        release_heap()
+
     def _vocode(self, latents: torch.Tensor, voice: Voice) -> np.ndarray:
         dec = self.hifigan_decoder
         w = next(dec.parameters())
         g = voice.speaker_embedding.to(w.device, w.dtype)
-        latents = latents.to(w.device, w.dtype)
-        n = VOCODE_CHUNK_TOKENS
-        if latents.shape[1] <= n:
-            wav = dec(latents, g)  # [1, 1, N]
-            return wav.reshape(-1).float().cpu().numpy()
-        # Long utterances in pieces with enough context on each side: the same audio (to
-        # float rounding), but the vocoder's activations stay those of one piece, not of
-        # the whole sentence (about 50 MB per second of audio).
-        vocoder = StreamingVocoder(dec, g, first_chunk_tokens=1, chunk_tokens=1)
-        parts = [vocoder.push(latents[:, i : i + n]) for i in range(0, latents.shape[1], n)]
-        parts.append(vocoder.flush())
-        return np.concatenate(parts).astype(np.float32)
+        # Fixed-size windows with context on each side: the same audio (to float rounding),
+        # the activations of one window rather than of the whole sentence (about 50 MB per
+        # second of audio), and one input shape, so oneDNN builds its kernels only once.
+        return vocode_in_windows(dec, latents.to(w.device, w.dtype), g)
 
     @torch.inference_mode()
     def synthesize(
@@ -491,6 +498,7 @@ class XttsModel(BatchSynthesis, nn.Module):
                 wavs.append(self._vocode(latents, v))
                 codes.append(gen.codes.cpu().numpy())
         wav = np.concatenate(wavs).astype(np.float32) if wavs else np.zeros(0, np.float32)
+        release_heap()  # the vocoder's freed activations go back to the system
         return SynthesisResult(wav=wav, sample_rate=self.sample_rate, codes=codes)
 
     def synthesize_stream(
@@ -583,6 +591,14 @@ class XttsModel(BatchSynthesis, nn.Module):
                 wav = np.concatenate([r for r in rest if r.size] or [np.zeros(0, np.float32)])
                 if wav.size:
                     yield StreamChunk(wav.astype(np.float32), self.sample_rate, index)
+            release_heap()
+
+
+def _vocoder_precision(asked: str, gpt_precision: str, device: torch.device) -> str:
+    if asked != "auto":
+        return asked  # set_precision refuses what this machine cannot do
+    fast = device.type == "cpu" and bf16_supported() and gpt_precision in ("int8", "bf16")
+    return "bf16" if fast else "fp32"
 
 
 def _config_from(raw: dict[str, Any] | None, model_dir: Path) -> XttsConfig:

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_FIRST_CHUNK_TOKENS = 20
 DEFAULT_CHUNK_TOKENS = 20
+# `vocode_in_windows`: frames per HiFi-GAN call (about 2.2 s of audio, ~175 new frames each).
+DEFAULT_WINDOW_FRAMES = 208
 
 
 def _source_positions(
@@ -112,6 +114,7 @@ class StreamingVocoder:
         self._emitted = 0  # frames whose audio has been returned
         self._finished = False
         self.frames_vocoded: list[int] = []  # frames run through HiFi-GAN, per vocoding
+        self._widest = 0  # the widest window after the first (see `_widen`)
 
     @property
     def num_latents(self) -> int:
@@ -189,6 +192,25 @@ class StreamingVocoder:
             x = interpolate_frames(x, spans[k][0], nxt_lo, nxt_hi, s, lengths[k])
         return x
 
+    def _widen(self, w0: int, w1: int, available: int, final: bool) -> tuple[int, int]:
+        """Grow a later chunk's window `[w0, w1)` to the widest later window so far (or, for
+        a last window right after the first, to the first one's width), into known frames:
+        leftwards first, over audio already emitted, then rightwards.
+
+        Extra context never changes the emitted audio, and it keeps the set of input lengths
+        small (the last chunk of an utterance gets the middle chunks' length): oneDNN builds
+        its convolution kernels per input shape, about 80 of them per new length, costing
+        as much as vocoding seconds of audio in bf16.
+        """
+        if not self.frames_vocoded:  # the first window: nothing to match yet
+            return w0, w1
+        target = self._widest or (self.frames_vocoded[0] if final else 0)
+        if w1 - w0 < target:
+            w0 = max(0, w1 - target)
+            w1 = min(available, w0 + target)
+        self._widest = max(self._widest, w1 - w0)
+        return w0, w1
+
     @torch.inference_mode()
     def _vocode(self, final: bool) -> np.ndarray:
         if final:
@@ -201,6 +223,7 @@ class StreamingVocoder:
             return np.zeros(0, np.float32)
         w0 = max(0, self._emitted - self.context)
         w1 = min(available, end + self.context)
+        w0, w1 = self._widen(w0, w1, available, final)
         z = self._frames(w0, w1)
         audio = self.decoder.waveform_decoder(z, self.g)[0, 0]  # [(w1 - w0) * hop]
         out = audio[(self._emitted - w0) * self.hop : (end - w0) * self.hop]
@@ -208,3 +231,42 @@ class StreamingVocoder:
         self._emitted = end
         self._pending = 0
         return out.float().cpu().numpy()
+
+
+@torch.inference_mode()
+def vocode_in_windows(
+    decoder: HifiganDecoder,
+    latents: torch.Tensor,
+    speaker_embedding: torch.Tensor,
+    window: int = DEFAULT_WINDOW_FRAMES,
+) -> np.ndarray:
+    """Whole-utterance audio for `[1, T, D]` latents, vocoded `window` frames at a time.
+
+    Equals `decoder(latents, speaker_embedding)` up to float rounding, with the activations
+    of one window instead of the whole utterance. Every call has exactly `window` frames
+    (the last window is aligned to the end, overlapping its neighbour more), unless the
+    utterance is shorter: oneDNN builds convolution kernels per input length, so a fixed
+    length is built once per process instead of once per utterance.
+    """
+    v = StreamingVocoder(decoder, speaker_embedding)
+    if latents.dim() != 3 or latents.shape[0] != 1:
+        raise ValueError(f"expected latents [1, n, D], got {tuple(latents.shape)}")
+    if window <= 2 * v.context:
+        raise ValueError(f"window must exceed twice the context ({2 * v.context} frames)")
+    if latents.shape[1] == 0:
+        return np.zeros(0, np.float32)
+    v._append(latents.detach())
+    total = v._lengths()[-1]
+    parts = []
+    emitted = 0
+    while emitted < total:
+        w0 = max(0, emitted - v.context)
+        w1 = min(total, w0 + window)
+        w0 = max(0, w1 - window)
+        end = total if w1 == total else w1 - v.context
+        z = v._frames(w0, w1)
+        audio = decoder.waveform_decoder(z, v.g)[0, 0]  # [(w1 - w0) * hop]
+        parts.append(audio[(emitted - w0) * v.hop : (end - w0) * v.hop].float().cpu().numpy())
+        v.frames_vocoded.append(w1 - w0)
+        emitted = end
+    return np.concatenate(parts)
