@@ -85,6 +85,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         # Warm-up: a short generation and vocoding, as the server does at start-up.
         warm = Generator(model.gpt, voice.gpt_cond_latent, text_ids, options, 8).run()
         model._vocode(warm.latents, voice)
+        model.warm_up_vocoder()
 
         times, latents = [], []
         _sync(device)
@@ -119,6 +120,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     out = model.synthesize(job["text"], **request)
     e2e_s = time.perf_counter() - t
     result["e2e_rtf"] = e2e_s / (len(out.wav) / model.sample_rate)
+    # What a process that loads the model and speaks needs (before streaming and batches).
+    result["speak_peak_rss_bytes"] = _peak_rss_bytes()
 
     # Streaming: time from the request to the first audio chunk.
     t = time.perf_counter()
