@@ -16,20 +16,13 @@ from lowvox.engines.xtts.streaming import StreamingVocoder, vocode_in_windows
 from lowvox.errors import LowvoxError
 
 try:  # tests/xtts may or may not be a package
-    from .test_voice_helpers import random_decoder
+    from .test_voice_helpers import random_decoder, snr_db
 except ImportError:
-    from test_voice_helpers import random_decoder
+    from test_voice_helpers import random_decoder, snr_db
 
 needs_bf16 = pytest.mark.skipif(not bf16_supported(), reason="no native bf16 on this CPU")
 # The bar for any reduced-precision vocoder, against float32 on the same latents.
 MIN_BF16_SNR_DB = 30.0
-
-
-def snr_db(reference: np.ndarray, x: np.ndarray) -> float:
-    noise = float(np.sum((reference.astype(np.float64) - x) ** 2))
-    return float(
-        10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / max(noise, 1e-30))
-    )
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from lowvox.engines.xtts.conditioning import ConditioningEncoder
@@ -17,6 +18,13 @@ from lowvox.engines.xtts.perceiver import PerceiverResampler
 from lowvox.engines.xtts.speaker_encoder import SpeakerEncoderConfig
 
 GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "xtts-tiny"
+
+
+def snr_db(reference: np.ndarray, x: np.ndarray) -> float:
+    """Signal-to-noise ratio of `x` against `reference`, in dB (float64 sums)."""
+    reference = reference.astype(np.float64)
+    noise = float(np.sum((reference - x) ** 2))
+    return float(10 * np.log10(float(np.sum(reference**2)) / max(noise, 1e-30)))
 
 
 def golden_voice_model(golden_dir: Path):

@@ -11,14 +11,9 @@ import torch.nn.functional as F
 from lowvox.engines.xtts.streaming import StreamingVocoder, interpolate_frames
 
 try:  # tests/xtts may or may not be a package
-    from .test_voice_helpers import random_decoder
+    from .test_voice_helpers import random_decoder, snr_db
 except ImportError:
-    from test_voice_helpers import random_decoder
-
-
-def snr_db(reference: np.ndarray, x: np.ndarray) -> float:
-    noise = float(np.sum((reference - x) ** 2))
-    return float(10 * np.log10(float(np.sum(reference**2)) / max(noise, 1e-30)))
+    from test_voice_helpers import random_decoder, snr_db
 
 
 def stream(vocoder: StreamingVocoder, latents: torch.Tensor, step: int) -> list[np.ndarray]:
