@@ -99,7 +99,13 @@ class FakeEngine(Engine):
                     self.cancelled_jobs.append(request.text)
                     return
                 t = (np.arange(n) + i * n) / FAKE_RATE
-                yield AudioChunk((0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32), FAKE_RATE)
+                try:
+                    yield AudioChunk((0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32), FAKE_RATE)
+                except GeneratorExit:
+                    # The scheduler may see the cancel first and close the stream here.
+                    if cancel is not None and cancel.is_set():
+                        self.cancelled_jobs.append(request.text)
+                    raise
                 time.sleep(self.chunk_delay)
             self.finished_jobs.append(request.text)
         finally:
