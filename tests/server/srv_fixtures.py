@@ -100,7 +100,9 @@ class FakeEngine(Engine):
                     return
                 t = (np.arange(n) + i * n) / FAKE_RATE
                 try:
-                    yield AudioChunk((0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32), FAKE_RATE)
+                    yield AudioChunk(
+                        (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32), FAKE_RATE
+                    )
                 except GeneratorExit:
                     # The scheduler may see the cancel first and close the stream here.
                     if cancel is not None and cancel.is_set():
