@@ -15,13 +15,25 @@ which the heap then recycles window after window, and below the tensors that are
 rare (weights, whole-utterance buffers), which keep their own mappings. The heap keeps up to
 `TRIM_THRESHOLD_BYTES` free at its top between windows; `release_heap` hands every free heap
 page back when a piece of work is done.
+
+Work that runs for the first time is the exception (`own_mappings`): oneDNN builds its
+kernels for a new input shape while the activations come and go, and the small objects it
+keeps (kernel descriptors, cache entries) land in the heap between them, so the freed
+activations can no longer be reused for the next, slightly larger, request: the heap grew by
+~0.14 GB over the first vocoder window (nothing on later ones). Inside `own_mappings` an
+allocation of 128 KB and up that the heap's free chunks cannot hold gets its own mapping
+(instead of growing the heap) and goes back to the system when freed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +41,15 @@ M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 16 << 20
 TRIM_THRESHOLD_BYTES = 32 << 20
+# Inside `own_mappings`: glibc's own default threshold, below any activation of note.
+OWN_MAPPING_BYTES = 128 << 10
 
 _done = False
+_own_lock = threading.Lock()
+_own_depth = 0  # nested or concurrent `own_mappings` blocks in progress
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if not name:
@@ -74,3 +91,34 @@ def release_heap() -> bool:
     if libc is None:
         return False
     return bool(libc.malloc_trim(0))
+
+
+@contextmanager
+def own_mappings() -> Iterator[bool]:
+    """Within the block the heap does not grow for allocations from `OWN_MAPPING_BYTES` up:
+    glibc serves them from free heap chunks that fit, else from a mapping of their own,
+    returned to the system as soon as it is freed. On leaving, the pinned threshold is back
+    and the heap is released. Yields False (and changes nothing) where that is not glibc.
+
+    For one-off work that keeps small objects while big temporaries come and go (a first
+    vocoding at a new window length, a warm-up): the heap then cannot fragment. Every page
+    of those temporaries is faulted in afresh, so not for work that repeats. Process-wide,
+    like every malloc setting; nested and concurrent blocks restore it when the last leaves.
+    """
+    global _own_depth
+    libc = _libc() if return_freed_memory() else None
+    if libc is None:
+        yield False
+        return
+    with _own_lock:
+        _own_depth += 1
+        if _own_depth == 1:
+            libc.mallopt(M_MMAP_THRESHOLD, OWN_MAPPING_BYTES)
+    try:
+        yield True
+    finally:
+        with _own_lock:
+            _own_depth -= 1
+            if _own_depth == 0:
+                libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        release_heap()

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 
 import numpy as np
 import torch
 
-from lowvox.engines.xtts.hifigan import HifiganDecoder
+from lowvox.engines.xtts.hifigan import HifiganDecoder, HifiganGenerator
+from lowvox.runtime.memory import own_mappings
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,29 @@ DEFAULT_FIRST_CHUNK_TOKENS = 20
 DEFAULT_CHUNK_TOKENS = 20
 # `vocode_in_windows`: frames per HiFi-GAN call (about 2.2 s of audio, ~175 new frames each).
 DEFAULT_WINDOW_FRAMES = 208
+
+
+# Per generator: the (precision, input length) pairs it has already run at on the CPU.
+_RUN_AT: weakref.WeakKeyDictionary[HifiganGenerator, set[tuple[str, int]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def run_generator(decoder: HifiganDecoder, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """`decoder.waveform_decoder(z, g)` for frames `z` `[1, D, F]`: the first run at a new
+    length F (where oneDNN builds its kernels for it, ~80 of them) inside `own_mappings`, so
+    that what oneDNN keeps does not fragment the heap under the window's activations."""
+    gen = decoder.waveform_decoder
+    if z.device.type != "cpu":
+        return gen(z, g)
+    key = (gen.precision, z.shape[-1])
+    done = _RUN_AT.setdefault(gen, set())
+    if key in done:
+        return gen(z, g)
+    with own_mappings():
+        audio = gen(z, g)
+    done.add(key)
+    return audio
 
 
 def _source_positions(
@@ -225,7 +250,7 @@ class StreamingVocoder:
         w1 = min(available, end + self.context)
         w0, w1 = self._widen(w0, w1, available, final)
         z = self._frames(w0, w1)
-        audio = self.decoder.waveform_decoder(z, self.g)[0, 0]  # [(w1 - w0) * hop]
+        audio = run_generator(self.decoder, z, self.g)[0, 0]  # [(w1 - w0) * hop]
         out = audio[(self._emitted - w0) * self.hop : (end - w0) * self.hop]
         self.frames_vocoded.append(w1 - w0)
         self._emitted = end
@@ -265,7 +290,7 @@ def vocode_in_windows(
         w0 = max(0, w1 - window)
         end = total if w1 == total else w1 - v.context
         z = v._frames(w0, w1)
-        audio = decoder.waveform_decoder(z, v.g)[0, 0]  # [(w1 - w0) * hop]
+        audio = run_generator(decoder, z, v.g)[0, 0]  # [(w1 - w0) * hop]
         parts.append(audio[(emitted - w0) * v.hop : (end - w0) * v.hop].float().cpu().numpy())
         v.frames_vocoded.append(w1 - w0)
         emitted = end

@@ -1,0 +1,77 @@
+"""The first vocoding at each new window length runs inside `own_mappings` (oneDNN builds
+its kernels then); repeats at a known length run as usual, and the audio is the same."""
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowvox.engines.xtts import streaming
+from lowvox.engines.xtts.hifigan import GeneratorConfig, HifiganDecoder
+from lowvox.engines.xtts.speaker_encoder import SpeakerEncoderConfig
+
+
+def _decoder() -> HifiganDecoder:
+    torch.manual_seed(4)
+    return HifiganDecoder(
+        input_sample_rate=22050,
+        output_sample_rate=24000,
+        output_hop_length=16,
+        ar_mel_length_compression=64,
+        decoder_input_dim=16,
+        d_vector_dim=8,
+        cond_d_vector_in_each_upsampling_layer=True,
+        generator=GeneratorConfig(
+            upsample_rates=(4, 4),
+            upsample_kernel_sizes=(8, 8),
+            upsample_initial_channel=16,
+            resblock_kernel_sizes=(3,),
+            resblock_dilation_sizes=((1, 3),),
+        ),
+        speaker_encoder=SpeakerEncoderConfig(
+            layers=(1, 1), num_filters=(4, 8), num_mels=16, proj_dim=8, attention_dim=8
+        ),
+    ).eval()
+
+
+@pytest.fixture
+def entered(monkeypatch) -> list[int]:
+    """Counts the `own_mappings` blocks that streaming enters."""
+    calls: list[int] = []
+
+    @contextmanager
+    def counting():
+        calls.append(1)
+        yield True
+
+    monkeypatch.setattr(streaming, "own_mappings", counting)
+    return calls
+
+
+def test_first_run_per_length_is_in_own_mappings(entered):
+    decoder = _decoder()
+    g = F.normalize(torch.randn(1, 8, 1), dim=1)
+    radius = decoder.waveform_decoder.receptive_radius()
+    window = 2 * radius + 24
+    latents = torch.randn(1, 3 * window // 4, 16)  # several windows of one length
+    with torch.inference_mode():
+        whole = decoder(latents, g)[0, 0].numpy()
+        first = streaming.vocode_in_windows(decoder, latents, g, window=window)
+        assert len(entered) == 1  # one length: every window after the first is known
+        again = streaming.vocode_in_windows(decoder, latents, g, window=window)
+        assert len(entered) == 1
+        streaming.vocode_in_windows(decoder, latents[:, :5], g, window=window)
+        assert len(entered) == 2  # a short utterance is one new, shorter window
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - whole).max() <= 1e-4 * np.abs(whole).max()
+
+
+def test_a_new_generator_starts_with_no_known_lengths(entered):
+    g = F.normalize(torch.randn(1, 8, 1), dim=1)
+    latents = torch.randn(1, 6, 16)
+    with torch.inference_mode():
+        streaming.vocode_in_windows(_decoder(), latents, g)
+        streaming.vocode_in_windows(_decoder(), latents, g)
+    assert len(entered) == 2
