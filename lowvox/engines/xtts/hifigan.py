@@ -269,10 +269,11 @@ class _PackedConv:
     activations, its weight reordered once into oneDNN's own layout (in `dtype`) instead of
     on every call.
 
-    The input is zero-padded here and oneDNN convolves without padding: with padding, its
-    AMX convolutions copy each input row through a kernel unrolled over the whole row,
-    about 1-3 MB of generated code per convolution and window length (~0.11 GB for the
-    released vocoder at 208-frame windows, resident for the life of the process).
+    In bf16 the input is zero-padded here and oneDNN convolves without padding: with
+    padding, its AMX convolutions copy each input row through a kernel unrolled over the
+    whole row, about 1-3 MB of generated code per convolution and window length (~0.11 GB
+    for the released vocoder at 208-frame windows, resident for the life of the process).
+    fp32 convolutions have no such kernels and would only pay for the extra copies.
     """
 
     def __init__(
@@ -285,8 +286,9 @@ class _PackedConv:
         dilation: int = 1,
     ) -> None:
         w = weight.detach().unsqueeze(2)  # [O, I, 1, k]
-        self.pad = padding  # frames added on each side of the input (see `_padded`)
-        self.padding = [0, 0]
+        prepad = dtype == torch.bfloat16
+        self.pad = padding if prepad else 0  # frames added to each side by `_padded`
+        self.padding = [0, 0 if prepad else padding]
         self.stride = [1, stride]
         self.dilation = [1, dilation]
         self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
