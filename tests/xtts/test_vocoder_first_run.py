@@ -9,31 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from lowvox.engines.xtts import streaming
-from lowvox.engines.xtts.hifigan import GeneratorConfig, HifiganDecoder
-from lowvox.engines.xtts.speaker_encoder import SpeakerEncoderConfig
+
+try:  # tests/xtts may or may not be a package
+    from .test_voice_helpers import random_decoder
+except ImportError:
+    from test_voice_helpers import random_decoder
 
 
-def _decoder() -> HifiganDecoder:
-    torch.manual_seed(4)
-    return HifiganDecoder(
-        input_sample_rate=22050,
-        output_sample_rate=24000,
-        output_hop_length=16,
-        ar_mel_length_compression=64,
-        decoder_input_dim=16,
-        d_vector_dim=8,
-        cond_d_vector_in_each_upsampling_layer=True,
-        generator=GeneratorConfig(
-            upsample_rates=(4, 4),
-            upsample_kernel_sizes=(8, 8),
-            upsample_initial_channel=16,
-            resblock_kernel_sizes=(3,),
-            resblock_dilation_sizes=((1, 3),),
-        ),
-        speaker_encoder=SpeakerEncoderConfig(
-            layers=(1, 1), num_filters=(4, 8), num_mels=16, proj_dim=8, attention_dim=8
-        ),
-    ).eval()
+def _decoder():
+    return random_decoder(seed=4, dim=16, d_vector=8)
 
 
 @pytest.fixture
