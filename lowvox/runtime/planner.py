@@ -111,11 +111,19 @@ def plan(
             reasons.append(
                 "CPU: int8 weights for the GPT (it is memory-bound; 4x fewer bytes per token)"
             )
-        if precision == "bf16" and not machine.cpu_has_bf16:
-            reasons.append("warning: this CPU has no native bf16; bf16 will be slow")
-        # int8 layers pick their own compute (runtime/quant.py); the rest runs float32.
-        compute = "bfloat16" if precision == "bf16" else "float32"
-        return Plan("cpu", precision, "cpu", compute, reasons)
+        if precision == "bf16":
+            reasons.append(
+                "CPU bf16: bf16 weights for the GPT (2x fewer bytes per token than fp32), "
+                "float32 activations"
+            )
+            if not machine.cpu_has_bf16:
+                reasons.append(
+                    "this CPU has no native bf16: prompts run on lowvox's CPU kernels, "
+                    "not matrix units (without those kernels, bf16 is slow)"
+                )
+        # int8 and bf16 layers pick their own compute (runtime/quant.py); the rest, and
+        # every activation, is float32.
+        return Plan("cpu", precision, "cpu", "float32", reasons)
 
     dev = f"cuda:{gpu.index}"
     if precision == "auto":

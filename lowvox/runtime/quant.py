@@ -1,10 +1,10 @@
-"""Weight-only int8 quantisation of linear layers, by module swap.
+"""Weight-only int8 and bf16 linear layers, by module swap.
 
-Each output channel gets its own scale (symmetric, max-abs / 127). Decoding one token is
-bound by how fast weights stream from memory, and int8 reads a quarter of fp32's bytes.
-On CPU the matmul is lowvox's own kernel (`runtime/kernels`: float32 activations, scale and
-bias applied in the same pass); elsewhere, or without that kernel, PyTorch's fused
-int8-weight kernel with bf16 activations.
+int8: each output channel gets its own scale (symmetric, max-abs / 127). Decoding one token
+is bound by how fast weights stream from memory, and int8 reads a quarter of fp32's bytes,
+bf16 half. On CPU the matmul of a decode step is lowvox's own kernel (`runtime/kernels`:
+float32 activations, scale and bias applied in the same pass) and a prompt's is one bf16
+matmul; elsewhere, or without that kernel, PyTorch's kernels with bf16 activations.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class Int8Linear(nn.Module):
                 return self._forward_bf16_matmul(x)
             if kernels.available():
                 x2 = x.reshape(-1, self.in_features).contiguous()  # [N, in]
-                y = kernels.int8_linear(x2, self.weight, self.float_scales(), self.bias)
+                y = kernels.linear(x2, self.weight, self.float_scales(), self.bias)
                 return y.view(*x.shape[:-1], self.out_features)
         return self._forward_fused(x)
 
@@ -124,11 +124,7 @@ class Int8Linear(nn.Module):
         layer's multi-MB temporaries on the first prefill, splitting the freed heap so that
         every layer grew it again (~+0.3 GB RSS for the full-size GPT, only given back by
         `release_heap`)."""
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [N, in]
-        y = torch.mm(x2, self.weight.to(torch.bfloat16).t()).float() * self.scales.float()
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return _bf16_matmul(x, self.weight.to(torch.bfloat16), self.scales.float(), self.bias)
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """PyTorch's fused int8-weight kernel with bf16 activations (GPUs, and CPUs without
@@ -162,8 +158,69 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-# Recorded in the metadata of saved int8 weights; a loader refuses any other mode.
+def _bf16_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [..., in] float32, weight [out, in] bf16 -> float32 (x @ weight.T) * scales + bias,
+    as one bf16 matmul (float32 accumulation) on the CPU's matrix units."""
+    x2 = x.reshape(-1, weight.shape[1]).to(torch.bfloat16)  # [N, in]
+    y = torch.mm(x2, weight.t()).float()
+    if scales is not None:
+        y *= scales
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class Bf16Linear(nn.Module):
+    """A drop-in for nn.Linear holding bfloat16 weights (half of fp32's bytes) and a float32
+    bias, taking and returning float32: a CPU decode step runs lowvox's kernel with float32
+    activations, a prompt one bf16 matmul; elsewhere F.linear in bf16."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.bfloat16, device=device)
+        )
+        if bias:
+            self.register_buffer(
+                "bias", torch.empty(out_features, dtype=torch.float32, device=device)
+            )
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Bf16Linear:
+        w = linear.weight.detach()
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        mod.weight = w.to(torch.bfloat16).contiguous()
+        if linear.bias is not None:
+            mod.bias = linear.bias.detach().float().clone()
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            rows = x.numel() // self.in_features
+            if rows >= MATMUL_ROWS and cpu_has_fast_bf16():
+                return _bf16_matmul(x, self.weight, None, self.bias)
+            if kernels.available():
+                x2 = x.reshape(-1, self.in_features).contiguous()  # [N, in]
+                y = kernels.linear(x2, self.weight, None, self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
+        y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 weights"
+
+
+# Recorded in the metadata of saved weights; a loader refuses any other mode.
 INT8_MODE = "int8-weight-only/per-output-channel/symmetric/bf16-exact-scales"
+BF16_MODE = "bf16-weight-only/float32-bias"
 
 
 def _swap_linears(module: nn.Module, include: tuple[str, ...], make) -> int:
@@ -187,14 +244,24 @@ def quantize_linears(module: nn.Module, include: tuple[str, ...] = ("",)) -> int
     return _swap_linears(module, include, Int8Linear.from_linear)
 
 
+def bf16_linears(module: nn.Module, include: tuple[str, ...] = ("",)) -> int:
+    """Swap every nn.Linear whose qualified name starts with one of `include` for a
+    `Bf16Linear`; returns the count. Each float weight is released as soon as its layer is
+    swapped."""
+    return _swap_linears(module, include, Bf16Linear.from_linear)
+
+
 def int8_skeleton(module: nn.Module, include: tuple[str, ...] = ("",)) -> int:
     """Like `quantize_linears`, but the new layers are empty (meta device): for a model built
     on the meta device that then takes saved int8 weights with `load_state_dict(assign=True)`,
     so the float weights never exist."""
-    return _swap_linears(
-        module,
-        include,
-        lambda lin: Int8Linear(
-            lin.in_features, lin.out_features, lin.bias is not None, device="meta"
-        ),
-    )
+    return _swap_linears(module, include, functools.partial(_empty, Int8Linear))
+
+
+def bf16_skeleton(module: nn.Module, include: tuple[str, ...] = ("",)) -> int:
+    """`int8_skeleton` for saved bf16 weights (`Bf16Linear`)."""
+    return _swap_linears(module, include, functools.partial(_empty, Bf16Linear))
+
+
+def _empty(cls, lin: nn.Linear) -> nn.Module:
+    return cls(lin.in_features, lin.out_features, lin.bias is not None, device="meta")

@@ -11,7 +11,7 @@ from torch import nn
 
 from lowvox.runtime import kernels
 from lowvox.runtime.kernels import build
-from lowvox.runtime.quant import MATMUL_ROWS, Int8Linear
+from lowvox.runtime.quant import MATMUL_ROWS, Bf16Linear, Int8Linear, bf16_linears
 
 needs_compiler = pytest.mark.skipif(build.find_compiler() is None, reason="no C compiler")
 
@@ -53,11 +53,29 @@ def test_int8_linear_matches_float64(m, k, n, with_bias):
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     scales = torch.rand(n, generator=g) + 0.01
     bias = torch.randn(n, generator=g) if with_bias else None
-    y = kernels.int8_linear(x, w, scales, bias)
+    y = kernels.linear(x, w, scales, bias)
     ref = _int8_reference(x, w, scales, bias)
     assert y.shape == (m, n) and y.dtype == torch.float32
     # float32 accumulation over k terms: relative to the size of the terms summed.
     bound = 1e-6 * k * (x.abs().max() * 127 * scales.max()).item() + 1e-6
+    assert (y.double() - ref).abs().max().item() <= bound
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "m,k,n", [(1, 1024, 3072), (1, 17, 1), (3, 64, 9), (5, 4096, 6), (9, 250, 13)]
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bf16_linear_matches_float64(m, k, n, with_bias):
+    """bf16 weights widened exactly to float32, float32 activations and accumulation."""
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    y = kernels.linear(x, w, None, bias)
+    ref = x.double() @ w.double().t() + (bias.double() if with_bias else 0)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    bound = 1e-6 * k * (x.abs().max() * w.float().abs().max()).item() + 1e-6
     assert (y.double() - ref).abs().max().item() <= bound
 
 
@@ -88,13 +106,21 @@ def test_bad_inputs_are_errors_not_crashes():
     w = torch.randint(-127, 128, (8, 32), dtype=torch.int8)
     s = torch.rand(8)
     with pytest.raises(ValueError, match="contiguous"):
-        kernels.int8_linear(x.t().contiguous().t(), w, s, None)
+        kernels.linear(x.t().contiguous().t(), w, s, None)
     with pytest.raises(ValueError):
-        kernels.int8_linear(x.double(), w, s, None)
+        kernels.linear(x.double(), w, s, None)
     with pytest.raises(ValueError, match="shapes"):
-        kernels.int8_linear(x, w[:, :16].contiguous(), s, None)
+        kernels.linear(x, w[:, :16].contiguous(), s, None)
     with pytest.raises(ValueError, match="bias"):
-        kernels.int8_linear(x, w, s, torch.zeros(7))
+        kernels.linear(x, w, s, torch.zeros(7))
+    with pytest.raises(ValueError, match="need their scales"):
+        kernels.linear(x, w, None, None)
+    with pytest.raises(ValueError, match="no scales"):
+        kernels.linear(x, w.to(torch.bfloat16), s, None)
+    with pytest.raises(ValueError, match="int8 or bfloat16"):
+        kernels.linear(x, w.float(), s, None)
+    with pytest.raises(ValueError, match="scales"):
+        kernels.linear(x, w, s[:7].contiguous(), None)
     cache = torch.randn(1, 4, 10, 8)
     q = torch.randn(4, 8)
     with pytest.raises(ValueError, match="outside"):
@@ -143,7 +169,7 @@ def test_switched_off_by_environment(no_kernels):
     assert not kernels.available()
     assert "LOWVOX_CPU_KERNELS=0" in kernels.describe()
     with pytest.raises(RuntimeError):
-        kernels.int8_linear(torch.randn(1, 4), torch.zeros(2, 4, dtype=torch.int8),
+        kernels.linear(torch.randn(1, 4), torch.zeros(2, 4, dtype=torch.int8),
                             torch.ones(2), None)  # fmt: skip
 
 
@@ -180,6 +206,39 @@ def test_without_kernels_int8_layers_still_work(no_kernels):
     x = torch.randn(2, 256)
     ref = _dequantised_reference(layer, x)
     assert (layer(x).double() - ref).abs().max().item() < 2e-2 * ref.abs().max().item()
+
+
+def _bf16_layer(seed: int = 3) -> tuple[nn.Linear, Bf16Linear]:
+    torch.manual_seed(seed)
+    linear = nn.Linear(256, 96)
+    return linear, Bf16Linear.from_linear(linear)
+
+
+@pytest.mark.parametrize("rows", [1, 3, MATMUL_ROWS, 40])
+@pytest.mark.parametrize("with_kernels", [True, False])
+def test_every_bf16_path_computes_the_rounded_layer(rows, with_kernels, monkeypatch):
+    """x @ bf16(W).T + b, float32 in and out: exactly (kernel) or with x rounded to bf16
+    (a prompt's matmul, torch's fallback)."""
+    linear, layer = _bf16_layer()
+    assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32
+    assert torch.equal(layer.bias, linear.bias.detach())
+    if not with_kernels:
+        monkeypatch.setenv("LOWVOX_CPU_KERNELS", "0")
+    kernels.reset()
+    try:
+        x = torch.randn(2, rows, 256)
+        y = layer(x)
+    finally:
+        monkeypatch.undo()
+        kernels.reset()
+    assert y.shape == (2, rows, 96) and y.dtype == torch.float32
+    ref = x.double() @ layer.weight.double().t() + layer.bias.double()
+    scale = ref.abs().max().item()
+    err = (y.double() - ref).abs().max().item()
+    exact = with_kernels and kernels.available() and 2 * rows < MATMUL_ROWS
+    assert err < (1e-5 if exact else 2e-2) * scale
+    # bf16 weights are close to the float layer they came from.
+    assert (y.double() - linear(x).double()).abs().max().item() < 2e-2 * scale
 
 
 def test_float_scales_follow_in_place_loads():
@@ -238,23 +297,33 @@ def test_portable_build_without_native_flags_is_correct(fresh_kernels, monkeypat
     x = torch.randn(3, 50)
     w = torch.randint(-127, 128, (7, 50), dtype=torch.int8)
     s = torch.rand(7)
-    y = kernels.int8_linear(x, w, s, None)
+    y = kernels.linear(x, w, s, None)
     assert (y.double() - _int8_reference(x, w, s, None)).abs().max().item() < 1e-3
     assert shutil.which(build.find_compiler() or "") is not None
+    wb = torch.randn(7, 50).to(torch.bfloat16)
+    yb = kernels.linear(x, wb, None, None)
+    assert (yb.double() - x.double() @ wb.double().t()).abs().max().item() < 1e-3
     # The fused block (portable attention, scalar GELU) against the module path.
     from lowvox.engines.xtts.gpt import KVCache
 
-    block = _int8_block()
     token = torch.randn(1, 1, 64)
-    with torch.inference_mode():
-        fused = block(token, 0, KVCache(1, 4, 4, 16))
-        assert block._fused is not None
-        monkeypatch.setattr(type(block), "_fused_decoder", lambda *a: None)
-        plain = block(token, 0, KVCache(1, 4, 4, 16))
-    assert torch.allclose(fused, plain, atol=1e-4)
+    for kind in WEIGHT_KINDS:
+        block = _reduced_block(kind=kind)
+        with torch.inference_mode():
+            fused = block(token, 0, KVCache(1, 4, 4, 16))
+            assert block._fused is not None
+            with monkeypatch.context() as m:
+                m.setattr(type(block), "_fused_decoder", lambda *a: None)
+                plain = block(token, 0, KVCache(1, 4, 4, 16))
+        assert torch.allclose(fused, plain, atol=1e-4), kind
 
 
-def _int8_block(dim: int = 64, heads: int = 4, seed: int = 0):
+WEIGHT_KINDS = ("int8", "bf16")
+
+
+def _reduced_block(dim: int = 64, heads: int = 4, seed: int = 0, kind: str = "int8"):
+    """A random block whose four linears hold int8 (`Int8Linear`) or bf16 (`Bf16Linear`)
+    weights."""
     from lowvox.engines.xtts.gpt import Block, conv1d_to_linear
     from lowvox.runtime.quant import quantize_linears
 
@@ -267,17 +336,19 @@ def _int8_block(dim: int = 64, heads: int = 4, seed: int = 0):
             else:
                 p.copy_(0.1 * torch.randn_like(p))
     conv1d_to_linear(block)
-    quantize_linears(block)
+    (quantize_linears if kind == "int8" else bf16_linears)(block)
     return block
 
 
 @needs_compiler
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
 @pytest.mark.parametrize("dim,heads", [(64, 4), (96, 3)])
-def test_fused_block_decode_equals_the_module_path(dim, heads, monkeypatch):
+def test_fused_block_decode_equals_the_module_path(dim, heads, kind, monkeypatch):
     """One C call per block gives the same output and cache contents as the torch ops."""
     from lowvox.engines.xtts.gpt import Block, KVCache
 
-    block = _int8_block(dim, heads)
+    block = _reduced_block(dim, heads, kind=kind)
+    assert isinstance(block.mlp.c_fc, Int8Linear if kind == "int8" else Bf16Linear)
     prompt = torch.randn(1, 9, dim)
     token = torch.randn(1, 1, dim)
     results = []
@@ -299,15 +370,16 @@ def test_fused_block_decode_equals_the_module_path(dim, heads, monkeypatch):
 
 
 @needs_compiler
-def test_fused_block_follows_new_weights_and_moves(monkeypatch):
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
+def test_fused_block_follows_new_weights_and_moves(kind):
     from lowvox.engines.xtts.gpt import KVCache
 
-    block, other = _int8_block(seed=1), _int8_block(seed=2)
+    block, other = _reduced_block(seed=1, kind=kind), _reduced_block(seed=2, kind=kind)
     cache = KVCache(1, 4, 8, 16)
     x = torch.randn(1, 1, 64)
     with torch.inference_mode():
         first = block(x, 0, cache)
-    block.load_state_dict(other.state_dict())  # in place: new scales, same buffers
+    block.load_state_dict(other.state_dict())  # in place: new weights, same buffers
     with torch.inference_mode():
         again = block(x, 0, KVCache(1, 4, 8, 16))
         expected = other(x, 0, KVCache(1, 4, 8, 16))
@@ -326,3 +398,12 @@ def test_fused_block_refuses_mismatched_tensors():
         kernels.FusedBlock(ln, ln, 1e-5, [(w, s, b)] * 4, 4)
     with pytest.raises(ValueError, match="heads"):
         kernels.FusedBlock(ln, ln, 1e-5, [(w, s, b)] * 4, 5)
+    shapes = [(3 * 64, 64), (64, 64), (4 * 64, 64), (64, 4 * 64)]
+    int8 = [(torch.zeros(o, i, dtype=torch.int8), torch.ones(o), torch.zeros(o)) for o, i in shapes]
+    bf16 = [(torch.zeros(o, i, dtype=torch.bfloat16), None, torch.zeros(o)) for o, i in shapes]
+    assert (
+        kernels.FusedBlock(ln, ln, 1e-5, int8, 4).kind
+        != kernels.FusedBlock(ln, ln, 1e-5, bf16, 4).kind
+    )
+    with pytest.raises(ValueError, match="one weight dtype"):
+        kernels.FusedBlock(ln, ln, 1e-5, int8[:2] + bf16[2:], 4)

@@ -74,9 +74,10 @@ def test_impossible_choices_are_clear_errors(kwargs, message):
         plan(machine(gpus), **kwargs)
 
 
-def test_bf16_on_cpu_warns_without_native_support():
+def test_bf16_on_cpu_keeps_float32_activations_and_warns_without_native_support():
     p = plan(machine(flags=("avx2",)), precision="bf16")
-    assert p.compute_dtype == "bfloat16"
+    assert p.compute_dtype == "float32"  # bf16 weights, float32 activations
+    assert any("CPU bf16" in r for r in p.reasons)
     assert any("no native bf16" in r for r in p.reasons)
     p = plan(machine(flags=("avx512_bf16",)), precision="bf16")
     assert not any("no native bf16" in r for r in p.reasons)

@@ -1,4 +1,5 @@
-"""Precisions of `XttsModel.load`: int8 weight-only (with its own cache), bf16, fidelity."""
+"""Precisions of `XttsModel.load`: int8 and CPU bf16 weight-only (each with its own cache),
+bf16 by casting (the GPU form), fidelity."""
 
 from __future__ import annotations
 
@@ -13,19 +14,27 @@ from torch import nn
 
 import lowvox.engines.xtts.model as model_module
 from lowvox.bench.fidelity import compare
-from lowvox.engines.xtts.gpt import Conv1D, LayerNorm
-from lowvox.engines.xtts.model import XttsModel
+from lowvox.engines.xtts.gpt import Conv1D, LayerNorm, cast_gpt
+from lowvox.engines.xtts.model import WEIGHT_ONLY, XttsModel
 from lowvox.errors import LowvoxError
-from lowvox.runtime.quant import INT8_MODE, Int8Linear
+from lowvox.runtime import kernels
+from lowvox.runtime.quant import BF16_MODE, INT8_MODE, Bf16Linear, Int8Linear
 
 TEXT = "This sentence checks how far reduced precision moves the model."
 GREEDY = dict(voice="Test Speaker", max_new_tokens=10, do_sample=False, split_sentences=False)
 
 
-def int8_cache(cache_dir: Path) -> Path:
-    found = list(cache_dir.glob("*.int8.lowvox.safetensors"))
+def weight_cache(cache_dir: Path, precision: str = "int8") -> Path:
+    found = list(cache_dir.glob(f"*.{precision}.lowvox.safetensors"))
     assert len(found) == 1, found
     return found[0]
+
+
+# The weight-only precisions, with their layer class, weight dtype and cache mode.
+WEIGHT_ONLY_CASES = [
+    ("int8", Int8Linear, torch.int8, INT8_MODE),
+    ("bf16", Bf16Linear, torch.bfloat16, BF16_MODE),
+]
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:
@@ -35,12 +44,16 @@ def copy_bundle(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_int8_swaps_only_the_transformer_linears(random_bundle, tmp_path) -> None:
-    model = XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
-    assert model.precision == "int8"
+@pytest.mark.parametrize("precision,cls,dtype,mode", WEIGHT_ONLY_CASES)
+def test_weight_only_swaps_only_the_transformer_linears(
+    random_bundle, tmp_path, precision, cls, dtype, mode
+) -> None:
+    model = XttsModel.load(random_bundle.path, precision=precision, cache_dir=tmp_path)
+    assert model.precision == precision
     block = model.gpt.gpt.h[0]
     for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-        assert isinstance(layer, Int8Linear) and layer.weight.dtype == torch.int8
+        assert isinstance(layer, cls) and layer.weight.dtype == dtype
+        assert layer.bias.dtype == torch.float32
     assert not any(isinstance(m, Conv1D) for m in model.modules())
     # Everything else keeps float32 weights.
     assert model.gpt.mel_head.weight.dtype == torch.float32
@@ -51,79 +64,112 @@ def test_int8_swaps_only_the_transformer_linears(random_bundle, tmp_path) -> Non
     assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, LayerNorm))
 
 
-def test_int8_cache_records_its_mode_and_source(random_bundle, tmp_path) -> None:
-    model = XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
-    path = int8_cache(tmp_path)
+@pytest.mark.parametrize("precision,cls,dtype,mode", WEIGHT_ONLY_CASES)
+def test_weight_only_cache_records_its_mode_and_source(
+    random_bundle, tmp_path, precision, cls, dtype, mode
+) -> None:
+    model = XttsModel.load(random_bundle.path, precision=precision, cache_dir=tmp_path)
+    path = weight_cache(tmp_path, precision)
     with safe_open(str(path), framework="pt") as f:  # a standard safetensors file
         meta = f.metadata()
-        assert f.get_tensor("gpt.gpt.h.0.attn.c_attn.weight").dtype == torch.int8
-    assert meta["precision"] == "int8" and meta["mode"] == INT8_MODE
+        assert f.get_tensor("gpt.gpt.h.0.attn.c_attn.weight").dtype == dtype
+        assert f.get_tensor("gpt.gpt.h.0.attn.c_attn.bias").dtype == torch.float32
+    assert meta["precision"] == precision and meta["mode"] == mode
     assert meta["sha256"] == model.fingerprint
     st = (random_bundle.path / "model.pth").stat()
     assert meta["source_size"] == str(st.st_size)
     assert meta["source_mtime_ns"] == str(st.st_mtime_ns)
 
 
-def test_int8_from_cache_never_builds_the_float_model(random_bundle, tmp_path, monkeypatch):
-    first = XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_weight_only_from_cache_never_builds_the_float_model(
+    random_bundle, tmp_path, monkeypatch, precision
+):
+    first = XttsModel.load(random_bundle.path, precision=precision, cache_dir=tmp_path)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the float checkpoint was read")
 
     monkeypatch.setattr(model_module, "load_checkpoint", refuse)
     monkeypatch.setattr(model_module, "load_weights", refuse)
-    monkeypatch.setattr(model_module, "quantize_linears", refuse)
-    again = XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
+    mode, _, skeleton = WEIGHT_ONLY[precision]
+    monkeypatch.setitem(WEIGHT_ONLY, precision, (mode, refuse, skeleton))
+    again = XttsModel.load(random_bundle.path, precision=precision, cache_dir=tmp_path)
     assert again.fingerprint == first.fingerprint
     for (name, a), (_, b) in zip(
         first.state_dict().items(), again.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
     # The fused kernel needs aligned weights; the cache reader provides them.
-    assert all(m.weight.data_ptr() % 64 == 0 for m in again.modules() if isinstance(m, Int8Linear))
+    layers = [m for m in again.modules() if isinstance(m, Int8Linear | Bf16Linear)]
+    assert layers and all(m.weight.data_ptr() % 64 == 0 for m in layers)
     a = first.synthesize(TEXT, **GREEDY)
     b = again.synthesize(TEXT, **GREEDY)
     assert np.array_equal(a.codes[0], b.codes[0]) and np.array_equal(a.wav, b.wav)
 
 
-def test_int8_cache_is_rebuilt_when_the_source_changes(random_bundle, tmp_path) -> None:
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_weight_only_cache_is_rebuilt_when_the_source_changes(
+    random_bundle, tmp_path, precision
+) -> None:
     folder = copy_bundle(random_bundle.path, tmp_path / "model")
     cache = tmp_path / "cache"
-    XttsModel.load(folder, precision="int8", cache_dir=cache)
-    path = int8_cache(cache)
+    XttsModel.load(folder, precision=precision, cache_dir=cache)
+    path = weight_cache(cache, precision)
     before = path.stat().st_mtime_ns
     st = (folder / "model.pth").stat()
     os.utime(folder / "model.pth", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    XttsModel.load(folder, precision="int8", cache_dir=cache)
+    XttsModel.load(folder, precision=precision, cache_dir=cache)
     assert path.stat().st_mtime_ns != before
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["source_mtime_ns"] == str(st.st_mtime_ns + 10**9)
 
 
-def test_int8_cache_with_another_mode_is_not_used(random_bundle, tmp_path, monkeypatch):
-    XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
-    monkeypatch.setattr(model_module, "INT8_MODE", "some-future-int8-layout")
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_weight_only_cache_with_another_mode_is_not_used(
+    random_bundle, tmp_path, monkeypatch, precision
+):
+    XttsModel.load(random_bundle.path, precision=precision, cache_dir=tmp_path)
+    _, real, skeleton = WEIGHT_ONLY[precision]
     calls = []
-    real = model_module.quantize_linears
-    monkeypatch.setattr(
-        model_module, "quantize_linears", lambda *a, **k: calls.append(1) or real(*a, **k)
+    monkeypatch.setitem(
+        WEIGHT_ONLY,
+        precision,
+        ("some-future-layout", lambda *a, **k: calls.append(1) or real(*a, **k), skeleton),
     )
-    XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
+    XttsModel.load(random_bundle.path, precision=precision, cache_dir=tmp_path)
     assert calls  # converted again rather than trusting a cache of another mode
-    with safe_open(str(int8_cache(tmp_path)), framework="pt") as f:
-        assert f.metadata()["mode"] == "some-future-int8-layout"
+    with safe_open(str(weight_cache(tmp_path, precision)), framework="pt") as f:
+        assert f.metadata()["mode"] == "some-future-layout"
 
 
-def test_bf16_keeps_norms_and_residual_in_float32(random_bundle) -> None:
-    model = XttsModel.load(random_bundle.path, precision="bf16")
+def test_cpu_bf16_keeps_norms_activations_and_caches_in_float32(random_bundle, tmp_path):
+    model = XttsModel.load(random_bundle.path, precision="bf16", cache_dir=tmp_path)
     block = model.gpt.gpt.h[0]
-    assert block.attn.c_attn.weight.dtype == torch.bfloat16
     assert block.ln_1.weight.dtype == torch.float32
     assert model.gpt.final_norm.weight.dtype == torch.float32
     x = torch.randn(1, 3, model.gpt.dim)
+    assert block.ln_1(x).dtype == torch.float32  # the bf16 layers take float32
+    assert block(x, 0, None).dtype == torch.float32
+    assert model.gpt.make_caches(8)[0].k.dtype == torch.float32
+    out = model.synthesize(TEXT, **GREEDY)
+    assert out.codes[0].size and np.isfinite(out.wav).all()
+    if kernels.available():
+        fused = block._fused
+        assert fused is not None and fused[1].kind == kernels.WEIGHT_KINDS[torch.bfloat16]
+
+
+def test_cast_bf16_keeps_norms_and_residual_in_float32(random_bundle) -> None:
+    """The GPU form of bf16 (`cast_gpt`): bf16 weights and linear inputs."""
+    model = cast_gpt(XttsModel.load(random_bundle.path).gpt, torch.bfloat16)
+    block = model.gpt.h[0]
+    assert block.attn.c_attn.weight.dtype == torch.bfloat16
+    assert block.ln_1.weight.dtype == torch.float32
+    assert model.final_norm.weight.dtype == torch.float32
+    x = torch.randn(1, 3, model.dim)
     assert block.ln_1(x).dtype == torch.bfloat16  # feeds the bf16 linears
     assert block(x, 0, None).dtype == torch.float32  # the residual stream stays float32
-    caches = model.gpt.make_caches(8)
+    caches = model.make_caches(8)
     assert caches[0].k.dtype == torch.bfloat16
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from lowvox.engines.xtts.config import XttsArgs
 from lowvox.runtime import kernels
-from lowvox.runtime.quant import Int8Linear
+from lowvox.runtime.quant import Bf16Linear, Int8Linear
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon and nn.LayerNorm's default
 
@@ -260,21 +260,29 @@ class Block(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _fused_decoder(self, x: torch.Tensor, cache: KVCache) -> kernels.FusedBlock | None:
-        """The whole block as one C call, for CPU decode steps of int8 models (where the
-        per-op overhead of ~15 small torch calls per block costs as much as attention)."""
+        """The whole block as one C call, for CPU decode steps of int8 and CPU bf16 models
+        (where the per-op overhead of ~15 small torch calls per block costs as much as
+        attention)."""
         linears = (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
+        kinds = {type(m) for m in linears}
         if (
             x.dtype != torch.float32
             or not _use_cpu_kernel(cache.k)
-            or not all(isinstance(m, Int8Linear) and m.bias is not None for m in linears)
+            or len(kinds) != 1
+            or not kinds <= {Int8Linear, Bf16Linear}
+            or any(m.bias is None or m.weight.device.type != "cpu" for m in linears)
             or self.ln_1.output_dtype is not None
             or self.ln_1.eps != self.ln_2.eps
         ):
             return None
-        parts = [(m.weight, m.float_scales(), m.bias) for m in linears]
+        parts = [
+            (m.weight, m.float_scales() if isinstance(m, Int8Linear) else None, m.bias)
+            for m in linears
+        ]
         norms = (self.ln_1.weight, self.ln_1.bias, self.ln_2.weight, self.ln_2.bias)
         # Rebuilt when any tensor is replaced (a load, a move, new scales).
-        key = tuple(t.data_ptr() for t in (*norms, *(t for part in parts for t in part)))
+        tensors = (*norms, *(t for part in parts for t in part if t is not None))
+        key = tuple(t.data_ptr() for t in tensors)
         if self._fused is None or self._fused[0] != key:
             fused = kernels.FusedBlock(norms[:2], norms[2:], self.ln_1.eps, parts, self.attn.heads)
             self._fused = (key, fused)

@@ -65,7 +65,14 @@ from lowvox.engines.xtts.voice import clone_voice as clone_from_references
 from lowvox.errors import InvalidRequest, LowvoxError, UnknownLanguage, UnknownVoice
 from lowvox.runtime.memory import release_heap, return_freed_memory
 from lowvox.runtime.qcache import quantized_cache_path, read_quantized, write_quantized
-from lowvox.runtime.quant import INT8_MODE, int8_skeleton, quantize_linears
+from lowvox.runtime.quant import (
+    BF16_MODE,
+    INT8_MODE,
+    bf16_linears,
+    bf16_skeleton,
+    int8_skeleton,
+    quantize_linears,
+)
 from lowvox.text.tokenizer import XttsTokenizer
 
 log = logging.getLogger(__name__)
@@ -76,9 +83,17 @@ COND_MEL_CHANNELS = 80
 PERCEIVER = {"depth": 2, "num_latents": 32, "dim_head": 64, "heads": 8, "ff_mult": 4}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LOAD_PRECISIONS = (*PRECISIONS, "int8")
-# Which linears int8 applies to (names under `XttsGpt`): the transformer's projections, where
-# decoding spends its time. Embeddings, norms, `mel_head` and the voice modules stay float.
-INT8_LAYERS = ("gpt.h.",)
+# Which linears int8 (and bf16 on CPU) apply to (names under `XttsGpt`): the transformer's
+# projections, where decoding spends its time. Embeddings, norms, `mel_head` and the voice
+# modules stay float32.
+BLOCK_LINEARS = ("gpt.h.",)
+# Precisions whose block linears become weight-only modules with their own on-disk cache:
+# the mode recorded in the cache's metadata, the swap from float layers, and the swap to
+# empty layers that a cached state dict is assigned to. bf16 takes this form on CPU only.
+WEIGHT_ONLY = {
+    "int8": (INT8_MODE, quantize_linears, int8_skeleton),
+    "bf16": (BF16_MODE, bf16_linears, bf16_skeleton),
+}
 
 
 class XttsModel(BatchSynthesis, nn.Module):
@@ -132,12 +147,13 @@ class XttsModel(BatchSynthesis, nn.Module):
         """Load a model folder (config.json, model.pth, vocab.json, optional speakers_xtts.pth).
 
         `precision` applies to the GPT: "fp32"; "bf16" or "fp16" weights with float32
-        LayerNorms; "int8" weight-only transformer linears (the rest in float32). The voice
-        modules and the speaker encoder always stay float32. `vocoder_precision` is the
-        HiFi-GAN's compute: "fp32", "bf16" (CPUs with native bf16), or "auto": bf16 where
-        the CPU has it and the GPT itself runs in int8 or bf16, else fp32. Converted weights are
-        cached as safetensors in `cache_dir` (or beside model.pth when that folder is
-        writable); int8 weights get their own cache, so loading them later never builds the
+        LayerNorms (on CPU, bf16 weights with float32 activations throughout); "int8"
+        weight-only transformer linears (the rest in float32). The voice modules and the
+        speaker encoder always stay float32. `vocoder_precision` is the HiFi-GAN's compute:
+        "fp32", "bf16" (CPUs with native bf16), or "auto": bf16 where the CPU has it and the
+        GPT itself runs in int8 or bf16, else fp32. Converted weights are cached as
+        safetensors in `cache_dir` (or beside model.pth when that folder is writable); int8
+        and CPU bf16 weights get their own cache, so loading them later never builds the
         float model.
         """
         model_dir = Path(model_dir)
@@ -158,8 +174,9 @@ class XttsModel(BatchSynthesis, nn.Module):
         # what the model needs, not the high-water mark of every activation size.
         return_freed_memory()
         cache_path = default_cache_path(checkpoint, Path(cache_dir) if cache_dir else None)
-        if precision == "int8":
-            model = cls._load_int8(checkpoint, cache_path, config, vocab_path)
+        if precision == "int8" or (precision == "bf16" and torch.device(device).type == "cpu"):
+            # bf16 on CPU: bf16 weights, float32 activations (lowvox's CPU kernels).
+            model = cls._load_weight_only(precision, checkpoint, cache_path, config, vocab_path)
         else:
             weights = load_weights(checkpoint, cache_path)
             if config is None:
@@ -193,25 +210,30 @@ class XttsModel(BatchSynthesis, nn.Module):
         return model
 
     @classmethod
-    def _load_int8(
+    def _load_weight_only(
         cls,
+        precision: str,
         checkpoint: Path,
         cache_path: Path | None,
         config: XttsConfig | None,
         vocab_path: Path,
     ) -> XttsModel:
-        """The GPT's transformer linears in int8 (weight-only, per-channel scales).
+        """The GPT's transformer linears as weight-only modules (`WEIGHT_ONLY`): int8 with
+        per-channel scales, or bf16.
 
-        From the int8 cache the model is built on the meta device and the saved tensors are
+        From their cache the model is built on the meta device and the saved tensors are
         assigned as they are: the float GPT never exists. Without a valid cache the float
-        model is loaded once, quantised layer by layer (each float weight freed as its layer
+        model is loaded once, converted layer by layer (each float weight freed as its layer
         is swapped), and the cache written.
         """
         if not checkpoint.is_file():
             raise CheckpointError(f"checkpoint not found: {checkpoint}")
-        int8_path = quantized_cache_path(cache_path, "int8")
-        expected = {**_source_stamp(checkpoint), "precision": "int8", "mode": INT8_MODE}
-        cached = cls._int8_from_cache(int8_path, expected, config, checkpoint, vocab_path)
+        mode, convert, _ = WEIGHT_ONLY[precision]
+        path = quantized_cache_path(cache_path, precision)
+        expected = {**_source_stamp(checkpoint), "precision": precision, "mode": mode}
+        cached = cls._weight_only_from_cache(
+            precision, path, expected, config, checkpoint, vocab_path
+        )
         if cached is not None:
             return cached
 
@@ -228,21 +250,24 @@ class XttsModel(BatchSynthesis, nn.Module):
         del state  # the model now holds the only references to the float weights
         fingerprint = file_sha256(checkpoint)
         conv1d_to_linear(model.gpt.gpt)
-        swapped = quantize_linears(model.gpt, include=INT8_LAYERS)
+        swapped = convert(model.gpt, include=BLOCK_LINEARS)
         model.fingerprint = fingerprint
         meta = {**expected, "sha256": fingerprint}
         if raw_config is not None:
             meta["config"] = json.dumps(raw_config, default=str)
-        log.info("quantised %d GPT linear layers to int8", swapped)
-        write_quantized(int8_path, model.state_dict(), meta)
+        log.info("converted %d GPT linear layers to %s", swapped, precision)
+        write_quantized(path, model.state_dict(), meta)
         # Use what was written: the converted model still pins the memory-mapped
-        # checkpoint's pages, the reloaded one holds only its own int8 tensors.
-        reloaded = cls._int8_from_cache(int8_path, expected, config, checkpoint, vocab_path)
+        # checkpoint's pages, the reloaded one holds only its own converted tensors.
+        reloaded = cls._weight_only_from_cache(
+            precision, path, expected, config, checkpoint, vocab_path
+        )
         return reloaded if reloaded is not None else model
 
     @classmethod
-    def _int8_from_cache(
+    def _weight_only_from_cache(
         cls,
+        precision: str,
         path: Path | None,
         expected: dict[str, str],
         config: XttsConfig | None,
@@ -258,7 +283,7 @@ class XttsModel(BatchSynthesis, nn.Module):
         with torch.device("meta"):
             model = cls(config)
         conv1d_to_linear(model.gpt.gpt)
-        int8_skeleton(model.gpt, include=INT8_LAYERS)
+        WEIGHT_ONLY[precision][2](model.gpt, include=BLOCK_LINEARS)
         model = cls._assign(model, cached.state_dict, str(path))
         model.fingerprint = cached.metadata["sha256"]
         return model

@@ -1,5 +1,5 @@
-"""lowvox's own CPU kernels (int8-weight linear, one-query attention, a whole int8 GPT block
-for one token), loaded through ctypes.
+"""lowvox's own CPU kernels (a linear layer with int8 or bf16 weights and float32
+activations, one-query attention, a whole GPT block for one token), loaded through ctypes.
 
 `load()` builds the C library on first use (see `build.py`); when that is impossible, or
 `LOWVOX_CPU_KERNELS=0` is set, `available()` is False and callers use torch's kernels. The
@@ -68,27 +68,27 @@ def reset() -> None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.lv_isa.argtypes, lib.lv_isa.restype = [], i32
-    lib.lv_int8_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i32]
-    lib.lv_int8_linear.restype = None
+    lib.lv_linear.argtypes = [i32, p, i64, i64, p, p, p, p, i64, i32]
+    lib.lv_linear.restype = None
     lib.lv_attend_one.argtypes = [p, p, p, p, p, i64, i64, i64, i64, f32, p, p, i32]
     lib.lv_attend_one.restype = None
     lib.lv_block_decode.argtypes = [
-        p,
-        i64,
-        i64,
-        p,
-        p,
-        p,
-        p,
-        f32,
-        *([p] * 12),
-        p,
-        p,
-        i64,
-        i64,
-        p,
-        p,
-        i32,
+        i32,  # weight kind
+        p,  # x
+        i64,  # dim
+        i64,  # heads
+        *([p] * 4),  # LayerNorm weights and biases
+        f32,  # eps
+        p,  # weights[4]
+        p,  # scales[4]
+        p,  # biases[4]
+        p,  # keys
+        p,  # values
+        i64,  # pos
+        i64,  # max_len
+        p,  # work
+        p,  # scratch
+        i32,  # threads
     ]
     lib.lv_block_decode.restype = None
     return lib
@@ -121,28 +121,53 @@ def _check(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
         )
 
 
-def int8_linear(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+# The weight kinds the C code knows (its W_INT8 and W_BF16).
+WEIGHT_KINDS = {torch.int8: 0, torch.bfloat16: 1}
+
+
+def _weight_kind(weight: torch.Tensor, scales: torch.Tensor | None) -> int:
+    """The C kind of a weight [n, k]; int8 needs float32 scales [n], bf16 takes none."""
+    kind = WEIGHT_KINDS.get(weight.dtype)
+    if kind is None or weight.device.type != "cpu" or not weight.is_contiguous():
+        raise ValueError(
+            f"weight must be a contiguous int8 or bfloat16 CPU tensor, got {weight.dtype} "
+            f"{weight.device}"
+        )
+    if weight.dtype == torch.int8:
+        if scales is None:
+            raise ValueError("int8 weights need their scales")
+        _check(scales, torch.float32, "scales")
+        if scales.shape != weight.shape[:1]:
+            raise ValueError(f"{tuple(scales.shape)} scales for {weight.shape[0]} rows")
+    elif scales is not None:
+        raise ValueError("bfloat16 weights take no scales")
+    return kind
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x [m, k] float32, weight [n, k] int8, scales [n] float32, bias [n] float32 or None
-    -> [m, n] float32: (x @ weight.T) * scales + bias."""
+    """x [m, k] float32, weight [n, k] int8 (scales [n] float32) or bfloat16 (scales None),
+    bias [n] float32 or None -> [m, n] float32: (x @ weight.T) * scales + bias."""
     lib = load()
     if lib is None:
         raise RuntimeError("lowvox's CPU kernels are not available")
     m, k = x.shape
     n = weight.shape[0]
     _check(x, torch.float32, "x")
-    _check(weight, torch.int8, "weight")
-    _check(scales, torch.float32, "scales")
-    if weight.shape[1] != k or scales.shape != (n,):
+    kind = _weight_kind(weight, scales)
+    if weight.shape[1] != k:
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if bias is not None:
         _check(bias, torch.float32, "bias")
         if bias.shape != (n,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
     y = torch.empty(m, n, dtype=torch.float32)
-    lib.lv_int8_linear(
-        x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(),
+    lib.lv_linear(
+        kind, x.data_ptr(), m, k, weight.data_ptr(), None if scales is None else scales.data_ptr(),
         None if bias is None else bias.data_ptr(), y.data_ptr(), n, torch.get_num_threads(),
     )  # fmt: skip
     return y
@@ -188,11 +213,13 @@ def attend_one(
 
 
 class FusedBlock:
-    """A pre-LN GPT-2 block with int8 linears, decoded one token at a time by one C call
-    (`lv_block_decode`). Built from the block's tensors, checked once; it keeps them alive.
+    """A pre-LN GPT-2 block with int8 or bf16 linears, decoded one token at a time by one C
+    call (`lv_block_decode`). Built from the block's tensors, checked once; it keeps them
+    alive.
 
-    linears: (weight int8 [out, in], float32 scales [out], float32 bias [out]) for c_attn,
-    attn c_proj, c_fc and mlp c_proj, in that order.
+    linears: (weight [out, in], scales, float32 bias [out]) for c_attn, attn c_proj, c_fc
+    and mlp c_proj, in that order; all int8 with float32 scales [out], or all bfloat16 with
+    scales None.
     """
 
     def __init__(
@@ -200,7 +227,7 @@ class FusedBlock:
         ln_1: tuple[torch.Tensor, torch.Tensor],
         ln_2: tuple[torch.Tensor, torch.Tensor],
         eps: float,
-        linears: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        linears: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
         heads: int,
     ) -> None:
         dim = ln_1[0].shape[0]
@@ -211,15 +238,27 @@ class FusedBlock:
             _check(t, torch.float32, "a LayerNorm parameter")
             if t.shape != (dim,):
                 raise ValueError(f"LayerNorm parameter of shape {tuple(t.shape)}, not ({dim},)")
+        kinds = set()
         for (w, s, b), shape in zip(linears, shapes, strict=True):
-            _check(w, torch.int8, "weight")
-            _check(s, torch.float32, "scales")
-            _check(b, torch.float32, "bias")
-            if tuple(w.shape) != shape or s.shape != (shape[0],) or b.shape != (shape[0],):
+            if tuple(w.shape) != shape:
                 raise ValueError(f"linear of shape {tuple(w.shape)} where {shape} was expected")
+            kinds.add(_weight_kind(w, s))
+            _check(b, torch.float32, "bias")
+            if b.shape != (shape[0],):
+                raise ValueError(f"bias of shape {tuple(b.shape)} for {shape[0]} outputs")
+        if len(kinds) != 1:
+            raise ValueError("the four linears must have one weight dtype")
+        self.kind = kinds.pop()
         self.dim, self.heads, self.eps = dim, heads, float(eps)
-        self._tensors = (*ln_1, *ln_2, *(t for lin in linears for t in lin))
-        self._ptrs = [t.data_ptr() for t in self._tensors]
+        self._tensors = (*ln_1, *ln_2, *(t for lin in linears for t in lin if t is not None))
+        self._norms = [t.data_ptr() for t in (*ln_1, *ln_2)]
+
+        def table(ptrs):
+            return (ctypes.c_void_p * 4)(*ptrs)
+
+        self._weights = table(w.data_ptr() for w, _, _ in linears)
+        self._scales = table(None if s is None else s.data_ptr() for _, s, _ in linears)
+        self._biases = table(b.data_ptr() for _, _, b in linears)
 
     def __call__(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: int):
         """x [1, 1, dim] float32 at sequence position `pos` -> the block's output (a new
@@ -241,10 +280,9 @@ class FusedBlock:
         threads = torch.get_num_threads()
         work = torch.empty((8 + threads) * dim, dtype=torch.float32)
         scratch = torch.empty(threads * (pos + 1), dtype=torch.float32)
-        p = self._ptrs
         lib.lv_block_decode(
-            out.data_ptr(), dim, heads, p[0], p[1], p[2], p[3], self.eps, *p[4:],
-            cache_k.data_ptr(), cache_v.data_ptr(), pos, max_len, work.data_ptr(),
-            scratch.data_ptr(), threads,
+            self.kind, out.data_ptr(), dim, heads, *self._norms, self.eps, self._weights,
+            self._scales, self._biases, cache_k.data_ptr(), cache_v.data_ptr(), pos, max_len,
+            work.data_ptr(), scratch.data_ptr(), threads,
         )  # fmt: skip
         return out

@@ -2,13 +2,15 @@
  *
  * Compiled on the user's machine by lowvox/runtime/kernels/build.py (-O3 -march=native
  * -fopenmp) and called through ctypes; torch's own kernels are used wherever this library
- * cannot be built. Every function takes plain contiguous float32/int8 buffers.
+ * cannot be built. Every function takes plain contiguous float32 activations and weights
+ * of one of two kinds: int8 with a float32 scale per output row (W_INT8), or bfloat16
+ * (W_BF16, raw 16-bit patterns, no scales).
  *
- * lv_int8_linear: y[m, n] = (x[m, k] . w[n, k]) * scale[n] + bias[n], with int8 weights
- *   and float32 activations. Decoding streams every weight once per token, so the kernel
- *   is shaped for memory: each thread walks a contiguous band of rows (four at a time,
- *   one pass over memory whatever m is), prefetching ahead, and converts int8 -> float32
- *   in registers. Activations stay float32 (no rounding of x to bf16).
+ * lv_linear: y[m, n] = (x[m, k] . w[n, k]) * scale[n] + bias[n], with int8 or bf16
+ *   weights and float32 activations. Decoding streams every weight once per token, so the
+ *   kernel is shaped for memory: each thread walks a contiguous band of rows (four at a
+ *   time, one pass over memory whatever m is), prefetching ahead, and widens the weights
+ *   to float32 in registers. Activations stay float32 (no rounding of x to bf16).
  * lv_block_decode: a whole transformer block for one token in one call (what decoding
  *   runs 30 times per token): no Python or framework work between its steps.
  * lv_attend_one: a decode step's attention: the new key/value written into the cache and
@@ -37,22 +39,52 @@
 
 #define LV_INLINE static inline __attribute__((always_inline))
 
+/* Weight kinds. Every function taking `kind` is inlined with it constant, so each kind
+ * gets its own loop with no test inside. */
+#define W_INT8 0
+#define W_BF16 1
+#define WBYTES(kind) ((kind) == W_BF16 ? 2 : 1)
+
 /* Which code path this build took: 2 AVX-512, 1 AVX2+FMA, 0 portable C. */
 int lv_isa(void) { return LV_ISA; }
 
+/* Element j of a weight row as float32. */
+LV_INLINE float wscalar(const int kind, const void *row, int64_t j) {
+    if (kind == W_BF16) {
+        union { uint32_t u; float f; } v = {.u = (uint32_t)((const uint16_t *)row)[j] << 16};
+        return v.f;
+    }
+    return (float)((const int8_t *)row)[j];
+}
+
 #if LV_ISA == 2
+/* 16 weights of a row from element j: all of them, or the first `mask` ones. */
+LV_INLINE __m512 wload16(const int kind, const void *row, int64_t j) {
+    if (kind == W_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + j))), 16));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)row + j))));
+}
+
+LV_INLINE __m512 wload16_masked(const int kind, const void *row, int64_t j, __mmask16 mask) {
+    if (kind == W_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)row + j)), 16));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, (const int8_t *)row + j)));
+}
+
 /* One block: ROWS weight rows against `mt` (compile-time after inlining) activation rows. */
-LV_INLINE void block_tile(const int mt, const float *x, int64_t k, const int8_t *const wr[ROWS],
-                          __m512 acc[XTILE][ROWS]) {
+LV_INLINE void block_tile(const int kind, const int mt, const float *x, int64_t k,
+                          const void *const wr[ROWS], __m512 acc[XTILE][ROWS]) {
     for (int i = 0; i < mt; i++)
         for (int r = 0; r < ROWS; r++) acc[i][r] = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= k; j += 16) {
-        if ((j & 63) == 0)
-            for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(wr[r] + j + AHEAD), _MM_HINT_T0);
+        if (((j * WBYTES(kind)) & 63) == 0)
+            for (int r = 0; r < ROWS; r++)
+                _mm_prefetch((const char *)wr[r] + j * WBYTES(kind) + AHEAD, _MM_HINT_T0);
         __m512 wv[ROWS];
-        for (int r = 0; r < ROWS; r++)
-            wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wr[r] + j))));
+        for (int r = 0; r < ROWS; r++) wv[r] = wload16(kind, wr[r], j);
         for (int i = 0; i < mt; i++) {
             __m512 xv = _mm512_loadu_ps(x + i * k + j);
             for (int r = 0; r < ROWS; r++) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
@@ -61,8 +93,7 @@ LV_INLINE void block_tile(const int mt, const float *x, int64_t k, const int8_t 
     if (j < k) {
         __mmask16 mask = (__mmask16)((1u << (k - j)) - 1u);
         __m512 wv[ROWS];
-        for (int r = 0; r < ROWS; r++)
-            wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, wr[r] + j)));
+        for (int r = 0; r < ROWS; r++) wv[r] = wload16_masked(kind, wr[r], j, mask);
         for (int i = 0; i < mt; i++) {
             __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * k + j);
             for (int r = 0; r < ROWS; r++) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
@@ -70,13 +101,15 @@ LV_INLINE void block_tile(const int mt, const float *x, int64_t k, const int8_t 
     }
 }
 
-LV_INLINE void block_rows(const int mt, const float *x, int64_t k, const int8_t *const wr[ROWS],
-                          int rows, const float *scale, const float *bias, float *y, int64_t n) {
+LV_INLINE void block_rows(const int kind, const int mt, const float *x, int64_t k,
+                          const void *const wr[ROWS], int rows, const float *scale,
+                          const float *bias, float *y, int64_t n) {
     __m512 acc[XTILE][ROWS];
-    block_tile(mt, x, k, wr, acc);
+    block_tile(kind, mt, x, k, wr, acc);
     for (int i = 0; i < mt; i++)
         for (int r = 0; r < rows; r++)
-            y[i * n + r] = _mm512_reduce_add_ps(acc[i][r]) * scale[r] + (bias ? bias[r] : 0.0f);
+            y[i * n + r] = _mm512_reduce_add_ps(acc[i][r]) * (scale ? scale[r] : 1.0f) +
+                           (bias ? bias[r] : 0.0f);
 }
 
 #elif LV_ISA == 1
@@ -87,18 +120,27 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-LV_INLINE void block_rows(const int mt, const float *x, int64_t k, const int8_t *const wr[ROWS],
-                          int rows, const float *scale, const float *bias, float *y, int64_t n) {
+/* 8 weights of a row from element j. */
+LV_INLINE __m256 wload8(const int kind, const void *row, int64_t j) {
+    if (kind == W_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + j))), 16));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)row + j))));
+}
+
+LV_INLINE void block_rows(const int kind, const int mt, const float *x, int64_t k,
+                          const void *const wr[ROWS], int rows, const float *scale,
+                          const float *bias, float *y, int64_t n) {
     __m256 acc[XTILE][ROWS];
     for (int i = 0; i < mt; i++)
         for (int r = 0; r < ROWS; r++) acc[i][r] = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 8 <= k; j += 8) {
-        if ((j & 63) == 0)
-            for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(wr[r] + j + AHEAD), _MM_HINT_T0);
+        if (((j * WBYTES(kind)) & 63) == 0)
+            for (int r = 0; r < ROWS; r++)
+                _mm_prefetch((const char *)wr[r] + j * WBYTES(kind) + AHEAD, _MM_HINT_T0);
         __m256 wv[ROWS];
-        for (int r = 0; r < ROWS; r++)
-            wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wr[r] + j))));
+        for (int r = 0; r < ROWS; r++) wv[r] = wload8(kind, wr[r], j);
         for (int i = 0; i < mt; i++) {
             __m256 xv = _mm256_loadu_ps(x + i * k + j);
             for (int r = 0; r < ROWS; r++) acc[i][r] = _mm256_fmadd_ps(xv, wv[r], acc[i][r]);
@@ -107,54 +149,62 @@ LV_INLINE void block_rows(const int mt, const float *x, int64_t k, const int8_t 
     for (int i = 0; i < mt; i++)
         for (int r = 0; r < rows; r++) {
             float s = hsum256(acc[i][r]);
-            for (int64_t t = j; t < k; t++) s += x[i * k + t] * (float)wr[r][t];
-            y[i * n + r] = s * scale[r] + (bias ? bias[r] : 0.0f);
+            for (int64_t t = j; t < k; t++) s += x[i * k + t] * wscalar(kind, wr[r], t);
+            y[i * n + r] = s * (scale ? scale[r] : 1.0f) + (bias ? bias[r] : 0.0f);
         }
 }
 
 #else
-LV_INLINE void block_rows(const int mt, const float *x, int64_t k, const int8_t *const wr[ROWS],
-                          int rows, const float *scale, const float *bias, float *y, int64_t n) {
+LV_INLINE void block_rows(const int kind, const int mt, const float *x, int64_t k,
+                          const void *const wr[ROWS], int rows, const float *scale,
+                          const float *bias, float *y, int64_t n) {
     for (int i = 0; i < mt; i++)
         for (int r = 0; r < rows; r++) {
             float s = 0.0f;
-            for (int64_t t = 0; t < k; t++) s += x[i * k + t] * (float)wr[r][t];
-            y[i * n + r] = s * scale[r] + (bias ? bias[r] : 0.0f);
+            for (int64_t t = 0; t < k; t++) s += x[i * k + t] * wscalar(kind, wr[r], t);
+            y[i * n + r] = s * (scale ? scale[r] : 1.0f) + (bias ? bias[r] : 0.0f);
         }
 }
 #endif
 
 /* The rows of y = x w^T * scale + bias, shared among the threads of the enclosing
  * parallel region (an orphaned `omp for`; alone, one thread does them all). */
-static void linear_rows(const float *x, int64_t m, int64_t k, const int8_t *w,
-                        const float *scale, const float *bias, float *y, int64_t n) {
+LV_INLINE void linear_rows(const int kind, const float *x, int64_t m, int64_t k, const void *w,
+                          const float *scale, const float *bias, float *y, int64_t n) {
     const int64_t blocks = (n + ROWS - 1) / ROWS;
+    const int64_t stride = k * WBYTES(kind); /* bytes per weight row */
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t r0 = b * ROWS;
         const int rows = (int)(n - r0 < ROWS ? n - r0 : ROWS);
         /* A short last block repeats its first row rather than read past the weights. */
-        const int8_t *wr[ROWS];
-        for (int r = 0; r < ROWS; r++) wr[r] = w + (r0 + (r < rows ? r : 0)) * k;
-        const float *sb = scale + r0;
+        const void *wr[ROWS];
+        for (int r = 0; r < ROWS; r++) wr[r] = (const char *)w + (r0 + (r < rows ? r : 0)) * stride;
+        const float *sb = scale ? scale + r0 : NULL;
         const float *bb = bias ? bias + r0 : NULL;
         for (int64_t i0 = 0; i0 < m; i0 += XTILE) {
             const float *xi = x + i0 * k;
             float *yi = y + i0 * n + r0;
             switch (m - i0 < XTILE ? (int)(m - i0) : XTILE) {
-            case 1: block_rows(1, xi, k, wr, rows, sb, bb, yi, n); break;
-            case 2: block_rows(2, xi, k, wr, rows, sb, bb, yi, n); break;
-            case 3: block_rows(3, xi, k, wr, rows, sb, bb, yi, n); break;
-            default: block_rows(4, xi, k, wr, rows, sb, bb, yi, n); break;
+            case 1: block_rows(kind, 1, xi, k, wr, rows, sb, bb, yi, n); break;
+            case 2: block_rows(kind, 2, xi, k, wr, rows, sb, bb, yi, n); break;
+            case 3: block_rows(kind, 3, xi, k, wr, rows, sb, bb, yi, n); break;
+            default: block_rows(kind, 4, xi, k, wr, rows, sb, bb, yi, n); break;
             }
         }
     }
 }
 
-void lv_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
-                    const float *bias, float *y, int64_t n, int nthreads) {
+/* y = x w^T * scale + bias; kind W_INT8 (scale required) or W_BF16 (scale NULL). */
+void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, const float *scale,
+               const float *bias, float *y, int64_t n, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
-    linear_rows(x, m, k, w, scale, bias, y, n);
+    {
+        if (kind == W_BF16)
+            linear_rows(W_BF16, x, m, k, w, NULL, bias, y, n);
+        else
+            linear_rows(W_INT8, x, m, k, w, scale, bias, y, n);
+    }
 }
 
 /* Attention weights for one head: p[j] = exp(s[j] - max) / sum, in place over len scores. */
@@ -358,13 +408,15 @@ static void my_band(int64_t count, int64_t *b0, int64_t *b1) {
 
 /* Output rows [r0, r1) of y = x w^T * scale + bias for one activation row (r0 a
  * multiple of ROWS). */
-static void linear_band(const float *x, int64_t k, const int8_t *w, const float *scale,
-                        const float *bias, float *y, int64_t r0, int64_t r1) {
+LV_INLINE void linear_band(const int kind, const float *x, int64_t k, const void *w,
+                          const float *scale, const float *bias, float *y, int64_t r0,
+                          int64_t r1) {
+    const int64_t stride = k * WBYTES(kind);
     for (int64_t r = r0; r < r1; r += ROWS) {
         const int rows = (int)(r1 - r < ROWS ? r1 - r : ROWS);
-        const int8_t *wr[ROWS];
-        for (int i = 0; i < ROWS; i++) wr[i] = w + (r + (i < rows ? i : 0)) * k;
-        block_rows(1, x, k, wr, rows, scale + r, bias + r, y + r, 0);
+        const void *wr[ROWS];
+        for (int i = 0; i < ROWS; i++) wr[i] = (const char *)w + (r + (i < rows ? i : 0)) * stride;
+        block_rows(kind, 1, x, k, wr, rows, scale ? scale + r : NULL, bias + r, y + r, 0);
     }
 }
 
@@ -376,49 +428,62 @@ static void my_rows(int64_t n, int64_t *r0, int64_t *r1) {
     *r1 = b1 * ROWS < n ? b1 * ROWS : n;
 }
 
-/* One pre-LN GPT-2 block for one token, in place on the residual stream x [dim]:
- *   x += c_proj(attention(c_attn(ln_1(x)))); x += mlp_proj(gelu(c_fc(ln_2(x))))
- * with int8 linears (weights [out, in], per-row scales, biases), the key/value written at
- * `pos` of the caches. One parallel region for the whole block, and only five barriers:
- * every thread computes the (cheap) LayerNorms itself, and applies GELU and the residual
- * adds to its own band of rows. Few barriers matter when another process competes for
- * the cores: each one waits for the slowest thread.
- * work: (8 + nthreads) * dim floats; scratch: nthreads * (pos + 1) floats. */
-void lv_block_decode(float *x, int64_t dim, int64_t heads, const float *ln1_w,
-                     const float *ln1_b, const float *ln2_w, const float *ln2_b, float eps,
-                     const int8_t *attn_w, const float *attn_s, const float *attn_b,
-                     const int8_t *proj_w, const float *proj_s, const float *proj_b,
-                     const int8_t *fc_w, const float *fc_s, const float *fc_b,
-                     const int8_t *mlp_w, const float *mlp_s, const float *mlp_b, float *keys,
-                     float *values, int64_t pos, int64_t max_len, float *work, float *scratch,
-                     int nthreads) {
+/* One thread's part of a block (see lv_block_decode), inside its parallel region. */
+LV_INLINE void block_body(const int kind, float *x, int64_t dim, int64_t heads,
+                          const float *ln1_w, const float *ln1_b, const float *ln2_w,
+                          const float *ln2_b, float eps, const void *const w[4],
+                          const float *const s[4], const float *const b[4], float *keys,
+                          float *values, int64_t pos, int64_t max_len, float *work,
+                          float *scratch) {
     const int64_t hd = dim / heads;
     float *qkv = work;            /* [3 dim]; later the MLP's output */
     float *att = qkv + 3 * dim;   /* [dim] */
     float *hidden = att + dim;    /* [4 dim]; first the attention projection's output */
     float *normed = hidden + 4 * dim; /* [nthreads, dim] */
+    float *p = thread_scratch(scratch, pos + 1);
+    float *h = thread_scratch(normed, dim);
+    int64_t r0, r1;
+    layer_norm(x, ln1_w, ln1_b, eps, h, dim);
+    my_rows(3 * dim, &r0, &r1);
+    linear_band(kind, h, dim, w[0], s[0], b[0], qkv, r0, r1);
+#pragma omp barrier
+    attend_heads(qkv, qkv + dim, qkv + 2 * dim, keys, values, heads, pos, hd, max_len * hd,
+                 1.0f / sqrtf((float)hd), att, p); /* ends in a barrier */
+    my_rows(dim, &r0, &r1);
+    linear_band(kind, att, dim, w[1], s[1], b[1], hidden, r0, r1);
+    for (int64_t i = r0; i < r1; i++) x[i] += hidden[i];
+#pragma omp barrier
+    layer_norm(x, ln2_w, ln2_b, eps, h, dim);
+    my_rows(4 * dim, &r0, &r1);
+    linear_band(kind, h, dim, w[2], s[2], b[2], hidden, r0, r1);
+    gelu_tanh(hidden + r0, r1 - r0);
+#pragma omp barrier
+    my_rows(dim, &r0, &r1);
+    linear_band(kind, hidden, 4 * dim, w[3], s[3], b[3], qkv, r0, r1);
+    for (int64_t i = r0; i < r1; i++) x[i] += qkv[i];
+}
+
+/* One pre-LN GPT-2 block for one token, in place on the residual stream x [dim]:
+ *   x += c_proj(attention(c_attn(ln_1(x)))); x += mlp_proj(gelu(c_fc(ln_2(x))))
+ * with linears of one weight kind (weights [out, in]; per-row scales for int8, NULL for
+ * bf16; biases) in the order c_attn, attn c_proj, c_fc, mlp c_proj, the key/value written
+ * at `pos` of the caches. One parallel region for the whole block, and only five barriers:
+ * every thread computes the (cheap) LayerNorms itself, and applies GELU and the residual
+ * adds to its own band of rows. Few barriers matter when another process competes for
+ * the cores: each one waits for the slowest thread.
+ * work: (8 + nthreads) * dim floats; scratch: nthreads * (pos + 1) floats. */
+void lv_block_decode(int kind, float *x, int64_t dim, int64_t heads, const float *ln1_w,
+                     const float *ln1_b, const float *ln2_w, const float *ln2_b, float eps,
+                     const void *const w[4], const float *const s[4], const float *const b[4],
+                     float *keys, float *values, int64_t pos, int64_t max_len, float *work,
+                     float *scratch, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
-        float *p = thread_scratch(scratch, pos + 1);
-        float *h = thread_scratch(normed, dim);
-        int64_t r0, r1;
-        layer_norm(x, ln1_w, ln1_b, eps, h, dim);
-        my_rows(3 * dim, &r0, &r1);
-        linear_band(h, dim, attn_w, attn_s, attn_b, qkv, r0, r1);
-#pragma omp barrier
-        attend_heads(qkv, qkv + dim, qkv + 2 * dim, keys, values, heads, pos, hd, max_len * hd,
-                     1.0f / sqrtf((float)hd), att, p); /* ends in a barrier */
-        my_rows(dim, &r0, &r1);
-        linear_band(att, dim, proj_w, proj_s, proj_b, hidden, r0, r1);
-        for (int64_t i = r0; i < r1; i++) x[i] += hidden[i];
-#pragma omp barrier
-        layer_norm(x, ln2_w, ln2_b, eps, h, dim);
-        my_rows(4 * dim, &r0, &r1);
-        linear_band(h, dim, fc_w, fc_s, fc_b, hidden, r0, r1);
-        gelu_tanh(hidden + r0, r1 - r0);
-#pragma omp barrier
-        my_rows(dim, &r0, &r1);
-        linear_band(hidden, 4 * dim, mlp_w, mlp_s, mlp_b, qkv, r0, r1);
-        for (int64_t i = r0; i < r1; i++) x[i] += qkv[i];
+        if (kind == W_BF16)
+            block_body(W_BF16, x, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b, keys,
+                       values, pos, max_len, work, scratch);
+        else
+            block_body(W_INT8, x, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b, keys,
+                       values, pos, max_len, work, scratch);
     } /* the region's end is the fifth barrier */
 }
