@@ -40,6 +40,40 @@ def _int8_reference(x, w, scales, bias):
     return y + bias.double() if bias is not None else y
 
 
+QCHUNK = 256  # activation values sharing one int16 scale (cpu_kernels.c)
+
+
+def _int16_activations(x: torch.Tensor) -> torch.Tensor:
+    """What int8 weights meet on VNNI builds, as float64: each row's values, per QCHUNK,
+    scaled so the largest magnitude is 32767, rounded to nearest (ties to even) and scaled
+    back, in the kernel's float32 arithmetic."""
+    out = torch.empty_like(x, dtype=torch.float64)
+    for c0 in range(0, x.shape[1], QCHUNK):
+        part = x[:, c0 : c0 + QCHUNK]
+        top = part.abs().amax(dim=1, keepdim=True)
+        inv = torch.where(top > 0, torch.tensor(32767.0) / top, torch.zeros_like(top))
+        q = torch.round(part * inv).clamp(-32768, 32767)
+        out[:, c0 : c0 + QCHUNK] = q.double() * (top / 32767.0).double()
+    return out
+
+
+def _int8_kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """The activations as the int8 kernel of this build sees them (float64)."""
+    return _int16_activations(x) if kernels.int16_activations() else x.double()
+
+
+def test_int16_activations_are_close_to_the_floats():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 700, generator=g) * torch.rand(3, 700, generator=g) * 10
+    x[1, 5] = 1e4  # an outlier only coarsens its own chunk
+    q = _int16_activations(x)
+    for c0 in range(0, 700, QCHUNK):
+        part = x[:, c0 : c0 + QCHUNK].double()
+        lsb = part.abs().amax(dim=1, keepdim=True) / 32767
+        assert ((q[:, c0 : c0 + QCHUNK] - part).abs() <= 0.5 * lsb * (1 + 1e-5)).all()
+    assert (q[1, QCHUNK:] - x[1, QCHUNK:].double()).abs().max() < 1e-3
+
+
 @needs_compiler
 @pytest.mark.parametrize(
     "m,k,n",
@@ -54,11 +88,17 @@ def test_int8_linear_matches_float64(m, k, n, with_bias):
     scales = torch.rand(n, generator=g) + 0.01
     bias = torch.randn(n, generator=g) if with_bias else None
     y = kernels.linear(x, w, scales, bias)
-    ref = _int8_reference(x, w, scales, bias)
+    ref = _int8_reference(_int8_kernel_input(x), w, scales, bias)
     assert y.shape == (m, n) and y.dtype == torch.float32
     # float32 accumulation over k terms: relative to the size of the terms summed.
     bound = 1e-6 * k * (x.abs().max() * 127 * scales.max()).item() + 1e-6
     assert (y.double() - ref).abs().max().item() <= bound
+    # Against the float activations: within what int16 rounding (half a step of each
+    # chunk's scale) can add, on top of that.
+    exact = _int8_reference(x, w, scales, bias)
+    rounding = (_int8_kernel_input(x) - x.double()).abs()
+    allowed = (rounding @ w.double().abs().t()) * scales.double()
+    assert ((y.double() - exact).abs() <= allowed + bound).all()
 
 
 @needs_compiler
@@ -194,7 +234,8 @@ def test_every_int8_path_computes_the_dequantised_layer(rows, monkeypatch):
     scale = ref.abs().max().item()
     kernel = layer(x).double()
     if rows < MATMUL_ROWS and kernels.available():
-        assert (kernel - ref).abs().max().item() < 1e-5 * scale
+        exact = _dequantised_reference(layer, _int8_kernel_input(x))
+        assert (kernel - exact).abs().max().item() < 1e-5 * scale
     fused = layer._forward_fused(x).double()
     matmul = layer._forward_bf16_matmul(x).double()
     for y in (kernel, fused, matmul):
@@ -298,6 +339,7 @@ def test_portable_build_without_native_flags_is_correct(fresh_kernels, monkeypat
     w = torch.randint(-127, 128, (7, 50), dtype=torch.int8)
     s = torch.rand(7)
     y = kernels.linear(x, w, s, None)
+    assert not kernels.int16_activations()  # VNNI needs AVX-512 flags
     assert (y.double() - _int8_reference(x, w, s, None)).abs().max().item() < 1e-3
     assert shutil.which(build.find_compiler() or "") is not None
     wb = torch.randn(7, 50).to(torch.bfloat16)
@@ -407,3 +449,13 @@ def test_fused_block_refuses_mismatched_tensors():
     )
     with pytest.raises(ValueError, match="one weight dtype"):
         kernels.FusedBlock(ln, ln, 1e-5, int8[:2] + bf16[2:], 4)
+
+
+@needs_compiler
+def test_int16_activations_exactly_where_the_cpu_has_vnni():
+    from lowvox.runtime.devices import probe_machine
+
+    flags = probe_machine(with_gpus=False).cpu_flags
+    vnni = kernels.isa() == "AVX-512" and "avx512_vnni" in flags
+    assert kernels.int16_activations() == vnni
+    assert ("VNNI" in kernels.describe()) == vnni

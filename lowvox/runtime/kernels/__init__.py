@@ -68,7 +68,10 @@ def reset() -> None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.lv_isa.argtypes, lib.lv_isa.restype = [], i32
-    lib.lv_linear.argtypes = [i32, p, i64, i64, p, p, p, p, i64, i32]
+    lib.lv_int16_activations.argtypes, lib.lv_int16_activations.restype = [], i32
+    lib.lv_linear_scratch.argtypes, lib.lv_linear_scratch.restype = [i64, i64], i64
+    lib.lv_block_work_floats.argtypes, lib.lv_block_work_floats.restype = [i64, i32], i64
+    lib.lv_linear.argtypes = [i32, p, i64, i64, p, p, p, p, i64, p, i32]
     lib.lv_linear.restype = None
     lib.lv_attend_one.argtypes = [p, p, p, p, p, i64, i64, i64, i64, f32, p, p, i32]
     lib.lv_attend_one.restype = None
@@ -104,6 +107,12 @@ def isa() -> str | None:
     return ISA_NAMES.get(lib.lv_isa(), "?") if lib is not None else None
 
 
+def int16_activations() -> bool:
+    """Whether int8 weights meet int16 activations (AVX512-VNNI builds) rather than float32."""
+    lib = load()
+    return lib is not None and bool(lib.lv_int16_activations())
+
+
 def describe() -> str:
     """One line for `lowvox doctor` and the start-up log."""
     if not enabled_by_env():
@@ -111,6 +120,8 @@ def describe() -> str:
     name = isa()
     if name is None:
         return "not built (no working C compiler): torch's kernels"
+    if int16_activations():
+        name += " with VNNI (int8 weights x int16 activations)"
     return f"{name} ({_path})"
 
 
@@ -166,9 +177,11 @@ def linear(
         if bias.shape != (n,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
     y = torch.empty(m, n, dtype=torch.float32)
+    scratch = torch.empty(lib.lv_linear_scratch(m, k), dtype=torch.int16)
     lib.lv_linear(
         kind, x.data_ptr(), m, k, weight.data_ptr(), None if scales is None else scales.data_ptr(),
-        None if bias is None else bias.data_ptr(), y.data_ptr(), n, torch.get_num_threads(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), n, scratch.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     return y
 
@@ -278,7 +291,7 @@ class FusedBlock:
             raise ValueError(f"position {pos} is outside a cache of {max_len}")
         out = x.clone()
         threads = torch.get_num_threads()
-        work = torch.empty((8 + threads) * dim, dtype=torch.float32)
+        work = torch.empty(lib.lv_block_work_floats(dim, threads), dtype=torch.float32)
         scratch = torch.empty(threads * (pos + 1), dtype=torch.float32)
         lib.lv_block_decode(
             self.kind, out.data_ptr(), dim, heads, *self._norms, self.eps, self._weights,
