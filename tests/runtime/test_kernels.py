@@ -459,3 +459,28 @@ def test_int16_activations_exactly_where_the_cpu_has_vnni():
     vnni = kernels.isa() == "AVX-512" and "avx512_vnni" in flags
     assert kernels.int16_activations() == vnni
     assert ("VNNI" in kernels.describe()) == vnni
+
+
+@needs_compiler
+def test_fused_block_is_checked_once_per_cache(monkeypatch):
+    """Decode steps into one cache reuse the fused decoder found for its first step; a new
+    cache (the next generation) looks again and sees new weights."""
+    from lowvox.engines.xtts.gpt import Block, KVCache
+
+    block, other = _reduced_block(seed=1), _reduced_block(seed=2)
+    looked = []
+    real = Block._fused_decoder
+    monkeypatch.setattr(
+        Block, "_fused_decoder", lambda self, *a: looked.append(1) or real(self, *a)
+    )
+    cache = KVCache(1, 4, 8, 16)
+    x = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        for pos in range(4):
+            block(x, pos, cache)
+        assert len(looked) == 1
+        block.load_state_dict(other.state_dict())
+        again = block(x, 0, KVCache(1, 4, 8, 16))
+        assert len(looked) == 2
+        expected = other(x, 0, KVCache(1, 4, 8, 16))
+    assert torch.allclose(again, expected, atol=1e-5)

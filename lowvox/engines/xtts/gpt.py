@@ -11,6 +11,8 @@ normed states are also the "latents" the vocoder consumes.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -233,6 +235,11 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = MLP(dim, 4 * dim)
         self._fused: tuple[tuple[int, ...], kernels.FusedBlock] | None = None
+        # The cache the fused decoder was last looked up for, and the answer (None: the
+        # module path). Weights are checked once per generation (per cache), not at each
+        # of its hundreds of steps, where checking cost ~1 ms per token for 30 blocks:
+        # weights changed in place during a generation are seen from the next one.
+        self._checked: tuple[weakref.ref[KVCache], kernels.FusedBlock | None] | None = None
 
     def forward(
         self,
@@ -248,7 +255,12 @@ class Block(nn.Module):
             and x.shape[0] == 1
             and x.shape[1] == 1
         ):
-            fused = self._fused_decoder(x, cache)
+            checked = self._checked
+            if checked is not None and checked[0]() is cache:
+                fused = checked[1]
+            else:
+                fused = self._fused_decoder(x, cache)
+                self._checked = (weakref.ref(cache), fused)
             if fused is not None:
                 return fused(x, cache.k, cache.v, start)
         x = x + self.attn(self.ln_1(x), start, cache, mask)
@@ -256,7 +268,7 @@ class Block(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # Moved or cast: the fused decoder must not keep the old tensors alive.
-        self._fused = None
+        self._fused = self._checked = None
         return super()._apply(fn, *args, **kwargs)
 
     def _fused_decoder(self, x: torch.Tensor, cache: KVCache) -> kernels.FusedBlock | None:
