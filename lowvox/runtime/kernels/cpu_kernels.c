@@ -13,8 +13,9 @@
  *   in registers. bf16 weights meet float32 activations. int8 weights on CPUs with
  *   AVX512-VNNI meet the activations as int16 with a float32 scale per 256 values
  *   (relative error ~1e-5 of the largest in those 256, far below the weights' own
- *   rounding): one vpdpwssd per 32 weights instead of two conversions and two FMAs per 32,
- *   which decoding, being nearly memory-bound, turns into ~20% more bytes per second.
+ *   rounding): per 32 weights one widening and one vpdpwssd instead of four conversions
+ *   and two FMAs, which decoding, nearly memory-bound, turns into ~20% more bytes per
+ *   second.
  *   Elsewhere int8 weights are widened to float32 and meet float32 activations.
  * lv_block_decode: a whole transformer block for one token in one call (what decoding
  *   runs 30 times per token): no Python or framework work between its steps.
@@ -89,7 +90,7 @@ LV_INLINE float wscalar(const int kind, const void *row, int64_t j) {
 }
 
 #if LV_ISA == 2
-/* 16 weights of a row from element j: all of them, or the first `mask` ones. */
+/* 16 weights of a row from element j as float32 (the masked form: the first ones only). */
 LV_INLINE __m512 wload16(const int kind, const void *row, int64_t j) {
     if (kind == W_BF16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -134,8 +135,8 @@ LV_INLINE void block_tile(const int kind, const int mt, const float *x, int64_t 
 
 #if LV_VNNI
 /* One block of int8 rows against `mt` rows of int16 activations: vpdpwssd sums pairs of
- * products into int32 lanes (at most 2 * 128 products of |32767 * 127| per lane in a
- * QCHUNK: no overflow), and each chunk's sum joins the float32 total at its scale. */
+ * products into int32 lanes (16 products of at most 32768 * 127 per lane in a QCHUNK: no
+ * overflow), and each chunk's sum joins the float32 total at its scale. */
 LV_INLINE void block_tile_q16(const int mt, const acts_t *a, int64_t i0,
                               const void *const wr[ROWS], __m512 acc[XTILE][ROWS]) {
     const int64_t k = a->k, kq = QLEN(k), chunks = QCHUNKS(k);
