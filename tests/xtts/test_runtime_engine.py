@@ -187,3 +187,24 @@ def test_a_bf16_vocoder_on_a_gpu_plan_is_refused(random_bundle) -> None:
     with pytest.raises(PlanError, match="CPU feature"):
         XttsEngine(random_bundle.path, plan=gpu, vocoder_precision="bf16")
     assert XttsEngine(random_bundle.path, plan=gpu).vocoder_precision == "fp32"
+
+
+def test_low_vram_loads_into_ram_for_the_gpu_it_computes_on(random_bundle, monkeypatch) -> None:
+    """The weights load on the CPU, in the form of the device that will run them."""
+    from lowvox.engines.xtts import model as model_module
+
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(model_dir, device, precision, **kwargs):
+        seen.update(device=device, precision=precision, **kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(model_module.XttsModel, "load", fake_load)
+    plan = Plan("cuda:0", "bf16", "low_vram", "bfloat16", ["test"])
+    with pytest.raises(Loaded):
+        XttsEngine(random_bundle.path, plan=plan).load()
+    assert seen["device"] == "cpu" and seen["run_on"] == "cuda:0"
+    assert seen["precision"] == "bf16"

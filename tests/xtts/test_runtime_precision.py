@@ -227,3 +227,16 @@ def test_vocoder_precision_follows_the_gpt_or_the_setting(random_bundle, precisi
 def test_unknown_vocoder_precision_is_a_clear_error(random_bundle) -> None:
     with pytest.raises(LowvoxError, match="vocoder precision"):
         XttsModel.load(random_bundle.path, vocoder_precision="int8")
+
+
+def test_bf16_takes_the_form_of_the_device_it_runs_on(random_bundle, tmp_path) -> None:
+    """Low-VRAM residency loads into RAM to compute on the GPU: its bf16 is the GPU form
+    (bf16 activations), not the CPU kernels' (float32 activations)."""
+    model = XttsModel.load(random_bundle.path, "cpu", "bf16", cache_dir=tmp_path, run_on="cuda")
+    block = model.gpt.gpt.h[0]
+    assert isinstance(block.attn.c_attn, Conv1D)
+    assert block.attn.c_attn.weight.dtype == torch.bfloat16
+    assert block.ln_1.output_dtype == torch.bfloat16
+    assert not list(tmp_path.glob("*.bf16.lowvox.safetensors"))
+    cpu = XttsModel.load(random_bundle.path, "cpu", "bf16", cache_dir=tmp_path, run_on="cpu")
+    assert isinstance(cpu.gpt.gpt.h[0].attn.c_attn, Bf16Linear)

@@ -209,7 +209,7 @@ class XttsEngine(Engine):
         where = "cpu" if self.low_vram else self.device
         model = XttsModel.load(
             self.model_dir, where, self.precision, cache_dir=cache,
-            vocoder_precision=self.vocoder_precision,
+            vocoder_precision=self.vocoder_precision, run_on=self.device,
         )  # fmt: skip
         if cache is not None:
             model.voice_cache = VoiceCache(cache / "voices")

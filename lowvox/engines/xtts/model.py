@@ -143,6 +143,7 @@ class XttsModel(BatchSynthesis, nn.Module):
         precision: str = "fp32",
         cache_dir: str | os.PathLike[str] | None = None,
         vocoder_precision: str = "auto",
+        run_on: str | torch.device | None = None,
     ) -> XttsModel:
         """Load a model folder (config.json, model.pth, vocab.json, optional speakers_xtts.pth).
 
@@ -154,7 +155,9 @@ class XttsModel(BatchSynthesis, nn.Module):
         GPT itself runs in int8 or bf16, else fp32. Converted weights are cached as
         safetensors in `cache_dir` (or beside model.pth when that folder is writable); int8
         and CPU bf16 weights get their own cache, so loading them later never builds the
-        float model.
+        float model. `run_on`: the device the model will compute on when that is not where
+        it loads (low-VRAM residency loads into RAM and computes on the GPU); it decides
+        the forms above.
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -174,7 +177,8 @@ class XttsModel(BatchSynthesis, nn.Module):
         # what the model needs, not the high-water mark of every activation size.
         return_freed_memory()
         cache_path = default_cache_path(checkpoint, Path(cache_dir) if cache_dir else None)
-        if precision == "int8" or (precision == "bf16" and torch.device(device).type == "cpu"):
+        compute = torch.device(run_on if run_on is not None else device)
+        if precision == "int8" or (precision == "bf16" and compute.type == "cpu"):
             # bf16 on CPU: bf16 weights, float32 activations (lowvox's CPU kernels).
             model = cls._load_weight_only(precision, checkpoint, cache_path, config, vocab_path)
         else:
@@ -194,7 +198,7 @@ class XttsModel(BatchSynthesis, nn.Module):
         model.model_dir = model_dir
         model.to(device)
         model.hifigan_decoder.set_precision(
-            _vocoder_precision(vocoder_precision, precision, torch.device(device))
+            _vocoder_precision(vocoder_precision, precision, compute)
         )
 
         model.tokenizer = tokenizer
