@@ -360,12 +360,12 @@ def test_portable_build_without_native_flags_is_correct(fresh_kernels, monkeypat
         assert torch.allclose(fused, plain, atol=1e-4), kind
 
 
-WEIGHT_KINDS = ("int8", "bf16")
+WEIGHT_KINDS = ("int8", "bf16", "fp32")
 
 
 def _reduced_block(dim: int = 64, heads: int = 4, seed: int = 0, kind: str = "int8"):
     """A random block whose four linears hold int8 (`Int8Linear`) or bf16 (`Bf16Linear`)
-    weights."""
+    weights, or stay float32 GPT-2 `Conv1D`s ([in, out])."""
     from lowvox.engines.xtts.gpt import Block, conv1d_to_linear
     from lowvox.runtime.quant import quantize_linears
 
@@ -377,8 +377,9 @@ def _reduced_block(dim: int = 64, heads: int = 4, seed: int = 0, kind: str = "in
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.1 * torch.randn_like(p))
-    conv1d_to_linear(block)
-    (quantize_linears if kind == "int8" else bf16_linears)(block)
+    if kind != "fp32":
+        conv1d_to_linear(block)
+        (quantize_linears if kind == "int8" else bf16_linears)(block)
     return block
 
 
@@ -389,8 +390,11 @@ def test_fused_block_decode_equals_the_module_path(dim, heads, kind, monkeypatch
     """One C call per block gives the same output and cache contents as the torch ops."""
     from lowvox.engines.xtts.gpt import Block, KVCache
 
+    from lowvox.engines.xtts.gpt import Conv1D
+
     block = _reduced_block(dim, heads, kind=kind)
-    assert isinstance(block.mlp.c_fc, Int8Linear if kind == "int8" else Bf16Linear)
+    layer = {"int8": Int8Linear, "bf16": Bf16Linear, "fp32": Conv1D}[kind]
+    assert isinstance(block.mlp.c_fc, layer)
     prompt = torch.randn(1, 9, dim)
     token = torch.randn(1, 1, dim)
     results = []
@@ -449,6 +453,12 @@ def test_fused_block_refuses_mismatched_tensors():
     )
     with pytest.raises(ValueError, match="one weight dtype"):
         kernels.FusedBlock(ln, ln, 1e-5, int8[:2] + bf16[2:], 4)
+    fp32 = [(torch.zeros(i, o), None, torch.zeros(o)) for o, i in shapes]  # [in, out]
+    assert kernels.FusedBlock(ln, ln, 1e-5, fp32, 4).kind == kernels.F32_IN_OUT
+    with pytest.raises(ValueError, match="no scales"):
+        kernels.FusedBlock(ln, ln, 1e-5, [(w, torch.ones(w.shape[1]), b) for w, _, b in fp32], 4)
+    with pytest.raises(ValueError, match="shape"):  # float32 [out, in] is not GPT-2's layout
+        kernels.FusedBlock(ln, ln, 1e-5, [(w.t().contiguous(), None, b) for w, _, b in fp32], 4)
 
 
 @needs_compiler

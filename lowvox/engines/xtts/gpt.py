@@ -272,17 +272,18 @@ class Block(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _fused_decoder(self, x: torch.Tensor, cache: KVCache) -> kernels.FusedBlock | None:
-        """The whole block as one C call, for CPU decode steps of int8 and CPU bf16 models
-        (where the per-op overhead of ~15 small torch calls per block costs as much as
-        attention)."""
+        """The whole block as one C call, for CPU decode steps of int8, CPU bf16 and fp32
+        models (where the per-op overhead of ~15 small torch calls per block costs as much
+        as attention, and the gaps between them stall the weight stream)."""
         linears = (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
         kinds = {type(m) for m in linears}
         if (
             x.dtype != torch.float32
             or not _use_cpu_kernel(cache.k)
             or len(kinds) != 1
-            or not kinds <= {Int8Linear, Bf16Linear}
+            or not kinds <= {Int8Linear, Bf16Linear, Conv1D}
             or any(m.bias is None or m.weight.device.type != "cpu" for m in linears)
+            or (Conv1D in kinds and any(m.weight.dtype != torch.float32 for m in linears))
             or self.ln_1.output_dtype is not None
             or self.ln_1.eps != self.ln_2.eps
         ):

@@ -132,8 +132,10 @@ def _check(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
         )
 
 
-# The weight kinds the C code knows (its W_INT8 and W_BF16).
+# The weight kinds the C code knows (its W_INT8 and W_BF16), and the block's third:
+# float32 weights as GPT-2 stores them, [in, out] (W_F32_IN_OUT).
 WEIGHT_KINDS = {torch.int8: 0, torch.bfloat16: 1}
+F32_IN_OUT = 2
 
 
 def _weight_kind(weight: torch.Tensor, scales: torch.Tensor | None) -> int:
@@ -226,13 +228,13 @@ def attend_one(
 
 
 class FusedBlock:
-    """A pre-LN GPT-2 block with int8 or bf16 linears, decoded one token at a time by one C
-    call (`lv_block_decode`). Built from the block's tensors, checked once; it keeps them
-    alive.
+    """A pre-LN GPT-2 block with int8, bf16 or float32 linears, decoded one token at a time
+    by one C call (`lv_block_decode`). Built from the block's tensors, checked once; it
+    keeps them alive.
 
-    linears: (weight [out, in], scales, float32 bias [out]) for c_attn, attn c_proj, c_fc
-    and mlp c_proj, in that order; all int8 with float32 scales [out], or all bfloat16 with
-    scales None.
+    linears: (weight, scales, float32 bias [out]) for c_attn, attn c_proj, c_fc and mlp
+    c_proj, in that order; all int8 [out, in] with float32 scales [out], all bfloat16
+    [out, in] with scales None, or all float32 [in, out] (GPT-2's Conv1D) with scales None.
     """
 
     def __init__(
@@ -253,9 +255,17 @@ class FusedBlock:
                 raise ValueError(f"LayerNorm parameter of shape {tuple(t.shape)}, not ({dim},)")
         kinds = set()
         for (w, s, b), shape in zip(linears, shapes, strict=True):
-            if tuple(w.shape) != shape:
-                raise ValueError(f"linear of shape {tuple(w.shape)} where {shape} was expected")
-            kinds.add(_weight_kind(w, s))
+            stored = shape
+            if w.dtype == torch.float32:
+                _check(w, torch.float32, "weight")
+                if s is not None:
+                    raise ValueError("float32 weights take no scales")
+                stored = shape[::-1]  # [in, out]
+                kinds.add(F32_IN_OUT)
+            else:
+                kinds.add(_weight_kind(w, s))
+            if tuple(w.shape) != stored:
+                raise ValueError(f"linear of shape {tuple(w.shape)} where {stored} was expected")
             _check(b, torch.float32, "bias")
             if b.shape != (shape[0],):
                 raise ValueError(f"bias of shape {tuple(b.shape)} for {shape[0]} outputs")

@@ -4,7 +4,8 @@
  * -fopenmp) and called through ctypes; torch's own kernels are used wherever this library
  * cannot be built. Every function takes plain contiguous float32 activations and weights
  * of one of two kinds: int8 with a float32 scale per output row (W_INT8), or bfloat16
- * (W_BF16, raw 16-bit patterns, no scales).
+ * (W_BF16, raw 16-bit patterns, no scales); the block also takes float32 weights as
+ * GPT-2 stores them, [in, out] (W_F32_IN_OUT).
  *
  * lv_linear: y[m, n] = (x[m, k] . w[n, k]) * scale[n] + bias[n], with int8 or bf16
  *   weights and float32 activations. Decoding streams every weight once per token, so the
@@ -56,6 +57,7 @@
  * gets its own loop with no test inside. */
 #define W_INT8 0
 #define W_BF16 1
+#define W_F32_IN_OUT 2 /* lv_block_decode only */
 #define WBYTES(kind) ((kind) == W_BF16 ? 2 : 1)
 
 /* int8 weights against int16 activations (VNNI builds only). */
@@ -548,6 +550,49 @@ LV_INLINE void linear_band(const int kind, const float *x, int64_t k, const void
     }
 }
 
+/* Outputs [r0, r1) of y = x w + bias for float32 weights w [k, n] (GPT-2's layout) and one
+ * activation row: the band of y stays in L1 while four weight rows at a time stream past,
+ * each a contiguous run of r1 - r0 floats (the compiler vectorises the inner loop). */
+static void linear_band_in_out(const float *x, int64_t k, const float *w, int64_t n,
+                               const float *bias, float *y, int64_t r0, int64_t r1) {
+    for (int64_t c = r0; c < r1; c++) y[c] = bias[c];
+    int64_t j = 0;
+    for (; j + 4 <= k; j += 4) {
+        const float *w0 = w + j * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        const float x0 = x[j], x1 = x[j + 1], x2 = x[j + 2], x3 = x[j + 3];
+        int64_t c = r0;
+#if LV_ISA == 2
+        const __m512 v0 = _mm512_set1_ps(x0), v1 = _mm512_set1_ps(x1);
+        const __m512 v2 = _mm512_set1_ps(x2), v3 = _mm512_set1_ps(x3);
+        for (; c + 16 <= r1; c += 16) {
+            __m512 a = _mm512_loadu_ps(y + c);
+            a = _mm512_fmadd_ps(v0, _mm512_loadu_ps(w0 + c), a);
+            a = _mm512_fmadd_ps(v1, _mm512_loadu_ps(w1 + c), a);
+            a = _mm512_fmadd_ps(v2, _mm512_loadu_ps(w2 + c), a);
+            a = _mm512_fmadd_ps(v3, _mm512_loadu_ps(w3 + c), a);
+            _mm512_storeu_ps(y + c, a);
+        }
+#endif
+        for (; c < r1; c++) y[c] += x0 * w0[c] + x1 * w1[c] + x2 * w2[c] + x3 * w3[c];
+    }
+    for (; j < k; j++) {
+        const float *wj = w + j * n;
+        const float xj = x[j];
+#pragma omp simd
+        for (int64_t c = r0; c < r1; c++) y[c] += xj * wj[c];
+    }
+}
+
+/* Outputs [r0, r1) of one of a block's linears, whatever the weights' kind. */
+LV_INLINE void block_linear(const int kind, const float *x, int64_t k, const void *w,
+                            const float *scale, const float *bias, float *y, int64_t n,
+                            int64_t r0, int64_t r1, int16_t *q) {
+    if (kind == W_F32_IN_OUT)
+        linear_band_in_out(x, k, (const float *)w, n, bias, y, r0, r1);
+    else
+        linear_band(kind, x, k, w, scale, bias, y, r0, r1, q);
+}
+
 /* This thread's band of the n outputs, in whole ROWS blocks: [*r0, *r1). */
 static void my_rows(int64_t n, int64_t *r0, int64_t *r1) {
     int64_t b0, b1;
@@ -587,28 +632,29 @@ LV_INLINE void block_body(const int kind, float *x, int64_t dim, int64_t heads,
     int64_t r0, r1;
     layer_norm(x, ln1_w, ln1_b, eps, h, dim);
     my_rows(3 * dim, &r0, &r1);
-    linear_band(kind, h, dim, w[0], s[0], b[0], qkv, r0, r1, q);
+    block_linear(kind, h, dim, w[0], s[0], b[0], qkv, 3 * dim, r0, r1, q);
 #pragma omp barrier
     attend_heads(qkv, qkv + dim, qkv + 2 * dim, keys, values, heads, pos, hd, max_len * hd,
                  1.0f / sqrtf((float)hd), att, p); /* ends in a barrier */
     my_rows(dim, &r0, &r1);
-    linear_band(kind, att, dim, w[1], s[1], b[1], hidden, r0, r1, q);
+    block_linear(kind, att, dim, w[1], s[1], b[1], hidden, dim, r0, r1, q);
     for (int64_t i = r0; i < r1; i++) x[i] += hidden[i];
 #pragma omp barrier
     layer_norm(x, ln2_w, ln2_b, eps, h, dim);
     my_rows(4 * dim, &r0, &r1);
-    linear_band(kind, h, dim, w[2], s[2], b[2], hidden, r0, r1, q);
+    block_linear(kind, h, dim, w[2], s[2], b[2], hidden, 4 * dim, r0, r1, q);
     gelu_tanh(hidden + r0, r1 - r0);
 #pragma omp barrier
     my_rows(dim, &r0, &r1);
-    linear_band(kind, hidden, 4 * dim, w[3], s[3], b[3], qkv, r0, r1, q);
+    block_linear(kind, hidden, 4 * dim, w[3], s[3], b[3], qkv, dim, r0, r1, q);
     for (int64_t i = r0; i < r1; i++) x[i] += qkv[i];
 }
 
 /* One pre-LN GPT-2 block for one token, in place on the residual stream x [dim]:
  *   x += c_proj(attention(c_attn(ln_1(x)))); x += mlp_proj(gelu(c_fc(ln_2(x))))
- * with linears of one weight kind (weights [out, in]; per-row scales for int8, NULL for
- * bf16; biases) in the order c_attn, attn c_proj, c_fc, mlp c_proj, the key/value written
+ * with linears of one weight kind (int8 or bf16 weights [out, in], float32 ones [in, out];
+ * per-row scales for int8, NULL otherwise; biases) in the order c_attn, attn c_proj, c_fc,
+ * mlp c_proj, the key/value written
  * at `pos` of the caches. One parallel region for the whole block, and only five barriers:
  * every thread computes the (cheap) LayerNorms itself, and applies GELU and the residual
  * adds to its own band of rows. Few barriers matter when another process competes for
@@ -624,6 +670,9 @@ void lv_block_decode(int kind, float *x, int64_t dim, int64_t heads, const float
         if (kind == W_BF16)
             block_body(W_BF16, x, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b, keys,
                        values, pos, max_len, work, scratch);
+        else if (kind == W_F32_IN_OUT)
+            block_body(W_F32_IN_OUT, x, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b,
+                       keys, values, pos, max_len, work, scratch);
         else
             block_body(W_INT8, x, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b, keys,
                        values, pos, max_len, work, scratch);
