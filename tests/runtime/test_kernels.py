@@ -388,9 +388,7 @@ def _reduced_block(dim: int = 64, heads: int = 4, seed: int = 0, kind: str = "in
 @pytest.mark.parametrize("dim,heads", [(64, 4), (96, 3)])
 def test_fused_block_decode_equals_the_module_path(dim, heads, kind, monkeypatch):
     """One C call per block gives the same output and cache contents as the torch ops."""
-    from lowvox.engines.xtts.gpt import Block, KVCache
-
-    from lowvox.engines.xtts.gpt import Conv1D
+    from lowvox.engines.xtts.gpt import Block, Conv1D, KVCache
 
     block = _reduced_block(dim, heads, kind=kind)
     layer = {"int8": Int8Linear, "bf16": Bf16Linear, "fp32": Conv1D}[kind]
