@@ -492,3 +492,38 @@ def test_fused_block_is_checked_once_per_cache(monkeypatch):
         assert len(looked) == 2
         expected = other(x, 0, KVCache(1, 4, 8, 16))
     assert torch.allclose(again, expected, atol=1e-5)
+
+
+@needs_compiler
+def test_avx512_build_without_vnni_keeps_float_activations(fresh_kernels, monkeypatch):
+    """CPUs with AVX-512 but no VNNI (Skylake servers) take the float32 path: exact
+    against float64, and the fused int8 block still equals the module path."""
+    from lowvox.runtime.devices import probe_machine
+
+    if "avx512f" not in probe_machine(with_gpus=False).cpu_flags:
+        pytest.skip("needs an AVX-512 CPU")
+    monkeypatch.setattr(
+        build, "FLAG_SETS", (("-O3", "-march=native", "-mno-avx512vnni", "-fopenmp"),)
+    )
+    path = build.build_library()
+    assert path is not None
+    kernels.reset()
+    monkeypatch.setattr(kernels, "build_library", lambda: path)
+    assert kernels.isa() == "AVX-512" and not kernels.int16_activations()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 300, generator=g)
+    w = torch.randint(-127, 128, (9, 300), dtype=torch.int8, generator=g)
+    s = torch.rand(9, generator=g) + 0.01
+    y = kernels.linear(x, w, s, None)
+    bound = 1e-6 * 300 * (x.abs().max() * 127 * s.max()).item()
+    assert (y.double() - _int8_reference(x, w, s, None)).abs().max().item() <= bound
+    from lowvox.engines.xtts.gpt import KVCache
+
+    block = _reduced_block(kind="int8")
+    token = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        fused = block(token, 0, KVCache(1, 4, 4, 16))
+        assert block._fused is not None
+        monkeypatch.setattr(type(block), "_fused_decoder", lambda *a: None)
+        plain = block(token, 0, KVCache(1, 4, 4, 16))
+    assert torch.allclose(fused, plain, atol=1e-4)
