@@ -61,18 +61,21 @@ def _version(t: torch.Tensor) -> int:
 _FUSED: dict[str, bool] = {}
 
 
-class Int8Linear(nn.Module):
-    """A drop-in for nn.Linear holding int8 weights and per-output-channel scales."""
+class WeightOnlyLinear(nn.Module):
+    """A drop-in for nn.Linear whose weights are stored in a reduced dtype (`WEIGHT_DTYPE`)
+    with a float32 bias, taking and returning float32. On CPU a few rows (decode steps) run
+    lowvox's kernel with float32 activations, many rows (a prompt) one bf16 matmul on the
+    matrix units; elsewhere `_forward_torch`."""
+
+    WEIGHT_DTYPE: torch.dtype
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.register_buffer(
-            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
-        )
-        self.register_buffer(
-            "scales", torch.empty(out_features, dtype=torch.bfloat16, device=device)
+            "weight",
+            torch.empty(out_features, in_features, dtype=self.WEIGHT_DTYPE, device=device),
         )
         if bias:
             self.register_buffer(
@@ -80,6 +83,39 @@ class Int8Linear(nn.Module):
             )
         else:
             self.bias = None
+
+    def kernel_scales(self) -> torch.Tensor | None:
+        """Per-output-channel float32 scales for lowvox's kernel (None: unscaled weights)."""
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            rows = x.numel() // self.in_features
+            if rows >= MATMUL_ROWS and cpu_has_fast_bf16():
+                return self._forward_bf16_matmul(x)
+            if kernels.available():
+                x2 = x.reshape(-1, self.in_features).contiguous()  # [N, in]
+                y = kernels.linear(x2, self.weight, self.kernel_scales(), self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
+        return self._forward_torch(x)
+
+    def _forward_bf16_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(WeightOnlyLinear):
+    """int8 weights and per-output-channel scales."""
+
+    WEIGHT_DTYPE = torch.int8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
+        super().__init__(in_features, out_features, bias, device)
+        self.register_buffer(
+            "scales", torch.empty(out_features, dtype=torch.bfloat16, device=device)
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -103,16 +139,7 @@ class Int8Linear(nn.Module):
             self._scales_key = key
         return self._scales_f32
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32:
-            rows = x.numel() // self.in_features
-            if rows >= MATMUL_ROWS and cpu_has_fast_bf16():
-                return self._forward_bf16_matmul(x)
-            if kernels.available():
-                x2 = x.reshape(-1, self.in_features).contiguous()  # [N, in]
-                y = kernels.linear(x2, self.weight, self.float_scales(), self.bias)
-                return y.view(*x.shape[:-1], self.out_features)
-        return self._forward_fused(x)
+    kernel_scales = float_scales
 
     def _forward_bf16_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows at once (a prompt's prefill): the weights widened to bf16 (exact, int8
@@ -125,6 +152,9 @@ class Int8Linear(nn.Module):
         every layer grew it again (~+0.3 GB RSS for the full-size GPT, only given back by
         `release_heap`)."""
         return _bf16_matmul(x, self.weight.to(torch.bfloat16), self.scales.float(), self.bias)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_fused(x)
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """PyTorch's fused int8-weight kernel with bf16 activations (GPUs, and CPUs without
@@ -172,24 +202,10 @@ def _bf16_matmul(
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-class Bf16Linear(nn.Module):
-    """A drop-in for nn.Linear holding bfloat16 weights (half of fp32's bytes) and a float32
-    bias, taking and returning float32: a CPU decode step runs lowvox's kernel with float32
-    activations, a prompt one bf16 matmul; elsewhere F.linear in bf16."""
+class Bf16Linear(WeightOnlyLinear):
+    """bfloat16 weights: half of fp32's bytes, no scales."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.register_buffer(
-            "weight", torch.empty(out_features, in_features, dtype=torch.bfloat16, device=device)
-        )
-        if bias:
-            self.register_buffer(
-                "bias", torch.empty(out_features, dtype=torch.float32, device=device)
-            )
-        else:
-            self.bias = None
+    WEIGHT_DTYPE = torch.bfloat16
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Bf16Linear:
@@ -200,15 +216,10 @@ class Bf16Linear(nn.Module):
             mod.bias = linear.bias.detach().float().clone()
         return mod
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32:
-            rows = x.numel() // self.in_features
-            if rows >= MATMUL_ROWS and cpu_has_fast_bf16():
-                return _bf16_matmul(x, self.weight, None, self.bias)
-            if kernels.available():
-                x2 = x.reshape(-1, self.in_features).contiguous()  # [N, in]
-                y = kernels.linear(x2, self.weight, None, self.bias)
-                return y.view(*x.shape[:-1], self.out_features)
+    def _forward_bf16_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return _bf16_matmul(x, self.weight, None, self.bias)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)

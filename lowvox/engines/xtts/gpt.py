@@ -19,7 +19,7 @@ from torch import nn
 
 from lowvox.engines.xtts.config import XttsArgs
 from lowvox.runtime import kernels
-from lowvox.runtime.quant import Bf16Linear, Int8Linear
+from lowvox.runtime.quant import Bf16Linear, Int8Linear, WeightOnlyLinear
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon and nn.LayerNorm's default
 
@@ -289,7 +289,7 @@ class Block(nn.Module):
         ):
             return None
         parts = [
-            (m.weight, m.float_scales() if isinstance(m, Int8Linear) else None, m.bias)
+            (m.weight, m.kernel_scales() if isinstance(m, WeightOnlyLinear) else None, m.bias)
             for m in linears
         ]
         norms = (self.ln_1.weight, self.ln_1.bias, self.ln_2.weight, self.ln_2.bias)
