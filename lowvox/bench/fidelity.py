@@ -2,7 +2,9 @@
 
 Teacher-forced: fp32 picks greedy codes once; both models then score the same sequence,
 so one early disagreement cannot snowball. Reported: cosine of the logit vectors, top-1
-agreement per position, and the vocoder's SNR on the same latents.
+agreement per position, and the vocoder's SNR on the same latents. The test model scores
+the codes twice: in one pass (the prompt's path) and fed one decode step at a time (the
+kernels generation runs, e.g. int8 decode steps' int16 activations).
 """
 
 from __future__ import annotations
@@ -44,17 +46,23 @@ def compare(
     cos = torch.cat([p[0] for p in parts])
     agree = torch.cat([p[1] for p in parts]).float().mean().item()
     snr = _snr_db(torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts]))
+    cos_steps = torch.cat([p[4] for p in parts])
+    agree_steps = torch.cat([p[5] for p in parts]).float().mean().item()
     return {
         "logit_cosine_mean": cos.mean().item(),
         "logit_cosine_min": cos.min().item(),
         "top1_agreement": agree,
+        "decode_logit_cosine_mean": cos_steps.mean().item(),
+        "decode_logit_cosine_min": cos_steps.min().item(),
+        "decode_top1_agreement": agree_steps,
         "vocoder_snr_db": "identical (fp32 vocoder)" if math.isinf(snr) else f"{snr:.1f} dB",
         "positions": int(cos.numel()),
     }
 
 
 def _compare_one(reference, test, text: str, tokens: int):
-    """Per-position logit cosines, top-1 matches, and both vocoders' audio for one text."""
+    """Per-position logit cosines and top-1 matches (one pass), both vocoders' audio, and
+    the cosines and matches of the decode-step logits, for one text."""
     from lowvox.bench.worker import bench_voice, suppress_stop_token
     from lowvox.engines.xtts.generate import Generator
     from lowvox.engines.xtts.sampling import SamplingOptions
@@ -78,10 +86,16 @@ def _compare_one(reference, test, text: str, tokens: int):
     test_logits = test.gpt.logits(test_latents).float().to(ref_logits.device)
     cos = torch.nn.functional.cosine_similarity(ref_logits, test_logits, dim=-1).flatten()
     agree = (ref_logits.argmax(-1) == test_logits.argmax(-1)).flatten()
+    stepped = Generator(
+        test.gpt, voice.gpt_cond_latent.to(test.device), ids, opts, tokens, forced=codes
+    ).run()
+    step_logits = stepped.logits.float().to(ref_logits.device)
+    cos_steps = torch.nn.functional.cosine_similarity(ref_logits, step_logits, dim=-1).flatten()
+    agree_steps = (ref_logits.argmax(-1) == step_logits.argmax(-1)).flatten()
     ref_wav = torch.from_numpy(reference._vocode(gen.latents, voice))
     test_wav = torch.from_numpy(test._vocode(gen.latents.to(test.device), voice))
     n = min(ref_wav.numel(), test_wav.numel())
-    return cos, agree, ref_wav[:n], test_wav[:n]
+    return cos, agree, ref_wav[:n], test_wav[:n], cos_steps, agree_steps
 
 
 def fidelity_report(folder: Path, precisions: list[str], opts) -> dict[str, list[dict[str, Any]]]:

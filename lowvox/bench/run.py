@@ -197,4 +197,9 @@ def format_report(report: dict[str, Any]) -> str:
                     f"  {name} {r['precision']}: logit cosine mean {r['logit_cosine_mean']:.5f} min {r['logit_cosine_min']:.5f}, "
                     f"teacher-forced top-1 agreement {r['top1_agreement'] * 100:.1f}%, vocoder SNR {r['vocoder_snr_db']}"
                 )
+                lines.append(
+                    f"  {' ' * len(name)} {' ' * len(r['precision'])}  decode steps: logit cosine mean "
+                    f"{r['decode_logit_cosine_mean']:.5f} min {r['decode_logit_cosine_min']:.5f}, "
+                    f"top-1 agreement {r['decode_top1_agreement'] * 100:.1f}%"
+                )
     return "\n".join(lines)

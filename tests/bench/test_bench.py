@@ -72,6 +72,9 @@ def test_fidelity_of_a_model_against_itself_is_perfect(tiny_folder, tmp_path):
     assert r["logit_cosine_min"] > 0.99999
     assert r["top1_agreement"] == 1.0
     assert r["vocoder_snr_db"].startswith("identical")
+    # Decode steps compute the same logits as the one pass (other kernels, same maths).
+    assert r["decode_logit_cosine_min"] > 0.99999
+    assert r["decode_top1_agreement"] == 1.0
 
 
 def test_fidelity_detects_a_perturbed_model(tiny_folder, tmp_path):
@@ -82,6 +85,7 @@ def test_fidelity_detects_a_perturbed_model(tiny_folder, tmp_path):
             p.add_(torch.randn_like(p) * p.std() * 0.5)
     r = compare(a, b, "hello there, how are you?", tokens=16)
     assert r["logit_cosine_mean"] < 0.999
+    assert r["decode_logit_cosine_mean"] < 0.999
 
 
 def test_fidelity_pools_positions_over_several_texts(tiny_folder, tmp_path):

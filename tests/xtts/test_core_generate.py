@@ -72,6 +72,22 @@ def test_cached_decoding_equals_one_full_pass(random_model) -> None:
     torch.testing.assert_close(gen.logits, gpt.logits(full), atol=1e-4, rtol=1e-4)
 
 
+def test_forced_codes_are_teacher_forcing_through_decode_steps(random_model) -> None:
+    """Forced codes are fed as they are, whatever would be chosen, and the logits are
+    those of the one-pass teacher-forced forward."""
+    gpt = random_model.gpt
+    torch.manual_seed(2)
+    cond = torch.randn(1, 32, gpt.dim)
+    ids = torch.randint(30, 200, (1, 9))
+    codes = torch.randint(0, gpt.args.gpt_num_audio_tokens - 2, (12,))
+    gen = Generator(gpt, cond, ids, GREEDY, 100, forced=codes).run()
+    assert torch.equal(gen.codes, codes) and not gen.stopped
+    with torch.inference_mode():
+        full = gpt.logits(gpt.teacher_forced_latents(cond, ids, codes[None]))
+    torch.testing.assert_close(gen.logits, full, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(gen.logits.argmax(-1)[0], codes)  # not what greedy would pick
+
+
 def test_static_shape_decode_step_matches_eager(random_model) -> None:
     """Tensor positions (the graph-capturable path) give the same latents as int ones."""
     gpt = random_model.gpt

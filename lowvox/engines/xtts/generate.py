@@ -127,9 +127,12 @@ class Generator:
         max_new_tokens: int,
         generator: torch.Generator | None = None,
         static: StaticDecoder | None = None,
+        forced: torch.Tensor | None = None,
     ) -> None:
         """`static`: decode through this fixed-shape (possibly graph-captured) step when
-        the generation fits its cache; otherwise the ordinary eager step is used."""
+        the generation fits its cache; otherwise the ordinary eager step is used.
+        `forced` [N]: feed these codes instead of choosing (teacher forcing through the
+        very decode steps generation runs); the logits are still computed and returned."""
         args = gpt.args
         if text_ids.dim() != 2 or text_ids.shape[0] != 1:
             raise ValueError(f"text_ids must be [1, T], got {tuple(text_ids.shape)}")
@@ -148,6 +151,9 @@ class Generator:
         self.cond_latent = cond_latent
         self.text_ids = text_ids
         self.static = static
+        self.forced = forced
+        if forced is not None:
+            self.max_new_tokens = min(self.max_new_tokens, forced.numel())
 
     @torch.inference_mode()
     def steps(self) -> Iterator[Step]:
@@ -176,7 +182,10 @@ class Generator:
         for i in range(self.max_new_tokens):
             logits = gpt.logits(latent)[:, -1].float()  # [1, V]
             scores = process_logits(logits, seen, opts)
-            token = select_token(scores, opts.do_sample, self.generator)  # [1]
+            if self.forced is None:
+                token = select_token(scores, opts.do_sample, self.generator)  # [1]
+            else:
+                token = self.forced.reshape(-1)[i : i + 1].to(device)
             is_stop = int(token) == args.gpt_stop_audio_token
             yield Step(token=token, latent=latent, logits=logits, is_stop=is_stop)
             if is_stop or i + 1 == self.max_new_tokens:
