@@ -179,7 +179,9 @@ def linear(
         if bias.shape != (n,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
     y = torch.empty(m, n, dtype=torch.float32)
-    scratch = torch.empty(lib.lv_linear_scratch(m, k), dtype=torch.int16)
+    # int8 weights' int16 activations (VNNI builds); bf16 weights need none.
+    size = lib.lv_linear_scratch(m, k) if weight.dtype == torch.int8 else 0
+    scratch = torch.empty(size, dtype=torch.int16)
     lib.lv_linear(
         kind, x.data_ptr(), m, k, weight.data_ptr(), None if scales is None else scales.data_ptr(),
         None if bias is None else bias.data_ptr(), y.data_ptr(), n, scratch.data_ptr(),
