@@ -287,7 +287,8 @@ class XttsModel(BatchSynthesis, nn.Module):
         with torch.device("meta"):
             model = cls(config)
         conv1d_to_linear(model.gpt.gpt)
-        WEIGHT_ONLY[precision][2](model.gpt, include=BLOCK_LINEARS)
+        _, _, skeleton = WEIGHT_ONLY[precision]
+        skeleton(model.gpt, include=BLOCK_LINEARS)
         model = cls._assign(model, cached.state_dict, str(path))
         model.fingerprint = cached.metadata["sha256"]
         return model

@@ -301,7 +301,6 @@ LV_INLINE void linear_rows(const int kind, const acts_t *a, int64_t m, const voi
     }
 }
 
-/* y = x w^T * scale + bias; kind W_INT8 (scale required) or W_BF16 (scale NULL). */
 /* Scratch for the int16 form of m rows of k activations: QLEN(k) int16 and QCHUNKS(k)
  * floats per row, in int16 units (the floats after the int16 values, 4-byte aligned). */
 int64_t lv_linear_scratch(int64_t m, int64_t k) {
@@ -312,8 +311,8 @@ int64_t lv_linear_scratch(int64_t m, int64_t k) {
  * scratch: lv_linear_scratch(m, k) int16 values. */
 void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, const float *scale,
                const float *bias, float *y, int64_t n, int16_t *scratch, int nthreads) {
-    acts_t a = {x, scratch, (const float *)(scratch + m * QLEN(k)), k};
-    (void)a;
+    float *sx = (float *)(scratch + m * QLEN(k)); /* unused unless LV_VNNI */
+    acts_t a = {x, scratch, sx, k};
 #pragma omp parallel num_threads(nthreads)
     {
         if (kind == W_BF16) {
@@ -322,8 +321,7 @@ void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, co
 #if LV_VNNI
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++)
-                quantize_row(x + i * k, k, scratch + i * QLEN(k),
-                             (float *)(scratch + m * QLEN(k)) + i * QCHUNKS(k));
+                quantize_row(x + i * k, k, scratch + i * QLEN(k), sx + i * QCHUNKS(k));
             /* the loop's end is a barrier: every row is ready */
 #endif
             linear_rows(W_INT8, &a, m, w, scale, bias, y, n);
@@ -536,11 +534,10 @@ LV_INLINE void linear_band(const int kind, const float *x, int64_t k, const void
                           const float *scale, const float *bias, float *y, int64_t r0,
                           int64_t r1, int16_t *q) {
     const int64_t stride = k * WBYTES(kind);
-    acts_t a = {x, q, (const float *)(q + QLEN(k)), k};
+    float *sx = (float *)(q + QLEN(k));
+    acts_t a = {x, q, sx, k};
 #if LV_VNNI
-    if (USE_Q16(kind)) quantize_row(x, k, q, (float *)(q + QLEN(k))); /* this thread's copy */
-#else
-    (void)q;
+    if (USE_Q16(kind)) quantize_row(x, k, q, sx); /* this thread's copy */
 #endif
     for (int64_t r = r0; r < r1; r += ROWS) {
         const int rows = (int)(r1 - r < ROWS ? r1 - r : ROWS);
@@ -552,7 +549,8 @@ LV_INLINE void linear_band(const int kind, const float *x, int64_t k, const void
 
 /* Outputs [r0, r1) of y = x w + bias for float32 weights w [k, n] (GPT-2's layout) and one
  * activation row: the band of y stays in L1 while four weight rows at a time stream past,
- * each a contiguous run of r1 - r0 floats (the compiler vectorises the inner loop). */
+ * each a contiguous run of r1 - r0 floats (explicit AVX-512: gcc's own vectorisation of
+ * this loop used 256-bit vectors and ran no faster than torch). */
 static void linear_band_in_out(const float *x, int64_t k, const float *w, int64_t n,
                                const float *bias, float *y, int64_t r0, int64_t r1) {
     for (int64_t c = r0; c < r1; c++) y[c] = bias[c];
