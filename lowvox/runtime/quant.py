@@ -4,7 +4,8 @@ int8: each output channel gets its own scale (symmetric, max-abs / 127). Decodin
 is bound by how fast weights stream from memory, and int8 reads a quarter of fp32's bytes,
 bf16 half. On CPU the matmul of a decode step is lowvox's own kernel (`runtime/kernels`:
 float32 activations, scale and bias applied in the same pass) and a prompt's is one bf16
-matmul; elsewhere, or without that kernel, PyTorch's kernels with bf16 activations.
+matmul, or for int8 on CPUs with AMX the kernel again; elsewhere, or without that kernel,
+PyTorch's kernels with bf16 activations.
 """
 
 from __future__ import annotations
@@ -91,13 +92,17 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32:
             rows = x.numel() // self.in_features
-            if rows >= MATMUL_ROWS and cpu_has_fast_bf16():
+            if rows >= MATMUL_ROWS and cpu_has_fast_bf16() and not self._kernel_takes_many_rows():
                 return self._forward_bf16_matmul(x)
             if kernels.available():
                 x2 = x.reshape(-1, self.in_features).contiguous()  # [N, in]
                 y = kernels.linear(x2, self.weight, self.kernel_scales(), self.bias)
                 return y.view(*x.shape[:-1], self.out_features)
         return self._forward_torch(x)
+
+    def _kernel_takes_many_rows(self) -> bool:
+        """Whether lowvox's kernel also beats the bf16 matmul at MATMUL_ROWS rows and more."""
+        return False
 
     def _forward_bf16_matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -140,6 +145,12 @@ class Int8Linear(WeightOnlyLinear):
         return self._scales_f32
 
     kernel_scales = float_scales
+
+    def _kernel_takes_many_rows(self) -> bool:
+        # On AMX the kernel multiplies many rows at the cost of few (a 64-token prompt's
+        # linears ran ~2.5x faster than widening the weights for the bf16 matmul), with
+        # int16 activations where the matmul rounds them to bf16.
+        return kernels.amx()
 
     def _forward_bf16_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows at once (a prompt's prefill): the weights widened to bf16 (exact, int8

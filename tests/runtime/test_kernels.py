@@ -78,7 +78,9 @@ def test_int16_activations_are_close_to_the_floats():
 @pytest.mark.parametrize(
     "m,k,n",
     [(1, 1024, 3072), (1, 17, 1), (2, 100, 7), (3, 64, 9), (4, 48, 4), (5, 4096, 6),
-     (8, 33, 5), (9, 250, 13), (40, 96, 30)],
+     (8, 33, 5), (9, 250, 13), (40, 96, 30),
+     # shapes the AMX path takes (k a multiple of 64, n of 16): one and several row groups
+     (2, 128, 32), (8, 1024, 48), (16, 320, 16), (17, 256, 64), (40, 4096, 32)],
 )  # fmt: skip
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_int8_linear_matches_float64(m, k, n, with_bias):
@@ -226,14 +228,15 @@ def _dequantised_reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
 @needs_compiler
 @pytest.mark.parametrize("rows", [1, 3, 8, MATMUL_ROWS, 40])
 def test_every_int8_path_computes_the_dequantised_layer(rows, monkeypatch):
-    """The C kernel (few rows), the bf16 matmul (many rows, on CPUs with bf16 units) and
-    torch's fused kernel all compute x @ (q * s).T + b; only the last two round x to bf16."""
+    """The C kernel (few rows, or any number on AMX), the bf16 matmul (many rows, on CPUs
+    with bf16 units) and torch's fused kernel all compute x @ (q * s).T + b; only the last
+    two round x to bf16."""
     layer = _int8_layer()
     x = torch.randn(rows, 256)
     ref = _dequantised_reference(layer, x)
     scale = ref.abs().max().item()
     kernel = layer(x).double()
-    if rows < MATMUL_ROWS and kernels.available():
+    if (rows < MATMUL_ROWS or kernels.amx()) and kernels.available():
         exact = _dequantised_reference(layer, _int8_kernel_input(x))
         assert (kernel - exact).abs().max().item() < 1e-5 * scale
     fused = layer._forward_fused(x).double()
@@ -415,6 +418,83 @@ def test_fused_block_decode_equals_the_module_path(dim, heads, kind, monkeypatch
 
 @needs_compiler
 @pytest.mark.parametrize("kind", WEIGHT_KINDS)
+@pytest.mark.parametrize("rows", [2, 5])
+def test_fused_block_decodes_a_left_padded_batch(rows, kind, monkeypatch):
+    """A padded batch's step as one C call: each row sees only its own positions, and the
+    outputs and caches equal the torch ops under the batch's mask."""
+    from lowvox.engines.xtts.gpt import Block, KVCache, left_padding_starts
+
+    dim, heads, width = 64, 4, 9
+    block = _reduced_block(dim, heads, kind=kind)
+    prompt = torch.randn(rows, width, dim)
+    token = torch.randn(rows, 1, dim)
+    offsets = torch.tensor([(3 * i) % width for i in range(rows)])  # row 0 unpadded
+    columns = torch.arange(width + 1)
+    valid = columns[None, :] >= offsets[:, None]  # [B, width + 1]
+    causal = (columns[None, :width] <= columns[:width, None]) & valid[:, None, :width]
+    prefill_mask = (causal | torch.eye(width, dtype=torch.bool)).unsqueeze(1)
+    step_mask = valid[:, None, None, :]  # [B, 1, 1, width + 1]
+    starts = left_padding_starts(step_mask, width + 1)
+    assert torch.equal(starts, offsets)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(Block, "_fused_decoder", lambda *a: None)
+        cache = KVCache(rows, heads, 16, dim // heads)
+        with torch.inference_mode():
+            block(prompt, 0, cache, prefill_mask)
+            out = block(token, width, cache, step_mask, starts)
+        results.append((out, cache.k.clone(), cache.v.clone()))
+    (a, ka, va), (b, kb, vb) = results
+    assert block._fused is not None  # the fused path did run
+    assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item())
+    assert torch.allclose(ka, kb, atol=1e-5) and torch.allclose(va, vb, atol=1e-5)
+    # The padding matters: attending over every position gives other outputs.
+    with torch.inference_mode():
+        cache = KVCache(rows, heads, 16, dim // heads)
+        block(prompt, 0, cache, prefill_mask)
+        unmasked = block(token, width, cache)
+    assert not torch.allclose(unmasked[1:], b[1:], atol=1e-3)
+    assert torch.allclose(unmasked[0], b[0], atol=1e-4 * max(1.0, b.abs().max().item()))
+
+
+def test_left_padding_starts_only_reads_left_padding_masks():
+    from lowvox.engines.xtts.gpt import left_padding_starts
+
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    assert left_padding_starts(mask[:, None, None], 4).tolist() == [0, 2, 3]
+    assert left_padding_starts(mask[:, None, None], 5) is None  # another length
+    gap = torch.tensor([[1, 0, 1, 1]], dtype=torch.bool)  # not a suffix
+    assert left_padding_starts(gap[:, None, None], 4) is None
+    blind = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)  # sees nothing
+    assert left_padding_starts(blind[:, None, None], 4) is None
+    assert left_padding_starts(mask[:, None, None].float(), 4) is None
+    assert left_padding_starts(mask[:, None, None].expand(3, 1, 2, 4), 4) is None
+
+
+@needs_compiler
+def test_fused_block_refuses_bad_batches():
+    from lowvox.engines.xtts.gpt import KVCache
+
+    block = _reduced_block(kind="int8")
+    with torch.inference_mode():
+        fused = block._fused_decoder(torch.zeros(1, 1, 64), KVCache(1, 4, 8, 16))
+    cache = torch.zeros(2, 4, 8, 16)
+    x = torch.zeros(2, 1, 64)
+    with pytest.raises(ValueError, match="cache"):
+        fused(x, cache[:1].clone(), cache[:1].clone(), 3)  # one cache row for two
+    with pytest.raises(ValueError, match="starts"):
+        fused(x, cache, cache.clone(), 3, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="starts"):
+        fused(x, cache, cache.clone(), 3, torch.zeros(2, dtype=torch.int32))
+    # Out-of-range starts are clamped, never read outside the cache.
+    far = fused(x, cache, cache.clone(), 3, torch.tensor([-5, 99]))
+    near = fused(x, cache, cache.clone(), 3, torch.tensor([0, 3]))
+    assert torch.equal(far, near)
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
 def test_fused_block_follows_new_weights_and_moves(kind):
     from lowvox.engines.xtts.gpt import KVCache
 
@@ -457,6 +537,51 @@ def test_fused_block_refuses_mismatched_tensors():
         kernels.FusedBlock(ln, ln, 1e-5, [(w, torch.ones(w.shape[1]), b) for w, _, b in fp32], 4)
     with pytest.raises(ValueError, match="shape"):  # float32 [out, in] is not GPT-2's layout
         kernels.FusedBlock(ln, ln, 1e-5, [(w.t().contiguous(), None, b) for w, _, b in fp32], 4)
+
+
+@needs_compiler
+def test_amx_path_equals_the_vnni_path():
+    """Where AMX serves several rows it computes what the VNNI path does (the same int16
+    activations, exact int32 sums per chunk); switched off, the VNNI path takes over."""
+    if not kernels.amx():
+        pytest.skip("needs a CPU with AMX-INT8 (and a kernel that grants it)")
+    g = torch.Generator().manual_seed(11)
+    for m, k, n in [(2, 64, 16), (8, 1024, 96), (33, 512, 48)]:
+        x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 4
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s, b = torch.rand(n, generator=g) + 0.01, torch.randn(n, generator=g)
+        try:
+            on = kernels.linear(x, w, s, b)
+            assert not kernels.set_amx(False) and not kernels.amx()
+            off = kernels.linear(x, w, s, b)
+        finally:
+            assert kernels.set_amx(True)
+        bound = 1e-6 * k * (x.abs().max() * 127 * s.max()).item()
+        assert (on - off).abs().max().item() <= bound
+        ref = _int8_reference(_int16_activations(x), w, s, b)
+        assert (on.double() - ref).abs().max().item() <= bound
+    assert "AMX" in kernels.describe()
+
+
+@needs_compiler
+def test_amx_switched_off_by_environment(monkeypatch):
+    from lowvox.runtime.quant import cpu_has_fast_bf16
+
+    monkeypatch.setenv("LOWVOX_AMX", "0")
+    kernels.reset()
+    try:
+        assert kernels.available() and not kernels.amx()
+        assert "AMX" not in kernels.describe()
+        layer = _int8_layer()
+        x = torch.randn(MATMUL_ROWS + 4, 256)
+        y = layer(x).double()
+    finally:
+        monkeypatch.undo()
+        kernels.reset()
+    exact = _dequantised_reference(layer, _int8_kernel_input(x))
+    if cpu_has_fast_bf16():
+        # Without AMX a prompt goes back to the bf16 matmul: x rounded to bf16.
+        assert (y - exact).abs().max().item() > 1e-5 * exact.abs().max().item()
 
 
 @needs_compiler
@@ -510,6 +635,7 @@ def test_avx512_build_without_vnni_keeps_float_activations(fresh_kernels, monkey
     kernels.reset()
     monkeypatch.setattr(kernels, "build_library", lambda: path)
     assert kernels.isa() == "AVX-512" and not kernels.int16_activations()
+    assert not kernels.amx()  # AMX rides on the int16 activations
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 300, generator=g)
     w = torch.randint(-127, 128, (9, 300), dtype=torch.int8, generator=g)

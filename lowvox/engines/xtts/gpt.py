@@ -247,12 +247,15 @@ class Block(nn.Module):
         start: Position,
         cache: KVCache | None,
         mask: torch.Tensor | None = None,
+        starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`starts` [B] (int64, with a one-token step's `mask`): the mask in another form,
+        row b sees positions starts[b]..start (see `left_padding_starts`); it lets the
+        fused CPU decoder serve padded batches."""
         if (
-            mask is None
+            (mask is None or starts is not None)
             and cache is not None
             and isinstance(start, int)
-            and x.shape[0] == 1
             and x.shape[1] == 1
         ):
             checked = self._checked
@@ -262,7 +265,7 @@ class Block(nn.Module):
                 fused = self._fused_decoder(x, cache)
                 self._checked = (weakref.ref(cache), fused)
             if fused is not None:
-                return fused(x, cache.k, cache.v, start)
+                return fused(x, cache.k, cache.v, start, starts)
         x = x + self.attn(self.ln_1(x), start, cache, mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -317,9 +320,27 @@ class Transformer(nn.Module):
         caches: list[KVCache] | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        starts = None
+        if mask is not None and x.shape[1] == 1 and isinstance(start, int):
+            starts = left_padding_starts(mask, start + 1)
         for i, block in enumerate(self.h):
-            x = block(x, start, caches[i] if caches is not None else None, mask)
+            x = block(x, start, caches[i] if caches is not None else None, mask, starts)
         return self.ln_f(x)
+
+
+def left_padding_starts(mask: torch.Tensor, length: int) -> torch.Tensor | None:
+    """A one-token step's mask [B, 1, 1, length] as each row's first visible position
+    (int64 [B]) when every row sees exactly its positions from there to the end (a
+    left-padded batch) and at least the last; None for any other mask."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, 1, length):
+        return None
+    rows = mask[:, 0, 0]  # [B, length]
+    starts = length - rows.sum(dim=1)
+    if not torch.equal(rows, torch.arange(length, device=mask.device) >= starts[:, None]):
+        return None
+    if bool((starts >= length).any()):
+        return None
+    return starts
 
 
 class PositionEmbedding(nn.Module):

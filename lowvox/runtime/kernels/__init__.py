@@ -1,5 +1,6 @@
 """lowvox's own CPU kernels (a linear layer with int8 or bf16 weights and float32
-activations, one-query attention, a whole GPT block for one token), loaded through ctypes.
+activations, one-query attention, a whole GPT block for one token of one or several
+sequences), loaded through ctypes.
 
 `load()` builds the C library on first use (see `build.py`); when that is impossible, or
 `LOWVOX_CPU_KERNELS=0` is set, `available()` is False and callers use torch's kernels. The
@@ -38,6 +39,10 @@ def enabled_by_env() -> bool:
     }
 
 
+def amx_enabled_by_env() -> bool:
+    return os.environ.get("LOWVOX_AMX", "1").strip().lower() not in {"0", "off", "false", "no"}
+
+
 def load() -> ctypes.CDLL | None:
     """The library (built and loaded on the first call), or None where it cannot be had."""
     global _lib, _tried, _path
@@ -52,6 +57,7 @@ def load() -> ctypes.CDLL | None:
                 try:
                     _lib = _bind(ctypes.CDLL(str(path)))
                     _path = path
+                    _lib.lv_amx_enable(int(amx_enabled_by_env()))
                 except OSError as e:
                     log.warning("could not load %s (torch's kernels are used): %s", path, e)
         _tried = True
@@ -69,8 +75,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.lv_isa.argtypes, lib.lv_isa.restype = [], i32
     lib.lv_int16_activations.argtypes, lib.lv_int16_activations.restype = [], i32
+    lib.lv_amx_enable.argtypes, lib.lv_amx_enable.restype = [i32], i32
     lib.lv_linear_scratch.argtypes, lib.lv_linear_scratch.restype = [i64, i64], i64
-    lib.lv_block_work_floats.argtypes, lib.lv_block_work_floats.restype = [i64, i32], i64
+    lib.lv_block_work_floats.argtypes, lib.lv_block_work_floats.restype = [i64, i64, i32], i64
     lib.lv_linear.argtypes = [i32, p, i64, i64, p, p, p, p, i64, p, i32]
     lib.lv_linear.restype = None
     lib.lv_attend_one.argtypes = [p, p, p, p, p, i64, i64, i64, i64, f32, p, p, i32]
@@ -78,6 +85,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_block_decode.argtypes = [
         i32,  # weight kind
         p,  # x
+        i64,  # rows
         i64,  # dim
         i64,  # heads
         *([p] * 4),  # LayerNorm weights and biases
@@ -87,6 +95,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         p,  # biases[4]
         p,  # keys
         p,  # values
+        p,  # starts (int64 per row, or NULL)
         i64,  # pos
         i64,  # max_len
         p,  # work
@@ -113,6 +122,20 @@ def int16_activations() -> bool:
     return lib is not None and bool(lib.lv_int16_activations())
 
 
+def amx() -> bool:
+    """Whether int8 linears of several rows (batched decode steps, prompts) run on the AMX
+    tiles: built for a CPU with AMX-INT8, granted by the kernel, not switched off by
+    `LOWVOX_AMX=0`."""
+    lib = load()
+    return lib is not None and bool(lib.lv_amx_enable(-1))
+
+
+def set_amx(on: bool) -> bool:
+    """Switch the AMX path on (where it can be) or off; returns whether it is on."""
+    lib = load()
+    return lib is not None and bool(lib.lv_amx_enable(1 if on else 0))
+
+
 def describe() -> str:
     """One line for `lowvox doctor` and the start-up log."""
     if not enabled_by_env():
@@ -122,6 +145,8 @@ def describe() -> str:
         return "not built (no working C compiler): torch's kernels"
     if int16_activations():
         name += " with VNNI (int8 weights x int16 activations)"
+    if amx():
+        name += ", AMX tiles for several rows"
     return f"{name} ({_path})"
 
 
@@ -223,7 +248,7 @@ def attend_one(
     scratch = torch.empty(threads * (pos + 1), dtype=torch.float32)
     lib.lv_attend_one(
         q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), cache_k.data_ptr(),
-        cache_v.data_ptr(), heads, pos, dim, max_len * dim, dim**-0.5, out.data_ptr(),
+        cache_v.data_ptr(), heads, pos, dim, max_len, dim**-0.5, out.data_ptr(),
         scratch.data_ptr(), threads,
     )  # fmt: skip
     return out
@@ -231,8 +256,8 @@ def attend_one(
 
 class FusedBlock:
     """A pre-LN GPT-2 block with int8, bf16 or float32 linears, decoded one token at a time
-    by one C call (`lv_block_decode`). Built from the block's tensors, checked once; it
-    keeps them alive.
+    (of one sequence, or of each in a batch) by one C call (`lv_block_decode`). Built from
+    the block's tensors, checked once; it keeps them alive.
 
     linears: (weight, scales, float32 bias [out]) for c_attn, attn c_proj, c_fc and mlp
     c_proj, in that order; all int8 [out, in] with float32 scales [out], all bfloat16
@@ -285,29 +310,45 @@ class FusedBlock:
         self._scales = table(None if s is None else s.data_ptr() for _, s, _ in linears)
         self._biases = table(b.data_ptr() for _, _, b in linears)
 
-    def __call__(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: int):
-        """x [1, 1, dim] float32 at sequence position `pos` -> the block's output (a new
-        tensor); the token's key/value are written into the [1, H, max_len, hd] caches."""
+    def __call__(
+        self,
+        x: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        pos: int,
+        starts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, 1, dim] float32, one token of each of B sequences at sequence position
+        `pos` -> the block's output (a new tensor); each token's key/value is written into
+        its row of the [B, H, max_len, hd] caches. Row b attends over positions
+        starts[b]..pos (int64 [B], a left-padded batch; values are clamped to [0, pos]),
+        or over 0..pos when `starts` is None."""
         lib = load()
         if lib is None:
             raise RuntimeError("lowvox's CPU kernels are not available")
         dim, heads = self.dim, self.heads
-        if x.shape != (1, 1, dim) or x.dtype != torch.float32 or x.device.type != "cpu":
-            raise ValueError(f"x must be [1, 1, {dim}] float32 on the CPU")
+        rows = x.shape[0]
+        if x.shape != (rows, 1, dim) or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"x must be [B, 1, {dim}] float32 on the CPU")
         for t in (cache_k, cache_v):
             _check(t, torch.float32, "cache")
-            if t.dim() != 4 or t.shape[:2] != (1, heads) or t.shape[3] * heads != dim:
+            if t.dim() != 4 or t.shape[:2] != (rows, heads) or t.shape[3] * heads != dim:
                 raise ValueError(f"cache of shape {tuple(t.shape)} does not fit the block")
         max_len = cache_k.shape[2]
         if cache_v.shape != cache_k.shape or not 0 <= pos < max_len:
             raise ValueError(f"position {pos} is outside a cache of {max_len}")
+        if starts is not None:
+            _check(starts, torch.int64, "starts")
+            if starts.shape != (rows,):
+                raise ValueError(f"{tuple(starts.shape)} starts for {rows} rows")
         out = x.clone()
         threads = torch.get_num_threads()
-        work = torch.empty(lib.lv_block_work_floats(dim, threads), dtype=torch.float32)
+        work = torch.empty(lib.lv_block_work_floats(rows, dim, threads), dtype=torch.float32)
         scratch = torch.empty(threads * (pos + 1), dtype=torch.float32)
         lib.lv_block_decode(
-            self.kind, out.data_ptr(), dim, heads, *self._norms, self.eps, self._weights,
-            self._scales, self._biases, cache_k.data_ptr(), cache_v.data_ptr(), pos, max_len,
-            work.data_ptr(), scratch.data_ptr(), threads,
+            self.kind, out.data_ptr(), rows, dim, heads, *self._norms, self.eps, self._weights,
+            self._scales, self._biases, cache_k.data_ptr(), cache_v.data_ptr(),
+            None if starts is None else starts.data_ptr(), pos, max_len, work.data_ptr(),
+            scratch.data_ptr(), threads,
         )  # fmt: skip
         return out

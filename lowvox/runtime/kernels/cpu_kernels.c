@@ -19,7 +19,8 @@
  *   second.
  *   Elsewhere int8 weights are widened to float32 and meet float32 activations.
  * lv_block_decode: a whole transformer block for one token in one call (what decoding
- *   runs 30 times per token): no Python or framework work between its steps.
+ *   runs 30 times per token): no Python or framework work between its steps. It also
+ *   takes a batch: one token of each of m left-padded sequences, every weight read once.
  * lv_attend_one: a decode step's attention: the new key/value written into the cache and
  *   one query per head attending over every cached position (no mask needed).
  */
@@ -47,6 +48,15 @@
 #define LV_VNNI 0
 #endif
 
+/* AMX int8 tiles, for several activation rows at once (batched decode steps, prompts). */
+#if LV_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#define LV_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define LV_AMX 0
+#endif
+
 #define ROWS 4    /* weight rows per block: four streams from memory at once */
 #define XTILE 4   /* activation rows per pass over a block (ROWS * XTILE accumulators) */
 #define AHEAD 2048 /* prefetch distance in bytes along each weight row */
@@ -68,12 +78,14 @@
 #define QCHUNKS(k) (((k) + QCHUNK - 1) / QCHUNK)  /* scales per row */
 
 /* A linear layer's input rows: float32 x [m, k], and (USE_Q16) their int16 form
- * q [m, QLEN(k)] with a scale per QCHUNK values, sx [m, QCHUNKS(k)]: x ~ q * sx. */
+ * q [m, QLEN(k)] with a scale per QCHUNK values, sx [m, QCHUNKS(k)]: x ~ q * sx; and
+ * where the AMX path serves them, that form packed as its tiles (else NULL). */
 typedef struct {
     const float *x;
     const int16_t *q;
     const float *sx;
     int64_t k;
+    const int8_t *tiles;
 } acts_t;
 
 /* Which code path this build took: 2 AVX-512, 1 AVX2+FMA, 0 portable C. */
@@ -81,6 +93,37 @@ int lv_isa(void) { return LV_ISA; }
 
 /* Whether int8 weights meet int16 activations (AVX512-VNNI) rather than float32 ones. */
 int lv_int16_activations(void) { return LV_VNNI; }
+
+/* Whether int8 linears of AMX_MIN_ROWS rows or more run on the AMX tiles (see amx_rows):
+ * built in, allowed by Linux (which hands the 8 KB tile state to a process only when it
+ * asks) and not switched off. */
+static int amx_on = 0;
+
+/* Ask for (want > 0) or give up (want == 0) the AMX path, or only ask whether it is on
+ * (want < 0); returns whether it is now on. */
+int lv_amx_enable(int want) {
+#if LV_AMX
+    if (want > 0 && !amx_on)
+        amx_on = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                         18 /* XFEATURE_XTILEDATA */) == 0;
+    if (want == 0) amx_on = 0;
+#else
+    (void)want;
+#endif
+    return amx_on;
+}
+
+#define AMX_MIN_ROWS 3 /* two rows still run faster on the vector units */
+
+/* Whether y [m, n] = x w^T of this kind and shape runs on the AMX tiles. */
+static int amx_serves(int kind, int64_t m, int64_t k, int64_t n) {
+#if LV_AMX
+    return amx_on && kind == W_INT8 && m >= AMX_MIN_ROWS && k % 64 == 0 && n % 16 == 0;
+#else
+    (void)kind, (void)m, (void)k, (void)n;
+    return 0;
+#endif
+}
 
 /* Element j of a weight row as float32. */
 LV_INLINE float wscalar(const int kind, const void *row, int64_t j) {
@@ -198,6 +241,143 @@ static void quantize_row(const float *x, int64_t k, int16_t *q, float *sx) {
 }
 #endif
 
+#if LV_AMX
+/* AMX: each tdpbssd multiplies a 16 x 64 int8 tile by a 64 x 16 one into 16 x 16 int32 sums
+ * (16384 products), so many activation rows cost little more than one; weights are the
+ * left tiles exactly as stored (16 rows of 64 bytes), activations the right ones. An int16
+ * activation v is 256 hi + lo (hi = v >> 8 signed, lo = v & 255 unsigned): tdpbssd takes
+ * the high bytes and tdpbsud the low ones into two sums, and 256 hi + lo is the exact sum
+ * of the int16 products, as vpdpwssd makes it. */
+#define TILE_BYTES 1024
+#define AMX_STEPS(k) ((k) / 64) /* tiles of k per row group */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg_t;
+
+/* Tiles 0, 1: the sums (16 weight rows x 16 activation rows, int32); 2: weights (16 rows x
+ * 64 int8); 3, 4: high and low bytes of activations (16 quads of k x 16 rows x 4 bytes). */
+static void amx_configure(void) {
+    tilecfg_t c = {0};
+    c.palette = 1;
+    for (int t = 0; t < 5; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* Bytes of m rows of k values packed for amx_rows: per group of 16 rows and per 64 values
+ * of k, a tile of high and one of low bytes; then per group and QCHUNK the 16 rows' scales. */
+static int64_t amx_pack_bytes(int64_t m, int64_t k) {
+    const int64_t groups = (m + 15) / 16;
+    return groups * AMX_STEPS(k) * 2 * TILE_BYTES + groups * QCHUNKS(k) * 16 * 4;
+}
+
+/* Pack tiles [t0, t1) of the groups x AMX_STEPS(k) tile pairs of a's int16 rows (rows past
+ * m are zero), with each group's scales alongside its first. Tile row j holds values
+ * 4j..4j+3 of the 64 for each of the 16 rows: a 16 x 16 transpose of 4-byte words. */
+static void amx_pack(const acts_t *a, int64_t m, int8_t *tiles, int64_t t0, int64_t t1) {
+    const int64_t k = a->k, kq = QLEN(k), steps = AMX_STEPS(k), chunks = QCHUNKS(k);
+    const int64_t groups = (m + 15) / 16;
+    float *sxt = (float *)(tiles + groups * steps * 2 * TILE_BYTES);
+    int8_t hi[16][64] __attribute__((aligned(64))), lo[16][64] __attribute__((aligned(64)));
+    const __m512i words = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7,
+                                                              6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(16)); /* row i's word 0 */
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t g = t / steps, st = t % steps;
+        for (int i = 0; i < 16; i++) {
+            const int64_t row = g * 16 + i;
+            if (row >= m) {
+                _mm512_store_si512(hi[i], _mm512_setzero_si512());
+                _mm512_store_si512(lo[i], _mm512_setzero_si512());
+                continue;
+            }
+            const int16_t *v = a->q + row * kq + st * 64;
+            for (int h = 0; h < 2; h++) {
+                const __m512i x = _mm512_loadu_si512(v + 32 * h);
+                _mm256_store_si256((__m256i *)(hi[i] + 32 * h),
+                                   _mm512_cvtepi16_epi8(_mm512_srai_epi16(x, 8)));
+                _mm256_store_si256((__m256i *)(lo[i] + 32 * h), _mm512_cvtepi16_epi8(x));
+            }
+        }
+        int8_t *th = tiles + 2 * t * TILE_BYTES, *tl = th + TILE_BYTES;
+        for (int j = 0; j < 16; j++) {
+            const __m512i idx = _mm512_add_epi32(words, _mm512_set1_epi32(j));
+            _mm512_store_si512(th + 64 * j, _mm512_i32gather_epi32(idx, hi, 4));
+            _mm512_store_si512(tl + 64 * j, _mm512_i32gather_epi32(idx, lo, 4));
+        }
+        if (st == 0)
+            for (int64_t c = 0; c < chunks; c++)
+                for (int i = 0; i < 16; i++)
+                    sxt[(g * chunks + c) * 16 + i] = g * 16 + i < m ? a->sx[(g * 16 + i) * chunks + c] : 0.0f;
+    }
+}
+
+/* Outputs [r0, r1) (multiples of 16) of y [m, n] = x w^T * scale + bias for int8 weights
+ * [n, k] (k a multiple of 64) and m activation rows packed by amx_pack. Per 16 weight rows
+ * and group of 16 activation rows, each QCHUNK of k is summed exactly in int32 and joins
+ * the float32 total at its scale, as in block_tile_q16. */
+static void amx_rows(const int8_t *w, int64_t k, const float *scale, const float *bias,
+                     float *y, int64_t n, int64_t m, const int8_t *tiles, int64_t r0,
+                     int64_t r1) {
+    const int64_t steps = AMX_STEPS(k), chunks = QCHUNKS(k), groups = (m + 15) / 16;
+    const float *sxt = (const float *)(tiles + groups * steps * 2 * TILE_BYTES);
+    int32_t hi[16][16] __attribute__((aligned(64))), lo[16][16] __attribute__((aligned(64)));
+    float out[16][16] __attribute__((aligned(64)));
+    amx_configure();
+    for (int64_t n0 = r0; n0 < r1; n0 += 16) {
+        const int8_t *wb = w + n0 * k;
+        for (int64_t g = 0; g < groups; g++) {
+            const int8_t *tg = tiles + g * steps * 2 * TILE_BYTES;
+            __m512 acc[16];
+            for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++) {
+                const int64_t s0 = c * (QCHUNK / 64);
+                const int64_t s1 = s0 + QCHUNK / 64 < steps ? s0 + QCHUNK / 64 : steps;
+                _tile_zero(0);
+                _tile_zero(1);
+                for (int64_t st = s0; st < s1; st++) {
+                    if (g == 0) {
+                        /* The tile's strided reads leave the hardware prefetchers behind:
+                         * fetch this block's rows a few tiles ahead into L1, and the next
+                         * block (the next 16 k bytes) into L2, a sixteenth per tile. */
+                        for (int r = 0; r < 16; r++)
+                            _mm_prefetch((const char *)wb + 16 * k + (st * 16 + r) * 64, _MM_HINT_T1);
+                        if (st + 4 < steps)
+                            for (int r = 0; r < 16; r++)
+                                _mm_prefetch((const char *)wb + r * k + (st + 4) * 64, _MM_HINT_T0);
+                    }
+                    _tile_loadd(2, wb + st * 64, k);
+                    _tile_loadd(3, tg + 2 * st * TILE_BYTES, 64);
+                    _tile_loadd(4, tg + (2 * st + 1) * TILE_BYTES, 64);
+                    _tile_dpbssd(0, 2, 3);
+                    _tile_dpbsud(1, 2, 4);
+                }
+                _tile_stored(0, hi, 64);
+                _tile_stored(1, lo, 64);
+                const __m512 sc = _mm512_loadu_ps(sxt + (g * chunks + c) * 16);
+                for (int r = 0; r < 16; r++) {
+                    const __m512i v = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(hi[r]), 8),
+                                                       _mm512_load_si512(lo[r]));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), sc, acc[r]);
+                }
+            }
+            for (int r = 0; r < 16; r++) _mm512_store_ps(out[r], acc[r]);
+            const int64_t rows = m - g * 16 < 16 ? m - g * 16 : 16;
+            for (int64_t i = 0; i < rows; i++)
+                for (int r = 0; r < 16; r++)
+                    y[(g * 16 + i) * n + n0 + r] =
+                        out[r][i] * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
+        }
+    }
+    _tile_release();
+}
+#endif
+
 LV_INLINE void block_rows(const int kind, const int mt, const acts_t *a, int64_t i0,
                           const void *const wr[ROWS], int rows, const float *scale,
                           const float *bias, float *y, int64_t n) {
@@ -273,24 +453,29 @@ LV_INLINE void block_rows(const int kind, const int mt, const acts_t *a, int64_t
 }
 #endif
 
-/* The rows of y = x w^T * scale + bias, shared among the threads of the enclosing
- * parallel region (an orphaned `omp for`; alone, one thread does them all). */
-LV_INLINE void linear_rows(const int kind, const acts_t *a, int64_t m, const void *w,
-                          const float *scale, const float *bias, float *y, int64_t n) {
-    const int64_t blocks = (n + ROWS - 1) / ROWS;
+/* Outputs [r0, r1) (r0 a multiple of ROWS) of y [m, n] = x w^T * scale + bias for the m
+ * activation rows of `a` (their int16 form ready, on USE_Q16 kinds): one pass over those
+ * weight rows, ROWS at a time, each block meeting every activation row while in L1. */
+LV_INLINE void rows_band(const int kind, const acts_t *a, int64_t m, const void *w,
+                         const float *scale, const float *bias, float *y, int64_t n,
+                         int64_t r0, int64_t r1) {
+#if LV_AMX
+    if (kind == W_INT8 && a->tiles) {
+        amx_rows((const int8_t *)w, a->k, scale, bias, y, n, m, a->tiles, r0, r1);
+        return;
+    }
+#endif
     const int64_t stride = a->k * WBYTES(kind); /* bytes per weight row */
     const int tile = USE_Q16(kind) ? QTILE : XTILE;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t r0 = b * ROWS;
-        const int rows = (int)(n - r0 < ROWS ? n - r0 : ROWS);
+    for (int64_t r = r0; r < r1; r += ROWS) {
+        const int rows = (int)(r1 - r < ROWS ? r1 - r : ROWS);
         /* A short last block repeats its first row rather than read past the weights. */
         const void *wr[ROWS];
-        for (int r = 0; r < ROWS; r++) wr[r] = (const char *)w + (r0 + (r < rows ? r : 0)) * stride;
-        const float *sb = scale ? scale + r0 : NULL;
-        const float *bb = bias ? bias + r0 : NULL;
+        for (int i = 0; i < ROWS; i++) wr[i] = (const char *)w + (r + (i < rows ? i : 0)) * stride;
+        const float *sb = scale ? scale + r : NULL;
+        const float *bb = bias ? bias + r : NULL;
         for (int64_t i0 = 0; i0 < m; i0 += tile) {
-            float *yi = y + i0 * n + r0;
+            float *yi = y + i0 * n + r;
             switch (m - i0 < tile ? (int)(m - i0) : tile) {
             case 1: block_rows(kind, 1, a, i0, wr, rows, sb, bb, yi, n); break;
             case 2: block_rows(kind, 2, a, i0, wr, rows, sb, bb, yi, n); break;
@@ -301,30 +486,78 @@ LV_INLINE void linear_rows(const int kind, const acts_t *a, int64_t m, const voi
     }
 }
 
-/* Scratch for the int16 form of m rows of k activations: QLEN(k) int16 and QCHUNKS(k)
- * floats per row, in int16 units (the floats after the int16 values, 4-byte aligned). */
+/* This thread's share [*b0, *b1) of `count` items, in contiguous bands. */
+static void my_band(int64_t count, int64_t *b0, int64_t *b1) {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int64_t t = 0, nt = 1;
+#endif
+    const int64_t chunk = (count + nt - 1) / nt;
+    *b0 = t * chunk < count ? t * chunk : count;
+    *b1 = *b0 + chunk < count ? *b0 + chunk : count;
+}
+
+/* This thread's band of the n outputs of a linear: [*r0, *r1), in whole blocks of ROWS
+ * rows, or of 16 where the AMX path serves it. */
+static void my_rows(int64_t n, int unit, int64_t *r0, int64_t *r1) {
+    int64_t b0, b1;
+    my_band((n + unit - 1) / unit, &b0, &b1);
+    *r0 = b0 * unit;
+    *r1 = b1 * unit < n ? b1 * unit : n;
+}
+
+#define UNIT(kind, m, k, n) (amx_serves(kind, m, k, n) ? 16 : ROWS)
+
+/* Scratch for m rows of k activations as the int8 kernels take them, in int16 units: their
+ * int16 form (QLEN(k) per row), its scales (QCHUNKS(k) floats per row) and, on AMX builds,
+ * those packed as tiles (64-byte aligned). */
 int64_t lv_linear_scratch(int64_t m, int64_t k) {
+#if LV_AMX
+    if (k % 64 == 0) return m * (QLEN(k) + 2 * QCHUNKS(k)) + (amx_pack_bytes(m, k) + 64) / 2;
+#endif
     return LV_VNNI ? m * (QLEN(k) + 2 * QCHUNKS(k)) : 0;
+}
+
+/* The scratch's parts (see lv_linear_scratch). */
+static float *scratch_scales(int16_t *q, int64_t m, int64_t k) {
+    return (float *)(q + m * QLEN(k));
+}
+
+static int8_t *scratch_tiles(int16_t *q, int64_t m, int64_t k) {
+    const uintptr_t end = (uintptr_t)(scratch_scales(q, m, k) + m * QCHUNKS(k));
+    return (int8_t *)((end + 63) & ~(uintptr_t)63);
 }
 
 /* y = x w^T * scale + bias; kind W_INT8 (scale required) or W_BF16 (scale NULL).
  * scratch: lv_linear_scratch(m, k) int16 values. */
 void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, const float *scale,
                const float *bias, float *y, int64_t n, int16_t *scratch, int nthreads) {
-    float *sx = (float *)(scratch + m * QLEN(k)); /* unused unless LV_VNNI */
-    acts_t a = {x, scratch, sx, k};
+    const int amx = amx_serves(kind, m, k, n);
+    acts_t a = {x, scratch, scratch_scales(scratch, m, k), k,
+                amx ? scratch_tiles(scratch, m, k) : NULL};
 #pragma omp parallel num_threads(nthreads)
     {
+        int64_t r0, r1;
+        my_rows(n, amx ? 16 : ROWS, &r0, &r1);
         if (kind == W_BF16) {
-            linear_rows(W_BF16, &a, m, w, NULL, bias, y, n);
+            rows_band(W_BF16, &a, m, w, NULL, bias, y, n, r0, r1);
         } else {
 #if LV_VNNI
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++)
-                quantize_row(x + i * k, k, scratch + i * QLEN(k), sx + i * QCHUNKS(k));
+                quantize_row(x + i * k, k, scratch + i * QLEN(k), (float *)a.sx + i * QCHUNKS(k));
             /* the loop's end is a barrier: every row is ready */
 #endif
-            linear_rows(W_INT8, &a, m, w, scale, bias, y, n);
+#if LV_AMX
+            if (amx) {
+                int64_t t0, t1;
+                my_band((m + 15) / 16 * AMX_STEPS(k), &t0, &t1);
+                amx_pack(&a, m, (int8_t *)a.tiles, t0, t1);
+#pragma omp barrier
+            }
+#endif
+            rows_band(W_INT8, &a, m, w, scale, bias, y, n, r0, r1);
         }
     }
 }
@@ -436,24 +669,32 @@ static void attend_head_portable(const float *qh, const float *kh, const float *
     }
 }
 
-/* Heads shared among the threads of the enclosing parallel region; p: this thread's
- * scratch of pos + 1 floats. */
-static void attend_heads(const float *q, const float *k_new, const float *v_new, float *keys,
-                         float *values, int64_t heads, int64_t pos, int64_t dim,
-                         int64_t head_stride, float scale, float *out, float *p) {
-    const int64_t len = pos + 1;
+/* Heads of m rows shared among the threads of the enclosing parallel region: for row i
+ * and head h, the new key/value (k_new/v_new + i * xs, [heads, dim]) go to position `pos`
+ * of that row's caches, and its query attends over the positions from starts[i] (0 when
+ * starts is NULL; clamped to [0, pos]) to pos. Caches [m, heads, max_len, dim];
+ * out [m, heads * dim]; p: this thread's scratch of pos + 1 floats. */
+static void attend_rows(const float *q, const float *k_new, const float *v_new, int64_t xs,
+                        int64_t m, float *keys, float *values, const int64_t *starts,
+                        int64_t heads, int64_t pos, int64_t max_len, int64_t dim, float scale,
+                        float *out, float *p) {
 #pragma omp for schedule(static)
-    for (int64_t h = 0; h < heads; h++) {
-        float *kh = keys + h * head_stride;
-        float *vh = values + h * head_stride;
+    for (int64_t t = 0; t < m * heads; t++) {
+        const int64_t i = t / heads, h = t % heads;
+        float *kh = keys + t * max_len * dim; /* row i, head h */
+        float *vh = values + t * max_len * dim;
+        const float *qh = q + i * xs + h * dim;
         for (int64_t d = 0; d < dim; d++) {
-            kh[pos * dim + d] = k_new[h * dim + d];
-            vh[pos * dim + d] = v_new[h * dim + d];
+            kh[pos * dim + d] = k_new[i * xs + h * dim + d];
+            vh[pos * dim + d] = v_new[i * xs + h * dim + d];
         }
+        int64_t s0 = starts ? starts[i] : 0;
+        s0 = s0 < 0 ? 0 : s0 > pos ? pos : s0;
+        float *oh = out + i * heads * dim + h * dim;
         if (LV_FAST_DIM(dim))
-            attend_head(q + h * dim, kh, vh, len, dim, scale, p, out + h * dim);
+            attend_head(qh, kh + s0 * dim, vh + s0 * dim, pos + 1 - s0, dim, scale, p, oh);
         else
-            attend_head_portable(q + h * dim, kh, vh, len, dim, scale, p, out + h * dim);
+            attend_head_portable(qh, kh + s0 * dim, vh + s0 * dim, pos + 1 - s0, dim, scale, p, oh);
     }
 }
 
@@ -469,14 +710,14 @@ static float *thread_scratch(float *scratch, int64_t each) {
 /* One decode step's attention, for every head h: write the new key and value (k_new[h],
  * v_new[h]: [heads, dim]) at position `pos` of the caches, then
  *   out[h] = softmax(q[h] . K[h, :pos + 1]^T * scale) V[h, :pos + 1].
- * Caches: head h's rows start at h * head_stride, row stride dim (a [1, heads, max_len,
- * dim] cache). scratch: nthreads * (pos + 1) floats for the attention weights. */
+ * Caches: [1, heads, max_len, dim]. scratch: nthreads * (pos + 1) floats for the
+ * attention weights. */
 void lv_attend_one(const float *q, const float *k_new, const float *v_new, float *keys,
-                   float *values, int64_t heads, int64_t pos, int64_t dim, int64_t head_stride,
+                   float *values, int64_t heads, int64_t pos, int64_t dim, int64_t max_len,
                    float scale, float *out, float *scratch, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
-    attend_heads(q, k_new, v_new, keys, values, heads, pos, dim, head_stride, scale, out,
-                 thread_scratch(scratch, pos + 1));
+    attend_rows(q, k_new, v_new, 0, 1, keys, values, NULL, heads, pos, max_len, dim, scale, out,
+                thread_scratch(scratch, pos + 1));
 }
 
 /* y = LayerNorm(x) * w + b over n values (two-pass mean and variance, as torch). */
@@ -516,163 +757,166 @@ static void gelu_tanh(float *x, int64_t n) {
     }
 }
 
-/* This thread's share [*b0, *b1) of `count` items, in contiguous bands. */
-static void my_band(int64_t count, int64_t *b0, int64_t *b1) {
-#ifdef _OPENMP
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int64_t t = 0, nt = 1;
-#endif
-    const int64_t chunk = (count + nt - 1) / nt;
-    *b0 = t * chunk < count ? t * chunk : count;
-    *b1 = *b0 + chunk < count ? *b0 + chunk : count;
-}
-
-/* Output rows [r0, r1) of y = x w^T * scale + bias for one activation row (r0 a
- * multiple of ROWS). */
-LV_INLINE void linear_band(const int kind, const float *x, int64_t k, const void *w,
-                          const float *scale, const float *bias, float *y, int64_t r0,
-                          int64_t r1, int16_t *q) {
-    const int64_t stride = k * WBYTES(kind);
-    float *sx = (float *)(q + QLEN(k));
-    acts_t a = {x, q, sx, k};
+/* Outputs [r0, r1) (r0 a multiple of UNIT) of y [m, n] = x w^T * scale + bias for m
+ * activation rows, inside a block: each thread converts its own copy of the rows to int16
+ * (USE_Q16 kinds) into q, and packs them for the AMX path where it serves, rather than
+ * share one copy behind a barrier. */
+LV_INLINE void linear_band(const int kind, const float *x, int64_t m, int64_t k, const void *w,
+                           const float *scale, const float *bias, float *y, int64_t n,
+                           int64_t r0, int64_t r1, int16_t *q) {
+    acts_t a = {x, q, scratch_scales(q, m, k), k, NULL};
 #if LV_VNNI
-    if (USE_Q16(kind)) quantize_row(x, k, q, sx); /* this thread's copy */
+    if (USE_Q16(kind))
+        for (int64_t i = 0; i < m; i++)
+            quantize_row(x + i * k, k, q + i * QLEN(k), (float *)a.sx + i * QCHUNKS(k));
 #endif
-    for (int64_t r = r0; r < r1; r += ROWS) {
-        const int rows = (int)(r1 - r < ROWS ? r1 - r : ROWS);
-        const void *wr[ROWS];
-        for (int i = 0; i < ROWS; i++) wr[i] = (const char *)w + (r + (i < rows ? i : 0)) * stride;
-        block_rows(kind, 1, &a, 0, wr, rows, scale ? scale + r : NULL, bias + r, y + r, 0);
+#if LV_AMX
+    if (amx_serves(kind, m, k, n)) {
+        int8_t *tiles = scratch_tiles(q, m, k);
+        amx_pack(&a, m, tiles, 0, (m + 15) / 16 * AMX_STEPS(k));
+        a.tiles = tiles;
     }
+#endif
+    rows_band(kind, &a, m, w, scale, bias, y, n, r0, r1);
 }
 
-/* Outputs [r0, r1) of y = x w + bias for float32 weights w [k, n] (GPT-2's layout) and one
- * activation row: the band of y stays in L1 while four weight rows at a time stream past,
- * each a contiguous run of r1 - r0 floats (explicit AVX-512: gcc's own vectorisation of
- * this loop used 256-bit vectors and ran no faster than torch). */
-static void linear_band_in_out(const float *x, int64_t k, const float *w, int64_t n,
+/* Outputs [r0, r1) of y [m, n] = x w + bias for float32 weights w [k, n] (GPT-2's layout)
+ * and m activation rows: the rows' bands of y stay in cache while four weight rows at a
+ * time stream past, each a contiguous run of r1 - r0 floats (explicit AVX-512: gcc's own
+ * vectorisation of this loop used 256-bit vectors and ran no faster than torch). */
+static void linear_band_in_out(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                                const float *bias, float *y, int64_t r0, int64_t r1) {
-    for (int64_t c = r0; c < r1; c++) y[c] = bias[c];
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t c = r0; c < r1; c++) y[i * n + c] = bias[c];
     int64_t j = 0;
     for (; j + 4 <= k; j += 4) {
         const float *w0 = w + j * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
-        const float x0 = x[j], x1 = x[j + 1], x2 = x[j + 2], x3 = x[j + 3];
-        int64_t c = r0;
+        for (int64_t i = 0; i < m; i++) {
+            const float *xi = x + i * k;
+            float *yi = y + i * n;
+            const float x0 = xi[j], x1 = xi[j + 1], x2 = xi[j + 2], x3 = xi[j + 3];
+            int64_t c = r0;
 #if LV_ISA == 2
-        const __m512 v0 = _mm512_set1_ps(x0), v1 = _mm512_set1_ps(x1);
-        const __m512 v2 = _mm512_set1_ps(x2), v3 = _mm512_set1_ps(x3);
-        for (; c + 16 <= r1; c += 16) {
-            __m512 a = _mm512_loadu_ps(y + c);
-            a = _mm512_fmadd_ps(v0, _mm512_loadu_ps(w0 + c), a);
-            a = _mm512_fmadd_ps(v1, _mm512_loadu_ps(w1 + c), a);
-            a = _mm512_fmadd_ps(v2, _mm512_loadu_ps(w2 + c), a);
-            a = _mm512_fmadd_ps(v3, _mm512_loadu_ps(w3 + c), a);
-            _mm512_storeu_ps(y + c, a);
-        }
+            const __m512 v0 = _mm512_set1_ps(x0), v1 = _mm512_set1_ps(x1);
+            const __m512 v2 = _mm512_set1_ps(x2), v3 = _mm512_set1_ps(x3);
+            for (; c + 16 <= r1; c += 16) {
+                __m512 acc = _mm512_loadu_ps(yi + c);
+                acc = _mm512_fmadd_ps(v0, _mm512_loadu_ps(w0 + c), acc);
+                acc = _mm512_fmadd_ps(v1, _mm512_loadu_ps(w1 + c), acc);
+                acc = _mm512_fmadd_ps(v2, _mm512_loadu_ps(w2 + c), acc);
+                acc = _mm512_fmadd_ps(v3, _mm512_loadu_ps(w3 + c), acc);
+                _mm512_storeu_ps(yi + c, acc);
+            }
 #endif
-        for (; c < r1; c++) y[c] += x0 * w0[c] + x1 * w1[c] + x2 * w2[c] + x3 * w3[c];
+            for (; c < r1; c++) yi[c] += x0 * w0[c] + x1 * w1[c] + x2 * w2[c] + x3 * w3[c];
+        }
     }
     for (; j < k; j++) {
         const float *wj = w + j * n;
-        const float xj = x[j];
+        for (int64_t i = 0; i < m; i++) {
+            const float xj = x[i * k + j];
+            float *yi = y + i * n;
 #pragma omp simd
-        for (int64_t c = r0; c < r1; c++) y[c] += xj * wj[c];
+            for (int64_t c = r0; c < r1; c++) yi[c] += xj * wj[c];
+        }
     }
 }
 
-/* Outputs [r0, r1) of one of a block's linears, whatever the weights' kind. */
-LV_INLINE void block_linear(const int kind, const float *x, int64_t k, const void *w,
+/* Outputs [r0, r1) of one of a block's linears for m rows, whatever the weights' kind. */
+LV_INLINE void block_linear(const int kind, const float *x, int64_t m, int64_t k, const void *w,
                             const float *scale, const float *bias, float *y, int64_t n,
                             int64_t r0, int64_t r1, int16_t *q) {
     if (kind == W_F32_IN_OUT)
-        linear_band_in_out(x, k, (const float *)w, n, bias, y, r0, r1);
+        linear_band_in_out(x, m, k, (const float *)w, n, bias, y, r0, r1);
     else
-        linear_band(kind, x, k, w, scale, bias, y, r0, r1, q);
+        linear_band(kind, x, m, k, w, scale, bias, y, n, r0, r1, q);
 }
 
-/* This thread's band of the n outputs, in whole ROWS blocks: [*r0, *r1). */
-static void my_rows(int64_t n, int64_t *r0, int64_t *r1) {
-    int64_t b0, b1;
-    my_band((n + ROWS - 1) / ROWS, &b0, &b1);
-    *r0 = b0 * ROWS;
-    *r1 = b1 * ROWS < n ? b1 * ROWS : n;
-}
-
-/* Each thread's share of lv_block_decode's work buffer, in floats (a multiple of 16, so
- * every share starts 64-byte aligned): its LayerNorm output [dim] and the int16 form of
- * one linear input of up to 4 dim values. */
-static int64_t block_thread_floats(int64_t dim) {
-    const int64_t floats = dim + (lv_linear_scratch(1, 4 * dim) + 1) / 2;
+/* Each thread's share of lv_block_decode's work buffer for m rows, in floats (a multiple
+ * of 16, so every share starts 64-byte aligned): its LayerNorm outputs [m, dim] and the
+ * int16 form of m linear inputs of up to 4 dim values. */
+static int64_t block_thread_floats(int64_t m, int64_t dim) {
+    const int64_t floats = m * dim + (lv_linear_scratch(m, 4 * dim) + 1) / 2;
     return (floats + 15) / 16 * 16;
 }
 
-/* The floats lv_block_decode's `work` must hold. */
-int64_t lv_block_work_floats(int64_t dim, int nthreads) {
-    return 8 * dim + nthreads * block_thread_floats(dim);
+/* The floats lv_block_decode's `work` must hold for m rows. */
+int64_t lv_block_work_floats(int64_t m, int64_t dim, int nthreads) {
+    return 8 * m * dim + nthreads * block_thread_floats(m, dim);
+}
+
+/* The residual add of y [m, dim] into x [m, dim] over this thread's columns [r0, r1). */
+static void add_band(float *x, const float *y, int64_t m, int64_t dim, int64_t r0, int64_t r1) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t c = r0; c < r1; c++) x[i * dim + c] += y[i * dim + c];
 }
 
 /* One thread's part of a block (see lv_block_decode), inside its parallel region. */
-LV_INLINE void block_body(const int kind, float *x, int64_t dim, int64_t heads,
+LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int64_t heads,
                           const float *ln1_w, const float *ln1_b, const float *ln2_w,
                           const float *ln2_b, float eps, const void *const w[4],
                           const float *const s[4], const float *const b[4], float *keys,
-                          float *values, int64_t pos, int64_t max_len, float *work,
-                          float *scratch) {
+                          float *values, const int64_t *starts, int64_t pos, int64_t max_len,
+                          float *work, float *scratch) {
     const int64_t hd = dim / heads;
-    float *qkv = work;            /* [3 dim]; later the MLP's output */
-    float *att = qkv + 3 * dim;   /* [dim] */
-    float *hidden = att + dim;    /* [4 dim]; first the attention projection's output */
-    float *own = thread_scratch(hidden + 4 * dim, block_thread_floats(dim));
-    float *h = own;                    /* [dim]: this thread's LayerNorm output */
-    int16_t *q = (int16_t *)(own + dim); /* the int16 form of a linear's input */
+    float *qkv = work;              /* [m, 3 dim]; later the MLP's output [m, dim] */
+    float *att = qkv + 3 * m * dim; /* [m, dim] */
+    float *hidden = att + m * dim;  /* [m, 4 dim]; first the attention projection's output */
+    float *own = thread_scratch(hidden + 4 * m * dim, block_thread_floats(m, dim));
+    float *h = own;                          /* [m, dim]: this thread's LayerNorm outputs */
+    int16_t *q = (int16_t *)(own + m * dim); /* the int16 form of a linear's inputs */
     float *p = thread_scratch(scratch, pos + 1);
     int64_t r0, r1;
-    layer_norm(x, ln1_w, ln1_b, eps, h, dim);
-    my_rows(3 * dim, &r0, &r1);
-    block_linear(kind, h, dim, w[0], s[0], b[0], qkv, 3 * dim, r0, r1, q);
+    for (int64_t i = 0; i < m; i++)
+        layer_norm(x + i * dim, ln1_w, ln1_b, eps, h + i * dim, dim);
+    my_rows(3 * dim, UNIT(kind, m, dim, 3 * dim), &r0, &r1);
+    block_linear(kind, h, m, dim, w[0], s[0], b[0], qkv, 3 * dim, r0, r1, q);
 #pragma omp barrier
-    attend_heads(qkv, qkv + dim, qkv + 2 * dim, keys, values, heads, pos, hd, max_len * hd,
-                 1.0f / sqrtf((float)hd), att, p); /* ends in a barrier */
-    my_rows(dim, &r0, &r1);
-    block_linear(kind, att, dim, w[1], s[1], b[1], hidden, dim, r0, r1, q);
-    for (int64_t i = r0; i < r1; i++) x[i] += hidden[i];
+    attend_rows(qkv, qkv + dim, qkv + 2 * dim, 3 * dim, m, keys, values, starts, heads, pos,
+                max_len, hd, 1.0f / sqrtf((float)hd), att, p); /* ends in a barrier */
+    my_rows(dim, UNIT(kind, m, dim, dim), &r0, &r1);
+    block_linear(kind, att, m, dim, w[1], s[1], b[1], hidden, dim, r0, r1, q);
+    add_band(x, hidden, m, dim, r0, r1);
 #pragma omp barrier
-    layer_norm(x, ln2_w, ln2_b, eps, h, dim);
-    my_rows(4 * dim, &r0, &r1);
-    block_linear(kind, h, dim, w[2], s[2], b[2], hidden, 4 * dim, r0, r1, q);
-    gelu_tanh(hidden + r0, r1 - r0);
+    for (int64_t i = 0; i < m; i++)
+        layer_norm(x + i * dim, ln2_w, ln2_b, eps, h + i * dim, dim);
+    my_rows(4 * dim, UNIT(kind, m, dim, 4 * dim), &r0, &r1);
+    block_linear(kind, h, m, dim, w[2], s[2], b[2], hidden, 4 * dim, r0, r1, q);
+    for (int64_t i = 0; i < m; i++) gelu_tanh(hidden + i * 4 * dim + r0, r1 - r0);
 #pragma omp barrier
-    my_rows(dim, &r0, &r1);
-    block_linear(kind, hidden, 4 * dim, w[3], s[3], b[3], qkv, dim, r0, r1, q);
-    for (int64_t i = r0; i < r1; i++) x[i] += qkv[i];
+    my_rows(dim, UNIT(kind, m, 4 * dim, dim), &r0, &r1);
+    block_linear(kind, hidden, m, 4 * dim, w[3], s[3], b[3], qkv, dim, r0, r1, q);
+    add_band(x, qkv, m, dim, r0, r1);
 }
 
-/* One pre-LN GPT-2 block for one token, in place on the residual stream x [dim]:
+/* One pre-LN GPT-2 block for one token of each of m sequences, in place on their residual
+ * streams x [m, dim]:
  *   x += c_proj(attention(c_attn(ln_1(x)))); x += mlp_proj(gelu(c_fc(ln_2(x))))
  * with linears of one weight kind (int8 or bf16 weights [out, in], float32 ones [in, out];
  * per-row scales for int8, NULL otherwise; biases) in the order c_attn, attn c_proj, c_fc,
- * mlp c_proj, the key/value written
- * at `pos` of the caches. One parallel region for the whole block, and only five barriers:
- * every thread computes the (cheap) LayerNorms itself, and applies GELU and the residual
- * adds to its own band of rows. Few barriers matter when another process competes for
- * the cores: each one waits for the slowest thread.
- * work: lv_block_work_floats(dim, nthreads) floats; scratch: nthreads * (pos + 1) floats. */
-void lv_block_decode(int kind, float *x, int64_t dim, int64_t heads, const float *ln1_w,
-                     const float *ln1_b, const float *ln2_w, const float *ln2_b, float eps,
-                     const void *const w[4], const float *const s[4], const float *const b[4],
-                     float *keys, float *values, int64_t pos, int64_t max_len, float *work,
-                     float *scratch, int nthreads) {
+ * mlp c_proj. Every row's key/value is written at `pos` of its caches [m, heads, max_len,
+ * head dim], and row i attends over positions starts[i]..pos (a left-padded batch; NULL:
+ * from 0). One parallel region for the whole block, and only five barriers: every thread
+ * computes the (cheap) LayerNorms itself, and applies GELU and the residual adds to its own
+ * band of columns. Few barriers matter when another process competes for the cores: each
+ * one waits for the slowest thread. Each weight is read once per call whatever m is.
+ * work: lv_block_work_floats(m, dim, nthreads) floats; scratch: nthreads * (pos + 1). */
+void lv_block_decode(int kind, float *x, int64_t m, int64_t dim, int64_t heads,
+                     const float *ln1_w, const float *ln1_b, const float *ln2_w,
+                     const float *ln2_b, float eps, const void *const w[4],
+                     const float *const s[4], const float *const b[4], float *keys,
+                     float *values, const int64_t *starts, int64_t pos, int64_t max_len,
+                     float *work, float *scratch, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
         if (kind == W_BF16)
-            block_body(W_BF16, x, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b, keys,
-                       values, pos, max_len, work, scratch);
+            block_body(W_BF16, x, m, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b, keys,
+                       values, starts, pos, max_len, work, scratch);
         else if (kind == W_F32_IN_OUT)
-            block_body(W_F32_IN_OUT, x, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b,
-                       keys, values, pos, max_len, work, scratch);
+            block_body(W_F32_IN_OUT, x, m, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b,
+                       keys, values, starts, pos, max_len, work, scratch);
         else
-            block_body(W_INT8, x, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b, keys,
-                       values, pos, max_len, work, scratch);
+            block_body(W_INT8, x, m, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b, keys,
+                       values, starts, pos, max_len, work, scratch);
     } /* the region's end is the fifth barrier */
 }
