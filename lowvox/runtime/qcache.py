@@ -5,6 +5,10 @@ every tensor that stays in float) and, in its metadata, the precision, the quant
 and the stamp of the source checkpoint (name, size, mtime, converter version) plus its
 sha256. A cache whose stamp, precision or mode differ from what is asked for is stale and is
 rebuilt; the mode is read from the metadata, never guessed from the file name.
+
+A model can leave some modules' tensors on disk at load (`read_quantized(..., skip=...)`)
+and read them later from the same file (`read_tensors`), which first checks that the file
+is still the one it loaded from.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+from lowvox.errors import LowvoxError
 from lowvox.runtime.hugepages import huge_buffer
 
 log = logging.getLogger(__name__)
@@ -45,29 +50,91 @@ def quantized_cache_path(float_cache: Path | None, precision: str) -> Path | Non
     return float_cache.with_name(f"{name}.{precision}.lowvox.safetensors")
 
 
-def read_quantized(path: Path | None, expected: Mapping[str, str]) -> QuantizedWeights | None:
+class CacheError(LowvoxError):
+    """A cache file that a loaded model still reads from is gone, changed or damaged."""
+
+
+class _Stale(Exception):
+    """The file's metadata does not match what was asked for."""
+
+
+# What a damaged file can make the reader raise (bad JSON, bad header entries, short reads).
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError)
+
+
+def read_quantized(
+    path: Path | None, expected: Mapping[str, str], *, skip: Sequence[str] = ()
+) -> QuantizedWeights | None:
     """The cached weights when `path` exists and its metadata has every `expected` value;
-    None when absent, stale or unreadable (the caller rebuilds it)."""
+    None when absent, stale or unreadable (the caller rebuilds it). Tensors whose names
+    start with one of `skip` stay on disk (`read_tensors` reads them later)."""
     if path is None or not path.is_file():
         return None
+    skipped = tuple(skip)
     try:
-        with path.open("rb") as f:
-            header, base = _read_header(f)
-            meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
-            stale = {k for k, v in expected.items() if meta.get(k) != v}
-            if stale or "sha256" not in meta:
-                log.info("quantised cache %s is stale (%s); rebuilding it", path, sorted(stale))
-                return None
-            arena = _Arena(header)
-            state = {
-                name: _read_tensor(f, base, name, info, arena.take(name))
-                for name, info in header.items()
-            }
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        weights = _read(path, expected, lambda name: not name.startswith(skipped))
+    except _Stale as e:
+        log.info("quantised cache %s is stale (%s); rebuilding it", path, e)
+        return None
+    except _UNREADABLE as e:
         log.warning("ignoring unreadable quantised cache %s: %s", path, e)
         return None
     log.debug("loaded quantised weights from %s", path)
+    return weights
+
+
+def read_tensors(
+    path: Path, expected: Mapping[str, str], prefixes: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Only the tensors whose names start with one of `prefixes`, from a cache whose
+    metadata must still have every `expected` value (those of the file a model was loaded
+    from). Unlike `read_quantized` there is nothing to fall back to: a file that is gone,
+    stale, damaged or without such tensors raises `CacheError`."""
+    wanted = tuple(prefixes)
+    try:
+        weights = _read(path, expected, lambda name: name.startswith(wanted))
+    except _Stale as e:
+        raise CacheError(
+            f"weights cache {path} changed since the model was loaded ({e}); reload the model"
+        ) from e
+    except _UNREADABLE as e:
+        raise CacheError(f"cannot read weights cache {path}: {e}; reload the model") from e
+    if not weights.state_dict:
+        raise CacheError(f"weights cache {path} holds no tensors under {', '.join(wanted)}")
+    log.debug("read %d tensors from %s", len(weights.state_dict), path)
+    return weights.state_dict
+
+
+def _read(path: Path, expected: Mapping[str, str], keep: Callable[[str], bool]) -> QuantizedWeights:
+    """The tensors of `path` whose names pass `keep`; raises `_Stale` or what a damaged
+    file makes the reader raise (`_UNREADABLE`)."""
+    with path.open("rb") as f:
+        header, base, meta = _checked_header(f, expected)
+        header = {name: info for name, info in header.items() if keep(name)}
+        arena = _Arena(header)
+        state = {
+            name: _read_tensor(f, base, name, info, arena.take(name))
+            for name, info in header.items()
+        }
     return QuantizedWeights(state, meta)
+
+
+def _checked_header(
+    f: BinaryIO, expected: Mapping[str, str]
+) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """The tensors' header entries, where their data begins, and the file's metadata,
+    which must have every `expected` value and a sha256 (else `_Stale`). The file must be
+    whole, even when only some tensors are read: a truncated cache is never taken for a
+    good one."""
+    header, base = _read_header(f)
+    meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+    stale = sorted(k for k, v in expected.items() if meta.get(k) != v)
+    if stale or "sha256" not in meta:
+        raise _Stale(", ".join(stale) or "no sha256")
+    end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    if os.fstat(f.fileno()).st_size < base + end:
+        raise ValueError("the file is shorter than its header says (truncated)")
+    return header, base, meta
 
 
 # safetensors dtype names -> torch dtypes (those a lowvox model can hold).

@@ -508,7 +508,14 @@ class HifiganDecoder(nn.Module):
                 f"speaker encoder makes {speaker_encoder.proj_dim}-d embeddings, "
                 f"the generator expects {d_vector_dim}"
             )
-        self.speaker_encoder = ResNetSpeakerEncoder(speaker_encoder)
+        self.speaker_encoder_config = speaker_encoder
+        # Used only to clone voices: a model loaded from a cache may set it to None and
+        # load it later (see `XttsModel.ensure_cloning_modules`).
+        self.speaker_encoder: ResNetSpeakerEncoder | None = self.new_speaker_encoder()
+
+    def new_speaker_encoder(self) -> ResNetSpeakerEncoder:
+        """A freshly initialised speaker encoder of this decoder's layout."""
+        return ResNetSpeakerEncoder(self.speaker_encoder_config)
 
     @property
     def precision(self) -> str:

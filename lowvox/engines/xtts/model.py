@@ -8,6 +8,11 @@
 `load` reads config.json, builds the modules on the meta device and assigns the checkpoint's
 weights (through the safetensors cache, see `checkpoint.load_weights`). Generation defaults
 come from the model's config.json.
+
+Loaded from its int8 or (CPU) bf16 cache, the model leaves out the modules that only
+cloning a voice from reference audio needs (`CLONING_MODULES`, about 217 MB in the
+full-size model): speaking with studio speakers or already cloned voices never builds
+them, and the first clone reads them from the same cache file (`ensure_cloning_modules`).
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -64,7 +69,12 @@ from lowvox.engines.xtts.voice import Voice, VoiceCache, load_studio_speakers
 from lowvox.engines.xtts.voice import clone_voice as clone_from_references
 from lowvox.errors import InvalidRequest, LowvoxError, UnknownLanguage, UnknownVoice
 from lowvox.runtime.memory import release_heap, return_freed_memory
-from lowvox.runtime.qcache import quantized_cache_path, read_quantized, write_quantized
+from lowvox.runtime.qcache import (
+    quantized_cache_path,
+    read_quantized,
+    read_tensors,
+    write_quantized,
+)
 from lowvox.runtime.quant import (
     BF16_MODE,
     INT8_MODE,
@@ -94,6 +104,24 @@ WEIGHT_ONLY = {
     "int8": (INT8_MODE, quantize_linears, int8_skeleton),
     "bf16": (BF16_MODE, bf16_linears, bf16_skeleton),
 }
+# The modules used only to clone a voice from reference audio; speaking never runs them.
+CLONING_MODULES = (
+    "gpt.conditioning_encoder",
+    "gpt.conditioning_perceiver",
+    "hifigan_decoder.speaker_encoder",
+)
+_CLONING_PREFIXES = tuple(f"{name}." for name in CLONING_MODULES)
+
+M = TypeVar("M", bound=nn.Module)
+
+
+@dataclass(frozen=True)
+class CloningSource:
+    """The cache file that holds a model's left-out cloning modules, and the metadata it
+    must still have for its tensors to be the ones the rest of the model was loaded with."""
+
+    path: Path
+    expected: Mapping[str, str]
 
 
 class XttsModel(BatchSynthesis, nn.Module):
@@ -104,14 +132,11 @@ class XttsModel(BatchSynthesis, nn.Module):
         a = config.model_args
         if not a.gpt_use_perceiver_resampler:
             raise ConfigError("XTTS v1 checkpoints (no perceiver resampler) are not supported")
-        dim = a.gpt_n_model_channels
         self.config = config
         self.gpt = XttsGpt(
             a,
-            conditioning_encoder=ConditioningEncoder(
-                COND_MEL_CHANNELS, dim, num_attn_heads=a.gpt_n_heads
-            ),
-            conditioning_perceiver=PerceiverResampler(dim, dim_context=dim, **PERCEIVER),
+            conditioning_encoder=_conditioning_encoder(config),
+            conditioning_perceiver=_conditioning_perceiver(config),
         )
         self.hifigan_decoder = HifiganDecoder(
             input_sample_rate=a.input_sample_rate,
@@ -131,6 +156,12 @@ class XttsModel(BatchSynthesis, nn.Module):
         self.precision = "fp32"
         self.static_decoder: StaticDecoder | None = None
         self._lock = threading.RLock()  # one generation at a time; re-entrant for callbacks
+        # Set while `CLONING_MODULES` are left out (see `ensure_cloning_modules`).
+        self.cloning_source: CloningSource | None = None
+        self._cloning_lock = threading.Lock()
+        # Where `.to()` last put the weights: low-VRAM residency points them at GPU copies
+        # only during a request, so the device of a weight is not where they live.
+        self._weights_device: torch.device | None = None
 
     # ------------------------------------------------------------------------------------
     # Loading
@@ -188,6 +219,8 @@ class XttsModel(BatchSynthesis, nn.Module):
             config = replace(
                 config, model_args=_text_tokens_from_vocab(config.model_args, vocab_path)
             )
+            # Eager: the float cache's tensors are memory-mapped, so pages that speaking never
+            # reads (the cloning modules') take no memory anyway.
             model = cls.from_state_dict(config, weights.state_dict, source=str(checkpoint))
             model.fingerprint = weights.fingerprint
             del weights
@@ -278,7 +311,7 @@ class XttsModel(BatchSynthesis, nn.Module):
         checkpoint: Path,
         vocab_path: Path,
     ) -> XttsModel | None:
-        cached = read_quantized(path, expected)
+        cached = read_quantized(path, expected, skip=_CLONING_PREFIXES)
         if cached is None:
             return None
         if config is None:
@@ -289,6 +322,9 @@ class XttsModel(BatchSynthesis, nn.Module):
         conv1d_to_linear(model.gpt.gpt)
         _, _, skeleton = WEIGHT_ONLY[precision]
         skeleton(model.gpt, include=BLOCK_LINEARS)
+        model.leave_out_cloning_modules(
+            CloningSource(path, {**expected, "sha256": cached.metadata["sha256"]})
+        )
         model = cls._assign(model, cached.state_dict, str(path))
         model.fingerprint = cached.metadata["sha256"]
         return model
@@ -303,7 +339,7 @@ class XttsModel(BatchSynthesis, nn.Module):
         return cls._assign(model, state_dict, source)
 
     @staticmethod
-    def _assign(model: XttsModel, state_dict: dict[str, torch.Tensor], source: str) -> XttsModel:
+    def _assign(model: M, state_dict: Mapping[str, torch.Tensor], source: str) -> M:
         """Assign `state_dict` to a meta-device `model`; every key and shape must match."""
         expected = {k: v.shape for k, v in model.state_dict().items()}
         check_keys(expected, state_dict, source)
@@ -314,6 +350,65 @@ class XttsModel(BatchSynthesis, nn.Module):
             if left:
                 raise CheckpointError(f"{source} left tensors uninitialised: {_names(left)}")
         return model.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------------------------
+    # The cloning modules, loaded on first use
+
+    def leave_out_cloning_modules(self, source: CloningSource) -> None:
+        """Take `CLONING_MODULES` out of the module tree (so that `.to()`, `state_dict()` and
+        residency see only what speaking uses); `ensure_cloning_modules` reads them from
+        `source` when a voice is first cloned."""
+        for name in CLONING_MODULES:
+            parent, _, child = name.rpartition(".")
+            setattr(self.get_submodule(parent), child, None)
+        self.cloning_source = source
+
+    def ensure_cloning_modules(self) -> None:
+        """Make sure the voice-cloning modules are loaded: after a load from a cache, the
+        first call builds them from that cache file, puts them where the model's weights
+        live, and keeps them. Safe to call from several threads; raises `CacheError` when
+        the file is gone or no longer the one the model was loaded from (speaking with
+        existing voices keeps working)."""
+        if self.cloning_source is None:
+            return  # loaded already (or never left out)
+        with self._cloning_lock:
+            source = self.cloning_source
+            if source is None:
+                return  # another thread loaded them while this one waited
+            # Ordinary tensors even when called under inference mode, as an eager load makes.
+            with torch.inference_mode(False):
+                modules = self._read_cloning_modules(source)
+            device = self._weights_device or self.device
+            for name, module in modules.items():
+                parent, _, child = name.rpartition(".")
+                setattr(self.get_submodule(parent), child, module.to(device))
+            # Last: a thread that sees None finds every module in place.
+            self.cloning_source = None
+        log.info("loaded the voice-cloning modules from %s", source.path)
+
+    def _read_cloning_modules(self, source: CloningSource) -> dict[str, nn.Module]:
+        """`CLONING_MODULES` built as `__init__` builds them and filled from `source`."""
+        state = read_tensors(source.path, source.expected, _CLONING_PREFIXES)
+        with torch.device("meta"):
+            modules: dict[str, nn.Module] = {
+                "gpt.conditioning_encoder": _conditioning_encoder(self.config),
+                "gpt.conditioning_perceiver": _conditioning_perceiver(self.config),
+                "hifigan_decoder.speaker_encoder": self.hifigan_decoder.new_speaker_encoder(),
+            }
+        for name, module in modules.items():
+            prefix = f"{name}."
+            own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            self._assign(module, own, f"{source.path} ({name})")
+        return modules
+
+    def _apply(self, fn: Any, recurse: bool = True) -> XttsModel:
+        # Every `.to()`, `.cpu()`, `.cuda()` ends here; remember where the weights went, for
+        # cloning modules loaded later. The lock: a load in progress finishes first (its
+        # modules then move with the rest).
+        with self._cloning_lock:
+            super()._apply(fn, recurse)
+            self._weights_device = self.device
+        return self
 
     # ------------------------------------------------------------------------------------
     # Fast decoding
@@ -624,6 +719,18 @@ class XttsModel(BatchSynthesis, nn.Module):
             release_heap()
 
 
+def _conditioning_encoder(config: XttsConfig) -> ConditioningEncoder:
+    a = config.model_args
+    return ConditioningEncoder(
+        COND_MEL_CHANNELS, a.gpt_n_model_channels, num_attn_heads=a.gpt_n_heads
+    )
+
+
+def _conditioning_perceiver(config: XttsConfig) -> PerceiverResampler:
+    dim = config.model_args.gpt_n_model_channels
+    return PerceiverResampler(dim, dim_context=dim, **PERCEIVER)
+
+
 def _vocoder_precision(asked: str, gpt_precision: str, device: torch.device) -> str:
     if asked != "auto":
         return asked  # set_precision refuses what this machine cannot do
@@ -674,7 +781,9 @@ def _text_tokens_from_vocab(args: Any, vocab_path: Path) -> Any:
 
 
 __all__ = [
+    "CLONING_MODULES",
     "BatchItem",
+    "CloningSource",
     "GenerationSettings",
     "StreamChunk",
     "SynthesisResult",

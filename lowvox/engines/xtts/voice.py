@@ -268,6 +268,15 @@ def speaker_embedding(model: Any, audio: torch.Tensor) -> torch.Tensor:
     return emb.float().cpu().unsqueeze(-1)
 
 
+def _load_cloning_modules(model: Any) -> None:
+    """An `XttsModel` loaded from a cache reads its cloning modules (conditioning encoder,
+    perceiver, speaker encoder) on the first clone; a model that simply holds them, as the
+    voice tests' models do, has nothing to load."""
+    ensure = getattr(model, "ensure_cloning_modules", None)
+    if ensure is not None:
+        ensure()
+
+
 def _is_single_reference(x: Any) -> bool:
     if isinstance(x, str | os.PathLike | bytes | bytearray | memoryview | Audio):
         return True
@@ -333,6 +342,7 @@ def clone_voice(
             logger.debug("voice cache hit %s", key[:12])
             return cached
 
+    _load_cloning_modules(model)
     with torch.inference_mode():
         audios, embeddings = [], []
         for ref in refs:
