@@ -105,11 +105,15 @@ def test_int8_linear_matches_float64(m, k, n, with_bias):
 
 @needs_compiler
 @pytest.mark.parametrize(
-    "m,k,n", [(1, 1024, 3072), (1, 17, 1), (3, 64, 9), (5, 4096, 6), (9, 250, 13)]
-)
+    "m,k,n",
+    [(1, 1024, 3072), (1, 17, 1), (3, 64, 9), (5, 4096, 6), (9, 250, 13),
+     # shapes the AMX path takes (k a multiple of 64, n of 16): one and several row groups
+     (3, 128, 32), (8, 1024, 48), (17, 256, 64), (40, 4096, 32)],
+)  # fmt: skip
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_bf16_linear_matches_float64(m, k, n, with_bias):
-    """bf16 weights widened exactly to float32, float32 activations and accumulation."""
+    """bf16 weights widened exactly to float32, float32 activations and accumulation; on the
+    AMX tiles each activation is hi + lo, two bf16 values, within 2^-17 of its own size."""
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     x = torch.randn(m, k, generator=g)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
@@ -118,7 +122,11 @@ def test_bf16_linear_matches_float64(m, k, n, with_bias):
     ref = x.double() @ w.double().t() + (bias.double() if with_bias else 0)
     assert y.shape == (m, n) and y.dtype == torch.float32
     bound = 1e-6 * k * (x.abs().max() * w.float().abs().max()).item() + 1e-6
-    assert (y.double() - ref).abs().max().item() <= bound
+    if kernels.amx() and m >= 3 and k % 64 == 0 and n % 16 == 0:
+        split = 2.0**-17 * (x.double().abs() @ w.double().abs().t())
+        assert ((y.double() - ref).abs() <= split + bound).all()
+    else:
+        assert (y.double() - ref).abs().max().item() <= bound
 
 
 @needs_compiler
@@ -537,6 +545,24 @@ def test_fused_block_refuses_mismatched_tensors():
         kernels.FusedBlock(ln, ln, 1e-5, [(w, torch.ones(w.shape[1]), b) for w, _, b in fp32], 4)
     with pytest.raises(ValueError, match="shape"):  # float32 [out, in] is not GPT-2's layout
         kernels.FusedBlock(ln, ln, 1e-5, [(w.t().contiguous(), None, b) for w, _, b in fp32], 4)
+
+
+@needs_compiler
+def test_amx_bf16_path_is_close_to_the_vector_path():
+    if not kernels.amx():
+        pytest.skip("needs a CPU with AMX (and a kernel that grants it)")
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(12, 512, generator=g) * 3
+    w = torch.randn(80, 512, generator=g).to(torch.bfloat16)
+    try:
+        on = kernels.linear(x, w, None, None)
+        kernels.set_amx(False)
+        off = kernels.linear(x, w, None, None)
+    finally:
+        kernels.set_amx(True)
+    split = 2.0**-17 * (x.double().abs() @ w.double().abs().t())
+    assert ((on.double() - off.double()).abs() <= split + 1e-4).all()
+    assert not torch.equal(on, off)  # it did run another path
 
 
 @needs_compiler

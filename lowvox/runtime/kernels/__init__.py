@@ -76,8 +76,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_isa.argtypes, lib.lv_isa.restype = [], i32
     lib.lv_int16_activations.argtypes, lib.lv_int16_activations.restype = [], i32
     lib.lv_amx_enable.argtypes, lib.lv_amx_enable.restype = [i32], i32
-    lib.lv_linear_scratch.argtypes, lib.lv_linear_scratch.restype = [i64, i64], i64
-    lib.lv_block_work_floats.argtypes, lib.lv_block_work_floats.restype = [i64, i64, i32], i64
+    lib.lv_linear_scratch.argtypes, lib.lv_linear_scratch.restype = [i32, i64, i64], i64
+    lib.lv_block_work_floats.argtypes = [i32, i64, i64, i32]
+    lib.lv_block_work_floats.restype = i64
     lib.lv_linear.argtypes = [i32, p, i64, i64, p, p, p, p, i64, p, i32]
     lib.lv_linear.restype = None
     lib.lv_attend_one.argtypes = [p, p, p, p, p, i64, i64, i64, i64, f32, p, p, i32]
@@ -123,8 +124,8 @@ def int16_activations() -> bool:
 
 
 def amx() -> bool:
-    """Whether int8 linears of several rows (batched decode steps, prompts) run on the AMX
-    tiles: built for a CPU with AMX-INT8, granted by the kernel, not switched off by
+    """Whether int8 and bf16 linears of several rows (batched decode steps, prompts) run on
+    the AMX tiles: built for a CPU with AMX, granted by the kernel, not switched off by
     `LOWVOX_AMX=0`."""
     lib = load()
     return lib is not None and bool(lib.lv_amx_enable(-1))
@@ -204,9 +205,8 @@ def linear(
         if bias.shape != (n,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
     y = torch.empty(m, n, dtype=torch.float32)
-    # int8 weights' int16 activations (VNNI builds); bf16 weights need none.
-    size = lib.lv_linear_scratch(m, k) if weight.dtype == torch.int8 else 0
-    scratch = torch.empty(size, dtype=torch.int16)
+    # int8 weights' int16 activations (VNNI builds), either kind's AMX tiles.
+    scratch = torch.empty(lib.lv_linear_scratch(kind, m, k), dtype=torch.int16)
     lib.lv_linear(
         kind, x.data_ptr(), m, k, weight.data_ptr(), None if scales is None else scales.data_ptr(),
         None if bias is None else bias.data_ptr(), y.data_ptr(), n, scratch.data_ptr(),
@@ -343,7 +343,9 @@ class FusedBlock:
                 raise ValueError(f"{tuple(starts.shape)} starts for {rows} rows")
         out = x.clone()
         threads = torch.get_num_threads()
-        work = torch.empty(lib.lv_block_work_floats(rows, dim, threads), dtype=torch.float32)
+        work = torch.empty(
+            lib.lv_block_work_floats(self.kind, rows, dim, threads), dtype=torch.float32
+        )
         scratch = torch.empty(threads * (pos + 1), dtype=torch.float32)
         lib.lv_block_decode(
             self.kind, out.data_ptr(), rows, dim, heads, *self._norms, self.eps, self._weights,

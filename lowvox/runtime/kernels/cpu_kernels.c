@@ -48,8 +48,10 @@
 #define LV_VNNI 0
 #endif
 
-/* AMX int8 tiles, for several activation rows at once (batched decode steps, prompts). */
-#if LV_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+/* AMX tiles (int8 and bf16), for several activation rows at once (batched decode steps,
+ * prompts). */
+#if LV_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && \
+    defined(__AVX512BF16__) && defined(__linux__)
 #define LV_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -94,7 +96,7 @@ int lv_isa(void) { return LV_ISA; }
 /* Whether int8 weights meet int16 activations (AVX512-VNNI) rather than float32 ones. */
 int lv_int16_activations(void) { return LV_VNNI; }
 
-/* Whether int8 linears of AMX_MIN_ROWS rows or more run on the AMX tiles (see amx_rows):
+/* Whether linears of AMX_MIN_ROWS rows or more run on the AMX tiles (see amx_rows):
  * built in, allowed by Linux (which hands the 8 KB tile state to a process only when it
  * asks) and not switched off. */
 static int amx_on = 0;
@@ -117,12 +119,8 @@ int lv_amx_enable(int want) {
 
 /* Whether y [m, n] = x w^T of this kind and shape runs on the AMX tiles. */
 static int amx_serves(int kind, int64_t m, int64_t k, int64_t n) {
-#if LV_AMX
-    return amx_on && kind == W_INT8 && m >= AMX_MIN_ROWS && k % 64 == 0 && n % 16 == 0;
-#else
-    (void)kind, (void)m, (void)k, (void)n;
-    return 0;
-#endif
+    return LV_AMX && amx_on && kind != W_F32_IN_OUT && m >= AMX_MIN_ROWS && k % 64 == 0 &&
+           n % 16 == 0;
 }
 
 /* Element j of a weight row as float32. */
@@ -269,6 +267,17 @@ static void amx_configure(void) {
     _tile_loadconfig(&c);
 }
 
+/* Weight tiles to come, for 16 rows of `stride` bytes read a tile (64 bytes of each row) at
+ * a time, at tile st of `steps`: the tile's strided reads leave the hardware prefetchers
+ * behind. This block's rows a few tiles ahead go to L1; the next block (the next 16 rows,
+ * contiguous) to L2, a sixteenth per tile. */
+LV_INLINE void amx_prefetch(const char *wb, int64_t stride, int64_t st, int64_t steps) {
+    for (int r = 0; r < 16; r++)
+        _mm_prefetch(wb + 16 * stride + (st * 16 + r) * 64, _MM_HINT_T1);
+    if (st + 4 < steps)
+        for (int r = 0; r < 16; r++) _mm_prefetch(wb + r * stride + (st + 4) * 64, _MM_HINT_T0);
+}
+
 /* Bytes of m rows of k values packed for amx_rows: per group of 16 rows and per 64 values
  * of k, a tile of high and one of low bytes; then per group and QCHUNK the 16 rows' scales. */
 static int64_t amx_pack_bytes(int64_t m, int64_t k) {
@@ -341,16 +350,7 @@ static void amx_rows(const int8_t *w, int64_t k, const float *scale, const float
                 _tile_zero(0);
                 _tile_zero(1);
                 for (int64_t st = s0; st < s1; st++) {
-                    if (g == 0) {
-                        /* The tile's strided reads leave the hardware prefetchers behind:
-                         * fetch this block's rows a few tiles ahead into L1, and the next
-                         * block (the next 16 k bytes) into L2, a sixteenth per tile. */
-                        for (int r = 0; r < 16; r++)
-                            _mm_prefetch((const char *)wb + 16 * k + (st * 16 + r) * 64, _MM_HINT_T1);
-                        if (st + 4 < steps)
-                            for (int r = 0; r < 16; r++)
-                                _mm_prefetch((const char *)wb + r * k + (st + 4) * 64, _MM_HINT_T0);
-                    }
+                    if (g == 0) amx_prefetch((const char *)wb, k, st, steps);
                     _tile_loadd(2, wb + st * 64, k);
                     _tile_loadd(3, tg + 2 * st * TILE_BYTES, 64);
                     _tile_loadd(4, tg + (2 * st + 1) * TILE_BYTES, 64);
@@ -372,6 +372,83 @@ static void amx_rows(const int8_t *w, int64_t k, const float *scale, const float
                 for (int r = 0; r < 16; r++)
                     y[(g * 16 + i) * n + n0 + r] =
                         out[r][i] * scale[n0 + r] + (bias ? bias[n0 + r] : 0.0f);
+        }
+    }
+    _tile_release();
+}
+
+/* bf16 weights on the tiles: tdpbf16ps multiplies 16 weight rows x 32 bf16 by 32 x 16
+ * activations, summing in float32. Activations stay float32-exact to ~1e-5: each value x
+ * is split into bf16 hi = bf16(x) and lo = bf16(x - hi), two products into two sums. */
+#define AMX_BF16_STEPS(k) ((k) / 32) /* tiles of k per row group */
+
+static int64_t amx_bf16_pack_bytes(int64_t m, int64_t k) {
+    return (m + 15) / 16 * AMX_BF16_STEPS(k) * 2 * TILE_BYTES;
+}
+
+/* 16 float32 -> bf16 (round to nearest even) and back, for the split. */
+LV_INLINE __m512 bf16_widen(__m256bh h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+}
+
+/* Pack tiles [t0, t1) of the groups x AMX_BF16_STEPS(k) tile pairs (hi, lo) of float32 rows
+ * x [m, k] (rows past m are zero). Tile row j holds values 2j, 2j + 1 of the 32 for each of
+ * the 16 rows: a 16 x 16 transpose of 4-byte pairs. */
+static void amx_pack_bf16(const float *x, int64_t m, int64_t k, int8_t *tiles, int64_t t0,
+                          int64_t t1) {
+    const int64_t steps = AMX_BF16_STEPS(k);
+    __m256bh hi[16][2] __attribute__((aligned(64))), lo[16][2] __attribute__((aligned(64)));
+    const __m512i words = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7,
+                                                              6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(16)); /* row i's pair 0 */
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t g = t / steps, st = t % steps;
+        for (int i = 0; i < 16; i++) {
+            const int64_t row = g * 16 + i;
+            for (int h = 0; h < 2; h++) {
+                const __m512 v = row < m ? _mm512_loadu_ps(x + row * k + st * 32 + 16 * h)
+                                         : _mm512_setzero_ps();
+                hi[i][h] = _mm512_cvtneps_pbh(v);
+                lo[i][h] = _mm512_cvtneps_pbh(_mm512_sub_ps(v, bf16_widen(hi[i][h])));
+            }
+        }
+        int8_t *th = tiles + 2 * t * TILE_BYTES, *tl = th + TILE_BYTES;
+        for (int j = 0; j < 16; j++) {
+            const __m512i idx = _mm512_add_epi32(words, _mm512_set1_epi32(j));
+            _mm512_store_si512(th + 64 * j, _mm512_i32gather_epi32(idx, hi, 4));
+            _mm512_store_si512(tl + 64 * j, _mm512_i32gather_epi32(idx, lo, 4));
+        }
+    }
+}
+
+/* Outputs [r0, r1) (multiples of 16) of y [m, n] = x w^T + bias for bf16 weights [n, k] (k a
+ * multiple of 64) and m activation rows packed by amx_pack_bf16. */
+static void amx_rows_bf16(const uint16_t *w, int64_t k, const float *bias, float *y, int64_t n,
+                          int64_t m, const int8_t *tiles, int64_t r0, int64_t r1) {
+    const int64_t steps = AMX_BF16_STEPS(k), groups = (m + 15) / 16, stride = 2 * k;
+    float hi[16][16] __attribute__((aligned(64))), lo[16][16] __attribute__((aligned(64)));
+    amx_configure();
+    for (int64_t n0 = r0; n0 < r1; n0 += 16) {
+        const char *wb = (const char *)(w + n0 * k);
+        for (int64_t g = 0; g < groups; g++) {
+            const int8_t *tg = tiles + g * steps * 2 * TILE_BYTES;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t st = 0; st < steps; st++) {
+                if (g == 0) amx_prefetch(wb, stride, st, steps);
+                _tile_loadd(2, wb + st * 64, stride);
+                _tile_loadd(3, tg + 2 * st * TILE_BYTES, 64);
+                _tile_loadd(4, tg + (2 * st + 1) * TILE_BYTES, 64);
+                _tile_dpbf16ps(0, 2, 3);
+                _tile_dpbf16ps(1, 2, 4);
+            }
+            _tile_stored(0, hi, 64);
+            _tile_stored(1, lo, 64);
+            const int64_t rows = m - g * 16 < 16 ? m - g * 16 : 16;
+            for (int64_t i = 0; i < rows; i++)
+                for (int r = 0; r < 16; r++)
+                    y[(g * 16 + i) * n + n0 + r] =
+                        hi[r][i] + lo[r][i] + (bias ? bias[n0 + r] : 0.0f);
         }
     }
     _tile_release();
@@ -460,8 +537,11 @@ LV_INLINE void rows_band(const int kind, const acts_t *a, int64_t m, const void 
                          const float *scale, const float *bias, float *y, int64_t n,
                          int64_t r0, int64_t r1) {
 #if LV_AMX
-    if (kind == W_INT8 && a->tiles) {
-        amx_rows((const int8_t *)w, a->k, scale, bias, y, n, m, a->tiles, r0, r1);
+    if (a->tiles) {
+        if (kind == W_INT8)
+            amx_rows((const int8_t *)w, a->k, scale, bias, y, n, m, a->tiles, r0, r1);
+        else
+            amx_rows_bf16((const uint16_t *)w, a->k, bias, y, n, m, a->tiles, r0, r1);
         return;
     }
 #endif
@@ -509,14 +589,17 @@ static void my_rows(int64_t n, int unit, int64_t *r0, int64_t *r1) {
 
 #define UNIT(kind, m, k, n) (amx_serves(kind, m, k, n) ? 16 : ROWS)
 
-/* Scratch for m rows of k activations as the int8 kernels take them, in int16 units: their
- * int16 form (QLEN(k) per row), its scales (QCHUNKS(k) floats per row) and, on AMX builds,
- * those packed as tiles (64-byte aligned). */
-int64_t lv_linear_scratch(int64_t m, int64_t k) {
+/* Scratch for m rows of k activations as a linear of this kind takes them, in int16
+ * units. int8: their int16 form (QLEN(k) per row, VNNI builds) and its scales (QCHUNKS(k)
+ * floats per row); on AMX builds, for either kind, the rows packed as tiles after those
+ * (64-byte aligned). */
+int64_t lv_linear_scratch(int kind, int64_t m, int64_t k) {
+    const int64_t q16 = USE_Q16(kind) ? m * (QLEN(k) + 2 * QCHUNKS(k)) : 0;
 #if LV_AMX
-    if (k % 64 == 0) return m * (QLEN(k) + 2 * QCHUNKS(k)) + (amx_pack_bytes(m, k) + 64) / 2;
+    if (k % 64 == 0 && kind != W_F32_IN_OUT)
+        return q16 + (64 + (kind == W_INT8 ? amx_pack_bytes(m, k) : amx_bf16_pack_bytes(m, k))) / 2;
 #endif
-    return LV_VNNI ? m * (QLEN(k) + 2 * QCHUNKS(k)) : 0;
+    return q16;
 }
 
 /* The scratch's parts (see lv_linear_scratch). */
@@ -524,23 +607,32 @@ static float *scratch_scales(int16_t *q, int64_t m, int64_t k) {
     return (float *)(q + m * QLEN(k));
 }
 
-static int8_t *scratch_tiles(int16_t *q, int64_t m, int64_t k) {
-    const uintptr_t end = (uintptr_t)(scratch_scales(q, m, k) + m * QCHUNKS(k));
+static int8_t *scratch_tiles(int kind, int16_t *q, int64_t m, int64_t k) {
+    const uintptr_t end =
+        kind == W_INT8 ? (uintptr_t)(scratch_scales(q, m, k) + m * QCHUNKS(k)) : (uintptr_t)q;
     return (int8_t *)((end + 63) & ~(uintptr_t)63);
 }
 
 /* y = x w^T * scale + bias; kind W_INT8 (scale required) or W_BF16 (scale NULL).
- * scratch: lv_linear_scratch(m, k) int16 values. */
+ * scratch: lv_linear_scratch(kind, m, k) int16 values. */
 void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, const float *scale,
                const float *bias, float *y, int64_t n, int16_t *scratch, int nthreads) {
     const int amx = amx_serves(kind, m, k, n);
     acts_t a = {x, scratch, scratch_scales(scratch, m, k), k,
-                amx ? scratch_tiles(scratch, m, k) : NULL};
+                amx ? scratch_tiles(kind, scratch, m, k) : NULL};
 #pragma omp parallel num_threads(nthreads)
     {
         int64_t r0, r1;
         my_rows(n, amx ? 16 : ROWS, &r0, &r1);
         if (kind == W_BF16) {
+#if LV_AMX
+            if (amx) {
+                int64_t t0, t1;
+                my_band((m + 15) / 16 * AMX_BF16_STEPS(k), &t0, &t1);
+                amx_pack_bf16(x, m, k, (int8_t *)a.tiles, t0, t1);
+#pragma omp barrier
+            }
+#endif
             rows_band(W_BF16, &a, m, w, NULL, bias, y, n, r0, r1);
         } else {
 #if LV_VNNI
@@ -772,8 +864,11 @@ LV_INLINE void linear_band(const int kind, const float *x, int64_t m, int64_t k,
 #endif
 #if LV_AMX
     if (amx_serves(kind, m, k, n)) {
-        int8_t *tiles = scratch_tiles(q, m, k);
-        amx_pack(&a, m, tiles, 0, (m + 15) / 16 * AMX_STEPS(k));
+        int8_t *tiles = scratch_tiles(kind, q, m, k);
+        if (kind == W_INT8)
+            amx_pack(&a, m, tiles, 0, (m + 15) / 16 * AMX_STEPS(k));
+        else
+            amx_pack_bf16(x, m, k, tiles, 0, (m + 15) / 16 * AMX_BF16_STEPS(k));
         a.tiles = tiles;
     }
 #endif
@@ -834,15 +929,15 @@ LV_INLINE void block_linear(const int kind, const float *x, int64_t m, int64_t k
 
 /* Each thread's share of lv_block_decode's work buffer for m rows, in floats (a multiple
  * of 16, so every share starts 64-byte aligned): its LayerNorm outputs [m, dim] and the
- * int16 form of m linear inputs of up to 4 dim values. */
-static int64_t block_thread_floats(int64_t m, int64_t dim) {
-    const int64_t floats = m * dim + (lv_linear_scratch(m, 4 * dim) + 1) / 2;
+ * scratch of a linear's m inputs of up to 4 dim values (lv_linear_scratch). */
+static int64_t block_thread_floats(int kind, int64_t m, int64_t dim) {
+    const int64_t floats = m * dim + (lv_linear_scratch(kind, m, 4 * dim) + 1) / 2;
     return (floats + 15) / 16 * 16;
 }
 
 /* The floats lv_block_decode's `work` must hold for m rows. */
-int64_t lv_block_work_floats(int64_t m, int64_t dim, int nthreads) {
-    return 8 * m * dim + nthreads * block_thread_floats(m, dim);
+int64_t lv_block_work_floats(int kind, int64_t m, int64_t dim, int nthreads) {
+    return 8 * m * dim + nthreads * block_thread_floats(kind, m, dim);
 }
 
 /* The residual add of y [m, dim] into x [m, dim] over this thread's columns [r0, r1). */
@@ -862,7 +957,7 @@ LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int6
     float *qkv = work;              /* [m, 3 dim]; later the MLP's output [m, dim] */
     float *att = qkv + 3 * m * dim; /* [m, dim] */
     float *hidden = att + m * dim;  /* [m, 4 dim]; first the attention projection's output */
-    float *own = thread_scratch(hidden + 4 * m * dim, block_thread_floats(m, dim));
+    float *own = thread_scratch(hidden + 4 * m * dim, block_thread_floats(kind, m, dim));
     float *h = own;                          /* [m, dim]: this thread's LayerNorm outputs */
     int16_t *q = (int16_t *)(own + m * dim); /* the int16 form of a linear's inputs */
     float *p = thread_scratch(scratch, pos + 1);
@@ -900,7 +995,7 @@ LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int6
  * computes the (cheap) LayerNorms itself, and applies GELU and the residual adds to its own
  * band of columns. Few barriers matter when another process competes for the cores: each
  * one waits for the slowest thread. Each weight is read once per call whatever m is.
- * work: lv_block_work_floats(m, dim, nthreads) floats; scratch: nthreads * (pos + 1). */
+ * work: lv_block_work_floats(kind, m, dim, nthreads) floats; scratch: nthreads * (pos + 1). */
 void lv_block_decode(int kind, float *x, int64_t m, int64_t dim, int64_t heads,
                      const float *ln1_w, const float *ln1_b, const float *ln2_w,
                      const float *ln2_b, float eps, const void *const w[4],
