@@ -501,6 +501,115 @@ def test_fused_block_refuses_bad_batches():
     assert torch.equal(far, near)
 
 
+def _reduced_stack(layers: int = 3, kind: str = "int8", seed: int = 0):
+    """A small Transformer whose blocks are `_reduced_block`s."""
+    from lowvox.engines.xtts.gpt import Transformer
+
+    stack = Transformer(layers, 64, 4)
+    for i in range(layers):
+        stack.h[i] = _reduced_block(64, 4, seed=seed + i, kind=kind)
+    return stack
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
+def test_whole_stack_decodes_in_one_call(kind, monkeypatch):
+    """A decode step's blocks as one C call give what block-by-block calls and the torch
+    ops give, for one sequence and for a left-padded batch, step after step."""
+    from lowvox.engines.xtts.gpt import Block, KVCache, Transformer
+
+    stack = _reduced_stack(kind=kind)
+    rows, width = 3, 6
+    prompt = torch.randn(rows, width, 64)
+    tokens = torch.randn(4, rows, 1, 64)
+    offsets = torch.tensor([0, 2, 5])
+    columns = torch.arange(width + 4)
+    valid = columns[None, :] >= offsets[:, None]
+    causal = (columns[None, :width] <= columns[:width, None]) & valid[:, None, :width]
+    prefill_mask = (causal | torch.eye(width, dtype=torch.bool)).unsqueeze(1)
+    calls = []
+    real = kernels.FusedStack.__call__
+    monkeypatch.setattr(
+        kernels.FusedStack,
+        "__call__",
+        lambda self, *a: calls.append(len(self.blocks)) or real(self, *a),
+    )
+
+    def run(batch: int) -> list[torch.Tensor]:
+        caches = [KVCache(batch, 4, 16, 16) for _ in stack.h]
+        outs = []
+        with torch.inference_mode():
+            if batch == 1:
+                stack(prompt[:1], 0, caches)
+            else:
+                stack(prompt, 0, caches, prefill_mask)
+            for i, token in enumerate(tokens):
+                step_mask = None if batch == 1 else valid[:, None, None, : width + i + 1]
+                outs.append(stack(token[:batch], width + i, caches, step_mask))
+        return outs + [c.k.clone() for c in caches]
+
+    results = {}
+    for batch in (1, rows):
+        calls.clear()
+        results["stack", batch] = run(batch)
+        assert calls == [3] * len(tokens)  # one call per step, for all three blocks
+        monkeypatch.setattr(Transformer, "_fused_stack", lambda *a: None)
+        calls.clear()
+        results["blocks", batch] = run(batch)
+        assert calls == [1] * 3 * len(tokens)
+        monkeypatch.setattr(Block, "_fused_decoder", lambda *a: None)
+        results["torch", batch] = run(batch)
+        monkeypatch.undo()
+        monkeypatch.setattr(
+            kernels.FusedStack, "__call__",
+            lambda self, *a: calls.append(len(self.blocks)) or real(self, *a),
+        )  # fmt: skip
+        for way in ("blocks", "torch"):
+            for a, b in zip(results["stack", batch], results[way, batch], strict=True):
+                assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item())
+
+
+@needs_compiler
+def test_a_stack_of_mixed_blocks_decodes_block_by_block():
+    from lowvox.engines.xtts.gpt import KVCache
+
+    stack = _reduced_stack(kind="int8")
+    stack.h[1] = _reduced_block(64, 4, seed=7, kind="bf16")
+    caches = [KVCache(1, 4, 8, 16) for _ in stack.h]
+    with torch.inference_mode():
+        out = stack(torch.randn(1, 1, 64), 0, caches)
+    assert stack._stack is None and out.shape == (1, 1, 64)
+    assert all(block._fused is not None for block in stack.h)  # still fused, one at a time
+    with pytest.raises(ValueError, match="share"):
+        kernels.FusedStack([block._fused[1] for block in stack.h])
+
+
+@needs_compiler
+def test_fused_stack_refuses_bad_calls():
+    from lowvox.engines.xtts.gpt import KVCache
+
+    stack = _reduced_stack(kind="int8")
+    caches = [KVCache(1, 4, 8, 16) for _ in stack.h]
+    x = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        stack(x, 0, caches)
+    fused = stack._stack
+    assert fused is not None
+    keys, values = [c.k for c in caches], [c.v for c in caches]
+    with pytest.raises(ValueError, match="caches for 3 blocks"):
+        fused(x, keys[:2], values[:2], 1)
+    with pytest.raises(ValueError, match="cache 1"):
+        fused(x, [keys[0], keys[1][:, :, :4].contiguous(), keys[2]], values, 1)
+    with pytest.raises(ValueError, match="cache 2"):
+        fused(x, keys, [values[0], values[1], values[2].double()], 1)
+    with pytest.raises(ValueError, match="position"):
+        fused(x, keys, values, 8)
+    with pytest.raises(ValueError, match="x must be"):
+        fused(torch.randn(1, 2, 64), keys, values, 1)
+    with pytest.raises(ValueError, match="at least one"):
+        kernels.FusedStack([])
+
+
 @needs_compiler
 @pytest.mark.parametrize("kind", WEIGHT_KINDS)
 def test_fused_block_follows_new_weights_and_moves(kind):

@@ -258,16 +258,21 @@ class Block(nn.Module):
             and isinstance(start, int)
             and x.shape[1] == 1
         ):
-            checked = self._checked
-            if checked is not None and checked[0]() is cache:
-                fused = checked[1]
-            else:
-                fused = self._fused_decoder(x, cache)
-                self._checked = (weakref.ref(cache), fused)
+            fused = self.fused_for(x, cache)
             if fused is not None:
                 return fused(x, cache.k, cache.v, start, starts)
         x = x + self.attn(self.ln_1(x), start, cache, mask)
         return x + self.mlp(self.ln_2(x))
+
+    def fused_for(self, x: torch.Tensor, cache: KVCache) -> kernels.FusedBlock | None:
+        """The fused decoder for one-token steps of `x`'s kind into `cache`, or None (the
+        module path), looked up once per cache."""
+        checked = self._checked
+        if checked is not None and checked[0]() is cache:
+            return checked[1]
+        fused = self._fused_decoder(x, cache)
+        self._checked = (weakref.ref(cache), fused)
+        return fused
 
     def _apply(self, fn, *args, **kwargs):
         # Moved or cast: the fused decoder must not keep the old tensors alive.
@@ -312,6 +317,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.h = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.ln_f = LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self._stack: kernels.FusedStack | None = None
 
     def forward(
         self,
@@ -321,11 +327,39 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         starts = None
-        if mask is not None and x.shape[1] == 1 and isinstance(start, int):
-            starts = left_padding_starts(mask, start + 1)
+        if x.shape[1] == 1 and isinstance(start, int) and caches is not None:
+            if mask is not None:
+                starts = left_padding_starts(mask, start + 1)
+            if mask is None or starts is not None:
+                stack = self._fused_stack(x, caches)
+                if stack is not None:
+                    x = stack(x, [c.k for c in caches], [c.v for c in caches], start, starts)
+                    return self.ln_f(x)
         for i, block in enumerate(self.h):
             x = block(x, start, caches[i] if caches is not None else None, mask, starts)
         return self.ln_f(x)
+
+    def _fused_stack(self, x: torch.Tensor, caches: list[KVCache]) -> kernels.FusedStack | None:
+        """Every block's fused decoder as one C call (a decode step's 30 blocks without
+        Python between them), or None when any block takes the module path."""
+        if len(caches) != len(self.h):
+            return None
+        found = [block.fused_for(x, cache) for block, cache in zip(self.h, caches, strict=True)]
+        fused = [f for f in found if f is not None]
+        if len(fused) != len(found) or len({(f.kind, f.dim, f.heads) for f in fused}) != 1:
+            return None
+        stack = self._stack
+        if (
+            stack is None
+            or len(stack.blocks) != len(fused)
+            or any(a is not b for a, b in zip(stack.blocks, fused, strict=True))
+        ):
+            self._stack = kernels.FusedStack(fused)
+        return self._stack
+
+    def _apply(self, fn, *args, **kwargs):
+        self._stack = None  # moved or cast: let go of the old tensors
+        return super()._apply(fn, *args, **kwargs)
 
 
 def left_padding_starts(mask: torch.Tensor, length: int) -> torch.Tensor | None:

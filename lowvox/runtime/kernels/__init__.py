@@ -83,19 +83,20 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_linear.restype = None
     lib.lv_attend_one.argtypes = [p, p, p, p, p, i64, i64, i64, i64, f32, p, p, i32]
     lib.lv_attend_one.restype = None
-    lib.lv_block_decode.argtypes = [
+    lib.lv_blocks_decode.argtypes = [
         i32,  # weight kind
         p,  # x
         i64,  # rows
         i64,  # dim
         i64,  # heads
-        *([p] * 4),  # LayerNorm weights and biases
-        f32,  # eps
-        p,  # weights[4]
-        p,  # scales[4]
-        p,  # biases[4]
-        p,  # keys
-        p,  # values
+        i64,  # layers
+        p,  # LayerNorm weights and biases [4 layers]
+        p,  # eps [layers]
+        p,  # weights [4 layers]
+        p,  # scales [4 layers]
+        p,  # biases [4 layers]
+        p,  # keys [layers]
+        p,  # values [layers]
         p,  # starts (int64 per row, or NULL)
         i64,  # pos
         i64,  # max_len
@@ -103,7 +104,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         p,  # scratch
         i32,  # threads
     ]
-    lib.lv_block_decode.restype = None
+    lib.lv_blocks_decode.restype = None
     return lib
 
 
@@ -301,14 +302,12 @@ class FusedBlock:
         self.kind = kinds.pop()
         self.dim, self.heads, self.eps = dim, heads, float(eps)
         self._tensors = (*ln_1, *ln_2, *(t for lin in linears for t in lin if t is not None))
-        self._norms = [t.data_ptr() for t in (*ln_1, *ln_2)]
-
-        def table(ptrs):
-            return (ctypes.c_void_p * 4)(*ptrs)
-
-        self._weights = table(w.data_ptr() for w, _, _ in linears)
-        self._scales = table(None if s is None else s.data_ptr() for _, s, _ in linears)
-        self._biases = table(b.data_ptr() for _, _, b in linears)
+        # This block's entries of lv_blocks_decode's tables.
+        self.norms = [t.data_ptr() for t in (*ln_1, *ln_2)]
+        self.weights = [w.data_ptr() for w, _, _ in linears]
+        self.scales = [None if s is None else s.data_ptr() for _, s, _ in linears]
+        self.biases = [b.data_ptr() for _, _, b in linears]
+        self._alone: FusedStack | None = None
 
     def __call__(
         self,
@@ -323,33 +322,86 @@ class FusedBlock:
         its row of the [B, H, max_len, hd] caches. Row b attends over positions
         starts[b]..pos (int64 [B], a left-padded batch; values are clamped to [0, pos]),
         or over 0..pos when `starts` is None."""
+        if self._alone is None:
+            self._alone = FusedStack([self])
+        return self._alone(x, [cache_k], [cache_v], pos, starts)
+
+
+class FusedStack:
+    """Consecutive `FusedBlock`s (a whole decoder stack) decoded by one C call: one thread
+    start-up and no Python between blocks. They keep their tensors alive."""
+
+    def __init__(self, blocks: list[FusedBlock]) -> None:
+        if not blocks:
+            raise ValueError("a stack needs at least one block")
+        first = blocks[0]
+        if any((b.kind, b.dim, b.heads) != (first.kind, first.dim, first.heads) for b in blocks):
+            raise ValueError("the blocks of a stack must share weight kind, width and heads")
+        self.blocks = list(blocks)
+        self.kind, self.dim, self.heads = first.kind, first.dim, first.heads
+
+        def table(ctype, values):
+            values = list(values)
+            return (ctype * len(values))(*values)
+
+        self._norms = table(ctypes.c_void_p, (q for b in blocks for q in b.norms))
+        self._eps = table(ctypes.c_float, (b.eps for b in blocks))
+        self._weights = table(ctypes.c_void_p, (q for b in blocks for q in b.weights))
+        self._scales = table(ctypes.c_void_p, (q for b in blocks for q in b.scales))
+        self._biases = table(ctypes.c_void_p, (q for b in blocks for q in b.biases))
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        pos: int,
+        starts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, 1, dim] float32 through every block in turn (see `FusedBlock.__call__`);
+        block l writes and reads the caches keys[l], values[l], all [B, H, max_len, hd]."""
         lib = load()
         if lib is None:
             raise RuntimeError("lowvox's CPU kernels are not available")
-        dim, heads = self.dim, self.heads
+        dim, heads, n = self.dim, self.heads, len(self.blocks)
         rows = x.shape[0]
         if x.shape != (rows, 1, dim) or x.dtype != torch.float32 or x.device.type != "cpu":
             raise ValueError(f"x must be [B, 1, {dim}] float32 on the CPU")
-        for t in (cache_k, cache_v):
-            _check(t, torch.float32, "cache")
-            if t.dim() != 4 or t.shape[:2] != (rows, heads) or t.shape[3] * heads != dim:
-                raise ValueError(f"cache of shape {tuple(t.shape)} does not fit the block")
-        max_len = cache_k.shape[2]
-        if cache_v.shape != cache_k.shape or not 0 <= pos < max_len:
+        if len(keys) != n or len(values) != n:
+            raise ValueError(f"{len(keys)} key and {len(values)} value caches for {n} blocks")
+        shape = keys[0].shape
+        if len(shape) != 4 or shape[:2] != (rows, heads) or shape[3] * heads != dim:
+            raise ValueError(f"cache of shape {tuple(shape)} does not fit the block")
+        for i, t in enumerate((*keys, *values)):
+            if (
+                t.shape != shape
+                or t.dtype != torch.float32
+                or t.device.type != "cpu"
+                or not t.is_contiguous()
+            ):
+                raise ValueError(
+                    f"cache {i % n} must be a contiguous float32 CPU tensor of shape "
+                    f"{tuple(shape)}, got {t.dtype} {t.device} {tuple(t.shape)}"
+                )
+        max_len = shape[2]
+        if not 0 <= pos < max_len:
             raise ValueError(f"position {pos} is outside a cache of {max_len}")
         if starts is not None:
             _check(starts, torch.int64, "starts")
             if starts.shape != (rows,):
                 raise ValueError(f"{tuple(starts.shape)} starts for {rows} rows")
+        # Per call, not kept: a stack may serve two threads at once.
+        key_ptrs = (ctypes.c_void_p * n)(*(t.data_ptr() for t in keys))
+        value_ptrs = (ctypes.c_void_p * n)(*(t.data_ptr() for t in values))
         out = x.clone()
         threads = torch.get_num_threads()
         work = torch.empty(
             lib.lv_block_work_floats(self.kind, rows, dim, threads), dtype=torch.float32
         )
         scratch = torch.empty(threads * (pos + 1), dtype=torch.float32)
-        lib.lv_block_decode(
-            self.kind, out.data_ptr(), rows, dim, heads, *self._norms, self.eps, self._weights,
-            self._scales, self._biases, cache_k.data_ptr(), cache_v.data_ptr(),
+        lib.lv_blocks_decode(
+            self.kind, out.data_ptr(), rows, dim, heads, n, self._norms, self._eps,
+            self._weights, self._scales, self._biases, key_ptrs, value_ptrs,
             None if starts is None else starts.data_ptr(), pos, max_len, work.data_ptr(),
             scratch.data_ptr(), threads,
         )  # fmt: skip

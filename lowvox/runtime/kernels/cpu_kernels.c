@@ -18,9 +18,9 @@
  *   and two FMAs, which decoding, nearly memory-bound, turns into ~20% more bytes per
  *   second.
  *   Elsewhere int8 weights are widened to float32 and meet float32 activations.
- * lv_block_decode: a whole transformer block for one token in one call (what decoding
- *   runs 30 times per token): no Python or framework work between its steps. It also
- *   takes a batch: one token of each of m left-padded sequences, every weight read once.
+ * lv_blocks_decode: the transformer blocks of a decode step (one token of one sequence, or
+ *   of each of m left-padded ones) in one call: no Python or framework work between their
+ *   steps, every weight read once.
  * lv_attend_one: a decode step's attention: the new key/value written into the cache and
  *   one query per head attending over every cached position (no mask needed).
  */
@@ -69,7 +69,7 @@
  * gets its own loop with no test inside. */
 #define W_INT8 0
 #define W_BF16 1
-#define W_F32_IN_OUT 2 /* lv_block_decode only */
+#define W_F32_IN_OUT 2 /* lv_blocks_decode only */
 #define WBYTES(kind) ((kind) == W_BF16 ? 2 : 1)
 
 /* int8 weights against int16 activations (VNNI builds only). */
@@ -927,7 +927,7 @@ LV_INLINE void block_linear(const int kind, const float *x, int64_t m, int64_t k
         linear_band(kind, x, m, k, w, scale, bias, y, n, r0, r1, q);
 }
 
-/* Each thread's share of lv_block_decode's work buffer for m rows, in floats (a multiple
+/* Each thread's share of lv_blocks_decode's work buffer for m rows, in floats (a multiple
  * of 16, so every share starts 64-byte aligned): its LayerNorm outputs [m, dim] and the
  * scratch of a linear's m inputs of up to 4 dim values (lv_linear_scratch). */
 static int64_t block_thread_floats(int kind, int64_t m, int64_t dim) {
@@ -935,7 +935,7 @@ static int64_t block_thread_floats(int kind, int64_t m, int64_t dim) {
     return (floats + 15) / 16 * 16;
 }
 
-/* The floats lv_block_decode's `work` must hold for m rows. */
+/* The floats lv_blocks_decode's `work` must hold for m rows. */
 int64_t lv_block_work_floats(int kind, int64_t m, int64_t dim, int nthreads) {
     return 8 * m * dim + nthreads * block_thread_floats(kind, m, dim);
 }
@@ -946,10 +946,9 @@ static void add_band(float *x, const float *y, int64_t m, int64_t dim, int64_t r
         for (int64_t c = r0; c < r1; c++) x[i * dim + c] += y[i * dim + c];
 }
 
-/* One thread's part of a block (see lv_block_decode), inside its parallel region. */
+/* One thread's part of a block (see lv_blocks_decode), inside its parallel region. */
 LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int64_t heads,
-                          const float *ln1_w, const float *ln1_b, const float *ln2_w,
-                          const float *ln2_b, float eps, const void *const w[4],
+                          const float *const ln[4], float eps, const void *const w[4],
                           const float *const s[4], const float *const b[4], float *keys,
                           float *values, const int64_t *starts, int64_t pos, int64_t max_len,
                           float *work, float *scratch) {
@@ -963,7 +962,7 @@ LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int6
     float *p = thread_scratch(scratch, pos + 1);
     int64_t r0, r1;
     for (int64_t i = 0; i < m; i++)
-        layer_norm(x + i * dim, ln1_w, ln1_b, eps, h + i * dim, dim);
+        layer_norm(x + i * dim, ln[0], ln[1], eps, h + i * dim, dim);
     my_rows(3 * dim, UNIT(kind, m, dim, 3 * dim), &r0, &r1);
     block_linear(kind, h, m, dim, w[0], s[0], b[0], qkv, 3 * dim, r0, r1, q);
 #pragma omp barrier
@@ -974,7 +973,7 @@ LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int6
     add_band(x, hidden, m, dim, r0, r1);
 #pragma omp barrier
     for (int64_t i = 0; i < m; i++)
-        layer_norm(x + i * dim, ln2_w, ln2_b, eps, h + i * dim, dim);
+        layer_norm(x + i * dim, ln[2], ln[3], eps, h + i * dim, dim);
     my_rows(4 * dim, UNIT(kind, m, dim, 4 * dim), &r0, &r1);
     block_linear(kind, h, m, dim, w[2], s[2], b[2], hidden, 4 * dim, r0, r1, q);
     for (int64_t i = 0; i < m; i++) gelu_tanh(hidden + i * 4 * dim + r0, r1 - r0);
@@ -984,34 +983,38 @@ LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int6
     add_band(x, qkv, m, dim, r0, r1);
 }
 
-/* One pre-LN GPT-2 block for one token of each of m sequences, in place on their residual
- * streams x [m, dim]:
+/* `layers` pre-LN GPT-2 blocks in turn (a decoder stack, or one block) for one token of
+ * each of m sequences, in place on their residual streams x [m, dim]; block l:
  *   x += c_proj(attention(c_attn(ln_1(x)))); x += mlp_proj(gelu(c_fc(ln_2(x))))
- * with linears of one weight kind (int8 or bf16 weights [out, in], float32 ones [in, out];
- * per-row scales for int8, NULL otherwise; biases) in the order c_attn, attn c_proj, c_fc,
- * mlp c_proj. Every row's key/value is written at `pos` of its caches [m, heads, max_len,
- * head dim], and row i attends over positions starts[i]..pos (a left-padded batch; NULL:
- * from 0). One parallel region for the whole block, and only five barriers: every thread
- * computes the (cheap) LayerNorms itself, and applies GELU and the residual adds to its own
- * band of columns. Few barriers matter when another process competes for the cores: each
- * one waits for the slowest thread. Each weight is read once per call whatever m is.
+ * Per block, in tables indexed by l: its LayerNorms' weights and biases (ln[4 l + 0..3]:
+ * ln_1 w, b, ln_2 w, b) and eps[l]; its linears, of one weight kind for the whole stack
+ * (int8 or bf16 weights [out, in], float32 ones [in, out]; per-row scales for int8, NULL
+ * otherwise; biases), in the order c_attn, attn c_proj, c_fc, mlp c_proj (w, s, b
+ * [4 l + 0..3]); its caches keys[l], values[l] [m, heads, max_len, head dim]. Every row's
+ * key/value is written at `pos`, and row i attends over positions starts[i]..pos (a
+ * left-padded batch; NULL: from 0).
+ * One parallel region for the whole stack (no Python, no thread start-up between blocks)
+ * and five barriers per block: every thread computes the (cheap) LayerNorms itself, and
+ * applies GELU and the residual adds to its own band of columns. Few barriers matter when
+ * another process competes for the cores: each one waits for the slowest thread. Each
+ * weight is read once per call whatever m is.
  * work: lv_block_work_floats(kind, m, dim, nthreads) floats; scratch: nthreads * (pos + 1). */
-void lv_block_decode(int kind, float *x, int64_t m, int64_t dim, int64_t heads,
-                     const float *ln1_w, const float *ln1_b, const float *ln2_w,
-                     const float *ln2_b, float eps, const void *const w[4],
-                     const float *const s[4], const float *const b[4], float *keys,
-                     float *values, const int64_t *starts, int64_t pos, int64_t max_len,
-                     float *work, float *scratch, int nthreads) {
+void lv_blocks_decode(int kind, float *x, int64_t m, int64_t dim, int64_t heads, int64_t layers,
+                      const float *const *ln, const float *eps, const void *const *w,
+                      const float *const *s, const float *const *b, float *const *keys,
+                      float *const *values, const int64_t *starts, int64_t pos, int64_t max_len,
+                      float *work, float *scratch, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
-    {
+    for (int64_t l = 0; l < layers; l++) {
         if (kind == W_BF16)
-            block_body(W_BF16, x, m, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b, keys,
-                       values, starts, pos, max_len, work, scratch);
+            block_body(W_BF16, x, m, dim, heads, ln + 4 * l, eps[l], w + 4 * l, s + 4 * l,
+                       b + 4 * l, keys[l], values[l], starts, pos, max_len, work, scratch);
         else if (kind == W_F32_IN_OUT)
-            block_body(W_F32_IN_OUT, x, m, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b,
-                       keys, values, starts, pos, max_len, work, scratch);
+            block_body(W_F32_IN_OUT, x, m, dim, heads, ln + 4 * l, eps[l], w + 4 * l, s + 4 * l,
+                       b + 4 * l, keys[l], values[l], starts, pos, max_len, work, scratch);
         else
-            block_body(W_INT8, x, m, dim, heads, ln1_w, ln1_b, ln2_w, ln2_b, eps, w, s, b, keys,
-                       values, starts, pos, max_len, work, scratch);
-    } /* the region's end is the fifth barrier */
+            block_body(W_INT8, x, m, dim, heads, ln + 4 * l, eps[l], w + 4 * l, s + 4 * l,
+                       b + 4 * l, keys[l], values[l], starts, pos, max_len, work, scratch);
+#pragma omp barrier /* the fifth: the next block reads every row of x */
+    }
 }
