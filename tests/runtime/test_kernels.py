@@ -570,6 +570,38 @@ def test_whole_stack_decodes_in_one_call(kind, monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_kernels_agree_across_thread_counts(kind):
+    """Every thread count splits the rows into other bands (whole AMX tiles, ROWS blocks):
+    one, two and three threads give the same linears and the same stack steps."""
+    from lowvox.engines.xtts.gpt import KVCache
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 256, generator=g)
+    if kind == "int8":
+        w = torch.randint(-127, 128, (96, 256), dtype=torch.int8, generator=g)
+        s = torch.rand(96, generator=g) + 0.01
+    else:
+        w, s = torch.randn(96, 256, generator=g).to(torch.bfloat16), None
+    stack = _reduced_stack(kind=kind)
+    token = torch.randn(5, 1, 64, generator=g)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            caches = [KVCache(5, 4, 8, 16) for _ in stack.h]
+            with torch.inference_mode():
+                step = stack(token, 0, caches)
+            results.append((kernels.linear(x, w, s, None), step))
+    finally:
+        torch.set_num_threads(before)
+    for y, step in results[1:]:
+        assert torch.allclose(y, results[0][0], rtol=1e-5, atol=1e-4)
+        assert torch.allclose(step, results[0][1], rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
 def test_a_stack_of_mixed_blocks_decodes_block_by_block():
     from lowvox.engines.xtts.gpt import KVCache
 
