@@ -61,7 +61,10 @@
 
 #define ROWS 4    /* weight rows per block: four streams from memory at once */
 #define XTILE 4   /* activation rows per pass over a block (ROWS * XTILE accumulators) */
-#define AHEAD 2048 /* prefetch distance in bytes along each weight row */
+/* Prefetch distance in bytes along each weight row: bf16 rows (twice int8's bytes) stream
+ * ~15% faster from further ahead (30 layers of full-size bf16 linears, one row: 36.2 ->
+ * 31.2 ms at 8192); int8 gains nothing past 2048. */
+#define AHEAD(kind) ((kind) == W_BF16 ? 8192 : 2048)
 
 #define LV_INLINE static inline __attribute__((always_inline))
 
@@ -157,7 +160,7 @@ LV_INLINE void block_tile(const int kind, const int mt, const float *x, int64_t 
     for (; j + 16 <= k; j += 16) {
         if (((j * WBYTES(kind)) & 63) == 0)
             for (int r = 0; r < ROWS; r++)
-                _mm_prefetch((const char *)wr[r] + j * WBYTES(kind) + AHEAD, _MM_HINT_T0);
+                _mm_prefetch((const char *)wr[r] + j * WBYTES(kind) + AHEAD(kind), _MM_HINT_T0);
         __m512 wv[ROWS];
         for (int r = 0; r < ROWS; r++) wv[r] = wload16(kind, wr[r], j);
         for (int i = 0; i < mt; i++) {
@@ -193,7 +196,7 @@ LV_INLINE void block_tile_q16(const int mt, const acts_t *a, int64_t i0,
         for (int64_t j = c * QCHUNK; j < j1; j += 32) {
             if ((j & 63) == 0)
                 for (int r = 0; r < ROWS; r++)
-                    _mm_prefetch((const char *)wr[r] + j + AHEAD, _MM_HINT_T0);
+                    _mm_prefetch((const char *)wr[r] + j + AHEAD(W_INT8), _MM_HINT_T0);
             __m512i wv[ROWS];
             if (j + 32 <= j1) {
                 for (int r = 0; r < ROWS; r++)
@@ -499,7 +502,7 @@ LV_INLINE void block_rows(const int kind, const int mt, const acts_t *a, int64_t
     for (; j + 8 <= k; j += 8) {
         if (((j * WBYTES(kind)) & 63) == 0)
             for (int r = 0; r < ROWS; r++)
-                _mm_prefetch((const char *)wr[r] + j * WBYTES(kind) + AHEAD, _MM_HINT_T0);
+                _mm_prefetch((const char *)wr[r] + j * WBYTES(kind) + AHEAD(kind), _MM_HINT_T0);
         __m256 wv[ROWS];
         for (int r = 0; r < ROWS; r++) wv[r] = wload8(kind, wr[r], j);
         for (int i = 0; i < mt; i++) {
