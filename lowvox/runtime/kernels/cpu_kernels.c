@@ -1,4 +1,5 @@
-/* lowvox CPU kernels: the two hot spots of decoding one token at a time on a CPU.
+/* lowvox CPU kernels: the hot spots of decoding on a CPU (one token at a time, of one
+ * sequence or of a batch).
  *
  * Compiled on the user's machine by lowvox/runtime/kernels/build.py (-O3 -march=native
  * -fopenmp) and called through ctypes; torch's own kernels are used wherever this library
@@ -18,6 +19,9 @@
  *   and two FMAs, which decoding, nearly memory-bound, turns into ~20% more bytes per
  *   second.
  *   Elsewhere int8 weights are widened to float32 and meet float32 activations.
+ *   From AMX_MIN_ROWS rows (batched steps, prompts) on CPUs with AMX, the tiles take over
+ *   (amx_rows, amx_rows_bf16): the same int16 activations for int8, a two-bf16 split of
+ *   each float32 activation for bf16; the weights still stream once.
  * lv_blocks_decode: the transformer blocks of a decode step (one token of one sequence, or
  *   of each of m left-padded ones) in one call: no Python or framework work between their
  *   steps, every weight read once.
