@@ -31,9 +31,15 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import math
+import mmap
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +128,24 @@ def own_mappings() -> Iterator[bool]:
             if _own_depth == 0:
                 libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
         release_heap()
+
+
+# Below this a buffer is not worth a mapping of its own.
+LAZY_ZEROS_MIN_BYTES = 1 << 20
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled CPU tensor whose memory follows what is written, not its size.
+
+    `torch.zeros` writes every byte, so every page is resident at once. Here a buffer of
+    LAZY_ZEROS_MIN_BYTES and up is an anonymous mapping of its own, and the kernel hands
+    over each page, zeroed, on first touch. A KV cache sized for the longest generation
+    (~170 MB per sequence for the full-size model) then costs only the positions reached.
+    The mapping goes back to the system with the tensor.
+    """
+    import torch
+
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < LAZY_ZEROS_MIN_BYTES:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)

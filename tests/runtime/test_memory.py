@@ -1,16 +1,20 @@
 """Allocator tuning: harmless to call, idempotent, reports whether it applied, and
-`own_mappings` switches big temporaries to their own mappings only inside its block."""
+`own_mappings` switches big temporaries to their own mappings only inside its block;
+`lazy_zeros` costs memory only where written."""
 
 import ctypes
 import ctypes.util
 import json
+import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from lowvox.runtime.memory import return_freed_memory
+from lowvox.runtime.memory import lazy_zeros, return_freed_memory
 
 
 def test_return_freed_memory_is_idempotent():
@@ -90,3 +94,32 @@ def test_own_mappings_nested_blocks_restore_only_when_the_last_leaves(probe):
 
 def test_own_mappings_restores_the_threshold_when_the_block_raises(probe):
     assert probe["after_error"] < -24
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_lazy_zeros_are_zeros_of_the_asked_shape():
+    small = lazy_zeros((3, 5), torch.float32)  # under the threshold: plain zeros
+    big = lazy_zeros((4, 2, 300, 64), torch.float32)
+    for t in (small, big):
+        assert t.dtype == torch.float32 and t.is_contiguous() and not t.any()
+    assert big.shape == (4, 2, 300, 64)
+    big[1, 1, 7] = 2.5
+    assert big.sum().item() == 2.5 * 64
+    assert lazy_zeros((1 << 20,), torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads Linux's /proc")
+def test_lazy_zeros_cost_memory_only_where_written():
+    """A cache sized for the longest generation costs only the positions written."""
+    before = _resident_bytes()
+    t = lazy_zeros(((256 << 20) // 4,), torch.float32)  # 256 MB
+    assert _resident_bytes() - before < 16 << 20
+    t[: (64 << 20) // 4] = 1.0  # write the first quarter
+    grown = _resident_bytes() - before
+    assert 60 << 20 < grown < 100 << 20
+    del t
+    assert _resident_bytes() - before < 16 << 20  # the mapping went back with the tensor

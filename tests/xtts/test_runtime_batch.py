@@ -174,3 +174,21 @@ def test_int8_batch_gives_the_same_codes(golden_dir, tmp_path) -> None:
         single = alone(model, row)
         assert torch.equal(batched.codes, single.codes)
         torch.testing.assert_close(batched.latents, single.latents, atol=1e-2, rtol=1e-2)
+
+
+def test_cache_keep_rows_keeps_what_was_written() -> None:
+    """Compaction when rows finish: the kept rows' written positions, in the new order; the
+    rest of the fresh cache is zero (never read before it is written)."""
+    from lowvox.engines.xtts.gpt import KVCache
+
+    cache = KVCache(4, 2, 10, 8)
+    cache.k.normal_()
+    cache.v.normal_()
+    k, v = cache.k.clone(), cache.v.clone()
+    index = torch.tensor([3, 1])
+    cache.keep_rows(index, 6)
+    assert cache.k.shape == cache.v.shape == (2, 2, 10, 8)
+    assert torch.equal(cache.k[:, :, :6], k[index, :, :6])
+    assert torch.equal(cache.v[:, :, :6], v[index, :, :6])
+    assert not cache.k[:, :, 6:].any() and not cache.v[:, :, 6:].any()
+    assert cache.k.is_contiguous() and cache.v.is_contiguous()

@@ -133,7 +133,7 @@ class BatchGenerator:
                 # Finished rows leave: later steps only compute the rows still running.
                 index = torch.tensor(keep, device=device)
                 for cache in caches:
-                    cache.k, cache.v = cache.k[index], cache.v[index]
+                    cache.keep_rows(index, width + i)  # positions written so far
                 valid, seen = valid[index], seen[index]
                 active = [active[k] for k in keep]
             for k in range(len(active)):

@@ -19,6 +19,7 @@ from torch import nn
 
 from lowvox.engines.xtts.config import XttsArgs
 from lowvox.runtime import kernels
+from lowvox.runtime.memory import lazy_zeros
 from lowvox.runtime.quant import Bf16Linear, Int8Linear, WeightOnlyLinear
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon and nn.LayerNorm's default
@@ -116,12 +117,28 @@ class KVCache(nn.Module):
     ) -> None:
         super().__init__()
         shape = (batch, heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # A batch's caches are sized for its longest row's limit, and most of them is never
+        # written (short rows, early stops): on CPU they take memory only where written. A
+        # single sequence's cache comes from the heap: its first touches would cost page
+        # faults, and the heap often has the memory already (freed prompt activations).
+        lazy = batch > 1
+        self.register_buffer("k", _zeros(shape, dtype, device, lazy), persistent=False)
+        self.register_buffer("v", _zeros(shape, dtype, device, lazy), persistent=False)
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    def keep_rows(self, index: torch.Tensor, filled: int) -> None:
+        """Keep the batch rows `index` (in that order) of which positions 0..filled-1 hold
+        keys and values: only those are copied, into fresh caches, so the positions not yet
+        written keep costing no memory on CPU (see `lazy_zeros`)."""
+        shape = (len(index), *self.k.shape[1:])
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = _zeros(shape, old.dtype, old.device, lazy=True)
+            new[:, :, :filled] = old[index, :, :filled]
+            setattr(self, name, new)
 
     def update(
         self, start: int, k: torch.Tensor, v: torch.Tensor
@@ -140,6 +157,15 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, positions, k)
         self.v.index_copy_(2, positions, v)
         return self.k, self.v
+
+
+def _zeros(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None, lazy: bool
+) -> torch.Tensor:
+    """Zeros for a cache; `lazy`: on CPU, memory only for the positions written."""
+    if lazy and (device is None or torch.device(device).type == "cpu"):
+        return lazy_zeros(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _use_cpu_kernel(cache_keys: torch.Tensor) -> bool:
