@@ -164,6 +164,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"model: {report['model']}   workload: {report['new_tokens']} tokens, stop token suppressed"
     ]
+    machine = next((r for r in report["cases"] if "cpu_kernels" in r), None)
+    if machine is not None:
+        lines.append(f"cpu kernels: {machine['cpu_kernels']}   threads: {machine['threads']}")
     for i, line in enumerate(table):
         lines.append("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)))
         if i == 0:

@@ -58,6 +58,7 @@ def _sync(device: str) -> None:
 def run(job: dict[str, Any]) -> dict[str, Any]:
     from lowvox.engines.xtts.generate import Generator
     from lowvox.engines.xtts.sampling import SamplingOptions
+    from lowvox.runtime import kernels
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
@@ -77,6 +78,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         "precision": job["precision"],
         "device": device,
         "threads": torch.get_num_threads(),
+        "cpu_kernels": kernels.describe(with_path=False),
         "text_tokens": len(ids),
         "load_s": load_s,
     }

@@ -52,6 +52,10 @@ def test_bench_command_reports_every_figure(tiny_folder, tmp_path):
     for key in ("load_s", "prefill_s", "decode_ms_per_token", "tokens_per_s", "vocoder_s_per_audio_s",
                 "e2e_rtf", "stream_first_audio_s", "peak_rss_bytes"):  # fmt: skip
         assert case[key] > 0, key
+    # The kernel path the numbers came from, as `lowvox doctor` names it.
+    from lowvox.runtime import kernels
+
+    assert case["cpu_kernels"] == kernels.describe(with_path=False)
 
 
 def test_bench_table_and_bad_model_dir(tmp_path):

@@ -138,8 +138,9 @@ def set_amx(on: bool) -> bool:
     return lib is not None and bool(lib.lv_amx_enable(1 if on else 0))
 
 
-def describe() -> str:
-    """One line for `lowvox doctor` and the start-up log."""
+def describe(with_path: bool = True) -> str:
+    """One line for `lowvox doctor`, the start-up log and `lowvox bench` (without the
+    library's path)."""
     if not enabled_by_env():
         return "off (LOWVOX_CPU_KERNELS=0): torch's kernels"
     name = isa()
@@ -149,7 +150,7 @@ def describe() -> str:
         name += " with VNNI (int8 weights x int16 activations)"
     if amx():
         name += ", AMX tiles for several rows"
-    return f"{name} ({_path})"
+    return f"{name} ({_path})" if with_path else name
 
 
 def _check(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
