@@ -292,6 +292,19 @@ static int64_t amx_pack_bytes(int64_t m, int64_t k) {
     return groups * AMX_STEPS(k) * 2 * TILE_BYTES + groups * QCHUNKS(k) * 16 * 4;
 }
 
+/* The tile pair at th (th + TILE_BYTES: the second) from 16 rows of 64 bytes each, hi and
+ * lo: tile row j takes 4-byte word j of every row, a 16 x 16 transpose of words. */
+static void amx_transpose_pair(const void *hi, const void *lo, int8_t *th) {
+    const __m512i row0 = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(16)); /* word 0 of each row, in words */
+    for (int j = 0; j < 16; j++) {
+        const __m512i idx = _mm512_add_epi32(row0, _mm512_set1_epi32(j));
+        _mm512_store_si512(th + 64 * j, _mm512_i32gather_epi32(idx, hi, 4));
+        _mm512_store_si512(th + TILE_BYTES + 64 * j, _mm512_i32gather_epi32(idx, lo, 4));
+    }
+}
+
 /* Pack tiles [t0, t1) of the groups x AMX_STEPS(k) tile pairs of a's int16 rows (rows past
  * m are zero), with each group's scales alongside its first. Tile row j holds values
  * 4j..4j+3 of the 64 for each of the 16 rows: a 16 x 16 transpose of 4-byte words. */
@@ -300,9 +313,6 @@ static void amx_pack(const acts_t *a, int64_t m, int8_t *tiles, int64_t t0, int6
     const int64_t groups = (m + 15) / 16;
     float *sxt = (float *)(tiles + groups * steps * 2 * TILE_BYTES);
     int8_t hi[16][64] __attribute__((aligned(64))), lo[16][64] __attribute__((aligned(64)));
-    const __m512i words = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7,
-                                                              6, 5, 4, 3, 2, 1, 0),
-                                             _mm512_set1_epi32(16)); /* row i's word 0 */
     for (int64_t t = t0; t < t1; t++) {
         const int64_t g = t / steps, st = t % steps;
         for (int i = 0; i < 16; i++) {
@@ -320,12 +330,7 @@ static void amx_pack(const acts_t *a, int64_t m, int8_t *tiles, int64_t t0, int6
                 _mm256_store_si256((__m256i *)(lo[i] + 32 * h), _mm512_cvtepi16_epi8(x));
             }
         }
-        int8_t *th = tiles + 2 * t * TILE_BYTES, *tl = th + TILE_BYTES;
-        for (int j = 0; j < 16; j++) {
-            const __m512i idx = _mm512_add_epi32(words, _mm512_set1_epi32(j));
-            _mm512_store_si512(th + 64 * j, _mm512_i32gather_epi32(idx, hi, 4));
-            _mm512_store_si512(tl + 64 * j, _mm512_i32gather_epi32(idx, lo, 4));
-        }
+        amx_transpose_pair(hi, lo, tiles + 2 * t * TILE_BYTES);
         if (st == 0)
             for (int64_t c = 0; c < chunks; c++)
                 for (int i = 0; i < 16; i++)
@@ -405,9 +410,6 @@ static void amx_pack_bf16(const float *x, int64_t m, int64_t k, int8_t *tiles, i
                           int64_t t1) {
     const int64_t steps = AMX_BF16_STEPS(k);
     __m256bh hi[16][2] __attribute__((aligned(64))), lo[16][2] __attribute__((aligned(64)));
-    const __m512i words = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7,
-                                                              6, 5, 4, 3, 2, 1, 0),
-                                             _mm512_set1_epi32(16)); /* row i's pair 0 */
     for (int64_t t = t0; t < t1; t++) {
         const int64_t g = t / steps, st = t % steps;
         for (int i = 0; i < 16; i++) {
@@ -419,12 +421,7 @@ static void amx_pack_bf16(const float *x, int64_t m, int64_t k, int8_t *tiles, i
                 lo[i][h] = _mm512_cvtneps_pbh(_mm512_sub_ps(v, bf16_widen(hi[i][h])));
             }
         }
-        int8_t *th = tiles + 2 * t * TILE_BYTES, *tl = th + TILE_BYTES;
-        for (int j = 0; j < 16; j++) {
-            const __m512i idx = _mm512_add_epi32(words, _mm512_set1_epi32(j));
-            _mm512_store_si512(th + 64 * j, _mm512_i32gather_epi32(idx, hi, 4));
-            _mm512_store_si512(tl + 64 * j, _mm512_i32gather_epi32(idx, lo, 4));
-        }
+        amx_transpose_pair(hi, lo, tiles + 2 * t * TILE_BYTES);
     }
 }
 
