@@ -36,6 +36,7 @@ def test_say_writes_intelligible_length_speech(tmp_path):
     assert np.sqrt(np.mean(audio**2)) > 0.01  # not silence
 
 
+@pytest.mark.slow
 def test_say_format_from_extension_and_flag(tmp_path):
     out = tmp_path / "hello.flac"
     proc = run_cli("say", "Format test", "-o", str(out), home=tmp_path)
@@ -126,6 +127,7 @@ def test_voices_lists_english(tmp_path):
     assert any("\ten" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_doctor_shows_settings_and_environment(tmp_path):
     proc = run_cli("doctor", home=tmp_path)
     out = proc.stdout.decode()
@@ -136,6 +138,7 @@ def test_doctor_shows_settings_and_environment(tmp_path):
     assert "cpu kernels: " in out
 
 
+@pytest.mark.slow
 def test_doctor_hides_api_key(tmp_path):
     env_key = "s3cret-key"
     cfg = tmp_path / "c.toml"

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from lowvox.audio.resample import resample, resampled_length
 from lowvox.errors import InvalidRequest
+from tests.golden import GOLDEN
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "xtts-tiny"
 RATE_PAIRS = [(44100, 16000), (16000, 22050), (22050, 16000), (48000, 24000), (8000, 22050)]
 
 

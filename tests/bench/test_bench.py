@@ -19,12 +19,14 @@ def tiny_folder(tmp_path_factory):
     return ensure_random_model(tmp_path_factory.mktemp("bench"), "tiny", seed=3)
 
 
+@pytest.mark.slow
 def test_random_model_loads_through_the_real_loader(tiny_folder, tmp_path):
     model = XttsModel.load(tiny_folder, cache_dir=tmp_path)
     assert model.config.model_args.gpt_layers == 2
     assert model.tokenizer.encode("hello", "en")[0] == 3  # the [en] tag
 
 
+@pytest.mark.slow
 def test_random_state_dict_is_finite_and_seeded(tiny_folder, tmp_path):
     model = XttsModel.load(tiny_folder, cache_dir=tmp_path)
     a, b = random_state_dict(model, 1), random_state_dict(model, 1)
@@ -34,6 +36,7 @@ def test_random_state_dict_is_finite_and_seeded(tiny_folder, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].dim() > 1)
 
 
+@pytest.mark.slow
 def test_bench_command_reports_every_figure(tiny_folder, tmp_path):
     proc = subprocess.run(
         [
@@ -69,6 +72,7 @@ def test_bench_table_and_bad_model_dir(tmp_path):
     assert "no model.pth" in proc.stderr
 
 
+@pytest.mark.slow
 def test_fidelity_of_a_model_against_itself_is_perfect(tiny_folder, tmp_path):
     a = XttsModel.load(tiny_folder, cache_dir=tmp_path)
     b = XttsModel.load(tiny_folder, cache_dir=tmp_path)
@@ -81,6 +85,7 @@ def test_fidelity_of_a_model_against_itself_is_perfect(tiny_folder, tmp_path):
     assert r["decode_top1_agreement"] == 1.0
 
 
+@pytest.mark.slow
 def test_fidelity_detects_a_perturbed_model(tiny_folder, tmp_path):
     a = XttsModel.load(tiny_folder, cache_dir=tmp_path)
     b = XttsModel.load(tiny_folder, cache_dir=tmp_path)
@@ -92,6 +97,7 @@ def test_fidelity_detects_a_perturbed_model(tiny_folder, tmp_path):
     assert r["decode_logit_cosine_mean"] < 0.999
 
 
+@pytest.mark.slow
 def test_fidelity_pools_positions_over_several_texts(tiny_folder, tmp_path):
     a = XttsModel.load(tiny_folder, cache_dir=tmp_path)
     b = XttsModel.load(tiny_folder, cache_dir=tmp_path)

@@ -184,6 +184,7 @@ def test_bad_inputs_are_errors_not_crashes():
 
 
 @needs_compiler
+@pytest.mark.slow
 def test_built_once_then_reused(fresh_kernels):
     assert kernels.available()
     built = list(fresh_kernels.glob("*.so"))
@@ -787,6 +788,7 @@ def test_fused_block_is_checked_once_per_cache(monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.slow
 def test_avx512_build_without_vnni_keeps_float_activations(fresh_kernels, monkeypatch):
     """CPUs with AVX-512 but no VNNI (Skylake servers) take the float32 path: exact
     against float64, and the fused int8 block still equals the module path."""

@@ -78,6 +78,7 @@ def probe() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_own_mappings_maps_big_temporaries_and_restores_the_threshold(probe):
     """Inside the block 1 MB tensors are their own mappings (freed straight back to the
     system); before and after it they come from the heap (the pinned 16 MB threshold)."""

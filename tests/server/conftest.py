@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from srv_fixtures import LiveServer, live_server
 
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """`slow` tests here run only with --run-slow (when registered) or LOWVOX_RUN_SLOW=1."""
-    if config.getoption("--run-slow", default=False) or os.environ.get("LOWVOX_RUN_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: use --run-slow or LOWVOX_RUN_SLOW=1")
-    for item in items:
-        if "slow" in item.keywords and "tests/server" in str(item.fspath):
-            item.add_marker(skip)
+from tests.server.srv_fixtures import LiveServer, live_server
 
 
 @pytest.fixture(scope="module")

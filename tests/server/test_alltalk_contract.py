@@ -7,8 +7,9 @@ import time
 
 import numpy as np
 import pytest
-from srv_audio import decode, dominant_frequency
-from srv_fixtures import CHUNK_SECONDS, fake_chunks, fake_frequency, live_server
+
+from tests.server.srv_audio import decode, dominant_frequency
+from tests.server.srv_fixtures import CHUNK_SECONDS, fake_chunks, fake_frequency, live_server
 
 ST_HEADERS = {"Content-Type": "application/x-www-form-urlencoded", "Cache-Control": "no-cache"}
 
@@ -253,6 +254,7 @@ def test_narrator_streams_too(client):
     assert np.array_equal(kept, samples)
 
 
+@pytest.mark.slow
 def test_language_auto_detects_the_text_language(server, client):
     st_generate(
         client,

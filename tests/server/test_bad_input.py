@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from srv_fixtures import live_server
+
+from tests.server.srv_fixtures import live_server
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import time
 import httpx
 import numpy as np
 import pytest
-from srv_audio import decode, dominant_frequency
-from srv_fixtures import FAKE_RATE, fake_frequency, live_server
+
+from tests.server.srv_audio import decode, dominant_frequency
+from tests.server.srv_fixtures import FAKE_RATE, fake_frequency, live_server
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:
@@ -55,6 +56,7 @@ def run_case(c: httpx.Client, kind: str, text: str, voice: str, fmt: str) -> tup
     return r.content, "wav"
 
 
+@pytest.mark.slow
 def test_twenty_mixed_requests_each_get_their_own_audio(server, client):
     """20 simultaneous requests over every API (streamed and whole, several formats) all
     succeed, and each one's audio equals the same request made alone."""
@@ -251,6 +253,7 @@ def test_stream_failing_before_audio_gets_a_status_code(server, client, monkeypa
     assert "secret" not in r.text
 
 
+@pytest.mark.slow
 def test_keep_alive_unloads_an_idle_engine_and_reloads_on_demand(tmp_path):
     with live_server(tmp_path, keep_alive=0.3) as s, s.client() as c:
         assert (

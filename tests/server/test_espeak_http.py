@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
-from srv_audio import decode
-from srv_fixtures import LiveServer, make_settings
 
 from lowvox.errors import LowvoxError
+from tests.server.srv_audio import decode
+from tests.server.srv_fixtures import LiveServer, make_settings
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from srv_audio import decode, dominant_frequency
-from srv_fixtures import CHUNK_SECONDS, FAKE_RATE, fake_frequency
+
+from tests.server.srv_audio import decode, dominant_frequency
+from tests.server.srv_fixtures import CHUNK_SECONDS, FAKE_RATE, fake_frequency
 
 FORMATS = ("wav", "mp3", "opus", "aac", "flac", "pcm")
 # Codec facts, not lowvox choices: Opus always runs at 48 kHz; the others keep 24 kHz.
@@ -141,7 +142,7 @@ def test_bad_input_is_a_clear_4xx(client, body, status, words):
 
 
 def test_text_over_the_limit(tmp_path):
-    from srv_fixtures import live_server
+    from tests.server.srv_fixtures import live_server
 
     with live_server(tmp_path, max_text_chars=50) as s, s.client() as c:
         r = c.post("/v1/audio/speech", json={"input": "word " * 20, "voice": "alpha"})

@@ -6,8 +6,9 @@ import threading
 import time
 
 import pytest
-from srv_audio import decode, dominant_frequency
-from srv_fixtures import CHUNK_SECONDS, fake_chunks, fake_frequency, live_server
+
+from tests.server.srv_audio import decode, dominant_frequency
+from tests.server.srv_fixtures import CHUNK_SECONDS, fake_chunks, fake_frequency, live_server
 
 openai = pytest.importorskip("openai")
 

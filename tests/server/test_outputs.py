@@ -6,10 +6,10 @@ import os
 import time
 
 import pytest
-from srv_fixtures import live_server
 
 from lowvox.server import app as app_module
 from lowvox.server.outputs import OutputNotFound, OutputStore, safe_stem
+from tests.server.srv_fixtures import live_server
 
 
 @pytest.mark.parametrize(

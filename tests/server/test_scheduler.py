@@ -7,11 +7,11 @@ import threading
 
 import numpy as np
 import pytest
-from srv_fixtures import FakeEngine
 
 from lowvox.engines.base import SynthesisRequest
 from lowvox.errors import Cancelled, InvalidRequest
 from lowvox.runtime.scheduler import QueueFull, Scheduler
+from tests.server.srv_fixtures import FakeEngine
 
 
 def req(text: str, voice: str = "alpha") -> SynthesisRequest:

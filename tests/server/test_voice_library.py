@@ -7,10 +7,10 @@ import io
 import numpy as np
 import pytest
 import soundfile as sf
-from srv_fixtures import FakeEngine, FakeFactory, live_server
 
 from lowvox.engines.base import EngineCapabilities, VoiceInfo
 from lowvox.errors import InvalidRequest
+from tests.server.srv_fixtures import FakeEngine, FakeFactory, live_server
 
 
 def wav_bytes(seconds: float, rate: int = 22_050, freq: float = 220.0, fmt: str = "WAV") -> bytes:

@@ -13,7 +13,8 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
-from srv_fixtures import live_server
+
+from tests.server.srv_fixtures import live_server
 
 sync_api = pytest.importorskip("playwright.sync_api")
 

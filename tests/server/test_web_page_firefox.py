@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from srv_fixtures import live_server
+
+from tests.server.srv_fixtures import live_server
 
 HERE = Path(__file__).resolve().parent / "firefox"
 FIREFOX = os.environ.get("LOWVOX_FIREFOX") or shutil.which("firefox-esr") or shutil.which("firefox")

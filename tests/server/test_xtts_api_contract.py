@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from srv_audio import decode, dominant_frequency
-from srv_fixtures import CHUNK_SECONDS, fake_chunks, fake_frequency
+
+from tests.server.srv_audio import decode, dominant_frequency
+from tests.server.srv_fixtures import CHUNK_SECONDS, fake_chunks, fake_frequency
 
 ST_JSON = {"Content-Type": "application/json", "Cache-Control": "no-cache"}
 # What the provider sends from its sliders: jQuery .val() gives strings.

@@ -7,15 +7,18 @@ Skips when the golden bundle is absent.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
-from srv_audio import decode
-from srv_fixtures import LiveServer, make_settings
 
-GOLDEN = Path(__file__).resolve().parents[2] / "../shared/golden/xtts-tiny"
+from tests.golden import GOLDEN
+from tests.server.srv_audio import decode
+from tests.server.srv_fixtures import LiveServer, make_settings
+
 GREEDY = {"do_sample": False, "max_new_tokens": 30}
+
+# A real (tiny) model behind a real server: the module's shared server alone takes ~10 s.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import sys
 import types
@@ -24,7 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VOCAB = HERE.parents[1] / "../shared/golden/xtts-tiny/vocab.json"
+GOLDEN_ROOT = Path(os.environ.get("LOWVOX_GOLDEN") or HERE.parents[1] / "../shared/golden")
+VOCAB = GOLDEN_ROOT / "xtts-tiny" / "vocab.json"
 OUT = HERE / "fixtures" / "reference_text.json"
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from text_fixtures import GOLDEN, golden_cases
 
 from lowvox.text import normalize, split_sentences
 from lowvox.text.split import split_sentences_exact
+from tests.text.text_fixtures import GOLDEN, golden_cases
 
 pytestmark = pytest.mark.skipif(
     not (GOLDEN / "cases.json").is_file(), reason="golden bundle not present"

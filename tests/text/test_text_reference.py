@@ -7,10 +7,10 @@ XTTS tokenizer and spaCy splitter (see make_fixtures.py), not by lowvox.
 from __future__ import annotations
 
 import pytest
-from text_fixtures import GOLDEN, reference_fixture
 
 from lowvox.text import normalize
 from lowvox.text.split import _sentences, split_sentences_exact
+from tests.text.text_fixtures import GOLDEN, reference_fixture
 
 _FIXTURE = reference_fixture()
 _OK = [c for c in _FIXTURE["normalize_cases"] if "reference_error" not in c]

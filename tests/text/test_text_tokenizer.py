@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from text_fixtures import GOLDEN
 
 from lowvox.errors import EngineUnavailable, InvalidRequest, UnknownLanguage
 from lowvox.text.tokenizer import XttsTokenizer
+from tests.text.text_fixtures import GOLDEN
 
 pytestmark = pytest.mark.skipif(
     not (GOLDEN / "vocab.json").is_file(), reason="golden bundle not present"

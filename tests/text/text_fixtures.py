@@ -6,8 +6,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-GOLDEN = REPO / "../shared/golden/xtts-tiny"
+from tests.golden import GOLDEN
+
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "reference_text.json"
 
 

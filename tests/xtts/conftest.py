@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "xtts-tiny"
+from tests.golden import GOLDEN
 
 
 @pytest.fixture(scope="session", autouse=True)

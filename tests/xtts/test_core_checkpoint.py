@@ -235,6 +235,7 @@ def test_check_keys_passes_on_a_match() -> None:
 # safetensors cache
 
 
+@pytest.mark.slow
 def test_cache_is_created_reused_and_invalidated(random_bundle, tmp_path: Path) -> None:
     source = tmp_path / "model.pth"
     source.write_bytes((random_bundle.path / "model.pth").read_bytes())

@@ -56,6 +56,7 @@ def test_unreadable_files(tmp_path: Path) -> None:
         XttsConfig.from_file(tmp_path / "config.json")
 
 
+@pytest.mark.slow
 def test_config_from_the_checkpoint_when_config_json_is_absent(random_bundle, tmp_path) -> None:
     folder = tmp_path / "model"
     shutil.copytree(random_bundle.path, folder)

@@ -54,11 +54,13 @@ def test_catalogue_without_loading(engine) -> None:
     assert fresh._model is None  # listing voices did not load the weights
 
 
+@pytest.mark.slow
 def test_warmup(engine) -> None:
     engine.warmup()
     assert engine._model is not None
 
 
+@pytest.mark.slow
 def test_synthesize_studio_library_and_path_voices(engine, golden_dir) -> None:
     for voice in ("Test Speaker", "alice", "Bob", str(golden_dir / "ref_c.wav")):
         request = engine.validate(SynthesisRequest("Hello there.", voice=voice, options=FAST))

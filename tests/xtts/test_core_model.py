@@ -41,6 +41,7 @@ def test_golden_loads_through_the_public_api(golden_model) -> None:
     assert "zh-cn" in golden_model.config.languages
 
 
+@pytest.mark.slow
 def test_synthesize_matches_reference_inference(
     golden_model, golden_ref, golden_cases, golden_voice, close, gen_case: int, infer_speed: float
 ) -> None:
@@ -67,6 +68,7 @@ def test_tokenizer_reproduces_generation_case_ids(golden_model, golden_cases) ->
         assert ids == c["token_ids"], case_id
 
 
+@pytest.mark.slow
 def test_stream_equals_whole_utterance(
     golden_model, golden_ref, golden_cases, golden_voice
 ) -> None:
@@ -102,6 +104,7 @@ def test_random_bundle_loads_every_weight(random_model, random_bundle) -> None:
     assert list(random_model.speakers) == ["Test Speaker"]
 
 
+@pytest.mark.slow
 def test_random_bundle_synthesis_is_seeded_and_streams(random_model) -> None:
     # Over the 250-character limit of English, so the splitter must cut it in two.
     text = (
@@ -134,6 +137,7 @@ def test_unsplit_text_is_one_piece(random_model) -> None:
 
 
 @pytest.mark.parametrize("speed", [0.8, 1.5])
+@pytest.mark.slow
 def test_speed_changes_length_and_streams_identically(random_model, speed: float) -> None:
     kwargs = dict(voice="Test Speaker", max_new_tokens=24, do_sample=False, split_sentences=False)
     base = random_model.synthesize("Speed test.", **kwargs)
@@ -147,6 +151,7 @@ def test_speed_changes_length_and_streams_identically(random_model, speed: float
     assert snr_db(streamed, fast.wav) >= 40
 
 
+@pytest.mark.slow
 def test_stream_vocoder_work_per_chunk_is_flat(random_model) -> None:
     """Each chunk vocodes a bounded number of frames, however long the utterance is."""
     sizes: list[int] = []
@@ -227,6 +232,7 @@ def test_clone_voice_uses_config_defaults(random_model, golden_dir) -> None:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_half_precision_gpt(random_bundle, random_model, precision: str) -> None:
     if precision == "fp16" and not torch.cuda.is_available():
         pytest.skip("fp16 matmuls are a GPU feature")
@@ -245,6 +251,7 @@ def test_half_precision_gpt(random_bundle, random_model, precision: str) -> None
     assert half.codes[0][0] == full.codes[0][0]
 
 
+@pytest.mark.slow
 def test_stream_cadence_is_a_short_first_chunk_then_longer_ones(random_model, monkeypatch):
     """The vocoder is pushed after 12 tokens, then every 20 (unless asked otherwise)."""
     from lowvox.engines.xtts import model as model_module

@@ -62,6 +62,7 @@ def test_batch_equals_each_row_alone(bundle, golden_model, random_model) -> None
         assert_same_generation(batched, single)
 
 
+@pytest.mark.slow
 def test_rows_stop_on_their_own(golden_dir, tmp_path) -> None:
     """With the stop token made likelier, some rows stop early (at different steps) and
     others run to their limit; each row still equals its lone run."""
@@ -93,6 +94,7 @@ def test_cancelled_row_leaves_the_batch(golden_model) -> None:
     assert seen[1] == 5 and all(seen[r] == 20 for r in (0, 2, 3))
 
 
+@pytest.mark.slow
 def test_synthesize_batch_equals_synthesize(golden_model) -> None:
     voices = list(golden_model.speakers)
     texts = [LONG, "Short.", "This one is a little longer."]
@@ -110,6 +112,7 @@ def test_synthesize_batch_equals_synthesize(golden_model) -> None:
         np.testing.assert_allclose(res.wav, single.wav, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_synthesize_batch_small_batches_give_the_same(golden_model) -> None:
     kwargs = dict(do_sample=False, max_new_tokens=12, voice="Alpha Voice")
     texts = ["One.", "Two words.", "Three words here."]
@@ -119,6 +122,7 @@ def test_synthesize_batch_small_batches_give_the_same(golden_model) -> None:
         assert all(np.array_equal(x, y) for x, y in zip(a.codes, b.codes, strict=True))
 
 
+@pytest.mark.slow
 def test_stream_batch_matches_whole_utterances(golden_model) -> None:
     settings = golden_model.generation_settings(do_sample=False, max_new_tokens=30)
     items = [
@@ -143,6 +147,7 @@ def test_stream_batch_matches_whole_utterances(golden_model) -> None:
         assert 10 * np.log10(np.sum(whole.wav**2) / max(noise, 1e-30)) > 30
 
 
+@pytest.mark.slow
 def test_stream_batch_cancel_stops_one_request(golden_model) -> None:
     settings = golden_model.generation_settings(do_sample=False, max_new_tokens=40)
     items = [BatchItem("One request.", voice="Alpha Voice", settings=settings)] * 2
@@ -166,6 +171,7 @@ def test_batch_bad_input_is_a_clear_error(golden_model) -> None:
         golden_model.stream_batch([])
 
 
+@pytest.mark.slow
 def test_int8_batch_gives_the_same_codes(golden_dir, tmp_path) -> None:
     """The CPU default (int8 weights): batching changes the matmuls' shapes, not the codes."""
     model = XttsModel.load(golden_dir, precision="int8", cache_dir=tmp_path)

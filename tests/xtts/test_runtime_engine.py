@@ -83,6 +83,7 @@ def test_threads_come_from_settings_or_the_machine(random_bundle, tmp_path) -> N
     assert XttsEngine.from_settings(plain).threads == probe_machine().cpu_count
 
 
+@pytest.mark.slow
 def test_unload_and_reload(random_bundle, tmp_path) -> None:
     engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32)
     engine.load()
@@ -95,6 +96,7 @@ def test_unload_and_reload(random_bundle, tmp_path) -> None:
     np.testing.assert_array_equal(first.samples, again.samples)
 
 
+@pytest.mark.slow
 def test_keep_alive_unloads_when_idle(random_bundle, tmp_path) -> None:
     engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32, keep_alive=0.2)
     engine.synthesize(request())
@@ -107,6 +109,7 @@ def test_keep_alive_unloads_when_idle(random_bundle, tmp_path) -> None:
     engine.unload()
 
 
+@pytest.mark.slow
 def test_batch_equals_requests_alone(random_bundle, tmp_path) -> None:
     engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32)
     requests = [
@@ -133,6 +136,7 @@ def test_batch_stream_validates_every_request_first(random_bundle, tmp_path) -> 
         engine.synthesize_batch_stream([])
 
 
+@pytest.mark.slow
 def test_low_vram_residency_moves_weights_per_request(random_bundle, tmp_path) -> None:
     """On the CPU the storage and compute devices are the same, but the manager's moves
     show the wiring: weights visit the compute device for each request only."""
@@ -154,6 +158,7 @@ def test_low_vram_residency_moves_weights_per_request(random_bundle, tmp_path) -
     assert engine._residency is not None
 
 
+@pytest.mark.slow
 def test_toggles_on_a_cpu_plan(random_bundle, tmp_path) -> None:
     engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32)
     engine.load()

@@ -35,6 +35,7 @@ def test_generation_too_long_for_the_static_cache_falls_back(golden_model) -> No
     assert torch.equal(run(golden_model, "hello.", static, tokens=10).codes, eager.codes)
 
 
+@pytest.mark.slow
 def test_model_level_static_decoding(golden_dir, tmp_path) -> None:
     model = XttsModel.load(golden_dir, cache_dir=tmp_path)
     kwargs = dict(voice="Alpha Voice", do_sample=False, max_new_tokens=15)

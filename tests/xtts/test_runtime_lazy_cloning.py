@@ -102,6 +102,7 @@ def count_reads(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("precision", CACHED)
+@pytest.mark.slow
 def test_a_cached_load_leaves_the_cloning_modules_out_and_still_speaks(
     random_bundle, caches, tmp_path, monkeypatch, precision
 ) -> None:
@@ -131,6 +132,7 @@ def test_a_cached_load_leaves_the_cloning_modules_out_and_still_speaks(
 
 
 @pytest.mark.parametrize("precision", CACHED)
+@pytest.mark.slow
 def test_first_clone_loads_them_once_exactly_as_an_eager_load(
     random_bundle, caches, eager, eager_voices, clips, tmp_path, monkeypatch, precision
 ) -> None:
@@ -155,6 +157,7 @@ def test_first_clone_loads_them_once_exactly_as_an_eager_load(
     assert torch.equal(other.speaker_embedding, eager_voices[1].speaker_embedding)
 
 
+@pytest.mark.slow
 def test_a_voice_cache_hit_never_loads_them(random_bundle, caches, clips, tmp_path) -> None:
     first = load_cached(random_bundle, caches, tmp_path / "a", "int8")
     first.voice_cache = VoiceCache(tmp_path / "voices")
@@ -193,6 +196,7 @@ def _rebuilt_from_another_source(path: Path) -> None:
     ids=["deleted", "truncated", "garbage", "stale"],
 )
 @pytest.mark.parametrize("precision", CACHED)
+@pytest.mark.slow
 def test_a_cache_lost_before_the_first_clone_is_a_clear_error(
     random_bundle, caches, eager_voices, clips, tmp_path, precision, damage
 ) -> None:
@@ -218,6 +222,7 @@ def test_a_cache_lost_before_the_first_clone_is_a_clear_error(
     assert torch.equal(voice.gpt_cond_latent, eager_voices[0].gpt_cond_latent)
 
 
+@pytest.mark.slow
 def test_concurrent_first_clones_load_once(
     random_bundle, caches, eager_voices, clips, tmp_path, monkeypatch
 ) -> None:
@@ -260,6 +265,7 @@ def test_concurrent_first_clones_load_once(
         assert torch.equal(v.gpt_cond_latent, want.gpt_cond_latent)  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_lazily_loaded_modules_go_where_the_model_is_and_move_with_it(
     random_bundle, caches, tmp_path
 ) -> None:
@@ -275,6 +281,7 @@ def test_lazily_loaded_modules_go_where_the_model_is_and_move_with_it(
     assert all(t.is_meta for t in loaded.state_dict().values())
 
 
+@pytest.mark.slow
 def test_residency_keeps_lazily_loaded_modules_in_storage(
     random_bundle, caches, clips, eager_voices, tmp_path
 ) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lowvox.engines.xtts.streaming import DEFAULT_WINDOW_FRAMES
 
 
+@pytest.mark.slow
 def test_long_utterance_vocoded_in_pieces_equals_one_go(golden_model) -> None:
     voice = golden_model.speakers["Alpha Voice"]
     g = torch.Generator().manual_seed(3)

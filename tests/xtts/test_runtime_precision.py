@@ -83,6 +83,7 @@ def test_weight_only_cache_records_its_mode_and_source(
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
+@pytest.mark.slow
 def test_weight_only_from_cache_never_builds_the_float_model(
     random_bundle, tmp_path, monkeypatch, precision
 ):
@@ -110,6 +111,7 @@ def test_weight_only_from_cache_never_builds_the_float_model(
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
+@pytest.mark.slow
 def test_weight_only_cache_is_rebuilt_when_the_source_changes(
     random_bundle, tmp_path, precision
 ) -> None:
@@ -175,6 +177,7 @@ def test_cast_bf16_keeps_norms_and_residual_in_float32(random_bundle) -> None:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.slow
 def test_fidelity_on_the_golden_model(golden_model, golden_dir, tmp_path, precision) -> None:
     """Teacher-forced logits of the reduced-precision model against fp32 (the issue's
     targets: cosine >= 0.999, top-1 agreement >= 99%)."""
@@ -211,6 +214,7 @@ def test_layer_norm_matches_torch_in_float32() -> None:
         ("int8", "fp32", "fp32"),
     ],
 )
+@pytest.mark.slow
 def test_vocoder_precision_follows_the_gpt_or_the_setting(random_bundle, precision, asked,
                                                           expected, tmp_path) -> None:  # fmt: skip
     from lowvox.engines.xtts.hifigan import bf16_supported
@@ -230,6 +234,7 @@ def test_unknown_vocoder_precision_is_a_clear_error(random_bundle) -> None:
         XttsModel.load(random_bundle.path, vocoder_precision="int8")
 
 
+@pytest.mark.slow
 def test_bf16_takes_the_form_of_the_device_it_runs_on(random_bundle, tmp_path) -> None:
     """Low-VRAM residency loads into RAM to compute on the GPU: its bf16 is the GPU form
     (bf16 activations), not the CPU kernels' (float32 activations)."""

@@ -9,11 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lowvox.engines.xtts import streaming
-
-try:  # tests/xtts may or may not be a package
-    from .test_voice_helpers import random_decoder
-except ImportError:
-    from test_voice_helpers import random_decoder
+from tests.xtts.test_voice_helpers import random_decoder
 
 
 def _decoder():

@@ -14,11 +14,7 @@ import torch.nn.functional as F
 from lowvox.engines.xtts.hifigan import bf16_supported
 from lowvox.engines.xtts.streaming import StreamingVocoder, vocode_in_windows
 from lowvox.errors import LowvoxError
-
-try:  # tests/xtts may or may not be a package
-    from .test_voice_helpers import random_decoder, snr_db
-except ImportError:
-    from test_voice_helpers import random_decoder, snr_db
+from tests.xtts.test_voice_helpers import random_decoder, snr_db
 
 needs_bf16 = pytest.mark.skipif(not bf16_supported(), reason="no native bf16 on this CPU")
 # The issue's bar for any reduced-precision vocoder, against float32 on the same latents.
@@ -185,6 +181,7 @@ def test_windowed_vocoding_validates(decoder, speaker) -> None:
 
 
 @needs_bf16
+@pytest.mark.slow
 def test_bf16_keeps_fidelity_on_golden_latents(golden_model, golden_ref) -> None:
     """The released-size HiFi-GAN (golden weights) on the reference's generation latents
     (the first half of them, to keep the test short)."""

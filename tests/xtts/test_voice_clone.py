@@ -13,11 +13,7 @@ import torch
 from lowvox.audio.io import Audio
 from lowvox.engines.xtts import voice as V
 from lowvox.errors import InvalidRequest
-
-try:  # tests/xtts may or may not be a package
-    from .test_voice_helpers import random_voice_model
-except ImportError:
-    from test_voice_helpers import random_voice_model
+from tests.xtts.test_voice_helpers import random_voice_model
 
 SETTINGS = {"gpt_cond_len": 30, "gpt_cond_chunk_len": 4, "max_ref_length": 30}
 

@@ -20,11 +20,8 @@ from lowvox.audio.mel import MelSpectrogram
 from lowvox.audio.resample import resample
 from lowvox.engines.xtts import voice as V
 from lowvox.engines.xtts.streaming import StreamingVocoder
-
-try:  # tests/xtts may or may not be a package
-    from .test_voice_helpers import GOLDEN, golden_voice_model
-except ImportError:
-    from test_voice_helpers import GOLDEN, golden_voice_model
+from tests.golden import GOLDEN
+from tests.xtts.test_voice_helpers import golden_voice_model
 
 
 def _require_golden() -> Path:
@@ -149,6 +146,7 @@ def whole_wavs(ref, model) -> dict[str, torch.Tensor]:
         return {gid: model.hifigan_decoder(ref[f"{gid}.latents"], emb) for gid in gen_ids(ref)}
 
 
+@pytest.mark.slow
 def test_hifigan_decodes_generation_latents(ref, whole_wavs) -> None:
     for gid, wav in whole_wavs.items():
         check(f"{gid}.wav", wav, ref[f"{gid}.wav"])
@@ -160,6 +158,7 @@ def snr_db(reference: np.ndarray, x: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize(("step", "first", "chunk"), [(1, 20, 20), (6, 10, 7)])
+@pytest.mark.slow
 def test_streamed_audio_equals_whole_utterance(ref, model, whole_wavs, step, first, chunk) -> None:
     emb = ref["voice0.speaker_embedding"]
     # Every generation with the defaults; one with other chunking (keeps the run short).

@@ -17,8 +17,6 @@ from lowvox.engines.xtts.hifigan import GeneratorConfig, HifiganDecoder
 from lowvox.engines.xtts.perceiver import PerceiverResampler
 from lowvox.engines.xtts.speaker_encoder import SpeakerEncoderConfig
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "xtts-tiny"
-
 
 def snr_db(reference: np.ndarray, x: np.ndarray) -> float:
     """Signal-to-noise ratio of `x` against `reference`, in dB (float64 sums)."""

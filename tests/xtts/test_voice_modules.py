@@ -10,11 +10,7 @@ from lowvox.engines.xtts.conditioning import ConditioningEncoder
 from lowvox.engines.xtts.hifigan import GeneratorConfig, HifiganDecoder
 from lowvox.engines.xtts.perceiver import PerceiverResampler
 from lowvox.engines.xtts.speaker_encoder import ResNetSpeakerEncoder, SpeakerEncoderConfig
-
-try:  # tests/xtts may or may not be a package
-    from .test_voice_helpers import random_decoder
-except ImportError:
-    from test_voice_helpers import random_decoder
+from tests.xtts.test_voice_helpers import random_decoder
 
 
 @torch.inference_mode()

@@ -9,11 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lowvox.engines.xtts.streaming import StreamingVocoder, interpolate_frames
-
-try:  # tests/xtts may or may not be a package
-    from .test_voice_helpers import random_decoder, snr_db
-except ImportError:
-    from test_voice_helpers import random_decoder, snr_db
+from tests.xtts.test_voice_helpers import random_decoder, snr_db
 
 
 def stream(vocoder: StreamingVocoder, latents: torch.Tensor, step: int) -> list[np.ndarray]:

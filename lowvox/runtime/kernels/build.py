@@ -32,6 +32,16 @@ FLAG_SETS = (
 BUILD_TIMEOUT_S = 120
 
 
+def flag_sets() -> tuple[tuple[str, ...], ...]:
+    """`$LOWVOX_KERNEL_FLAGS` as the one flag set to build with, else `FLAG_SETS`.
+
+    It builds the library for another CPU than this one, e.g. the AVX2 path on an AVX-512
+    machine: `LOWVOX_KERNEL_FLAGS="-O3 -march=haswell -fopenmp"`.
+    """
+    forced = os.environ.get("LOWVOX_KERNEL_FLAGS", "").split()
+    return (tuple(forced),) if forced else FLAG_SETS
+
+
 def kernel_dir() -> Path:
     """`$LOWVOX_KERNEL_DIR`, else `$XDG_CACHE_HOME/lowvox/kernels` (~/.cache/...)."""
     if os.environ.get("LOWVOX_KERNEL_DIR"):
@@ -81,7 +91,7 @@ def build_library(folder: Path | None = None) -> Path | None:
     source = SOURCE.read_bytes()
     version = _compiler_version(cc)
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets():
         stamp = "\n".join([cc, version, " ".join(flags), platform.machine(), _cpu_identity()])
         digest = hashlib.sha256(source + stamp.encode()).hexdigest()[:16]
         target = folder / f"lowvox_cpu_{digest}.so"
