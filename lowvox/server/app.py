@@ -58,6 +58,12 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
         except LowvoxError as e:
             logger.error("cannot start the %s engine: %s", hub.default, e)
             raise
+        logger.info(
+            "lowvox is ready: http://%s:%d/ (engine %s; Ctrl-C stops it)",
+            settings.host,
+            settings.port,
+            hub.default,
+        )
         tasks = [asyncio.create_task(_retention_loop(state.outputs))]
         if settings.keep_alive > 0:
             tasks.append(asyncio.create_task(_keep_alive_loop(hub, settings.keep_alive)))
