@@ -63,11 +63,11 @@ $(VENV)/.torch-installed: | $(PY)
 	elif [ "$(TORCH)" != keep ]; then \
 		echo "TORCH must be cpu, cuda or keep (got '$(TORCH)')"; exit 2; \
 	fi
-	$(PY) -c "import torch; print('torch', torch.__version__, 'CUDA' if torch.version.cuda else 'CPU build')"
 	@touch $@
 
 $(VENV)/.lowvox-installed: pyproject.toml $(VENV)/.torch-installed
 	$(PIP) install -q -e .
+	@$(PY) -c "import torch; print('lowvox installed with torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
 	@touch $@
 
 $(VENV)/.lowvox-dev-installed: pyproject.toml $(VENV)/.lowvox-installed
