@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -144,6 +145,11 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
         return str(value)
 
 
+def _snr_text(snr_db: float) -> str:
+    """The fidelity report's vocoder SNR as the table shows it."""
+    return "identical (fp32 vocoder)" if math.isinf(snr_db) else f"{snr_db:.1f} dB"
+
+
 def format_report(report: dict[str, Any]) -> str:
     rows = list(report["cases"])
     ref = report.get("reference")
@@ -198,7 +204,7 @@ def format_report(report: dict[str, Any]) -> str:
             for r in rows_:
                 lines.append(
                     f"  {name} {r['precision']}: logit cosine mean {r['logit_cosine_mean']:.5f} min {r['logit_cosine_min']:.5f}, "
-                    f"teacher-forced top-1 agreement {r['top1_agreement'] * 100:.1f}%, vocoder SNR {r['vocoder_snr_db']}"
+                    f"teacher-forced top-1 agreement {r['top1_agreement'] * 100:.1f}%, vocoder SNR {_snr_text(r['vocoder_snr_db'])}"
                 )
                 lines.append(
                     f"  {' ' * len(name)} {' ' * len(r['precision'])}  decode steps: logit cosine mean "

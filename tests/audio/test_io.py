@@ -13,6 +13,7 @@ import torch
 from lowvox.audio.io import Audio, load_audio, read_audio
 from lowvox.audio.resample import resample
 from lowvox.errors import InvalidRequest
+from tests.tolerance import snr_db
 
 RATE = 22050
 
@@ -21,10 +22,6 @@ def signal(seconds: float = 1.0, rate: int = RATE, channels: int = 1) -> np.ndar
     t = np.arange(int(rate * seconds)) / rate
     chans = [0.4 * np.sin(2 * np.pi * (220.0 * (c + 1)) * t) for c in range(channels)]
     return np.stack(chans, axis=1).astype(np.float32)  # [N, C]
-
-
-def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref**2) / max(np.sum((ref - x) ** 2), 1e-20)))
 
 
 def test_wav_int16_reads_as_scaled_floats(tmp_path: Path) -> None:

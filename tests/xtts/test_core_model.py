@@ -9,11 +9,7 @@ import torch
 from lowvox.engines.xtts.model import XttsModel
 from lowvox.engines.xtts.voice import Voice
 from lowvox.errors import InvalidRequest, LowvoxError, UnknownLanguage, UnknownVoice
-
-
-def snr_db(actual: np.ndarray, reference: np.ndarray) -> float:
-    noise = float(np.sum((actual - reference) ** 2))
-    return 10 * np.log10(float(np.sum(reference**2)) / max(noise, 1e-30))
+from tests.tolerance import MIN_STREAM_SNR_DB, snr_db
 
 
 def reference_options(golden_cases) -> dict:
@@ -83,7 +79,7 @@ def test_stream_equals_whole_utterance(
     whole = golden_ref[f"infer{case_id}.wav"].numpy()
     streamed = np.concatenate([ch.wav for ch in chunks])
     assert streamed.shape == whole.shape
-    assert snr_db(streamed, whole) >= 40
+    assert snr_db(whole, streamed) >= MIN_STREAM_SNR_DB
     # A chunk after every 20 tokens (e.g. 90 tokens: at 20, 40, 60, 80), then the rest.
     tokens = golden_ref[f"gen{case_id}.latents"].shape[1]
     assert len(chunks) == tokens // 20 + 1
@@ -97,6 +93,8 @@ def test_stream_equals_whole_utterance(
 def test_random_bundle_loads_every_weight(random_model, random_bundle) -> None:
     state = random_model.state_dict()
     assert sorted(state) == sorted(random_bundle.state)
+    # Weight-normed convolutions are refolded from fp16 halves (g * v / |v|), ~5e-4 of their
+    # size apart; no row is about fp16 storage, and the BF16 row would be far looser.
     for key, expected in random_bundle.state.items():
         torch.testing.assert_close(state[key], expected, atol=2e-3, rtol=2e-3, msg=key)
     assert random_model.config.model_args.gpt_layers == 3
@@ -117,6 +115,7 @@ def test_random_bundle_synthesis_is_seeded_and_streams(random_model) -> None:
     a = random_model.synthesize(text, **kwargs)
     b = random_model.synthesize(text, **kwargs)
     assert len(a.codes) == 2  # split into sentences
+    # The same instance, seed and threads: codes and audio repeat exactly (determinism).
     assert all(np.array_equal(x, y) for x, y in zip(a.codes, b.codes, strict=True))
     np.testing.assert_array_equal(a.wav, b.wav)
     c = random_model.synthesize(text, **{**kwargs, "seed": 12})
@@ -126,7 +125,7 @@ def test_random_bundle_synthesis_is_seeded_and_streams(random_model) -> None:
     assert {ch.sentence for ch in chunks} == {0, 1}
     streamed = np.concatenate([ch.wav for ch in chunks])
     assert streamed.shape == a.wav.shape
-    assert snr_db(streamed, a.wav) >= 40
+    assert snr_db(a.wav, streamed) >= MIN_STREAM_SNR_DB
 
 
 def test_unsplit_text_is_one_piece(random_model) -> None:
@@ -148,7 +147,7 @@ def test_speed_changes_length_and_streams_identically(random_model, speed: float
         [c.wav for c in random_model.synthesize_stream("Speed test.", speed=speed, **kwargs)]
     )
     assert streamed.shape == fast.wav.shape
-    assert snr_db(streamed, fast.wav) >= 40
+    assert snr_db(fast.wav, streamed) >= MIN_STREAM_SNR_DB
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from lowvox.engines.xtts.generate import Generator
 from lowvox.engines.xtts.model import BatchItem, XttsModel
 from lowvox.engines.xtts.sampling import SamplingOptions
 from lowvox.errors import InvalidRequest
+from tests.tolerance import FP32_OTHER_KERNELS, FP32_PIPELINE, MIN_STREAM_SNR_DB, snr_db
 
 GREEDY = SamplingOptions(repetition_penalty=5.0, do_sample=False)
 # Over the 250-character limit for English, so it is split into two sentences.
@@ -48,8 +49,9 @@ def assert_same_generation(batched, single) -> None:
     assert torch.equal(batched.codes, single.codes)
     assert batched.stopped == single.stopped
     assert batched.latents.shape == single.latents.shape
-    torch.testing.assert_close(batched.latents, single.latents, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(batched.logits, single.logits, atol=1e-3, rtol=1e-4)
+    # A padded batch row against the sequence alone.
+    FP32_OTHER_KERNELS.check(batched.latents, single.latents, "latents")
+    FP32_OTHER_KERNELS.check(batched.logits, single.logits, "logits")
 
 
 @pytest.mark.parametrize("bundle", ["golden", "random"])
@@ -109,7 +111,7 @@ def test_synthesize_batch_equals_synthesize(golden_model) -> None:
         for a, b in zip(res.codes, single.codes, strict=True):
             assert np.array_equal(a, b)
         assert res.wav.shape == single.wav.shape
-        np.testing.assert_allclose(res.wav, single.wav, atol=1e-3)
+        FP32_PIPELINE.check(res.wav, single.wav)  # whole-pipeline audio through a batch
 
 
 @pytest.mark.slow
@@ -143,8 +145,7 @@ def test_stream_batch_matches_whole_utterances(golden_model) -> None:
         streamed = np.concatenate(chunks[index])
         assert streamed.shape == whole.wav.shape
         # The streaming vocoder matches the whole-utterance one closely (not bit-exactly).
-        noise = np.sum((streamed - whole.wav) ** 2)
-        assert 10 * np.log10(np.sum(whole.wav**2) / max(noise, 1e-30)) > 30
+        assert snr_db(whole.wav, streamed) >= MIN_STREAM_SNR_DB
 
 
 @pytest.mark.slow
@@ -179,6 +180,7 @@ def test_int8_batch_gives_the_same_codes(golden_dir, tmp_path) -> None:
     for batched, row in zip(BatchGenerator(model.gpt, rows).run(), rows, strict=True):
         single = alone(model, row)
         assert torch.equal(batched.codes, single.codes)
+        # int8 weights: no fp32 row applies; this bound is tighter than BF16's, so it stays.
         torch.testing.assert_close(batched.latents, single.latents, atol=1e-2, rtol=1e-2)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,6 +14,7 @@ from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.runtime.devices import probe_machine
 from lowvox.runtime.planner import Plan, PlanError
 from lowvox.settings import Settings
+from tests.tolerance import FP32_PIPELINE, FP32_REORDER
 
 GREEDY = {"max_new_tokens": 8, "do_sample": False}
 CPU_FP32 = Plan("cpu", "fp32", "cpu", "float32", ["test"])
@@ -93,7 +93,8 @@ def test_unload_and_reload(random_bundle, tmp_path) -> None:
     assert not engine.loaded
     again = engine.synthesize(request())  # the next request loads the model again
     assert engine.loaded
-    np.testing.assert_array_equal(first.samples, again.samples)
+    # Another load is another model instance: the same maths, maybe in another order.
+    FP32_REORDER.check(again.samples, first.samples)
 
 
 @pytest.mark.slow
@@ -123,7 +124,7 @@ def test_batch_equals_requests_alone(random_bundle, tmp_path) -> None:
         single = engine.synthesize(req)
         assert chunk.sample_rate == single.sample_rate == engine.sample_rate
         assert chunk.samples.shape == single.samples.shape
-        np.testing.assert_allclose(chunk.samples, single.samples, atol=1e-3)
+        FP32_PIPELINE.check(chunk.samples, single.samples)  # whole-pipeline audio via a batch
 
 
 def test_batch_stream_validates_every_request_first(random_bundle, tmp_path) -> None:
@@ -151,7 +152,7 @@ def test_low_vram_residency_moves_weights_per_request(random_bundle, tmp_path) -
     engine.synthesize(request())
     assert residency.moves > after_one
     plain = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32)
-    np.testing.assert_array_equal(out.samples, plain.synthesize(request()).samples)
+    FP32_REORDER.check(out.samples, plain.synthesize(request()).samples)  # another instance
     engine.set_low_vram(False)
     assert engine._residency is None and not engine.low_vram
     engine.set_low_vram(True)

@@ -9,6 +9,7 @@ import torch
 from lowvox.engines.xtts.generate import Generator, StaticDecoder
 from lowvox.engines.xtts.model import XttsModel
 from lowvox.engines.xtts.sampling import SamplingOptions
+from tests.tolerance import FP32_OTHER_KERNELS
 
 GREEDY = SamplingOptions(repetition_penalty=5.0, do_sample=False)
 
@@ -26,7 +27,7 @@ def test_static_step_decodes_like_the_eager_one(golden_model) -> None:
         eager = run(golden_model, text, None)
         fixed = run(golden_model, text, static)
         assert torch.equal(eager.codes, fixed.codes)
-        torch.testing.assert_close(fixed.latents, eager.latents, atol=1e-4, rtol=1e-4)
+        FP32_OTHER_KERNELS.check(fixed.latents, eager.latents)  # static vs growing KV cache
 
 
 def test_generation_too_long_for_the_static_cache_falls_back(golden_model) -> None:

@@ -19,6 +19,7 @@ from lowvox.engines.xtts.model import WEIGHT_ONLY, XttsModel
 from lowvox.errors import LowvoxError
 from lowvox.runtime import kernels
 from lowvox.runtime.quant import BF16_MODE, INT8_MODE, Bf16Linear, Int8Linear
+from tests.tolerance import BF16, FP32_REORDER
 
 TEXT = "This sentence checks how far reduced precision moves the model."
 GREEDY = dict(voice="Test Speaker", max_new_tokens=10, do_sample=False, split_sentences=False)
@@ -101,13 +102,14 @@ def test_weight_only_from_cache_never_builds_the_float_model(
     for (name, a), (_, b) in zip(
         first.state_dict().items(), again.state_dict().items(), strict=True
     ):
-        assert torch.equal(a, b), name
+        assert torch.equal(a, b), name  # the weights went through the cache file: exact
     # The fused kernel needs aligned weights; the cache reader provides them.
     layers = [m for m in again.modules() if isinstance(m, Int8Linear | Bf16Linear)]
     assert layers and all(m.weight.data_ptr() % 64 == 0 for m in layers)
     a = first.synthesize(TEXT, **GREEDY)
     b = again.synthesize(TEXT, **GREEDY)
-    assert np.array_equal(a.codes[0], b.codes[0]) and np.array_equal(a.wav, b.wav)
+    assert np.array_equal(a.codes[0], b.codes[0])
+    FP32_REORDER.check(b.wav, a.wav)  # two instances: the same maths, maybe in another order
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
@@ -199,10 +201,10 @@ def test_layer_norm_matches_torch_in_float32() -> None:
             p.copy_(torch.randn_like(p))
         ref.load_state_dict(ours.state_dict())
     x = torch.randn(2, 5, 16)
-    assert torch.equal(ours(x), ref(x))
+    assert torch.equal(ours(x), ref(x))  # float32: the very same torch op, exact
     half = ours(x.bfloat16())
     assert half.dtype == torch.bfloat16
-    torch.testing.assert_close(half.float(), ref(x.bfloat16().float()), atol=0.02, rtol=0.01)
+    BF16.check(half.float(), ref(x.bfloat16().float()))
 
 
 @pytest.mark.parametrize(

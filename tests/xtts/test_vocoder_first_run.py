@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lowvox.engines.xtts import streaming
+from tests.tolerance import FP32_REORDER
 from tests.xtts.test_voice_helpers import random_decoder
 
 
@@ -44,8 +45,8 @@ def test_first_run_per_length_is_in_own_mappings(entered):
         assert len(entered) == 1
         streaming.vocode_in_windows(decoder, latents[:, :5], g, window=window)
         assert len(entered) == 2  # a short utterance is one new, shorter window
-    np.testing.assert_array_equal(first, again)
-    assert np.abs(first - whole).max() <= 1e-4 * np.abs(whole).max()
+    np.testing.assert_array_equal(first, again)  # the same decoder, the same work: exact
+    FP32_REORDER.check(first, whole)  # windows: another chunking of one operation
 
 
 def test_a_new_generator_starts_with_no_known_lengths(entered):

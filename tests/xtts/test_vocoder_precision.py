@@ -14,11 +14,10 @@ import torch.nn.functional as F
 from lowvox.engines.xtts.hifigan import bf16_supported
 from lowvox.engines.xtts.streaming import StreamingVocoder, vocode_in_windows
 from lowvox.errors import LowvoxError
-from tests.xtts.test_voice_helpers import random_decoder, snr_db
+from tests.tolerance import FP32_REORDER, MIN_REDUCED_VOCODER_SNR_DB, snr_db
+from tests.xtts.test_voice_helpers import random_decoder
 
 needs_bf16 = pytest.mark.skipif(not bf16_supported(), reason="no native bf16 on this CPU")
-# The bar for any reduced-precision vocoder, against float32 on the same latents.
-MIN_BF16_SNR_DB = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +48,8 @@ def test_fused_fp32_matches_plain_path(decoder, speaker) -> None:
     finally:
         gen.fused = None
     assert fused.dtype == np.float32 and fused.shape == plain.shape
+    # Other kernels (FP32_OTHER_KERNELS), yet held to 1e-5 of the peak, tighter than the row:
+    # the fused path runs the same fp32 convolutions, and this bound has always held.
     assert np.abs(fused - plain).max() <= 1e-5 * np.abs(plain).max()
 
 
@@ -73,7 +74,7 @@ def test_bf16_keeps_fidelity_on_random_decoder(speaker) -> None:
     assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
     snr = snr_db(fp32, bf16)
     print(f"random decoder bf16 vs fp32 SNR {snr:.1f} dB")
-    assert MIN_BF16_SNR_DB <= snr < 90.0  # close, yet really computed in bf16
+    assert MIN_REDUCED_VOCODER_SNR_DB <= snr < 90.0  # close, yet really computed in bf16
 
 
 @needs_bf16
@@ -89,6 +90,7 @@ def test_set_precision_round_trip(speaker) -> None:
     assert all(p.dtype == torch.float32 for p in decoder.parameters())
     decoder.set_precision("fp32")
     assert decoder.precision == "fp32"
+    # The same decoder instance repeating a computation: exact (determinism).
     np.testing.assert_array_equal(vocode(decoder, latents, speaker), before)
     decoder.set_precision("bf16")
     np.testing.assert_array_equal(vocode(decoder, latents, speaker), bf16)
@@ -111,7 +113,7 @@ def test_edited_weights_are_used(speaker) -> None:
     fused = vocode(decoder, latents, speaker)
     decoder.waveform_decoder.fused = False
     plain = vocode(decoder, latents, speaker)
-    assert np.abs(fused - plain).max() <= 1e-5 * np.abs(plain).max()
+    assert np.abs(fused - plain).max() <= 1e-5 * np.abs(plain).max()  # as above
 
 
 def test_gradients_take_the_plain_path(decoder, speaker) -> None:
@@ -135,7 +137,7 @@ def test_streamed_equals_whole_in_each_precision(speaker, precision, fused) -> N
     parts.append(vocoder.flush())
     streamed = np.concatenate(parts)
     assert streamed.shape == whole.shape
-    assert snr_db(whole, streamed) >= 60.0
+    assert snr_db(whole, streamed) >= 60.0  # stricter than MIN_STREAM_SNR_DB on this decoder
     assert np.abs(streamed - whole).max() <= 1e-3 * np.abs(whole).max()
 
 
@@ -167,7 +169,7 @@ def test_windowed_vocoding_equals_whole(decoder, speaker, n) -> None:
     finally:
         hook.remove()
     assert windowed.dtype == np.float32 and windowed.shape == whole.shape
-    assert np.abs(windowed - whole).max() <= 1e-4 * np.abs(whole).max()
+    FP32_REORDER.check(windowed, whole)  # another chunking of one operation
     frames = decoder.num_frames(n)
     assert sizes == [frames] if frames <= 72 else set(sizes) == {72}
 
@@ -199,4 +201,4 @@ def test_bf16_keeps_fidelity_on_golden_latents(golden_model, golden_ref) -> None
     reference = golden_ref[f"{gid}.wav"].reshape(-1)[:keep].numpy()
     snr, snr_ref = snr_db(fp32, bf16), snr_db(reference, bf16[:keep])
     print(f"golden {gid} bf16 SNR {snr:.1f} dB vs our fp32, {snr_ref:.1f} dB vs the reference")
-    assert snr >= MIN_BF16_SNR_DB and snr_ref >= MIN_BF16_SNR_DB
+    assert snr >= MIN_REDUCED_VOCODER_SNR_DB and snr_ref >= MIN_REDUCED_VOCODER_SNR_DB

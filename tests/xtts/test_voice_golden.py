@@ -21,6 +21,7 @@ from lowvox.audio.resample import resample
 from lowvox.engines.xtts import voice as V
 from lowvox.engines.xtts.streaming import StreamingVocoder
 from tests.golden import GOLDEN
+from tests.tolerance import MIN_STREAM_SNR_DB, snr_db
 from tests.xtts.test_voice_helpers import golden_voice_model
 
 
@@ -63,7 +64,11 @@ def cond(cases: dict) -> dict:
 
 
 def check(name: str, actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> float:
-    """Max abs error, asserted under `rel` x max(1, peak of the expected tensor)."""
+    """Max abs error, asserted under `rel` x max(1, peak of the expected tensor).
+
+    Ten times tighter than the bundle's own bound (FP32_PIPELINE, 1e-3) on purpose: the
+    voice side reaches ~1e-5 against the reference, and a regression should show long before
+    it breaks parity."""
     actual = torch.as_tensor(actual).float()
     assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)}"
     err = float((actual - expected.float()).abs().max())
@@ -152,11 +157,6 @@ def test_hifigan_decodes_generation_latents(ref, whole_wavs) -> None:
         check(f"{gid}.wav", wav, ref[f"{gid}.wav"])
 
 
-def snr_db(reference: np.ndarray, x: np.ndarray) -> float:
-    noise = float(np.sum((reference - x) ** 2))
-    return float(10 * np.log10(float(np.sum(reference**2)) / max(noise, 1e-30)))
-
-
 @pytest.mark.parametrize(("step", "first", "chunk"), [(1, 20, 20), (6, 10, 7)])
 @pytest.mark.slow
 def test_streamed_audio_equals_whole_utterance(ref, model, whole_wavs, step, first, chunk) -> None:
@@ -176,6 +176,6 @@ def test_streamed_audio_equals_whole_utterance(ref, model, whole_wavs, step, fir
         snr = snr_db(whole, streamed)
         n_chunks = len([p for p in parts if p.size])
         print(f"{gid} streamed (push {step}) SNR {snr:.1f} dB in {n_chunks} chunks")
-        assert snr >= 40.0
+        assert snr >= MIN_STREAM_SNR_DB
         # Matching the golden file too (not only our own whole-utterance decode).
-        assert snr_db(ref[f"{gid}.wav"].reshape(-1).numpy(), streamed) >= 40.0
+        assert snr_db(ref[f"{gid}.wav"].reshape(-1).numpy(), streamed) >= MIN_STREAM_SNR_DB

@@ -1,7 +1,9 @@
 """Builders shared by the voice tests (this module holds no tests itself).
 
-`golden_voice_model` builds the golden model from its config and weights (loaded strictly); `random_voice_model` makes a small random model whose sizes and
-seed differ from the golden bundle, so properties are checked on more than one model.
+`golden_voice_model` builds the golden model from its config and weights (loaded strictly);
+`random_voice_model` makes a small random model whose sizes and seed differ from the golden
+bundle, so properties are checked on more than one model. (`snr_db` lives in
+`tests.tolerance`, with the bounds it is held to.)
 """
 
 from __future__ import annotations
@@ -9,20 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 from lowvox.engines.xtts.conditioning import ConditioningEncoder
 from lowvox.engines.xtts.hifigan import GeneratorConfig, HifiganDecoder
 from lowvox.engines.xtts.perceiver import PerceiverResampler
 from lowvox.engines.xtts.speaker_encoder import SpeakerEncoderConfig
-
-
-def snr_db(reference: np.ndarray, x: np.ndarray) -> float:
-    """Signal-to-noise ratio of `x` against `reference`, in dB (float64 sums)."""
-    reference = reference.astype(np.float64)
-    noise = float(np.sum((reference - x) ** 2))
-    return float(10 * np.log10(float(np.sum(reference**2)) / max(noise, 1e-30)))
 
 
 def golden_voice_model(golden_dir: Path):

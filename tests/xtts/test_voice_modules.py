@@ -10,6 +10,7 @@ from lowvox.engines.xtts.conditioning import ConditioningEncoder
 from lowvox.engines.xtts.hifigan import GeneratorConfig, HifiganDecoder
 from lowvox.engines.xtts.perceiver import PerceiverResampler
 from lowvox.engines.xtts.speaker_encoder import ResNetSpeakerEncoder, SpeakerEncoderConfig
+from tests.tolerance import FP32_REORDER
 from tests.xtts.test_voice_helpers import random_decoder
 
 
@@ -22,7 +23,7 @@ def test_conditioning_encoder_is_time_equivariant() -> None:
     out = enc(mel)
     assert out.shape == (2, 64, 37)
     perm = torch.randperm(37)
-    torch.testing.assert_close(enc(mel[:, :, perm]), out[:, :, perm], atol=1e-5, rtol=1e-5)
+    FP32_REORDER.check(enc(mel[:, :, perm]), out[:, :, perm])  # the same sums, reordered
 
 
 @torch.inference_mode()
@@ -57,7 +58,7 @@ def test_perceiver_shape_and_context_order_invariance() -> None:
     out = p(x)
     assert out.shape == (3, 6, 48)
     # Cross-attention pools over context frames: their order cannot matter.
-    torch.testing.assert_close(p(x[:, torch.randperm(21)]), out, atol=1e-5, rtol=1e-5)
+    FP32_REORDER.check(p(x[:, torch.randperm(21)]), out)
     # RMS norm output: each latent has norm sqrt(dim) * |gamma| = sqrt(48).
     torch.testing.assert_close(out.norm(dim=-1), torch.full((3, 6), 48**0.5), rtol=1e-4, atol=1e-4)
 

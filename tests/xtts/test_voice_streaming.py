@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lowvox.engines.xtts.streaming import StreamingVocoder, interpolate_frames
-from tests.xtts.test_voice_helpers import random_decoder, snr_db
+from tests.tolerance import MIN_STREAM_SNR_DB, snr_db
+from tests.xtts.test_voice_helpers import random_decoder
 
 
 def stream(vocoder: StreamingVocoder, latents: torch.Tensor, step: int) -> list[np.ndarray]:
@@ -49,8 +50,9 @@ def test_streamed_equals_whole_utterance(decoder, speaker, n, step, first, chunk
     streamed = np.concatenate(stream(vocoder, latents, step))
     assert streamed.dtype == np.float32
     assert streamed.shape == whole.shape
-    assert snr_db(whole, streamed) >= 40.0
-    # No seam: the worst single-sample error is tiny next to the signal's level.
+    assert snr_db(whole, streamed) >= MIN_STREAM_SNR_DB
+    # No seam: the worst single-sample error is tiny next to the signal's level (a bound on
+    # the cross-fades at chunk joins, beside the SNR; no elementwise row describes them).
     assert np.abs(streamed - whole).max() <= 1e-3 * np.abs(whole).max()
 
 
