@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     vocoder_precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int | None = Field(None, ge=1)
     keep_alive: float = Field(0, ge=0)  # seconds idle before unloading; 0 keeps it loaded
+    # Requests decoded together (continuous batching), and the KV-cache memory they may
+    # reserve (None: half the memory free when the model loads).
+    max_batch_size: int = Field(8, ge=1, le=64)
+    kv_cache_mb: int | None = Field(None, ge=1)
 
     # Limits
     max_text_chars: int = Field(20_000, ge=1)

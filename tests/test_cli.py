@@ -157,3 +157,13 @@ def test_stdout_wav_decodes_with_soundfile_after_patch(tmp_path):
     data[40:44] = (len(data) - 44).to_bytes(4, "little")
     audio, rate = sf.read(io.BytesIO(bytes(data)), dtype="float32")
     assert rate > 8000 and len(audio) > rate // 2
+
+
+@pytest.mark.parametrize("language", ["auto", "de_DE", "DE"])
+def test_say_accepts_every_spelling_of_a_language(tmp_path, language):
+    """`--help` offers 'auto'; region and case spellings resolve like the server's."""
+    out = tmp_path / "guten.wav"
+    text = "Guten Tag, wie geht es dir heute? Ich hoffe, es geht dir gut."
+    proc = run_cli("say", text, "-o", str(out), "--language", language, home=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert sf.info(out).frames > 0

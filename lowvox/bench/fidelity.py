@@ -65,7 +65,8 @@ def _compare_one(reference, test, text: str, tokens: int):
     """Per-position logit cosines and top-1 matches (one pass), both vocoders' audio, and
     the cosines and matches of the decode-step logits, for one text."""
     from lowvox.bench.worker import bench_voice, suppress_stop_token
-    from lowvox.engines.xtts.generate import Generator
+    from lowvox.engines.xtts.decode import DecodeRow, generate
+    from lowvox.engines.xtts.pipeline import vocode
     from lowvox.engines.xtts.sampling import SamplingOptions
 
     voice = bench_voice(reference)
@@ -75,7 +76,7 @@ def _compare_one(reference, test, text: str, tokens: int):
     # the unmodified heads of both models.
     bias = reference.gpt.mel_head.bias.clone()
     suppress_stop_token(reference)
-    gen = Generator(reference.gpt, voice.gpt_cond_latent, ids, opts, tokens).run()
+    gen = generate(reference.gpt, DecodeRow(voice.gpt_cond_latent, ids, opts, tokens))
     reference.gpt.mel_head.bias.copy_(bias)
     codes = gen.codes.view(1, -1)
     ref_logits = reference.gpt.logits(
@@ -87,14 +88,13 @@ def _compare_one(reference, test, text: str, tokens: int):
     test_logits = test.gpt.logits(test_latents).float().to(ref_logits.device)
     cos = torch.nn.functional.cosine_similarity(ref_logits, test_logits, dim=-1).flatten()
     agree = (ref_logits.argmax(-1) == test_logits.argmax(-1)).flatten()
-    stepped = Generator(
-        test.gpt, voice.gpt_cond_latent.to(test.device), ids, opts, tokens, forced=codes
-    ).run()
+    row = DecodeRow(voice.gpt_cond_latent.to(test.device), ids, opts, tokens, forced=codes)
+    stepped = generate(test.gpt, row)
     step_logits = stepped.logits.float().to(ref_logits.device)
     cos_steps = torch.nn.functional.cosine_similarity(ref_logits, step_logits, dim=-1).flatten()
     agree_steps = (ref_logits.argmax(-1) == step_logits.argmax(-1)).flatten()
-    ref_wav = torch.from_numpy(reference._vocode(gen.latents, voice))
-    test_wav = torch.from_numpy(test._vocode(gen.latents.to(test.device), voice))
+    ref_wav = torch.from_numpy(vocode(reference, gen.latents, voice))
+    test_wav = torch.from_numpy(vocode(test, gen.latents.to(test.device), voice))
     n = min(ref_wav.numel(), test_wav.numel())
     return cos, agree, ref_wav[:n], test_wav[:n], cos_steps, agree_steps
 

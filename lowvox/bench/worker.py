@@ -56,7 +56,10 @@ def _sync(device: str) -> None:
 
 
 def run(job: dict[str, Any]) -> dict[str, Any]:
-    from lowvox.engines.xtts.generate import Generator
+    from lowvox.engines.xtts.decode import Decoder, DecodeRow, generate
+    from lowvox.engines.xtts.options import XttsOptions
+    from lowvox.engines.xtts.pipeline import Utterance, encode_text, stream, synthesize, vocode
+    from lowvox.engines.xtts.pipeline import warm_up as warm_up_vocoder
     from lowvox.engines.xtts.sampling import SamplingOptions
     from lowvox.runtime import kernels
 
@@ -85,14 +88,17 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
     with torch.inference_mode():
         # Warm-up: a short generation and vocoding, as the server does at start-up.
-        warm = Generator(model.gpt, voice.gpt_cond_latent, text_ids, options, 8).run()
-        model._vocode(warm.latents, voice)
-        model.warm_up_vocoder()
+        warm = generate(model.gpt, DecodeRow(voice.gpt_cond_latent, text_ids, options, 8))
+        vocode(model, warm.latents, voice)
+        warm_up_vocoder(model)
 
         times, latents = [], []
         _sync(device)
         start = time.perf_counter()
-        for step in Generator(model.gpt, voice.gpt_cond_latent, text_ids, options, n_new).steps():
+        decoder = Decoder(model.gpt, max_rows=1)
+        decoder.add(DecodeRow(voice.gpt_cond_latent, text_ids, options, n_new))
+        while len(decoder):
+            (step,) = decoder.step()
             _sync(device)
             times.append(time.perf_counter())
             latents.append(step.latent)
@@ -108,18 +114,23 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
         lat = torch.cat(latents, dim=1)
         t = time.perf_counter()
-        wav = model._vocode(lat, voice)
+        wav = vocode(model, lat, voice)
         _sync(device)
         vocoder_s = time.perf_counter() - t
         audio_s = len(wav) / model.sample_rate
         result.update(audio_s=audio_s, vocoder_s_per_audio_s=vocoder_s / audio_s)
 
-    # End to end through the public API, text in, audio out.
-    request = dict(
-        language="en", voice=voice, do_sample=False, max_new_tokens=n_new, split_sentences=False
-    )
+    # End to end through the pipeline, text in, audio out.
+    assert model.tokenizer is not None
+    opts = XttsOptions(do_sample=False, max_new_tokens=n_new, split_sentences=False)
+    opts = opts.resolved(model.config)
+
+    def utterance(text: str) -> Utterance:
+        limit = model.config.model_args.gpt_max_text_tokens
+        return Utterance(encode_text(model.tokenizer, text, "en", False, limit), voice, opts)
+
     t = time.perf_counter()
-    out = model.synthesize(job["text"], **request)
+    out = synthesize(model, utterance(job["text"]))
     e2e_s = time.perf_counter() - t
     result["e2e_rtf"] = e2e_s / (len(out.wav) / model.sample_rate)
     # What a process that loads the model and speaks needs (before streaming and batches).
@@ -127,29 +138,42 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
     # Streaming: time from the request to the first audio chunk.
     t = time.perf_counter()
-    stream = model.synthesize_stream(job["text"], **request)
-    next(iter(stream))
+    chunks = stream(model, utterance(job["text"]))
+    next(chunks)
     result["stream_first_audio_s"] = time.perf_counter() - t
-    stream.close()
+    chunks.close()
 
     for batch in job.get("batch_sizes", []):
         if batch <= 1:
             continue
-        batch_fn = getattr(model, "synthesize_batch", None)
-        if batch_fn is None:
-            result[f"batch{batch}_rtf"] = None
-            continue
         texts = [f"{job['text']} Number {i}." for i in range(batch)]
         t = time.perf_counter()
-        outs = batch_fn(texts, language="en", voice=voice, do_sample=False, max_new_tokens=n_new)
+        total_audio = _speak_together(model, [utterance(x) for x in texts], batch)
         elapsed = time.perf_counter() - t
-        total_audio = sum(len(o.wav) for o in outs) / model.sample_rate
         result[f"batch{batch}_rtf"] = elapsed / total_audio
 
     result["peak_rss_bytes"] = _peak_rss_bytes()
     if device.startswith("cuda"):
         result["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
     return result
+
+
+def _speak_together(model, utterances, rows: int) -> float:
+    """Speak `utterances` in one continuous batch of `rows`; the seconds of audio made."""
+    from lowvox.engines.xtts.pipeline import Batch
+
+    batch = Batch(model, max_rows=rows)
+    samples = 0
+    waiting = list(utterances)
+    while waiting or len(batch):
+        while waiting and len(batch) < rows:
+            batch.add(waiting.pop(0))
+        for event in batch.step():
+            if event.error is not None:
+                raise event.error
+            if event.chunk is not None:
+                samples += event.chunk.wav.size
+    return samples / model.sample_rate
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ Pinning the threshold very low (every tensor over 1 MB its own mapping) fixes RS
 every activation fresh memory: the kernel faults in and zeroes each 4 KiB page on first
 touch, and the vocoder writes ~2 GB of activations per 10 s of audio - 450k faults, which
 cost as much as the bf16 vocoder's own arithmetic on a 2-core VM. So the threshold is pinned
-above one vocoder window's activations (a few MB each: see `streaming.vocode_in_windows`),
+above one vocoder window's activations (a few MB each: see `vocode.StreamingVocoder`),
 which the heap then recycles window after window, and below the tensors that are big and
 rare (weights, whole-utterance buffers), which keep their own mappings. The heap keeps up to
 `TRIM_THRESHOLD_BYTES` free at its top between windows; `release_heap` hands every free heap

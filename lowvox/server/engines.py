@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from lowvox.engines import ENGINE_NAMES, Engine, VoiceInfo, create_engine
 from lowvox.errors import EngineUnavailable, LowvoxError, UnknownEngine
-from lowvox.runtime.scheduler import Scheduler
+from lowvox.server.scheduler import Scheduler
 from lowvox.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -35,8 +35,6 @@ class ServerState:
     voices: VoiceStore
     # Values set through xtts-api-server's /set_tts_settings, applied to its later requests.
     tts_options: dict[str, Any] = field(default_factory=dict)
-    low_vram: bool = False
-    fast_path: bool = False
     recent: collections.deque[Generation] = field(
         default_factory=lambda: collections.deque(maxlen=50)
     )

@@ -23,10 +23,10 @@ from starlette.types import Receive, Scope, Send
 from lowvox.audio.formats import get_format
 from lowvox.engines.base import AudioChunk, Engine, SynthesisRequest
 from lowvox.errors import Cancelled, InvalidRequest, LowvoxError, UnknownVoice
-from lowvox.runtime.scheduler import Job
 from lowvox.server.engines import EngineHub, EngineSlot
 from lowvox.server.narration import Turn
 from lowvox.server.outputs import OutputStore
+from lowvox.server.scheduler import Job
 from lowvox.server.state import Generation, ServerState
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ async def plan_job(
         raise InvalidRequest("speed must be a finite number", field="speed")
     slot = await hub.get(engine)
     slot.touch()
-    lang = await _language(language, text, settings.language)
+    # Resolved by the engine (`pick_language`), "auto" from each segment's text.
+    lang = str(language).strip() if language is not None and str(language).strip() else None
+    lang = lang or settings.language
     opts = usable_options(slot.engine, options or {})
     pieces = turns if turns is not None else [Turn(text=text, voice=voice)]
     requests = [
@@ -170,17 +172,6 @@ def check_voice_name(voice: Any) -> str | None:
             f"invalid voice name: {voice[:80]!r} (a voice name, not a path)", field="voice"
         )
     return name
-
-
-async def _language(language: str | None, text: str, default: str) -> str | None:
-    if language is None or not str(language).strip():
-        return default
-    lang = str(language).strip().lower()
-    if lang == "auto":
-        from lowvox.server.textfront import detect_language
-
-        return detect_language(text, default)
-    return lang
 
 
 def request_tag(request: Request | None) -> str:

@@ -1,8 +1,7 @@
-"""The text front-end as the server uses it: AllTalk's filters and language "auto"."""
+"""The text front-end as the server uses it: AllTalk's filters."""
 
 from __future__ import annotations
 
-from lowvox.text import detect_language as _detect
 from lowvox.text import filter_text as _filter
 
 FILTER_DEFAULT = "standard"
@@ -11,7 +10,3 @@ FILTER_DEFAULT = "standard"
 def filter_text(text: str, mode: str | None) -> str:
     """AllTalk's `text_filtering` (none | standard | html); missing means standard."""
     return _filter(text, (mode or FILTER_DEFAULT).strip().lower())
-
-
-def detect_language(text: str, default: str) -> str:
-    return _detect(text, default)

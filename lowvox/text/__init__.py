@@ -21,6 +21,7 @@ from lowvox.text.languages import (
     LANGUAGES,
     MAX_TEXT_TOKENS,
     char_limit,
+    pick_language,
     resolve_language,
 )
 from lowvox.text.narrator import NARRATOR_MODES, Segment, segment_narrator
@@ -38,6 +39,7 @@ __all__ = [
     "detect_language",
     "filter_text",
     "normalize",
+    "pick_language",
     "resolve_language",
     "segment_narrator",
     "split_sentences",

@@ -37,6 +37,39 @@ def resolve_language(lang: str) -> str:
     raise UnknownLanguage(lang, list(LANGUAGES))
 
 
+def pick_language(
+    requested: str | None,
+    available: list[str] | tuple[str, ...],
+    text: str = "",
+    default: str = "en",
+) -> str:
+    """The one language resolver of lowvox (CLI, server and every engine): the code from
+    `available` that `requested` means.
+
+    Empty means `default`; "auto" detects the language of `text` (offline), falling back to
+    `default`. Case, `_` and `-` do not matter, and a region may be added or left out:
+    `zh`, `zh_CN`, `zh-cn` all mean XTTS's `zh-cn`; `pt_BR` means `pt` where only `pt` is
+    available, and `en` means `en-us` where only regional variants are.
+    """
+    if requested is not None and not isinstance(requested, str):
+        raise UnknownLanguage(str(requested), list(available))
+    code = (requested or "").strip().lower().replace("_", "-") or default.lower()
+    if code == "auto":
+        from lowvox.text.detect import detect_language
+
+        code = detect_language(text, default)
+    codes = {a.lower().replace("_", "-"): a for a in available}
+    base = code.split("-")[0]
+    candidates = [code, "zh-cn" if base == "zh" else base]
+    for candidate in candidates:
+        if candidate in codes:
+            return codes[candidate]
+    for key, original in codes.items():  # a regional variant of the base language
+        if key.split("-")[0] == base:
+            return original
+    raise UnknownLanguage(requested or code, list(available))
+
+
 def rule_key(lang: str) -> str:
     """The key of the text-rule tables for a language (`zh-cn` -> `zh`)."""
     code = resolve_language(lang)

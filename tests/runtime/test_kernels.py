@@ -441,61 +441,49 @@ def test_fused_block_decode_equals_the_module_path(dim, heads, kind, monkeypatch
     assert not torch.equal(ka[0, :, 9], torch.zeros_like(ka[0, :, 9]))
 
 
+def _prefill_rows(block_or_stack, prompts, cache_or_caches):
+    """Each prompt [1, L_r, D] into its own row of the batch cache(s), at its own length."""
+    for r, prompt in enumerate(prompts):
+        if isinstance(cache_or_caches, list):
+            block_or_stack(prompt, 0, [c.rows(r, r + 1) for c in cache_or_caches])
+        else:
+            block_or_stack(prompt, 0, cache_or_caches.rows(r, r + 1))
+
+
 @needs_kernels
 @pytest.mark.parametrize("kind", WEIGHT_KINDS)
 @pytest.mark.parametrize("rows", [2, 5])
-def test_fused_block_decodes_a_left_padded_batch(rows, kind, monkeypatch):
-    """A padded batch's step as one C call: each row sees only its own positions, and the
-    outputs and caches equal the torch ops under the batch's mask."""
-    from lowvox.engines.xtts.gpt import Block, KVCache, left_padding_starts
+def test_fused_block_decodes_rows_at_their_own_positions(rows, kind, monkeypatch):
+    """A batch step as one C call, each row a sequence of its own length: outputs and
+    caches equal the torch ops, and each row equals its lone run."""
+    from lowvox.engines.xtts.gpt import Block, KVCache
 
-    dim, heads, width = 64, 4, 9
+    dim, heads = 64, 4
     block = _reduced_block(dim, heads, kind=kind)
-    prompt = torch.randn(rows, width, dim)
+    prompts = [torch.randn(1, 3 + 2 * r, dim) for r in range(rows)]  # lengths differ
+    positions = torch.tensor([p.shape[1] for p in prompts])
     token = torch.randn(rows, 1, dim)
-    offsets = torch.tensor([(3 * i) % width for i in range(rows)])  # row 0 unpadded
-    columns = torch.arange(width + 1)
-    valid = columns[None, :] >= offsets[:, None]  # [B, width + 1]
-    causal = (columns[None, :width] <= columns[:width, None]) & valid[:, None, :width]
-    prefill_mask = (causal | torch.eye(width, dtype=torch.bool)).unsqueeze(1)
-    step_mask = valid[:, None, None, :]  # [B, 1, 1, width + 1]
-    starts = left_padding_starts(step_mask, width + 1)
-    assert torch.equal(starts, offsets)
     results = []
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(Block, "_fused_decoder", lambda *a: None)
         cache = KVCache(rows, heads, 16, dim // heads)
         with torch.inference_mode():
-            block(prompt, 0, cache, prefill_mask)
-            out = block(token, width, cache, step_mask, starts)
+            _prefill_rows(block, prompts, cache)
+            out = block(token, positions, cache)
         results.append((out, cache.k.clone(), cache.v.clone()))
+    monkeypatch.undo()
     (a, ka, va), (b, kb, vb) = results
     assert block._fused is not None  # the fused path did run
     assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item())
     FP32_REORDER.check(ka, kb, "keys")
     FP32_REORDER.check(va, vb, "values")
-    # The padding matters: attending over every position gives other outputs.
-    with torch.inference_mode():
-        cache = KVCache(rows, heads, 16, dim // heads)
-        block(prompt, 0, cache, prefill_mask)
-        unmasked = block(token, width, cache)
-    assert not torch.allclose(unmasked[1:], b[1:], atol=1e-3)
-    assert torch.allclose(unmasked[0], b[0], atol=1e-4 * max(1.0, b.abs().max().item()))
-
-
-def test_left_padding_starts_only_reads_left_padding_masks():
-    from lowvox.engines.xtts.gpt import left_padding_starts
-
-    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
-    assert left_padding_starts(mask[:, None, None], 4).tolist() == [0, 2, 3]
-    assert left_padding_starts(mask[:, None, None], 5) is None  # another length
-    gap = torch.tensor([[1, 0, 1, 1]], dtype=torch.bool)  # not a suffix
-    assert left_padding_starts(gap[:, None, None], 4) is None
-    blind = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)  # sees nothing
-    assert left_padding_starts(blind[:, None, None], 4) is None
-    assert left_padding_starts(mask[:, None, None].float(), 4) is None
-    assert left_padding_starts(mask[:, None, None].expand(3, 1, 2, 4), 4) is None
+    for r, prompt in enumerate(prompts):  # each row alone, at an int position
+        cache = KVCache(1, heads, 16, dim // heads)
+        with torch.inference_mode():
+            block(prompt, 0, cache)
+            alone = block(token[r : r + 1], prompt.shape[1], cache)
+        assert (a[r] - alone[0]).abs().max().item() < 1e-4 * max(1.0, alone.abs().max().item())
 
 
 @needs_kernels
@@ -509,14 +497,13 @@ def test_fused_block_refuses_bad_batches():
     x = torch.zeros(2, 1, 64)
     with pytest.raises(ValueError, match="cache"):
         fused(x, cache[:1].clone(), cache[:1].clone(), 3)  # one cache row for two
-    with pytest.raises(ValueError, match="starts"):
-        fused(x, cache, cache.clone(), 3, torch.zeros(3, dtype=torch.int64))
-    with pytest.raises(ValueError, match="starts"):
-        fused(x, cache, cache.clone(), 3, torch.zeros(2, dtype=torch.int32))
-    # Out-of-range starts are clamped, never read outside the cache.
-    far = fused(x, cache, cache.clone(), 3, torch.tensor([-5, 99]))
-    near = fused(x, cache, cache.clone(), 3, torch.tensor([0, 3]))
-    assert torch.equal(far, near)
+    with pytest.raises(ValueError, match="positions"):
+        fused(x, cache, cache.clone(), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="positions"):
+        fused(x, cache, cache.clone(), torch.zeros(2, dtype=torch.int32))
+    for outside in (torch.tensor([-1, 3]), torch.tensor([2, 8]), 8):
+        with pytest.raises(ValueError, match="outside"):
+            fused(x, cache, cache.clone(), outside)  # never read or written past the cache
 
 
 def _reduced_stack(layers: int = 3, kind: str = "int8", seed: int = 0):
@@ -533,18 +520,14 @@ def _reduced_stack(layers: int = 3, kind: str = "int8", seed: int = 0):
 @pytest.mark.parametrize("kind", WEIGHT_KINDS)
 def test_whole_stack_decodes_in_one_call(kind, monkeypatch):
     """A decode step's blocks as one C call give what block-by-block calls and the torch
-    ops give, for one sequence and for a left-padded batch, step after step."""
+    ops give, for one sequence and for a batch of rows at their own lengths, step after
+    step."""
     from lowvox.engines.xtts.gpt import Block, KVCache, Transformer
 
     stack = _reduced_stack(kind=kind)
-    rows, width = 3, 6
-    prompt = torch.randn(rows, width, 64)
+    rows = 3
+    prompts = [torch.randn(1, n, 64) for n in (6, 4, 2)]
     tokens = torch.randn(4, rows, 1, 64)
-    offsets = torch.tensor([0, 2, 5])
-    columns = torch.arange(width + 4)
-    valid = columns[None, :] >= offsets[:, None]
-    causal = (columns[None, :width] <= columns[:width, None]) & valid[:, None, :width]
-    prefill_mask = (causal | torch.eye(width, dtype=torch.bool)).unsqueeze(1)
     calls = []
     real = kernels.FusedStack.__call__
     monkeypatch.setattr(
@@ -557,13 +540,11 @@ def test_whole_stack_decodes_in_one_call(kind, monkeypatch):
         caches = [KVCache(batch, 4, 16, 16) for _ in stack.h]
         outs = []
         with torch.inference_mode():
-            if batch == 1:
-                stack(prompt[:1], 0, caches)
-            else:
-                stack(prompt, 0, caches, prefill_mask)
+            _prefill_rows(stack, prompts[:batch], caches)
+            lengths = torch.tensor([p.shape[1] for p in prompts[:batch]])
             for i, token in enumerate(tokens):
-                step_mask = None if batch == 1 else valid[:, None, None, : width + i + 1]
-                outs.append(stack(token[:batch], width + i, caches, step_mask))
+                at = int(lengths[0]) + i if batch == 1 else lengths + i
+                outs.append(stack(token[:batch], at, caches))
         return outs + [c.k.clone() for c in caches]
 
     results = {}

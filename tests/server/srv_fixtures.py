@@ -79,6 +79,24 @@ class FakeEngine(Engine):
     def warmup(self) -> None:
         self.warmed = True
 
+    # AllTalk's runtime switches: remembered, as an engine that has them would.
+    _low_vram = False
+    _fast_path = False
+
+    @property
+    def low_vram(self) -> bool:
+        return self._low_vram
+
+    @property
+    def fast_path(self) -> bool:
+        return self._fast_path
+
+    def set_low_vram(self, enabled: bool) -> None:
+        self._low_vram = enabled
+
+    def set_fast_path(self, enabled: bool) -> None:
+        self._fast_path = enabled
+
     def synthesize_stream(self, request: SynthesisRequest, cancel=None):
         with self._lock:
             self.active += 1

@@ -265,3 +265,9 @@ def test_language_auto_detects_the_text_language(server, client):
     assert server.engine.languages_seen[-1] == "de"
     st_generate(client, "Good morning, how are you doing today?", "alpha", language="auto")
     assert server.engine.languages_seen[-1] == "en"
+
+
+def test_region_and_case_spellings_of_a_language_resolve(server, client):
+    for asked, expected in (("de_DE", "de"), ("FR", "fr"), ("fr-CA", "fr")):
+        st_generate(client, "Bonjour, comment allez-vous?", "alpha", language=asked)
+        assert server.engine.languages_seen[-1] == expected

@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from lowvox.engines.base import SynthesisRequest
+from lowvox.engines.base import EngineBatch, StreamBatch, SynthesisRequest
 from lowvox.errors import Cancelled, InvalidRequest
-from lowvox.runtime.scheduler import QueueFull, Scheduler
+from lowvox.server.scheduler import Priority, QueueFull, Scheduler
 from tests.server.srv_fixtures import FakeEngine
 
 
@@ -24,21 +24,35 @@ async def collect(job) -> np.ndarray:
 
 
 class BatchFake(FakeEngine):
-    """Decodes several requests together, interleaving their chunks like a batched model."""
+    """Speaks up to `capacity` requests together, one chunk of each per step, like a
+    continuously batched model; records which requests shared each step."""
 
-    max_batch_size = 4
-
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 4, fits=None) -> None:
         super().__init__(chunk_delay=0)
-        self.batches: list[int] = []
+        self.capacity = capacity
+        self.steps: list[list[str]] = []
+        self.fits = fits
 
-    def synthesize_batch_stream(self, requests, cancels):
-        self.batches.append(len(requests))
-        streams = [list(self.synthesize_stream(r)) for r in requests]
-        for step in range(max(len(s) for s in streams)):
-            for i, s in enumerate(streams):
-                if step < len(s) and not cancels[i].is_set():
-                    yield i, s[step]
+    def open_batch(self) -> EngineBatch:
+        engine = self
+
+        class Recording(StreamBatch):
+            def add(self, request, cancel):
+                rid = super().add(request, cancel)
+                self.texts[rid] = request.text
+                return rid
+
+            def fits(self, request):
+                ok = engine.fits(self, request) if engine.fits is not None else True
+                return super().fits(request) and ok
+
+            def step(self):
+                engine.steps.append(sorted(self.texts[r] for r in self._streams))
+                return super().step()
+
+        batch = Recording(self, self.capacity)
+        batch.texts = {}
+        return batch
 
 
 def test_jobs_run_in_order_on_one_thread():
@@ -58,30 +72,192 @@ def test_jobs_run_in_order_on_one_thread():
     assert all(len(o) == 3 * 2400 for o in out)
 
 
-def test_batched_engine_gets_waiting_jobs_together_and_each_its_own_audio():
+def alone(text: str, voice: str) -> np.ndarray:
+    engine = FakeEngine(chunk_delay=0)
+    return np.concatenate([c.samples for c in engine.synthesize_stream(req(text, voice))])
+
+
+def run_jobs(sched, submit):
+    """Run `submit(sched)` (which submits jobs, maybe while the worker is held) on an event
+    loop; the audio of every job it returns, or the exception it ended with."""
+
+    async def main():
+        jobs = submit(sched)
+        out = []
+        for job in jobs:
+            try:
+                out.append(await collect(job))
+            except Exception as e:  # noqa: BLE001 -- returned for the test to check
+                out.append(e)
+        return out
+
+    try:
+        return asyncio.run(main())
+    finally:
+        sched.stop()
+
+
+def test_waiting_jobs_share_steps_and_each_gets_its_own_audio():
     engine = BatchFake()
     sched = Scheduler(engine, max_queue=8)
     texts = [("alpha", "one two"), ("beta", "three four five"), ("gamma", "six")]
 
-    async def main():
-        # Hold the worker with a call so the three jobs wait and are taken as one batch.
+    def submit(sched):
         gate = threading.Event()
-        blocker = sched.call(gate.wait)
+        sched.call(gate.wait)  # hold the worker so that all three wait
         jobs = [sched.submit([req(t, v)]) for v, t in texts]
         gate.set()
-        await asyncio.wrap_future(blocker)
-        return [await collect(j) for j in jobs]
+        return jobs
+
+    out = run_jobs(sched, submit)
+    assert engine.steps[0] == sorted(t for _, t in texts)  # one step, all three rows
+    for (voice, text), audio in zip(texts, out, strict=True):
+        assert np.array_equal(audio, alone(text, voice))  # the fake engine is exact
+
+
+def test_a_job_joins_a_running_batch_and_leaves_when_its_own_audio_is_done():
+    engine = BatchFake()
+    engine.chunk_delay = 0.01  # 100 chunks: the long job runs for a second or more
+    sched = Scheduler(engine, max_queue=8)
+    long_text = " ".join(["word"] * 100)
+
+    async def main():
+        long_job = sched.submit([req(long_text, "alpha")])
+        async for first in long_job.chunks():  # noqa: B007 -- kept: the first chunk
+            break  # the long job is running
+        short = sched.submit([req("short one", "beta")])
+        audio = await collect(short)  # joins at the next step, not after the long job
+        assert not long_job.finished.is_set()
+        return audio, np.concatenate([first.samples, await collect(long_job)])
 
     try:
-        out = asyncio.run(main())
+        short_audio, long_audio = asyncio.run(main())
     finally:
         sched.stop()
-    assert engine.batches == [3]
-    for (voice, text), audio in zip(texts, out, strict=True):
-        alone = np.concatenate(
-            [c.samples for c in FakeEngine(chunk_delay=0).synthesize_stream(req(text, voice))]
-        )
-        assert np.array_equal(audio, alone)
+    assert np.array_equal(short_audio, alone("short one", "beta"))
+    assert len(long_audio) == len(alone(long_text, "alpha"))
+    assert any(step == sorted([long_text, "short one"]) for step in engine.steps)
+
+
+def test_a_failing_request_fails_alone():
+    engine = BatchFake()
+    original = engine.synthesize_stream
+
+    def flaky(request, cancel=None):
+        if request.text == "explode at start":
+            raise InvalidRequest("this request is bad")
+        stream = original(request, cancel)
+        if request.text == "explode midway please":
+            next(stream)
+            raise RuntimeError("secret internals")
+        return stream
+
+    engine.synthesize_stream = flaky
+    sched = Scheduler(engine, max_queue=8)
+    texts = ["fine one", "explode at start", "explode midway please", "fine two here"]
+
+    def submit(sched):
+        gate = threading.Event()
+        sched.call(gate.wait)
+        jobs = [sched.submit([req(t)]) for t in texts]
+        gate.set()
+        return jobs
+
+    out = run_jobs(sched, submit)
+    assert isinstance(out[1], InvalidRequest) and "this request is bad" in str(out[1])
+    assert isinstance(out[2], Exception) and "secret" not in str(out[2])
+    assert np.array_equal(out[0], alone("fine one", "alpha"))
+    assert np.array_equal(out[3], alone("fine two here", "alpha"))
+
+
+def test_interactive_jobs_go_first_and_bulk_leaves_a_slot_free():
+    engine = BatchFake(capacity=3)
+    sched = Scheduler(engine, max_queue=16)
+
+    def submit(sched):
+        gate = threading.Event()
+        sched.call(gate.wait)
+        bulk = [sched.submit([req(f"bulk {i}")], priority=Priority.BULK) for i in range(4)]
+        live = sched.submit([req("live request")])
+        gate.set()
+        return [*bulk, live]
+
+    out = run_jobs(sched, submit)
+    assert all(isinstance(o, np.ndarray) for o in out)
+    assert "live request" in engine.steps[0]  # submitted last, spoken first
+    assert max(sum(t.startswith("bulk") for t in step) for step in engine.steps) == 2
+
+
+def test_admission_waits_for_room_in_the_batch():
+    # A budget of one big request at a time: the second waits until the first has left.
+    def fits(batch, request):
+        busy = any("big" in batch.texts[r] for r in batch._streams)
+        return not (busy and "big" in request.text)
+
+    engine = BatchFake(fits=fits)
+    sched = Scheduler(engine, max_queue=8)
+
+    def submit(sched):
+        gate = threading.Event()
+        sched.call(gate.wait)
+        big = [sched.submit([req("big one here")]), sched.submit([req("big two here now")])]
+        jobs = [*big, sched.submit([req("small")])]
+        gate.set()
+        return jobs
+
+    out = run_jobs(sched, submit)
+    assert all(isinstance(o, np.ndarray) for o in out)
+    assert not any(sum("big" in t for t in step) > 1 for step in engine.steps)
+    # First come, first served: the waiting big job keeps its place ahead of the small one.
+    assert engine.steps[0] == ["big one here"]
+
+
+def test_a_full_queue_says_when_to_retry():
+    engine = FakeEngine(chunk_delay=0)
+    sched = Scheduler(engine, max_queue=2)
+
+    async def main():
+        gate = threading.Event()
+        sched.call(gate.wait)
+        jobs = [sched.submit([req("one")]), sched.submit([req("two")])]
+        with pytest.raises(QueueFull) as full:
+            sched.submit([req("three")])
+        gate.set()
+        for job in jobs:
+            await collect(job)
+        return full.value
+
+    try:
+        error = asyncio.run(main())
+    finally:
+        sched.stop()
+    assert error.status_code == 429
+    # Two jobs ahead on a one-slot engine, each taking ~2 s by the initial estimate.
+    assert 1 <= error.retry_after <= 10
+
+
+def test_cancelling_a_waiting_job_releases_it_at_once():
+    engine = FakeEngine(chunk_delay=0)
+    engine.gate.clear()  # the running job holds before its last chunk
+    sched = Scheduler(engine, max_queue=4)
+
+    async def main():
+        running = sched.submit([req("running job words")])
+        async for _ in running.chunks():
+            break
+        waiting = sched.submit([req("waiting job")], tag="mine")
+        assert sched.cancel("mine") == 1
+        with pytest.raises(Cancelled):
+            await collect(waiting)  # while the running job is still held
+        assert not running.finished.is_set()
+        engine.gate.set()
+        return await collect(running)
+
+    try:
+        asyncio.run(main())
+    finally:
+        sched.stop()
+    assert "waiting job" not in engine.finished_jobs
 
 
 def test_cancelled_waiting_job_never_runs_and_frees_its_place():

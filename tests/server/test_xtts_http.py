@@ -80,17 +80,18 @@ def test_upload_clones_once_and_the_voice_speaks(xtts_server):
 
 
 def test_concurrent_greedy_requests_are_batched_and_match_alone(xtts_server, monkeypatch):
+    from lowvox.engines.xtts.pipeline import Batch
+
     with xtts_server.client() as c:
         voices = [v["id"] for v in c.get("/v1/audio/voices").json()["voices"]]
-    slot = xtts_server.state.hub.loaded()["xtts"]
     batch_sizes: list[int] = []
-    real_batch = slot.engine.synthesize_batch_stream
+    real_step = Batch.step
 
-    def counting_batch(requests, cancels):
-        batch_sizes.append(len(requests))
-        return real_batch(requests, cancels)
+    def counting_step(self):
+        batch_sizes.append(len(self))  # utterances sharing this step
+        return real_step(self)
 
-    monkeypatch.setattr(slot.engine, "synthesize_batch_stream", counting_batch)
+    monkeypatch.setattr(Batch, "step", counting_step)
     texts = ["One two.", "Three.", "Four five six.", "Seven.", "Eight nine.", "Ten."]
     cases = [{"input": t, "voice": voices[i % len(voices)]} for i, t in enumerate(texts)]
     together: dict[int, bytes] = {}
@@ -99,7 +100,7 @@ def test_concurrent_greedy_requests_are_batched_and_match_alone(xtts_server, mon
         with xtts_server.client() as c:
             together[i] = speech(c, **cases[i], stream=i % 2 == 0).content
 
-    # A long request keeps the worker busy so that the six queue up behind it.
+    # A long request is running when the six arrive: they join its batch as it goes.
     busy = threading.Thread(
         target=lambda: speech(
             xtts_server.client(), input="Busy.", voice=voices[0],

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from lowvox.engines import SynthesisRequest, create_engine
-from lowvox.engines.xtts.engine import XttsEngine, engine_options
+from lowvox.engines.xtts.engine import XttsEngine
+from lowvox.engines.xtts.options import XttsOptions
 from lowvox.errors import EngineUnavailable, InvalidRequest, UnknownVoice
 from lowvox.settings import Settings
 
@@ -100,10 +101,32 @@ def test_bad_requests(engine) -> None:
         engine.validate(SynthesisRequest("Hi.", voice="Bob", language="xx"))
 
 
-def test_engine_options_types() -> None:
-    assert engine_options({"temperature": 0.5, "top_k": 3, "seed": None}) == {
-        "temperature": 0.5,
-        "top_k": 3,
-    }
+def test_options_from_a_request_are_typed() -> None:
+    opts = XttsOptions.from_mapping({"temperature": 0.5, "top_k": 3, "seed": None}, speed=1.5)
+    assert opts == XttsOptions(temperature=0.5, top_k=3, speed=1.5)
+    for bad in ({"top_k": True}, {"seed": 1.5}, {"nonsense": 1}, {"do_sample": "yes"}):
+        with pytest.raises(InvalidRequest):
+            XttsOptions.from_mapping(bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"seed": 2**70}, {"seed": -1}, {"max_new_tokens": 0}, {"temperature": 0}, {"top_p": 1.5}],
+)
+def test_out_of_range_options_are_refused_before_queueing(random_bundle, bad) -> None:
+    engine = XttsEngine(random_bundle.path)
     with pytest.raises(InvalidRequest):
-        engine_options({"top_k": True})
+        engine.validate(SynthesisRequest("Hi.", voice="Test Speaker", options=bad))
+    assert not engine.loaded  # validation needs no model
+
+
+@pytest.mark.parametrize(
+    ("asked", "text", "expected"),
+    [("zh", "你好", "zh-cn"), ("zh_CN", "你好", "zh-cn"), ("zh-cn", "你好", "zh-cn"),
+     ("auto", "Bonjour tout le monde, comment allez-vous ?", "fr"), ("pt_BR", "Olá.", "pt"),
+     ("EN", "Hi.", "en"), (None, "Hi.", "en")],
+)  # fmt: skip
+def test_every_spelling_of_a_language_resolves(random_bundle, asked, text, expected) -> None:
+    engine = XttsEngine(random_bundle.path)
+    checked = engine.validate(SynthesisRequest(text, voice="Test Speaker", language=asked))
+    assert checked.language == expected

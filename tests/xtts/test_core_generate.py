@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowvox.engines.xtts.generate import Generator, LatentStretcher, decode_step, stretch_latents
+from lowvox.engines.xtts.decode import Decoder, DecodeRow, generate
 from lowvox.engines.xtts.sampling import SamplingOptions
-from lowvox.errors import InvalidRequest
+from lowvox.engines.xtts.vocode import LatentStretcher, stretch_latents
 from tests.tolerance import FP32_OTHER_KERNELS, FP32_REORDER
 
 GREEDY = SamplingOptions(repetition_penalty=5.0, do_sample=False)
@@ -41,13 +41,15 @@ def test_greedy_generation_matches_reference(
     options = SamplingOptions(
         repetition_penalty=settings["repetition_penalty"], do_sample=settings["do_sample"]
     )
-    gen = Generator(
+    gen = generate(
         golden_model.gpt,
-        golden_ref["voice0.gpt_cond_latent"],
-        text_ids(golden_cases, case_id),
-        options,
-        settings["max_new_tokens"],
-    ).run()
+        DecodeRow(
+            golden_ref["voice0.gpt_cond_latent"],
+            text_ids(golden_cases, case_id),
+            options,
+            settings["max_new_tokens"],
+        ),
+    )
     assert torch.equal(gen.codes, golden_ref[f"gen{case_id}.codes"][0])
     close(gen.latents, golden_ref[f"gen{case_id}.latents"], f"gen{case_id}.latents")
     # gen*.logits: the raw (unprocessed) logits of the first 32 decoding steps.
@@ -65,7 +67,7 @@ def test_cached_decoding_equals_one_full_pass(random_model) -> None:
     cond = torch.randn(1, 32, gpt.dim)
     ids = torch.randint(30, 200, (1, 17))
     options = SamplingOptions(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=2.0)
-    gen = Generator(gpt, cond, ids, options, 40, torch.Generator().manual_seed(5)).run()
+    gen = generate(gpt, DecodeRow(cond, ids, options, 40, torch.Generator().manual_seed(5)))
     assert not gen.stopped and gen.codes.shape == (40,)
     with torch.inference_mode():
         full = gpt.teacher_forced_latents(cond, ids, gen.codes[None])
@@ -83,7 +85,7 @@ def test_forced_codes_are_teacher_forcing_through_decode_steps(random_model) -> 
     cond = torch.randn(1, 32, gpt.dim)
     ids = torch.randint(30, 200, (1, 9))
     codes = torch.randint(0, gpt.args.gpt_num_audio_tokens - 2, (12,))
-    gen = Generator(gpt, cond, ids, GREEDY, 100, forced=codes).run()
+    gen = generate(gpt, DecodeRow(cond, ids, GREEDY, 100, forced=codes))
     assert torch.equal(gen.codes, codes) and not gen.stopped
     with torch.inference_mode():
         full = gpt.logits(gpt.teacher_forced_latents(cond, ids, codes[None]))
@@ -92,26 +94,34 @@ def test_forced_codes_are_teacher_forcing_through_decode_steps(random_model) -> 
 
 
 def test_static_shape_decode_step_matches_eager(random_model) -> None:
-    """Tensor positions (the graph-capturable path) give the same latents as int ones."""
+    """Per-row positions over the whole cache (the graph-capturable step) give the latents
+    of the one-pass forward, for rows of different lengths in one batch."""
     gpt = random_model.gpt
     torch.manual_seed(2)
-    cond, ids = torch.randn(1, 32, gpt.dim), torch.randint(30, 200, (1, 11))
-    codes = torch.randint(0, 500, (1, 12))
+    conds = [torch.randn(1, 32, gpt.dim) for _ in range(2)]
+    ids = [torch.randint(30, 200, (1, 11)), torch.randint(30, 200, (1, 4))]
+    codes = torch.randint(0, 500, (2, 12))
+    start = torch.tensor([[gpt.args.gpt_start_audio_token]])
     with torch.inference_mode():
-        prompt = gpt.prompt_embeddings(cond, ids)
-        p = prompt.shape[1]
-        caches = gpt.make_caches(p + 16)
-        start = torch.tensor([[gpt.args.gpt_start_audio_token]])
-        gpt.hidden(torch.cat([prompt, gpt.audio_embeddings(start, 0)], 1), 0, caches)
-        static = [
-            decode_step(
-                gpt, codes[:, i : i + 1], torch.tensor(i + 1), torch.tensor(p + 1 + i), caches
+        caches = gpt.make_caches(64, batch=2)
+        lengths = []
+        for r in range(2):
+            prompt = torch.cat(
+                [gpt.prompt_embeddings(conds[r], ids[r]), gpt.audio_embeddings(start, 0)], 1
             )
-            for i in range(codes.shape[1])
-        ]
-        expected = gpt.teacher_forced_latents(cond, ids, torch.cat([codes, codes[:, :1]], 1))
-    # Other kernels, with the tighter atol of test_cached_decoding_equals_one_full_pass.
-    torch.testing.assert_close(torch.cat(static, 1), expected[:, 1:], atol=1e-5, rtol=1e-4)
+            gpt.hidden(prompt, 0, [c.rows(r, r + 1) for c in caches])
+            lengths.append(prompt.shape[1])
+        static = []
+        for i in range(codes.shape[1]):
+            seq = torch.tensor(lengths) + i
+            audio = torch.full((2,), i + 1)
+            static.append(gpt.decode(codes[:, i : i + 1], audio, seq, caches, static=True))
+        steps = torch.cat(static, 1)  # [2, 12, D]
+        for r in range(2):
+            full = torch.cat([codes[r : r + 1], codes[r : r + 1, :1]], 1)
+            expected = gpt.teacher_forced_latents(conds[r], ids[r], full)
+            # Other kernels, with the tighter atol of test_cached_decoding_equals_one_full_pass.
+            torch.testing.assert_close(steps[r : r + 1], expected[:, 1:], atol=1e-5, rtol=1e-4)
 
 
 def test_conv1d_layers_swap_for_linear(random_bundle) -> None:
@@ -120,11 +130,11 @@ def test_conv1d_layers_swap_for_linear(random_bundle) -> None:
 
     model = XttsModel.load(random_bundle.path)
     cond, ids = torch.randn(1, 32, model.gpt.dim), torch.randint(30, 200, (1, 9))
-    before = Generator(model.gpt, cond, ids, GREEDY, 10).run()
+    before = generate(model.gpt, DecodeRow(cond, ids, GREEDY, 10))
     layers = model.config.model_args.gpt_layers
     assert conv1d_to_linear(model.gpt) == 4 * layers
     assert isinstance(model.gpt.gpt.h[0].mlp.c_fc, torch.nn.Linear)
-    after = Generator(model.gpt, cond, ids, GREEDY, 10).run()
+    after = generate(model.gpt, DecodeRow(cond, ids, GREEDY, 10))
     assert torch.equal(before.codes, after.codes)
     # nn.Linear's kernels in place of Conv1D's, held to FP32_REORDER as it always was
     # (tighter than FP32_OTHER_KERNELS).
@@ -138,7 +148,7 @@ def test_seeded_sampling_repeats_and_differs_by_seed(random_model) -> None:
 
     def run(seed: int) -> list[int]:
         g = torch.Generator().manual_seed(seed)
-        return Generator(gpt, cond, ids, options, 25, g).run().codes.tolist()
+        return generate(gpt, DecodeRow(cond, ids, options, 25, g)).codes.tolist()
 
     assert run(3) == run(3)
     assert run(3) != run(4)
@@ -148,7 +158,7 @@ def test_stop_token_ends_generation(random_model) -> None:
     gpt = random_model.gpt
     a = gpt.args
     cond, ids = torch.randn(1, 32, gpt.dim), torch.randint(30, 200, (1, 9))
-    first = Generator(gpt, cond, ids, GREEDY, 12).run()
+    first = generate(gpt, DecodeRow(cond, ids, GREEDY, 12))
     assert not first.stopped and len(first.codes) == 12
     # With a huge bias on the stop token, the first step stops.
     bias = gpt.mel_head.bias
@@ -156,7 +166,7 @@ def test_stop_token_ends_generation(random_model) -> None:
     try:
         with torch.no_grad():
             bias[a.gpt_stop_audio_token] = 1e4
-        gen = Generator(gpt, cond, ids, GREEDY, 12).run()
+        gen = generate(gpt, DecodeRow(cond, ids, GREEDY, 12))
     finally:
         with torch.no_grad():
             bias.copy_(saved)
@@ -172,10 +182,9 @@ def test_placeholders_count_for_the_repetition_penalty(random_model) -> None:
     try:
         with torch.no_grad():
             bias[1] = 50.0  # audio token 1 is the prompt placeholder id
-        plain = Generator(gpt, cond, ids, SamplingOptions(do_sample=False), 1).run()
-        penalised = Generator(
-            gpt, cond, ids, SamplingOptions(repetition_penalty=1e3, do_sample=False), 1
-        ).run()
+        plain = generate(gpt, DecodeRow(cond, ids, SamplingOptions(do_sample=False), 1))
+        strong = SamplingOptions(repetition_penalty=1e3, do_sample=False)
+        penalised = generate(gpt, DecodeRow(cond, ids, strong, 1))
     finally:
         with torch.no_grad():
             bias.copy_(saved)
@@ -187,15 +196,20 @@ def test_limits(random_model) -> None:
     gpt = random_model.gpt
     a = gpt.args
     cond = torch.randn(1, 32, gpt.dim)
-    too_long = torch.full((1, a.gpt_max_text_tokens), 40)
-    with pytest.raises(InvalidRequest, match="tokens long"):
-        Generator(gpt, cond, too_long, GREEDY, 5)
-    with pytest.raises(InvalidRequest):
-        Generator(gpt, cond, too_long[:, :5], GREEDY, 0)
+    decoder = Decoder(gpt, max_rows=1)
+    # A prompt longer than the position table is refused before any work (the pipeline
+    # refuses such text as a request error long before it gets here).
+    too_long = torch.full((1, a.gpt_max_text_tokens + 1), 40)
+    with pytest.raises(ValueError):
+        decoder.add(DecodeRow(cond, too_long, GREEDY, 5))
+    with pytest.raises(ValueError):
+        decoder.add(DecodeRow(cond, too_long[:, :5], GREEDY, 0))
     # max_new_tokens is capped at what the position table allows.
-    gen = Generator(gpt, cond, too_long[:, :5], GREEDY, 10_000)
-    assert gen.max_new_tokens == a.max_generated_tokens
-    assert len(gen.run().codes) <= a.max_generated_tokens
+    gen = generate(gpt, DecodeRow(cond, too_long[:, :5], GREEDY, 10_000))
+    assert len(gen.codes) <= a.max_generated_tokens
+    decoder.add(DecodeRow(cond, too_long[:, :5], GREEDY, 3))
+    with pytest.raises(RuntimeError):  # one row of room
+        decoder.add(DecodeRow(cond, too_long[:, :5], GREEDY, 3))
 
 
 @pytest.mark.parametrize("speed", [0.5, 0.8, 1.0, 1.25, 1.7, 3.0])

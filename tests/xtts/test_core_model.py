@@ -9,7 +9,9 @@ import torch
 from lowvox.engines.xtts.model import XttsModel
 from lowvox.engines.xtts.voice import Voice
 from lowvox.errors import InvalidRequest, LowvoxError, UnknownLanguage, UnknownVoice
+from lowvox.text.languages import pick_language
 from tests.tolerance import MIN_STREAM_SNR_DB, snr_db
+from tests.xtts.speak import say, say_stream
 
 
 def reference_options(golden_cases) -> dict:
@@ -43,7 +45,7 @@ def test_synthesize_matches_reference_inference(
 ) -> None:
     case_id, speed = gen_case, infer_speed
     c = case(golden_cases, case_id)
-    result = golden_model.synthesize(
+    result = say(golden_model,
         c["text"], language=c["language"], voice=golden_voice, speed=speed,
         **reference_options(golden_cases),
     )  # fmt: skip
@@ -72,17 +74,15 @@ def test_stream_equals_whole_utterance(
     c = case(golden_cases, case_id)
     options = reference_options(golden_cases)
     chunks = list(
-        golden_model.synthesize_stream(
-            c["text"], language=c["language"], voice=golden_voice, **options
-        )
+        say_stream(golden_model, c["text"], language=c["language"], voice=golden_voice, **options)
     )
     whole = golden_ref[f"infer{case_id}.wav"].numpy()
     streamed = np.concatenate([ch.wav for ch in chunks])
     assert streamed.shape == whole.shape
     assert snr_db(whole, streamed) >= MIN_STREAM_SNR_DB
-    # A chunk after every 20 tokens (e.g. 90 tokens: at 20, 40, 60, 80), then the rest.
+    # A chunk after 12 tokens, then every 20 (e.g. 90 tokens: at 12, 32, 52, 72), then the rest.
     tokens = golden_ref[f"gen{case_id}.latents"].shape[1]
-    assert len(chunks) == tokens // 20 + 1
+    assert len(chunks) == 1 + (tokens - 12) // 20 + 1
     assert all(ch.sample_rate == 24000 and ch.wav.dtype == np.float32 for ch in chunks)
 
 
@@ -112,16 +112,16 @@ def test_random_bundle_synthesis_is_seeded_and_streams(random_model) -> None:
         "since together they have to pass the limit."
     )
     kwargs = dict(language="en", voice="Test Speaker", max_new_tokens=12, seed=11)
-    a = random_model.synthesize(text, **kwargs)
-    b = random_model.synthesize(text, **kwargs)
+    a = say(random_model, text, **kwargs)
+    b = say(random_model, text, **kwargs)
     assert len(a.codes) == 2  # split into sentences
     # The same instance, seed and threads: codes and audio repeat exactly (determinism).
     assert all(np.array_equal(x, y) for x, y in zip(a.codes, b.codes, strict=True))
     np.testing.assert_array_equal(a.wav, b.wav)
-    c = random_model.synthesize(text, **{**kwargs, "seed": 12})
+    c = say(random_model, text, **{**kwargs, "seed": 12})
     assert not all(np.array_equal(x, y) for x, y in zip(a.codes, c.codes, strict=True))
 
-    chunks = list(random_model.synthesize_stream(text, first_chunk_tokens=5, **kwargs))
+    chunks = list(say_stream(random_model, text, first_chunk_tokens=5, **kwargs))
     assert {ch.sentence for ch in chunks} == {0, 1}
     streamed = np.concatenate([ch.wav for ch in chunks])
     assert streamed.shape == a.wav.shape
@@ -129,8 +129,13 @@ def test_random_bundle_synthesis_is_seeded_and_streams(random_model) -> None:
 
 
 def test_unsplit_text_is_one_piece(random_model) -> None:
-    result = random_model.synthesize(
-        "One. Two.", voice="Test Speaker", max_new_tokens=5, split_sentences=False, seed=1
+    result = say(
+        random_model,
+        "One. Two.",
+        voice="Test Speaker",
+        max_new_tokens=5,
+        split_sentences=False,
+        seed=1,
     )
     assert len(result.codes) == 1
 
@@ -139,12 +144,12 @@ def test_unsplit_text_is_one_piece(random_model) -> None:
 @pytest.mark.slow
 def test_speed_changes_length_and_streams_identically(random_model, speed: float) -> None:
     kwargs = dict(voice="Test Speaker", max_new_tokens=24, do_sample=False, split_sentences=False)
-    base = random_model.synthesize("Speed test.", **kwargs)
-    fast = random_model.synthesize("Speed test.", speed=speed, **kwargs)
+    base = say(random_model, "Speed test.", **kwargs)
+    fast = say(random_model, "Speed test.", speed=speed, **kwargs)
     frames = len(base.wav) / 24
     assert abs(len(fast.wav) / len(base.wav) - 1 / speed) < 4 / frames + 0.02
     streamed = np.concatenate(
-        [c.wav for c in random_model.synthesize_stream("Speed test.", speed=speed, **kwargs)]
+        [c.wav for c in say_stream(random_model, "Speed test.", speed=speed, **kwargs)]
     )
     assert streamed.shape == fast.wav.shape
     assert snr_db(fast.wav, streamed) >= MIN_STREAM_SNR_DB
@@ -166,7 +171,7 @@ def test_stream_vocoder_work_per_chunk_is_flat(random_model) -> None:
         per_run = {}
         for n in (24, 60):
             sizes.clear()
-            list(random_model.synthesize_stream(
+            list(say_stream(random_model,
                 "A long utterance.", voice="Test Speaker", max_new_tokens=n, do_sample=False,
                 first_chunk_tokens=12, chunk_tokens=12,
             ))  # fmt: skip
@@ -190,11 +195,11 @@ def test_stream_vocoder_work_per_chunk_is_flat(random_model) -> None:
 def test_bad_requests_are_clear_errors(random_model) -> None:
     m = random_model
     with pytest.raises(InvalidRequest, match="empty"):
-        m.synthesize("   ", voice="Test Speaker")
+        say(m, "   ", voice="Test Speaker")
     with pytest.raises(UnknownVoice):
-        m.synthesize("Hi.", voice="Nobody")
+        say(m, "Hi.", voice="Nobody")
     with pytest.raises(UnknownLanguage):
-        m.synthesize("Hi.", language="xx", voice="Test Speaker")
+        say(m, "Hi.", language="xx", voice="Test Speaker")
     for bad in (
         {"temperature": 0},
         {"top_p": 2.0},
@@ -204,14 +209,14 @@ def test_bad_requests_are_clear_errors(random_model) -> None:
         {"seed": "x"},
     ):
         with pytest.raises(InvalidRequest):
-            m.synthesize("Hi.", voice="Test Speaker", **bad)
+            say(m, "Hi.", voice="Test Speaker", **bad)
     # Streams validate everything before the first chunk is asked for.
     with pytest.raises(InvalidRequest):
-        m.synthesize_stream("Hi.", voice="Test Speaker", first_chunk_tokens=0)
+        say_stream(m, "Hi.", voice="Test Speaker", first_chunk_tokens=0)
     with pytest.raises(InvalidRequest, match="tokens long"):
-        m.synthesize_stream("word " * 400, voice="Test Speaker", split_sentences=False)
-    assert m.resolve_language("en-US") == "en"
-    assert m.resolve_language("zh-cn") == "zh-cn"
+        say_stream(m, "word " * 400, voice="Test Speaker", split_sentences=False)
+    assert pick_language("en-US", m.config.languages) == "en"
+    assert pick_language("zh_CN", m.config.languages) == "zh-cn"
 
 
 def test_load_errors(tmp_path, random_bundle) -> None:
@@ -226,7 +231,7 @@ def test_clone_voice_uses_config_defaults(random_model, golden_dir) -> None:
     assert isinstance(voice, Voice)
     assert voice.gpt_cond_latent.shape == (1, 32, random_model.gpt.dim)
     assert voice.speaker_embedding.shape == (1, 512, 1)
-    result = random_model.synthesize("Hi.", voice=voice, max_new_tokens=5, seed=0)
+    result = say(random_model, "Hi.", voice=voice, max_new_tokens=5, seed=0)
     assert result.wav.size > 0
 
 
@@ -243,8 +248,8 @@ def test_half_precision_gpt(random_bundle, random_model, precision: str) -> None
     )
     assert model.hifigan_decoder.waveform_decoder.conv_pre.weight.dtype == torch.float32
     kwargs = dict(voice="Test Speaker", max_new_tokens=8, do_sample=False, split_sentences=False)
-    half = model.synthesize("Precision.", **kwargs)
-    full = random_model.synthesize("Precision.", **kwargs)
+    half = say(model, "Precision.", **kwargs)
+    full = say(random_model, "Precision.", **kwargs)
     assert np.isfinite(half.wav).all() and half.wav.shape == full.wav.shape
     # Random weights make greedy codes fragile; the first token should still agree.
     assert half.codes[0][0] == full.codes[0][0]
@@ -253,23 +258,23 @@ def test_half_precision_gpt(random_bundle, random_model, precision: str) -> None
 @pytest.mark.slow
 def test_stream_cadence_is_a_short_first_chunk_then_longer_ones(random_model, monkeypatch):
     """The vocoder is pushed after 12 tokens, then every 20 (unless asked otherwise)."""
-    from lowvox.engines.xtts import model as model_module
+    from lowvox.engines.xtts import vocode
 
     pushed: list[int] = []
-    real = model_module.StreamingVocoder.push
+    real = vocode.StreamingVocoder.push
 
     def spy(self, latents):
         pushed.append(latents.shape[1])
         return real(self, latents)
 
-    monkeypatch.setattr(model_module.StreamingVocoder, "push", spy)
+    monkeypatch.setattr(vocode.StreamingVocoder, "push", spy)
     kwargs = dict(voice="Test Speaker", max_new_tokens=55, do_sample=False, split_sentences=False)
-    chunks = list(random_model.synthesize_stream("A cadence test.", **kwargs))
+    chunks = list(say_stream(random_model, "A cadence test.", **kwargs))
     assert chunks and pushed[:3] == [12, 20, 20]
     pushed.clear()
-    list(random_model.synthesize_stream("A cadence test.", first_chunk_tokens=30, **kwargs))
+    list(say_stream(random_model, "A cadence test.", first_chunk_tokens=30, **kwargs))
     assert pushed[0] == 30 and pushed[1] == 25  # later chunks never shorter than the first
     pushed.clear()
-    list(random_model.synthesize_stream("A cadence test.", first_chunk_tokens=4,
+    list(say_stream(random_model, "A cadence test.", first_chunk_tokens=4,
                                         chunk_tokens=7, **kwargs))  # fmt: skip
     assert pushed[:3] == [4, 7, 7]

@@ -1,23 +1,17 @@
-"""Batched decoding: several texts, voices and lengths in one batch give what each gives alone."""
+"""Batched decoding: several texts, voices and lengths in one batch give what each gives
+alone (the decode loop; the pipeline's batch is tested in test_pipeline_batch.py)."""
 
 from __future__ import annotations
 
-import threading
-
-import numpy as np
 import pytest
 import torch
 
-from lowvox.engines.xtts.batch import BatchGenerator, BatchRow
-from lowvox.engines.xtts.generate import Generator
-from lowvox.engines.xtts.model import BatchItem, XttsModel
+from lowvox.engines.xtts.decode import Decoder, DecodeRow, collect, generate, iter_steps
+from lowvox.engines.xtts.model import XttsModel
 from lowvox.engines.xtts.sampling import SamplingOptions
-from lowvox.errors import InvalidRequest
-from tests.tolerance import FP32_OTHER_KERNELS, FP32_PIPELINE, MIN_STREAM_SNR_DB, snr_db
+from tests.tolerance import FP32_OTHER_KERNELS
 
 GREEDY = SamplingOptions(repetition_penalty=5.0, do_sample=False)
-# Over the 250-character limit for English, so it is split into two sentences.
-LONG = "First request, two sentences. " + "Then a second one, made long on purpose, " * 6 + "end."
 TEXTS = [
     "hello there.",
     "a much longer sentence, which goes on for quite a while before it ends.",
@@ -26,10 +20,10 @@ TEXTS = [
 ]
 
 
-def rows_for(model: XttsModel, limits: list[int], options=GREEDY) -> list[BatchRow]:
+def rows_for(model: XttsModel, limits: list[int], options=GREEDY) -> list[DecodeRow]:
     voices = list(model.speakers.values())
     return [
-        BatchRow(
+        DecodeRow(
             voices[i % len(voices)].gpt_cond_latent,
             torch.tensor([model.tokenizer.encode(text, "en")]),
             options,
@@ -39,17 +33,15 @@ def rows_for(model: XttsModel, limits: list[int], options=GREEDY) -> list[BatchR
     ]
 
 
-def alone(model: XttsModel, row: BatchRow):
-    return Generator(
-        model.gpt, row.cond_latent, row.text_ids, row.options, row.max_new_tokens
-    ).run()
+def alone(model: XttsModel, row: DecodeRow):
+    return generate(model.gpt, row)
 
 
 def assert_same_generation(batched, single) -> None:
     assert torch.equal(batched.codes, single.codes)
     assert batched.stopped == single.stopped
     assert batched.latents.shape == single.latents.shape
-    # A padded batch row against the sequence alone.
+    # A batch row (its own length, other matmul shapes) against the sequence alone.
     FP32_OTHER_KERNELS.check(batched.latents, single.latents, "latents")
     FP32_OTHER_KERNELS.check(batched.logits, single.logits, "logits")
 
@@ -58,7 +50,7 @@ def assert_same_generation(batched, single) -> None:
 def test_batch_equals_each_row_alone(bundle, golden_model, random_model) -> None:
     model = golden_model if bundle == "golden" else random_model
     rows = rows_for(model, limits=[24, 40, 13, 31])  # different lengths and limits
-    for batched, row in zip(BatchGenerator(model.gpt, rows).run(), rows, strict=True):
+    for batched, row in zip(collect(model.gpt, rows), rows, strict=True):
         single = alone(model, row)
         assert len(single.codes) == row.max_new_tokens  # these never stop early
         assert_same_generation(batched, single)
@@ -80,96 +72,44 @@ def test_rows_stop_on_their_own(golden_dir, tmp_path) -> None:
             break
     else:
         pytest.skip("no boost gave rows that stop at different steps on this bundle")
-    for batched, single in zip(BatchGenerator(model.gpt, rows).run(), singles, strict=True):
+    for batched, single in zip(collect(model.gpt, rows), singles, strict=True):
         assert_same_generation(batched, single)
 
 
 def test_cancelled_row_leaves_the_batch(golden_model) -> None:
     rows = rows_for(golden_model, limits=[20] * len(TEXTS))
-    gen = BatchGenerator(golden_model.gpt, rows)
+    decoder = Decoder(golden_model.gpt, max_rows=4)
+    ids = [decoder.add(row) for row in rows]
     seen: dict[int, int] = {}
-    for i, steps in enumerate(gen.steps()):
+    for i, steps in enumerate(iter_steps(decoder)):
         for s in steps:
             seen[s.row] = seen.get(s.row, 0) + 1
         if i == 4:
-            gen.cancel(1)
-    assert seen[1] == 5 and all(seen[r] == 20 for r in (0, 2, 3))
+            decoder.cancel(ids[1])
+    assert seen[ids[1]] == 5 and all(seen[ids[r]] == 20 for r in (0, 2, 3))
 
 
-@pytest.mark.slow
-def test_synthesize_batch_equals_synthesize(golden_model) -> None:
-    voices = list(golden_model.speakers)
-    texts = [LONG, "Short.", "This one is a little longer."]
-    kwargs = dict(do_sample=False, repetition_penalty=5.0, max_new_tokens=20)
-    results = golden_model.synthesize_batch(
-        texts, language="en", voice=[voices[0], voices[1], voices[0]], **kwargs
-    )
-    assert len(results) == len(texts)
-    for text, voice, res in zip(texts, [voices[0], voices[1], voices[0]], results, strict=True):
-        single = golden_model.synthesize(text, language="en", voice=voice, **kwargs)
-        assert len(res.codes) == len(single.codes) == (2 if text == LONG else 1)
-        for a, b in zip(res.codes, single.codes, strict=True):
-            assert np.array_equal(a, b)
-        assert res.wav.shape == single.wav.shape
-        FP32_PIPELINE.check(res.wav, single.wav)  # whole-pipeline audio through a batch
-
-
-@pytest.mark.slow
-def test_synthesize_batch_small_batches_give_the_same(golden_model) -> None:
-    kwargs = dict(do_sample=False, max_new_tokens=12, voice="Alpha Voice")
-    texts = ["One.", "Two words.", "Three words here."]
-    full = golden_model.synthesize_batch(texts, **kwargs)
-    pairs = golden_model.synthesize_batch(texts, max_batch_size=2, **kwargs)
-    for a, b in zip(full, pairs, strict=True):
-        assert all(np.array_equal(x, y) for x, y in zip(a.codes, b.codes, strict=True))
-
-
-@pytest.mark.slow
-def test_stream_batch_matches_whole_utterances(golden_model) -> None:
-    settings = golden_model.generation_settings(do_sample=False, max_new_tokens=30)
-    items = [
-        BatchItem(LONG, "en", "Alpha Voice", settings),
-        BatchItem("Second request.", "en", "Beta Voice", settings),
-    ]
-    chunks: dict[int, list[np.ndarray]] = {0: [], 1: []}
-    order: dict[int, list[int]] = {0: [], 1: []}
-    for index, chunk in golden_model.stream_batch(items, first_chunk_tokens=8):
-        chunks[index].append(chunk.wav)
-        order[index].append(chunk.sentence)
-    assert order[0] == sorted(order[0]) and set(order[0]) == {0, 1}
-    assert len(chunks[1]) > 1  # streamed in pieces, not in one go
-    for index, item in enumerate(items):
-        whole = golden_model.synthesize(
-            item.text, language="en", voice=item.voice, do_sample=False, max_new_tokens=30
-        )
-        streamed = np.concatenate(chunks[index])
-        assert streamed.shape == whole.wav.shape
-        # The streaming vocoder matches the whole-utterance one closely (not bit-exactly).
-        assert snr_db(whole.wav, streamed) >= MIN_STREAM_SNR_DB
-
-
-@pytest.mark.slow
-def test_stream_batch_cancel_stops_one_request(golden_model) -> None:
-    settings = golden_model.generation_settings(do_sample=False, max_new_tokens=40)
-    items = [BatchItem("One request.", voice="Alpha Voice", settings=settings)] * 2
-    cancels = [threading.Event(), threading.Event()]
-    counts = [0, 0]
-    for index, _chunk in golden_model.stream_batch(items, cancels, first_chunk_tokens=5):
-        counts[index] += 1
-        if index == 0 and counts[0] == 1:
-            cancels[0].set()
-    assert counts[0] == 1 and counts[1] > 2
-
-
-def test_batch_bad_input_is_a_clear_error(golden_model) -> None:
-    with pytest.raises(InvalidRequest):
-        golden_model.synthesize_batch([])
-    with pytest.raises(InvalidRequest, match="voice"):
-        golden_model.synthesize_batch(["a", "b"], voice=["Alpha Voice"])
-    with pytest.raises(InvalidRequest):
-        golden_model.synthesize_batch(["a", " "], voice="Alpha Voice")
-    with pytest.raises(InvalidRequest):
-        golden_model.stream_batch([])
+def test_rows_joining_later_equal_their_lone_runs(golden_model) -> None:
+    """Rows added at different steps (each at its own length in the cache), and a row
+    added into the place of one that left, each compute what they compute alone."""
+    rows = rows_for(golden_model, limits=[18, 30, 9, 14])
+    decoder = Decoder(golden_model.gpt, max_rows=3)
+    joins = {0: [0, 1], 5: [2], 14: [3]}  # row 3 joins after row 2 (9 tokens) has left
+    steps: dict[int, list] = {}
+    order: dict[int, int] = {}
+    step = 0
+    while step <= max(joins) or len(decoder):
+        for r in joins.get(step, []):
+            order[decoder.add(rows[r])] = r
+        for s in decoder.step():
+            steps.setdefault(order[s.row], []).append(s)
+        step += 1
+    for r, row in enumerate(rows):
+        single = alone(golden_model, row)
+        codes = torch.stack([s.token for s in steps[r] if not s.is_stop])
+        assert torch.equal(codes, single.codes)
+        latents = torch.cat([s.latent for s in steps[r]], dim=1)
+        FP32_OTHER_KERNELS.check(latents, single.latents)
 
 
 @pytest.mark.slow
@@ -177,26 +117,27 @@ def test_int8_batch_gives_the_same_codes(golden_dir, tmp_path) -> None:
     """The CPU default (int8 weights): batching changes the matmuls' shapes, not the codes."""
     model = XttsModel.load(golden_dir, precision="int8", cache_dir=tmp_path)
     rows = rows_for(model, limits=[30, 30, 20, 25])
-    for batched, row in zip(BatchGenerator(model.gpt, rows).run(), rows, strict=True):
+    for batched, row in zip(collect(model.gpt, rows), rows, strict=True):
         single = alone(model, row)
         assert torch.equal(batched.codes, single.codes)
         # int8 weights: no fp32 row applies; this bound is tighter than BF16's, so it stays.
         torch.testing.assert_close(batched.latents, single.latents, atol=1e-2, rtol=1e-2)
 
 
-def test_cache_keep_rows_keeps_what_was_written() -> None:
-    """Compaction when rows finish: the kept rows' written positions, in the new order; the
-    rest of the fresh cache is zero (never read before it is written)."""
+def test_cache_rows_and_copies_are_views_of_one_cache() -> None:
+    """A batch's cache hands each row out as a view (prefills write into it) and moves a
+    row's written positions into the place of one that left."""
     from lowvox.engines.xtts.gpt import KVCache
 
     cache = KVCache(4, 2, 10, 8)
     cache.k.normal_()
     cache.v.normal_()
     k, v = cache.k.clone(), cache.v.clone()
-    index = torch.tensor([3, 1])
-    cache.keep_rows(index, 6)
-    assert cache.k.shape == cache.v.shape == (2, 2, 10, 8)
-    assert torch.equal(cache.k[:, :, :6], k[index, :, :6])
-    assert torch.equal(cache.v[:, :, :6], v[index, :, :6])
-    assert not cache.k[:, :, 6:].any() and not cache.v[:, :, 6:].any()
-    assert cache.k.is_contiguous() and cache.v.is_contiguous()
+    row = cache.rows(2, 3)
+    row.k.zero_()
+    assert torch.equal(cache.k[2], torch.zeros_like(cache.k[2]))  # the view wrote through
+    cache.copy_row(3, 1, 6)
+    assert torch.equal(cache.k[1, :, :6], k[3, :, :6]) and torch.equal(
+        cache.v[1, :, :6], v[3, :, :6]
+    )
+    assert torch.equal(cache.k[1, :, 6:], k[1, :, 6:])  # positions past the length are left

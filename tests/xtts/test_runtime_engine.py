@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 import torch
@@ -98,19 +97,6 @@ def test_unload_and_reload(random_bundle, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_keep_alive_unloads_when_idle(random_bundle, tmp_path) -> None:
-    engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32, keep_alive=0.2)
-    engine.synthesize(request())
-    assert engine.loaded
-    deadline = time.monotonic() + 20
-    while engine.loaded and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not engine.loaded
-    assert engine.synthesize(request()).samples.size > 0
-    engine.unload()
-
-
-@pytest.mark.slow
 def test_batch_equals_requests_alone(random_bundle, tmp_path) -> None:
     engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32)
     requests = [
@@ -127,14 +113,13 @@ def test_batch_equals_requests_alone(random_bundle, tmp_path) -> None:
         FP32_PIPELINE.check(chunk.samples, single.samples)  # whole-pipeline audio via a batch
 
 
-def test_batch_stream_validates_every_request_first(random_bundle, tmp_path) -> None:
+def test_a_batch_validates_every_request_first(random_bundle, tmp_path) -> None:
     engine = XttsEngine(random_bundle.path, cache_dir=tmp_path, plan=CPU_FP32)
     good = request()
     bad = SynthesisRequest(text="Hi.", voice="Test Speaker", options={"top_k": "many"})
     with pytest.raises(InvalidRequest):
-        engine.synthesize_batch_stream([good, bad])  # raised before any chunk exists
-    with pytest.raises(InvalidRequest):
-        engine.synthesize_batch_stream([])
+        engine.synthesize_batch([good, bad])
+    assert not engine.loaded  # refused before any model work
 
 
 @pytest.mark.slow

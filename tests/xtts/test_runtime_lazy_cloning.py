@@ -28,6 +28,7 @@ from lowvox.errors import LowvoxError
 from lowvox.runtime.qcache import CacheError, read_quantized, write_quantized
 from lowvox.runtime.residency import Residency
 from tests.tolerance import FP32_REORDER
+from tests.xtts.speak import say, say_stream
 
 PREFIXES = tuple(f"{name}." for name in CLONING_MODULES)
 SPEAK = dict(voice="Test Speaker", max_new_tokens=6, do_sample=False, split_sentences=False, seed=0)
@@ -121,12 +122,10 @@ def test_a_cached_load_leaves_the_cloning_modules_out_and_still_speaks(
     assert cloning_modules(model) == [None, None, None]
     assert not [k for k in model.state_dict() if k.startswith(PREFIXES)]
     # Speaking with a studio speaker and with given latents never needs them.
-    out = model.synthesize("Hello there.", language="en", **SPEAK)
+    out = say(model, "Hello there.", language="en", **SPEAK)
     assert out.wav.size > 0 and np.isfinite(out.wav).all()
     voice = model.speakers["Test Speaker"]
-    chunks = list(
-        model.synthesize_stream("Hello there.", language="en", **{**SPEAK, "voice": voice})
-    )
+    chunks = list(say_stream(model, "Hello there.", language="en", **{**SPEAK, "voice": voice}))
     assert chunks
     assert reads[0] == 0 and cloning_modules(model) == [None, None, None]
     # What they weigh is really gone: the model holds fewer bytes than the eager one.
@@ -221,7 +220,7 @@ def test_a_cache_lost_before_the_first_clone_is_a_clear_error(
     after = model.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)  # untouched data
-    spoken = model.synthesize("Hello there.", language="en", **SPEAK)
+    spoken = say(model, "Hello there.", language="en", **SPEAK)
     assert spoken.wav.size > 0 and np.isfinite(spoken.wav).all()
     # Once the file is back, cloning works (the failure did not stick).
     shutil.copy(kept, path)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowvox.engines.xtts.streaming import DEFAULT_WINDOW_FRAMES
+from lowvox.engines.xtts.pipeline import vocode
+from lowvox.engines.xtts.vocode import DEFAULT_WINDOW_FRAMES
 
 
 @pytest.mark.slow
@@ -17,7 +18,7 @@ def test_long_utterance_vocoded_in_pieces_equals_one_go(golden_model) -> None:
     n = DEFAULT_WINDOW_FRAMES // 2 + 17
     latents = torch.randn(1, n, golden_model.gpt.dim, generator=g)
     with torch.inference_mode():
-        pieces = golden_model._vocode(latents, voice)
+        pieces = vocode(golden_model, latents, voice)
         whole = golden_model.hifigan_decoder(latents, voice.speaker_embedding).reshape(-1)
     assert pieces.dtype == np.float32 and pieces.shape == tuple(whole.shape)
     peak = float(whole.abs().max())

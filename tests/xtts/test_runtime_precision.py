@@ -20,6 +20,7 @@ from lowvox.errors import LowvoxError
 from lowvox.runtime import kernels
 from lowvox.runtime.quant import BF16_MODE, INT8_MODE, Bf16Linear, Int8Linear
 from tests.tolerance import BF16, FP32_REORDER
+from tests.xtts.speak import say
 
 TEXT = "This sentence checks how far reduced precision moves the model."
 GREEDY = dict(voice="Test Speaker", max_new_tokens=10, do_sample=False, split_sentences=False)
@@ -106,8 +107,8 @@ def test_weight_only_from_cache_never_builds_the_float_model(
     # The fused kernel needs aligned weights; the cache reader provides them.
     layers = [m for m in again.modules() if isinstance(m, Int8Linear | Bf16Linear)]
     assert layers and all(m.weight.data_ptr() % 64 == 0 for m in layers)
-    a = first.synthesize(TEXT, **GREEDY)
-    b = again.synthesize(TEXT, **GREEDY)
+    a = say(first, TEXT, **GREEDY)
+    b = say(again, TEXT, **GREEDY)
     assert np.array_equal(a.codes[0], b.codes[0])
     FP32_REORDER.check(b.wav, a.wav)  # two instances: the same maths, maybe in another order
 
@@ -157,7 +158,7 @@ def test_cpu_bf16_keeps_norms_activations_and_caches_in_float32(random_bundle, t
     assert block.ln_1(x).dtype == torch.float32  # the bf16 layers take float32
     assert block(x, 0, None).dtype == torch.float32
     assert model.gpt.make_caches(8)[0].k.dtype == torch.float32
-    out = model.synthesize(TEXT, **GREEDY)
+    out = say(model, TEXT, **GREEDY)
     assert out.codes[0].size and np.isfinite(out.wav).all()
     if kernels.available():
         fused = block._fused
@@ -227,7 +228,7 @@ def test_vocoder_precision_follows_the_gpt_or_the_setting(random_bundle, precisi
         random_bundle.path, precision=precision, cache_dir=tmp_path, vocoder_precision=asked
     )
     assert model.hifigan_decoder.precision == expected
-    out = model.synthesize("Hello.", voice="Test Speaker", max_new_tokens=6, do_sample=False)
+    out = say(model, "Hello.", voice="Test Speaker", max_new_tokens=6, do_sample=False)
     assert out.wav.size and np.isfinite(out.wav).all()
 
 

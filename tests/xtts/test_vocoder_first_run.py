@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowvox.engines.xtts import streaming
+from lowvox.engines.xtts import vocode
 from tests.tolerance import FP32_REORDER
 from tests.xtts.test_voice_helpers import random_decoder
 
@@ -19,7 +19,7 @@ def _decoder():
 
 @pytest.fixture
 def entered(monkeypatch) -> list[int]:
-    """Counts the `own_mappings` blocks that streaming enters."""
+    """Counts the `own_mappings` blocks that vocoding enters."""
     calls: list[int] = []
 
     @contextmanager
@@ -27,7 +27,7 @@ def entered(monkeypatch) -> list[int]:
         calls.append(1)
         yield True
 
-    monkeypatch.setattr(streaming, "own_mappings", counting)
+    monkeypatch.setattr(vocode, "own_mappings", counting)
     return calls
 
 
@@ -39,11 +39,11 @@ def test_first_run_per_length_is_in_own_mappings(entered):
     latents = torch.randn(1, 3 * window // 4, 16)  # several windows of one length
     with torch.inference_mode():
         whole = decoder(latents, g)[0, 0].numpy()
-        first = streaming.vocode_in_windows(decoder, latents, g, window=window)
+        first = vocode.vocode_in_windows(decoder, latents, g, window=window)
         assert len(entered) == 1  # one length: every window after the first is known
-        again = streaming.vocode_in_windows(decoder, latents, g, window=window)
+        again = vocode.vocode_in_windows(decoder, latents, g, window=window)
         assert len(entered) == 1
-        streaming.vocode_in_windows(decoder, latents[:, :5], g, window=window)
+        vocode.vocode_in_windows(decoder, latents[:, :5], g, window=window)
         assert len(entered) == 2  # a short utterance is one new, shorter window
     np.testing.assert_array_equal(first, again)  # the same decoder, the same work: exact
     FP32_REORDER.check(first, whole)  # windows: another chunking of one operation
@@ -53,6 +53,6 @@ def test_a_new_generator_starts_with_no_known_lengths(entered):
     g = F.normalize(torch.randn(1, 8, 1), dim=1)
     latents = torch.randn(1, 6, 16)
     with torch.inference_mode():
-        streaming.vocode_in_windows(_decoder(), latents, g)
-        streaming.vocode_in_windows(_decoder(), latents, g)
+        vocode.vocode_in_windows(_decoder(), latents, g)
+        vocode.vocode_in_windows(_decoder(), latents, g)
     assert len(entered) == 2

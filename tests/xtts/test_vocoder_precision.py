@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lowvox.engines.xtts.hifigan import bf16_supported
-from lowvox.engines.xtts.streaming import StreamingVocoder, vocode_in_windows
+from lowvox.engines.xtts.vocode import RowVocoder, vocode_in_windows
 from lowvox.errors import LowvoxError
 from tests.tolerance import FP32_REORDER, MIN_REDUCED_VOCODER_SNR_DB, snr_db
 from tests.xtts.test_voice_helpers import random_decoder
@@ -132,9 +132,9 @@ def test_streamed_equals_whole_in_each_precision(speaker, precision, fused) -> N
     decoder.waveform_decoder.fused = fused
     latents = torch.randn(1, 75, 48)
     whole = vocode(decoder, latents, speaker)
-    vocoder = StreamingVocoder(decoder, speaker, first_chunk_tokens=12, chunk_tokens=9)
+    vocoder = RowVocoder(decoder, speaker, 1.0, 12, 9)
     parts = [vocoder.push(latents[:, i : i + 5]) for i in range(0, latents.shape[1], 5)]
-    parts.append(vocoder.flush())
+    parts.append(vocoder.finish())
     streamed = np.concatenate(parts)
     assert streamed.shape == whole.shape
     assert snr_db(whole, streamed) >= 60.0  # stricter than MIN_STREAM_SNR_DB on this decoder
@@ -146,11 +146,11 @@ def test_last_stream_window_takes_the_middle_windows_length(decoder, speaker) ->
     before it, so a new utterance length brings no new input shape."""
     lengths = set()
     for n in (50, 61, 77):
-        vocoder = StreamingVocoder(decoder, speaker, first_chunk_tokens=10, chunk_tokens=10)
+        vocoder = RowVocoder(decoder, speaker, 1.0, 10, 10)
         for i in range(0, n, 10):
             vocoder.push(torch.randn(1, min(10, n - i), 48))
-        vocoder.flush()
-        first, *later = vocoder.frames_vocoded
+        vocoder.finish()
+        first, *later = vocoder.vocoder.frames_vocoded
         assert len(later) >= 3
         lengths.update(later[1:])  # the second window may be narrower than those after it
     assert len(lengths) == 1, lengths

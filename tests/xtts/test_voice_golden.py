@@ -19,7 +19,7 @@ from lowvox.audio.io import load_audio
 from lowvox.audio.mel import MelSpectrogram
 from lowvox.audio.resample import resample
 from lowvox.engines.xtts import voice as V
-from lowvox.engines.xtts.streaming import StreamingVocoder
+from lowvox.engines.xtts.vocode import RowVocoder
 from tests.golden import GOLDEN
 from tests.tolerance import MIN_STREAM_SNR_DB, snr_db
 from tests.xtts.test_voice_helpers import golden_voice_model
@@ -166,11 +166,9 @@ def test_streamed_audio_equals_whole_utterance(ref, model, whole_wavs, step, fir
     for gid in gids:
         latents = ref[f"{gid}.latents"]
         whole = whole_wavs[gid][0, 0].numpy()
-        vocoder = StreamingVocoder(
-            model.hifigan_decoder, emb, first_chunk_tokens=first, chunk_tokens=chunk
-        )
+        vocoder = RowVocoder(model.hifigan_decoder, emb, 1.0, first, chunk)
         parts = [vocoder.push(latents[:, i : i + step]) for i in range(0, latents.shape[1], step)]
-        parts.append(vocoder.flush())
+        parts.append(vocoder.finish())
         streamed = np.concatenate(parts)
         assert streamed.shape == whole.shape
         snr = snr_db(whole, streamed)

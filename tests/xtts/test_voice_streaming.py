@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowvox.engines.xtts.streaming import StreamingVocoder, interpolate_frames
+from lowvox.engines.xtts.vocode import RowVocoder, StreamingVocoder, interpolate_frames
 from tests.tolerance import MIN_STREAM_SNR_DB, snr_db
 from tests.xtts.test_voice_helpers import random_decoder
 
 
-def stream(vocoder: StreamingVocoder, latents: torch.Tensor, step: int) -> list[np.ndarray]:
+def stream(vocoder: RowVocoder, latents: torch.Tensor, step: int) -> list[np.ndarray]:
     parts = [vocoder.push(latents[:, i : i + step]) for i in range(0, latents.shape[1], step)]
-    parts.append(vocoder.flush())
+    parts.append(vocoder.finish())
     return parts
 
 
@@ -46,7 +46,7 @@ def test_streamed_equals_whole_utterance(decoder, speaker, n, step, first, chunk
     latents = torch.randn(1, n, 48)
     with torch.inference_mode():
         whole = decoder(latents, speaker)[0, 0].numpy()
-    vocoder = StreamingVocoder(decoder, speaker, first_chunk_tokens=first, chunk_tokens=chunk)
+    vocoder = RowVocoder(decoder, speaker, 1.0, first, chunk)
     streamed = np.concatenate(stream(vocoder, latents, step))
     assert streamed.dtype == np.float32
     assert streamed.shape == whole.shape
@@ -58,9 +58,12 @@ def test_streamed_equals_whole_utterance(decoder, speaker, n, step, first, chunk
 
 def test_first_chunk_after_configured_tokens(decoder, speaker) -> None:
     latents = torch.randn(1, 60, 48)
-    assert StreamingVocoder(decoder, speaker).first_chunk_tokens == 20  # the default
+    # The default cadence (what every stream uses): the first chunk after 12 tokens.
+    default = RowVocoder(decoder, speaker)
+    sizes = [default.push(latents[:, i : i + 1]).size for i in range(12)]
+    assert all(s == 0 for s in sizes[:-1]) and sizes[-1] > 0
     for first in (20, 8):
-        vocoder = StreamingVocoder(decoder, speaker, first_chunk_tokens=first)
+        vocoder = RowVocoder(decoder, speaker, 1.0, first)
         sizes = [vocoder.push(latents[:, i : i + 1]).size for i in range(first)]
         assert all(s == 0 for s in sizes[:-1])
         assert sizes[-1] > 0  # emitted as soon as the first_chunk_tokens-th latent arrives
@@ -71,11 +74,11 @@ def test_per_chunk_cost_is_flat(decoder, speaker) -> None:
     radius = decoder.waveform_decoder.receptive_radius()
     worst = {}
     for n in (60, 240, 480):
-        vocoder = StreamingVocoder(decoder, speaker, chunk_tokens=10)
+        vocoder = RowVocoder(decoder, speaker, chunk_tokens=10)
         stream(vocoder, torch.randn(1, n, 48), step=1)
-        first, *rest = vocoder.frames_vocoded
+        first, *rest = vocoder.vocoder.frames_vocoded
         assert len(rest) >= n // 10 - 3
-        assert first <= decoder.num_frames(20) + 2 * radius  # the first chunk: 20 latents
+        assert first <= decoder.num_frames(12) + 2 * radius  # the first chunk: 12 latents
         worst[n] = max(rest)
     # Later chunks: 10 latents (~44 frames) plus context on both sides (+ rounding slack).
     bound = decoder.num_frames(10) + 2 + 2 * radius
@@ -92,7 +95,7 @@ def test_push_validation(decoder, speaker) -> None:
     with pytest.raises(RuntimeError):
         vocoder.push(torch.randn(1, 1, 48))
     with pytest.raises(ValueError):
-        StreamingVocoder(decoder, speaker, first_chunk_tokens=0)
+        RowVocoder(decoder, speaker, 1.0, 0)
 
 
 @pytest.mark.parametrize("scale", [4.0, 24000 / 22050, 1.5])

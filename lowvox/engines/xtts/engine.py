@@ -1,58 +1,76 @@
-"""The `xtts` engine: XttsModel behind lowvox's engine interface.
+"""The `xtts` engine: the XTTS v2 model behind lowvox's engine interface.
 
 Voices are the model's studio speakers plus every voice in the voice library (folders of
 reference clips, or lone `.wav` files), cloned on first use and cached on disk. For the
 CLI, a voice may also be the path of an audio file (`--voice ref.wav`).
+
+Threads: `validate` needs only config.json, vocab.json and the voice names, so it runs
+anywhere (the server runs it before queueing). Everything that touches the model (loading,
+cloning, speaking, unloading, the runtime switches) runs on the thread that owns the
+engine: the server's scheduler worker, or the caller's thread for the CLI.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lowvox.engines.base import (
     AudioChunk,
+    BatchEvent,
     Engine,
+    EngineBatch,
     EngineCapabilities,
     SynthesisRequest,
     VoiceInfo,
-    concat_chunks,
 )
-from lowvox.errors import EngineUnavailable, InvalidRequest, UnknownVoice
+from lowvox.engines.xtts.config import ConfigError, XttsConfig
+from lowvox.engines.xtts.options import XttsOptions
+from lowvox.errors import EngineUnavailable, LowvoxError, UnknownVoice
 from lowvox.runtime.devices import probe_machine
 from lowvox.runtime.planner import Plan, PlanError
 from lowvox.runtime.planner import plan as make_plan
 from lowvox.settings import Settings
+from lowvox.text.tokenizer import XttsTokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from lowvox.engines.xtts.model import XttsModel
+    from lowvox.engines.xtts.pipeline import Batch, Utterance
+    from lowvox.engines.xtts.voice import Voice
+    from lowvox.runtime.residency import Residency
 
 log = logging.getLogger(__name__)
 
-# Request options this engine understands, and their types.
-OPTIONS: dict[str, tuple[type, ...]] = {
-    "temperature": (int, float),
-    "top_k": (int,),
-    "top_p": (int, float),
-    "repetition_penalty": (int, float),
-    "seed": (int,),
-    "do_sample": (bool,),
-    "max_new_tokens": (int,),
-}
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus")
 MODEL_FILES = ("config.json", "model.pth", "vocab.json")
-# Concurrent requests the server's scheduler may hand over as one batch.
+# Requests decoded together by default (the scheduler's batch): enough to fill the matmuls'
+# spare compute during memory-bound decoding without growing the KV caches much.
 MAX_BATCH_SIZE = 8
+# The KV-cache budget, unless set: this share of the memory free when the model loads.
+KV_SHARE_OF_FREE_MEMORY = 0.5
 
 
 def missing_model_files(model_dir: Path) -> list[str]:
     return [name for name in MODEL_FILES if not (model_dir / name).is_file()]
+
+
+@dataclass(frozen=True)
+class XttsRequest(SynthesisRequest):
+    """A request `XttsEngine.validate` has checked: its options resolved and its text split
+    into sentences and tokenised. Speaking it checks nothing again."""
+
+    settings: XttsOptions = XttsOptions()
+    pieces: tuple[torch.Tensor, ...] = ()
 
 
 class XttsEngine(Engine):
@@ -79,15 +97,17 @@ class XttsEngine(Engine):
         precision: str = "auto",
         residency: str = "auto",
         threads: int | None = None,
-        keep_alive: float = 0.0,
         plan: Plan | None = None,
         vocoder_precision: str = "auto",
         allow_voice_paths: bool = True,
+        max_batch_size: int = MAX_BATCH_SIZE,
+        kv_cache_mb: int | None = None,
     ) -> None:
         """`device`, `precision` and `residency` go through the device planner (unless a
         `plan` is given); an impossible choice raises `PlanError`. `threads` sets torch's
-        CPU threads at load (None: leave them). `keep_alive` > 0 unloads the model after
-        that many idle seconds; the next request loads it again."""
+        CPU threads at load (None: leave them). `max_batch_size`: requests decoded together;
+        `kv_cache_mb`: the KV-cache memory they may reserve (None: half the memory free at
+        load)."""
         self.model_dir = Path(model_dir)
         # A voice given as an audio file path is for the CLI; a server sets this False (and
         # refuses path-like names itself) so that no client can make it open a file.
@@ -99,11 +119,10 @@ class XttsEngine(Engine):
                 "install one with `lowvox models download xtts-v2 --accept-license`"
             )
         try:
-            raw = json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
-            self._languages = [str(x) for x in raw.get("languages") or []]
-            self._sample_rate = int(raw["model_args"]["output_sample_rate"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise EngineUnavailable(f"cannot read {self.model_dir / 'config.json'}: {e}") from e
+            self.config = XttsConfig.from_file(self.model_dir / "config.json")
+            self.tokenizer = XttsTokenizer.from_file(self.model_dir / "vocab.json")
+        except (ConfigError, LowvoxError, OSError, ValueError) as e:
+            raise EngineUnavailable(f"cannot read the model in {self.model_dir}: {e}") from e
         self.voices_dir = Path(voices_dir) if voices_dir is not None else None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.plan = (
@@ -112,23 +131,21 @@ class XttsEngine(Engine):
         self.device = self.plan.device
         self.precision = self.plan.precision
         self.threads = threads
-        self.keep_alive = float(keep_alive)
         if vocoder_precision not in ("auto", "fp32", "bf16"):
             raise PlanError(f"unknown vocoder precision {vocoder_precision!r} (auto, fp32, bf16)")
         if vocoder_precision == "bf16" and self.device != "cpu":
             raise PlanError("vocoder precision bf16 is a CPU feature; on a GPU use fp32 or auto")
         # On a GPU the vocoder runs fp32 (low-VRAM loads on the CPU first: decide here).
         self.vocoder_precision = vocoder_precision if self.device == "cpu" else "fp32"
-        self.max_batch_size = MAX_BATCH_SIZE
-        self.low_vram = self.plan.residency == "low_vram"
-        self.fast_path = False
-        self._model: Any = None
-        self._residency: Any = None
-        self._studio: dict[str, Any] | None = None
-        self._loading = threading.RLock()
-        self._busy = 0
-        self._last_used = time.monotonic()
-        self._idle_timer: threading.Timer | None = None
+        if max_batch_size < 1:
+            raise PlanError("max_batch_size must be at least 1")
+        self.max_batch_size = max_batch_size
+        self.kv_cache_mb = kv_cache_mb
+        self._low_vram = self.plan.residency == "low_vram"
+        self._fast_path = False
+        self._model: XttsModel | None = None
+        self._residency: Residency | None = None
+        self._studio: dict[str, Voice] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> XttsEngine:
@@ -150,53 +167,52 @@ class XttsEngine(Engine):
             cache_dir=settings.cache_path,
             plan=plan,
             threads=settings.threads or machine.cpu_count,
-            keep_alive=settings.keep_alive,
             vocoder_precision=settings.vocoder_precision,
+            max_batch_size=settings.max_batch_size,
+            kv_cache_mb=settings.kv_cache_mb,
         )
 
-    # -- model ---------------------------------------------------------------------------------
+    # -- the model (on the owning thread) ------------------------------------------------------
 
     def load(self) -> None:
-        self._get_model()
+        self.model  # noqa: B018 -- loads it
 
     def warmup(self) -> None:
         """A few tokens through every stage, so the first real request is not the slow one."""
         if self.default_voice is None:
             return
-        request = SynthesisRequest(text="Ready.", options={"max_new_tokens": 8, "seed": 0})
-        for _ in self.synthesize_stream(self.validate(request)):
+        from lowvox.engines.xtts.pipeline import warm_up
+
+        request = self.validate(
+            SynthesisRequest(text="Ready.", options={"max_new_tokens": 8, "seed": 0})
+        )
+        for _ in self.synthesize_stream(request):
             pass
-        self.model.warm_up_vocoder()
+        warm_up(self.model)
 
     def unload(self) -> None:
         """Free the model entirely (RAM and GPU); the next request loads it again."""
-        with self._loading:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
-            if self._model is None:
-                return
-            if self._residency is not None:
-                self._residency.close()
-            self._model = self._residency = None
-            gc.collect()
-            _empty_gpu_cache()
-            log.info("xtts model unloaded")
+        if self._model is None:
+            return
+        if self._residency is not None:
+            self._residency.close()
+        self._model = self._residency = None
+        gc.collect()
+        _empty_gpu_cache()
+        log.info("xtts model unloaded")
 
     @property
     def loaded(self) -> bool:
         return self._model is not None
 
-    def _get_model(self) -> Any:
-        with self._loading:
-            if self._model is None:
-                self._model = self._load_model()
-                if self.keep_alive > 0:
-                    self._arm_idle_timer(self.keep_alive)
-            self._last_used = time.monotonic()  # validation and voice lookups count as use
-            return self._model
+    @property
+    def model(self) -> XttsModel:
+        """The loaded XttsModel (loaded here on first use: call on the owning thread)."""
+        if self._model is None:
+            self._model = self._load_model()
+        return self._model
 
-    def _load_model(self) -> Any:
+    def _load_model(self) -> XttsModel:
         import torch
 
         from lowvox.engines.xtts.model import XttsModel
@@ -206,140 +222,91 @@ class XttsEngine(Engine):
             torch.set_num_threads(self.threads)
         cache = self.cache_dir / "xtts" if self.cache_dir is not None else None
         # Low-VRAM: the weights load into RAM; the GPU only sees them during requests.
-        where = "cpu" if self.low_vram else self.device
+        where = "cpu" if self._low_vram else self.device
         model = XttsModel.load(
             self.model_dir, where, self.precision, cache_dir=cache,
             vocoder_precision=self.vocoder_precision, run_on=self.device,
         )  # fmt: skip
         if cache is not None:
             model.voice_cache = VoiceCache(cache / "voices")
-        if self.low_vram:
+        if self._low_vram:
             self._residency = self._make_residency(model)
-        self._apply_fast_path(model)
         log.info(
             "xtts ready: %s on %s%s, %s vocoder (%d CPU threads)",
-            self.precision, self.device, " (low-VRAM)" if self.low_vram else "",
+            self.precision, self.device, " (low-VRAM)" if self._low_vram else "",
             model.hifigan_decoder.precision, torch.get_num_threads(),
         )  # fmt: skip
         return model
 
-    def _make_residency(self, model: Any) -> Any:
+    def _make_residency(self, model: XttsModel) -> Residency:
         from lowvox.runtime.residency import Residency
 
         return Residency(model, "cpu", self.device, layers=list(model.gpt.gpt.h))
 
-    @property
-    def model(self) -> Any:
-        """The loaded XttsModel (loads it on first use)."""
-        return self._get_model()
+    def kv_positions(self, model: XttsModel) -> int:
+        """KV-cache positions all requests of a batch may reserve together."""
+        args = model.config.model_args
+        itemsize = model.gpt.make_caches(1, 1, device="meta")[0].k.element_size()
+        per_position = 2 * args.gpt_layers * args.gpt_n_model_channels * itemsize
+        if self.kv_cache_mb is not None:
+            budget = self.kv_cache_mb * 2**20
+        else:
+            budget = int(KV_SHARE_OF_FREE_MEMORY * _free_memory(model.device))
+        return max(1, budget // per_position)
 
-    # -- runtime toggles (AllTalk's "low VRAM" and "DeepSpeed" switches) ----------------------
+    # -- runtime switches (AllTalk's "low VRAM" and "DeepSpeed") --------------------------------
+
+    @property
+    def low_vram(self) -> bool:
+        return self._low_vram
+
+    @property
+    def fast_path(self) -> bool:
+        return self._fast_path
 
     def set_low_vram(self, enabled: bool) -> None:
         """Keep the weights in RAM and move them to the GPU per request (or back to the GPU
         for good). Without a GPU there is nothing to move; the setting is remembered."""
-        with self._loading:
-            enabled = bool(enabled)
-            if enabled == self.low_vram:
-                return
-            if not self.device.startswith("cuda") and self.plan.residency != "low_vram":
-                log.info("low-VRAM mode has no effect on the CPU")
-                self.low_vram = enabled
-                return
-            self.low_vram = enabled
-            model = self._model
-            if model is None:
-                return
-            if enabled:
-                self._apply_fast_path(model)  # the graph cannot follow moving weights
-                model.to("cpu")
-                _empty_gpu_cache()
-                self._residency = self._make_residency(model)
-            else:
-                if self._residency is not None:
-                    self._residency.close()
-                self._residency = None
-                model.to(self.device)
-                self._apply_fast_path(model)
-            log.info("xtts low-VRAM mode %s", "on" if enabled else "off")
+        enabled = bool(enabled)
+        if enabled == self._low_vram:
+            return
+        self._low_vram = enabled
+        model = self._model
+        if not self.device.startswith("cuda") and self.plan.residency != "low_vram":
+            log.info("low-VRAM mode has no effect on the CPU")
+            return
+        if model is None:
+            return
+        if enabled:
+            model.to("cpu")
+            _empty_gpu_cache()
+            self._residency = self._make_residency(model)
+        else:
+            if self._residency is not None:
+                self._residency.close()
+            self._residency = None
+            model.to(self.device)
+        log.info("xtts low-VRAM mode %s", "on" if enabled else "off")
 
     def set_fast_path(self, enabled: bool) -> None:
-        """AllTalk's "DeepSpeed" switch: on a GPU with the model resident, decode through
-        a fixed-shape step captured as a CUDA graph (captured here, not on the first
-        request). On the CPU, or in low-VRAM mode (the graph needs the weights to stay
-        put), it is remembered but changes nothing."""
-        with self._loading:
-            self.fast_path = bool(enabled)
-            if self._model is not None:
-                self._apply_fast_path(self._model)
+        """AllTalk's "DeepSpeed" switch: on a GPU with the model resident, batches replay
+        their decode step as CUDA graphs. On the CPU, or in low-VRAM mode (a graph needs the
+        weights to stay put), it is remembered but changes nothing."""
+        self._fast_path = bool(enabled)
 
-    def _apply_fast_path(self, model: Any) -> None:
-        usable = self.fast_path and self.device.startswith("cuda") and not self.low_vram
-        if usable and model.static_decoder is None:
-            model.enable_static_decoding()
-            log.info("xtts fast path on: CUDA-graph decode step")
-        elif not usable:
-            if model.static_decoder is not None:
-                model.disable_static_decoding()
-            if self.fast_path:
-                log.info("xtts fast path needs a GPU-resident model; decoding stays eager")
+    @property
+    def graphs(self) -> bool:
+        """Whether decode steps are replayed as CUDA graphs (see `set_fast_path`)."""
+        return self._fast_path and self.device.startswith("cuda") and not self._low_vram
 
-    # -- request bracketing: residency and keep-alive ----------------------------------------
-
-    @contextlib.contextmanager
-    def _request(self) -> Iterator[Any]:
-        """Around every request: the model loaded, on its compute device while it runs, and
-        the idle timer re-armed when it ends."""
-        with self._loading:
-            model = self._get_model()
-            self._busy += 1
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
-            residency = self._residency
-        try:
-            with residency.active() if residency is not None else contextlib.nullcontext():
-                yield model
-        finally:
-            with self._loading:
-                self._busy -= 1
-                self._last_used = time.monotonic()
-                if self.keep_alive > 0 and self._busy == 0:
-                    self._arm_idle_timer(self.keep_alive)
-
-    def _arm_idle_timer(self, delay: float) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        timer = threading.Timer(delay, self._unload_if_idle)
-        timer.daemon = True
-        self._idle_timer = timer
-        timer.start()
-
-    def _unload_if_idle(self) -> None:
-        with self._loading:
-            self._idle_timer = None
-            if self._busy or self._model is None:
-                return  # a running request re-arms the timer when it ends
-            idle = time.monotonic() - self._last_used
-            if idle < self.keep_alive:
-                self._arm_idle_timer(self.keep_alive - idle)
-                return
-            log.info("xtts idle for %.0f s: unloading", idle)
-            self.unload()
-
-    def _streamed(self, make: Any) -> Iterator[Any]:
-        """Run the generator `make(model)` returns inside `_request`, lazily."""
-        with self._request() as model:
-            yield from make(model)
-
-    # -- catalogue -----------------------------------------------------------------------------
+    # -- catalogue ------------------------------------------------------------------------------
 
     @property
     def sample_rate(self) -> int:
-        return self._sample_rate
+        return self.config.model_args.output_sample_rate
 
     def languages(self) -> list[str]:
-        return list(self._languages)
+        return list(self.config.languages)
 
     def _library(self) -> dict[str, list[Path]]:
         """Voice name -> reference clips, from the voice library folder."""
@@ -349,7 +316,7 @@ class XttsEngine(Engine):
 
         return {v.name: list(v.clips) for v in VoiceStore(self.voices_dir).list()}
 
-    def _speakers(self) -> dict[str, Any]:
+    def _speakers(self) -> dict[str, Voice]:
         """Studio speakers; read from speakers_xtts.pth without loading the whole model."""
         if self._model is not None:
             return self._model.speakers
@@ -384,16 +351,37 @@ class XttsEngine(Engine):
                 return str(path)
         return super().resolve_voice(voice)
 
-    # -- requests ------------------------------------------------------------------------------
+    def prepare_voice(self, name: str, clips: Sequence[Path]) -> None:
+        """Clone a library voice once: its latents are cached, later requests skip cloning."""
+        self.model.clone_voice(list(clips))
 
-    def validate(self, request: SynthesisRequest, max_chars: int | None = None) -> SynthesisRequest:
+    # -- requests -------------------------------------------------------------------------------
+
+    def validate(self, request: SynthesisRequest, max_chars: int | None = None) -> XttsRequest:
+        if isinstance(request, XttsRequest):
+            return request
+        from lowvox.engines.xtts.pipeline import encode_text
+
         checked = super().validate(request, max_chars)
-        options = engine_options(checked.options)
-        # Builds (and so validates) the full settings, with config defaults filled in.
-        self.model.generation_settings(speed=checked.speed, **options)
-        return checked
+        settings = XttsOptions.from_mapping(checked.options, checked.speed).resolved(self.config)
+        pieces = encode_text(
+            self.tokenizer,
+            checked.text,
+            checked.language or "en",
+            settings.split_sentences,
+            self.config.model_args.gpt_max_text_tokens,
+        )
+        return XttsRequest(
+            text=checked.text,
+            voice=checked.voice,
+            language=checked.language,
+            speed=checked.speed,
+            options=checked.options,
+            settings=settings,
+            pieces=pieces,
+        )
 
-    def _voice(self, voice_id: str) -> Any:
+    def _voice(self, voice_id: str) -> Voice:
         model = self.model
         if voice_id in model.speakers:
             return model.speakers[voice_id]
@@ -405,79 +393,148 @@ class XttsEngine(Engine):
             clips = [path]
         return model.clone_voice(clips)
 
+    def utterance(self, request: SynthesisRequest) -> Utterance:
+        """A request made ready to speak (its voice cloned or looked up): owning thread."""
+        from lowvox.engines.xtts.pipeline import Utterance
+
+        checked = self.validate(request)
+        return Utterance(checked.pieces, self._voice(checked.voice or ""), checked.settings)
+
+    def open_batch(self) -> EngineBatch:
+        return XttsBatch(self)
+
     def synthesize_stream(
         self, request: SynthesisRequest, cancel: threading.Event | None = None
     ) -> Iterator[AudioChunk]:
-        # Everything that can be wrong is raised here, before the first chunk.
-        request = self.validate(request)
-        options = engine_options(request.options)
-        voice = self._voice(request.voice or "")
-        chunks = self.model.synthesize_stream(
-            request.text,
-            language=request.language,
-            voice=voice,
-            speed=request.speed,
-            cancel=cancel,
-            **options,
-        )
-        return _as_audio_chunks(self._streamed(lambda _model: chunks), self.sample_rate)
+        """One request alone (the CLI's path): validated and made ready here, before the
+        first chunk, so every error comes before any audio."""
+        from lowvox.engines.xtts.pipeline import stream
 
-    def synthesize_batch_stream(
-        self,
-        requests: Sequence[SynthesisRequest],
-        cancels: Sequence[threading.Event | None] | None = None,
-    ) -> Iterator[tuple[int, AudioChunk]]:
-        """Several requests decoded in one batch (the server's scheduler groups concurrent
-        requests): yields (index into `requests`, chunk), each request's chunks in order.
-        Every request is validated before the first chunk; greedy results equal the same
-        requests run alone."""
-        from lowvox.engines.xtts.model import BatchItem
-
-        if not requests:
-            raise InvalidRequest("no requests to synthesize")
-        items = []
-        for raw in requests:
-            request = self.validate(raw)
-            settings = self.model.generation_settings(
-                speed=request.speed, **engine_options(request.options)
-            )
-            voice = self._voice(request.voice or "")
-            items.append(BatchItem(request.text, request.language, voice, settings))
-        stream = self.model.stream_batch(items, cancels)
+        utt = self.utterance(request)
         rate = self.sample_rate
-        return (
-            (i, AudioChunk(np.asarray(c.wav, dtype=np.float32), rate))
-            for i, c in self._streamed(lambda _model: stream)
-        )
 
-    def synthesize_batch(self, requests: Sequence[SynthesisRequest]) -> list[AudioChunk]:
-        """Whole-utterance audio of several requests, decoded together."""
-        parts: list[list[AudioChunk]] = [[] for _ in requests]
-        for index, chunk in self.synthesize_batch_stream(requests):
-            parts[index].append(chunk)
-        return [concat_chunks(p, self.sample_rate) for p in parts]
+        def chunks() -> Iterator[AudioChunk]:
+            with self._on_device():
+                for chunk in stream(self.model, utt, cancel):
+                    if chunk.wav.size:
+                        yield AudioChunk(np.asarray(chunk.wav, dtype=np.float32), rate)
+
+        return chunks()
+
+    @contextlib.contextmanager
+    def _on_device(self) -> Iterator[None]:
+        """The weights on their compute device while requests run (low-VRAM residency)."""
+        residency = self._residency
+        with residency.active() if residency is not None else contextlib.nullcontext():
+            yield
 
 
-def _as_audio_chunks(chunks: Iterator[Any], rate: int) -> Iterator[AudioChunk]:
-    for chunk in chunks:
-        yield AudioChunk(samples=np.asarray(chunk.wav, dtype=np.float32), sample_rate=rate)
+class XttsBatch(EngineBatch):
+    """The scheduler's batch for XTTS: a `pipeline.Batch` of the engine's model (made anew
+    when the model was reloaded), with the weights on their compute device while it holds
+    requests."""
 
+    def __init__(self, engine: XttsEngine) -> None:
+        self.engine = engine
+        self._batch: Batch | None = None
+        self._ids: dict[int, int] = {}  # pipeline utterance id -> request id
+        self._next_id = 0
+        self._device: contextlib.ExitStack | None = None
 
-def engine_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The request options XTTS understands, type-checked; unknown names are an error."""
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        if key not in OPTIONS:
-            raise InvalidRequest(
-                f"unknown option {key!r} for xtts (known: {', '.join(OPTIONS)})", field=key
+    @property
+    def capacity(self) -> int:
+        return self.engine.max_batch_size
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _pipeline(self) -> Batch:
+        from lowvox.engines.xtts.pipeline import Batch
+
+        model = self.engine.model
+        batch = self._batch
+        if batch is None or (batch.model is not model and not len(batch)):
+            batch = Batch(
+                model,
+                max_rows=self.engine.max_batch_size,
+                graphs=self.engine.graphs,
+                kv_positions=self.engine.kv_positions(model),
             )
-        if value is None:
-            continue
-        kinds = OPTIONS[key]
-        if (bool not in kinds and isinstance(value, bool)) or not isinstance(value, kinds):
-            raise InvalidRequest(f"option {key} has an invalid value {value!r}", field=key)
-        out[key] = value
-    return out
+            self._batch = batch
+        return batch
+
+    def fits(self, request: SynthesisRequest) -> bool:
+        if len(self) >= self.capacity:
+            return False
+        if not len(self) or not isinstance(request, XttsRequest) or self._batch is None:
+            return True
+        return self._batch.fits(request.pieces, request.settings)
+
+    def add(self, request: SynthesisRequest, cancel: threading.Event) -> int:
+        batch = self._pipeline()
+        if self._device is None:
+            self._device = contextlib.ExitStack()
+            self._device.enter_context(self.engine._on_device())
+        try:
+            utt = self.engine.utterance(request)
+            uid = batch.add(utt, cancel)
+        except BaseException:
+            self._release_device()
+            raise
+        rid, self._next_id = self._next_id, self._next_id + 1
+        self._ids[uid] = rid
+        return rid
+
+    def step(self) -> list[BatchEvent]:
+        batch = self._batch
+        if batch is None or not self._ids:
+            return []
+        rate = self.engine.sample_rate
+        out = []
+        try:
+            events = batch.step()
+        except Exception as e:  # the shared step itself failed: every request in it did
+            log.exception("xtts batch step failed")
+            error = e if isinstance(e, LowvoxError) else LowvoxError("synthesis failed")
+            out = [BatchEvent(rid, error=error) for rid in self._ids.values()]
+            self._ids.clear()
+            self._batch = None
+            self._release_device()
+            return out
+        for event in events:
+            rid = self._ids[event.utterance]
+            if event.chunk is not None:
+                if event.chunk.wav.size:
+                    wav = np.asarray(event.chunk.wav, dtype=np.float32)
+                    out.append(BatchEvent(rid, chunk=AudioChunk(wav, rate)))
+            else:
+                out.append(BatchEvent(rid, done=event.done, error=event.error))
+                del self._ids[event.utterance]
+        if not self._ids:
+            self._release_device()
+        return out
+
+    def _release_device(self) -> None:
+        if self._device is not None and not self._ids:
+            self._device.close()
+            self._device = None
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on `device` (RAM available to this process on a CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
 
 
 def _empty_gpu_cache() -> None:

@@ -24,9 +24,9 @@ from lowvox.runtime.quant import Bf16Linear, Int8Linear, WeightOnlyLinear
 
 LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon and nn.LayerNorm's default
 
-# A sequence position: a Python int (eager, the cache is sliced to the filled length), or a
-# 0-dim long tensor (static shapes: the whole cache is attended with a mask, so one
-# compiled / graph-captured decode step serves every position).
+# A sequence position: a Python int (every row's; a prompt, or a one-sequence decode step),
+# or an int64 tensor [B] with one position per row, each row a sequence at its own length
+# (the batched decode step: rows join and leave a batch at any step).
 Position = int | torch.Tensor
 
 
@@ -103,8 +103,16 @@ def cast_gpt(gpt: XttsGpt, dtype: torch.dtype) -> XttsGpt:
     return gpt
 
 
-class KVCache(nn.Module):
-    """Keys and values of one layer for a fixed maximum length, written by position."""
+class KVCache:
+    """Keys and values of one layer, [rows, heads, max_len, head_dim], written by position.
+
+    A row is one sequence; rows of a batch may each be at their own length (see
+    `Attention.forward`). On CPU a cache of several rows takes memory only where written
+    (`lazy_zeros`): most of a batch's cache is never reached by short rows or early stops.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
 
     def __init__(
         self,
@@ -115,30 +123,32 @@ class KVCache(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
         shape = (batch, heads, max_len, head_dim)
-        # A batch's caches are sized for its longest row's limit, and most of them is never
-        # written (short rows, early stops): on CPU they take memory only where written. A
-        # single sequence's cache comes from the heap: its first touches would cost page
+        # A single sequence's cache comes from the heap: its first touches would cost page
         # faults, and the heap often has the memory already (freed prompt activations).
         lazy = batch > 1
-        self.register_buffer("k", _zeros(shape, dtype, device, lazy), persistent=False)
-        self.register_buffer("v", _zeros(shape, dtype, device, lazy), persistent=False)
+        self.k = _zeros(shape, dtype, device, lazy)
+        self.v = _zeros(shape, dtype, device, lazy)
+
+    @classmethod
+    def of(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """A cache over existing tensors (views of a larger cache, e.g. one row of it)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        return cache
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def keep_rows(self, index: torch.Tensor, filled: int) -> None:
-        """Keep the batch rows `index` (in that order) of which positions 0..filled-1 hold
-        keys and values: only those are copied, into fresh caches, so the positions not yet
-        written keep costing no memory on CPU (see `lazy_zeros`)."""
-        shape = (len(index), *self.k.shape[1:])
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = _zeros(shape, old.dtype, old.device, lazy=True)
-            new[:, :, :filled] = old[index, :, :filled]
-            setattr(self, name, new)
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as a cache of their own (views: writes land here)."""
+        return KVCache.of(self.k[start:stop], self.v[start:stop])
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row `src`'s first `length` positions into row `dst` (compacting a batch)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
 
     def update(
         self, start: int, k: torch.Tensor, v: torch.Tensor
@@ -149,13 +159,14 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def update_at(
+    def update_rows(
         self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, H, T, hd] at `positions` [T] (a tensor: no shape depends on it);
-        return the whole cache."""
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
+        """Write one token per row, k/v [B, H, 1, hd], row b at positions[b] ([B] int64; no
+        shape depends on the values, so this can be graph-captured); the whole cache."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[rows, :, positions] = k[:, :, 0]
+        self.v[rows, :, positions] = v[:, :, 0]
         return self.k, self.v
 
 
@@ -190,29 +201,25 @@ class Attention(nn.Module):
         x: torch.Tensor,
         start: Position,
         cache: KVCache | None,
-        mask: torch.Tensor | None = None,
+        static: bool = False,
     ) -> torch.Tensor:
+        """x [B, T, D] at sequence positions start.. (an int: every row's), or one token
+        per row (T = 1) at positions start[b] (an int64 tensor [B]: each row at its own
+        length, as in continuous batching). `static`: attend over the whole cache under a
+        mask, so that no shape depends on a position (graph capture)."""
         b, t, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)
         # [B, T, D] -> [B, H, T, hd]
         q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2) for y in (q, k, v))
-        if mask is not None:
-            # Batches of padded sequences: the caller's mask [B, 1, T, start + T] says which
-            # cached positions each row may see (its own, causally; never its padding).
-            if cache is None or isinstance(start, torch.Tensor):
-                raise ValueError("an explicit mask needs a cache and an int position")
-            k, v = cache.update(start, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
         if isinstance(start, torch.Tensor):
-            if cache is None:
-                raise ValueError("a tensor position needs a cache")
-            # Static shapes (for compilation / graph capture): attend over the whole cache,
-            # masking the positions not written yet.
-            pos = start + torch.arange(t, device=x.device)  # [T]
-            keys, values = cache.update_at(pos, k, v)
-            mask = torch.arange(cache.max_len, device=x.device)[None, :] <= pos[:, None]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            if cache is None or t != 1 or start.shape != (b,):
+                raise ValueError("per-row positions need a cache, one token and one per row")
+            keys, values = cache.update_rows(start, k, v)
+            length = keys.shape[2] if static else int(start.max()) + 1
+            seen = torch.arange(length, device=x.device)[None, :] <= start[:, None]  # [B, L]
+            y = F.scaled_dot_product_attention(
+                q, keys[:, :, :length], values[:, :, :length], attn_mask=seen[:, None, None]
+            )
             return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
         if t == 1 and b == 1 and cache is not None and _use_cpu_kernel(cache.k):
             # A CPU decode step: lowvox's kernel writes this token's key/value into the
@@ -261,43 +268,38 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = MLP(dim, 4 * dim)
         self._fused: tuple[tuple[int, ...], kernels.FusedBlock] | None = None
-        # The cache the fused decoder was last looked up for, and the answer (None: the
-        # module path). Weights are checked once per generation (per cache), not at each
-        # of its hundreds of steps, where checking cost ~1 ms per token for 30 blocks:
+        # The cache tensor the fused decoder was last looked up for, and the answer (None:
+        # the module path). Weights are checked once per generation (per cache), not at
+        # each of its hundreds of steps, where checking cost ~1 ms per token for 30 blocks:
         # weights changed in place during a generation are seen from the next one.
-        self._checked: tuple[weakref.ref[KVCache], kernels.FusedBlock | None] | None = None
+        self._checked: tuple[weakref.ref[torch.Tensor], kernels.FusedBlock | None] | None = None
 
     def forward(
         self,
         x: torch.Tensor,
         start: Position,
         cache: KVCache | None,
-        mask: torch.Tensor | None = None,
-        starts: torch.Tensor | None = None,
+        static: bool = False,
     ) -> torch.Tensor:
-        """`starts` [B] (int64, with a one-token step's `mask`): the mask in another form,
-        row b sees positions starts[b]..start (see `left_padding_starts`); it lets the
-        fused CPU decoder serve padded batches."""
-        if (
-            (mask is None or starts is not None)
-            and cache is not None
-            and isinstance(start, int)
-            and x.shape[1] == 1
-        ):
+        """See `Attention.forward`. One-token steps on a CPU go through the fused C block."""
+        if cache is not None and x.shape[1] == 1 and not static:
             fused = self.fused_for(x, cache)
             if fused is not None:
-                return fused(x, cache.k, cache.v, start, starts)
-        x = x + self.attn(self.ln_1(x), start, cache, mask)
+                return fused(x, cache.k, cache.v, start)
+        x = x + self.attn(self.ln_1(x), start, cache, static)
         return x + self.mlp(self.ln_2(x))
 
     def fused_for(self, x: torch.Tensor, cache: KVCache) -> kernels.FusedBlock | None:
         """The fused decoder for one-token steps of `x`'s kind into `cache`, or None (the
         module path), looked up once per cache."""
+        # A batch hands its rows over as views of one cache: the tensor they view is the
+        # generation's, whichever rows a step has.
+        anchor = cache.k if cache.k._base is None else cache.k._base
         checked = self._checked
-        if checked is not None and checked[0]() is cache:
+        if checked is not None and checked[0]() is anchor:
             return checked[1]
         fused = self._fused_decoder(x, cache)
-        self._checked = (weakref.ref(cache), fused)
+        self._checked = (weakref.ref(anchor), fused)
         return fused
 
     def _apply(self, fn, *args, **kwargs):
@@ -350,19 +352,16 @@ class Transformer(nn.Module):
         x: torch.Tensor,
         start: Position = 0,
         caches: list[KVCache] | None = None,
-        mask: torch.Tensor | None = None,
+        static: bool = False,
     ) -> torch.Tensor:
-        starts = None
-        if x.shape[1] == 1 and isinstance(start, int) and caches is not None:
-            if mask is not None:
-                starts = left_padding_starts(mask, start + 1)
-            if mask is None or starts is not None:
-                stack = self._fused_stack(x, caches)
-                if stack is not None:
-                    x = stack(x, [c.k for c in caches], [c.v for c in caches], start, starts)
-                    return self.ln_f(x)
+        """x [B, T, D] at positions `start` (see `Attention.forward`) -> [B, T, D]."""
+        if x.shape[1] == 1 and caches is not None and not static:
+            stack = self._fused_stack(x, caches)
+            if stack is not None:
+                x = stack(x, [c.k for c in caches], [c.v for c in caches], start)
+                return self.ln_f(x)
         for i, block in enumerate(self.h):
-            x = block(x, start, caches[i] if caches is not None else None, mask, starts)
+            x = block(x, start, caches[i] if caches is not None else None, static)
         return self.ln_f(x)
 
     def _fused_stack(self, x: torch.Tensor, caches: list[KVCache]) -> kernels.FusedStack | None:
@@ -388,21 +387,6 @@ class Transformer(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
 
-def left_padding_starts(mask: torch.Tensor, length: int) -> torch.Tensor | None:
-    """A one-token step's mask [B, 1, 1, length] as each row's first visible position
-    (int64 [B]) when every row sees exactly its positions from there to the end (a
-    left-padded batch) and at least the last; None for any other mask."""
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, 1, length):
-        return None
-    rows = mask[:, 0, 0]  # [B, length]
-    starts = length - rows.sum(dim=1)
-    if not torch.equal(rows, torch.arange(length, device=mask.device) >= starts[:, None]):
-        return None
-    if bool((starts >= length).any()):
-        return None
-    return starts
-
-
 class PositionEmbedding(nn.Module):
     """Learned absolute positions; `forward(start, length)` -> [1, length, D]."""
 
@@ -411,8 +395,12 @@ class PositionEmbedding(nn.Module):
         self.emb = nn.Embedding(positions, dim)
 
     def forward(self, start: Position, length: int) -> torch.Tensor:
+        """Positions start..start+length-1 -> [1, length, D]; per-row positions (an int64
+        tensor [B], one token each) -> [B, 1, D]."""
         if isinstance(start, torch.Tensor):
-            return self.emb(start + torch.arange(length, device=start.device)).unsqueeze(0)
+            if length != 1:
+                raise ValueError("per-row positions embed one token per row")
+            return self.emb(start).unsqueeze(1)
         if start + length > self.emb.num_embeddings:
             raise ValueError(
                 f"position {start + length - 1} is past the table of {self.emb.num_embeddings}"
@@ -498,11 +486,24 @@ class XttsGpt(nn.Module):
         emb: torch.Tensor,
         start: Position = 0,
         caches: list[KVCache] | None = None,
-        mask: torch.Tensor | None = None,
+        static: bool = False,
     ) -> torch.Tensor:
-        """Embeddings [B, T, D] at sequence positions start.. -> normed latents [B, T, D]
-        (`mask` [B, 1, T, start + T]: which positions each row sees, for padded batches)."""
-        return self.final_norm(self.gpt(emb, start, caches, mask))
+        """Embeddings [B, T, D] at sequence positions `start` -> normed latents [B, T, D]."""
+        return self.final_norm(self.gpt(emb, start, caches, static))
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        audio_pos: torch.Tensor,
+        seq_pos: torch.Tensor,
+        caches: list[KVCache],
+        static: bool = False,
+    ) -> torch.Tensor:
+        """One decode step of B rows, each at its own length: audio token [B, 1] at audio
+        position audio_pos[b] and sequence position seq_pos[b] (int64 [B]) -> its latent
+        [B, 1, D]. `static`: no shape depends on a position (graph capture)."""
+        emb = self.audio_embeddings(tokens, audio_pos)
+        return self.hidden(emb, seq_pos, caches, static)
 
     def logits(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> [B, T, num_audio_tokens]."""

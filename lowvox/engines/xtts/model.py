@@ -1,9 +1,10 @@
-"""`XttsModel`: the assembled XTTS v2 model and its public API.
+"""`XttsModel`: the assembled XTTS v2 model (voice conditioning, GPT, HiFi-GAN) and its loading.
 
     model = XttsModel.load("models/xtts-v2")
     voice = model.clone_voice(["ref.wav"])
-    result = model.synthesize("Hello there.", language="en", voice=voice)
-    for chunk in model.synthesize_stream("Hello there.", language="en", voice=voice): ...
+
+Speaking is `pipeline.py`'s (text -> sentences -> decode rows -> audio chunks); the model
+holds no locks and runs no request on its own.
 
 `load` reads config.json, builds the modules on the meta device and assigns the checkpoint's
 weights (through the safetensors cache, see `checkpoint.load_weights`). Generation defaults
@@ -21,7 +22,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,12 +31,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowvox.engines.xtts.batching import (
-    DEFAULT_STREAM_FIRST_TOKENS,
-    BatchSynthesis,
-    cat_latents,
-    later_chunk_tokens,
-)
 from lowvox.engines.xtts.checkpoint import (
     CheckpointError,
     _source_stamp,
@@ -48,27 +43,13 @@ from lowvox.engines.xtts.checkpoint import (
 )
 from lowvox.engines.xtts.conditioning import ConditioningEncoder
 from lowvox.engines.xtts.config import ConfigError, XttsConfig
-from lowvox.engines.xtts.generate import (
-    Generator,
-    LatentStretcher,
-    StaticDecoder,
-    stretch_latents,
-)
 from lowvox.engines.xtts.gpt import XttsGpt, cast_gpt, conv1d_to_linear
 from lowvox.engines.xtts.hifigan import HifiganDecoder, bf16_supported
 from lowvox.engines.xtts.perceiver import PerceiverResampler
-from lowvox.engines.xtts.results import (
-    BatchItem,
-    GenerationSettings,
-    StreamChunk,
-    SynthesisResult,
-)
-from lowvox.engines.xtts.sampling import SamplingOptions
-from lowvox.engines.xtts.streaming import StreamingVocoder, vocode_in_windows
 from lowvox.engines.xtts.voice import Voice, VoiceCache, load_studio_speakers
 from lowvox.engines.xtts.voice import clone_voice as clone_from_references
-from lowvox.errors import InvalidRequest, LowvoxError, UnknownLanguage, UnknownVoice
-from lowvox.runtime.memory import release_heap, return_freed_memory
+from lowvox.errors import LowvoxError
+from lowvox.runtime.memory import return_freed_memory
 from lowvox.runtime.qcache import (
     quantized_cache_path,
     read_quantized,
@@ -124,7 +105,7 @@ class CloningSource:
     expected: Mapping[str, str]
 
 
-class XttsModel(BatchSynthesis, nn.Module):
+class XttsModel(nn.Module):
     """XTTS v2: voice conditioning, the autoregressive GPT, and the HiFi-GAN decoder."""
 
     def __init__(self, config: XttsConfig) -> None:
@@ -149,13 +130,11 @@ class XttsModel(BatchSynthesis, nn.Module):
         )
         self.register_buffer("mel_stats", torch.ones(COND_MEL_CHANNELS))
         self.fingerprint = ""
-        self.tokenizer: Any = None
+        self.tokenizer: XttsTokenizer | None = None
         self.speakers: dict[str, Voice] = {}
         self.voice_cache: VoiceCache | None = None
         self.model_dir: Path | None = None
         self.precision = "fp32"
-        self.static_decoder: StaticDecoder | None = None
-        self._lock = threading.RLock()  # one generation at a time; re-entrant for callbacks
         # Set while `CLONING_MODULES` are left out (see `ensure_cloning_modules`).
         self.cloning_source: CloningSource | None = None
         self._cloning_lock = threading.Lock()
@@ -411,25 +390,6 @@ class XttsModel(BatchSynthesis, nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------
-    # Fast decoding
-
-    def enable_static_decoding(self, capture: bool | None = None) -> None:
-        """Decode single requests through one fixed-shape step with a cache for the longest
-        prompt plus the most tokens, captured as a CUDA graph on a GPU (`capture` None:
-        when the model is on CUDA). The weights must then stay where they are (no low-VRAM
-        residency): the graph holds their addresses."""
-        a = self.config.model_args
-        longest = PERCEIVER["num_latents"] + a.gpt_max_text_tokens + 2 + a.max_generated_tokens
-        if capture is None:
-            capture = self.device.type == "cuda"
-        with self._lock:
-            self.static_decoder = StaticDecoder(self.gpt, longest, capture=capture)
-
-    def disable_static_decoding(self) -> None:
-        with self._lock:
-            self.static_decoder = None
-
-    # ------------------------------------------------------------------------------------
     # Voices
 
     @property
@@ -442,7 +402,7 @@ class XttsModel(BatchSynthesis, nn.Module):
 
     def clone_voice(
         self,
-        paths: Any,
+        paths: Sequence[str | os.PathLike[str] | np.ndarray],
         gpt_cond_len: int | None = None,
         gpt_cond_chunk_len: int | None = None,
         max_ref_length: int | None = None,
@@ -450,273 +410,17 @@ class XttsModel(BatchSynthesis, nn.Module):
     ) -> Voice:
         """Voice latents from one or more reference recordings (paths or arrays)."""
         c = self.config.conditioning
-        with self._lock:
-            return clone_from_references(
-                self,
-                paths,
-                gpt_cond_len=c.gpt_cond_len if gpt_cond_len is None else gpt_cond_len,
-                gpt_cond_chunk_len=(
-                    c.gpt_cond_chunk_len if gpt_cond_chunk_len is None else gpt_cond_chunk_len
-                ),
-                max_ref_length=c.max_ref_len if max_ref_length is None else max_ref_length,
-                sound_norm_refs=c.sound_norm_refs if sound_norm_refs is None else sound_norm_refs,
-                cache=self.voice_cache,
-            )
-
-    def resolve_voice(self, voice: Voice | str | None) -> Voice:
-        if voice is None:
-            if not self.speakers:
-                raise InvalidRequest("no voice given and the model has no studio speakers")
-            return next(iter(self.speakers.values()))
-        if isinstance(voice, str):
-            if voice in self.speakers:
-                return self.speakers[voice]
-            raise UnknownVoice(voice)
-        return voice
-
-    def resolve_language(self, language: str | None) -> str:
-        langs = self.config.languages
-        lang = (language or "en").strip().lower()
-        if lang in langs:
-            return lang
-        base = lang.split("-")[0].split("_")[0]
-        if base in langs:
-            return base
-        raise UnknownLanguage(language or "", list(langs))
-
-    # ------------------------------------------------------------------------------------
-    # Synthesis
-
-    def generation_settings(
-        self,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        do_sample: bool | None = None,
-        max_new_tokens: int | None = None,
-        speed: float = 1.0,
-        split_sentences: bool = True,
-        seed: int | None = None,
-    ) -> GenerationSettings:
-        """Fill unset options from config.json and validate them all."""
-        d = self.config.sampling
-        sampling = SamplingOptions(
-            temperature=d.temperature if temperature is None else temperature,
-            top_k=d.top_k if top_k is None else top_k,
-            top_p=d.top_p if top_p is None else top_p,
-            repetition_penalty=d.repetition_penalty
-            if repetition_penalty is None
-            else repetition_penalty,
-            do_sample=d.do_sample if do_sample is None else bool(do_sample),
+        return clone_from_references(
+            self,
+            paths,
+            gpt_cond_len=c.gpt_cond_len if gpt_cond_len is None else gpt_cond_len,
+            gpt_cond_chunk_len=(
+                c.gpt_cond_chunk_len if gpt_cond_chunk_len is None else gpt_cond_chunk_len
+            ),
+            max_ref_length=c.max_ref_len if max_ref_length is None else max_ref_length,
+            sound_norm_refs=c.sound_norm_refs if sound_norm_refs is None else sound_norm_refs,
+            cache=self.voice_cache,
         )
-        limit = self.config.model_args.max_generated_tokens
-        if max_new_tokens is None:
-            max_new_tokens = limit
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise InvalidRequest("max_new_tokens must be an integer", field="max_new_tokens")
-        if not 1 <= max_new_tokens <= limit:
-            raise InvalidRequest(
-                f"max_new_tokens must be in 1..{limit}, got {max_new_tokens}",
-                field="max_new_tokens",
-            )
-        if not (isinstance(speed, int | float) and 0.05 <= speed <= 20):
-            raise InvalidRequest(f"speed {speed!r} is out of range", field="speed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise InvalidRequest("seed must be an integer", field="seed")
-        return GenerationSettings(sampling, max_new_tokens, float(speed), split_sentences, seed)
-
-    def sentences(self, text: str, language: str, split: bool) -> list[str]:
-        """The pieces generated one at a time (the reference lowercases and strips them)."""
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidRequest("text is empty", field="text")
-        if split:
-            from lowvox.text import split_sentences
-
-            pieces = split_sentences(text, language, self.tokenizer.char_limit(language))
-        else:
-            pieces = [text]
-        pieces = [p.strip().lower() for p in pieces]
-        return [p for p in pieces if p]
-
-    def encode_sentences(self, text: str, language: str, split: bool) -> list[torch.Tensor]:
-        """Text ids [1, T] of every piece, checked against the model's text limit up front
-        (so a stream fails before its first chunk, not halfway)."""
-        limit = self.config.model_args.gpt_max_text_tokens
-        encoded = []
-        for piece in self.sentences(text, language, split):
-            ids = self.tokenizer.encode(piece, language)
-            if len(ids) >= limit:
-                hint = "" if split else " (turn sentence splitting on)"
-                raise InvalidRequest(
-                    f"a sentence is {len(ids)} tokens long, over the model's limit of "
-                    f"{limit - 1}{hint}: {piece[:60]!r}...",
-                    field="text",
-                )
-            encoded.append(torch.tensor([ids], dtype=torch.long, device=self.device))
-        return encoded
-
-    def _torch_generator(self, seed: int | None) -> torch.Generator | None:
-        if seed is None:
-            return None
-        return torch.Generator(device=self.device).manual_seed(seed)
-
-    @torch.inference_mode()
-    def warm_up_vocoder(self, latents: int = 100) -> None:
-        """Vocode silence once in the full window size, so that oneDNN builds its kernels
-        (about 1 s in bf16) at start-up rather than in the first request."""
-        dec = self.hifigan_decoder
-        w = next(dec.parameters())
-        g = torch.zeros(1, dec.waveform_decoder.cond_layer.in_channels, 1, device=w.device)
-        with self._lock:
-            vocode_in_windows(dec, torch.zeros(1, latents, self.gpt.dim, device=w.device), g)
-        release_heap()
-
-    def _vocode(self, latents: torch.Tensor, voice: Voice) -> np.ndarray:
-        dec = self.hifigan_decoder
-        w = next(dec.parameters())
-        g = voice.speaker_embedding.to(w.device, w.dtype)
-        # Fixed-size windows with context on each side: the same audio (to float rounding),
-        # the activations of one window rather than of the whole sentence (about 50 MB per
-        # second of audio), and one input shape, so oneDNN builds its kernels only once.
-        return vocode_in_windows(dec, latents.to(w.device, w.dtype), g)
-
-    @torch.inference_mode()
-    def synthesize(
-        self,
-        text: str,
-        language: str | None = None,
-        voice: Voice | str | None = None,
-        *,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        do_sample: bool | None = None,
-        max_new_tokens: int | None = None,
-        speed: float = 1.0,
-        split_sentences: bool = True,
-        seed: int | None = None,
-    ) -> SynthesisResult:
-        """Speak `text` with `voice`; unset generation options come from config.json."""
-        settings = self.generation_settings(
-            temperature, top_k, top_p, repetition_penalty, do_sample, max_new_tokens,
-            speed, split_sentences, seed,
-        )  # fmt: skip
-        lang = self.resolve_language(language)
-        v = self.resolve_voice(voice)
-        pieces = self.encode_sentences(text, lang, settings.split_sentences)
-        wavs, codes = [], []
-        with self._lock:
-            rng = self._torch_generator(settings.seed)
-            for text_ids in pieces:
-                gen = Generator(
-                    self.gpt,
-                    v.gpt_cond_latent,
-                    text_ids,
-                    settings.sampling,
-                    settings.max_new_tokens,
-                    rng,
-                    self.static_decoder,
-                ).run()
-                latents = stretch_latents(gen.latents, settings.speed)
-                wavs.append(self._vocode(latents, v))
-                codes.append(gen.codes.cpu().numpy())
-        wav = np.concatenate(wavs).astype(np.float32) if wavs else np.zeros(0, np.float32)
-        release_heap()  # the vocoder's freed activations go back to the system
-        return SynthesisResult(wav=wav, sample_rate=self.sample_rate, codes=codes)
-
-    def synthesize_stream(
-        self,
-        text: str,
-        language: str | None = None,
-        voice: Voice | str | None = None,
-        *,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        do_sample: bool | None = None,
-        max_new_tokens: int | None = None,
-        speed: float = 1.0,
-        split_sentences: bool = True,
-        seed: int | None = None,
-        first_chunk_tokens: int = DEFAULT_STREAM_FIRST_TOKENS,
-        chunk_tokens: int | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[StreamChunk]:
-        """Yield audio as it is generated: the first chunk after `first_chunk_tokens` tokens,
-        then every `chunk_tokens` tokens (default 20, or `first_chunk_tokens` if larger). Only new latents are vocoded
-        (with a little context), so each chunk costs the same however long the text is.
-
-        Everything is validated before the first chunk; setting `cancel` stops generation
-        between tokens.
-        """
-        settings = self.generation_settings(
-            temperature, top_k, top_p, repetition_penalty, do_sample, max_new_tokens,
-            speed, split_sentences, seed,
-        )  # fmt: skip
-        for name, value in (
-            ("first_chunk_tokens", first_chunk_tokens),
-            ("chunk_tokens", chunk_tokens),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise InvalidRequest(f"{name} must be an integer >= 1", field=name)
-        lang = self.resolve_language(language)
-        v = self.resolve_voice(voice)
-        pieces = self.encode_sentences(text, lang, settings.split_sentences)
-        return self._stream(pieces, v, settings, first_chunk_tokens,
-                            later_chunk_tokens(first_chunk_tokens, chunk_tokens), cancel)  # fmt: skip
-
-    def _stream(
-        self,
-        pieces: Sequence[torch.Tensor],
-        voice: Voice,
-        settings: GenerationSettings,
-        first_chunk_tokens: int,
-        chunk_tokens: int,
-        cancel: threading.Event | None,
-    ) -> Iterator[StreamChunk]:
-        with self._lock, torch.inference_mode():
-            rng = self._torch_generator(settings.seed)
-            dec = self.hifigan_decoder
-            w = next(dec.parameters())
-            g = voice.speaker_embedding.to(w.device, w.dtype)
-            for index, text_ids in enumerate(pieces):
-                # The vocoder emits whenever we push; the cadence is decided here.
-                vocoder = StreamingVocoder(dec, g, first_chunk_tokens=1, chunk_tokens=1)
-                stretcher = LatentStretcher(settings.speed)
-                gen = Generator(
-                    self.gpt,
-                    voice.gpt_cond_latent,
-                    text_ids,
-                    settings.sampling,
-                    settings.max_new_tokens,
-                    rng,
-                    self.static_decoder,
-                )
-                pending: list[torch.Tensor] = []
-                due = first_chunk_tokens
-                for step in gen.steps():
-                    if cancel is not None and cancel.is_set():
-                        return
-                    pending.append(step.latent)
-                    if len(pending) >= due:
-                        frames = stretcher.push(cat_latents(pending, w))
-                        pending, due = [], chunk_tokens
-                        wav = vocoder.push(frames) if frames.shape[1] else np.zeros(0, np.float32)
-                        if wav.size:
-                            yield StreamChunk(wav.astype(np.float32), self.sample_rate, index)
-                tails = [stretcher.push(cat_latents(pending, w))] if pending else []
-                tails.append(stretcher.finish())
-                rest = [vocoder.push(t) for t in tails if t.shape[1]]
-                rest.append(vocoder.flush())
-                wav = np.concatenate([r for r in rest if r.size] or [np.zeros(0, np.float32)])
-                if wav.size:
-                    yield StreamChunk(wav.astype(np.float32), self.sample_rate, index)
-            release_heap()
 
 
 def _conditioning_encoder(config: XttsConfig) -> ConditioningEncoder:
@@ -780,12 +484,4 @@ def _text_tokens_from_vocab(args: Any, vocab_path: Path) -> Any:
     return args
 
 
-__all__ = [
-    "CLONING_MODULES",
-    "BatchItem",
-    "CloningSource",
-    "GenerationSettings",
-    "StreamChunk",
-    "SynthesisResult",
-    "XttsModel",
-]
+__all__ = ["CLONING_MODULES", "CloningSource", "XttsModel"]

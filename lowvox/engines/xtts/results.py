@@ -1,13 +1,10 @@
-"""The typed results and settings of XTTS synthesis (shared by the single and batch APIs)."""
+"""The typed results of XTTS synthesis: a streamed chunk, and whole-utterance audio."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-
-from lowvox.engines.xtts.sampling import SamplingOptions
-from lowvox.engines.xtts.voice import Voice
 
 
 @dataclass(frozen=True)
@@ -22,29 +19,10 @@ class SynthesisResult:
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """A piece of audio from `synthesize_stream`; `sentence` is the index it belongs to."""
+    """A piece of audio of sentence `sentence`; the sentence's last chunk also carries its
+    audio codes (without the stop token)."""
 
     wav: np.ndarray
     sample_rate: int
     sentence: int
-
-
-@dataclass(frozen=True)
-class BatchItem:
-    """One request of `stream_batch`: text, language, voice and its own settings."""
-
-    text: str
-    language: str | None = None
-    voice: Voice | str | None = None
-    settings: GenerationSettings | None = None  # None: the config's defaults
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Everything `synthesize` needs besides text and voice, with config defaults filled in."""
-
-    sampling: SamplingOptions
-    max_new_tokens: int
-    speed: float
-    split_sentences: bool
-    seed: int | None
+    codes: np.ndarray | None = None

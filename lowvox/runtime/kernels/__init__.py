@@ -97,8 +97,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         p,  # biases [4 layers]
         p,  # keys [layers]
         p,  # values [layers]
-        p,  # starts (int64 per row, or NULL)
-        i64,  # pos
+        p,  # positions (int64 per row, or NULL)
+        i64,  # pos (every row's, or their maximum)
         i64,  # max_len
         p,  # work
         p,  # scratch
@@ -315,17 +315,15 @@ class FusedBlock:
         x: torch.Tensor,
         cache_k: torch.Tensor,
         cache_v: torch.Tensor,
-        pos: int,
-        starts: torch.Tensor | None = None,
+        positions: int | torch.Tensor,
     ) -> torch.Tensor:
-        """x [B, 1, dim] float32, one token of each of B sequences at sequence position
-        `pos` -> the block's output (a new tensor); each token's key/value is written into
-        its row of the [B, H, max_len, hd] caches. Row b attends over positions
-        starts[b]..pos (int64 [B], a left-padded batch; values are clamped to [0, pos]),
-        or over 0..pos when `starts` is None."""
+        """x [B, 1, dim] float32, one token of each of B sequences -> the block's output (a
+        new tensor). Row b's token sits at sequence position positions[b] (int64 [B]; an int:
+        every row's): its key/value is written there in row b of the [B, H, max_len, hd]
+        caches, and it attends over positions 0..positions[b]."""
         if self._alone is None:
             self._alone = FusedStack([self])
-        return self._alone(x, [cache_k], [cache_v], pos, starts)
+        return self._alone(x, [cache_k], [cache_v], positions)
 
 
 class FusedStack:
@@ -356,8 +354,7 @@ class FusedStack:
         x: torch.Tensor,
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
-        pos: int,
-        starts: torch.Tensor | None = None,
+        positions: int | torch.Tensor,
     ) -> torch.Tensor:
         """x [B, 1, dim] float32 through every block in turn (see `FusedBlock.__call__`);
         block l writes and reads the caches keys[l], values[l], all [B, H, max_len, hd]."""
@@ -385,12 +382,17 @@ class FusedStack:
                     f"{tuple(shape)}, got {t.dtype} {t.device} {tuple(t.shape)}"
                 )
         max_len = shape[2]
-        if not 0 <= pos < max_len:
-            raise ValueError(f"position {pos} is outside a cache of {max_len}")
-        if starts is not None:
-            _check(starts, torch.int64, "starts")
-            if starts.shape != (rows,):
-                raise ValueError(f"{tuple(starts.shape)} starts for {rows} rows")
+        per_row: torch.Tensor | None = None
+        if isinstance(positions, torch.Tensor):
+            _check(positions, torch.int64, "positions")
+            if positions.shape != (rows,):
+                raise ValueError(f"{tuple(positions.shape)} positions for {rows} rows")
+            per_row = positions
+            pos, low = int(positions.max()), int(positions.min())
+        else:
+            pos = low = int(positions)
+        if not (low >= 0 and pos < max_len):
+            raise ValueError(f"positions {low}..{pos} are outside a cache of {max_len}")
         # Per call, not kept: a stack may serve two threads at once.
         key_ptrs = (ctypes.c_void_p * n)(*(t.data_ptr() for t in keys))
         value_ptrs = (ctypes.c_void_p * n)(*(t.data_ptr() for t in values))
@@ -403,7 +405,7 @@ class FusedStack:
         lib.lv_blocks_decode(
             self.kind, out.data_ptr(), rows, dim, heads, n, self._norms, self._eps,
             self._weights, self._scales, self._biases, key_ptrs, value_ptrs,
-            None if starts is None else starts.data_ptr(), pos, max_len, work.data_ptr(),
+            None if per_row is None else per_row.data_ptr(), pos, max_len, work.data_ptr(),
             scratch.data_ptr(), threads,
         )  # fmt: skip
         return out

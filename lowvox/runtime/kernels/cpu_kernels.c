@@ -23,8 +23,8 @@
  *   (amx_rows, amx_rows_bf16): the same int16 activations for int8, a two-bf16 split of
  *   each float32 activation for bf16; the weights still stream once.
  * lv_blocks_decode: the transformer blocks of a decode step (one token of one sequence, or
- *   of each of m left-padded ones) in one call: no Python or framework work between their
- *   steps, every weight read once.
+ *   of each of m sequences, each at its own position) in one call: no Python or framework
+ *   work between their steps, every weight read once.
  * lv_attend_one: a decode step's attention: the new key/value written into the cache and
  *   one query per head attending over every cached position (no mask needed).
  */
@@ -766,12 +766,14 @@ static void attend_head_portable(const float *qh, const float *kh, const float *
 }
 
 /* Heads of m rows shared among the threads of the enclosing parallel region: for row i
- * and head h, the new key/value (k_new/v_new + i * xs, [heads, dim]) go to position `pos`
- * of that row's caches, and its query attends over the positions from starts[i] (0 when
- * starts is NULL; clamped to [0, pos]) to pos. Caches [m, heads, max_len, dim];
- * out [m, heads * dim]; p: this thread's scratch of pos + 1 floats. */
+ * and head h, the new key/value (k_new/v_new + i * xs, [heads, dim]) go to position
+ * positions[i] of that row's caches (`pos` for every row when positions is NULL), and its
+ * query attends over positions 0..positions[i]: each row is a sequence of its own length
+ * (continuous batching: rows join and leave at any step). Positions are clamped to
+ * [0, pos]; pos < max_len. Caches [m, heads, max_len, dim]; out [m, heads * dim]; p: this
+ * thread's scratch of pos + 1 floats. */
 static void attend_rows(const float *q, const float *k_new, const float *v_new, int64_t xs,
-                        int64_t m, float *keys, float *values, const int64_t *starts,
+                        int64_t m, float *keys, float *values, const int64_t *positions,
                         int64_t heads, int64_t pos, int64_t max_len, int64_t dim, float scale,
                         float *out, float *p) {
 #pragma omp for schedule(static)
@@ -780,17 +782,17 @@ static void attend_rows(const float *q, const float *k_new, const float *v_new, 
         float *kh = keys + t * max_len * dim; /* row i, head h */
         float *vh = values + t * max_len * dim;
         const float *qh = q + i * xs + h * dim;
+        int64_t at = positions ? positions[i] : pos;
+        at = at < 0 ? 0 : at > pos ? pos : at;
         for (int64_t d = 0; d < dim; d++) {
-            kh[pos * dim + d] = k_new[i * xs + h * dim + d];
-            vh[pos * dim + d] = v_new[i * xs + h * dim + d];
+            kh[at * dim + d] = k_new[i * xs + h * dim + d];
+            vh[at * dim + d] = v_new[i * xs + h * dim + d];
         }
-        int64_t s0 = starts ? starts[i] : 0;
-        s0 = s0 < 0 ? 0 : s0 > pos ? pos : s0;
         float *oh = out + i * heads * dim + h * dim;
         if (LV_FAST_DIM(dim))
-            attend_head(qh, kh + s0 * dim, vh + s0 * dim, pos + 1 - s0, dim, scale, p, oh);
+            attend_head(qh, kh, vh, at + 1, dim, scale, p, oh);
         else
-            attend_head_portable(qh, kh + s0 * dim, vh + s0 * dim, pos + 1 - s0, dim, scale, p, oh);
+            attend_head_portable(qh, kh, vh, at + 1, dim, scale, p, oh);
     }
 }
 
@@ -954,7 +956,7 @@ static void add_band(float *x, const float *y, int64_t m, int64_t dim, int64_t r
 LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int64_t heads,
                           const float *const ln[4], float eps, const void *const w[4],
                           const float *const s[4], const float *const b[4], float *keys,
-                          float *values, const int64_t *starts, int64_t pos, int64_t max_len,
+                          float *values, const int64_t *positions, int64_t pos, int64_t max_len,
                           float *work, float *scratch) {
     const int64_t hd = dim / heads;
     float *qkv = work;              /* [m, 3 dim]; later the MLP's output [m, dim] */
@@ -970,7 +972,7 @@ LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int6
     my_rows(3 * dim, UNIT(kind, m, dim, 3 * dim), &r0, &r1);
     block_linear(kind, h, m, dim, w[0], s[0], b[0], qkv, 3 * dim, r0, r1, q);
 #pragma omp barrier
-    attend_rows(qkv, qkv + dim, qkv + 2 * dim, 3 * dim, m, keys, values, starts, heads, pos,
+    attend_rows(qkv, qkv + dim, qkv + 2 * dim, 3 * dim, m, keys, values, positions, heads, pos,
                 max_len, hd, 1.0f / sqrtf((float)hd), att, p); /* ends in a barrier */
     my_rows(dim, UNIT(kind, m, dim, dim), &r0, &r1);
     block_linear(kind, att, m, dim, w[1], s[1], b[1], hidden, dim, r0, r1, q);
@@ -994,9 +996,9 @@ LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int6
  * ln_1 w, b, ln_2 w, b) and eps[l]; its linears, of one weight kind for the whole stack
  * (int8 or bf16 weights [out, in], float32 ones [in, out]; per-row scales for int8, NULL
  * otherwise; biases), in the order c_attn, attn c_proj, c_fc, mlp c_proj (w, s, b
- * [4 l + 0..3]); its caches keys[l], values[l] [m, heads, max_len, head dim]. Every row's
- * key/value is written at `pos`, and row i attends over positions starts[i]..pos (a
- * left-padded batch; NULL: from 0).
+ * [4 l + 0..3]); its caches keys[l], values[l] [m, heads, max_len, head dim]. Row i's
+ * key/value is written at positions[i] and it attends over positions 0..positions[i]
+ * (positions NULL: every row at `pos`; otherwise pos is their maximum).
  * One parallel region for the whole stack (no Python, no thread start-up between blocks)
  * and five barriers per block: every thread computes the (cheap) LayerNorms itself, and
  * applies GELU and the residual adds to its own band of columns. Few barriers matter when
@@ -1006,19 +1008,19 @@ LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int6
 void lv_blocks_decode(int kind, float *x, int64_t m, int64_t dim, int64_t heads, int64_t layers,
                       const float *const *ln, const float *eps, const void *const *w,
                       const float *const *s, const float *const *b, float *const *keys,
-                      float *const *values, const int64_t *starts, int64_t pos, int64_t max_len,
-                      float *work, float *scratch, int nthreads) {
+                      float *const *values, const int64_t *positions, int64_t pos,
+                      int64_t max_len, float *work, float *scratch, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     for (int64_t l = 0; l < layers; l++) {
         if (kind == W_BF16)
             block_body(W_BF16, x, m, dim, heads, ln + 4 * l, eps[l], w + 4 * l, s + 4 * l,
-                       b + 4 * l, keys[l], values[l], starts, pos, max_len, work, scratch);
+                       b + 4 * l, keys[l], values[l], positions, pos, max_len, work, scratch);
         else if (kind == W_F32_IN_OUT)
             block_body(W_F32_IN_OUT, x, m, dim, heads, ln + 4 * l, eps[l], w + 4 * l, s + 4 * l,
-                       b + 4 * l, keys[l], values[l], starts, pos, max_len, work, scratch);
+                       b + 4 * l, keys[l], values[l], positions, pos, max_len, work, scratch);
         else
             block_body(W_INT8, x, m, dim, heads, ln + 4 * l, eps[l], w + 4 * l, s + 4 * l,
-                       b + 4 * l, keys[l], values[l], starts, pos, max_len, work, scratch);
+                       b + 4 * l, keys[l], values[l], positions, pos, max_len, work, scratch);
 #pragma omp barrier /* the fifth: the next block reads every row of x */
     }
 }

@@ -112,11 +112,11 @@ async def current_settings(state: State) -> dict:
         # DeepSpeed maps to lowvox's fast decode path; low VRAM to the residency setting.
         "deepspeed_capable": is_xtts,
         "deepspeed_available": is_xtts,
-        "deepspeed_enabled": state.fast_path,
-        "deepspeed_status": state.fast_path,
+        "deepspeed_enabled": slot.engine.fast_path,
+        "deepspeed_status": slot.engine.fast_path,
         "lowvram_capable": is_xtts,
-        "lowvram_enabled": state.low_vram,
-        "low_vram_status": state.low_vram,
+        "lowvram_enabled": slot.engine.low_vram,
+        "low_vram_status": slot.engine.low_vram,
         "generationspeed_capable": caps.speed,
         "generationspeed_set": 1.0,
         "pitch_capable": caps.pitch,
@@ -225,17 +225,16 @@ async def reload(state: State, tts_method: str = "") -> Any:
 
 
 async def _engine_setting(state: ServerState, method: str, value: bool) -> None:
+    """`Engine.set_low_vram` / `set_fast_path` on the default engine's own thread."""
     slot = await state.hub.get(None)
-    setter = getattr(slot.engine, method, None)
-    if setter is not None:
-        await slot.scheduler.run(lambda: setter(value))
+    setter = getattr(slot.engine, method)
+    await slot.scheduler.run(lambda: setter(value))
 
 
 @router.post("/api/lowvramsetting")
 async def low_vram(state: State, new_low_vram_value: str = "") -> dict:
     value = flag(new_low_vram_value, "new_low_vram_value")
     await _engine_setting(state, "set_low_vram", value)
-    state.low_vram = value
     return {"status": "lowvram-success"}
 
 
@@ -243,7 +242,6 @@ async def low_vram(state: State, new_low_vram_value: str = "") -> dict:
 async def deepspeed(state: State, new_deepspeed_value: str = "") -> dict:
     value = flag(new_deepspeed_value, "new_deepspeed_value")
     await _engine_setting(state, "set_fast_path", value)
-    state.fast_path = value
     return {"status": "deepspeed-success"}
 
 

@@ -126,12 +126,13 @@ class RuntimeChange(BaseModel):
 @router.get("/api/runtime")
 async def runtime(state: State) -> dict:
     s = state.settings
+    engine = (await state.hub.get(None)).engine
     return {
         "device": s.device,
         "precision": s.precision,
         "residency": s.residency,
-        "low_vram": state.low_vram,
-        "fast_path": state.fast_path,
+        "low_vram": engine.low_vram,
+        "fast_path": engine.fast_path,
         "engine": state.hub.default,
         "choices": {"precision": list(_PRECISIONS), "residency": list(_RESIDENCIES)},
     }

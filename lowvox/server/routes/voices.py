@@ -41,24 +41,12 @@ def describe(state: ServerState, voice: StoredVoice) -> dict[str, Any]:
     }
 
 
-def _hook(engine: Any, method: str) -> Any:
-    hook = getattr(engine, method, None)
-    if hook is None and method == "prepare_voice" and hasattr(engine, "model"):
-        # Engines without the hook but with a cloning model (XTTS): cloning once fills the
-        # engine's latents cache, so later requests with this voice skip the encoders.
-        def hook(name: str, clips: list) -> None:
-            engine.model.clone_voice(clips)
-
-    return hook
-
-
 async def _engine_hook(state: ServerState, method: str, *args: Any) -> None:
-    """Call a voice hook on every loaded engine that clones voices, on its worker thread."""
+    """Call a voice hook (`Engine.prepare_voice` / `forget_voice`) on every loaded engine
+    that clones voices, on the engine's own worker thread."""
     for slot in state.hub.loaded().values():
-        if not slot.engine.capabilities.cloning:
-            continue
-        hook = _hook(slot.engine, method)
-        if hook is not None:
+        if slot.engine.capabilities.cloning:
+            hook = getattr(slot.engine, method)
             await slot.scheduler.run(lambda hook=hook: hook(*args))
 
 

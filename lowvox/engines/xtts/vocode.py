@@ -1,4 +1,5 @@
-"""Streaming vocoding with flat per-chunk cost.
+"""From GPT latents to audio: speed, streaming vocoding with flat per-chunk cost, and the
+per-row streams of the decode loop (whole-file audio is the collected stream).
 
 The reference re-vocodes the whole prefix for every chunk and cross-fades, which costs
 O(T^2) over an utterance. Here each chunk vocodes only the frames it emits plus a fixed
@@ -20,13 +21,17 @@ import weakref
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lowvox.engines.xtts.hifigan import HifiganDecoder, HifiganGenerator
 from lowvox.runtime.memory import own_mappings
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FIRST_CHUNK_TOKENS = 20
+# Streaming cadence in audio tokens (~46 ms of audio each). A short first chunk makes the
+# first audio come sooner; later chunks are longer because each vocoding also recomputes
+# the HiFi-GAN's receptive context on both sides, a cost paid per chunk.
+DEFAULT_FIRST_CHUNK_TOKENS = 12
 DEFAULT_CHUNK_TOKENS = 20
 # `vocode_in_windows`: frames per HiFi-GAN call (about 2.2 s of audio, ~175 new frames each).
 DEFAULT_WINDOW_FRAMES = 208
@@ -102,10 +107,9 @@ def _stable_count(n_in: int, scale_factor: float) -> int:
 class StreamingVocoder:
     """Turns GPT latents pushed in pieces into final audio, vocoding each frame range once.
 
-    `push` buffers latents and vocodes when `first_chunk_tokens` (for the first chunk) or
-    `chunk_tokens` (afterwards) new latents have arrived; it returns the audio that is now
-    final (possibly empty). `flush` returns the rest. Concatenated, the pieces equal
-    `decoder(all_latents, speaker_embedding)` up to float rounding.
+    `push` adds latents and vocodes the audio that is now final (possibly empty: its caller,
+    `RowVocoder`, decides the cadence); `flush` returns the rest. Concatenated, the pieces
+    equal `decoder(all_latents, speaker_embedding)` up to float rounding.
 
     `context` is the number of interpolated frames of context on each side of a chunk;
     the default is the decoder's receptive radius (exact). Smaller trades accuracy at the
@@ -118,24 +122,17 @@ class StreamingVocoder:
         speaker_embedding: torch.Tensor,
         *,
         context: int | None = None,
-        first_chunk_tokens: int = DEFAULT_FIRST_CHUNK_TOKENS,
-        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
-        if first_chunk_tokens < 1 or chunk_tokens < 1:
-            raise ValueError("first_chunk_tokens and chunk_tokens must be at least 1")
         self.decoder = decoder
         param = next(decoder.waveform_decoder.parameters())
         self._device, self._dtype = param.device, param.dtype
         self.g = speaker_embedding.detach().reshape(1, -1, 1).to(self._device, self._dtype)
         radius = decoder.waveform_decoder.receptive_radius()
         self.context = radius if context is None else int(context)
-        self.first_chunk_tokens = first_chunk_tokens
-        self.chunk_tokens = chunk_tokens
         self.hop = decoder.hop_length
         self.scales = decoder.frame_scales
         self._buf: torch.Tensor | None = None  # [1, capacity, D], grown by doubling
         self._n = 0  # latents received
-        self._pending = 0  # latents received since the last vocoding
         self._emitted = 0  # frames whose audio has been returned
         self._finished = False
         self.frames_vocoded: list[int] = []  # frames run through HiFi-GAN, per vocoding
@@ -169,10 +166,6 @@ class StreamingVocoder:
         if latents.shape[1] == 0:
             return np.zeros(0, np.float32)
         self._append(latents.detach())
-        self._pending += latents.shape[1]
-        threshold = self.chunk_tokens if self._emitted else self.first_chunk_tokens
-        if self._pending < threshold:
-            return np.zeros(0, np.float32)
         return self._vocode(final=False)
 
     def flush(self) -> np.ndarray:
@@ -254,7 +247,6 @@ class StreamingVocoder:
         out = audio[(self._emitted - w0) * self.hop : (end - w0) * self.hop]
         self.frames_vocoded.append(w1 - w0)
         self._emitted = end
-        self._pending = 0
         return out.float().cpu().numpy()
 
 
@@ -295,3 +287,115 @@ def vocode_in_windows(
         v.frames_vocoded.append(w1 - w0)
         emitted = end
     return np.concatenate(parts)
+
+
+def stretch_latents(latents: torch.Tensor, speed: float) -> torch.Tensor:
+    """Change speaking rate by linearly resampling latents [B, T, D] by 1/speed in time."""
+    if speed == 1.0:
+        return latents
+    scale = 1.0 / max(speed, 0.05)
+    stretched = F.interpolate(latents.transpose(1, 2), scale_factor=scale, mode="linear")
+    return stretched.transpose(1, 2)
+
+
+class LatentStretcher:
+    """`stretch_latents` done incrementally: push latents as they arrive, get back the output
+    frames that are already final; `finish()` returns the rest. The concatenation equals
+    `stretch_latents(all_latents, speed)` (linear interpolation, half-pixel centres)."""
+
+    def __init__(self, speed: float) -> None:
+        self.speed = speed
+        self.scale = 1.0 / max(speed, 0.05)
+        # Same single-precision source step as torch's linear interpolation kernel.
+        self._step = torch.tensor(1.0 / self.scale, dtype=torch.float32)
+        self._frames: torch.Tensor | None = None  # [1, n, D], every frame received so far
+        self._emitted = 0
+
+    @property
+    def received(self) -> int:
+        return 0 if self._frames is None else self._frames.shape[1]
+
+    def _emit(self, upto: int, final: bool) -> torch.Tensor | None:
+        if self._frames is None:
+            return None
+        n = self.received
+        j = torch.arange(self._emitted, upto, dtype=torch.float32)
+        src = (self._step * (j + 0.5) - 0.5).clamp(min=0.0)
+        i0 = src.long()
+        i1 = torch.where(i0 < n - 1, i0 + 1, i0)
+        if not final:
+            keep = int((i0 + 1 < n).sum())  # i0 + 1 < n holds for a prefix of j
+            src, i0, i1 = src[:keep], i0[:keep], i1[:keep]
+        frames = self._frames
+        w1 = (src - i0.float()).to(frames.device, frames.dtype)[None, :, None]
+        i0, i1 = i0.to(frames.device), i1.to(frames.device)
+        out = frames[:, i0] * (1 - w1) + frames[:, i1] * w1
+        self._emitted += out.shape[1]
+        return out
+
+    def push(self, latents: torch.Tensor) -> torch.Tensor:
+        """[1, n, D] new latents -> [1, m, D] output frames that no later input can change."""
+        if self.speed == 1.0:
+            return latents
+        self._frames = latents if self._frames is None else torch.cat([self._frames, latents], 1)
+        out = self._emit(int(self.received * self.scale), final=False)
+        return out if out is not None else latents[:, :0]
+
+    def finish(self) -> torch.Tensor:
+        """The remaining output frames (empty when speed is 1)."""
+        if self._frames is None:
+            return torch.zeros(1, 0, 0)
+        out = self._emit(int(self.received * self.scale), final=True)
+        assert out is not None
+        return out
+
+
+class RowVocoder:
+    """One sentence's audio as its latents arrive from the decode loop: speed-stretched,
+    vocoded after `first_chunk_tokens` latents, then every `chunk_tokens`, and the rest at
+    `finish`. The chunks of a sentence, joined, are its whole-utterance audio."""
+
+    def __init__(
+        self,
+        decoder: HifiganDecoder,
+        speaker_embedding: torch.Tensor,
+        speed: float = 1.0,
+        first_chunk_tokens: int = DEFAULT_FIRST_CHUNK_TOKENS,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> None:
+        if first_chunk_tokens < 1 or chunk_tokens < 1:
+            raise ValueError("first_chunk_tokens and chunk_tokens must be at least 1")
+        w = next(decoder.parameters())
+        self._like = w
+        self.vocoder = StreamingVocoder(decoder, speaker_embedding.to(w.device, w.dtype))
+        self.stretcher = LatentStretcher(speed)
+        self.chunk_tokens = chunk_tokens
+        self._due = first_chunk_tokens
+        self._pending: list[torch.Tensor] = []
+
+    def push(self, latents: torch.Tensor) -> np.ndarray:
+        """Add latents [1, n, D] (a step's one, usually); the audio that became due (maybe
+        empty)."""
+        self._pending.append(latents)
+        if sum(p.shape[1] for p in self._pending) < self._due:
+            return np.zeros(0, np.float32)
+        self._due = self.chunk_tokens
+        return self._vocode(self.stretcher.push(self._take()))
+
+    def finish(self) -> np.ndarray:
+        """The rest of the sentence's audio."""
+        tails = [self.stretcher.push(self._take())] if self._pending else []
+        tails.append(self.stretcher.finish())
+        rest = [self._vocode(t) for t in tails if t.shape[1]]
+        rest.append(self.vocoder.flush())
+        return np.concatenate([r for r in rest if r.size] or [np.zeros(0, np.float32)])
+
+    def _take(self) -> torch.Tensor:
+        latents = torch.cat(self._pending, dim=1).to(self._like.device, self._like.dtype)
+        self._pending = []
+        return latents  # [1, n, D]
+
+    def _vocode(self, frames: torch.Tensor) -> np.ndarray:
+        if not frames.shape[1]:
+            return np.zeros(0, np.float32)
+        return self.vocoder.push(frames).astype(np.float32)

@@ -1,0 +1,345 @@
+"""Text to audio: text -> sentences -> decode rows -> audio chunks, for many utterances at once.
+
+An `Utterance` is a request made ready: its sentences as text ids, its voice, its resolved
+`XttsOptions`. A `Batch` speaks any number of them together on the thread that owns the
+model: each utterance holds one row of the decode loop at a time (its current sentence),
+its next sentence joins when that one ends, and every utterance gets its own audio as its
+latents arrive (`RowVocoder`), so a short request is done as soon as its own audio is.
+Utterances join and leave at step boundaries; at most `prefills_per_step` prompts are
+prefilled per step, so rows already speaking are never stalled for long. A failure of one
+utterance (its voice, its vocoding) ends that utterance only.
+
+`stream` and `synthesize` are the batch of one: whole-file audio is the collected stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lowvox.engines.xtts.decode import Decoder, DecodeRow, RowStep
+from lowvox.engines.xtts.model import XttsModel
+from lowvox.engines.xtts.options import XttsOptions
+from lowvox.engines.xtts.results import StreamChunk, SynthesisResult
+from lowvox.engines.xtts.vocode import (
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_FIRST_CHUNK_TOKENS,
+    RowVocoder,
+    vocode_in_windows,
+)
+from lowvox.engines.xtts.voice import Voice
+from lowvox.errors import Cancelled, InvalidRequest, LowvoxError, UnknownVoice
+from lowvox.runtime.memory import release_heap
+from lowvox.text.tokenizer import XttsTokenizer
+
+log = logging.getLogger(__name__)
+
+# Utterances decoded together when nothing else is said: enough to fill the matmuls' spare
+# compute during memory-bound decoding without growing the KV caches much.
+DEFAULT_MAX_ROWS = 8
+# Whole-file requests need no early first chunk: larger vocoder calls waste less context.
+WHOLE_FILE_CHUNK_TOKENS = 48
+
+
+def encode_text(
+    tokenizer: XttsTokenizer, text: str, language: str, split: bool, max_text_tokens: int
+) -> tuple[torch.Tensor, ...]:
+    """The text ids [1, T] of every sentence generated on its own (the reference splits,
+    lowercases and strips them), each checked against the model's text limit."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequest("text is empty", field="text")
+    if split:
+        from lowvox.text import split_sentences
+
+        pieces = split_sentences(text, language, tokenizer.char_limit(language))
+    else:
+        pieces = [text]
+    encoded = []
+    for piece in (p.strip().lower() for p in pieces):
+        if not piece:
+            continue
+        ids = tokenizer.encode(piece, language)
+        if len(ids) >= max_text_tokens:
+            hint = "" if split else " (turn sentence splitting on)"
+            raise InvalidRequest(
+                f"a sentence is {len(ids)} tokens long, over the model's limit of "
+                f"{max_text_tokens - 1}{hint}: {piece[:60]!r}...",
+                field="text",
+            )
+        encoded.append(torch.tensor([ids], dtype=torch.long))
+    if not encoded:
+        raise InvalidRequest("nothing to say after cleaning the text", field="text")
+    return tuple(encoded)
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """What a `Batch` speaks: sentences as text ids [1, T], a voice, resolved options, and
+    the streaming cadence in tokens."""
+
+    pieces: tuple[torch.Tensor, ...]
+    voice: Voice
+    options: XttsOptions
+    first_chunk_tokens: int = DEFAULT_FIRST_CHUNK_TOKENS
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+
+
+def prepare(
+    model: XttsModel,
+    text: str,
+    language: str | None = None,
+    voice: Voice | str | None = None,
+    options: XttsOptions | None = None,
+    first_chunk_tokens: int = DEFAULT_FIRST_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
+) -> Utterance:
+    """An utterance for `model` from Python: `language` as `pick_language` reads it (None:
+    "en"), `voice` a `Voice` or a studio speaker's name (None: the first), `options` unset
+    values from config.json. Every check the engine makes, raised here. Streaming cadence:
+    the first chunk after `first_chunk_tokens`, then every `chunk_tokens` (unset: 20, or the
+    first chunk's size when that is larger: fewer input lengths for the vocoder to build).
+
+        utt = prepare(model, "Hello there.", "en", "Ana Florence", XttsOptions(seed=1))
+        audio = synthesize(model, utt).wav
+    """
+    from lowvox.text.languages import pick_language
+
+    if model.tokenizer is None:
+        raise LowvoxError("the model was loaded without its tokenizer")
+    if chunk_tokens is None:
+        chunk_tokens = max(first_chunk_tokens, DEFAULT_CHUNK_TOKENS)
+    if first_chunk_tokens < 1 or chunk_tokens < 1:
+        raise InvalidRequest("chunk sizes must be at least one token", field="chunk_tokens")
+    opts = (options or XttsOptions()).resolved(model.config)
+    lang = pick_language(language, model.config.languages, text)
+    if voice is None or isinstance(voice, str):
+        if not model.speakers:
+            raise InvalidRequest("no voice given and the model has no studio speakers")
+        name = voice if voice is not None else next(iter(model.speakers))
+        if name not in model.speakers:
+            raise UnknownVoice(name)
+        voice = model.speakers[name]
+    limit = model.config.model_args.gpt_max_text_tokens
+    pieces = encode_text(model.tokenizer, text, lang, opts.split_sentences, limit)
+    return Utterance(pieces, voice, opts, first_chunk_tokens, chunk_tokens)
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """What one step did for one utterance: a chunk of its audio, its end, or its failure."""
+
+    utterance: int
+    chunk: StreamChunk | None = None
+    done: bool = False
+    error: LowvoxError | None = None
+
+
+@dataclass(eq=False)
+class _Speaking:
+    id: int
+    utt: Utterance
+    cancel: threading.Event | None
+    generator: torch.Generator | None
+    positions: int  # KV positions its longest sentence can take
+    sentence: int = 0
+    row: int | None = None  # its decode row; None while its sentence waits for a prefill
+    vocoder: RowVocoder | None = None
+    codes: list[torch.Tensor] = field(default_factory=list)
+
+
+class Batch:
+    """Utterances spoken together (continuous batching); drive it with `step()`."""
+
+    def __init__(
+        self,
+        model: XttsModel,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        graphs: bool = False,
+        prefills_per_step: int = 1,
+        kv_positions: int | None = None,
+    ) -> None:
+        """`kv_positions`: the KV-cache positions all utterances together may reserve (None:
+        no bound beyond `max_rows`)."""
+        self.model = model
+        self.decoder = Decoder(model.gpt, max_rows=max_rows, graphs=graphs)
+        self.prefills_per_step = max(1, prefills_per_step)
+        self.kv_positions = kv_positions
+        self._speaking: list[_Speaking] = []
+        self._by_row: dict[int, _Speaking] = {}
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self._speaking)
+
+    @property
+    def max_rows(self) -> int:
+        return self.decoder.max_rows
+
+    def positions(self, pieces: tuple[torch.Tensor, ...], options: XttsOptions) -> int:
+        """KV positions an utterance reserves: those of its longest sentence."""
+        limit = options.max_new_tokens or 1
+        return max(self.decoder.positions(ids.shape[1], limit) for ids in pieces)
+
+    def fits(self, pieces: tuple[torch.Tensor, ...], options: XttsOptions) -> bool:
+        """Whether an utterance of these sentences can join now (a free row, and room in
+        the KV budget; an empty batch takes any utterance)."""
+        if len(self._speaking) >= self.max_rows:
+            return False
+        if self.kv_positions is None or not self._speaking:
+            return True
+        used = sum(s.positions for s in self._speaking)
+        return used + self.positions(pieces, options) <= self.kv_positions
+
+    def add(self, utt: Utterance, cancel: threading.Event | None = None) -> int:
+        """Queue `utt`; its first sentence is prefilled at a coming step. Its id."""
+        if len(self._speaking) >= self.max_rows:
+            raise RuntimeError(f"the batch is full ({self.max_rows} utterances)")
+        seed = utt.options.seed
+        device = self.decoder.device
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        s = _Speaking(
+            self._next_id, utt, cancel, generator, self.positions(utt.pieces, utt.options)
+        )
+        self._next_id += 1
+        self._speaking.append(s)
+        return s.id
+
+    def step(self) -> list[BatchEvent]:
+        """Prefill waiting sentences (a few), choose every row's next token, vocode what is
+        due; the events of every utterance that produced audio, ended or failed."""
+        events: list[BatchEvent] = []
+        for s in [s for s in self._speaking if s.cancel is not None and s.cancel.is_set()]:
+            self._end(s, events, Cancelled("generation cancelled"))
+        # Sentences that continue an utterance first: their listeners are mid-stream.
+        waiting = sorted((s for s in self._speaking if s.row is None), key=lambda s: not s.sentence)
+        for s in waiting[: self.prefills_per_step]:
+            try:
+                self._start_sentence(s)
+            except LowvoxError as e:
+                self._end(s, events, e)
+            except Exception:  # noqa: BLE001 -- one utterance's failure is its own
+                log.exception("utterance %d failed to start", s.id)
+                self._end(s, events, LowvoxError("synthesis failed"))
+        with torch.inference_mode():
+            steps = self.decoder.step()
+        for st in steps:
+            s = self._by_row.get(st.row)
+            if s is None:
+                continue
+            try:
+                self._take(s, st, events)
+            except LowvoxError as e:
+                self._end(s, events, e)
+            except Exception:  # noqa: BLE001 -- its own failure, details in the log
+                log.exception("utterance %d failed while vocoding", s.id)
+                self._end(s, events, LowvoxError("synthesis failed"))
+        if not self._speaking:
+            release_heap()  # the vocoder's freed activations go back to the system
+        return events
+
+    # -- one utterance -------------------------------------------------------------------
+
+    def _start_sentence(self, s: _Speaking) -> None:
+        utt, dec = s.utt, self.model.hifigan_decoder
+        row = DecodeRow(
+            utt.voice.gpt_cond_latent,
+            utt.pieces[s.sentence],
+            utt.options.sampling,
+            utt.options.max_new_tokens or 1,
+            s.generator,
+        )
+        s.vocoder = RowVocoder(
+            dec, utt.voice.speaker_embedding, utt.options.speed,
+            utt.first_chunk_tokens, utt.chunk_tokens,
+        )  # fmt: skip
+        with torch.inference_mode():
+            s.row = self.decoder.add(row)
+        self._by_row[s.row] = s
+
+    def _take(self, s: _Speaking, st: RowStep, events: list[BatchEvent]) -> None:
+        assert s.vocoder is not None
+        rate = self.model.sample_rate
+        with torch.inference_mode():
+            wav = s.vocoder.push(st.latent)
+            if not st.is_stop:
+                s.codes.append(st.token.view(1))
+            if st.last:
+                tail = s.vocoder.finish()
+                wav = np.concatenate([wav, tail]) if wav.size else tail
+        if st.last:
+            codes = torch.cat(s.codes).cpu().numpy() if s.codes else np.zeros(0, np.int64)
+            events.append(BatchEvent(s.id, StreamChunk(wav, rate, s.sentence, codes)))
+            del self._by_row[st.row]
+            s.row, s.vocoder, s.codes = None, None, []
+            s.sentence += 1
+            if s.sentence == len(s.utt.pieces):
+                self._speaking.remove(s)
+                events.append(BatchEvent(s.id, done=True))
+        elif wav.size:
+            events.append(BatchEvent(s.id, StreamChunk(wav, rate, s.sentence)))
+
+    def _end(self, s: _Speaking, events: list[BatchEvent], error: LowvoxError) -> None:
+        if s.row is not None:
+            self.decoder.cancel(s.row)
+            self._by_row.pop(s.row, None)
+        if s in self._speaking:
+            self._speaking.remove(s)
+        events.append(BatchEvent(s.id, error=error))
+
+
+def stream(
+    model: XttsModel, utt: Utterance, cancel: threading.Event | None = None
+) -> Iterator[StreamChunk]:
+    """Speak one utterance, yielding its audio as it is made (the batch of one)."""
+    batch = Batch(model, max_rows=1)
+    batch.add(utt, cancel)
+    while len(batch):
+        for event in batch.step():
+            if event.error is not None:
+                if isinstance(event.error, Cancelled):
+                    return
+                raise event.error
+            if event.chunk is not None and (event.chunk.wav.size or event.chunk.codes is not None):
+                yield event.chunk
+
+
+def synthesize(model: XttsModel, utt: Utterance) -> SynthesisResult:
+    """Whole-utterance audio and every sentence's codes: the collected stream."""
+    wavs: list[np.ndarray] = []
+    codes: list[np.ndarray] = []
+    for chunk in stream(model, utt):
+        wavs.append(chunk.wav)
+        if chunk.codes is not None:
+            codes.append(chunk.codes)
+    wav = np.concatenate(wavs).astype(np.float32) if wavs else np.zeros(0, np.float32)
+    return SynthesisResult(wav=wav, sample_rate=model.sample_rate, codes=codes)
+
+
+def vocode(model: XttsModel, latents: torch.Tensor, voice: Voice) -> np.ndarray:
+    """The audio of GPT latents [1, T, D] already at hand, in fixed-size windows (memory
+    stays flat however long they are; one input length for oneDNN to build)."""
+    dec = model.hifigan_decoder
+    w = next(dec.parameters())
+    g = voice.speaker_embedding.to(w.device, w.dtype)
+    return vocode_in_windows(dec, latents.to(w.device, w.dtype), g)
+
+
+def warm_up(model: XttsModel, tokens: int = 60) -> None:
+    """Vocode silence at every streaming cadence once, so that oneDNN builds its kernels for
+    those input lengths (about 1 s in bf16) at start-up rather than in the first request."""
+    zeros = torch.zeros(1, 1, model.gpt.dim, device=model.device)
+    speaker = torch.zeros(1, model.config.model_args.d_vector_dim, 1, device=model.device)
+    cadences = [(DEFAULT_FIRST_CHUNK_TOKENS, DEFAULT_CHUNK_TOKENS)]
+    cadences.append((WHOLE_FILE_CHUNK_TOKENS, WHOLE_FILE_CHUNK_TOKENS))
+    with torch.inference_mode():
+        for first, later in cadences:
+            vocoder = RowVocoder(model.hifigan_decoder, speaker, 1.0, first, later)
+            for _ in range(tokens):
+                vocoder.push(zeros)
+            vocoder.finish()
+    release_heap()

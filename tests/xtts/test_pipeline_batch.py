@@ -1,0 +1,151 @@
+"""The continuous batch (`pipeline.Batch`): utterances join and leave mid-decode, each with
+its own options, voice, cancel and failure, and each gets what it would alone."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lowvox.engines.xtts.options import XttsOptions
+from lowvox.engines.xtts.pipeline import Batch, Utterance, encode_text, synthesize
+from lowvox.engines.xtts.voice import Voice
+from lowvox.errors import Cancelled, LowvoxError
+from tests.tolerance import FP32_PIPELINE
+
+TEXTS = [
+    "Hello there, how are you?",
+    "A somewhat longer sentence for the second request. And a second sentence.",
+    "Third.",
+    "Numbers like 42 are spoken too.",
+]
+
+
+def utterance(model, text: str, voice: Voice, **options) -> Utterance:
+    opts = XttsOptions(**{"do_sample": False, "max_new_tokens": 24, **options})
+    opts = opts.resolved(model.config)
+    limit = model.config.model_args.gpt_max_text_tokens
+    pieces = encode_text(model.tokenizer, text, "en", opts.split_sentences, limit)
+    return Utterance(pieces, voice, opts)
+
+
+def run(batch: Batch, plan: dict[int, list[Utterance]], cancel_at: dict[int, int] | None = None):
+    """Step `batch`, adding plan[k] before step k; cancel utterance i (its index in the
+    order added) before step cancel_at[i]. Each utterance's audio, codes and outcome."""
+    cancel_at = cancel_at or {}
+    ids: dict[int, int] = {}  # batch id -> order added
+    cancels: dict[int, threading.Event] = {}
+    wavs: dict[int, list[np.ndarray]] = {}
+    codes: dict[int, list[np.ndarray]] = {}
+    outcome: dict[int, object] = {}
+    step = 0
+    while step <= max(plan) or len(batch):
+        for utt in plan.get(step, []):
+            order = len(ids)
+            cancels[order] = threading.Event()
+            ids[batch.add(utt, cancels[order])] = order
+            wavs[order], codes[order] = [], []
+        for order, at in cancel_at.items():
+            if at == step:
+                cancels[order].set()
+        for event in batch.step():
+            order = ids[event.utterance]
+            if event.chunk is not None:
+                wavs[order].append(event.chunk.wav)
+                if event.chunk.codes is not None:
+                    codes[order].append(event.chunk.codes)
+            elif event.error is not None:
+                outcome[order] = event.error
+            elif event.done:
+                outcome[order] = "done"
+        step += 1
+    return {
+        order: (
+            np.concatenate(wavs[order]) if wavs[order] else np.zeros(0),
+            codes[order],
+            outcome[order],
+        )
+        for order in ids.values()
+    }
+
+
+def assert_same_as_alone(model, utt: Utterance, result) -> None:
+    wav, codes, outcome = result
+    alone = synthesize(model, utt)
+    assert outcome == "done"
+    assert len(codes) == len(alone.codes)
+    for got, want in zip(codes, alone.codes, strict=True):
+        np.testing.assert_array_equal(got, want)  # token ids: exact
+    assert wav.shape == alone.wav.shape
+    FP32_PIPELINE.check(wav, alone.wav)
+
+
+def test_rows_join_mid_decode_and_each_equals_alone(golden_model, golden_voice) -> None:
+    utts = [utterance(golden_model, t, golden_voice) for t in TEXTS]
+    batch = Batch(golden_model, max_rows=4)
+    # The second joins at step 3, the third at step 7, the fourth when others have left.
+    results = run(batch, {0: [utts[0]], 3: [utts[1]], 7: [utts[2]], 30: [utts[3]]})
+    for i, utt in enumerate(utts):
+        assert_same_as_alone(golden_model, utt, results[i])
+
+
+def test_each_row_keeps_its_own_options_and_seed(golden_model, golden_voice) -> None:
+    utts = [
+        utterance(golden_model, TEXTS[0], golden_voice, do_sample=True, seed=1, temperature=0.7),
+        utterance(golden_model, TEXTS[1], golden_voice, do_sample=True, seed=2, top_k=5),
+        utterance(golden_model, TEXTS[2], golden_voice, max_new_tokens=6, speed=1.5),
+    ]
+    results = run(Batch(golden_model, max_rows=3), {0: utts[:2], 2: utts[2:]})
+    for i, utt in enumerate(utts):
+        assert_same_as_alone(golden_model, utt, results[i])
+
+
+def test_a_cancelled_row_leaves_and_the_others_finish(golden_model, golden_voice) -> None:
+    utts = [utterance(golden_model, t, golden_voice) for t in TEXTS[:3]]
+    results = run(Batch(golden_model, max_rows=3), {0: utts}, cancel_at={1: 5})
+    assert isinstance(results[1][2], Cancelled)
+    assert_same_as_alone(golden_model, utts[0], results[0])
+    assert_same_as_alone(golden_model, utts[2], results[2])
+
+
+def test_a_failing_row_fails_alone(golden_model, golden_voice) -> None:
+    good = [utterance(golden_model, t, golden_voice) for t in TEXTS[:2]]
+    broken_voice = Voice(torch.randn(1, 32, 7), golden_voice.speaker_embedding)  # wrong width
+    bad = utterance(golden_model, TEXTS[2], broken_voice)
+    results = run(Batch(golden_model, max_rows=3), {0: [good[0], bad], 1: [good[1]]})
+    assert isinstance(results[1][2], LowvoxError)
+    assert_same_as_alone(golden_model, good[0], results[0])
+    assert_same_as_alone(golden_model, good[1], results[2])
+
+
+def test_admission_is_bounded_by_rows_and_kv_budget(golden_model, golden_voice) -> None:
+    utt = utterance(golden_model, TEXTS[1], golden_voice)
+    probe = Batch(golden_model, max_rows=2)
+    need = probe.positions(utt.pieces, utt.options)
+    batch = Batch(golden_model, max_rows=2, kv_positions=need + 10)
+    assert batch.fits(utt.pieces, utt.options)  # an empty batch takes anything
+    batch.add(utt)
+    assert not batch.fits(utt.pieces, utt.options)  # a second would pass the budget
+    roomy = Batch(golden_model, max_rows=2, kv_positions=3 * need)
+    roomy.add(utt)
+    assert roomy.fits(utt.pieces, utt.options)
+    roomy.add(utt)
+    assert not roomy.fits(utt.pieces, utt.options)  # rows: full
+    with pytest.raises(RuntimeError):
+        roomy.add(utt)
+
+
+@pytest.mark.slow
+def test_int8_rows_in_a_batch_give_the_codes_they_give_alone(random_bundle, tmp_path) -> None:
+    from lowvox.engines.xtts.model import XttsModel
+
+    model = XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
+    voice = model.speakers["Test Speaker"]
+    utts = [utterance(model, t, voice, max_new_tokens=16) for t in TEXTS]
+    results = run(Batch(model, max_rows=4), {0: utts[:2], 4: utts[2:]})
+    for i, utt in enumerate(utts):
+        alone = synthesize(model, utt)
+        for got, want in zip(results[i][1], alone.codes, strict=True):
+            np.testing.assert_array_equal(got, want)
