@@ -65,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen", action="store_true", help="accept connections from other machines (0.0.0.0)"
     )
     serve.add_argument("--api-key", help="require this key (Bearer or X-API-Key)")
+    # default=None: an absent flag leaves LOWVOX_WYOMING and the config file in charge.
+    serve.add_argument(
+        "--wyoming",
+        action="store_true",
+        default=None,
+        help="also serve Home Assistant's Wyoming protocol (no authentication)",
+    )
+    serve.add_argument("--wyoming-port", type=int, help="Wyoming TCP port (default 10200)")
+    serve.add_argument(
+        "--wyoming-zeroconf",
+        action="store_true",
+        default=None,
+        help="announce Wyoming over mDNS for Home Assistant; implies --wyoming "
+        "(pip install lowvox[zeroconf])",
+    )
 
     models = sub.add_parser("models", help="list or download XTTS models")
     _add_common(models)
@@ -204,7 +219,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lowvox.server.app import serve
 
     host = "0.0.0.0" if args.listen else args.host
-    settings = _settings_from_args(args, host=host, port=args.port, api_key=args.api_key)
+    settings = _settings_from_args(
+        args,
+        host=host,
+        port=args.port,
+        api_key=args.api_key,
+        wyoming=args.wyoming,
+        wyoming_port=args.wyoming_port,
+        wyoming_zeroconf=args.wyoming_zeroconf,
+    )
     serve(settings)
     return 0
 

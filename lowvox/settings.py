@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     api_key: str | None = None
     cors_origins: list[str] = ["*"]
     public_url: str | None = None  # makes returned audio URLs absolute when set
+    # Home Assistant's Wyoming protocol, on `host` like HTTP (it has no authentication).
+    wyoming: bool = False
+    wyoming_port: int = Field(10200, ge=1, le=65535)
+    wyoming_zeroconf: bool = False  # announce it over mDNS (needs lowvox[zeroconf])
 
     # Data folders; each defaults to a folder under `home`.
     home: Path = Field(default_factory=_default_home)

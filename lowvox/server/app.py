@@ -2,7 +2,8 @@
 
 `create_app(settings)` builds everything from one Settings object (no module-level state);
 the lifespan loads and warms up the default engine on its own worker thread, starts the
-outputs retention sweep, and stops the engines on shutdown.
+outputs retention sweep (and, with `wyoming`, the Wyoming server for Home Assistant), and
+stops them and the engines on shutdown.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -27,6 +29,9 @@ from lowvox.server.security import ApiKeyMiddleware, BodyLimitMiddleware
 from lowvox.server.state import ServerState
 from lowvox.settings import Settings
 from lowvox.voices.store import MAX_CLIPS, VoiceStore
+
+if TYPE_CHECKING:
+    from lowvox.server.wyoming import Announcer, WyomingServer
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +69,17 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
             settings.port,
             hub.default,
         )
+        # Announcing the Wyoming server implies running it.
+        wyoming_on = settings.wyoming or settings.wyoming_zeroconf
+        wyoming = await _start_wyoming(state) if wyoming_on else None
         tasks = [asyncio.create_task(_retention_loop(state.outputs))]
         if settings.keep_alive > 0:
             tasks.append(asyncio.create_task(_keep_alive_loop(hub, settings.keep_alive)))
         try:
             yield
         finally:
+            if wyoming is not None:
+                await _stop_wyoming(*wyoming)
             for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -122,6 +132,36 @@ def _private_network_option() -> dict[str, bool]:
 def body_limit(settings: Settings) -> int:
     """The largest request body worth reading: a voice upload, or the longest text escaped."""
     return max(settings.max_upload_bytes * MAX_CLIPS, settings.max_text_chars * 12) + 64 * 1024
+
+
+# -- Home Assistant's Wyoming protocol: the same engines, on its own TCP port ----------------
+
+
+async def _start_wyoming(state: ServerState) -> tuple[WyomingServer, Announcer | None]:
+    try:  # imported only when asked for: HTTP alone runs without the package
+        from lowvox.server.wyoming import Announcer, WyomingServer
+    except ImportError as e:
+        await state.hub.close()
+        raise LowvoxError(f"--wyoming needs the wyoming package (pip install wyoming): {e}") from e
+    settings = state.settings
+    server = WyomingServer(state, settings.host, settings.wyoming_port)
+    try:
+        await server.start()
+    except LowvoxError as e:
+        # The app will not start: stop the engine already loaded for it.
+        logger.error("%s", e)
+        await state.hub.close()
+        raise
+    announcer = Announcer(settings.host, server.port) if settings.wyoming_zeroconf else None
+    if announcer is not None:
+        announcer.start()
+    return server, announcer
+
+
+async def _stop_wyoming(server: WyomingServer, announcer: Announcer | None) -> None:
+    if announcer is not None:
+        await announcer.stop()
+    await server.stop()
 
 
 async def _retention_loop(outputs: OutputStore) -> None:

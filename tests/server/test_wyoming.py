@@ -1,0 +1,461 @@
+"""Home Assistant's Wyoming protocol, driven by the `wyoming` package's own client against a
+real server (HTTP and Wyoming in one process, one fake engine behind both)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+import soundfile as sf
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.info import Describe, Info
+from wyoming.tts import (
+    Synthesize,
+    SynthesizeChunk,
+    SynthesizeStart,
+    SynthesizeStop,
+    SynthesizeStopped,
+    SynthesizeVoice,
+)
+
+from lowvox.cli import build_parser
+from lowvox.engines.base import EngineCapabilities, VoiceInfo
+from lowvox.errors import UnknownEngine
+from lowvox.server.wyoming import Announcer, add_text, max_event_bytes, split_complete
+from lowvox.settings import load_settings
+from tests.server.srv_audio import decode, dominant_frequency
+from tests.server.srv_fixtures import (
+    CHUNK_SECONDS,
+    FAKE_RATE,
+    FakeEngine,
+    FakeFactory,
+    LiveServer,
+    fake_chunks,
+    fake_frequency,
+    free_port,
+    live_server,
+)
+
+# Guards against a hang, not a timing assertion: every answer here comes in milliseconds.
+READ_TIMEOUT_S = 10.0
+
+
+class LibraryEngine(FakeEngine):
+    """The fake engine, with library voices joining its list once uploaded (as XTTS's do)."""
+
+    capabilities = EngineCapabilities(streaming=True, cloning=True)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.library: list[str] = []
+
+    def prepare_voice(self, name, clips) -> None:
+        self.library.append(name)
+
+    def voices(self) -> list[VoiceInfo]:
+        return super().voices() + [VoiceInfo(id=n, name=n, kind="cloned") for n in self.library]
+
+
+class LibraryFactory(FakeFactory):
+    def __call__(self, name, settings):
+        if name not in ("espeak", "xtts"):
+            raise UnknownEngine(name, ["espeak", "xtts"])
+        return self.engines.setdefault(name, LibraryEngine())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> LiveServer:
+    tmp = tmp_path_factory.mktemp("wyoming")
+    with live_server(tmp, LibraryFactory(), wyoming=True, wyoming_port=free_port()) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def _open_gate(server):
+    server.engine.gate.set()
+    yield
+    server.engine.gate.set()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@contextlib.asynccontextmanager
+async def connect(server: LiveServer) -> AsyncIterator[AsyncTcpClient]:
+    client = AsyncTcpClient("127.0.0.1", server.settings.wyoming_port, 5, READ_TIMEOUT_S)
+    async with client:
+        yield client
+
+
+async def send(client: AsyncTcpClient, *events) -> None:
+    for e in events:
+        await client.write_event(e if isinstance(e, Event) else e.event())
+
+
+async def read_until(client: AsyncTcpClient, done: Callable[[Event], bool]) -> list[Event]:
+    events = []
+    while True:
+        event = await client.read_event()
+        assert event is not None, f"connection closed after {[e.type for e in events]}"
+        events.append(event)
+        if done(event):
+            return events
+
+
+def is_type(cls) -> Callable[[Event], bool]:
+    return lambda e: cls.is_type(e.type)
+
+
+def segments(events: list[Event]) -> list[np.ndarray]:
+    """The audio between each audio-start and audio-stop, as float samples."""
+    out, parts = [], None
+    for e in events:
+        if AudioStart.is_type(e.type):
+            start = AudioStart.from_event(e)
+            assert (start.rate, start.width, start.channels) == (FAKE_RATE, 2, 1)
+            parts = []
+        elif AudioChunk.is_type(e.type):
+            assert parts is not None, "audio-chunk before audio-start"
+            parts.append(AudioChunk.from_event(e).audio)
+        elif AudioStop.is_type(e.type):
+            out.append(np.frombuffer(b"".join(parts), "<i2").astype(np.float32) / 32768)
+            parts = None
+    return out
+
+
+def assert_speaks(samples: np.ndarray, voice: str, text: str) -> None:
+    assert len(samples) == round(fake_chunks(text) * CHUNK_SECONDS * FAKE_RATE), text
+    assert abs(dominant_frequency(samples, FAKE_RATE) - fake_frequency(voice, text)) < 5, text
+
+
+async def describe(client: AsyncTcpClient) -> Info:
+    await send(client, Describe())
+    events = await read_until(client, is_type(Info))
+    return Info.from_event(events[-1])
+
+
+def test_describe_lists_the_engine_voices_and_streaming(server):
+    async def main() -> Info:
+        async with connect(server) as c:
+            return await describe(c)
+
+    info = run(main())
+    assert [p.name for p in info.tts] == ["espeak"]  # the default engine, the one running
+    program = info.tts[0]
+    assert program.installed and program.supports_synthesize_streaming
+    voices = {v.name: v for v in program.voices}
+    assert {"alpha", "beta", "gamma"} <= set(voices)
+    assert voices["alpha"].languages == ["en"]
+
+
+def test_synthesize_sends_audio_as_it_is_made(server):
+    text = "Good evening from the kitchen"
+
+    async def main() -> list[Event]:
+        async with connect(server) as c:
+            await send(c, Synthesize(text=text, voice=SynthesizeVoice(name="gamma")))
+            return await read_until(c, is_type(AudioStop))
+
+    events = run(main())
+    assert AudioStart.is_type(events[0].type)
+    # One event per engine chunk: audio goes out as it is made, not after the whole text.
+    assert sum(AudioChunk.is_type(e.type) for e in events) == fake_chunks(text)
+    (audio,) = segments(events)
+    assert_speaks(audio, "gamma", text)
+
+
+def test_voice_by_language_takes_that_language(server):
+    text = "Which voice speaks English"
+
+    async def main() -> list[Event]:
+        async with connect(server) as c:
+            await send(c, Synthesize(text=text, voice=SynthesizeVoice(language="en_US")))
+            return await read_until(c, is_type(AudioStop))
+
+    (audio,) = segments(run(main()))
+    assert_speaks(audio, "alpha", text)  # the engine's first English voice
+
+
+def test_streamed_text_is_spoken_sentence_by_sentence(server):
+    words = ["Hello", "there", "friend.", "How", "are", "you", "today?", "Fine", "thanks"]
+    sentences = ["Hello there friend.", "How are you today?", "Fine thanks"]
+
+    async def main() -> tuple[list[Event], list[Event]]:
+        async with connect(server) as c:
+            await send(c, SynthesizeStart(voice=SynthesizeVoice(name="beta")))
+            await send(
+                c,
+                *(SynthesizeChunk(text=w if i == 0 else " " + w) for i, w in enumerate(words[:4])),
+            )
+            # "How" ended the first sentence: its audio comes while the text still arrives.
+            early = await read_until(c, is_type(AudioChunk))
+            await send(c, *(SynthesizeChunk(text=" " + w) for w in words[4:]))
+            # What clients send for servers that cannot stream: ignored inside a stream.
+            await send(c, Synthesize(text=" ".join(words), voice=SynthesizeVoice(name="beta")))
+            await send(c, SynthesizeStop())
+            rest = await read_until(c, is_type(SynthesizeStopped))
+            return early, rest
+
+    early, rest = run(main())
+    assert AudioStart.is_type(early[0].type)
+    spoken = segments(early + rest)
+    assert len(spoken) == len(sentences)
+    for audio, sentence in zip(spoken, sentences, strict=True):
+        assert_speaks(audio, "beta", sentence)
+
+
+def test_unknown_voice_and_empty_text_are_errors_and_the_connection_stays(server):
+    async def main() -> tuple[list[Event], list[Event], list[Event]]:
+        async with connect(server) as c:
+            await send(c, Synthesize(text="Hello there", voice=SynthesizeVoice(name="nobody")))
+            unknown = await read_until(c, is_type(Error))
+            await send(c, Synthesize(text="   "))
+            empty = await read_until(c, is_type(Error))
+            await send(
+                c, Synthesize(text="Still here for you", voice=SynthesizeVoice(name="alpha"))
+            )
+            after = await read_until(c, is_type(AudioStop))
+            return unknown, empty, after
+
+    unknown, empty, after = run(main())
+    assert [e.type for e in unknown] == ["error"]  # no audio-start for a refused request
+    assert "nobody" in Error.from_event(unknown[0]).text
+    assert "empty" in Error.from_event(empty[-1]).text
+    (audio,) = segments(after)
+    assert_speaks(audio, "alpha", "Still here for you")
+
+
+def test_a_stream_with_an_unknown_voice_errors_once_and_still_stops(server):
+    async def main() -> list[Event]:
+        async with connect(server) as c:
+            await send(c, SynthesizeStart(voice=SynthesizeVoice(name="nobody")))
+            await send(c, SynthesizeChunk(text="One sentence here. Another one there. "))
+            await send(c, SynthesizeStop())
+            return await read_until(c, is_type(SynthesizeStopped))
+
+    events = run(main())
+    assert [e.type for e in events] == ["error", "synthesize-stopped"]
+
+
+def test_malformed_or_oversized_events_close_only_that_connection(server):
+    limit = server.settings.max_text_chars
+
+    async def refused(*events) -> list[Event | None]:
+        async with connect(server) as c:
+            await send(c, *events)
+            return [await c.read_event(), await c.read_event()]
+
+    async def main() -> list[list[Event | None]]:
+        return [
+            await refused(Event(type="synthesize", data={"text": 42})),
+            await refused(Event(type="synthesize", data={"text": "x" * max_event_bytes(limit)})),
+            # A stream that never ends a sentence may not grow past the text limit.
+            await refused(SynthesizeStart(), SynthesizeChunk(text="word " * (limit // 5 + 10))),
+        ]
+
+    for error, end in run(main()):
+        assert error is not None and Error.is_type(error.type)
+        assert end is None  # closed after saying why
+    # The server itself carries on.
+    test_synthesize_sends_audio_as_it_is_made(server)
+
+
+async def describe_when_served(server: LiveServer) -> Info:
+    """Describe on a new connection, retried while the server is still full: it notices
+    closed connections on its own time."""
+    deadline = time.monotonic() + READ_TIMEOUT_S
+    while True:
+        async with connect(server) as c:
+            await send(c, Describe())
+            event = await c.read_event()
+        if event is not None and Info.is_type(event.type):
+            return Info.from_event(event)
+        assert time.monotonic() < deadline, "the server stayed full"
+        await asyncio.sleep(0.02)
+
+
+def test_connections_are_limited(server):
+    async def main() -> tuple[Event | None, Info]:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(connect(server)) for _ in range(16)]
+            for c in clients:
+                await describe(c)  # each one is being served
+            async with connect(server) as extra:
+                refused = await extra.read_event()
+            await clients[0].disconnect()
+            info = await describe_when_served(server)
+        await describe_when_served(server)  # the others' places are free again too
+        return refused, info
+
+    refused, info = run(main())
+    assert refused is not None and "too many connections" in Error.from_event(refused).text
+    assert info.tts  # a freed place is taken again
+
+
+def test_disconnect_mid_stream_cancels_the_job(server):
+    engine = server.engine
+    text = "Hold this sentence please."
+    engine.gate.clear()  # the engine stops before its last chunk until the gate opens
+
+    async def main() -> None:
+        async with connect(server) as c:
+            await send(c, SynthesizeStart(voice=SynthesizeVoice(name="alpha")))
+            await send(c, SynthesizeChunk(text=text + " "))
+            await read_until(c, is_type(AudioChunk))  # the job is running
+
+    run(main())
+    deadline = time.monotonic() + 10
+    while text not in engine.cancelled_jobs and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert text in engine.cancelled_jobs
+    assert text not in engine.finished_jobs
+
+
+def test_stopping_the_server_ends_connections_and_their_jobs(tmp_path):
+    port = free_port()
+    text = "A sentence held at shutdown."
+    running = threading.Event()
+
+    async def hold() -> None:
+        async with AsyncTcpClient("127.0.0.1", port, 5, READ_TIMEOUT_S) as c:
+            await send(c, SynthesizeStart(), SynthesizeChunk(text=text + " "))
+            await read_until(c, is_type(AudioChunk))
+            running.set()
+            while await c.read_event() is not None:  # until the server closes it
+                pass
+
+    with live_server(tmp_path, wyoming=True, wyoming_port=port) as s:
+        s.engine.gate.clear()
+        client = threading.Thread(target=lambda: run(hold()))
+        client.start()
+        assert running.wait(READ_TIMEOUT_S)
+    client.join(READ_TIMEOUT_S)
+    assert not client.is_alive()
+    assert text in s.engine.cancelled_jobs
+
+
+def test_a_voice_uploaded_over_http_appears_in_the_next_describe(server):
+    buf = io.BytesIO()
+    t = np.arange(3 * 22_050) / 22_050
+    sf.write(buf, 0.3 * np.sin(2 * np.pi * 220 * t), 22_050, format="WAV", subtype="PCM_16")
+    with server.client() as c:
+        files = [("files", ("clip.wav", buf.getvalue(), "audio/wav"))]
+        r = c.post("/api/library/voices", data={"name": "Kitchen Voice"}, files=files)
+        assert r.status_code == 201, r.text
+
+    async def main() -> Info:
+        async with connect(server) as c:
+            return await describe(c)
+
+    voices = {v.name: v for v in run(main()).tts[0].voices}
+    assert "Kitchen Voice" in voices
+    # A voice that names no language speaks all of the engine's.
+    assert voices["Kitchen Voice"].languages == ["en", "de", "fr"]
+
+
+def test_http_and_wyoming_at_once_each_get_their_own_audio(server):
+    http_text, wyoming_text = "Spoken over HTTP today", "Spoken over Wyoming today"
+
+    def over_http() -> np.ndarray:
+        body = {"model": "tts-1", "input": http_text, "voice": "gamma", "response_format": "wav"}
+        with server.client() as c:
+            r = c.post("/v1/audio/speech", json=body)
+            assert r.status_code == 200, r.text
+            return decode(r.content, "wav")[0]
+
+    async def over_wyoming() -> list[Event]:
+        async with connect(server) as c:
+            await send(c, Synthesize(text=wyoming_text, voice=SynthesizeVoice(name="beta")))
+            return await read_until(c, is_type(AudioStop))
+
+    async def main() -> tuple[np.ndarray, list[Event]]:
+        return await asyncio.gather(asyncio.to_thread(over_http), over_wyoming())
+
+    http_audio, events = run(main())
+    assert_speaks(http_audio, "gamma", http_text)
+    (audio,) = segments(events)
+    assert_speaks(audio, "beta", wyoming_text)
+
+
+def test_zeroconf_announces_the_server_on_loopback(tmp_path):
+    zc = pytest.importorskip("zeroconf.asyncio")
+    from zeroconf import IPVersion
+
+    port = free_port()
+
+    async def find() -> int | None:
+        browser_zc = zc.AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+        names: asyncio.Queue[str] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def seen(zeroconf, service_type, name, state_change) -> None:
+            loop.call_soon_threadsafe(names.put_nowait, name)
+
+        browser = zc.AsyncServiceBrowser(
+            browser_zc.zeroconf, "_wyoming._tcp.local.", handlers=[seen]
+        )
+        try:
+            while True:
+                name = await asyncio.wait_for(names.get(), READ_TIMEOUT_S)
+                info = zc.AsyncServiceInfo("_wyoming._tcp.local.", name)
+                if await info.async_request(browser_zc.zeroconf, 3000) and info.port == port:
+                    return info.port
+        finally:
+            await browser.async_cancel()
+            await browser_zc.async_close()
+
+    with live_server(tmp_path, wyoming=True, wyoming_port=port, wyoming_zeroconf=True):
+        assert run(find()) == port
+
+
+def test_without_zeroconf_the_server_says_so_and_runs(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "zeroconf", None)  # as if not installed
+    with caplog.at_level(logging.WARNING, logger="lowvox.server.wyoming"):
+        Announcer("127.0.0.1", 10200).start()
+    assert "pip install lowvox[zeroconf]" in caplog.text
+
+
+def test_split_complete_keeps_unfinished_sentences():
+    assert split_complete("Hello there. How") == ("Hello there. ", "How")
+    assert split_complete("It costs 3.5 euros") == ("", "It costs 3.5 euros")
+    assert split_complete('He said "stop!" and left') == ('He said "stop!" ', "and left")
+    assert split_complete("第一句。第二") == ("第一句。", "第二")
+    assert split_complete("- milk\n- eggs") == ("- milk\n", "- eggs")
+
+
+def test_text_arriving_piecewise_splits_as_if_whole():
+    text = 'One. "Two?!" Three 3.5 four… five.) 六。 seven\n eight'
+    for size in (1, 2, 3, 7):
+        kept, spoken = "", ""
+        for i in range(0, len(text), size):
+            complete, kept = add_text(kept, text[i : i + size])
+            spoken += complete
+        # The same words on each side (a line break's trailing spaces may fall either way).
+        whole = split_complete(text)
+        assert (spoken.split(), kept.split()) == (whole[0].split(), whole[1].split()), size
+
+
+def test_serve_flags_and_environment(monkeypatch):
+    args = build_parser().parse_args(["serve", "--wyoming", "--wyoming-port", "10300"])
+    assert (args.wyoming, args.wyoming_port, args.wyoming_zeroconf) == (True, 10300, None)
+    monkeypatch.setenv("LOWVOX_WYOMING_ZEROCONF", "1")
+    settings = load_settings(wyoming=args.wyoming, wyoming_port=args.wyoming_port)
+    assert (settings.wyoming, settings.wyoming_port, settings.wyoming_zeroconf) == (
+        True,
+        10300,
+        True,
+    )
+    monkeypatch.delenv("LOWVOX_WYOMING", raising=False)
+    assert load_settings().wyoming is False  # off unless asked for
