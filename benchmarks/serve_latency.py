@@ -9,7 +9,18 @@ sends streamed OpenAI requests (`POST /v1/audio/speech`, pcm, `stream: true`):
   short_behind_long  one sentence, sent --short-delay-s after a --long-sentences request
   burst              two-sentence requests all at once: aggregate RTF = wall / audio s
 
-TTFA = request sent -> first non-empty body bytes. Every request sends
+With --wyoming (the default) the server also serves Wyoming (`--wyoming --wyoming-port P`),
+and one sentence per repeat is spoken three ways, one at a time, for TTFA medians:
+
+  http_one_sentence  the streamed HTTP request above
+  wyoming_oneshot    `synthesize` sent -> first `audio-chunk`
+  wyoming_streaming  `synthesize-start`, the sentence as `synthesize-chunk`s word by word, then
+                     the next sentence's first word, which completes it: that chunk sent ->
+                     first `audio-chunk`
+
+Wyoming takes no options (no token cap, no seed), so its clients disconnect at the first
+`audio-chunk` (the server cancels the job) and the next request waits until /api/engines
+shows the engine idle. TTFA = request sent -> first non-empty body bytes. Every request sends
 `options: {"max_new_tokens": N, "seed": S}`: the cap applies per generated piece (the
 server packs short sentences into pieces of up to ~250 characters), so random weights,
 which rarely emit the stop token, stop early; seeds make runs repeatable. Other LOWVOX_*
@@ -20,6 +31,7 @@ are recorded in the report. Example: `benchmarks/serve_latency.py --random-weigh
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -30,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +50,9 @@ from typing import Any
 import httpx
 import numpy as np
 import soundfile as sf
+from wyoming.client import AsyncTcpClient
+from wyoming.event import Event
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeVoice
 
 log = logging.getLogger("serve_latency")
 
@@ -73,6 +89,7 @@ class Options:
     long_sentences: int = opt(6, "short_behind_long: sentences of the long request")
     short_delay_s: float = opt(1.0, "short_behind_long: seconds before the short request")
     burst: int = opt(8, "burst: requests")
+    wyoming: bool = opt(True, "also serve Wyoming and compare its TTFA with HTTP's")
     start_timeout_s: float = opt(900.0, "seconds for the server to load and warm up")
     request_timeout_s: float = opt(600.0, "seconds per request")
 
@@ -141,6 +158,37 @@ class Client:
                 raise RuntimeError(f"a request failed: {r or 'timed out'!r}")
         return results  # type: ignore[return-value]
 
+    def wait_idle(self) -> None:
+        """Until no engine has a job queued or running (a cancelled one leaves at its next
+        step)."""
+        deadline = time.monotonic() + self.opts.request_timeout_s
+        while any(e.get("busy") for e in self.http.get("/api/engines").json()["engines"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the server stayed busy")
+            time.sleep(0.05)
+
+
+async def wyoming_ttfa(port: int, voice: str, text: str, streaming: bool, timeout: float) -> float:
+    """Seconds from the event that makes `text` speakable to its first audio-chunk; then
+    disconnects, which cancels the rest."""
+    v = SynthesizeVoice(name=voice)
+    async with AsyncTcpClient("127.0.0.1", port) as c:
+        if streaming:
+            await c.write_event(SynthesizeStart(voice=v).event())
+            for i, word in enumerate(text.split()):
+                await c.write_event(SynthesizeChunk(text=word if i == 0 else " " + word).event())
+            last = SynthesizeChunk(text=" Then")  # the sentence end is now followed by a space
+        else:
+            last = Synthesize(text=text, voice=v)
+        sent = time.perf_counter()
+        await c.write_event(last.event())
+        while True:
+            event: Event | None = await asyncio.wait_for(c.read_event(), timeout)
+            if event is None or event.type == "error":
+                raise RuntimeError(f"wyoming: {event.data if event else 'connection closed'}")
+            if event.type == "audio-chunk":
+                return time.perf_counter() - sent
+
 
 def stats(timings: list[Timing]) -> dict:
     """TTFA percentiles, audio, per-request median RTF and aggregate RTF (wall / audio)."""
@@ -162,7 +210,43 @@ def stats(timings: list[Timing]) -> dict:
     }
 
 
-def scenarios(c: Client, o: Options) -> dict:
+def ttfa_stats(ttfa: list[float]) -> dict:
+    return {
+        "requests": [{"ttfa_s": t} for t in ttfa],
+        "ttfa_p50_s": float(np.percentile(ttfa, 50)),
+        "ttfa_p95_s": float(np.percentile(ttfa, 95)),
+        "ttfa_max_s": max(ttfa),
+    }
+
+
+def one_sentence(c: Client, o: Options, wyoming_port: int) -> dict:
+    """The same sentence over HTTP, Wyoming synthesize and Wyoming streaming, per repeat."""
+
+    def http(text: str) -> float:
+        t = c.speak(text)
+        return t.first - t.sent
+
+    def wyoming(text: str, streaming: bool = False) -> float:
+        port, timeout = wyoming_port, o.request_timeout_s
+        ttfa = asyncio.run(wyoming_ttfa(port, c.voice, text, streaming, timeout))
+        c.wait_idle()
+        return ttfa
+
+    wyoming(c.text(1))  # warm-up, not measured
+    runs: dict[str, Callable[[str], float]] = {
+        "http_one_sentence": http,
+        "wyoming_oneshot": wyoming,
+        "wyoming_streaming": lambda text: wyoming(text, streaming=True),
+    }
+    ttfa: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(o.repeats):
+        text = c.text(1)
+        for name, run in runs.items():
+            ttfa[name].append(run(text))
+    return {name: ttfa_stats(values) for name, values in ttfa.items()}
+
+
+def scenarios(c: Client, o: Options, wyoming_port: int | None) -> dict:
     c.speak(c.text(1))  # warm-up (voice cloning, caches), not measured
     log.info("alone: %d requests", o.repeats)
     out = {"alone": stats([c.speak(c.text(2)) for _ in range(o.repeats)])}
@@ -173,6 +257,9 @@ def scenarios(c: Client, o: Options) -> dict:
     out["short_behind_long"] = {**stats([short]), "long": stats([long_])["requests"][0]}
     log.info("burst: %d requests at once", o.burst)
     out["burst"] = stats(c.concurrently([(0.0, 2)] * o.burst))
+    if wyoming_port is not None:
+        log.info("one sentence: HTTP, Wyoming synthesize, Wyoming streaming x %d", o.repeats)
+        out.update(one_sentence(c, o, wyoming_port))
     return out
 
 
@@ -198,11 +285,16 @@ def _wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"the server was not ready after {timeout_s:.0f} s")
 
 
-def run_benchmark(o: Options) -> dict:
-    """Start the server, run every scenario, always stop the server; return the report."""
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def run_benchmark(o: Options) -> dict:
+    """Start the server, run every scenario, always stop the server; return the report."""
+    port = _free_port()
+    wyoming_port = _free_port() if o.wyoming else None
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="lowvox-serve-latency-") as home:
         (Path(home) / "voices").mkdir()
@@ -213,6 +305,8 @@ def run_benchmark(o: Options) -> dict:
         cmd = [sys.executable, "-m", "lowvox", "serve", "--engine", "xtts", "--model-dir",
                str(o.model_dir), "--precision", o.precision, "--device", o.device,
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        if wyoming_port is not None:
+            cmd += ["--wyoming", "--wyoming-port", str(wyoming_port)]
         log_path = Path(home) / "server.log"
         log.info("starting: lowvox %s", " ".join(cmd[3:]))
         with open(log_path, "wb") as server_log:
@@ -228,7 +322,7 @@ def run_benchmark(o: Options) -> dict:
                 voice = r.raise_for_status().json()["voices"][0]["id"]
             client = Client(base, o, voice)
             try:
-                result = scenarios(client, o)
+                result = scenarios(client, o, wyoming_port)
             finally:
                 client.http.close()
         except BaseException:
@@ -244,16 +338,21 @@ def run_benchmark(o: Options) -> dict:
                 proc.wait(10)
     alone, sbl = result["alone"]["ttfa_p50_s"], result["short_behind_long"]
     sbl["ratio_to_alone"] = sbl["ttfa_p50_s"] / alone
+    ratios = {
+        "staggered_p95_over_alone": result["staggered"]["ttfa_p95_s"] / alone,
+        "short_behind_long_over_alone": sbl["ratio_to_alone"],
+    }
+    if o.wyoming:
+        http = result["http_one_sentence"]["ttfa_p50_s"]
+        for name in ("wyoming_oneshot", "wyoming_streaming"):
+            ratios[f"{name}_over_http_one_sentence"] = result[name]["ttfa_p50_s"] / http
     return {
         **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(o).items()},
         "voice": voice,
         "environment": {k: v for k, v in env.items() if k.startswith("LOWVOX_")},
         "startup_s": startup_s,
         "scenarios": result,
-        "ratios": {
-            "staggered_p95_over_alone": result["staggered"]["ttfa_p95_s"] / alone,
-            "short_behind_long_over_alone": sbl["ratio_to_alone"],
-        },
+        "ratios": ratios,
     }
 
 
@@ -261,7 +360,7 @@ def format_table(report: dict) -> str:
     head = ["scenario", "requests", "TTFA p50 s", "p95 s", "max s", "audio s", "RTF med", "RTF agg"]
     keys = ["ttfa_p50_s", "ttfa_p95_s", "ttfa_max_s", "audio_s", "rtf_median", "aggregate_rtf"]
     rows = [head] + [
-        [name, str(len(s["requests"]))] + [f"{s[k]:.3f}" for k in keys]
+        [name, str(len(s["requests"]))] + [f"{s[k]:.3f}" if k in s else "-" for k in keys]
         for name, s in report["scenarios"].items()
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -276,6 +375,12 @@ def format_table(report: dict) -> str:
         f"TTFA ratios: staggered p95 / alone {q['staggered_p95_over_alone']:.2f}x, short_behind_long"
         f" / alone {q['short_behind_long_over_alone']:.2f}x   (RTF agg = wall / audio s)"
     )
+    if "wyoming_oneshot_over_http_one_sentence" in q:
+        one, streamed = (q[f"wyoming_{m}_over_http_one_sentence"] for m in ("oneshot", "streaming"))
+        lines.append(
+            f"TTFA p50 ratios: wyoming_oneshot / http_one_sentence {one:.2f}x,"
+            f" wyoming_streaming / http_one_sentence {streamed:.2f}x   (target <= 1.2x)"
+        )
     return "\n".join(lines)
 
 
@@ -290,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="random models; the server's weights cache in <it>/server (%(default)s)")  # fmt: skip
     for f in fields(Options)[2:]:  # --precision ... --request-timeout-s
         kind = str if f.default is None else type(f.default)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+        how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        p.add_argument("--" + f.name.replace("_", "-"), **how, default=f.default,
                        help=f.metadata["help"] + " (default: %(default)s)")  # fmt: skip
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the report here")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

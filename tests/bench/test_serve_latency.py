@@ -15,6 +15,10 @@ from lowvox.bench.random_model import ensure_random_model
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_latency.py"
 SCENARIOS = ("alone", "staggered", "short_behind_long", "burst")
+# One sentence per repeat, over HTTP and Wyoming: TTFA only (Wyoming disconnects at the
+# first audio-chunk).
+ONE_SENTENCE = ("http_one_sentence", "wyoming_oneshot", "wyoming_streaming")
+TTFA = ("ttfa_p50_s", "ttfa_p95_s", "ttfa_max_s")
 FIGURES = ("ttfa_p50_s", "ttfa_p95_s", "ttfa_max_s", "audio_s", "rtf_median", "wall_s",
            "aggregate_rtf")  # fmt: skip
 
@@ -34,7 +38,7 @@ def test_serve_latency_reports_every_figure(tmp_path):
     model = ensure_random_model(tmp_path / "models", "tiny", seed=3)
     cap = 16  # audio tokens per piece, ~0.75 s of audio
     opts = bench.Options(
-        model, tmp_path / "cache", max_new_tokens=cap, repeats=1, staggered=2, stagger_s=0.2,
+        model, tmp_path / "cache", max_new_tokens=cap, repeats=2, staggered=2, stagger_s=0.2,
         long_sentences=3, short_delay_s=0.2, burst=2, start_timeout_s=600, request_timeout_s=300,
     )  # fmt: skip
     report = bench.run_benchmark(opts)
@@ -42,9 +46,10 @@ def test_serve_latency_reports_every_figure(tmp_path):
     assert report["voice"] == "bench-voice"  # no studio speakers: the synthetic clip's voice
     assert report["startup_s"] > 0
     scenarios = report["scenarios"]
-    assert tuple(scenarios) == SCENARIOS
-    counts = {"alone": 1, "staggered": 2, "short_behind_long": 1, "burst": 2}
-    for name, s in scenarios.items():
+    assert tuple(scenarios) == SCENARIOS + ONE_SENTENCE
+    counts = {"alone": 2, "staggered": 2, "short_behind_long": 1, "burst": 2}
+    for name in SCENARIOS:
+        s = scenarios[name]
         assert len(s["requests"]) == counts[name], name
         for key in FIGURES:
             assert math.isfinite(s[key]) and s[key] > 0, (name, key)
@@ -60,8 +65,21 @@ def test_serve_latency_reports_every_figure(tmp_path):
     assert (
         ratios["short_behind_long_over_alone"] == scenarios["short_behind_long"]["ratio_to_alone"]
     )
+    for name in ONE_SENTENCE:
+        s = scenarios[name]
+        assert len(s["requests"]) == 2, name
+        for key in TTFA:
+            assert math.isfinite(s[key]) and s[key] > 0, (name, key)
+        assert s["ttfa_p50_s"] <= s["ttfa_p95_s"] <= s["ttfa_max_s"], name
+        assert all(r["ttfa_s"] > 0 for r in s["requests"]), name
+    http = scenarios["http_one_sentence"]["ttfa_p50_s"]
+    for name in ("wyoming_oneshot", "wyoming_streaming"):
+        ratio = ratios[f"{name}_over_http_one_sentence"]
+        assert ratio == scenarios[name]["ttfa_p50_s"] / http
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    assert len(ratios) == 4
 
     json.dumps(report)  # what --json writes
     table = bench.format_table(report)
-    assert all(name in table for name in SCENARIOS)
+    assert all(name in table for name in SCENARIOS + ONE_SENTENCE)
+    assert "wyoming_streaming / http_one_sentence" in table
