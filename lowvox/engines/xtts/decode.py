@@ -112,6 +112,9 @@ class Decoder:
         self._next_id = 0
         self._caches: list[KVCache] | None = None
         self._capacity = (0, 0)  # (rows, positions) the caches hold
+        # The caches' first n rows, one set of views per n: the same objects step after
+        # step, so that the fused CPU kernels are looked up once per batch size.
+        self._views: dict[int, list[KVCache]] = {}
         self._graphs: dict[int, _GraphStep] = {}
 
     # -- rows ----------------------------------------------------------------------------
@@ -226,7 +229,9 @@ class Decoder:
         if self.graphs:
             latents = self._graph(n).run(tokens, audio_pos, seq_pos)
         else:
-            caches = [c.rows(0, n) for c in self._caches]
+            caches = self._views.get(n)
+            if caches is None:
+                caches = self._views[n] = [c.rows(0, n) for c in self._caches]
             latents = self.gpt.decode(tokens, audio_pos, seq_pos, caches)  # [n, 1, D]
         for k, a in enumerate(self._rows):
             a.latent = latents[k : k + 1]
@@ -257,7 +262,8 @@ class Decoder:
             want = (self.max_rows, self.max_len)
         else:
             want = (max(rows, min(2 * have_rows, self.max_rows)), max(positions, have_len))
-        caches = self.gpt.make_caches(want[1], batch=want[0])
+        # On a CPU the caches are lazy however many rows: pages cost memory where written.
+        caches = self.gpt.make_caches(want[1], batch=want[0], lazy=self.device.type == "cpu")
         if self._caches is not None:
             for old, new in zip(self._caches, caches, strict=True):
                 for k, a in enumerate(self._rows):
@@ -265,6 +271,7 @@ class Decoder:
                     new.v[k, :, : a.length] = old.v[k, :, : a.length]
         self._caches, self._capacity = caches, want
         self._graphs.clear()  # captured over the old buffers
+        self._views.clear()
         return caches
 
     def _graph(self, rows: int) -> _GraphStep:

@@ -122,11 +122,14 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        lazy: bool | None = None,
     ) -> None:
         shape = (batch, heads, max_len, head_dim)
-        # A single sequence's cache comes from the heap: its first touches would cost page
-        # faults, and the heap often has the memory already (freed prompt activations).
-        lazy = batch > 1
+        # By default a single sequence's cache comes from the heap: its first touches would
+        # cost page faults, and the heap often has the memory already (freed prompt
+        # activations). A cache sized for the longest possible row (the decode loop's) is
+        # lazy whatever its rows: most of it is never written.
+        lazy = batch > 1 if lazy is None else lazy
         self.k = _zeros(shape, dtype, device, lazy)
         self.v = _zeros(shape, dtype, device, lazy)
 
@@ -444,13 +447,18 @@ class XttsGpt(nn.Module):
         return self.args.gpt_n_heads
 
     def make_caches(
-        self, max_len: int, batch: int = 1, device: torch.device | str | None = None
+        self,
+        max_len: int,
+        batch: int = 1,
+        device: torch.device | str | None = None,
+        lazy: bool | None = None,
     ) -> list[KVCache]:
-        """One preallocated cache per layer, in the dtype keys are computed in."""
+        """One preallocated cache per layer, in the dtype keys are computed in (`lazy`: see
+        `KVCache`)."""
         w = self.mel_head.weight
-        dtype = self.compute_dtype
+        dtype, hd = self.compute_dtype, self.dim // self.heads
         return [
-            KVCache(batch, self.heads, max_len, self.dim // self.heads, dtype, device or w.device)
+            KVCache(batch, self.heads, max_len, hd, dtype, device or w.device, lazy)
             for _ in self.gpt.h
         ]
 

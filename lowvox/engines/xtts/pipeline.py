@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 # Utterances decoded together when nothing else is said: enough to fill the matmuls' spare
 # compute during memory-bound decoding without growing the KV caches much.
 DEFAULT_MAX_ROWS = 8
-# Whole-file requests need no early first chunk: larger vocoder calls waste less context.
-WHOLE_FILE_CHUNK_TOKENS = 48
 
 
 def encode_text(
@@ -330,16 +328,13 @@ def vocode(model: XttsModel, latents: torch.Tensor, voice: Voice) -> np.ndarray:
 
 
 def warm_up(model: XttsModel, tokens: int = 60) -> None:
-    """Vocode silence at every streaming cadence once, so that oneDNN builds its kernels for
+    """Vocode silence once at the streaming cadence, so that oneDNN builds its kernels for
     those input lengths (about 1 s in bf16) at start-up rather than in the first request."""
     zeros = torch.zeros(1, 1, model.gpt.dim, device=model.device)
     speaker = torch.zeros(1, model.config.model_args.d_vector_dim, 1, device=model.device)
-    cadences = [(DEFAULT_FIRST_CHUNK_TOKENS, DEFAULT_CHUNK_TOKENS)]
-    cadences.append((WHOLE_FILE_CHUNK_TOKENS, WHOLE_FILE_CHUNK_TOKENS))
     with torch.inference_mode():
-        for first, later in cadences:
-            vocoder = RowVocoder(model.hifigan_decoder, speaker, 1.0, first, later)
-            for _ in range(tokens):
-                vocoder.push(zeros)
-            vocoder.finish()
+        vocoder = RowVocoder(model.hifigan_decoder, speaker)
+        for _ in range(tokens):
+            vocoder.push(zeros)
+        vocoder.finish()
     release_heap()
