@@ -29,6 +29,9 @@ FORMATS: dict[str, AudioFormat] = {
         AudioFormat("opus", "audio/ogg", ".opus", streamable=True, lossless=False),
         AudioFormat("aac", "audio/aac", ".aac", streamable=True, lossless=False),
         AudioFormat("m4a", "audio/mp4", ".m4a", streamable=True, lossless=False),
+        # An audiobook: AAC in MP4 with chapter marks, written whole by lowvox.jobs.assemble
+        # (its index comes first, so it is not made as a stream).
+        AudioFormat("m4b", "audio/mp4", ".m4b", streamable=False, lossless=False),
     )
 }
 
@@ -55,6 +58,7 @@ _EXTENSIONS = {
     ".oga": "opus",
     ".aac": "aac",
     ".m4a": "m4a",
+    ".m4b": "m4b",
 }
 
 

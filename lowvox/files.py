@@ -1,0 +1,74 @@
+"""Writing files so that a reader, a crash or a second process never sees half of one.
+
+Every file lowvox writes goes through here: the data lands in a temporary file with a
+unique name in the target's own folder (so the rename stays on one file system), is
+flushed to disk, and is published with one `os.replace`. Leftover temporaries of a killed
+process start with `.` and end with `.part`; `sweep_partials` removes them at start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+PART_SUFFIX = ".part"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[Path]:
+    """A temporary path to write `path`'s content to; published when the block ends
+    without an error, removed when it fails. For writers that need a file name (PyAV,
+    soundfile, sqlite backups)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PART_SUFFIX)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if fsync:
+            with open(tmp_path, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[BinaryIO]:
+    """A binary file object whose content replaces `path` when the block ends cleanly."""
+    with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> None:
+    """Replace `path` with `data` in one step."""
+    with atomic_open(path, fsync=fsync) as f:
+        f.write(data)
+
+
+def sweep_partials(folder: str | os.PathLike[str], older_than_s: float = 0.0) -> int:
+    """Remove the temporaries that killed writers left under `folder` (recursively);
+    returns how many. `older_than_s` spares those a live writer may still be using."""
+    root = Path(folder)
+    if not root.is_dir():
+        return 0
+    now = time.time()
+    removed = 0
+    for tmp in root.rglob(f".*{PART_SUFFIX}"):
+        try:
+            if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime >= older_than_s:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
