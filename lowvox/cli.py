@@ -1,4 +1,4 @@
-"""The `lowvox` command: say, voices, doctor, serve, models, bench."""
+"""The `lowvox` command: say, book, jobs, voices, doctor, serve, models, bench."""
 
 from __future__ import annotations
 
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fidelity", action="store_true", help="reduced precision vs fp32")
     bench.add_argument("--golden", help="also report fidelity on this model folder")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    from lowvox.jobs.cli import add_parsers
+
+    add_parsers(sub, _add_common, _add_engine_flags)
     return parser
 
 
@@ -286,8 +289,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_book(args: argparse.Namespace) -> int:
+    from lowvox.jobs.cli import cmd_book as run
+
+    settings = _settings_from_args(args, executor=args.executor, ray_address=args.ray_address)
+    return run(args, settings)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from lowvox.jobs.cli import cmd_jobs as run
+
+    return run(args, _settings_from_args(args))
+
+
 COMMANDS = {
     "say": cmd_say,
+    "book": cmd_book,
+    "jobs": cmd_jobs,
     "voices": cmd_voices,
     "doctor": cmd_doctor,
     "serve": cmd_serve,

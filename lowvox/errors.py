@@ -22,8 +22,10 @@ class InvalidRequest(LowvoxError):
 class UnknownVoice(InvalidRequest):
     status_code = 404
 
-    def __init__(self, voice: str) -> None:
-        super().__init__(f"unknown voice: {voice!r}", field="voice")
+    def __init__(self, voice: str, where: str | None = None) -> None:
+        # `where` places a voice named inside a document ("chapter 2, paragraph 3").
+        at = f" ({where})" if where else ""
+        super().__init__(f"unknown voice: {voice!r}{at}", field="voice")
         self.voice = voice
 
 
@@ -31,6 +33,14 @@ class UnknownLanguage(InvalidRequest):
     def __init__(self, language: str, supported: list[str] | None = None) -> None:
         hint = f" (supported: {', '.join(supported)})" if supported else ""
         super().__init__(f"unknown language: {language!r}{hint}", field="language")
+
+
+class BadDocument(InvalidRequest):
+    """An uploaded document (text, Markdown, EPUB) that cannot be read: damaged, encrypted,
+    too large once unpacked, empty, or with malformed inline tags."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="file")
 
 
 class UnsupportedFormat(InvalidRequest):

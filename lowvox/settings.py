@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     outputs_max_age_hours: float = Field(24 * 7, ge=0)
     outputs_max_bytes: int = Field(2 * 1024**3, ge=0)
 
+    # Long-form jobs (books): the largest input file and text, the quality retakes of a
+    # flagged sentence, and where sentences are spoken (this process, or a Ray cluster).
+    max_job_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    max_job_chars: int = Field(5_000_000, ge=1)
+    job_retakes: int = Field(2, ge=0, le=10)
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None  # None: start a local Ray; "auto" or ray://host:port
+    ray_actors: int = Field(1, ge=1, le=256)  # loaded models, one per node or GPU
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("home", "voices_dir", "outputs_dir", "models_dir", "cache_dir", "model_dir")
@@ -105,6 +114,10 @@ class Settings(BaseSettings):
     @property
     def cache_path(self) -> Path:
         return self.cache_dir or self.home / "cache"
+
+    @property
+    def jobs_path(self) -> Path:
+        return self.home / "jobs"
 
     @classmethod
     def settings_customise_sources(

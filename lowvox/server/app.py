@@ -21,10 +21,11 @@ from fastapi.middleware.cors import CORSMiddleware
 import lowvox
 from lowvox.engines import create_engine
 from lowvox.errors import LowvoxError
+from lowvox.jobs.service import JobService
 from lowvox.server.engines import EngineFactory, EngineHub
 from lowvox.server.errors import install_error_handlers
 from lowvox.server.outputs import OutputStore
-from lowvox.server.routes import alltalk, core, openai, voices, web, xtts_api
+from lowvox.server.routes import alltalk, core, jobs, openai, voices, web, xtts_api
 from lowvox.server.security import ApiKeyMiddleware, BodyLimitMiddleware
 from lowvox.server.state import ServerState
 from lowvox.settings import Settings
@@ -54,6 +55,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
             settings.outputs_path, settings.outputs_max_age_hours, settings.outputs_max_bytes
         ),
         voices=VoiceStore(settings.voices_path, settings.max_upload_bytes),
+        jobs=JobService(settings, hub),
     )
 
     @contextlib.asynccontextmanager
@@ -72,6 +74,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
         # Announcing the Wyoming server implies running it.
         wyoming_on = settings.wyoming or settings.wyoming_zeroconf
         wyoming = await _start_wyoming(state) if wyoming_on else None
+        # Jobs the server was running when it stopped (or was killed) resume now.
+        await state.jobs.start()
         tasks = [asyncio.create_task(_retention_loop(state.outputs))]
         if settings.keep_alive > 0:
             tasks.append(asyncio.create_task(_keep_alive_loop(hub, settings.keep_alive)))
@@ -84,6 +88,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await state.jobs.close()
             await hub.close()
 
     app = FastAPI(
@@ -102,6 +107,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(alltalk.router)
     app.include_router(xtts_api.router)
     app.include_router(voices.router)
+    app.include_router(jobs.router)
     app.include_router(web.router)
     web.mount_static(app)
 
@@ -130,8 +136,12 @@ def _private_network_option() -> dict[str, bool]:
 
 
 def body_limit(settings: Settings) -> int:
-    """The largest request body worth reading: a voice upload, or the longest text escaped."""
-    return max(settings.max_upload_bytes * MAX_CLIPS, settings.max_text_chars * 12) + 64 * 1024
+    """The largest request body worth reading: a voice upload, a job's input, or the
+    longest text escaped."""
+    largest = max(
+        settings.max_upload_bytes * MAX_CLIPS, settings.max_job_bytes, settings.max_text_chars * 12
+    )
+    return largest + 64 * 1024
 
 
 # -- Home Assistant's Wyoming protocol: the same engines, on its own TCP port ----------------

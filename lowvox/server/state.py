@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from lowvox.jobs.service import JobService
 from lowvox.server.engines import EngineHub
 from lowvox.server.outputs import OutputStore
 from lowvox.settings import Settings
@@ -33,6 +34,7 @@ class ServerState:
     hub: EngineHub
     outputs: OutputStore
     voices: VoiceStore
+    jobs: JobService
     # Values set through xtts-api-server's /set_tts_settings, applied to its later requests.
     tts_options: dict[str, Any] = field(default_factory=dict)
     recent: collections.deque[Generation] = field(

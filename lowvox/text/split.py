@@ -80,3 +80,23 @@ def split_sentences(text: str, lang: str, limit: int | None = None) -> list[str]
 
         raise InvalidRequest(f"split limit must be positive, not {limit}", field="limit")
     return [c for c in split_sentences_exact(text, lang, limit) if c.strip()]
+
+
+def split_into_sentences(text: str, lang: str, limit: int | None = None) -> list[str]:
+    """One entry per sentence, by the same sentence rules as `split_sentences` but without
+    packing (long-form jobs keep a row, a take and a subtitle cue per sentence); a sentence
+    longer than `limit` (default: the language's) is wrapped at word boundaries."""
+    if limit is None:
+        limit = char_limit(lang)
+    elif limit < 1:
+        from lowvox.errors import InvalidRequest
+
+        raise InvalidRequest(f"split limit must be positive, not {limit}", field="limit")
+    out: list[str] = []
+    for sentence in _sentences(text, _FAMILY.get(rule_key(lang), "en")):
+        sentence = " ".join(sentence.split())
+        if len(sentence) > limit:
+            out += textwrap.wrap(sentence, width=limit, break_on_hyphens=False)
+        elif sentence:
+            out.append(sentence)
+    return out

@@ -1,0 +1,295 @@
+"""`lowvox book` and `lowvox jobs`: long-form jobs from the command line.
+
+`lowvox book INPUT -o OUTPUT.m4b` stores a job in the data folder's job store, speaks it
+with a progress bar, and writes OUTPUT with OUTPUT's `.srt` and `.vtt` beside it.
+Rerunning the same command (same input, output and options) after a crash or Ctrl-C
+continues the job where it stopped. `lowvox jobs` lists, shows, retakes and cancels jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lowvox.errors import InvalidRequest, LowvoxError
+from lowvox.settings import Settings
+
+
+def add_parsers(sub: Any, add_common: Any, add_engine_flags: Any) -> None:
+    book = sub.add_parser(
+        "book",
+        help="speak a long text, Markdown or EPUB file into a book (resumable)",
+        description="Speak INPUT (.txt, .md, .epub) into OUTPUT (.m4b, .mp3, .opus, .flac, "
+        ".wav), with .srt and .vtt subtitles beside it. Rerun the same command to resume.",
+    )
+    add_common(book)
+    add_engine_flags(book)
+    book.add_argument("input", help="the text, Markdown or EPUB file")
+    book.add_argument("-o", "--output", required=True, help="the book file; format from it")
+    book.add_argument("--voice", help="voice name")
+    book.add_argument("--language", help="language code, or 'auto' (default: settings)")
+    book.add_argument("--speed", type=float, default=1.0, help="0.25 to 4.0 (default 1.0)")
+    book.add_argument("--chapters", help="which chapters, 1-based: 2-5,7 (default all)")
+    book.add_argument("--title", help="the book's title (default: from the input)")
+    book.add_argument("--seed", type=int, default=0, help="the job's seed (default 0)")
+    book.add_argument("--retakes", type=int, help="retakes of a flagged sentence (default 2)")
+    book.add_argument("--temperature", type=float, help="XTTS sampling temperature")
+    book.add_argument(
+        "--narrator-voice", help='narrator mode: *narration* in this voice, "speech" in --voice'
+    )
+    book.add_argument("--no-normalize", action="store_true", help="skip loudness normalisation")
+    book.add_argument("--lufs", type=float, default=-18.0, help="loudness target (default -18)")
+    book.add_argument("--executor", choices=["local", "ray"], help="where sentences are spoken")
+    book.add_argument("--ray-address", help="Ray cluster address (ray executor)")
+    book.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    jobs = sub.add_parser("jobs", help="list, show, retake or cancel long-form jobs")
+    add_common(jobs)
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    jl = jsub.add_parser("list", help="every job in the data folder")
+    add_common(jl)
+    js = jsub.add_parser("show", help="one job: progress, chapters, flagged sentences")
+    add_common(js)
+    js.add_argument("job", help="job id (or a unique prefix)")
+    js.add_argument("--all", action="store_true", help="list every sentence")
+    jr = jsub.add_parser("retake", help="speak one sentence again (new seed), then re-bake")
+    add_common(jr)
+    add_engine_flags(jr)
+    jr.add_argument("job", help="job id (or a unique prefix)")
+    jr.add_argument("sentence", type=int, help="sentence number (as `jobs show` lists it)")
+    jr.add_argument("--text", help="new text for the sentence")
+    jr.add_argument("--voice", help="new voice for the sentence")
+    jc = jsub.add_parser("cancel", help="stop a job for good")
+    add_common(jc)
+    jc.add_argument("job", help="job id (or a unique prefix)")
+
+
+def _store(settings: Settings) -> Any:
+    from lowvox.jobs.store import JobStore
+
+    return JobStore(settings.jobs_path)
+
+
+def _find(store: Any, prefix: str) -> Any:
+    matches = [j for j in store.list() if j.id.startswith(prefix.strip().lower())]
+    if not prefix.strip() or not matches:
+        raise LowvoxError(f"no job matches {prefix!r} (see `lowvox jobs list`)")
+    if len(matches) > 1:
+        raise LowvoxError(f"{prefix!r} matches {len(matches)} jobs; give more of the id")
+    return matches[0]
+
+
+class ProgressBar:
+    """One line on stderr: sentences, audio time, ETA and real-time factor."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, event: Any) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.2 and event.done < event.total):
+            return
+        self._last = now
+        width = 30
+        filled = int(width * event.done / max(1, event.total))
+        eta = _clock(event.eta) if event.eta is not None else "--:--"
+        rtf = f"{event.rtf:.2f}" if event.rtf is not None else "-"
+        line = (
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {event.done}/{event.total} sentences"
+            f"  {_clock(event.audio_seconds)} audio  ETA {eta}  RTF {rtf}"
+        )
+        if event.flagged:
+            line += f"  {event.flagged} flagged"
+        sys.stderr.write(line + "\x1b[K")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return (
+        f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    )
+
+
+def _job_settings(args: argparse.Namespace, settings: Settings, fmt: str) -> Any:
+    from lowvox.jobs.plan import parse_chapters
+    from lowvox.jobs.store import JobSettings, NarratorSettings
+
+    options: dict[str, Any] = {}
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    return JobSettings(
+        engine=settings.engine,
+        voice=args.voice or settings.voice,
+        language=args.language or settings.language,
+        speed=args.speed,
+        options=options,
+        seed=args.seed,
+        format=fmt,
+        retakes=settings.job_retakes if args.retakes is None else args.retakes,
+        target_lufs=None if args.no_normalize else args.lufs,
+        narrator=(
+            NarratorSettings(narrator_voice=args.narrator_voice, character_voice=args.voice)
+            if args.narrator_voice
+            else None
+        ),
+        chapters=parse_chapters(args.chapters),
+    )
+
+
+def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
+    from lowvox.audio.formats import format_from_path
+
+    source = Path(args.input)
+    output = Path(args.output).expanduser().resolve()
+    fmt = "m4b" if output.suffix.lower() == ".m4b" else format_from_path(output)
+    if fmt not in ("m4b", "mp3", "opus", "flac", "wav", "m4a"):
+        raise InvalidRequest(f"a book can be m4b, mp3, opus, flac or wav, not {fmt}")
+    try:
+        data = source.read_bytes()
+    except OSError as e:
+        raise LowvoxError(f"cannot read {source}: {e.strerror or e}") from e
+    if len(data) > settings.max_job_bytes:
+        raise InvalidRequest(
+            f"{source} is {len(data):,} bytes, over the job limit of {settings.max_job_bytes:,}"
+        )
+    job_settings = _job_settings(args, settings, fmt)
+    return asyncio.run(_book(settings, source, data, output, job_settings, not args.no_progress))
+
+
+async def _book(
+    settings: Settings,
+    source: Path,
+    data: bytes,
+    output: Path,
+    job_settings: Any,
+    progress: bool,
+) -> int:
+    from lowvox.jobs.executors import open_executor
+    from lowvox.jobs.plan import create_job
+    from lowvox.jobs.runner import JobRunner, subtitle_paths
+    from lowvox.server.engines import EngineHub
+
+    store = _store(settings)
+    hub = EngineHub(settings)
+    executor = open_executor(settings, hub, job_settings.engine)
+    bar = ProgressBar(progress)
+    try:
+        await executor.start()
+        sha = hashlib.sha256(data).hexdigest()
+        job = store.find_cli_job(str(output), sha, job_settings)
+        if job is None:
+            job = await create_job(
+                store,
+                executor,
+                data=data,
+                filename=source.name,
+                settings=job_settings,
+                max_chars=settings.max_job_chars,
+                max_unpacked_bytes=settings.max_job_bytes * 4,
+                origin="cli",
+                output=str(output),
+            )
+            print(f"job {job.id}: {job.title}", file=sys.stderr)
+        else:
+            print(f"resuming job {job.id}: {job.title}", file=sys.stderr)
+        runner = JobRunner(store, executor, on_progress=bar)
+        job = await runner.run(job.id, book_path=output)
+    finally:
+        bar.close()
+        await executor.close()
+        await hub.close()
+        store.close()
+    if job.state != "done":
+        raise LowvoxError(f"job {job.id} is {job.state}: {job.error or 'stopped'}; rerun to resume")
+    srt, vtt = subtitle_paths(output)
+    print(f"wrote {output} (+ {srt.name}, {vtt.name})", file=sys.stderr)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    store = _store(settings)
+    try:
+        if args.jobs_command == "list":
+            for job in store.list():
+                p = store.progress(job.id, job.sample_rate)
+                print(
+                    f"{job.id[:12]}  {job.state:9s}  {p.done}/{p.total}  {job.origin:6s}"
+                    f"  {job.title}"
+                )
+            return 0
+        job = _find(store, args.job)
+        if args.jobs_command == "show":
+            _show(store, job, args.all)
+            return 0
+        if args.jobs_command == "cancel":
+            if job.state in ("done", "cancelled"):
+                raise LowvoxError(f"job {job.id} is already {job.state}")
+            store.set_state(job.id, "cancelled")
+            print(f"cancelled {job.id}")
+            return 0
+        if args.jobs_command == "retake":
+            return asyncio.run(_retake(settings, store, job, args))
+    finally:
+        store.close()
+    return 2
+
+
+def _show(store: Any, job: Any, every: bool) -> None:
+    p = store.progress(job.id, job.sample_rate)
+    print(f"job       {job.id}")
+    print(f"title     {job.title}" + (f" — {job.author}" if job.author else ""))
+    print(f"state     {job.state}" + (f" ({job.error})" if job.error else ""))
+    print(f"progress  {p.done}/{p.total} sentences, {_clock(p.audio_seconds)} of audio")
+    print(f"settings  {job.settings.engine}, voice {job.settings.voice or 'default'}, "
+          f"{job.settings.language}, {job.settings.format}")  # fmt: skip
+    if job.output:
+        print(f"output    {job.output}")
+    chapters = store.chapters(job.id)
+    sentences = store.sentences(job.id)
+    print("chapters")
+    for i, title in enumerate(chapters):
+        mine = [s for s in sentences if s.chapter == i]
+        if mine:
+            done = sum(s.state == "done" for s in mine)
+            print(f"  {i + 1:3d}  {done}/{len(mine)}  {title}")
+    flagged = [s for s in sentences if s.flags or s.state == "failed"]
+    for s in sentences if every else flagged:
+        mark = ",".join(s.flags) or s.error or ""
+        print(f"  #{s.idx:<5d} {s.state:7s} {mark:20s} {s.text[:70]}")
+
+
+async def _retake(settings: Settings, store: Any, job: Any, args: argparse.Namespace) -> int:
+    from lowvox.jobs.executors import open_executor
+    from lowvox.jobs.runner import JobRunner
+    from lowvox.server.engines import EngineHub
+
+    text = args.text.strip() if args.text is not None else None
+    if text is not None and not text:
+        raise InvalidRequest("the new text is empty")
+    store.sentence(job.id, args.sentence)  # a clear error for a wrong number
+    hub = EngineHub(settings)
+    executor = open_executor(settings, hub, job.settings.engine)
+    try:
+        await executor.start()
+        store.retake(job.id, args.sentence, text=text, voice=args.voice)
+        runner = JobRunner(store, executor)
+        book = Path(job.output) if job.output else None
+        job = await runner.run(job.id, book_path=book)
+    finally:
+        await executor.close()
+        await hub.close()
+    if job.state != "done":
+        raise LowvoxError(f"job {job.id} is {job.state}: {job.error or 'stopped'}")
+    print(f"sentence {args.sentence} retaken; book re-assembled", file=sys.stderr)
+    return 0

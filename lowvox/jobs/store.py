@@ -1,0 +1,597 @@
+"""The job store: one SQLite database (WAL) and one folder per job, in the data folder.
+
+The database is the source of truth: a job's settings and metadata, its chapters, and one
+row per sentence (text, voice, attempt, state, audio file, length, quality flags). A
+sentence's audio is written (FLAC, atomically) *before* its row says `done`, so whatever
+moment a process is killed, a `done` row always points at a whole file, and a file
+without a `done` row is simply made again.
+
+Layout under `<home>/jobs/`:
+
+    jobs.sqlite3            the database
+    <job id>/input.<ext>    the uploaded or given input, as received
+    <job id>/cover.<ext>    the cover, when the input has one
+    <job id>/audio/<n>.flac one file per finished sentence (n = sentence index)
+    <job id>/out/           the assembled book, its chapters and subtitles
+
+Processes share the store: each job has an owner and a lease, so a server and a `lowvox
+book` on the same data folder never work on one job at once, and a killed owner's job is
+taken over once its lease lapses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from lowvox.errors import InvalidRequest, LowvoxError
+from lowvox.jobs.model import BookMeta, Line, Pauses
+
+SCHEMA_VERSION = 1
+
+JobState = Literal["queued", "running", "paused", "done", "failed", "cancelled"]
+JOB_STATES: tuple[str, ...] = ("queued", "running", "paused", "done", "failed", "cancelled")
+SentenceState = Literal["pending", "done", "failed"]
+
+# A job whose owner has not renewed its lease for this long may be taken over.
+LEASE_S = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    state TEXT NOT NULL,
+    origin TEXT NOT NULL,              -- 'server' or 'cli': who resumes it
+    title TEXT NOT NULL,
+    author TEXT,
+    language TEXT NOT NULL,
+    input_name TEXT NOT NULL,
+    input_sha256 TEXT NOT NULL,
+    settings TEXT NOT NULL,            -- JobSettings as JSON
+    output TEXT,                       -- where `lowvox book` writes the book
+    sample_rate INTEGER,
+    cover_type TEXT,
+    error TEXT,
+    owner TEXT,
+    lease REAL,
+    assembled REAL                     -- when the outputs were last assembled
+);
+CREATE TABLE IF NOT EXISTS chapters (
+    job TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    title TEXT NOT NULL,
+    PRIMARY KEY (job, idx)
+);
+CREATE TABLE IF NOT EXISTS sentences (
+    job TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    chapter INTEGER NOT NULL,
+    paragraph INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    voice TEXT,
+    pause_before REAL NOT NULL DEFAULT 0,
+    pause_after REAL NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'pending',
+    audio TEXT,
+    samples INTEGER,
+    flags TEXT NOT NULL DEFAULT '[]',
+    score REAL,
+    error TEXT,
+    PRIMARY KEY (job, idx)
+);
+CREATE INDEX IF NOT EXISTS sentences_state ON sentences (job, state);
+"""
+
+
+@dataclass(frozen=True)
+class NarratorSettings:
+    """Narrator mode: `*narration*` in one voice, `"speech"` in another."""
+
+    narrator_voice: str | None = None
+    character_voice: str | None = None
+    text_not_inside: str = "character"
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """How a job speaks and what it makes; stored with the job, fixed once it starts
+    (except by explicit edits), so a resumed job speaks exactly as it began."""
+
+    engine: str
+    voice: str | None = None
+    language: str = "en"
+    speed: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)  # sampling options (temperature ...)
+    seed: int = 0
+    format: str = "m4b"
+    retakes: int = 2  # extra takes of a sentence the quality check flags
+    pauses: Pauses = field(default_factory=Pauses)
+    target_lufs: float | None = -18.0
+    narrator: NarratorSettings | None = None
+    chapters: tuple[int, ...] | None = None  # 0-based chapters to speak; None: all
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSettings:
+        raw = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        raw = {k: v for k, v in raw.items() if k in known}
+        raw["pauses"] = Pauses(**raw.get("pauses") or {})
+        if raw.get("narrator") is not None:
+            raw["narrator"] = NarratorSettings(**raw["narrator"])
+        if raw.get("chapters") is not None:
+            raw["chapters"] = tuple(raw["chapters"])
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A job's row."""
+
+    id: str
+    created: float
+    updated: float
+    state: str
+    origin: str
+    title: str
+    author: str | None
+    language: str
+    input_name: str
+    input_sha256: str
+    settings: JobSettings
+    output: str | None
+    sample_rate: int | None
+    cover_type: str | None
+    error: str | None
+    owner: str | None
+    lease: float | None
+    assembled: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "cancelled")
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """A sentence's row."""
+
+    idx: int
+    chapter: int
+    paragraph: int
+    text: str
+    voice: str | None
+    pause_before: float
+    pause_after: float
+    attempt: int
+    state: str
+    audio: str | None
+    samples: int | None
+    flags: tuple[str, ...]
+    score: float | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a job has come."""
+
+    total: int
+    done: int
+    failed: int
+    flagged: int
+    audio_seconds: float
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.done - self.failed
+
+
+class JobNotFound(LowvoxError):
+    status_code = 404
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no such job: {job_id!r}")
+
+
+class JobConflict(LowvoxError):
+    """The job is not in a state that allows what was asked."""
+
+    status_code = 409
+
+
+def this_owner() -> str:
+    """Who is working: host and process id (a lease names its owner)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def sentence_seed(job_seed: int, index: int, attempt: int) -> int:
+    """The seed of one take of one sentence: the same for a resumed, retaken or distributed
+    run as for an uninterrupted one, and different for every (sentence, attempt)."""
+    digest = hashlib.blake2b(f"{job_seed}:{index}:{attempt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _is_job_id(job_id: str) -> bool:
+    return len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)
+
+
+class JobStore:
+    """The database and the job folders; safe to use from several threads and processes."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            self.root / "jobs.sqlite3", check_same_thread=False, timeout=30.0, isolation_level=None
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: one writer at a time, across processes)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- folders ----------------------------------------------------------------------
+
+    def folder(self, job_id: str) -> Path:
+        if not _is_job_id(job_id):
+            raise JobNotFound(job_id)
+        return self.root / job_id
+
+    def audio_path(self, job_id: str, index: int) -> Path:
+        return self.folder(job_id) / "audio" / f"{index:06d}.flac"
+
+    def out_folder(self, job_id: str) -> Path:
+        return self.folder(job_id) / "out"
+
+    def input_path(self, job: JobInfo) -> Path:
+        return self.folder(job.id) / f"input{Path(job.input_name).suffix.lower()}"
+
+    def cover_path(self, job: JobInfo) -> Path | None:
+        if not job.cover_type:
+            return None
+        ext = ".png" if job.cover_type == "image/png" else ".jpg"
+        return self.folder(job.id) / f"cover{ext}"
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        input_name: str,
+        data: bytes,
+        meta: BookMeta,
+        settings: JobSettings,
+        lines: Sequence[Line],
+        origin: str = "server",
+        output: str | None = None,
+        state: JobState = "queued",
+    ) -> JobInfo:
+        """Store a planned job: its input, cover, chapters and sentences, in one go. The
+        folder is complete before the row appears, so a half-made job is never listed."""
+        from lowvox.files import write_atomic
+
+        if not lines:
+            raise InvalidRequest("the input has nothing to speak", field="file")
+        job_id = uuid.uuid4().hex
+        folder = self.root / job_id
+        (folder / "audio").mkdir(parents=True)
+        suffix = Path(input_name).suffix.lower()
+        now = time.time()
+        try:
+            write_atomic(folder / f"input{suffix}", data)
+            cover_type = meta.cover_type if meta.cover else None
+            if meta.cover and cover_type:
+                ext = ".png" if cover_type == "image/png" else ".jpg"
+                write_atomic(folder / f"cover{ext}", meta.cover)
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO jobs (id, created, updated, state, origin, title, author,"
+                    " language, input_name, input_sha256, settings, output, cover_type)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        job_id, now, now, state, origin, meta.title, meta.author,
+                        meta.language or settings.language, Path(input_name).name[:200],
+                        hashlib.sha256(data).hexdigest(), settings.to_json(), output, cover_type,
+                    ),
+                )  # fmt: skip
+                db.executemany(
+                    "INSERT INTO chapters (job, idx, title) VALUES (?,?,?)",
+                    [(job_id, i, t) for i, t in enumerate(meta.chapter_titles)],
+                )
+                db.executemany(
+                    "INSERT INTO sentences (job, idx, chapter, paragraph, text, voice,"
+                    " pause_before, pause_after) VALUES (?,?,?,?,?,?,?,?)",
+                    [
+                        (job_id, i, ln.chapter, ln.paragraph, ln.text, ln.voice,
+                         ln.pause_before, ln.pause_after)
+                        for i, ln in enumerate(lines)
+                    ],
+                )  # fmt: skip
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> JobInfo:
+        if not _is_job_id(job_id):
+            raise JobNotFound(job_id)
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise JobNotFound(job_id)
+        return _job(rows[0])
+
+    def list(
+        self, *, origin: str | None = None, states: Sequence[str] | None = None
+    ) -> list[JobInfo]:
+        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if origin is not None:
+            sql += " AND origin = ?"
+            args.append(origin)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        return [_job(r) for r in self._query(sql + " ORDER BY created", args)]
+
+    def find_cli_job(self, output: str, input_sha256: str, settings: JobSettings) -> JobInfo | None:
+        """The `lowvox book` job that a rerun of the same command continues."""
+        for job in self.list(origin="cli"):
+            if (
+                job.output == output
+                and job.input_sha256 == input_sha256
+                and job.settings == settings
+                and job.state != "cancelled"
+            ):
+                return job
+        return None
+
+    def set_state(
+        self, job_id: str, state: JobState, error: str | None = None, *, expect: Sequence[str] = ()
+    ) -> JobInfo:
+        """Move a job to `state`; with `expect`, only from one of those states (else 409)."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            if expect and row["state"] not in expect:
+                raise JobConflict(f"job {job_id} is {row['state']}, cannot make it {state}")
+            db.execute(
+                "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?",
+                (state, error, time.time(), job_id),
+            )
+        return self.get(job_id)
+
+    def set_sample_rate(self, job_id: str, rate: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET sample_rate = ? WHERE id = ?", (rate, job_id))
+
+    def mark_assembled(self, job_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET assembled = ? WHERE id = ?", (time.time(), job_id))
+
+    def delete(self, job_id: str) -> None:
+        folder = self.folder(job_id)
+        with self._tx() as db:
+            row = db.execute("SELECT owner, lease FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            if _leased(row, exclude=this_owner()):
+                raise JobConflict(
+                    f"job {job_id} is being worked on by {row['owner']}; cancel it first"
+                )
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        # The row is gone first: a folder without a row is never listed, only swept.
+        shutil.rmtree(folder, ignore_errors=True)
+
+    # -- leases: one process works on a job at a time ---------------------------------
+
+    def claim(self, job_id: str, owner: str | None = None) -> bool:
+        """Take the job's lease if nobody else holds a live one."""
+        owner = owner or this_owner()
+        with self._tx() as db:
+            row = db.execute("SELECT owner, lease FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            if _leased(row, exclude=owner):
+                return False
+            db.execute(
+                "UPDATE jobs SET owner = ?, lease = ? WHERE id = ?",
+                (owner, time.time() + LEASE_S, job_id),
+            )
+        return True
+
+    def renew(self, job_id: str, owner: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET lease = ? WHERE id = ? AND owner = ?",
+                (time.time() + LEASE_S, job_id, owner or this_owner()),
+            )
+
+    def release(self, job_id: str, owner: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET owner = NULL, lease = NULL WHERE id = ? AND owner = ?",
+                (job_id, owner or this_owner()),
+            )
+
+    # -- chapters and sentences ---------------------------------------------------------
+
+    def chapters(self, job_id: str) -> list[str]:
+        rows = self._query("SELECT title FROM chapters WHERE job = ? ORDER BY idx", (job_id,))
+        return [r["title"] for r in rows]
+
+    def sentences(
+        self, job_id: str, *, state: str | None = None, chapter: int | None = None
+    ) -> list[Sentence]:
+        sql, args = "SELECT * FROM sentences WHERE job = ?", [job_id]
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(state)
+        if chapter is not None:
+            sql += " AND chapter = ?"
+            args.append(chapter)
+        return [_sentence(r) for r in self._query(sql + " ORDER BY idx", args)]
+
+    def sentence(self, job_id: str, index: int) -> Sentence:
+        rows = self._query("SELECT * FROM sentences WHERE job = ? AND idx = ?", (job_id, index))
+        if not rows:
+            raise InvalidRequest(f"job {job_id} has no sentence {index}", field="sentence")
+        return _sentence(rows[0])
+
+    def finish_sentence(
+        self,
+        job_id: str,
+        index: int,
+        *,
+        attempt: int,
+        samples: int,
+        flags: Sequence[str],
+        score: float,
+    ) -> bool:
+        """Record a sentence as done; its audio file must already be in place. False when
+        the sentence changed meanwhile (edited or retaken): the take is stale."""
+        audio = self.audio_path(job_id, index).name
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE sentences SET state = 'done', audio = ?, samples = ?, flags = ?,"
+                " score = ?, error = NULL WHERE job = ? AND idx = ? AND attempt = ?"
+                " AND state = 'pending'",
+                (audio, samples, json.dumps(list(flags)), score, job_id, index, attempt),
+            )
+            db.execute("UPDATE jobs SET updated = ? WHERE id = ?", (time.time(), job_id))
+        return cur.rowcount == 1
+
+    def fail_sentence(self, job_id: str, index: int, *, attempt: int, error: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE sentences SET state = 'failed', error = ? WHERE job = ? AND idx = ?"
+                " AND attempt = ?",
+                (error[:500], job_id, index, attempt),
+            )
+
+    def retake(
+        self, job_id: str, index: int, *, text: str | None = None, voice: str | None = None
+    ) -> Sentence:
+        """Ask for a new take of one sentence (with a new seed), optionally with new text or
+        voice; everything else is kept. The old audio stays until the new take replaces it."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM sentences WHERE job = ? AND idx = ?", (job_id, index)
+            ).fetchone()
+            if row is None:
+                raise InvalidRequest(f"job {job_id} has no sentence {index}", field="sentence")
+            new_text = row["text"] if text is None else text
+            new_voice = row["voice"] if voice is None else (voice or None)
+            db.execute(
+                "UPDATE sentences SET text = ?, voice = ?, attempt = attempt + 1,"
+                " state = 'pending', error = NULL WHERE job = ? AND idx = ?",
+                (new_text, new_voice, job_id, index),
+            )
+            db.execute("UPDATE jobs SET updated = ? WHERE id = ?", (time.time(), job_id))
+        return self.sentence(job_id, index)
+
+    def retry_failed(self, job_id: str) -> int:
+        """Failed sentences back to pending (resume after the cause was fixed)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE sentences SET state = 'pending', error = NULL"
+                " WHERE job = ? AND state = 'failed'",
+                (job_id,),
+            )
+        return cur.rowcount
+
+    def progress(self, job_id: str, sample_rate: int | None = None) -> Progress:
+        rows = self._query(
+            "SELECT state, COUNT(*) AS n, COALESCE(SUM(samples), 0) AS s,"
+            " SUM(CASE WHEN flags != '[]' THEN 1 ELSE 0 END) AS f"
+            " FROM sentences WHERE job = ? GROUP BY state",
+            (job_id,),
+        )
+        by = {r["state"]: r for r in rows}
+        total = sum(r["n"] for r in rows)
+        done = by["done"]["n"] if "done" in by else 0
+        samples = by["done"]["s"] if "done" in by else 0
+        flagged = by["done"]["f"] if "done" in by else 0
+        return Progress(
+            total=total,
+            done=done,
+            failed=by["failed"]["n"] if "failed" in by else 0,
+            flagged=flagged or 0,
+            audio_seconds=samples / sample_rate if sample_rate else 0.0,
+        )
+
+
+def _leased(row: sqlite3.Row, exclude: str) -> bool:
+    """Whether someone other than `exclude` holds a live lease: one not yet lapsed, whose
+    owner (when it is a process on this host) is still alive."""
+    owner = row["owner"]
+    if not owner or owner == exclude or (row["lease"] or 0) <= time.time():
+        return False
+    return _alive(owner)
+
+
+def _alive(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's process: only its lease can tell
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _job(row: sqlite3.Row) -> JobInfo:
+    values = dict(row)
+    values["settings"] = JobSettings.from_json(values["settings"])
+    return JobInfo(**values)
+
+
+def _sentence(row: sqlite3.Row) -> Sentence:
+    values = {k: row[k] for k in row.keys() if k != "job"}  # noqa: SIM118 -- sqlite3.Row
+    values["flags"] = tuple(json.loads(values["flags"] or "[]"))
+    return Sentence(**values)

@@ -1,0 +1,166 @@
+"""`lowvox book` and `lowvox jobs` on the embedded espeak voice: a book with subtitles, a
+rerun after SIGKILL that finishes the same book, retakes, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from lowvox.cli import main
+
+BOOK = "\n\n".join(
+    [
+        "# The Test Book",
+        "## Chapter One",
+        "It was a bright cold day in April. The clocks were striking thirteen.",
+        "He walked home slowly. The wind was sharp.",
+        "## Chapter Two",
+        "Nothing happened for a while. Then the telephone rang.",
+        "She picked it up and listened. Nobody spoke.",
+    ]
+)
+
+
+def lowvox(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lowvox", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture()
+def book(tmp_path) -> Path:
+    path = tmp_path / "book.md"
+    path.write_text(BOOK)
+    return path
+
+
+def test_book_writes_audio_and_subtitles_and_jobs_lists_it(tmp_path, book, capsys):
+    out = tmp_path / "out" / "book.flac"
+    home = tmp_path / "home"
+    rc = main(["book", str(book), "-o", str(out), "--engine", "espeak", "--home", str(home),
+               "--no-progress"])  # fmt: skip
+    assert rc == 0
+    audio, rate = sf.read(out, dtype="float32")
+    assert len(audio) / rate > 5
+    srt = out.with_suffix(".srt").read_text()
+    vtt = out.with_suffix(".vtt").read_text()
+    assert srt.count(" --> ") == 10 and vtt.startswith("WEBVTT")  # 8 + 2 titles
+    assert "The clocks were striking thirteen." in srt
+    capsys.readouterr()
+    assert main(["jobs", "list", "--home", str(home)]) == 0
+    listing = capsys.readouterr().out
+    assert "done" in listing and "10/10" in listing and "The Test Book" in listing
+    job_id = listing.split()[0]
+    assert main(["jobs", "show", job_id, "--home", str(home)]) == 0
+    shown = capsys.readouterr().out
+    assert "Chapter One" in shown and "Chapter Two" in shown
+
+
+def test_chapter_selection_speaks_only_those_chapters(tmp_path, book):
+    out = tmp_path / "two.wav"
+    rc = main(["book", str(book), "-o", str(out), "--engine", "espeak", "--chapters", "2",
+               "--home", str(tmp_path / "h"), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    srt = out.with_suffix(".srt").read_text()
+    assert srt.count(" --> ") == 5 and "telephone" in srt and "April" not in srt
+
+
+def test_retake_from_the_cli_re_bakes_the_book(tmp_path, book, capsys):
+    out = tmp_path / "book.wav"
+    home = tmp_path / "home"
+    args = ["--home", str(home)]
+    assert main(["book", str(book), "-o", str(out), "--engine", "espeak", "--no-progress",
+                 *args]) == 0  # fmt: skip
+    capsys.readouterr()
+    main(["jobs", "list", *args])
+    job_id = capsys.readouterr().out.split()[0]
+    rc = main(["jobs", "retake", job_id, "2", "--text", "The clocks were silent.",
+               "--engine", "espeak", *args])  # fmt: skip
+    assert rc == 0
+    srt = out.with_suffix(".srt").read_text()
+    assert "The clocks were silent." in srt and "striking thirteen" not in srt
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: p.write_bytes(b"PK\x03\x04garbage"), "epub"),
+        (lambda p: p.write_text(""), "no text"),
+    ],
+)
+def test_bad_input_is_a_clear_cli_error(tmp_path, capsys, setup, message):
+    src = tmp_path / ("bad.epub" if message == "epub" else "empty.txt")
+    setup(src)
+    rc = main(["book", str(src), "-o", str(tmp_path / "x.wav"), "--engine", "espeak",
+               "--home", str(tmp_path / "h"), "--no-progress"])  # fmt: skip
+    assert rc == 2
+    assert message in capsys.readouterr().err.lower()
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_unknown_voice_is_a_clear_cli_error(tmp_path, book, capsys):
+    rc = main(["book", str(book), "-o", str(tmp_path / "x.wav"), "--engine", "espeak",
+               "--voice", "nobody-at-all", "--home", str(tmp_path / "h")])  # fmt: skip
+    assert rc == 2
+    assert "nobody-at-all" in capsys.readouterr().err
+
+
+def _done(home: Path) -> int:
+    db = home / "jobs" / "jobs.sqlite3"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=1) as conn:
+            return conn.execute("SELECT COUNT(*) FROM sentences WHERE state = 'done'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.slow
+def test_rerun_after_sigkill_finishes_the_same_book(tmp_path):
+    text = "\n\n".join(
+        f"## Part {c}\n\n" + " ".join(f"Sentence {c} {i} is spoken here." for i in range(12))
+        for c in range(1, 4)
+    )
+    src = tmp_path / "long.md"
+    src.write_text(text)
+    args = ["book", str(src), "--engine", "espeak", "--no-progress"]
+
+    whole = tmp_path / "whole.wav"
+    assert lowvox(tmp_path / "h1", *args, "-o", str(whole)).returncode == 0
+
+    cut = tmp_path / "cut.wav"
+    home = tmp_path / "h2"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowvox", *args, "-o", str(cut), "--home", str(home)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while _done(home) < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _done(home)
+    assert 5 <= killed_at < 39 and not cut.exists()  # 36 sentences, 3 titles
+
+    rerun = lowvox(home, *args, "-o", str(cut))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stderr
+    a, _ = sf.read(whole, dtype="float32")
+    b, _ = sf.read(cut, dtype="float32")
+    assert np.array_equal(a, b)
+    assert whole.with_suffix(".srt").read_text() == cut.with_suffix(".srt").read_text()

@@ -1,0 +1,279 @@
+"""Running jobs: every sentence once, retakes of bad takes, failures, pause and resume,
+edits re-baked without speaking anything else, and the same book however it was run."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from lowvox.jobs import runner as runner_module
+from lowvox.jobs.plan import create_job
+from lowvox.jobs.runner import JobRunner, book_file, subtitle_paths, take_seed
+from lowvox.jobs.store import JobSettings, JobStore
+from tests.jobs.fakes import FakeExecutor
+
+BOOK = """# The Book
+
+## One
+
+First sentence of the book. Second sentence here.
+
+A new paragraph starts. [pause:1.0] After the pause.
+
+## Two
+
+[voice:beta]Beta speaks this one.[/voice] Alpha speaks again.
+"""
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = JobStore(tmp_path / "jobs")
+    yield s
+    s.close()
+
+
+def settings(**kw):
+    base = {"engine": "fake", "voice": "alpha", "format": "wav", "retakes": 2, "language": "en"}
+    return JobSettings(**{**base, **kw})
+
+
+async def new_job(store, executor, text=BOOK, name="book.md", **kw):
+    return await create_job(
+        store,
+        executor,
+        data=text.encode(),
+        filename=name,
+        settings=settings(**kw),
+        max_chars=100_000,
+        max_unpacked_bytes=10**7,
+    )
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def sentence_audio(store, job_id):
+    return {
+        s.idx: sf.read(store.audio_path(job_id, s.idx), dtype="float32")[0]
+        for s in store.sentences(job_id)
+    }
+
+
+def test_a_job_speaks_every_sentence_once_and_assembles_book_and_subtitles(store):
+    executor = FakeExecutor()
+
+    async def go():
+        job = await new_job(store, executor)
+        return await JobRunner(store, executor).run(job.id)
+
+    job = run(go())
+    assert job.state == "done", job.error
+    rows = store.sentences(job.id)
+    assert len(rows) == 8  # six sentences and two chapter titles
+    assert sorted(t.index for t in executor.calls) == [r.idx for r in rows]
+    assert [t.voice for t in sorted(executor.calls, key=lambda t: t.index)][6] == "beta"
+    assert all(r.state == "done" and not r.flags for r in rows)
+    book = book_file(store, job)
+    audio, rate = sf.read(book, dtype="float32")
+    assert rate == 24_000
+    spoken = sum(r.samples for r in rows)
+    assert len(audio) > spoken  # the sentences plus the pauses between them
+    srt, vtt = subtitle_paths(book)
+    assert srt.read_text().count(" --> ") == 8
+    assert vtt.read_text().startswith("WEBVTT")
+    assert "Beta speaks this one." in vtt.read_text()
+
+
+def test_seeds_come_from_job_sentence_and_attempt(store):
+    executor = FakeExecutor()
+
+    async def go():
+        job = await new_job(store, executor, seed=42)
+        await JobRunner(store, executor).run(job.id)
+        return job
+
+    job = run(go())
+    seeds = {t.index: t.options["seed"] for t in executor.calls}
+    assert seeds == {i: take_seed(42, i, 0, 0) for i in range(8)}
+    assert store.get(job.id).language == "en"
+
+
+def test_a_bad_take_is_retaken_with_the_next_seed_and_the_best_kept(store):
+    executor = FakeExecutor()
+    # Sentence 2's first two takes come out silent; the third is good.
+    executor.silent_seeds = {take_seed(0, 2, 0, 0), take_seed(0, 2, 0, 1)}
+
+    async def go():
+        job = await new_job(store, executor)
+        return await JobRunner(store, executor).run(job.id)
+
+    job = run(go())
+    takes = [t for t in executor.calls if t.index == 2]
+    assert len(takes) == 3
+    row = store.sentence(job.id, 2)
+    assert row.state == "done" and row.flags == ()
+    audio = sentence_audio(store, job.id)[2]
+    assert np.abs(audio).max() > 0.05  # the good take, not a silent one
+
+
+def test_a_sentence_that_stays_bad_is_kept_flagged_after_n_retakes(store):
+    executor = FakeExecutor()
+    executor.silent_seeds = {take_seed(0, 1, 0, k) for k in range(5)}
+
+    async def go():
+        job = await new_job(store, executor, retakes=1)
+        return await JobRunner(store, executor).run(job.id)
+
+    job = run(go())
+    assert job.state == "done"
+    assert len([t for t in executor.calls if t.index == 1]) == 2
+    assert store.sentence(job.id, 1).flags  # the flag is shown to the user
+    assert store.progress(job.id).flagged == 1
+
+
+def test_a_failing_sentence_fails_the_job_resumably(store):
+    executor = FakeExecutor()
+    executor.fail_texts = {"Alpha speaks again."}
+
+    async def go():
+        job = await new_job(store, executor)
+        first = await JobRunner(store, executor).run(job.id)
+        states = [s.state for s in store.sentences(job.id)]
+        executor.fail_texts.clear()
+        calls = len(executor.calls)
+        store.set_state(job.id, "queued")
+        second = await JobRunner(store, executor).run(job.id)
+        return first, states, second, executor.calls[calls:]
+
+    first, states, second, again = run(go())
+    assert first.state == "failed" and "Alpha speaks again." in first.error
+    assert states == ["done"] * 7 + ["failed"]  # the others were spoken all the same
+    assert second.state == "done"
+    assert [t.index for t in again] == [7]  # only the failed one is spoken again
+
+
+def test_a_full_disk_stops_the_job_and_resuming_finishes_it(store, monkeypatch):
+    executor = FakeExecutor(concurrency=1)
+    real = runner_module.write_sentence_audio
+    writes = {"n": 0}
+
+    def flaky(path, samples, rate):
+        writes["n"] += 1
+        if writes["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, samples, rate)
+
+    monkeypatch.setattr(runner_module, "write_sentence_audio", flaky)
+
+    async def go():
+        job = await new_job(store, executor)
+        first = await JobRunner(store, executor).run(job.id)
+        done_then = store.progress(job.id).done
+        second = await JobRunner(store, executor).run(job.id)
+        return first, done_then, second
+
+    first, done_then, second = run(go())
+    assert first.state == "failed" and "disk is full" in first.error
+    assert done_then == 2
+    assert second.state == "done"
+    assert not list(store.folder(first.id).rglob("*.part"))
+
+
+def test_pause_then_resume_gives_the_same_book_as_an_uninterrupted_run(tmp_path):
+    async def uninterrupted():
+        store = JobStore(tmp_path / "a")
+        executor = FakeExecutor()
+        job = await new_job(store, executor)
+        await JobRunner(store, executor).run(job.id)
+        return store, job
+
+    async def interrupted():
+        store = JobStore(tmp_path / "b")
+        executor = FakeExecutor(concurrency=2)
+        job = await new_job(store, executor)
+        executor.gate = asyncio.Event()
+        runner = JobRunner(store, executor)
+        task = asyncio.create_task(runner.run(job.id))
+        while len(executor.calls) < 2:
+            await asyncio.sleep(0.01)
+        await runner.stop(job.id, "paused")
+        executor.gate.set()
+        paused = await task
+        executor.gate = None
+        resumed = await JobRunner(store, executor).run(job.id)
+        return store, paused, resumed
+
+    store_a, job_a = run(uninterrupted())
+    store_b, paused, resumed = run(interrupted())
+    assert paused.state == "paused" and resumed.state == "done"
+    a = sf.read(book_file(store_a, job_a), dtype="float32")[0]
+    b = sf.read(book_file(store_b, resumed), dtype="float32")[0]
+    assert np.array_equal(a, b)
+    assert subtitle_paths(book_file(store_a, job_a))[0].read_text() == (
+        subtitle_paths(book_file(store_b, resumed))[0].read_text()
+    )
+
+
+def test_edit_and_retake_re_bake_without_speaking_anything_else(store):
+    executor = FakeExecutor()
+
+    async def go():
+        job = await new_job(store, executor)
+        runner = JobRunner(store, executor)
+        await runner.run(job.id)
+        before = sentence_audio(store, job.id)
+        calls = len(executor.calls)
+        store.retake(job.id, 3, text="A brand new sentence replaces it.")
+        store.retake(job.id, 5)
+        done = await runner.run(job.id)
+        return job, before, executor.calls[calls:], done
+
+    job, before, again, done = run(go())
+    assert done.state == "done"
+    assert sorted(t.index for t in again) == [3, 5]
+    assert {t.options["seed"] for t in again if t.index == 5} == {take_seed(0, 5, 1, 0)}
+    after = sentence_audio(store, job.id)
+    for i in before:
+        same = np.array_equal(before[i], after[i])
+        assert same == (i not in (3, 5)), i
+    vtt = subtitle_paths(book_file(store, job))[1].read_text()
+    assert "A brand new sentence replaces it." in vtt
+    assert "A new paragraph starts." not in vtt
+
+
+def test_unknown_voice_in_a_tag_stores_nothing(store):
+    from lowvox.errors import UnknownVoice
+
+    executor = FakeExecutor()
+    with pytest.raises(UnknownVoice):
+        run(new_job(store, executor, text="Hi. [voice:nobody]Who?[/voice]", name="a.txt"))
+    assert store.list() == []
+
+
+def test_a_second_runner_cannot_take_a_job_in_progress(store):
+    executor = FakeExecutor()
+
+    async def go():
+        job = await new_job(store, executor)
+        executor.gate = asyncio.Event()
+        first = JobRunner(store, executor)
+        task = asyncio.create_task(first.run(job.id))
+        while not executor.calls:
+            await asyncio.sleep(0.01)
+        # Another process (another owner) must not start the same job.
+        store_b = JobStore(store.root)
+        try:
+            other = store_b.claim(job.id, "other-host:1")
+        finally:
+            store_b.close()
+        executor.gate.set()
+        await task
+        return other
+
+    assert run(go()) is False
