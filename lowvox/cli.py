@@ -6,12 +6,12 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from lowvox import __version__
 from lowvox.errors import LowvoxError
+from lowvox.files import write_atomic
 from lowvox.settings import Settings, load_settings
 
 log = logging.getLogger("lowvox")
@@ -181,21 +181,9 @@ def cmd_say(args: argparse.Namespace) -> int:
         return 0
     audio = concat_chunks(chunks, engine.sample_rate)
     data = encode_audio(audio.samples, audio.sample_rate, fmt)
-    _write_atomic(Path(args.output), data)
+    write_atomic(Path(args.output), data)
     log.info("wrote %s (%.2f s of audio)", args.output, audio.duration)
     return 0
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cmd_voices(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lowvox.bench.workload import FULL_SIZE_MODEL_ARGS
+from lowvox.files import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +161,9 @@ def ensure_random_model(root: Path, size: str = "full", seed: int = 0) -> Path:
         for k, v in random_state_dict(model, seed).items()
     }
     del model
-    tmp = folder / "model.pth.tmp"
-    torch.save({"config": None, "model": state}, tmp)
-    (folder / "config.json").write_text(json.dumps(config, indent=1))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    tmp.replace(folder / "model.pth")
+    write_atomic(folder / "config.json", json.dumps(config, indent=1).encode())
+    write_atomic(folder / "vocab.json", json.dumps(vocab).encode())
+    # model.pth last: its presence says the folder is complete.
+    with atomic_path(folder / "model.pth") as tmp:
+        torch.save({"config": None, "model": state}, tmp)
     return folder

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 import torch
 
 from lowvox.errors import LowvoxError
+from lowvox.files import atomic_path
 from lowvox.runtime.hugepages import huge_buffer
 
 log = logging.getLogger(__name__)
@@ -228,10 +229,9 @@ def write_quantized(
     if path is None:
         return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        _write_safetensors(tmp, state, meta)
-        os.replace(tmp, path)
+        # A unique temporary name: two processes converting at once never share one.
+        with atomic_path(path, fsync=False) as tmp:
+            _write_safetensors(tmp, state, meta)
         log.info("wrote quantised weights cache %s", path)
     except (OSError, ValueError) as e:
         log.warning("could not write quantised weights cache %s: %s", path, e)

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from lowvox.errors import InvalidRequest, LowvoxError
+from lowvox.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,7 @@ class OutputStore:
     def write(self, name: str, data: bytes) -> Path:
         """Write atomically (temp file + rename): a reader never sees a half-written file."""
         path = self.path_for(name)
-        tmp = self.root / f".{name}.{uuid.uuid4().hex[:8]}.part"
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(path, data, fsync=False)
         self.enforce_retention(keep=name)
         return path
 

@@ -334,6 +334,8 @@ def load_weights(
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
+    from lowvox.files import atomic_path
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -363,10 +365,9 @@ def load_weights(
         if ckpt.config is not None:
             meta["config"] = json.dumps(ckpt.config, default=str)
         try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_name(cache_path.name + ".tmp")
-            save_file(state, str(tmp), metadata=meta)
-            os.replace(tmp, cache_path)
+            # A unique temporary name: two processes converting at once never share one.
+            with atomic_path(cache_path, fsync=False) as tmp:
+                save_file(state, str(tmp), metadata=meta)
             log.info("wrote weights cache %s", cache_path)
         except OSError as e:
             log.warning("could not write weights cache %s: %s", cache_path, e)

@@ -9,7 +9,6 @@ the model rate, clip, cut to `max_ref_length`, optionally peak-normalise, then e
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -195,26 +194,27 @@ class VoiceCache:
     def put(self, key: str, voice: Voice) -> None:
         from safetensors.torch import save_file
 
+        from lowvox.files import atomic_path
+
         path = self.path(key)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            save_file(
-                {
-                    "gpt_cond_latent": voice.gpt_cond_latent.detach().float().cpu().contiguous(),
-                    "speaker_embedding": voice.speaker_embedding.detach()
-                    .float()
-                    .cpu()
-                    .contiguous(),
-                },
-                str(tmp),
-                metadata={"version": CACHE_VERSION},
-            )
-            os.replace(tmp, path)  # atomic: readers never see a half-written file
+            with atomic_path(path, fsync=False) as tmp:
+                save_file(
+                    {
+                        "gpt_cond_latent": voice.gpt_cond_latent.detach()
+                        .float()
+                        .cpu()
+                        .contiguous(),
+                        "speaker_embedding": voice.speaker_embedding.detach()
+                        .float()
+                        .cpu()
+                        .contiguous(),
+                    },
+                    str(tmp),
+                    metadata={"version": CACHE_VERSION},
+                )
         except OSError as e:
             logger.warning("could not write voice cache file %s: %s", path, e)
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
