@@ -39,6 +39,7 @@ def add_parsers(sub: Any, add_common: Any, add_engine_flags: Any) -> None:
     book.add_argument("--seed", type=int, default=0, help="the job's seed (default 0)")
     book.add_argument("--retakes", type=int, help="retakes of a flagged sentence (default 2)")
     book.add_argument("--temperature", type=float, help="XTTS sampling temperature")
+    book.add_argument("--max-new-tokens", type=int, help="XTTS: audio tokens per sentence, at most")
     book.add_argument(
         "--narrator-voice", help='narrator mode: *narration* in this voice, "speech" in --voice'
     )
@@ -128,6 +129,8 @@ def _job_settings(args: argparse.Namespace, settings: Settings, fmt: str) -> Any
     options: dict[str, Any] = {}
     if args.temperature is not None:
         options["temperature"] = args.temperature
+    if args.max_new_tokens is not None:
+        options["max_new_tokens"] = args.max_new_tokens
     return JobSettings(
         engine=settings.engine,
         voice=args.voice or settings.voice,
