@@ -71,6 +71,6 @@ $(VENV)/.lowvox-installed: pyproject.toml $(VENV)/.torch-installed
 	@touch $@
 
 $(VENV)/.lowvox-dev-installed: pyproject.toml $(VENV)/.lowvox-installed
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,ray]"
 	bash scripts/test-deps.sh
 	@touch $@
