@@ -121,14 +121,12 @@ def _ttfa(http: httpx.Client, voice: str, text: str, a: argparse.Namespace) -> f
     body = {"model": "xtts", "input": text, "voice": voice, "response_format": "pcm",
             "stream": True, "options": {"max_new_tokens": a.max_new_tokens, "seed": 1}}  # fmt: skip
     t = time.perf_counter()
+    first = float("nan")
     with http.stream("POST", "/v1/audio/speech", json=body) as r:
         r.raise_for_status()
         for chunk in r.iter_bytes():
-            if chunk:
+            if chunk and first != first:  # the first non-empty bytes
                 first = time.perf_counter() - t
-                break
-        for _ in r.iter_bytes():
-            pass
     return first
 
 
