@@ -280,7 +280,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_book(args: argparse.Namespace) -> int:
     from lowvox.jobs.cli import cmd_book as run
 
-    settings = _settings_from_args(args, executor=args.executor, ray_address=args.ray_address)
+    settings = _settings_from_args(
+        args, executor=args.executor, ray_address=args.ray_address, job_asr_model=args.asr_model
+    )
     return run(args, settings)
 
 

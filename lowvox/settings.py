@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     max_job_bytes: int = Field(50 * 1024 * 1024, ge=1)
     max_job_chars: int = Field(5_000_000, ge=1)
     job_retakes: int = Field(2, ge=0, le=10)
+    # A speech recognition check of every take (faster-whisper model name or folder, e.g.
+    # "tiny"; needs lowvox[asr]); None: off.
+    job_asr_model: str | None = None
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None  # None: start a local Ray; "auto" or ray://host:port
     ray_actors: int = Field(1, ge=1, le=256)  # loaded models, one per node or GPU

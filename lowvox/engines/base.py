@@ -78,9 +78,11 @@ class EngineBatch(ABC):
         return len(self) < self.capacity
 
     @abstractmethod
-    def add(self, request: SynthesisRequest, cancel: threading.Event) -> int:
+    def add(self, request: SynthesisRequest, cancel: threading.Event, bulk: bool = False) -> int:
         """Take a validated request (it joins at a coming step); its id in `BatchEvent`s.
-        Raises `LowvoxError` when this request cannot be spoken (its own failure)."""
+        `bulk`: nobody listens to it live (a long-form job's sentence), so the batch may
+        put its work after that of interactive requests. Raises `LowvoxError` when this
+        request cannot be spoken (its own failure)."""
 
     @abstractmethod
     def step(self) -> list[BatchEvent]:
@@ -105,7 +107,7 @@ class StreamBatch(EngineBatch):
     def __len__(self) -> int:
         return len(self._streams)
 
-    def add(self, request: SynthesisRequest, cancel: threading.Event) -> int:
+    def add(self, request: SynthesisRequest, cancel: threading.Event, bulk: bool = False) -> int:
         if len(self._streams) >= self._capacity:
             raise RuntimeError(f"the batch is full ({self._capacity} requests)")
         stream = self.engine.synthesize_stream(request, cancel)

@@ -47,6 +47,10 @@ def add_parsers(sub: Any, add_common: Any, add_engine_flags: Any) -> None:
     book.add_argument("--lufs", type=float, default=-18.0, help="loudness target (default -18)")
     book.add_argument("--executor", choices=["local", "ray"], help="where sentences are spoken")
     book.add_argument("--ray-address", help="Ray cluster address (ray executor)")
+    book.add_argument(
+        "--asr-model",
+        help="check every take with this faster-whisper model (e.g. tiny; lowvox[asr])",
+    )
     book.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     jobs = sub.add_parser("jobs", help="list, show, retake or cancel long-form jobs")
@@ -180,9 +184,10 @@ async def _book(
 ) -> int:
     from lowvox.jobs.executors import open_executor
     from lowvox.jobs.plan import create_job
-    from lowvox.jobs.runner import JobRunner, subtitle_paths
+    from lowvox.jobs.runner import JobRunner, recognizer_for, subtitle_paths
     from lowvox.server.engines import EngineHub
 
+    recognizer = recognizer_for(settings)
     store = _store(settings)
     hub = EngineHub(settings)
     executor = open_executor(settings, hub, job_settings.engine)
@@ -206,7 +211,7 @@ async def _book(
             print(f"job {job.id}: {job.title}", file=sys.stderr)
         else:
             print(f"resuming job {job.id}: {job.title}", file=sys.stderr)
-        runner = JobRunner(store, executor, on_progress=bar)
+        runner = JobRunner(store, executor, on_progress=bar, recognizer=recognizer)
         job = await runner.run(job.id, book_path=output)
     finally:
         bar.close()

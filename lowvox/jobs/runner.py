@@ -120,6 +120,15 @@ def progress_event(
     )
 
 
+def recognizer_for(settings: Any) -> Recognizer | None:
+    """The speech recognition check `settings.job_asr_model` asks for, if any."""
+    if not settings.job_asr_model:
+        return None
+    from lowvox.jobs.quality import WhisperRecognizer
+
+    return WhisperRecognizer(settings.job_asr_model)
+
+
 def take_seed(job_seed: int, index: int, attempt: int, take: int) -> int:
     """Take `take` (0: the first, then the quality retakes) of the sentence's `attempt`
     (0, then one per retake the user asks for)."""

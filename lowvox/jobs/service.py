@@ -19,7 +19,14 @@ from lowvox.errors import LowvoxError
 from lowvox.files import sweep_partials
 from lowvox.jobs.executors import Executor, open_executor
 from lowvox.jobs.plan import create_job
-from lowvox.jobs.runner import JobEvents, JobRunner, book_file, chapter_format, progress_event
+from lowvox.jobs.runner import (
+    JobEvents,
+    JobRunner,
+    book_file,
+    chapter_format,
+    progress_event,
+    recognizer_for,
+)
 from lowvox.jobs.store import JobConflict, JobInfo, JobSettings, JobStore
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,7 @@ class JobService:
         self._runner: JobRunner | None = None
         self._current: str | None = None
         self._chapter_lock = asyncio.Lock()
+        self._recognizer = recognizer_for(settings)  # checked now: a missing extra is loud
 
     # -- life -------------------------------------------------------------------------
 
@@ -86,7 +94,9 @@ class JobService:
                 continue
             try:
                 executor = await self.executor(job.settings.engine)
-                runner = JobRunner(self.store, executor, events=self.events)
+                runner = JobRunner(
+                    self.store, executor, events=self.events, recognizer=self._recognizer
+                )
                 self._runner, self._current = runner, job_id
                 job = await runner.run(job_id, states=("queued", "running", "done"))
                 logger.info("job %s is %s", job_id, job.state)

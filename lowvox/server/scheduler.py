@@ -295,7 +295,9 @@ class Scheduler:
     def _start_segment(self, batch: EngineBatch, job: Job) -> None:
         job._deliver(SegmentStart(job.segment))
         try:
-            rid = batch.add(job.segments[job.segment], job.cancel)
+            rid = batch.add(
+                job.segments[job.segment], job.cancel, bulk=job.priority is Priority.BULK
+            )
         except LowvoxError as e:
             job._end(e)
             return

@@ -277,3 +277,62 @@ def test_a_second_runner_cannot_take_a_job_in_progress(store):
         return other
 
     assert run(go()) is False
+
+
+def test_a_speech_recognition_mismatch_is_retaken(store):
+    text = "Only one sentence here."
+
+    class Recognizer:
+        """Hears babble in the first take, the sentence in the next."""
+
+        calls = 0
+
+        def transcribe(self, samples, sample_rate, language):
+            self.calls += 1
+            return "some other words entirely" if self.calls == 1 else text
+
+    executor = FakeExecutor()
+    recognizer = Recognizer()
+
+    async def go():
+        job = await new_job(store, executor, text=text, name="a.txt")
+        return await JobRunner(store, executor, recognizer=recognizer).run(job.id)
+
+    job = run(go())
+    assert job.state == "done"
+    assert len(executor.calls) == 2 and recognizer.calls == 2
+    assert store.sentence(job.id, 0).flags == ()
+
+
+def test_retake_with_another_voice_uses_it(store):
+    executor = FakeExecutor()
+
+    async def go():
+        job = await new_job(store, executor)
+        runner = JobRunner(store, executor)
+        await runner.run(job.id)
+        store.retake(job.id, 2, voice="beta")
+        calls = len(executor.calls)
+        await runner.run(job.id)
+        return job, executor.calls[calls:]
+
+    job, again = run(go())
+    assert [(t.index, t.voice) for t in again] == [(2, "beta")]
+    assert store.sentence(job.id, 2).voice == "beta"
+
+
+def test_asr_check_without_its_extra_is_a_clear_error(tmp_path, capsys):
+    pytest.importorskip("lowvox.jobs.quality")
+    try:
+        import faster_whisper  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("faster-whisper is installed here")
+    from lowvox.cli import main
+
+    src = tmp_path / "a.txt"
+    src.write_text("Hello there.")
+    rc = main(["book", str(src), "-o", str(tmp_path / "a.wav"), "--engine", "espeak",
+               "--asr-model", "tiny", "--home", str(tmp_path / "h")])  # fmt: skip
+    assert rc == 2 and "lowvox[asr]" in capsys.readouterr().err

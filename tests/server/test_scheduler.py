@@ -37,7 +37,7 @@ class BatchFake(FakeEngine):
         engine = self
 
         class Recording(StreamBatch):
-            def add(self, request, cancel):
+            def add(self, request, cancel, bulk=False):
                 rid = super().add(request, cancel)
                 self.texts[rid] = request.text
                 return rid

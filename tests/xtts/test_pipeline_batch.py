@@ -31,9 +31,17 @@ def utterance(model, text: str, voice: Voice, **options) -> Utterance:
     return Utterance(pieces, voice, opts)
 
 
-def run(batch: Batch, plan: dict[int, list[Utterance]], cancel_at: dict[int, int] | None = None):
+def run(
+    batch: Batch,
+    plan: dict[int, list[Utterance]],
+    cancel_at: dict[int, int] | None = None,
+    bulk: set[int] = frozenset(),
+    log: list[tuple[int, int, bool]] | None = None,
+):
     """Step `batch`, adding plan[k] before step k; cancel utterance i (its index in the
-    order added) before step cancel_at[i]. Each utterance's audio, codes and outcome."""
+    order added) before step cancel_at[i]; the utterances in `bulk` (by that index) are
+    added as bulk. Each utterance's audio, codes and outcome; `log` gets (step, index,
+    sentence ended) for every chunk."""
     cancel_at = cancel_at or {}
     ids: dict[int, int] = {}  # batch id -> order added
     cancels: dict[int, threading.Event] = {}
@@ -45,7 +53,7 @@ def run(batch: Batch, plan: dict[int, list[Utterance]], cancel_at: dict[int, int
         for utt in plan.get(step, []):
             order = len(ids)
             cancels[order] = threading.Event()
-            ids[batch.add(utt, cancels[order])] = order
+            ids[batch.add(utt, cancels[order], bulk=order in bulk)] = order
             wavs[order], codes[order] = [], []
         for order, at in cancel_at.items():
             if at == step:
@@ -54,6 +62,8 @@ def run(batch: Batch, plan: dict[int, list[Utterance]], cancel_at: dict[int, int
             order = ids[event.utterance]
             if event.chunk is not None:
                 wavs[order].append(event.chunk.wav)
+                if log is not None:
+                    log.append((step, order, event.chunk.codes is not None))
                 if event.chunk.codes is not None:
                     codes[order].append(event.chunk.codes)
             elif event.error is not None:
@@ -118,6 +128,44 @@ def test_a_failing_row_fails_alone(golden_model, golden_voice) -> None:
     assert isinstance(results[1][2], LowvoxError)
     assert_same_as_alone(golden_model, good[0], results[0])
     assert_same_as_alone(golden_model, good[1], results[2])
+
+
+def test_bulk_rows_hold_their_vocoding_until_a_listener_has_audio(
+    golden_model, golden_voice
+) -> None:
+    """Long-form sentences (bulk) beside an interactive request: no bulk chunk is vocoded
+    from the interactive request's arrival until its first audio is out (sentence ends
+    excepted), and the bulk rows' audio is the same, sample for sample, as without it."""
+    long = [utterance(golden_model, t, golden_voice, max_new_tokens=60) for t in TEXTS[:3]]
+    quick = utterance(golden_model, TEXTS[3], golden_voice, max_new_tokens=60)
+    plan = {0: [long[0]], 5: [long[1]], 10: [long[2]]}
+    solo_log: list[tuple[int, int, bool]] = []
+    alone = run(Batch(golden_model, max_rows=4), plan, bulk={0, 1, 2}, log=solo_log)
+    log: list[tuple[int, int, bool]] = []
+    mixed = run(Batch(golden_model, max_rows=4), {**plan, 15: [quick]}, bulk={0, 1, 2}, log=log)
+    first = min(step for step, order, _ in log if order == 3)
+
+    def mid_sentence(entries: list[tuple[int, int, bool]]) -> list[tuple[int, int]]:
+        return [(st, o) for st, o, last in entries if o < 3 and 15 <= st < first and not last]
+
+    assert mid_sentence(solo_log)  # alone, bulk chunks fall in that window...
+    assert not mid_sentence(log)  # ...beside a listener waiting for audio, they wait
+    assert any(order < 3 and step >= first for step, order, _ in log)  # then catch up
+    for i in range(3):
+        assert mixed[i][2] == "done"
+        np.testing.assert_array_equal(mixed[i][0], alone[i][0])
+    assert_same_as_alone(golden_model, quick, mixed[3])
+
+
+def test_an_interactive_sentence_is_prefilled_before_waiting_bulk_ones(
+    golden_model, golden_voice
+) -> None:
+    utts = [utterance(golden_model, t, golden_voice, max_new_tokens=13) for t in TEXTS]
+    log: list[tuple[int, int, bool]] = []
+    # All four arrive together; only the last is interactive; one prefill per step.
+    run(Batch(golden_model, max_rows=4), {0: utts}, bulk={0, 1, 2}, log=log)
+    firsts = {order: min(s for s, o, _ in log if o == order) for order in range(4)}
+    assert firsts[3] < min(firsts[0], firsts[1], firsts[2])
 
 
 def test_admission_is_bounded_by_rows_and_kv_budget(golden_model, golden_voice) -> None:

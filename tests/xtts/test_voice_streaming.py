@@ -108,3 +108,20 @@ def test_window_interpolation_matches_f_interpolate(scale: float) -> None:
     lo, hi = int(15 * scale), int(25 * scale)  # reads input frames ~14..26
     part = interpolate_frames(x[:, :, 10:30], 10, lo, hi, scale, 41)
     torch.testing.assert_close(part, full[:, :, lo:hi])
+
+
+@pytest.mark.parametrize("speed", [1.0, 1.3])
+def test_held_pushes_make_the_same_audio_as_unheld_ones(decoder, speaker, speed) -> None:
+    """A batch may hold a bulk row's vocoding (a listener waits elsewhere): the chunks end
+    at the same latents whenever they are vocoded, so the audio is exactly the same."""
+    latents = torch.randn(1, 75, 48)
+    plain = RowVocoder(decoder, speaker, speed, 12, 20)
+    held = RowVocoder(decoder, speaker, speed, 12, 20)
+    with torch.inference_mode():
+        a = [plain.push(latents[:, i : i + 1]) for i in range(75)] + [plain.finish()]
+        hold = [10 <= i < 47 or i >= 60 for i in range(75)]  # past several chunk ends
+        b = [held.push(latents[:, i : i + 1], hold=h) for i, h in enumerate(hold)]
+        b.append(held.finish())
+    assert sum(x.size for x in b[10:47]) == 0  # nothing while held...
+    assert b[47].size > a[47].size  # ...then the backlog at once
+    np.testing.assert_array_equal(np.concatenate(a), np.concatenate(b))

@@ -470,14 +470,14 @@ class XttsBatch(EngineBatch):
             return True
         return self._batch.fits(request.pieces, request.settings)
 
-    def add(self, request: SynthesisRequest, cancel: threading.Event) -> int:
+    def add(self, request: SynthesisRequest, cancel: threading.Event, bulk: bool = False) -> int:
         batch = self._pipeline()
         if self._device is None:
             self._device = contextlib.ExitStack()
             self._device.enter_context(self.engine._on_device())
         try:
             utt = self.engine.utterance(request)
-            uid = batch.add(utt, cancel)
+            uid = batch.add(utt, cancel, bulk=bulk)
         except BaseException:
             self._release_device()
             raise

@@ -145,7 +145,9 @@ class _Speaking:
     generator: torch.Generator | None
     positions: int  # KV positions its longest sentence can take
     sentence: int = 0
+    bulk: bool = False  # nobody listens live: its prefills and vocoding wait for others'
     row: int | None = None  # its decode row; None while its sentence waits for a prefill
+    heard: bool = False  # its current sentence has produced audio
     vocoder: RowVocoder | None = None
     codes: list[torch.Tensor] = field(default_factory=list)
 
@@ -193,15 +195,23 @@ class Batch:
         used = sum(s.positions for s in self._speaking)
         return used + self.positions(pieces, options) <= self.kv_positions
 
-    def add(self, utt: Utterance, cancel: threading.Event | None = None) -> int:
-        """Queue `utt`; its first sentence is prefilled at a coming step. Its id."""
+    def add(self, utt: Utterance, cancel: threading.Event | None = None, bulk: bool = False) -> int:
+        """Queue `utt`; its first sentence is prefilled at a coming step. Its id. A `bulk`
+        utterance (a long-form job's sentence: nobody is waiting for its first audio) is
+        prefilled after interactive ones, and while an interactive utterance waits for its
+        first audio its vocoding is put off (its latents are kept and vocoded later)."""
         if len(self._speaking) >= self.max_rows:
             raise RuntimeError(f"the batch is full ({self.max_rows} utterances)")
         seed = utt.options.seed
         device = self.decoder.device
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         s = _Speaking(
-            self._next_id, utt, cancel, generator, self.positions(utt.pieces, utt.options)
+            self._next_id,
+            utt,
+            cancel,
+            generator,
+            self.positions(utt.pieces, utt.options),
+            bulk=bulk,
         )
         self._next_id += 1
         self._speaking.append(s)
@@ -213,8 +223,12 @@ class Batch:
         events: list[BatchEvent] = []
         for s in [s for s in self._speaking if s.cancel is not None and s.cancel.is_set()]:
             self._end(s, events, Cancelled("generation cancelled"))
-        # Sentences that continue an utterance first: their listeners are mid-stream.
-        waiting = sorted((s for s in self._speaking if s.row is None), key=lambda s: not s.sentence)
+        # Interactive sentences first, and of those the ones that continue an utterance:
+        # their listeners are mid-stream.
+        waiting = sorted(
+            (s for s in self._speaking if s.row is None),
+            key=lambda s: (s.bulk, not s.sentence),
+        )
         for s in waiting[: self.prefills_per_step]:
             try:
                 self._start_sentence(s)
@@ -225,12 +239,18 @@ class Batch:
                 self._end(s, events, LowvoxError("synthesis failed"))
         with torch.inference_mode():
             steps = self.decoder.step()
+        # While a listener waits for a sentence's first audio, bulk rows only collect their
+        # latents: the vocoder is most of a step's time, and theirs can wait. Otherwise one
+        # bulk chunk a step, so that a backlog is caught up without a burst that would
+        # starve a listener's stream.
+        bulk_chunks = 0 if any(not s.bulk and not s.heard for s in self._speaking) else 1
         for st in steps:
             s = self._by_row.get(st.row)
             if s is None:
                 continue
             try:
-                self._take(s, st, events)
+                heard = self._take(s, st, events, hold=s.bulk and bulk_chunks <= 0)
+                bulk_chunks -= 1 if s.bulk and heard else 0
             except LowvoxError as e:
                 self._end(s, events, e)
             except Exception:  # noqa: BLE001 -- its own failure, details in the log
@@ -259,11 +279,13 @@ class Batch:
             s.row = self.decoder.add(row)
         self._by_row[s.row] = s
 
-    def _take(self, s: _Speaking, st: RowStep, events: list[BatchEvent]) -> None:
+    def _take(self, s: _Speaking, st: RowStep, events: list[BatchEvent], hold: bool) -> bool:
+        """A row's step: keep its token, vocode what is due (unless held; a sentence's end
+        is never held), finish the sentence. Whether it vocoded anything."""
         assert s.vocoder is not None
         rate = self.model.sample_rate
         with torch.inference_mode():
-            wav = s.vocoder.push(st.latent)
+            wav = s.vocoder.push(st.latent, hold=hold and not st.last)
             if not st.is_stop:
                 s.codes.append(st.token.view(1))
             if st.last:
@@ -273,13 +295,15 @@ class Batch:
             codes = torch.cat(s.codes).cpu().numpy() if s.codes else np.zeros(0, np.int64)
             events.append(BatchEvent(s.id, StreamChunk(wav, rate, s.sentence, codes)))
             del self._by_row[st.row]
-            s.row, s.vocoder, s.codes = None, None, []
+            s.row, s.vocoder, s.codes, s.heard = None, None, [], False
             s.sentence += 1
             if s.sentence == len(s.utt.pieces):
                 self._speaking.remove(s)
                 events.append(BatchEvent(s.id, done=True))
         elif wav.size:
+            s.heard = True
             events.append(BatchEvent(s.id, StreamChunk(wav, rate, s.sentence)))
+        return bool(wav.size)
 
     def _end(self, s: _Speaking, events: list[BatchEvent], error: LowvoxError) -> None:
         if s.row is not None:

@@ -372,28 +372,47 @@ class RowVocoder:
         self.chunk_tokens = chunk_tokens
         self._due = first_chunk_tokens
         self._pending: list[torch.Tensor] = []
+        self._count = 0  # latents pending
 
-    def push(self, latents: torch.Tensor) -> np.ndarray:
+    def push(self, latents: torch.Tensor, hold: bool = False) -> np.ndarray:
         """Add latents [1, n, D] (a step's one, usually); the audio that became due (maybe
-        empty)."""
+        empty). `hold`: keep them for later even if audio is due (the batch has more
+        urgent vocoding). Chunks always end at the same latents (after
+        `first_chunk_tokens`, then every `chunk_tokens`), held or not, so the audio is the
+        same however the pushes were held."""
         self._pending.append(latents)
-        if sum(p.shape[1] for p in self._pending) < self._due:
-            return np.zeros(0, np.float32)
-        self._due = self.chunk_tokens
-        return self._vocode(self.stretcher.push(self._take()))
+        self._count += latents.shape[1]
+        return np.zeros(0, np.float32) if hold else self._drain()
+
+    def _drain(self) -> np.ndarray:
+        """Vocode every chunk whose latents are all here."""
+        out = [np.zeros(0, np.float32)]
+        while self._count >= self._due:
+            chunk = self._take(self._due)
+            self._due = self.chunk_tokens
+            out.append(self._vocode(self.stretcher.push(chunk)))
+        return np.concatenate(out)
+
+    @property
+    def due(self) -> bool:
+        """Whether a chunk's latents are all here (the next unheld push vocodes it)."""
+        return self._count >= self._due
 
     def finish(self) -> np.ndarray:
         """The rest of the sentence's audio."""
-        tails = [self.stretcher.push(self._take())] if self._pending else []
+        out = [self._drain()]  # chunks that were held back
+        tails = [self.stretcher.push(self._take(self._count))] if self._pending else []
         tails.append(self.stretcher.finish())
-        rest = [self._vocode(t) for t in tails if t.shape[1]]
+        rest = out + [self._vocode(t) for t in tails if t.shape[1]]
         rest.append(self.vocoder.flush())
         return np.concatenate([r for r in rest if r.size] or [np.zeros(0, np.float32)])
 
-    def _take(self) -> torch.Tensor:
-        latents = torch.cat(self._pending, dim=1).to(self._like.device, self._like.dtype)
-        self._pending = []
-        return latents  # [1, n, D]
+    def _take(self, n: int) -> torch.Tensor:
+        """The first `n` pending latents [1, n, D]; the rest stay pending."""
+        latents = torch.cat(self._pending, dim=1)
+        self._pending = [latents[:, n:]] if latents.shape[1] > n else []
+        self._count -= min(n, latents.shape[1])
+        return latents[:, :n].to(self._like.device, self._like.dtype)
 
     def _vocode(self, frames: torch.Tensor) -> np.ndarray:
         if not frames.shape[1]:
