@@ -46,7 +46,6 @@ __all__ = [
     "Piece",
     "Timeline",
     "assemble",
-    "assemble_chapter",
     "layout",
     "write_srt",
     "write_vtt",
@@ -536,54 +535,34 @@ def assemble(
     sample_rate: int,
     target_lufs: float | None = -18.0,
     max_peak_dbfs: float = -1.0,
+    chapter_track: bool = False,
 ) -> Timeline:
     """Write `pieces` (in reading order) as one file: the book, or any run of chapters.
 
     `fmt` is one of `BOOK_FORMATS` (default: from the file name). With `target_lufs`, each
     chapter is brought to that integrated loudness, its sample peak kept under
     `max_peak_dbfs`; None leaves the levels as they are. Tags come from `meta`, chapter
-    marks from its `chapter_titles` ("Chapter n" where one is missing). The file appears
-    only once it is complete. Returns the file's timeline (for subtitles)."""
-    return _write(
-        pieces,
-        out_path,
-        fmt,
-        None,
-        meta=meta,
-        pauses=pauses,
-        sample_rate=sample_rate,
-        target_lufs=target_lufs,
-        max_peak_dbfs=max_peak_dbfs,
-    )
+    marks from its `chapter_titles` ("Chapter n" where one is missing). With
+    `chapter_track`, `pieces` are one chapter, written as a track of the book: its title
+    is the chapter's, the album the book's, the track number the chapter's; its audio is
+    the chapter exactly as it sounds inside the book (same gain). The file appears only
+    once it is complete. Returns the file's timeline (for subtitles)."""
+    tags_for: Callable[[Timeline], _Tags] | None = None
+    if chapter_track:
+        chapters = {p.chapter for p in pieces}
+        if len(chapters) > 1:
+            raise InvalidRequest(f"a chapter track got sentences of {len(chapters)} chapters")
 
+        def track_tags(timeline: Timeline) -> _Tags:
+            book = _book_tags(meta, timeline)
+            (chapter,) = chapters
+            title = _chapter_title(meta, chapter)
+            metadata = dict(book.metadata, title=title, track=str(chapter + 1))
+            if meta.chapter_titles:
+                metadata["track"] = f"{chapter + 1}/{len(meta.chapter_titles)}"
+            return _Tags(metadata, (title,), meta.cover)
 
-def assemble_chapter(
-    pieces: Sequence[Piece],
-    out_path: str | os.PathLike[str],
-    fmt: str | None = None,
-    *,
-    meta: BookMeta,
-    pauses: Pauses = _DEFAULT_PAUSES,
-    sample_rate: int,
-    target_lufs: float | None = -18.0,
-    max_peak_dbfs: float = -1.0,
-) -> Timeline:
-    """Write one chapter's own file, tagged as a track of the book: its title is the
-    chapter's, the album the book's, the track number the chapter's. Its audio is the
-    chapter exactly as it sounds inside the book (same gain)."""
-    chapters = {p.chapter for p in pieces}
-    if len(chapters) > 1:
-        raise InvalidRequest(f"assemble_chapter got sentences of {len(chapters)} chapters")
-
-    def tags_for(timeline: Timeline) -> _Tags:
-        book = _book_tags(meta, timeline)
-        (chapter,) = chapters
-        title = _chapter_title(meta, chapter)
-        metadata = dict(book.metadata, title=title, track=str(chapter + 1))
-        if meta.chapter_titles:
-            metadata["track"] = f"{chapter + 1}/{len(meta.chapter_titles)}"
-        return _Tags(metadata, (title,), meta.cover)
-
+        tags_for = track_tags
     return _write(
         pieces,
         out_path,

@@ -10,6 +10,7 @@ actors that each hold a loaded model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -43,10 +44,19 @@ class Take:
         )
 
 
+def engine_request(engine: Engine, take: Take, max_chars: int | None = None) -> SynthesisRequest:
+    """A take as `engine` will speak it, wherever it runs: the options it can use (clients'
+    others are dropped, as for any request), validated once."""
+    from lowvox.server.synthesis import usable_options
+
+    wanted = dataclasses.replace(take.request(), options=usable_options(engine, take.options))
+    return engine.validate(wanted, max_chars=max_chars)
+
+
 def speak_take(engine: Engine, take: Take, max_chars: int | None = None) -> np.ndarray:
-    """Speak a take on the calling thread (a Ray actor, a test): validate, then collect
-    the stream. The local executor goes through the scheduler instead."""
-    request = engine.validate(take.request(), max_chars=max_chars)
+    """Speak a take on the calling thread (a test): validate, then collect the stream.
+    The executors go through a scheduler instead."""
+    request = engine_request(engine, take, max_chars)
     parts = [chunk.samples for chunk in engine.synthesize_stream(request)]
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
@@ -108,18 +118,9 @@ class LocalExecutor(Executor):
 
     async def speak(self, take: Take, cancel: threading.Event | None = None) -> np.ndarray:
         from lowvox.server.scheduler import Priority
-        from lowvox.server.synthesis import usable_options
 
         slot = await self._current()
-        wanted = take.request()
-        wanted = SynthesisRequest(
-            text=wanted.text,
-            voice=wanted.voice,
-            language=wanted.language,
-            speed=wanted.speed,
-            options=usable_options(slot.engine, wanted.options),
-        )
-        request = await asyncio.to_thread(slot.engine.validate, wanted, self.max_chars)
+        request = await asyncio.to_thread(engine_request, slot.engine, take, self.max_chars)
         job = slot.scheduler.submit([request], tag=f"job:{take.job}", priority=Priority.BULK)
         # A stop that came while this take was being validated: `cancel` was set before
         # `cancel(job)` ran, which may have missed this just-submitted take.

@@ -23,7 +23,7 @@ import numpy as np
 
 from lowvox.engines.base import SynthesisRequest
 from lowvox.errors import Cancelled, LowvoxError
-from lowvox.jobs.executors import Executor, Take
+from lowvox.jobs.executors import Executor, Take, engine_request
 
 logger = logging.getLogger(__name__)
 
@@ -115,17 +115,7 @@ class SpeakerActor:
 
     def _request(self, take: Take) -> SynthesisRequest:
         """The take checked as `LocalExecutor` checks it: the same request, the same audio."""
-        from lowvox.server.synthesis import usable_options
-
-        wanted = take.request()
-        wanted = SynthesisRequest(
-            text=wanted.text,
-            voice=wanted.voice,
-            language=wanted.language,
-            speed=wanted.speed,
-            options=usable_options(self.engine, wanted.options),
-        )
-        return self.engine.validate(wanted, self.settings.max_text_chars)
+        return engine_request(self.engine, take, self.settings.max_text_chars)
 
     async def validate(self, request: SynthesisRequest) -> SynthesisRequest | _Failure:
         try:

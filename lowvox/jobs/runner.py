@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import threading
 import time
@@ -457,7 +458,7 @@ class JobRunner:
             raise LowvoxError(f"chapter {chapter + 1} has nothing spoken")
         meta = self.meta(job)
         await asyncio.to_thread(
-            assembly.assemble_chapter,
+            functools.partial(assembly.assemble, chapter_track=True),
             pieces,
             path,
             fmt,

@@ -21,7 +21,6 @@ from lowvox.jobs import assemble as A
 from lowvox.jobs.assemble import (
     Piece,
     assemble,
-    assemble_chapter,
     layout,
     write_srt,
     write_vtt,
@@ -342,7 +341,7 @@ def test_chapter_file_is_the_chapter_as_in_the_book(tmp_path, book) -> None:
     y, _ = sf.read(tmp_path / "book.wav", dtype="float32")
     middle = [p for p in pieces if p.chapter == 1]
     out = tmp_path / "chapter-002.flac"
-    timeline = assemble_chapter(middle, out, meta=META, pauses=PAUSES, sample_rate=RATE)
+    timeline = assemble(middle, out, meta=META, pauses=PAUSES, sample_rate=RATE, chapter_track=True)
     z, _ = sf.read(out, dtype="float32")
     span = whole.chapters[1]
     np.testing.assert_allclose(z, y[span.first : span.stop], atol=PCM_TOLERANCE)
@@ -352,7 +351,7 @@ def test_chapter_file_is_the_chapter_as_in_the_book(tmp_path, book) -> None:
         assert c.metadata["album"] == "A Test Book"
         assert c.metadata["track"].startswith("2")
     with pytest.raises(InvalidRequest):
-        assemble_chapter(pieces, tmp_path / "x.flac", meta=META, sample_rate=RATE)
+        assemble(pieces, tmp_path / "x.flac", meta=META, sample_rate=RATE, chapter_track=True)
 
 
 def test_a_failure_midway_leaves_no_file_and_keeps_the_old_one(tmp_path, book) -> None:
