@@ -315,7 +315,7 @@ class JobRunner:
     async def _speak_sentence(self, run: _Run, sentence: Sentence) -> None:
         job, settings = run.job, run.job.settings
         rate = self.executor.sample_rate
-        best: tuple[float, int, np.ndarray, Verdict] | None = None
+        best: tuple[float, int, np.ndarray, Verdict] | None = None  # score, seed, audio
         for take in range(max(0, settings.retakes) + 1):
             options = dict(settings.options)
             options["seed"] = take_seed(settings.seed, sentence.idx, sentence.attempt, take)
@@ -356,7 +356,7 @@ class JobRunner:
                 recognizer=self.recognizer,
             )
             if best is None or verdict.score < best[0]:
-                best = (verdict.score, take, audio, verdict)
+                best = (verdict.score, options["seed"], audio, verdict)
             if not verdict.flags:
                 break
             logger.info(
@@ -367,7 +367,7 @@ class JobRunner:
                 ",".join(verdict.flags),
             )
         assert best is not None
-        _, _, audio, verdict = best
+        _, seed, audio, verdict = best
         path = self.store.audio_path(job.id, sentence.idx)
         try:
             await asyncio.to_thread(write_sentence_audio, path, audio, rate)
@@ -383,6 +383,7 @@ class JobRunner:
             samples=len(audio),
             flags=verdict.flags,
             score=verdict.score,
+            seed=seed,
         )
         if fresh:
             run.spoken += 1

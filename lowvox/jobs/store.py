@@ -86,6 +86,7 @@ CREATE TABLE IF NOT EXISTS sentences (
     pause_before REAL NOT NULL DEFAULT 0,
     pause_after REAL NOT NULL DEFAULT 0,
     attempt INTEGER NOT NULL DEFAULT 0,
+    seed INTEGER,                      -- the kept take's seed
     state TEXT NOT NULL DEFAULT 'pending',
     audio TEXT,
     samples INTEGER,
@@ -181,6 +182,7 @@ class Sentence:
     pause_before: float
     pause_after: float
     attempt: int
+    seed: int | None
     state: str
     audio: str | None
     samples: int | None
@@ -489,6 +491,7 @@ class JobStore:
         samples: int,
         flags: Sequence[str],
         score: float,
+        seed: int | None = None,
     ) -> bool:
         """Record a sentence as done; its audio file must already be in place. False when
         the sentence changed meanwhile (edited or retaken): the take is stale."""
@@ -496,9 +499,9 @@ class JobStore:
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE sentences SET state = 'done', audio = ?, samples = ?, flags = ?,"
-                " score = ?, error = NULL WHERE job = ? AND idx = ? AND attempt = ?"
+                " score = ?, seed = ?, error = NULL WHERE job = ? AND idx = ? AND attempt = ?"
                 " AND state = 'pending'",
-                (audio, samples, json.dumps(list(flags)), score, job_id, index, attempt),
+                (audio, samples, json.dumps(list(flags)), score, seed, job_id, index, attempt),
             )
             db.execute("UPDATE jobs SET updated = ? WHERE id = ?", (time.time(), job_id))
         return cur.rowcount == 1

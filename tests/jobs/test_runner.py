@@ -118,6 +118,7 @@ def test_a_bad_take_is_retaken_with_the_next_seed_and_the_best_kept(store):
     assert len(takes) == 3
     row = store.sentence(job.id, 2)
     assert row.state == "done" and row.flags == ()
+    assert row.seed == take_seed(0, 2, 0, 2)  # the kept take's seed is recorded
     audio = sentence_audio(store, job.id)[2]
     assert np.abs(audio).max() > 0.05  # the good take, not a silent one
 

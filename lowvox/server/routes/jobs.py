@@ -175,6 +175,7 @@ def sentence_json(job: JobInfo, s: Any) -> dict[str, Any]:
         "voice": s.voice,
         "state": s.state,
         "attempt": s.attempt,
+        "seed": s.seed,
         "flags": list(s.flags),
         "score": s.score,
         "error": s.error,
