@@ -13,9 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from lowvox.bench.run import BenchOptions
+    from lowvox.engines.xtts.model import XttsModel
 
 FIDELITY_TOKENS = 120
 
@@ -39,7 +43,7 @@ EXTRA_TEXTS = (
 
 @torch.inference_mode()
 def compare(
-    reference, test, texts: str | Sequence[str], tokens: int = FIDELITY_TOKENS
+    reference: XttsModel, test: XttsModel, texts: str | Sequence[str], tokens: int = FIDELITY_TOKENS
 ) -> dict[str, Any]:
     """Teacher-forced comparison over each text's `tokens` greedy fp32 codes, pooled."""
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -61,7 +65,9 @@ def compare(
     }
 
 
-def _compare_one(reference, test, text: str, tokens: int):
+def _compare_one(
+    reference: XttsModel, test: XttsModel, text: str, tokens: int
+) -> tuple[torch.Tensor, ...]:
     """Per-position logit cosines and top-1 matches (one pass), both vocoders' audio, and
     the cosines and matches of the decode-step logits, for one text."""
     from lowvox.bench.worker import bench_voice, suppress_stop_token
@@ -70,6 +76,7 @@ def _compare_one(reference, test, text: str, tokens: int):
     from lowvox.engines.xtts.sampling import SamplingOptions
 
     voice = bench_voice(reference)
+    assert reference.tokenizer is not None  # set by the loader
     ids = torch.tensor([reference.tokenizer.encode(text.strip().lower(), "en")])
     opts = SamplingOptions(repetition_penalty=5.0, do_sample=False)
     # Pick a fixed-length code sequence with the stop token suppressed, then score it with
@@ -99,18 +106,20 @@ def _compare_one(reference, test, text: str, tokens: int):
     return cos, agree, ref_wav[:n], test_wav[:n], cos_steps, agree_steps
 
 
-def fidelity_report(folder: Path, precisions: list[str], opts) -> dict[str, list[dict[str, Any]]]:
-    from lowvox.engines.xtts.model import XttsModel
+def fidelity_report(
+    folder: Path, precisions: list[str], opts: BenchOptions
+) -> dict[str, list[dict[str, Any]]]:
+    from lowvox.engines.xtts.loader import load_model
 
     sources = {"model": folder}
     if opts.golden_dir is not None:
         sources["golden"] = opts.golden_dir
     report: dict[str, list[dict[str, Any]]] = {}
     for name, path in sources.items():
-        reference = XttsModel.load(path, precision="fp32", cache_dir=opts.cache_dir)
+        reference = load_model(path, precision="fp32", cache_dir=opts.cache_dir)
         rows = []
         for precision in precisions:
-            test = XttsModel.load(path, precision=precision, cache_dir=opts.cache_dir)
+            test = load_model(path, precision=precision, cache_dir=opts.cache_dir)
             texts = [opts.text, *EXTRA_TEXTS]
             rows.append({"precision": precision, **compare(reference, test, texts)})
             del test

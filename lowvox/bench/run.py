@@ -85,7 +85,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             )
     report: dict[str, Any] = {"model": str(folder), "new_tokens": opts.new_tokens, "cases": cases}
     if opts.compare_reference:
-        report["reference"] = run_reference(opts, folder, cases)
+        report["reference"] = run_reference(opts, opts.compare_reference, folder)
     if opts.fidelity:
         from lowvox.bench.fidelity import fidelity_report
 
@@ -95,8 +95,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     return report
 
 
-def run_reference(opts: BenchOptions, folder: Path, cases: list[dict[str, Any]]) -> dict[str, Any]:
-    """The same token ids and token count through coqui-tts, in the given interpreter."""
+def run_reference(opts: BenchOptions, python: str, folder: Path) -> dict[str, Any]:
+    """The same token ids and token count through coqui-tts, in the interpreter `python`."""
     from lowvox.text.tokenizer import XttsTokenizer
 
     ids = XttsTokenizer.from_file(folder / "vocab.json").encode(opts.text.strip().lower(), "en")
@@ -109,9 +109,7 @@ def run_reference(opts: BenchOptions, folder: Path, cases: list[dict[str, Any]])
         "model_dir": str(folder) if opts.model_dir is not None else None,
     }
     worker = Path(__file__).with_name("reference_worker.py")
-    return _run_json(
-        [opts.compare_reference, str(worker), json.dumps(job)], "reference (coqui-tts)"
-    )
+    return _run_json([python, str(worker), json.dumps(job)], "reference (coqui-tts)")
 
 
 # ---------------------------------------------------------------------------------------------

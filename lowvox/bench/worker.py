@@ -9,20 +9,25 @@ import json
 import resource
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from lowvox.engines.xtts.model import XttsModel
+    from lowvox.engines.xtts.pipeline import Utterance
+    from lowvox.engines.xtts.voices import Voice
 
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def load_model(job: dict[str, Any]):
-    from lowvox.engines.xtts.model import XttsModel
+def load_job_model(job: dict[str, Any]) -> XttsModel:
+    from lowvox.engines.xtts.loader import load_model
 
-    return XttsModel.load(
+    return load_model(
         job["model_dir"],
         device=job.get("device", "cpu"),
         precision=job["precision"],
@@ -30,9 +35,9 @@ def load_model(job: dict[str, Any]):
     )
 
 
-def bench_voice(model, seed: int = 0):
+def bench_voice(model: XttsModel, seed: int = 0) -> Voice:
     """A studio speaker when the model has one; else fixed random latents."""
-    from lowvox.engines.xtts.voice import Voice
+    from lowvox.engines.xtts.voices import Voice
 
     if model.speakers:
         return next(iter(model.speakers.values()))
@@ -43,7 +48,7 @@ def bench_voice(model, seed: int = 0):
     return Voice(cond, spk, name="bench")
 
 
-def suppress_stop_token(model) -> None:
+def suppress_stop_token(model: XttsModel) -> None:
     """Timing runs decode a fixed number of tokens: the stop token is never chosen."""
     stop = model.config.model_args.gpt_stop_audio_token
     with torch.no_grad():
@@ -67,12 +72,14 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(job["threads"]))
     device = job.get("device", "cpu")
     t0 = time.perf_counter()
-    model = load_model(job)
+    model = load_job_model(job)
     load_s = time.perf_counter() - t0
+    tokenizer = model.tokenizer
+    assert tokenizer is not None  # set by the loader
     suppress_stop_token(model)
     voice = bench_voice(model)
     n_new = int(job["new_tokens"])
-    ids = model.tokenizer.encode(job["text"].strip().lower(), "en")
+    ids = tokenizer.encode(job["text"].strip().lower(), "en")
     text_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
     options = SamplingOptions(
         repetition_penalty=float(job.get("repetition_penalty", 5.0)), do_sample=False
@@ -121,13 +128,12 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         result.update(audio_s=audio_s, vocoder_s_per_audio_s=vocoder_s / audio_s)
 
     # End to end through the pipeline, text in, audio out.
-    assert model.tokenizer is not None
     opts = XttsOptions(do_sample=False, max_new_tokens=n_new, split_sentences=False)
     opts = opts.resolved(model.config)
 
     def utterance(text: str) -> Utterance:
         limit = model.config.model_args.gpt_max_text_tokens
-        return Utterance(encode_text(model.tokenizer, text, "en", False, limit), voice, opts)
+        return Utterance(encode_text(tokenizer, text, "en", False, limit), voice, opts)
 
     t = time.perf_counter()
     out = synthesize(model, utterance(job["text"]))
@@ -158,7 +164,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _speak_together(model, utterances, rows: int) -> float:
+def _speak_together(model: XttsModel, utterances: list[Utterance], rows: int) -> float:
     """Speak `utterances` in one continuous batch of `rows`; the seconds of audio made."""
     from lowvox.engines.xtts.pipeline import Batch
 

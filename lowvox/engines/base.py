@@ -15,7 +15,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -26,6 +25,10 @@ log = logging.getLogger(__name__)
 
 MIN_SPEED = 0.25
 MAX_SPEED = 4.0
+
+# An engine option's value as requests carry it (a JSON scalar; None: unset). Each engine
+# checks the names and types of its own options (`Engine.validate`).
+OptionValue = str | int | float | bool | None
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class SynthesisRequest:
     voice: str | None = None
     language: str | None = None
     speed: float = 1.0
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, OptionValue] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ class MachineInfo:
 
 
 def _read_cpuinfo() -> tuple[str, frozenset[str]]:
-    model, flags = platform.processor() or platform.machine(), frozenset()
+    model = platform.processor() or platform.machine()
+    flags: frozenset[str] = frozenset()
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:

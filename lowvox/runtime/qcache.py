@@ -13,6 +13,7 @@ is still the one it loaded from.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -194,7 +195,11 @@ class _Arena:
 
 
 def _read_tensor(
-    f: BinaryIO, base: int, name: str, info: dict[str, Any], out: torch.Tensor | None = None
+    f: io.BufferedReader,
+    base: int,
+    name: str,
+    info: dict[str, Any],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Read one tensor straight into memory torch allocated itself (or into `out`, a uint8
     buffer of the right size).
@@ -211,7 +216,7 @@ def _read_tensor(
     if end - start != nbytes:
         raise ValueError(f"{name}: {end - start} bytes stored for shape {shape} {dtype}")
     if nbytes:
-        buf = memoryview(t.view(-1).view(torch.uint8).numpy())
+        buf = t.view(-1).view(torch.uint8).numpy().data  # a writable memoryview of `t`
         f.seek(base + start)
         done = 0
         while done < nbytes:
@@ -260,4 +265,4 @@ def _write_safetensors(path: Path, state: Mapping[str, torch.Tensor], meta: dict
         for key in sorted(tensors):
             t = tensors[key]
             if t.numel():
-                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+                f.write(t.view(-1).view(torch.uint8).numpy().data)

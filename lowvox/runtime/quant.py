@@ -11,6 +11,7 @@ PyTorch's kernels with bf16 activations.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +70,16 @@ class WeightOnlyLinear(nn.Module):
     matrix units; elsewhere `_forward_torch`."""
 
     WEIGHT_DTYPE: torch.dtype
+    weight: torch.Tensor  # [out, in] in WEIGHT_DTYPE
+    bias: torch.Tensor | None  # [out] float32
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -115,8 +124,15 @@ class Int8Linear(WeightOnlyLinear):
     """int8 weights and per-output-channel scales."""
 
     WEIGHT_DTYPE = torch.int8
+    scales: torch.Tensor  # [out] bfloat16
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias, device)
         self.register_buffer(
             "scales", torch.empty(out_features, dtype=torch.bfloat16, device=device)
@@ -128,7 +144,7 @@ class Int8Linear(WeightOnlyLinear):
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, device=q.device)
         mod.weight.copy_(q)
         mod.scales.copy_(scales.to(torch.bfloat16))
-        if linear.bias is not None:
+        if linear.bias is not None and mod.bias is not None:
             mod.bias.copy_(linear.bias.detach().float())
         return mod
 
@@ -245,7 +261,9 @@ INT8_MODE = "int8-weight-only/per-output-channel/symmetric/bf16-exact-scales"
 BF16_MODE = "bf16-weight-only/float32-bias"
 
 
-def _swap_linears(module: nn.Module, include: tuple[str, ...], make) -> int:
+def _swap_linears(
+    module: nn.Module, include: tuple[str, ...], make: Callable[[nn.Linear], nn.Module]
+) -> int:
     # (parent, name) pairs only: holding the old layers would keep every float weight alive
     # until the end, and quantising a model would briefly need it twice.
     targets = [
@@ -285,5 +303,5 @@ def bf16_skeleton(module: nn.Module, include: tuple[str, ...] = ("",)) -> int:
     return _swap_linears(module, include, functools.partial(_empty, Bf16Linear))
 
 
-def _empty(cls, lin: nn.Linear) -> nn.Module:
+def _empty(cls: type[WeightOnlyLinear], lin: nn.Linear) -> nn.Module:
     return cls(lin.in_features, lin.out_features, lin.bias is not None, device="meta")

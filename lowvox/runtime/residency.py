@@ -56,11 +56,11 @@ class Residency:
         self._stored: dict[tuple[int, str], torch.Tensor] = {}
         self._owners: list[tuple[nn.Module, str, bool]] = []  # (module, name, is_parameter)
         for module in self._all_modules():
-            for name, t in list(module.named_parameters(recurse=False)):
-                self._own(module, name, t, True)
-            for name, t in list(module.named_buffers(recurse=False)):
-                if t is not None:
-                    self._own(module, name, t, False)
+            for name, param in list(module.named_parameters(recurse=False)):
+                self._own(module, name, param, True)
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer is not None:
+                    self._own(module, name, buffer, False)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.granularity = ""
         self.set_granularity(granularity)

@@ -13,7 +13,7 @@ import torch
 from lowvox.bench.fidelity import compare
 from lowvox.bench.random_model import ensure_random_model, random_state_dict
 from lowvox.bench.run import format_report
-from lowvox.engines.xtts.model import XttsModel
+from lowvox.engines.xtts.loader import load_model
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +23,14 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_random_model_loads_through_the_real_loader(tiny_folder, tmp_path):
-    model = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    model = load_model(tiny_folder, cache_dir=tmp_path)
     assert model.config.model_args.gpt_layers == 2
     assert model.tokenizer.encode("hello", "en")[0] == 3  # the [en] tag
 
 
 @pytest.mark.slow
 def test_random_state_dict_is_finite_and_seeded(tiny_folder, tmp_path):
-    model = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    model = load_model(tiny_folder, cache_dir=tmp_path)
     a, b = random_state_dict(model, 1), random_state_dict(model, 1)
     c = random_state_dict(model, 2)
     assert all(torch.isfinite(t.float()).all() for t in a.values())
@@ -96,8 +96,8 @@ def test_fidelity_table_shows_the_vocoder_snr() -> None:
 
 @pytest.mark.slow
 def test_fidelity_of_a_model_against_itself_is_perfect(tiny_folder, tmp_path):
-    a = XttsModel.load(tiny_folder, cache_dir=tmp_path)
-    b = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    a = load_model(tiny_folder, cache_dir=tmp_path)
+    b = load_model(tiny_folder, cache_dir=tmp_path)
     r = compare(a, b, "hello there, how are you?", tokens=16)
     assert r["logit_cosine_min"] > 0.99999
     assert r["top1_agreement"] == 1.0
@@ -113,8 +113,8 @@ def test_fidelity_of_a_model_against_itself_is_perfect(tiny_folder, tmp_path):
 
 @pytest.mark.slow
 def test_fidelity_detects_a_perturbed_model(tiny_folder, tmp_path):
-    a = XttsModel.load(tiny_folder, cache_dir=tmp_path)
-    b = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    a = load_model(tiny_folder, cache_dir=tmp_path)
+    b = load_model(tiny_folder, cache_dir=tmp_path)
     with torch.no_grad():
         for p in b.gpt.gpt.parameters():
             p.add_(torch.randn_like(p) * p.std() * 0.5)
@@ -125,8 +125,8 @@ def test_fidelity_detects_a_perturbed_model(tiny_folder, tmp_path):
 
 @pytest.mark.slow
 def test_fidelity_pools_positions_over_several_texts(tiny_folder, tmp_path):
-    a = XttsModel.load(tiny_folder, cache_dir=tmp_path)
-    b = XttsModel.load(tiny_folder, cache_dir=tmp_path)
+    a = load_model(tiny_folder, cache_dir=tmp_path)
+    b = load_model(tiny_folder, cache_dir=tmp_path)
     r = compare(a, b, ["hello there.", "how are you today?"], tokens=8)
     assert r["positions"] == 16
     assert r["top1_agreement"] == 1.0

@@ -212,21 +212,21 @@ def random_bundle(tmp_path_factory: pytest.TempPathFactory, golden_dir: Path) ->
 
 @pytest.fixture(scope="session")
 def golden_model(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    from lowvox.engines.xtts.model import XttsModel
+    from lowvox.engines.xtts.loader import load_model
 
-    return XttsModel.load(golden_dir, cache_dir=tmp_path_factory.mktemp("xtts-cache"))
+    return load_model(golden_dir, cache_dir=tmp_path_factory.mktemp("xtts-cache"))
 
 
 @pytest.fixture(scope="session")
 def random_model(random_bundle: RandomBundle):
-    from lowvox.engines.xtts.model import XttsModel
+    from lowvox.engines.xtts.loader import load_model
 
-    return XttsModel.load(random_bundle.path)
+    return load_model(random_bundle.path)
 
 
 @pytest.fixture(scope="session")
 def golden_voice(golden_ref):
     """The voice the reference generated gen*/infer* with (ref_a.wav's latents)."""
-    from lowvox.engines.xtts.voice import Voice
+    from lowvox.engines.xtts.voices import Voice
 
     return Voice(golden_ref["voice0.gpt_cond_latent"], golden_ref["voice0.speaker_embedding"])

@@ -23,7 +23,7 @@ from lowvox.engines.xtts.checkpoint import (
     read_state_dict,
 )
 from lowvox.engines.xtts.config import XttsConfig
-from lowvox.engines.xtts.model import XttsModel
+from lowvox.engines.xtts.loader import from_state_dict
 from lowvox.errors import LowvoxError
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def test_golden_model_pth_loads_and_maps(golden_dir: Path) -> None:
 
 def test_golden_state_dict_matches_model_exactly(golden_dir: Path) -> None:
     config = XttsConfig.from_file(golden_dir / "config.json")
-    model = XttsModel.from_state_dict(config, read_state_dict(golden_dir / "model.pth"))
+    model = from_state_dict(config, read_state_dict(golden_dir / "model.pth"))
     assert not any(p.is_meta for p in model.parameters())
 
 
@@ -220,7 +220,7 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(golden_dir: Path) -> N
     sd["gpt.surprise.weight"] = torch.zeros(1)
     sd["mel_stats"] = torch.zeros(81)
     with pytest.raises(CheckpointError) as info:
-        XttsModel.from_state_dict(config, sd)
+        from_state_dict(config, sd)
     message = str(info.value)
     assert "missing keys: gpt.final_norm.bias" in message
     assert "unexpected keys: gpt.surprise.weight" in message
@@ -312,7 +312,7 @@ def test_full_size_layout_builds_on_meta(golden_dir: Path) -> None:
     assert all(
         k.startswith("gpt.text_head.") or ".parametrizations.weight." in k for k in dropped
     ), sorted(dropped)
-    model = XttsModel.from_state_dict(full_size_config(golden_dir), mapped, "full_size_layout")
+    model = from_state_dict(full_size_config(golden_dir), mapped, "full_size_layout")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == {k: tuple(v.shape) for k, v in mapped.items()}
     assert len(model.gpt.gpt.h) == 30

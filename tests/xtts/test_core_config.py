@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lowvox.engines.xtts.config import ConfigError, XttsConfig
-from lowvox.engines.xtts.model import XttsModel
+from lowvox.engines.xtts.loader import load_model
 
 
 def test_golden_config(golden_dir: Path) -> None:
@@ -61,6 +61,6 @@ def test_config_from_the_checkpoint_when_config_json_is_absent(random_bundle, tm
     folder = tmp_path / "model"
     shutil.copytree(random_bundle.path, folder)
     (folder / "config.json").unlink()
-    model = XttsModel.load(folder)
+    model = load_model(folder)
     assert model.config.model_args.gpt_layers == 3
     assert model.config.sampling.temperature == 0.6

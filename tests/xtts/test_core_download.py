@@ -76,10 +76,10 @@ def test_download_installs_and_lists(tmp_path, fake_hub) -> None:
 
 
 def test_downloaded_model_loads(tmp_path, fake_hub) -> None:
-    from lowvox.engines.xtts.model import XttsModel
+    from lowvox.engines.xtts.loader import load_model
 
     path = download_model("xtts-v2", tmp_path, accept_license=True)
-    model = XttsModel.load(path)
+    model = load_model(path)
     assert list(model.speakers) == ["Test Speaker"]
 
 

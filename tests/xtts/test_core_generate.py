@@ -126,9 +126,9 @@ def test_static_shape_decode_step_matches_eager(random_model) -> None:
 
 def test_conv1d_layers_swap_for_linear(random_bundle) -> None:
     from lowvox.engines.xtts.gpt import conv1d_to_linear
-    from lowvox.engines.xtts.model import XttsModel
+    from lowvox.engines.xtts.loader import load_model
 
-    model = XttsModel.load(random_bundle.path)
+    model = load_model(random_bundle.path)
     cond, ids = torch.randn(1, 32, model.gpt.dim), torch.randint(30, 200, (1, 9))
     before = generate(model.gpt, DecodeRow(cond, ids, GREEDY, 10))
     layers = model.config.model_args.gpt_layers

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowvox.engines.xtts.model import XttsModel
-from lowvox.engines.xtts.voice import Voice
+from lowvox.engines.xtts.loader import load_model
+from lowvox.engines.xtts.voices import Voice
 from lowvox.errors import InvalidRequest, LowvoxError, UnknownLanguage, UnknownVoice
 from lowvox.text.languages import pick_language
 from tests.tolerance import MIN_STREAM_SNR_DB, snr_db
@@ -221,9 +221,9 @@ def test_bad_requests_are_clear_errors(random_model) -> None:
 
 def test_load_errors(tmp_path, random_bundle) -> None:
     with pytest.raises(LowvoxError, match="not found"):
-        XttsModel.load(tmp_path / "nothing")
+        load_model(tmp_path / "nothing")
     with pytest.raises(LowvoxError, match="precision"):
-        XttsModel.load(random_bundle.path, precision="fp8")
+        load_model(random_bundle.path, precision="fp8")
 
 
 def test_clone_voice_uses_config_defaults(random_model, golden_dir) -> None:
@@ -241,7 +241,7 @@ def test_half_precision_gpt(random_bundle, random_model, precision: str) -> None
     if precision == "fp16" and not torch.cuda.is_available():
         pytest.skip("fp16 matmuls are a GPU feature")
     device = "cuda" if precision == "fp16" else "cpu"
-    model = XttsModel.load(random_bundle.path, device=device, precision=precision)
+    model = load_model(random_bundle.path, device=device, precision=precision)
     # The transformer's linears are half precision (mel_head and the norms stay float32).
     assert model.gpt.gpt.h[0].attn.c_attn.weight.dtype == (
         torch.bfloat16 if precision == "bf16" else torch.float16

@@ -11,7 +11,7 @@ import torch
 
 from lowvox.engines.xtts.options import XttsOptions
 from lowvox.engines.xtts.pipeline import Batch, Utterance, encode_text, synthesize
-from lowvox.engines.xtts.voice import Voice
+from lowvox.engines.xtts.voices import Voice
 from lowvox.errors import Cancelled, LowvoxError
 from tests.tolerance import FP32_PIPELINE
 
@@ -187,9 +187,9 @@ def test_admission_is_bounded_by_rows_and_kv_budget(golden_model, golden_voice) 
 
 @pytest.mark.slow
 def test_int8_rows_in_a_batch_give_the_codes_they_give_alone(random_bundle, tmp_path) -> None:
-    from lowvox.engines.xtts.model import XttsModel
+    from lowvox.engines.xtts.loader import load_model
 
-    model = XttsModel.load(random_bundle.path, precision="int8", cache_dir=tmp_path)
+    model = load_model(random_bundle.path, precision="int8", cache_dir=tmp_path)
     voice = model.speakers["Test Speaker"]
     utts = [utterance(model, t, voice, max_new_tokens=16) for t in TEXTS]
     results = run(Batch(model, max_rows=4), {0: utts[:2], 4: utts[2:]})

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lowvox.engines.xtts.decode import Decoder, DecodeRow, collect, generate, iter_steps
+from lowvox.engines.xtts.loader import load_model
 from lowvox.engines.xtts.model import XttsModel
 from lowvox.engines.xtts.sampling import SamplingOptions
 from tests.tolerance import FP32_OTHER_KERNELS
@@ -60,7 +61,7 @@ def test_batch_equals_each_row_alone(bundle, golden_model, random_model) -> None
 def test_rows_stop_on_their_own(golden_dir, tmp_path) -> None:
     """With the stop token made likelier, some rows stop early (at different steps) and
     others run to their limit; each row still equals its lone run."""
-    model = XttsModel.load(golden_dir, cache_dir=tmp_path)
+    model = load_model(golden_dir, cache_dir=tmp_path)
     stop = model.config.model_args.gpt_stop_audio_token
     base = float(model.gpt.mel_head.bias[stop])
     for boost in (1.0, 2.0, 3.0, 4.0):
@@ -115,7 +116,7 @@ def test_rows_joining_later_equal_their_lone_runs(golden_model) -> None:
 @pytest.mark.slow
 def test_int8_batch_gives_the_same_codes(golden_dir, tmp_path) -> None:
     """The CPU default (int8 weights): batching changes the matmuls' shapes, not the codes."""
-    model = XttsModel.load(golden_dir, precision="int8", cache_dir=tmp_path)
+    model = load_model(golden_dir, precision="int8", cache_dir=tmp_path)
     rows = rows_for(model, limits=[30, 30, 20, 25])
     for batched, row in zip(collect(model.gpt, rows), rows, strict=True):
         single = alone(model, row)

@@ -182,7 +182,7 @@ def test_a_bf16_vocoder_on_a_gpu_plan_is_refused(random_bundle) -> None:
 
 def test_low_vram_loads_into_ram_for_the_gpu_it_computes_on(random_bundle, monkeypatch) -> None:
     """The weights load on the CPU, in the form of the device that will run them."""
-    from lowvox.engines.xtts import model as model_module
+    from lowvox.engines.xtts import loader as loader_module
 
     seen = {}
 
@@ -193,7 +193,7 @@ def test_low_vram_loads_into_ram_for_the_gpu_it_computes_on(random_bundle, monke
         seen.update(device=device, precision=precision, **kwargs)
         raise Loaded
 
-    monkeypatch.setattr(model_module.XttsModel, "load", fake_load)
+    monkeypatch.setattr(loader_module, "load_model", fake_load)
     plan = Plan("cuda:0", "bf16", "low_vram", "bfloat16", ["test"])
     with pytest.raises(Loaded):
         XttsEngine(random_bundle.path, plan=plan).load()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lowvox.engines.xtts.decode import Decoder, DecodeRow, collect
+from lowvox.engines.xtts.loader import load_model
 from lowvox.engines.xtts.model import XttsModel
 from lowvox.engines.xtts.sampling import SamplingOptions
 from tests.tolerance import FP32_OTHER_KERNELS
@@ -60,7 +61,7 @@ def test_static_steps_keep_rows_apart_as_they_join_and_leave(golden_model) -> No
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_replay_matches_eager(golden_dir, tmp_path) -> None:
-    model = XttsModel.load(golden_dir, device="cuda", cache_dir=tmp_path)
+    model = load_model(golden_dir, device="cuda", cache_dir=tmp_path)
     eager = collect(model.gpt, rows(model))
     decoder = Decoder(model.gpt, max_rows=4, graphs=True)
     for _ in range(2):  # replayed across generations

@@ -18,12 +18,13 @@ import pytest
 import soundfile as sf
 import torch
 
-import lowvox.engines.xtts.model as model_module
+import lowvox.engines.xtts.loader as loader_module
 from lowvox.engines.xtts.checkpoint import read_state_dict
 from lowvox.engines.xtts.config import XttsConfig
+from lowvox.engines.xtts.loader import ensure_cloning_modules, from_state_dict, load_model
 from lowvox.engines.xtts.model import CLONING_MODULES, XttsModel
-from lowvox.engines.xtts.voice import VoiceCache
-from lowvox.engines.xtts.voice import clone_voice as clone_from_references
+from lowvox.engines.xtts.voices import VoiceCache
+from lowvox.engines.xtts.voices import clone_voice as clone_from_references
 from lowvox.errors import LowvoxError
 from lowvox.runtime.qcache import CacheError, read_quantized, write_quantized
 from lowvox.runtime.residency import Residency
@@ -60,7 +61,7 @@ def caches(random_bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder holding the random bundle's int8 and bf16 caches, written once."""
     folder = tmp_path_factory.mktemp("lazy-cache")
     for precision in CACHED:
-        XttsModel.load(random_bundle.path, precision=precision, cache_dir=folder)
+        load_model(random_bundle.path, precision=precision, cache_dir=folder)
     return folder
 
 
@@ -68,7 +69,7 @@ def caches(random_bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def eager(random_bundle) -> XttsModel:
     """Every module loaded straight from model.pth, no cache involved."""
     config = XttsConfig.from_file(random_bundle.path / "config.json")
-    return XttsModel.from_state_dict(config, read_state_dict(random_bundle.path / "model.pth"))
+    return from_state_dict(config, read_state_dict(random_bundle.path / "model.pth"))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def load_cached(random_bundle, caches: Path, tmp_path: Path, precision: str) -> 
     """A load from a private copy of the caches (a test may damage its copy)."""
     folder = tmp_path / "cache"
     shutil.copytree(caches, folder)
-    return XttsModel.load(random_bundle.path, precision=precision, cache_dir=folder)
+    return load_model(random_bundle.path, precision=precision, cache_dir=folder)
 
 
 def cache_file(model: XttsModel) -> Path:
@@ -102,13 +103,13 @@ def assert_same_voice(voice, want) -> None:
 
 def count_reads(monkeypatch) -> list[int]:
     calls = [0]
-    real = model_module.read_tensors
+    real = loader_module.read_tensors
 
     def counting(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "read_tensors", counting)
+    monkeypatch.setattr(loader_module, "read_tensors", counting)
     return calls
 
 
@@ -130,7 +131,7 @@ def test_a_cached_load_leaves_the_cloning_modules_out_and_still_speaks(
     assert reads[0] == 0 and cloning_modules(model) == [None, None, None]
     # What they weigh is really gone: the model holds fewer bytes than the eager one.
     held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    model.ensure_cloning_modules()
+    ensure_cloning_modules(model)
     with_them = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     expected = sum(
         t.numel() * t.element_size()
@@ -234,7 +235,7 @@ def test_concurrent_first_clones_load_once(
 ) -> None:
     model = load_cached(random_bundle, caches, tmp_path, "int8")
     calls = [0]
-    real = model_module.read_tensors
+    real = loader_module.read_tensors
     both_waiting = threading.Barrier(2)
 
     def slow_read(*args, **kwargs):
@@ -243,7 +244,7 @@ def test_concurrent_first_clones_load_once(
         time.sleep(0.2)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "read_tensors", slow_read)
+    monkeypatch.setattr(loader_module, "read_tensors", slow_read)
     voices: dict[int, object] = {}
     errors: list[BaseException] = []
 
@@ -277,12 +278,12 @@ def test_lazily_loaded_modules_go_where_the_model_is_and_move_with_it(
 ) -> None:
     model = load_cached(random_bundle, caches, tmp_path / "a", "int8")
     model.to("meta")  # stands in for a GPU: a device other than the CPU the cache is read to
-    model.ensure_cloning_modules()
+    ensure_cloning_modules(model)
     for name in CLONING_MODULES:
         assert all(p.is_meta for p in model.get_submodule(name).parameters()), name
 
     loaded = load_cached(random_bundle, caches, tmp_path / "b", "int8")
-    loaded.ensure_cloning_modules()
+    ensure_cloning_modules(loaded)
     loaded.to("meta")  # once loaded they are part of the model and move with it
     assert all(t.is_meta for t in loaded.state_dict().values())
 
@@ -297,7 +298,7 @@ def test_residency_keeps_lazily_loaded_modules_in_storage(
     residency = Residency(model, "cpu", "meta", layers=list(model.gpt.gpt.h))
     with residency.active():
         assert model.device.type == "meta"
-        model.ensure_cloning_modules()
+        ensure_cloning_modules(model)
     for name in CLONING_MODULES:
         assert all(p.device.type == "cpu" for p in model.get_submodule(name).parameters())
     assert all(t.device.type == "cpu" for t in model.state_dict().values())
@@ -308,7 +309,7 @@ def test_residency_keeps_lazily_loaded_modules_in_storage(
 def test_inference_mode_callers_get_ordinary_weights(random_bundle, caches, tmp_path) -> None:
     model = load_cached(random_bundle, caches, tmp_path, "int8")
     with torch.inference_mode():
-        model.ensure_cloning_modules()
+        ensure_cloning_modules(model)
     encoder = model.gpt.conditioning_encoder
     assert encoder is not None
     assert not any(p.is_inference() for p in encoder.parameters())
@@ -317,9 +318,9 @@ def test_inference_mode_callers_get_ordinary_weights(random_bundle, caches, tmp_
 def test_loads_not_from_a_weight_only_cache_stay_eager(random_bundle, tmp_path, monkeypatch):
     # fp32 through the float cache: its tensors are memory-mapped, and pages never read
     # take no memory, so leaving the modules out would save nothing.
-    fp32 = XttsModel.load(random_bundle.path, cache_dir=tmp_path)
+    fp32 = load_model(random_bundle.path, cache_dir=tmp_path)
     assert fp32.cloning_source is None and None not in cloning_modules(fp32)
     # No cache location at all (a read-only model folder, no cache_dir): from model.pth.
-    monkeypatch.setattr(model_module, "default_cache_path", lambda *args: None)
-    model = XttsModel.load(random_bundle.path, precision="int8")
+    monkeypatch.setattr(loader_module, "default_cache_path", lambda *args: None)
+    model = load_model(random_bundle.path, precision="int8")
     assert model.cloning_source is None and None not in cloning_modules(model)

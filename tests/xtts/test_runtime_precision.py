@@ -1,4 +1,4 @@
-"""Precisions of `XttsModel.load`: int8 and CPU bf16 weight-only (each with its own cache),
+"""Precisions of `load_model`: int8 and CPU bf16 weight-only (each with its own cache),
 bf16 by casting (the GPU form), fidelity."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import lowvox.engines.xtts.model as model_module
+import lowvox.engines.xtts.loader as loader_module
 from lowvox.bench.fidelity import compare
 from lowvox.engines.xtts.gpt import Conv1D, LayerNorm, cast_gpt
-from lowvox.engines.xtts.model import WEIGHT_ONLY, XttsModel
+from lowvox.engines.xtts.loader import WEIGHT_ONLY, ensure_cloning_modules, load_model
 from lowvox.errors import LowvoxError
 from lowvox.runtime import kernels
 from lowvox.runtime.quant import BF16_MODE, INT8_MODE, Bf16Linear, Int8Linear
@@ -50,7 +50,7 @@ def copy_bundle(src: Path, dst: Path) -> Path:
 def test_weight_only_swaps_only_the_transformer_linears(
     random_bundle, tmp_path, precision, cls, dtype, mode
 ) -> None:
-    model = XttsModel.load(random_bundle.path, precision=precision, cache_dir=tmp_path)
+    model = load_model(random_bundle.path, precision=precision, cache_dir=tmp_path)
     assert model.precision == precision
     block = model.gpt.gpt.h[0]
     for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
@@ -61,7 +61,7 @@ def test_weight_only_swaps_only_the_transformer_linears(
     assert model.gpt.mel_head.weight.dtype == torch.float32
     assert model.gpt.text_embedding.weight.dtype == torch.float32
     assert model.hifigan_decoder.waveform_decoder.conv_pre.weight.dtype == torch.float32
-    model.ensure_cloning_modules()  # left out by a load from the cache until needed
+    ensure_cloning_modules(model)  # left out by a load from the cache until needed
     speaker = model.hifigan_decoder.speaker_encoder
     assert all(p.dtype == torch.float32 for p in speaker.parameters())
     assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, LayerNorm))
@@ -71,7 +71,7 @@ def test_weight_only_swaps_only_the_transformer_linears(
 def test_weight_only_cache_records_its_mode_and_source(
     random_bundle, tmp_path, precision, cls, dtype, mode
 ) -> None:
-    model = XttsModel.load(random_bundle.path, precision=precision, cache_dir=tmp_path)
+    model = load_model(random_bundle.path, precision=precision, cache_dir=tmp_path)
     path = weight_cache(tmp_path, precision)
     with safe_open(str(path), framework="pt") as f:  # a standard safetensors file
         meta = f.metadata()
@@ -89,16 +89,16 @@ def test_weight_only_cache_records_its_mode_and_source(
 def test_weight_only_from_cache_never_builds_the_float_model(
     random_bundle, tmp_path, monkeypatch, precision
 ):
-    first = XttsModel.load(random_bundle.path, precision=precision, cache_dir=tmp_path)
+    first = load_model(random_bundle.path, precision=precision, cache_dir=tmp_path)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the float checkpoint was read")
 
-    monkeypatch.setattr(model_module, "load_checkpoint", refuse)
-    monkeypatch.setattr(model_module, "load_weights", refuse)
+    monkeypatch.setattr(loader_module, "load_checkpoint", refuse)
+    monkeypatch.setattr(loader_module, "load_weights", refuse)
     mode, _, skeleton = WEIGHT_ONLY[precision]
     monkeypatch.setitem(WEIGHT_ONLY, precision, (mode, refuse, skeleton))
-    again = XttsModel.load(random_bundle.path, precision=precision, cache_dir=tmp_path)
+    again = load_model(random_bundle.path, precision=precision, cache_dir=tmp_path)
     assert again.fingerprint == first.fingerprint
     for (name, a), (_, b) in zip(
         first.state_dict().items(), again.state_dict().items(), strict=True
@@ -120,12 +120,12 @@ def test_weight_only_cache_is_rebuilt_when_the_source_changes(
 ) -> None:
     folder = copy_bundle(random_bundle.path, tmp_path / "model")
     cache = tmp_path / "cache"
-    XttsModel.load(folder, precision=precision, cache_dir=cache)
+    load_model(folder, precision=precision, cache_dir=cache)
     path = weight_cache(cache, precision)
     before = path.stat().st_mtime_ns
     st = (folder / "model.pth").stat()
     os.utime(folder / "model.pth", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    XttsModel.load(folder, precision=precision, cache_dir=cache)
+    load_model(folder, precision=precision, cache_dir=cache)
     assert path.stat().st_mtime_ns != before
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["source_mtime_ns"] == str(st.st_mtime_ns + 10**9)
@@ -135,7 +135,7 @@ def test_weight_only_cache_is_rebuilt_when_the_source_changes(
 def test_weight_only_cache_with_another_mode_is_not_used(
     random_bundle, tmp_path, monkeypatch, precision
 ):
-    XttsModel.load(random_bundle.path, precision=precision, cache_dir=tmp_path)
+    load_model(random_bundle.path, precision=precision, cache_dir=tmp_path)
     _, real, skeleton = WEIGHT_ONLY[precision]
     calls = []
     monkeypatch.setitem(
@@ -143,14 +143,14 @@ def test_weight_only_cache_with_another_mode_is_not_used(
         precision,
         ("some-future-layout", lambda *a, **k: calls.append(1) or real(*a, **k), skeleton),
     )
-    XttsModel.load(random_bundle.path, precision=precision, cache_dir=tmp_path)
+    load_model(random_bundle.path, precision=precision, cache_dir=tmp_path)
     assert calls  # converted again rather than trusting a cache of another mode
     with safe_open(str(weight_cache(tmp_path, precision)), framework="pt") as f:
         assert f.metadata()["mode"] == "some-future-layout"
 
 
 def test_cpu_bf16_keeps_norms_activations_and_caches_in_float32(random_bundle, tmp_path):
-    model = XttsModel.load(random_bundle.path, precision="bf16", cache_dir=tmp_path)
+    model = load_model(random_bundle.path, precision="bf16", cache_dir=tmp_path)
     block = model.gpt.gpt.h[0]
     assert block.ln_1.weight.dtype == torch.float32
     assert model.gpt.final_norm.weight.dtype == torch.float32
@@ -167,7 +167,7 @@ def test_cpu_bf16_keeps_norms_activations_and_caches_in_float32(random_bundle, t
 
 def test_cast_bf16_keeps_norms_and_residual_in_float32(random_bundle) -> None:
     """The GPU form of bf16 (`cast_gpt`): bf16 weights and linear inputs."""
-    model = cast_gpt(XttsModel.load(random_bundle.path).gpt, torch.bfloat16)
+    model = cast_gpt(load_model(random_bundle.path).gpt, torch.bfloat16)
     block = model.gpt.h[0]
     assert block.attn.c_attn.weight.dtype == torch.bfloat16
     assert block.ln_1.weight.dtype == torch.float32
@@ -184,7 +184,7 @@ def test_cast_bf16_keeps_norms_and_residual_in_float32(random_bundle) -> None:
 def test_fidelity_on_the_golden_model(golden_model, golden_dir, tmp_path, precision) -> None:
     """Teacher-forced logits of the reduced-precision model against fp32 (the issue's
     targets: cosine >= 0.999, top-1 agreement >= 99%)."""
-    test = XttsModel.load(golden_dir, precision=precision, cache_dir=tmp_path)
+    test = load_model(golden_dir, precision=precision, cache_dir=tmp_path)
     report = compare(golden_model, test, TEXT, tokens=60)
     assert report["logit_cosine_min"] >= 0.999
     assert report["top1_agreement"] >= 0.99
@@ -192,7 +192,7 @@ def test_fidelity_on_the_golden_model(golden_model, golden_dir, tmp_path, precis
 
 def test_unknown_precision_is_a_clear_error(random_bundle) -> None:
     with pytest.raises(LowvoxError, match="unknown precision 'int4'"):
-        XttsModel.load(random_bundle.path, precision="int4")
+        load_model(random_bundle.path, precision="int4")
 
 
 def test_layer_norm_matches_torch_in_float32() -> None:
@@ -224,7 +224,7 @@ def test_vocoder_precision_follows_the_gpt_or_the_setting(random_bundle, precisi
 
     if expected == "bf16" and not bf16_supported():
         expected = "fp32"
-    model = XttsModel.load(
+    model = load_model(
         random_bundle.path, precision=precision, cache_dir=tmp_path, vocoder_precision=asked
     )
     assert model.hifigan_decoder.precision == expected
@@ -234,18 +234,18 @@ def test_vocoder_precision_follows_the_gpt_or_the_setting(random_bundle, precisi
 
 def test_unknown_vocoder_precision_is_a_clear_error(random_bundle) -> None:
     with pytest.raises(LowvoxError, match="vocoder precision"):
-        XttsModel.load(random_bundle.path, vocoder_precision="int8")
+        load_model(random_bundle.path, vocoder_precision="int8")
 
 
 @pytest.mark.slow
 def test_bf16_takes_the_form_of_the_device_it_runs_on(random_bundle, tmp_path) -> None:
     """Low-VRAM residency loads into RAM to compute on the GPU: its bf16 is the GPU form
     (bf16 activations), not the CPU kernels' (float32 activations)."""
-    model = XttsModel.load(random_bundle.path, "cpu", "bf16", cache_dir=tmp_path, run_on="cuda")
+    model = load_model(random_bundle.path, "cpu", "bf16", cache_dir=tmp_path, run_on="cuda")
     block = model.gpt.gpt.h[0]
     assert isinstance(block.attn.c_attn, Conv1D)
     assert block.attn.c_attn.weight.dtype == torch.bfloat16
     assert block.ln_1.output_dtype == torch.bfloat16
     assert not list(tmp_path.glob("*.bf16.lowvox.safetensors"))
-    cpu = XttsModel.load(random_bundle.path, "cpu", "bf16", cache_dir=tmp_path, run_on="cpu")
+    cpu = load_model(random_bundle.path, "cpu", "bf16", cache_dir=tmp_path, run_on="cpu")
     assert isinstance(cpu.gpt.gpt.h[0].attn.c_attn, Bf16Linear)

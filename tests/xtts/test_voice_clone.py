@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 from lowvox.audio.io import Audio
-from lowvox.engines.xtts import voice as V
+from lowvox.engines.xtts import voices as V
 from lowvox.errors import InvalidRequest
 from tests.xtts.test_voice_helpers import random_voice_model
 

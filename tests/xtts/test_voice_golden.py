@@ -18,7 +18,7 @@ import torch
 from lowvox.audio.io import load_audio
 from lowvox.audio.mel import MelSpectrogram
 from lowvox.audio.resample import resample
-from lowvox.engines.xtts import voice as V
+from lowvox.engines.xtts import voices as V
 from lowvox.engines.xtts.vocode import RowVocoder
 from tests.golden import GOLDEN
 from tests.tolerance import MIN_STREAM_SNR_DB, snr_db

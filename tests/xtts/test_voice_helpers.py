@@ -24,10 +24,10 @@ def golden_voice_model(golden_dir: Path):
     voice tests use its conditioning encoder, perceiver, HiFi-GAN decoder and mel_stats."""
     from lowvox.engines.xtts.checkpoint import read_state_dict
     from lowvox.engines.xtts.config import XttsConfig
-    from lowvox.engines.xtts.model import XttsModel
+    from lowvox.engines.xtts.loader import from_state_dict
 
     config = XttsConfig.from_file(golden_dir / "config.json")
-    model = XttsModel.from_state_dict(config, read_state_dict(golden_dir / "model.pth"))
+    model = from_state_dict(config, read_state_dict(golden_dir / "model.pth"))
     model.fingerprint = "golden"
     return model
 

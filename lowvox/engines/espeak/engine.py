@@ -8,7 +8,6 @@ import queue
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 
@@ -17,6 +16,7 @@ from lowvox.engines.base import (
     AudioChunk,
     Engine,
     EngineCapabilities,
+    OptionValue,
     SynthesisRequest,
     VoiceInfo,
 )
@@ -50,7 +50,7 @@ def speed_to_rate(speed: float) -> int:
     return int(min(max(round(RATE_NORMAL * speed), RATE_MINIMUM), RATE_MAXIMUM))
 
 
-def pitch_option(options: Mapping[str, Any]) -> int:
+def pitch_option(options: Mapping[str, OptionValue]) -> int:
     """The "pitch" option (0-100, espeak's scale; 50 is the voice's normal pitch)."""
     value = options.get("pitch", DEFAULT_PITCH)
     if value is None:
@@ -175,14 +175,15 @@ class EspeakEngine(Engine):
         language, the voice's own is reported."""
         checked = super().validate(request, max_chars)
         pitch_option(checked.options)
+        voice, language = checked.voice, checked.language
+        assert voice is not None and language is not None  # resolved by Engine.validate
         voice_given = bool(request.voice and request.voice.strip())
         if voice_given:
-            language = checked.language
             if not (request.language and request.language.strip()):
-                base = checked.voice.split("+", 1)[0]
+                base = voice.split("+", 1)[0]
                 language = self._voices[base].info.language or language
             return replace(checked, language=language)
-        return replace(checked, voice=self.voice_for_language(checked.language))
+        return replace(checked, voice=self.voice_for_language(language))
 
     def synthesize_stream(
         self, request: SynthesisRequest, cancel: threading.Event | None = None

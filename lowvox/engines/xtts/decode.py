@@ -323,7 +323,9 @@ class _GraphStep:
         self.graph = graph
         log.info("captured the decode step for %d rows as a CUDA graph", self.bucket)
 
-    def run(self, tokens: torch.Tensor, audio_pos: torch.Tensor, seq_pos: torch.Tensor):
+    def run(
+        self, tokens: torch.Tensor, audio_pos: torch.Tensor, seq_pos: torch.Tensor
+    ) -> torch.Tensor:
         n = tokens.shape[0]
         self.tokens[:n] = tokens
         self.audio_pos[:n] = audio_pos

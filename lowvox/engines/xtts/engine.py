@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from lowvox.engines.xtts.model import XttsModel
     from lowvox.engines.xtts.pipeline import Batch, Utterance
-    from lowvox.engines.xtts.voice import Voice
+    from lowvox.engines.xtts.voices import Voice
     from lowvox.runtime.residency import Residency
 
 log = logging.getLogger(__name__)
@@ -215,15 +215,15 @@ class XttsEngine(Engine):
     def _load_model(self) -> XttsModel:
         import torch
 
-        from lowvox.engines.xtts.model import XttsModel
-        from lowvox.engines.xtts.voice import VoiceCache
+        from lowvox.engines.xtts.loader import load_model
+        from lowvox.engines.xtts.voices import VoiceCache
 
         if self.threads:
             torch.set_num_threads(self.threads)
         cache = self.cache_dir / "xtts" if self.cache_dir is not None else None
         # Low-VRAM: the weights load into RAM; the GPU only sees them during requests.
         where = "cpu" if self._low_vram else self.device
-        model = XttsModel.load(
+        model = load_model(
             self.model_dir, where, self.precision, cache_dir=cache,
             vocoder_precision=self.vocoder_precision, run_on=self.device,
         )  # fmt: skip
@@ -323,7 +323,7 @@ class XttsEngine(Engine):
         if self._studio is None:
             path = self.model_dir / "speakers_xtts.pth"
             if path.is_file():
-                from lowvox.engines.xtts.voice import load_studio_speakers
+                from lowvox.engines.xtts.voices import load_studio_speakers
 
                 self._studio = load_studio_speakers(path)
             else:

@@ -12,12 +12,16 @@ normed states are also the "latents" the vocoder consumes.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowvox.engines.xtts.conditioning import ConditioningEncoder
 from lowvox.engines.xtts.config import XttsArgs
+from lowvox.engines.xtts.modules import TypedModuleList
+from lowvox.engines.xtts.perceiver import PerceiverResampler
 from lowvox.runtime import kernels
 from lowvox.runtime.memory import lazy_zeros
 from lowvox.runtime.quant import Bf16Linear, Int8Linear, WeightOnlyLinear
@@ -32,6 +36,9 @@ Position = int | torch.Tensor
 
 class Conv1D(nn.Module):
     """GPT-2's linear layer: y = x @ W + b with W stored [in, out]."""
+
+    weight: nn.Parameter  # [in, out]
+    bias: nn.Parameter  # [out]
 
     def __init__(self, n_in: int, n_out: int) -> None:
         super().__init__()
@@ -66,6 +73,11 @@ def conv1d_to_linear(module: nn.Module) -> int:
         del child
     swapped = len(targets)
     return swapped
+
+
+# What a transformer projection is: the checkpoint's `Conv1D`; after `conv1d_to_linear`, an
+# `nn.Linear`; after a weight-only swap (`runtime.quant`), an `Int8Linear` or `Bf16Linear`.
+Projection = Conv1D | nn.Linear | WeightOnlyLinear
 
 
 class LayerNorm(nn.LayerNorm):
@@ -196,8 +208,8 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"model dim {dim} is not divisible by {heads} heads")
         self.heads = heads
-        self.c_attn = Conv1D(dim, 3 * dim)
-        self.c_proj = Conv1D(dim, dim)
+        self.c_attn: Projection = Conv1D(dim, 3 * dim)
+        self.c_proj: Projection = Conv1D(dim, dim)
 
     def forward(
         self,
@@ -253,8 +265,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.c_fc = Conv1D(dim, hidden)
-        self.c_proj = Conv1D(hidden, dim)
+        self.c_fc: Projection = Conv1D(dim, hidden)
+        self.c_proj: Projection = Conv1D(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2's "gelu_new" is the tanh approximation.
@@ -305,10 +317,10 @@ class Block(nn.Module):
         self._checked = (weakref.ref(anchor), fused)
         return fused
 
-    def _apply(self, fn, *args, **kwargs):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Block:
         # Moved or cast: the fused decoder must not keep the old tensors alive.
         self._fused = self._checked = None
-        return super()._apply(fn, *args, **kwargs)
+        return super()._apply(fn, recurse)
 
     def _fused_decoder(self, x: torch.Tensor, cache: KVCache) -> kernels.FusedBlock | None:
         """The whole block as one C call, for CPU decode steps of int8, CPU bf16 and fp32
@@ -330,6 +342,7 @@ class Block(nn.Module):
         parts = [
             (m.weight, m.kernel_scales() if isinstance(m, WeightOnlyLinear) else None, m.bias)
             for m in linears
+            if m.bias is not None  # all of them (checked above)
         ]
         norms = (self.ln_1.weight, self.ln_1.bias, self.ln_2.weight, self.ln_2.bias)
         # Rebuilt when any tensor is replaced (a load, a move, new scales).
@@ -346,7 +359,7 @@ class Transformer(nn.Module):
 
     def __init__(self, layers: int, dim: int, heads: int) -> None:
         super().__init__()
-        self.h = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.h: TypedModuleList[Block] = TypedModuleList(Block(dim, heads) for _ in range(layers))
         self.ln_f = LayerNorm(dim, eps=LAYER_NORM_EPS)
         self._stack: kernels.FusedStack | None = None
 
@@ -385,9 +398,11 @@ class Transformer(nn.Module):
             self._stack = kernels.FusedStack(fused)
         return self._stack
 
-    def _apply(self, fn, *args, **kwargs):
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> Transformer:
         self._stack = None  # moved or cast: let go of the old tensors
-        return super()._apply(fn, *args, **kwargs)
+        return super()._apply(fn, recurse)
 
 
 class PositionEmbedding(nn.Module):
@@ -422,8 +437,8 @@ class XttsGpt(nn.Module):
     def __init__(
         self,
         args: XttsArgs,
-        conditioning_encoder: nn.Module | None = None,
-        conditioning_perceiver: nn.Module | None = None,
+        conditioning_encoder: ConditioningEncoder | None = None,
+        conditioning_perceiver: PerceiverResampler | None = None,
     ) -> None:
         super().__init__()
         self.args = args

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowvox.engines.xtts.modules import TypedModuleList
 from lowvox.engines.xtts.speaker_encoder import ResNetSpeakerEncoder, SpeakerEncoderConfig
 from lowvox.errors import EngineUnavailable, LowvoxError
 
@@ -60,6 +61,12 @@ def _same_padding(kernel_size: int, dilation: int = 1) -> int:
     return (kernel_size * dilation - dilation) // 2
 
 
+def _padding(conv: nn.Conv1d | nn.ConvTranspose1d) -> int:
+    """A layer's padding in samples (every convolution here is built with a number)."""
+    assert not isinstance(conv.padding, str), conv.padding
+    return conv.padding[0]
+
+
 def _conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """Apply a Conv1d to `[B, C, 1, T]` activations as a 2-D convolution.
 
@@ -72,7 +79,7 @@ def _conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
         conv.weight.unsqueeze(2),
         conv.bias,
         stride=(1, conv.stride[0]),
-        padding=(0, conv.padding[0]),
+        padding=(0, _padding(conv)),
         dilation=(1, conv.dilation[0]),
     )
 
@@ -84,7 +91,7 @@ def _conv_transpose(up: nn.ConvTranspose1d, x: torch.Tensor) -> torch.Tensor:
         up.weight.unsqueeze(2),
         up.bias,
         stride=(1, up.stride[0]),
-        padding=(0, up.padding[0]),
+        padding=(0, _padding(up)),
         output_padding=(0, up.output_padding[0]),
         dilation=(1, up.dilation[0]),
     )
@@ -95,13 +102,13 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int, dilations: Sequence[int]) -> None:
         super().__init__()
-        self.convs1 = nn.ModuleList(
+        self.convs1: TypedModuleList[nn.Conv1d] = TypedModuleList(
             nn.Conv1d(
                 channels, channels, kernel_size, dilation=d, padding=_same_padding(kernel_size, d)
             )
             for d in dilations
         )
-        self.convs2 = nn.ModuleList(
+        self.convs2: TypedModuleList[nn.Conv1d] = TypedModuleList(
             nn.Conv1d(channels, channels, kernel_size, padding=_same_padding(kernel_size))
             for _ in dilations
         )
@@ -140,8 +147,8 @@ class HifiganGenerator(nn.Module):
         ch = config.upsample_initial_channel
         self.conv_pre = nn.Conv1d(in_channels, ch, 7, padding=3)
         self.cond_layer = nn.Conv1d(cond_channels, ch, 1)
-        self.ups = nn.ModuleList()
-        self.resblocks = nn.ModuleList()
+        self.ups: TypedModuleList[nn.ConvTranspose1d] = TypedModuleList()
+        self.resblocks: TypedModuleList[ResBlock] = TypedModuleList()
         conds = []
         for i, (u, k) in enumerate(
             zip(config.upsample_rates, config.upsample_kernel_sizes, strict=True)
@@ -154,7 +161,9 @@ class HifiganGenerator(nn.Module):
             ):
                 self.resblocks.append(ResBlock(ch_out, ks, ds))
             conds.append(nn.Conv1d(cond_channels, ch_out, 1))
-        self.conds = nn.ModuleList(conds) if cond_in_each_up_layer else None
+        self.conds: TypedModuleList[nn.Conv1d] | None = (
+            TypedModuleList(conds) if cond_in_each_up_layer else None
+        )
         self.conv_post = nn.Conv1d(ch_out, 1, 7, padding=3, bias=False)
         self.precision = "fp32"
         # The fused oneDNN path (see `_FusedPlan`): None picks it for bf16 always and for
@@ -258,7 +267,7 @@ class HifiganGenerator(nn.Module):
             blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
             r += max(b.radius() for b in blocks)
             up = self.ups[i]
-            k, u, p = up.kernel_size[0], up.stride[0], up.padding[0]
+            k, u, p = up.kernel_size[0], up.stride[0], _padding(up)
             # output t is fed by inputs j with j*u - p <= t <= j*u - p + k - 1
             r = math.ceil((r + max(p, k - 1 - p)) / u) + 1
         return r + self.conv_pre.kernel_size[0] // 2
@@ -291,7 +300,8 @@ class _PackedConv:
         self.padding = [0, 0 if prepad else padding]
         self.stride = [1, stride]
         self.dilation = [1, dilation]
-        self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+        # torch's stub lacks the op's last argument, the input size to pack the weight for.
+        self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]
             w.to(dtype).to_mkldnn(),
             self.padding,
             self.stride,
@@ -305,10 +315,14 @@ class _PackedConv:
     def of(cls, conv: nn.Conv1d, dtype: torch.dtype, scale: float = 1.0) -> _PackedConv:
         """`conv`, its weight multiplied by `scale` (which absorbs a preceding division)."""
         w = conv.weight if scale == 1.0 else conv.weight * scale
-        return cls(w, conv.bias, dtype, conv.padding[0], conv.stride[0], conv.dilation[0])
+        return cls(w, conv.bias, dtype, _padding(conv), conv.stride[0], conv.dilation[0])
 
     def __call__(
-        self, x: torch.Tensor, post: str = "none", scalars: Sequence[float] = (), bias=None
+        self,
+        x: torch.Tensor,
+        post: str = "none",
+        scalars: Sequence[float] = (),
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """conv(x), then the element-wise `post` ("none", "leaky_relu", "tanh") fused in."""
         return torch.ops.mkldnn._convolution_pointwise(
@@ -357,7 +371,7 @@ def _polyphase(up: nn.ConvTranspose1d) -> tuple[torch.Tensor, int] | None:
     """
     w = up.weight.detach()  # [in, out, k]
     c_in, c_out, k = w.shape
-    u, p = up.stride[0], up.padding[0]
+    u, p = up.stride[0], _padding(up)
     if up.dilation[0] != 1 or up.groups != 1 or k % u or k - 2 * p + up.output_padding[0] != u:
         return None
     taps = {}  # (phase r, input offset d) -> kernel index
@@ -414,8 +428,11 @@ class _FusedPlan:
         ]
         self.post = _PackedConv.of(gen.conv_post, torch.float32, scale=1.0 / n)
 
-    def _bias(self, conv: nn.Module, cond: nn.Conv1d | None, g: torch.Tensor) -> torch.Tensor:
+    def _bias(
+        self, conv: nn.Conv1d | nn.ConvTranspose1d, cond: nn.Conv1d | None, g: torch.Tensor
+    ) -> torch.Tensor:
         """conv's bias plus the speaker term `cond(g)`: `[C]` in the compute dtype."""
+        assert conv.bias is not None  # conv_pre and the upsamplers are built with one
         b = conv.bias.detach().float()
         if cond is not None:
             b = b + F.conv1d(g, cond.weight, cond.bias).reshape(-1)
@@ -444,7 +461,7 @@ class _FusedPlan:
                 packed,
                 bias,
                 stride=(1, up.stride[0]),
-                padding=(0, up.padding[0]),
+                padding=(0, _padding(up)),
                 output_padding=(0, up.output_padding[0]),
             )
         u = up.stride[0]
@@ -454,7 +471,9 @@ class _FusedPlan:
         return y.permute(0, 2, 3, 1).reshape(1, 1, -1, c).permute(0, 3, 1, 2)
 
     @staticmethod
-    def _stage(blocks: list, o: torch.Tensor) -> torch.Tensor:
+    def _stage(
+        blocks: list[list[tuple[_PackedConv, _PackedConv]]], o: torch.Tensor
+    ) -> torch.Tensor:
         """The sum (not yet the mean) of the sibling resblocks' outputs for input `o`."""
         a = F.leaky_relu(o, LRELU_SLOPE)  # the first input of every block
         buf = None  # lrelu of the running residual, reused within the stage
@@ -470,6 +489,7 @@ class _FusedPlan:
                         buf = torch.empty_like(x)
                     xa = torch._C._nn.leaky_relu(x, LRELU_SLOPE, out=buf)
             z = x if z is None else z.add_(x)
+        assert z is not None  # every stage has blocks
         return z
 
 
@@ -510,7 +530,7 @@ class HifiganDecoder(nn.Module):
             )
         self.speaker_encoder_config = speaker_encoder
         # Used only to clone voices: a model loaded from a cache may set it to None and
-        # load it later (see `XttsModel.ensure_cloning_modules`).
+        # load it later (see `loader.ensure_cloning_modules`).
         self.speaker_encoder: ResNetSpeakerEncoder | None = self.new_speaker_encoder()
 
     def new_speaker_encoder(self) -> ResNetSpeakerEncoder:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from lowvox.engines.base import MAX_SPEED, MIN_SPEED
+from lowvox.engines.base import MAX_SPEED, MIN_SPEED, OptionValue
 from lowvox.engines.xtts.config import XttsConfig
 from lowvox.engines.xtts.sampling import SamplingOptions
 from lowvox.errors import InvalidRequest
@@ -42,11 +42,11 @@ class XttsOptions:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def from_mapping(cls, options: Mapping[str, Any], speed: float = 1.0) -> XttsOptions:
+    def from_mapping(cls, options: Mapping[str, OptionValue], speed: float = 1.0) -> XttsOptions:
         """From a request's option names; unknown names and mistyped values are errors,
         None means unset."""
         known = cls.names()
-        values: dict[str, Any] = {"speed": speed}
+        values: dict[str, Any] = {"speed": speed}  # each value's type is checked below
         for key, value in options.items():
             if key not in known:
                 raise InvalidRequest(
@@ -98,14 +98,11 @@ class XttsOptions:
     @property
     def sampling(self) -> SamplingOptions:
         """The token-choice part (of resolved options)."""
-        if None in (self.temperature, self.top_k, self.top_p, self.repetition_penalty):
+        t, k, p, r = self.temperature, self.top_k, self.top_p, self.repetition_penalty
+        if t is None or k is None or p is None or r is None:
             raise ValueError("sampling options of unresolved XttsOptions")
         return SamplingOptions(
-            temperature=self.temperature,  # type: ignore[arg-type]
-            top_k=self.top_k,  # type: ignore[arg-type]
-            top_p=self.top_p,  # type: ignore[arg-type]
-            repetition_penalty=self.repetition_penalty,  # type: ignore[arg-type]
-            do_sample=bool(self.do_sample),
+            temperature=t, top_k=k, top_p=p, repetition_penalty=r, do_sample=bool(self.do_sample)
         )
 
 

@@ -7,6 +7,8 @@ then an RMS norm. XTTS v2 uses its 32 outputs as the voice's GPT conditioning.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,7 +88,9 @@ class PerceiverResampler(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context = self.proj_context(x)
         latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)  # [B, N, D]
-        for attn, ff in self.layers:
+        for layer in self.layers:
+            # Each layer is [cross-attention, feed-forward]: the checkpoint's `layers.{i}.0/1`.
+            attn, ff = cast(nn.ModuleList, layer)
             latents = attn(latents, context) + latents
             latents = ff(latents) + latents
         return self.norm(latents)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +32,7 @@ from lowvox.engines.xtts.vocode import (
     RowVocoder,
     vocode_in_windows,
 )
-from lowvox.engines.xtts.voice import Voice
+from lowvox.engines.xtts.voices import Voice
 from lowvox.errors import Cancelled, InvalidRequest, LowvoxError, UnknownVoice
 from lowvox.runtime.memory import release_heap
 from lowvox.text.tokenizer import XttsTokenizer
@@ -245,9 +245,9 @@ class Batch:
         # starve a listener's stream.
         bulk_chunks = 0 if any(not s.bulk and not s.heard for s in self._speaking) else 1
         for st in steps:
-            s = self._by_row.get(st.row)
-            if s is None:
+            if st.row not in self._by_row:
                 continue
+            s = self._by_row[st.row]
             try:
                 heard = self._take(s, st, events, hold=s.bulk and bulk_chunks <= 0)
                 bulk_chunks -= 1 if s.bulk and heard else 0
@@ -316,8 +316,9 @@ class Batch:
 
 def stream(
     model: XttsModel, utt: Utterance, cancel: threading.Event | None = None
-) -> Iterator[StreamChunk]:
-    """Speak one utterance, yielding its audio as it is made (the batch of one)."""
+) -> Generator[StreamChunk, None, None]:
+    """Speak one utterance, yielding its audio as it is made (the batch of one); `close()`
+    it to stop early."""
     batch = Batch(model, max_rows=1)
     batch.add(utt, cancel)
     while len(batch):

@@ -47,6 +47,8 @@ class SpeakerEncoderConfig:
 class _PreEmphasis(nn.Module):
     """y[n] = x[n] - a * x[n-1], reflecting x[1] in front of the first sample."""
 
+    filter: torch.Tensor  # [1, 1, 2]
+
     def __init__(self, coefficient: float) -> None:
         super().__init__()
         self.register_buffer("filter", torch.tensor([[[-coefficient, 1.0]]]))  # [1, 1, 2]
@@ -57,12 +59,16 @@ class _PreEmphasis(nn.Module):
 
 
 class _Window(nn.Module):
+    window: torch.Tensor  # [win_length]
+
     def __init__(self, window: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("window", window)
 
 
 class _MelScale(nn.Module):
+    fb: torch.Tensor  # [n_fft // 2 + 1, n_mels]
+
     def __init__(self, fb: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("fb", fb)

@@ -14,6 +14,7 @@ import ctypes
 import logging
 import os
 import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -271,7 +272,7 @@ class FusedBlock:
         ln_1: tuple[torch.Tensor, torch.Tensor],
         ln_2: tuple[torch.Tensor, torch.Tensor],
         eps: float,
-        linears: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
+        linears: Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
         heads: int,
     ) -> None:
         dim = ln_1[0].shape[0]
@@ -326,6 +327,17 @@ class FusedBlock:
         return self._alone(x, [cache_k], [cache_v], positions)
 
 
+def _pointers(values: Iterable[int | None]) -> ctypes.Array[ctypes.c_void_p]:
+    """A C array of pointers (None: NULL), one of `lv_blocks_decode`'s per-block tables."""
+    items = list(values)
+    return (ctypes.c_void_p * len(items))(*items)
+
+
+def _floats(values: Iterable[float]) -> ctypes.Array[ctypes.c_float]:
+    items = list(values)
+    return (ctypes.c_float * len(items))(*items)
+
+
 class FusedStack:
     """Consecutive `FusedBlock`s (a whole decoder stack) decoded by one C call: one thread
     start-up and no Python between blocks. They keep their tensors alive."""
@@ -339,15 +351,11 @@ class FusedStack:
         self.blocks = list(blocks)
         self.kind, self.dim, self.heads = first.kind, first.dim, first.heads
 
-        def table(ctype, values):
-            values = list(values)
-            return (ctype * len(values))(*values)
-
-        self._norms = table(ctypes.c_void_p, (q for b in blocks for q in b.norms))
-        self._eps = table(ctypes.c_float, (b.eps for b in blocks))
-        self._weights = table(ctypes.c_void_p, (q for b in blocks for q in b.weights))
-        self._scales = table(ctypes.c_void_p, (q for b in blocks for q in b.scales))
-        self._biases = table(ctypes.c_void_p, (q for b in blocks for q in b.biases))
+        self._norms = _pointers(q for b in blocks for q in b.norms)
+        self._eps = _floats(b.eps for b in blocks)
+        self._weights = _pointers(q for b in blocks for q in b.weights)
+        self._scales = _pointers(q for b in blocks for q in b.scales)
+        self._biases = _pointers(q for b in blocks for q in b.biases)
 
     def __call__(
         self,

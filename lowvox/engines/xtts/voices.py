@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -28,12 +28,21 @@ from lowvox.audio.mel import MelConfig, MelSpectrogram
 from lowvox.audio.resample import resample
 from lowvox.errors import InvalidRequest, LowvoxError
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
+    # Cloning reads only the attributes it names (`config.audio.sample_rate`, the three
+    # cloning modules, `mel_stats`, `fingerprint`): the voice tests pass smaller stand-ins.
+    from lowvox.engines.xtts.model import XttsModel
+
 logger = logging.getLogger(__name__)
 
 # References shorter than this (per chunk) carry too little speech to condition on.
 MIN_CHUNK_SECONDS = 0.33
 # Peak level that `sound_norm_refs` scales references to.
 NORM_PEAK = 0.75
+M = TypeVar("M", bound=torch.nn.Module)
+
 # Bump when cloning changes in a way that alters the latents, to invalidate old caches.
 CACHE_VERSION = "1"
 
@@ -79,7 +88,17 @@ def conditioning_mel(
 # Reference inputs
 
 
-RefInput = str | os.PathLike[str] | bytes | Audio | np.ndarray | torch.Tensor | tuple
+# A reference clip: a file (path), its bytes, or samples: `Audio`, `(samples, sample_rate)`,
+# or a bare array at the model's rate.
+RefInput = (
+    str
+    | os.PathLike[str]
+    | bytes
+    | Audio
+    | np.ndarray
+    | torch.Tensor
+    | tuple[np.ndarray | torch.Tensor, int | np.integer]
+)
 
 
 @dataclass(frozen=True)
@@ -90,7 +109,7 @@ class _Reference:
     data: bytes | Audio
 
 
-def _as_reference(ref: Any, default_rate: int) -> _Reference:
+def _as_reference(ref: RefInput, default_rate: int) -> _Reference:
     if isinstance(ref, str | os.PathLike):
         path = Path(ref)
         try:
@@ -103,7 +122,8 @@ def _as_reference(ref: Any, default_rate: int) -> _Reference:
     if isinstance(ref, bytes | bytearray | memoryview):
         data = bytes(ref)
         return _Reference("file:" + hashlib.sha256(data).hexdigest(), data)
-    rate = default_rate
+    rate: int | np.integer = default_rate
+    samples: np.ndarray | torch.Tensor
     if isinstance(ref, Audio):
         samples, rate = ref.samples, ref.sample_rate
     elif isinstance(ref, tuple) and len(ref) == 2:
@@ -225,8 +245,15 @@ def _param_of(module: torch.nn.Module) -> torch.Tensor:
     return next(module.parameters())
 
 
+def _present(module: M | None, name: str) -> M:
+    """A cloning module that `clone_voice` has made sure of (`_load_cloning_modules`)."""
+    if module is None:
+        raise LowvoxError(f"the model's {name} is not loaded")
+    return module
+
+
 def gpt_cond_latent(
-    model: Any, audio: torch.Tensor, *, gpt_cond_len: int, gpt_cond_chunk_len: int
+    model: XttsModel, audio: torch.Tensor, *, gpt_cond_len: int, gpt_cond_chunk_len: int
 ) -> torch.Tensor:
     """`[1, N]` audio at the model rate -> `[1, num_latents, D]` GPT conditioning latents.
 
@@ -238,8 +265,8 @@ def gpt_cond_latent(
         audio = audio[:, : rate * gpt_cond_len]
     if gpt_cond_chunk_len <= 0:
         raise InvalidRequest("gpt_cond_chunk_len must be positive")
-    encoder = model.gpt.conditioning_encoder
-    perceiver = model.gpt.conditioning_perceiver
+    encoder = _present(model.gpt.conditioning_encoder, "conditioning encoder")
+    perceiver = _present(model.gpt.conditioning_perceiver, "conditioning perceiver")
     p = _param_of(encoder)
     mel = _conditioning_mel(rate)
     mel_stats = model.mel_stats.detach().float().cpu()
@@ -259,25 +286,28 @@ def gpt_cond_latent(
     return torch.stack(styles).mean(dim=0).cpu()
 
 
-def speaker_embedding(model: Any, audio: torch.Tensor) -> torch.Tensor:
+def speaker_embedding(model: XttsModel, audio: torch.Tensor) -> torch.Tensor:
     """`[1, N]` audio at the model rate -> `[1, 512, 1]` L2-normalised speaker embedding."""
-    encoder = model.hifigan_decoder.speaker_encoder
+    encoder = _present(model.hifigan_decoder.speaker_encoder, "speaker encoder")
     audio16k = resample(audio, int(model.config.audio.sample_rate), encoder.sample_rate)
     p = _param_of(encoder)
     emb = encoder.embed(audio16k.to(device=p.device, dtype=p.dtype))  # [1, 512]
     return emb.float().cpu().unsqueeze(-1)
 
 
-def _load_cloning_modules(model: Any) -> None:
+def _load_cloning_modules(model: XttsModel) -> None:
     """An `XttsModel` loaded from a cache reads its cloning modules (conditioning encoder,
     perceiver, speaker encoder) on the first clone; a model that simply holds them, as the
-    voice tests' models do, has nothing to load."""
-    ensure = getattr(model, "ensure_cloning_modules", None)
-    if ensure is not None:
-        ensure()
+    voice tests' stand-ins do, has nothing to load."""
+    if getattr(model, "cloning_source", None) is None:
+        return
+    # Imported here: the loader imports this module (studio speakers).
+    from lowvox.engines.xtts.loader import ensure_cloning_modules
+
+    ensure_cloning_modules(model)
 
 
-def _is_single_reference(x: Any) -> bool:
+def _is_single_reference(x: RefInput | Iterable[RefInput]) -> TypeIs[RefInput]:
     if isinstance(x, str | os.PathLike | bytes | bytearray | memoryview | Audio):
         return True
     if isinstance(x, np.ndarray | torch.Tensor):
@@ -301,7 +331,7 @@ def _decode(ref: _Reference, rate: int, max_ref_length: int) -> torch.Tensor:
 
 
 def clone_voice(
-    model: Any,
+    model: XttsModel,
     audio_paths_or_arrays: RefInput | Iterable[RefInput],
     *,
     gpt_cond_len: int,
