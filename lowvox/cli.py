@@ -65,6 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen", action="store_true", help="accept connections from other machines (0.0.0.0)"
     )
     serve.add_argument("--api-key", help="require this key (Bearer or X-API-Key)")
+    # action="append" leaves None when absent: the environment and the file stay in charge.
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let the web page at ORIGIN use the API from a browser, e.g. "
+        "http://localhost:8000 for SillyTavern (repeatable)",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a host name clients use for this server besides localhost and IP addresses, "
+        "e.g. a Docker service name (repeatable)",
+    )
+    serve.add_argument(
+        "--trusted-network",
+        action="append",
+        metavar="CIDR",
+        help="clients on this network need no API key, e.g. 192.168.1.0/24 (repeatable)",
+    )
     # default=None: an absent flag leaves LOWVOX_WYOMING and the config file in charge.
     serve.add_argument(
         "--wyoming",
@@ -215,6 +236,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=host,
         port=args.port,
         api_key=args.api_key,
+        cors_origins=args.cors_origin,
+        allowed_hosts=args.allowed_host,
+        trusted_networks=args.trusted_network,
         wyoming=args.wyoming,
         wyoming_port=args.wyoming_port,
         wyoming_zeroconf=args.wyoming_zeroconf,

@@ -3,20 +3,26 @@
 Every file lowvox writes goes through here: the data lands in a temporary file with a
 unique name in the target's own folder (so the rename stays on one file system), is
 flushed to disk, and is published with one `os.replace`. Leftover temporaries of a killed
-process start with `.` and end with `.part`; `sweep_partials` removes them at start-up.
+process start with `.` and end with `.part`; `sweep_partials` removes them (and, given
+their patterns, other writers' leftovers such as the voice library's temporary folders)
+at start-up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 PART_SUFFIX = ".part"
+# The names `atomic_path` gives its temporaries (a glob).
+PARTIAL_GLOB = f".*{PART_SUFFIX}"
 
 
 @contextlib.contextmanager
@@ -56,19 +62,33 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = Tru
         f.write(data)
 
 
-def sweep_partials(folder: str | os.PathLike[str], older_than_s: float = 0.0) -> int:
-    """Remove the temporaries that killed writers left under `folder` (recursively);
-    returns how many. `older_than_s` spares those a live writer may still be using."""
+def sweep_partials(
+    folder: str | os.PathLike[str],
+    older_than_s: float = 0.0,
+    patterns: Sequence[str] = (PARTIAL_GLOB,),
+) -> int:
+    """Remove the temporaries that killed writers left under `folder` (recursively):
+    files and folders whose names match one of the glob `patterns`; returns how many.
+    `older_than_s` spares those a live writer may still be using. Symbolic links are
+    neither removed nor followed."""
     root = Path(folder)
     if not root.is_dir():
         return 0
     now = time.time()
     removed = 0
-    for tmp in root.rglob(f".*{PART_SUFFIX}"):
-        try:
-            if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime >= older_than_s:
-                tmp.unlink()
+    for pattern in patterns:
+        for tmp in list(root.rglob(pattern)):
+            try:
+                st = tmp.lstat()
+                if now - st.st_mtime < older_than_s:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(tmp)
+                elif stat.S_ISREG(st.st_mode):
+                    tmp.unlink()
+                else:
+                    continue
                 removed += 1
-        except OSError:
-            continue
+            except OSError:  # gone already, or not ours to remove
+                continue
     return removed

@@ -6,13 +6,17 @@ the TOML config file (`--config`, or `LOWVOX_CONFIG`), then the defaults below.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -35,7 +39,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(7851, ge=1, le=65535)
     api_key: str | None = None
-    cors_origins: list[str] = ["*"]
+    # Web pages (origins, e.g. "http://localhost:8000" for SillyTavern) allowed to call the
+    # API from a browser; none by default. "*" allows every page and needs api_key.
+    cors_origins: Annotated[list[str], NoDecode] = []
     public_url: str | None = None  # makes returned audio URLs absolute when set
     # Home Assistant's Wyoming protocol, on `host` like HTTP (it has no authentication).
     wyoming: bool = False
@@ -95,12 +101,87 @@ class Settings(BaseSettings):
     ray_address: str | None = None  # None: start a local Ray; "auto" or ray://host:port
     ray_actors: int = Field(1, ge=1, le=256)  # loaded models, one per node or GPU
 
+    # Hardening: which names and clients the server answers, and how long a client may
+    # take. (CORS is `cors_origins` above.) The Host header must be localhost, an IP
+    # address, `host`, `public_url`'s host, this machine's name or one of `allowed_hosts`
+    # (names clients use: "tts.lan", a Docker service name; "*" turns the check off).
+    allowed_hosts: Annotated[list[str], NoDecode] = []
+    # Networks (CIDR, e.g. "192.168.1.0/24") whose clients need no api_key: AllTalk clients
+    # that cannot send one. The socket's peer address decides, never X-Forwarded-For.
+    trusted_networks: Annotated[list[str], NoDecode] = []
+    header_timeout: float = Field(20.0, gt=0)  # seconds to send a request's headers
+    body_timeout: float = Field(30.0, gt=0)  # seconds of silence while a body arrives
+    max_connections: int = Field(200, ge=1)  # open HTTP connections; beyond, 503
+
+    # Clients and responses (issue 14). A response's encoded audio is held in memory up to
+    # `response_memory_bytes`, the rest waits in a temporary file (slow readers cost disk,
+    # not memory). Voice uploads are stored mono at `voice_sample_rate` at most, within
+    # `max_voice_bytes` per voice and `max_library_bytes` for the library (0: no limit).
+    # AllTalk's output_file_url: "auto" answers V1 clients (SillyTavern <= 1.12, its
+    # "AllTalk V1" mode) with an absolute URL and V2 clients with a relative one.
+    response_memory_bytes: int = Field(1024 * 1024, ge=0)
+    voice_sample_rate: int = Field(48_000, ge=8_000, le=192_000)
+    max_voice_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_library_bytes: int = Field(2 * 1024**3, ge=0)
+    alltalk_url_style: Literal["auto", "absolute", "relative"] = "auto"
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("home", "voices_dir", "outputs_dir", "models_dir", "cache_dir", "model_dir")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @field_validator("cors_origins", "allowed_hosts", "trusted_networks", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        # Environment variables may hold a JSON list or a comma-separated one.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        return [_normalise_origin(origin) for origin in origins]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, hosts: list[str]) -> list[str]:
+        out = []
+        for host in hosts:
+            name = host.strip().lower().rstrip(".")
+            if name.count(":") == 1:  # "lowvox:7851": the port plays no part
+                name = name.split(":", 1)[0]
+            if not name or "/" in name or " " in name:
+                raise ValueError(f"allowed_hosts: {host!r} is not a host name (e.g. tts.lan)")
+            out.append(name)
+        return out
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _check_networks(cls, networks: list[str]) -> list[str]:
+        out = []
+        for network in networks:
+            try:
+                out.append(str(ipaddress.ip_network(network.strip(), strict=False)))
+            except ValueError as e:
+                raise ValueError(
+                    f"trusted_networks: {network!r} is not a network (e.g. 192.168.1.0/24)"
+                ) from e
+        return out
+
+    @model_validator(mode="after")
+    def _no_open_cors_without_key(self) -> Settings:
+        if "*" in self.cors_origins and not self.api_key:
+            raise ValueError(
+                'cors_origins "*" lets every web page you visit use this server; '
+                "list the origins that need it (e.g. http://localhost:8000) or set api_key"
+            )
+        return self
 
     @property
     def voices_path(self) -> Path:
@@ -136,6 +217,20 @@ class Settings(BaseSettings):
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
+
+
+def _normalise_origin(origin: str) -> str:
+    """`scheme://host[:port]` as browsers send it in `Origin` (lower case, no slash)."""
+    text = origin.strip()
+    if text == "*":
+        return text
+    parts = urlsplit(text.rstrip("/"))
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+        raise ValueError(
+            f"cors_origins: {origin!r} is not an origin; give scheme, host and port only, "
+            "e.g. http://localhost:8000"
+        )
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 # Set only for the duration of `load_settings`; pydantic-settings asks for sources on a

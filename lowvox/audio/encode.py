@@ -27,6 +27,7 @@ from lowvox.errors import InvalidRequest, LowvoxError
 __all__ = [
     "FORMATS",
     "AudioFormat",
+    "FileEncoder",
     "StreamEncoder",
     "encode_audio",
     "format_from_path",
@@ -345,6 +346,72 @@ def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str, rate: int | No
     finally:
         encoder.close()
     return buf.getvalue()
+
+
+class FileEncoder:
+    """Encodes audio that arrives in pieces into a complete file, as `encode_audio` would
+    make it from the whole audio, written to a seekable binary file as it comes.
+
+    Nothing but the encoder's own small buffers is held: a long output costs the file's
+    size on `file` (a disk file, a spooled temporary), not memory. `close` fills in what
+    is only known at the end (WAV sizes, FLAC's STREAMINFO, MP3's length frame).
+    """
+
+    def __init__(self, fmt: str, sample_rate: int, file: Any, rate: int | None = None) -> None:
+        """`rate`: resample to this rate first (default: keep `sample_rate`)."""
+        self.format: AudioFormat = get_format(fmt)
+        self.sample_rate = _check_rate(sample_rate)
+        self._resampler: _Resampler | None = None
+        if rate is not None and _check_rate(rate) != self.sample_rate:
+            self._resampler = _Resampler(self.sample_rate, rate)
+            self.sample_rate = rate
+        self._file = file
+        self._start = file.tell()
+        self._samples = 0
+        self._closed = False
+        self._av: _AvEncoder | None = None
+        spec = _AV_SPECS.get(self.format.name)
+        if spec is not None:
+            self._av = _AvEncoder(spec, self.sample_rate, file, streaming=False)
+        elif self.format.name == "wav":
+            file.write(wav_header(self.sample_rate, 0))  # sizes filled in by close()
+        self.output_rate = self._av.output_rate if self._av is not None else self.sample_rate
+
+    def write(self, samples: np.ndarray) -> None:
+        if self._closed:
+            raise LowvoxError("write to a closed FileEncoder")
+        x = _as_mono(samples)
+        if self._resampler is not None:
+            x = self._resampler.push(x)
+        self._encode(x)
+
+    def _encode(self, x: np.ndarray) -> None:
+        if self._av is not None:
+            try:
+                self._av.write(x)
+            except av.FFmpegError as e:
+                raise LowvoxError(f"{self.format.name} encoding failed: {e}") from e
+            return
+        self._file.write(_to_s16le(x))
+        self._samples += len(x)
+
+    def close(self) -> None:
+        """Finish the file (closing twice does nothing). The file object stays open."""
+        if self._closed:
+            return
+        if self._resampler is not None:
+            self._encode(self._resampler.flush())
+        self._closed = True
+        if self._av is not None:
+            try:
+                self._av.close()
+            except av.FFmpegError as e:
+                raise LowvoxError(f"{self.format.name} encoding failed: {e}") from e
+        elif self.format.name == "wav":
+            end = self._file.tell()
+            self._file.seek(self._start)
+            self._file.write(wav_header(self.sample_rate, self._samples))
+            self._file.seek(end)
 
 
 class StreamEncoder:

@@ -1,9 +1,11 @@
 """The FastAPI application: app factory, lifespan and `serve`.
 
 `create_app(settings)` builds everything from one Settings object (no module-level state);
-the lifespan loads and warms up the default engine on its own worker thread, starts the
-outputs retention sweep (and, with `wyoming`, the Wyoming server for Home Assistant), and
-stops them and the engines on shutdown.
+the lifespan removes what a killed server left half-written, loads and warms up the
+default engine on its own worker thread, starts the outputs retention sweep (and, with
+`wyoming`, the Wyoming server for Home Assistant), and stops them and the engines on
+shutdown. `server_config` is how uvicorn runs it: timeouts, a connection limit, and API
+keys kept out of the access log.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,23 +24,43 @@ from fastapi.middleware.cors import CORSMiddleware
 import lowvox
 from lowvox.engines import create_engine
 from lowvox.errors import LowvoxError
+from lowvox.files import PARTIAL_GLOB, sweep_partials
 from lowvox.jobs.service import JobService
 from lowvox.server.engines import EngineFactory, EngineHub
 from lowvox.server.errors import install_error_handlers
 from lowvox.server.outputs import OutputStore
 from lowvox.server.routes import alltalk, core, jobs, openai, voices, web, xtts_api
-from lowvox.server.security import ApiKeyMiddleware, BodyLimitMiddleware
+from lowvox.server.security import (
+    MAX_HEADER_BYTES,
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    RedactApiKeys,
+    SiteGuardMiddleware,
+    guarded_protocol,
+    host_names,
+)
 from lowvox.server.state import ServerState
 from lowvox.settings import Settings
 from lowvox.voices.store import MAX_CLIPS, VoiceStore
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from lowvox.server.wyoming import Announcer, WyomingServer
 
 logger = logging.getLogger(__name__)
 
 # How often the retention sweep runs while the server is up.
 RETENTION_INTERVAL_S = 60.0
+
+# The CLI (`lowvox say`, `lowvox bench`) may be writing the weights cache while the server
+# starts: only temporaries older than this are a dead writer's.
+CACHE_SWEEP_AGE_S = 3600.0
+
+# Body limits: text routes take the longest text, each character escaped (`\ud83d\ude00` is
+# 12 bytes for one); the upload routes take their files. Plus room for the other fields.
+BYTES_PER_TEXT_CHAR = 12
+BODY_SLACK = 64 * 1024
 
 # Headers a browser script may read from our responses.
 EXPOSED_HEADERS = [
@@ -60,6 +83,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await _sweep_leftovers(settings)
         try:
             await hub.get(None, warmup=True)
         except LowvoxError as e:
@@ -111,19 +135,34 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(web.router)
     web.mount_static(app)
 
-    # Order matters: the last middleware added runs first. CORS must answer preflights
-    # before the key check (browsers send no credentials on a preflight).
-    app.add_middleware(BodyLimitMiddleware, limit=body_limit(settings))
-    if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    # Order matters: the last middleware added runs first. The Host and Origin checks come
+    # first; CORS must answer preflights before the key check (browsers send no
+    # credentials on a preflight); the body limits apply to requests let in.
     app.add_middleware(
-        CORSMiddleware,
-        allow_origins=list(settings.cors_origins),
-        allow_methods=["*"],
-        allow_headers=["*"],
-        expose_headers=EXPOSED_HEADERS,
-        allow_credentials=False,
-        **_private_network_option(),
+        BodyLimitMiddleware,
+        limit=body_limit(settings),
+        routes=upload_limits(settings),
+        timeout=settings.body_timeout,
+    )
+    if settings.api_key:
+        app.add_middleware(
+            ApiKeyMiddleware, api_key=settings.api_key, trusted_networks=settings.trusted_networks
+        )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=EXPOSED_HEADERS,
+            allow_credentials=False,
+            **_private_network_option(),
+        )
+    app.add_middleware(
+        SiteGuardMiddleware,
+        hosts=host_names(settings.host, settings.public_url, settings.allowed_hosts),
+        origins=settings.cors_origins,
+        public_url=settings.public_url,
     )
     return app
 
@@ -136,12 +175,31 @@ def _private_network_option() -> dict[str, bool]:
 
 
 def body_limit(settings: Settings) -> int:
-    """The largest request body worth reading: a voice upload, a job's input, or the
-    longest text escaped."""
-    largest = max(
-        settings.max_upload_bytes * MAX_CLIPS, settings.max_job_bytes, settings.max_text_chars * 12
-    )
-    return largest + 64 * 1024
+    """The largest body a route other than an upload reads: the longest text, escaped."""
+    return settings.max_text_chars * BYTES_PER_TEXT_CHAR + BODY_SLACK
+
+
+def upload_limits(settings: Settings) -> dict[tuple[str, str], int]:
+    """The routes that take files, and the largest body each reads."""
+    return {
+        ("POST", "/api/library/voices"): settings.max_upload_bytes * MAX_CLIPS + BODY_SLACK,
+        ("POST", "/api/jobs"): settings.max_job_bytes + BODY_SLACK,
+    }
+
+
+async def _sweep_leftovers(settings: Settings) -> None:
+    """Remove what writers killed mid-write left behind (a crash, a power cut): unpublished
+    outputs, half-made and half-deleted voices, cache temporaries. The job store sweeps
+    its own folder when the job service starts."""
+    sweeps: list[tuple[Path, float, tuple[str, ...]]] = [
+        (settings.outputs_path, 0.0, (PARTIAL_GLOB,)),
+        (settings.voices_path, 0.0, (PARTIAL_GLOB, ".upload-*", ".trash-*")),
+        (settings.cache_path, CACHE_SWEEP_AGE_S, (PARTIAL_GLOB, "*.tmp")),
+    ]
+    for folder, age, patterns in sweeps:
+        removed = await asyncio.to_thread(sweep_partials, folder, age, patterns)
+        if removed:
+            logger.info("removed %d leftover temporary file(s) in %s", removed, folder)
 
 
 # -- Home Assistant's Wyoming protocol: the same engines, on its own TCP port ----------------
@@ -177,6 +235,7 @@ async def _stop_wyoming(server: WyomingServer, announcer: Announcer | None) -> N
 async def _retention_loop(outputs: OutputStore) -> None:
     while True:
         try:
+            await asyncio.to_thread(outputs.sweep_partials)
             await asyncio.to_thread(outputs.enforce_retention)
         except Exception:
             logger.exception("outputs retention sweep failed")
@@ -192,6 +251,31 @@ async def _keep_alive_loop(hub: EngineHub, idle_seconds: float) -> None:
             logger.exception("unloading idle engines failed")
 
 
+def server_config(app: Any, settings: Settings) -> uvicorn.Config:
+    """How uvicorn runs `app`: on settings.host:settings.port, with a header timeout, a
+    connection limit, the socket's peer as the client, and keys redacted in access logs."""
+    import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    access_log = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactApiKeys) for f in access_log.filters):
+        access_log.addFilter(RedactApiKeys())
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # Our logging is configured by the CLI; uvicorn keeps only its access log format.
+        log_config=None,
+        timeout_graceful_shutdown=5,
+        http=guarded_protocol(AutoHTTPProtocol, settings.header_timeout),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        limit_concurrency=settings.max_connections,
+        # trusted_networks must see who is really connected, not what X-Forwarded-For says.
+        proxy_headers=False,
+    )
+
+
 def serve(settings: Settings) -> None:
     """Run the server in the foreground (blocking) on settings.host:settings.port."""
     import uvicorn
@@ -204,12 +288,6 @@ def serve(settings: Settings) -> None:
         logger.warning(
             "listening on %s without an API key: anyone on the network can use it", settings.host
         )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        # Our logging is configured by the CLI; uvicorn keeps only its access log format.
-        log_config=None,
-        timeout_graceful_shutdown=5,
-    )
+    if settings.trusted_networks and not settings.api_key:
+        logger.warning("trusted_networks does nothing without an api_key: no client needs one")
+    uvicorn.Server(server_config(app, settings)).run()

@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lowvox.engines import ENGINE_NAMES, Engine, VoiceInfo, create_engine
-from lowvox.errors import EngineUnavailable, LowvoxError, UnknownEngine
+from lowvox.errors import EngineUnavailable, InvalidRequest, LowvoxError, UnknownEngine
 from lowvox.server.scheduler import Scheduler
 from lowvox.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[str, Settings], Engine]
+
+# How long a "no" to "can this engine run here?" is kept: a model installed while the
+# server runs shows up in the model lists within this time.
+AVAILABILITY_TTL_S = 30.0
+
+
+class EngineRestarting(EngineUnavailable):
+    """The engine a request was meant for is being stopped (a reload, a runtime change, an
+    idle unload): a 503 whose Retry-After is about how long loading took last time."""
+
+    def __init__(self, name: str, retry_after: int) -> None:
+        super().__init__(
+            f"the {name} engine is restarting (reload or runtime change); retry in {retry_after} s"
+        )
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -24,9 +40,17 @@ class EngineSlot:
     engine: Engine
     scheduler: Scheduler
     last_used: float = field(default_factory=time.monotonic)
+    # Set once the hub has let go of this slot (reload, unload, shutdown): what still
+    # holds it fails with EngineRestarting rather than a bare "shutting down".
+    retired: bool = False
+    # Seconds its engine took to load: the Retry-After of a request caught by a restart.
+    load_seconds: float = 0.0
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
+
+    def restarting(self) -> EngineRestarting:
+        return EngineRestarting(self.name, max(1, math.ceil(self.load_seconds)))
 
 
 class EngineHub:
@@ -44,8 +68,12 @@ class EngineHub:
         self.default = settings.engine.lower()
         self._slots: dict[str, EngineSlot] = {}
         self._lock = asyncio.Lock()
+        # name -> (can run here, when that was found out), for the model lists.
+        self._availability: dict[str, tuple[bool, float]] = {}
 
     def resolve_name(self, name: str | None) -> str:
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequest("engine must be a string (an engine's name)", field="engine")
         wanted = (name or self.default).strip().lower()
         if wanted not in self.names:
             raise UnknownEngine(wanted, list(self.names))
@@ -53,6 +81,33 @@ class EngineHub:
 
     def loaded(self) -> dict[str, EngineSlot]:
         return dict(self._slots)
+
+    async def available(self) -> list[str]:
+        """The engines that can run here, for the model lists clients pick from: a loaded
+        engine can; another can when it can be constructed (its files and libraries are
+        there; XTTS without a model is not). Nothing is loaded to find out."""
+        out = []
+        for name in self.names:
+            if name in self._slots:
+                out.append(name)
+                continue
+            known = self._availability.get(name)
+            # A "no" is asked again after a while (a model may be installed meanwhile);
+            # a "yes" is kept, so constructing an engine is not repeated for every list.
+            if known is None or (not known[0] and time.monotonic() - known[1] > AVAILABILITY_TTL_S):
+                known = (await asyncio.to_thread(self._can_construct, name), time.monotonic())
+                self._availability[name] = known
+            if known[0]:
+                out.append(name)
+        return out
+
+    def _can_construct(self, name: str) -> bool:
+        try:
+            self.factory(name, self.settings)
+        except (LowvoxError, ImportError, OSError) as e:
+            logger.debug("engine %s is not offered: %s", name, e)
+            return False
+        return True
 
     @staticmethod
     async def voices(slot: EngineSlot) -> list[VoiceInfo]:
@@ -80,6 +135,7 @@ class EngineHub:
         except ImportError as e:
             raise EngineUnavailable(f"engine {key!r} is not available: {e}") from e
         scheduler = Scheduler(engine, max_queue=self.settings.max_queue, name=key)
+        began = time.monotonic()
         try:
             await scheduler.run(engine.load)
             if warmup:
@@ -90,7 +146,8 @@ class EngineHub:
                 raise
             raise EngineUnavailable(f"engine {key!r} failed to load: {e}") from e
         logger.info("engine %s ready", key)
-        return EngineSlot(key, engine, scheduler)
+        self._availability[key] = (True, time.monotonic())
+        return EngineSlot(key, engine, scheduler, load_seconds=time.monotonic() - began)
 
     async def reload(self, name: str | None = None) -> EngineSlot:
         """Stop the engine (if running) and start it again; becomes the default engine."""
@@ -98,6 +155,7 @@ class EngineHub:
         async with self._lock:
             old = self._slots.pop(key, None)
         if old is not None:
+            old.retired = True
             await asyncio.to_thread(self._stop_slot, old)
         slot = await self.get(key, warmup=True)
         self.default = key  # only once it works: a failed switch keeps the old default
@@ -130,6 +188,7 @@ class EngineHub:
             ]
             for slot in idle:
                 del self._slots[slot.name]
+                slot.retired = True
         for slot in idle:
             logger.info("unloading %s after %.0f s idle", slot.name, now - slot.last_used)
             await asyncio.to_thread(self._stop_slot, slot)
@@ -140,4 +199,5 @@ class EngineHub:
             slots = list(self._slots.values())
             self._slots.clear()
         for slot in slots:
+            slot.retired = True
             await asyncio.to_thread(self._stop_slot, slot)

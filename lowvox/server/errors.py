@@ -13,6 +13,10 @@ from lowvox.errors import LowvoxError
 
 logger = logging.getLogger(__name__)
 
+# A 503 (an engine starting, reloading or stopping) says when to try again; clients such
+# as the OpenAI SDK wait that long instead of failing at once.
+UNAVAILABLE_RETRY_AFTER_S = 5
+
 
 def error_response(
     status: int, message: str, kind: str, field: str | None = None, headers: dict | None = None
@@ -51,6 +55,8 @@ def install_error_handlers(app: FastAPI) -> None:
         status = int(getattr(exc, "status_code", 500) or 500)
         headers = None
         retry_after = getattr(exc, "retry_after", None)
+        if retry_after is None and status == 503:
+            retry_after = UNAVAILABLE_RETRY_AFTER_S
         if retry_after is not None:
             headers = {"Retry-After": str(int(retry_after))}
         if status >= 500:

@@ -2,7 +2,9 @@
 
 A file name from a client is only ever looked up among the folder's own entries, so no
 `..`, absolute path, symlink or odd character can reach anything outside it. Retention
-(age and total size) runs after every write and on a timer, not only at start-up.
+(age and total size) runs after every write and on a timer, not only at start-up; the
+temporaries of writes that never finished count towards the size and are removed once
+stale. `served_file` is the same rule for files found in other folders (voice clips).
 """
 
 from __future__ import annotations
@@ -10,18 +12,23 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import threading
 import time
 import uuid
 from pathlib import Path
 
 from lowvox.errors import InvalidRequest, LowvoxError
-from lowvox.files import write_atomic
+from lowvox.files import PARTIAL_GLOB, sweep_partials, write_atomic
 
 logger = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+# A temporary older than this belongs to a write that will never finish (outputs are
+# written whole, in well under a second).
+STALE_PARTIAL_S = 600.0
 
 
 class OutputNotFound(LowvoxError):
@@ -29,6 +36,40 @@ class OutputNotFound(LowvoxError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"no such output file: {name!r}")
+
+
+class FileRefused(LowvoxError):
+    status_code = 403
+
+
+class FileMissing(LowvoxError):
+    status_code = 404
+
+
+def served_file(path: Path, root: Path) -> Path:
+    """`path` when it is a regular file inside `root` reached without a symbolic link (the
+    file itself or any folder between); FileRefused otherwise. For files a route sends
+    from a folder that people and other programs also write to (the voice library): a
+    link placed there must not hand out what it points at."""
+    root, path = Path(root), Path(path)
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise FileRefused(f"refusing to serve {path.name!r}: it is not in its folder") from None
+    if not parts or any(part in (".", "..") for part in parts):
+        raise FileRefused(f"refusing to serve {path.name!r}: it is not in its folder")
+    current = root
+    for part in parts:
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            raise FileMissing(f"{'/'.join(parts)!r} is gone") from None
+        if stat.S_ISLNK(mode):
+            raise FileRefused(f"refusing to serve {'/'.join(parts)!r}: {part!r} is a symbolic link")
+    if not stat.S_ISREG(mode):
+        raise FileRefused(f"refusing to serve {'/'.join(parts)!r}: not a regular file")
+    return current
 
 
 def safe_stem(hint: str | None, default: str = "output") -> str:
@@ -84,26 +125,46 @@ class OutputStore:
 
     def list(self) -> list[tuple[str, int, float]]:
         """(name, size, mtime) of every finished file, newest first."""
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[list[tuple[str, int, float]], int]:
+        """The finished files (as `list`), and the bytes held by hidden files: the
+        temporaries of writes in progress or of writes a crash cut short."""
         out = []
+        hidden = 0
         try:
             with os.scandir(self.root) as it:
                 for entry in it:
-                    if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                    if not entry.is_file(follow_symlinks=False):
                         continue
-                    st = entry.stat(follow_symlinks=False)
-                    out.append((entry.name, st.st_size, st.st_mtime))
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # published or removed meanwhile
+                        continue
+                    if entry.name.startswith("."):
+                        hidden += st.st_size
+                    else:
+                        out.append((entry.name, st.st_size, st.st_mtime))
         except FileNotFoundError:
-            return []
+            return [], 0
         out.sort(key=lambda t: t[2], reverse=True)
-        return out
+        return out, hidden
+
+    def sweep_partials(self, older_than_s: float = STALE_PARTIAL_S) -> int:
+        """Remove temporaries of writes that never finished; how many."""
+        removed = sweep_partials(self.root, older_than_s, (PARTIAL_GLOB,))
+        if removed:
+            logger.info("removed %d unfinished output file(s)", removed)
+        return removed
 
     def enforce_retention(self, keep: str | None = None) -> int:
-        """Delete files older than the age limit, then the oldest until under the size limit."""
+        """Delete files older than the age limit, then the oldest until under the size limit
+        (which the temporaries of unfinished writes count towards)."""
         if not self.max_age_s and not self.max_bytes:
             return 0
         removed = 0
         with self._lock:
-            files = self.list()
+            files, hidden = self._scan()
             now = time.time()
             survivors = []
             for name, size, mtime in files:
@@ -112,7 +173,7 @@ class OutputStore:
                 else:
                     survivors.append((name, size, mtime))
             if self.max_bytes:
-                total = sum(size for _, size, _ in survivors)
+                total = hidden + sum(size for _, size, _ in survivors)
                 for name, size, _ in reversed(survivors):  # oldest first
                     if total <= self.max_bytes:
                         break

@@ -1,56 +1,72 @@
-"""From an API request to audio: validate everything first, queue a job, then collect or stream.
+"""From an API request to a queued job: validate everything first, then queue it.
 
-Every API (OpenAI, AllTalk, xtts-api-server, the web page) goes through `plan_job`, so
-they all get the same checks and the same clear errors before any audio is produced.
+Every API (OpenAI, AllTalk, xtts-api-server, the web page, Wyoming) goes through
+`plan_job`, so they all get the same checks and the same clear errors before any audio is
+produced; `lowvox.server.responses` takes the job from there to the client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from lowvox.audio.formats import get_format
-from lowvox.engines.base import AudioChunk, Engine, SynthesisRequest
-from lowvox.errors import Cancelled, InvalidRequest, LowvoxError, UnknownVoice
+from lowvox.engines.base import Engine, SynthesisRequest
+from lowvox.errors import InvalidRequest, LowvoxError, UnknownVoice
 from lowvox.server.engines import EngineHub, EngineSlot
 from lowvox.server.narration import Turn
-from lowvox.server.outputs import OutputStore
-from lowvox.server.scheduler import Job
-from lowvox.server.state import Generation, ServerState
+from lowvox.server.scheduler import Job, Priority, QueueFull
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-# How often a non-streaming request checks whether its client is still there.
-_DISCONNECT_POLL_S = 0.25
+# Seeds as torch takes them (64-bit, kept to the signed range).
+MAX_SEED = 2**63 - 1
 
 
-def check_format(fmt: str | None, default: str = "wav") -> str:
+def check_format(fmt: Any, default: str = "wav") -> str:
     """The canonical name of a requested output format; UnsupportedFormat if unknown."""
+    if fmt is not None and not isinstance(fmt, str):
+        raise InvalidRequest(f"format must be a string, got {_kind(fmt)}", field="format")
     return get_format(fmt or default).name
+
+
+def _kind(value: Any) -> str:
+    """How a wrongly typed JSON value is named in an error."""
+    return {dict: "an object", list: "a list", bool: "true/false"}.get(
+        type(value), f"{type(value).__name__} {str(value)[:40]!r}"
+    )
+
+
+def check_options(options: Any) -> Mapping[str, Any]:
+    """Engine knobs as every engine may take them: an object whose numbers are finite and
+    whose seed fits torch's 64-bit generator. The engine checks each knob's range."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise InvalidRequest(f"options must be an object, got {_kind(options)}", field="options")
+    for key, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequest(f"{key} must be a finite number", field=str(key))
+    seed = options.get("seed")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED
+    ):
+        raise InvalidRequest(
+            f"seed must be an integer in 0..2**63-1, got {str(seed)[:40]}", field="seed"
+        )
+    return options
 
 
 def media_type(fmt: str) -> str:
     return get_format(fmt).media_type
-
-
-def _encoder_module() -> ModuleType:
-    # Imported lazily: PyAV loads only once audio is encoded.
-    from lowvox.audio import encode
-
-    return encode
 
 
 @dataclass(frozen=True)
@@ -81,7 +97,9 @@ async def plan_job(
 ) -> Plan:
     """Check the whole request (text, voice, language, speed, format, size) before any work."""
     settings = hub.settings
-    if not isinstance(text, str) or not text.strip():
+    if text is not None and not isinstance(text, str):
+        raise InvalidRequest(f"text must be a string, got {_kind(text)}", field="text")
+    if not text or not text.strip():
         raise InvalidRequest("text is empty", field="text")
     if len(text) > settings.max_text_chars:
         raise InvalidRequest(
@@ -89,18 +107,21 @@ async def plan_job(
             field="text",
         )
     fmt = check_format(fmt, settings.audio_format)
+    if language is not None and not isinstance(language, str):
+        raise InvalidRequest(f"language must be a string, got {_kind(language)}", field="language")
+    options = check_options(options)
     try:
         speed = float(speed if speed not in (None, "") else 1.0)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"speed must be a number, got {speed!r}", field="speed") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"speed must be a number, got {_kind(speed)}", field="speed") from None
     if not np.isfinite(speed):
         raise InvalidRequest("speed must be a finite number", field="speed")
     slot = await hub.get(engine)
     slot.touch()
     # Resolved by the engine (`pick_language`), "auto" from each segment's text.
-    lang = str(language).strip() if language is not None and str(language).strip() else None
+    lang = language.strip() if language is not None and language.strip() else None
     lang = lang or settings.language
-    opts = usable_options(slot.engine, options or {})
+    opts = usable_options(slot.engine, options)
     pieces = turns if turns is not None else [Turn(text=text, voice=voice)]
     requests = [
         SynthesisRequest(
@@ -132,7 +153,7 @@ _SAMPLING_OPTIONS = ("top_k", "top_p", "seed", "do_sample", "max_new_tokens")
 
 def usable_options(engine: Engine, options: Mapping[str, Any]) -> dict[str, Any]:
     caps = engine.capabilities
-    allowed = set()
+    allowed: set[str] = set()
     if caps.temperature:
         allowed.update(("temperature", *_SAMPLING_OPTIONS))
     if caps.repetition_penalty:
@@ -181,147 +202,17 @@ def request_tag(request: Request | None) -> str:
     return given if given.isprintable() and given else uuid.uuid4().hex
 
 
-def submit(plan: Plan, tag: str = "") -> Job:
-    return plan.slot.scheduler.submit(plan.segments, tag=tag)
-
-
-async def until_done_or_gone(aw: Awaitable[T], job: Job, request: Request | None) -> T:
-    """Await `aw`, cancelling the job if the client disconnects meanwhile (checked every
-    0.25 s): a request that nobody waits for any more frees its slot."""
-    task = asyncio.ensure_future(aw)
+def submit(plan: Plan, tag: str = "", priority: Priority = Priority.INTERACTIVE) -> Job:
+    """Queue a planned job. An engine being restarted under the request (a reload, a
+    runtime change) is a 503 with a Retry-After, not a bare "shutting down"."""
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if request is not None and await request.is_disconnected():
-                logger.info("client left; cancelling job %d", job.id)
-                job.cancel.set()
-    finally:
-        if not task.done():
-            job.cancel.set()
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-
-
-async def collect(job: Job, request: Request | None = None) -> np.ndarray:
-    """All of a job's audio as one float32 array; cancels the job if the client leaves."""
-    parts: list[np.ndarray] = []
-
-    async def consume() -> None:
-        async for chunk in job.chunks():
-            parts.append(chunk.samples)
-
-    try:
-        await until_done_or_gone(consume(), job, request)
-    finally:
-        if not job.finished.is_set():
-            job.cancel.set()
-    if not parts:
-        return np.zeros(0, np.float32)
-    return np.concatenate(parts).astype(np.float32, copy=False)
-
-
-async def encode(
-    samples: np.ndarray, sample_rate: int, fmt: str, out_rate: int | None = None
-) -> bytes:
-    return await asyncio.to_thread(
-        _encoder_module().encode_audio, samples, sample_rate, fmt, out_rate
-    )
-
-
-async def _prepend(
-    first: AudioChunk | None, rest: AsyncIterator[AudioChunk]
-) -> AsyncIterator[AudioChunk]:
-    if first is not None:
-        yield first
-        async for chunk in rest:
-            yield chunk
-
-
-async def first_chunk(
-    job: Job, request: Request | None
-) -> tuple[AudioChunk | None, AsyncIterator[AudioChunk]]:
-    """Wait for a job's first audio before answering, so that a failure before any audio
-    (engine error, cancel) still gets a proper status code instead of a cut stream."""
-    chunks = job.chunks()
-    first = await until_done_or_gone(anext(chunks, None), job, request)
-    return first, chunks
-
-
-async def stream_bytes(
-    job: Job,
-    fmt: str,
-    sample_rate: int,
-    on_complete: Callable[[np.ndarray], Any] | None = None,
-    chunks: AsyncIterator[AudioChunk] | None = None,
-    out_rate: int | None = None,
-) -> AsyncIterator[bytes]:
-    """Encoded bytes as chunks arrive (resampled to `out_rate` when given). With
-    `on_complete`, the whole audio is handed over at the end (to be saved), so a streamed
-    request keeps its file."""
-    encoder = _encoder_module().StreamEncoder(fmt, sample_rate, out_rate)
-    kept: list[np.ndarray] = []
-    completed = False
-    try:
-        async for chunk in chunks if chunks is not None else job.chunks():
-            if on_complete is not None:
-                kept.append(chunk.samples)
-            # Encoding (mp3, opus, aac) is CPU work: keep it off the event loop.
-            data = await asyncio.to_thread(encoder.write, chunk.samples)
-            if data:
-                yield data
-        tail = await asyncio.to_thread(encoder.close)
-        if tail:
-            yield tail
-        completed = True
-    except Cancelled:
-        logger.info("stream of job %d cancelled", job.id)
+        return plan.slot.scheduler.submit(plan.segments, tag=tag, priority=priority)
+    except QueueFull:
+        raise
     except LowvoxError as e:
-        # Headers are gone already: the best we can do is end the stream and say why.
-        logger.warning("stream of job %d failed: %s", job.id, e)
-    finally:
-        if not job.finished.is_set():
-            job.cancel.set()
-    if completed and on_complete is not None:
-        audio = np.concatenate(kept).astype(np.float32) if kept else np.zeros(0, np.float32)
-        try:
-            await on_complete(audio) if asyncio.iscoroutinefunction(on_complete) else on_complete(
-                audio
-            )
-        except Exception:
-            logger.exception("saving the streamed audio of job %d failed", job.id)
-
-
-class JobStream(StreamingResponse):
-    """A streaming response that cancels its job however the response ends."""
-
-    def __init__(self, content: AsyncIterator[bytes], job: Job, **kwargs: Any) -> None:
-        headers = dict(kwargs.pop("headers", None) or {})
-        headers.setdefault("X-Accel-Buffering", "no")
-        headers.setdefault("Cache-Control", "no-cache")
-        super().__init__(content, headers=headers, **kwargs)
-        self.job = job
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            if not self.job.finished.is_set():
-                self.job.cancel.set()
-
-
-async def save_output(
-    outputs: OutputStore,
-    name: str,
-    samples: np.ndarray,
-    sample_rate: int,
-    fmt: str,
-    out_rate: int | None = None,
-) -> None:
-    data = await encode(samples, sample_rate, fmt, out_rate)
-    await asyncio.to_thread(outputs.write, name, data)
+        if plan.slot.retired:
+            raise plan.slot.restarting() from e
+        raise
 
 
 def output_url(settings: Any, prefix: str, name: str) -> str:
@@ -329,59 +220,3 @@ def output_url(settings: Any, prefix: str, name: str) -> str:
     path = f"{prefix}/{name}"
     base = (settings.public_url or "").rstrip("/")
     return f"{base}{path}" if base else path
-
-
-async def respond(
-    state: ServerState,
-    plan: Plan,
-    request: Request,
-    *,
-    stream: bool,
-    save_hint: str | None = None,
-    timestamp: bool = True,
-    out_rate: int | None = None,
-) -> Response:
-    """Run a planned job and answer with its audio, whole or streamed, resampled to
-    `out_rate` when the API fixes one.
-
-    With `save_hint` the audio is also written to the outputs folder, streamed or not, and
-    `X-Output-File-Url` tells where it will be.
-    """
-    fmt, rate = plan.fmt, plan.sample_rate
-    name = state.outputs.new_name(save_hint, fmt, timestamp) if save_hint else None
-    tag = request_tag(request)
-    sent_rate = _encoder_module().output_rate(fmt, out_rate or rate)
-    headers = {"X-Sample-Rate": str(sent_rate), "X-Request-Id": tag}
-    if name:
-        url = output_url(state.settings, "/audio", name)
-        headers["X-Output-File-Url"] = url
-        headers["X-Output-File"] = name
-
-    def remember() -> None:
-        if name:
-            state.remember(
-                Generation(
-                    file=name,
-                    url=output_url(state.settings, "/audio", name),
-                    engine=plan.slot.name,
-                    voice=plan.segments[0].voice,
-                    text=" ".join(s.text for s in plan.segments)[:200],
-                )
-            )
-
-    job = submit(plan, tag)
-    if stream:
-
-        async def keep(audio: np.ndarray) -> None:
-            await save_output(state.outputs, name, audio, rate, fmt, out_rate)
-            remember()
-
-        first, rest = await first_chunk(job, request)
-        body = stream_bytes(job, fmt, rate, keep if name else None, _prepend(first, rest), out_rate)
-        return JobStream(body, job, media_type=media_type(fmt), headers=headers)
-    audio = await collect(job, request)
-    data = await encode(audio, rate, fmt, out_rate)
-    if name:
-        await asyncio.to_thread(state.outputs.write, name, data)
-        remember()
-    return Response(content=data, media_type=media_type(fmt), headers=headers)

@@ -1,10 +1,14 @@
 """Text filtering before synthesis, AllTalk's `none` | `standard` | `html` modes.
 
-`standard` keeps what XTTS can read: letters, marks and digits of the scripts its 17
-languages use (Latin, Cyrillic, Greek, Arabic, Devanagari, CJK, Hangul, kana) plus
-ordinary punctuation and symbols; it drops emoji, control characters and other scripts,
-collapses repeated `!`, `?` and `.`, and tidies whitespace. `html` first strips tags
-(and the contents of script/style elements) and unescapes entities, then does the same.
+`standard` is AllTalk's standard filter: it keeps what XTTS can read, the letters, marks
+and digits of the scripts its 17 languages use (Latin, Cyrillic, Greek, Arabic,
+Devanagari, CJK, Hangul, kana), sentence punctuation and quotes, and drops the rest: the
+markup chat text is full of (`*actions*`, `~`, `_`, `#`, backticks, `|`, brackets of
+every kind), emoji, control characters and other scripts. It collapses repeated `!`, `?`
+and `.` and tidies whitespace. Unlike AllTalk it keeps the symbols the front-end speaks
+as words (`& @ % + = /`, currency, degree), which AllTalk would drop mid-sentence.
+`html` strips tags (and the contents of script/style elements), filters, then
+unescapes entities: `&lt;3` is text the author wrote, not markup.
 """
 
 from __future__ import annotations
@@ -34,17 +38,19 @@ _SCRIPT_BLOCKS = (
     (0xFF10, 0xFF19), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0xFF66, 0xFF9F),  # full/half width
 )  # fmt: skip
 
-# Punctuation and symbols people write in prose, kept in every script.
+# Punctuation and symbols people write in prose and the front-end reads, kept in every
+# script. Markup is not among them: * ~ _ ^ ` | \ # and ( ) [ ] { } < > in any width.
 _KEPT_SYMBOLS = set(
-    "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
-    "¡¿«»‹›“”„‟‘’‚‛–—―‐‑…·•′″°§¶©®™€£¥¢₹₽₩₺℃№"
-    "、。，．！？：；「」『』（）【】《》〈〉〔〕～・ー"
-    "،؛؟٪٫٬۔।॥"
+    "!\"$%&'+,-./:;=?@"
+    + "¡¿«»‹›“”„‟‘’‚‛–—―‐‑…·′″°§©®™€£¥¢₹₽₩₺℃№"
+    + "、。，．！？：；・ー"  # CJK
+    + "،؛؟٪٫٬۔।॥"  # Arabic, Devanagari
 )
 _REPEATED_MARK = re.compile(r"([!?.])\1+")
 _HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")
 _BLANK_LINES = re.compile(r"\n\s*\n\s*")
 _TAG = re.compile(r"<[^<>]*>")
+_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
 _HIDDEN_ELEMENT = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 
 
@@ -61,13 +67,37 @@ def _keep(ch: str) -> bool:
     return False
 
 
-def _standard(text: str) -> str:
+def _kept(text: str) -> str:
     text = unicodedata.normalize("NFC", text)
     # Tabs and other whitespace become spaces; control and format characters go.
-    text = "".join(
+    return "".join(
         " " if (ch.isspace() and ch != "\n") else ch for ch in text if _keep_or_space(ch)
     )
-    text = _REPEATED_MARK.sub(r"\1", text)
+
+
+def _standard(text: str) -> str:
+    return _tidy(_REPEATED_MARK.sub(r"\1", _kept(text)))
+
+
+def _html(text: str) -> str:
+    """Tags go; entities stand for what the author wrote (`&lt;3`, `&amp;`), so they are
+    unescaped after the text around them is filtered, keeping printable ASCII."""
+    text = _strip_tags(text)
+    out = []
+    pos = 0
+    for match in _ENTITY.finditer(text):
+        out.append(_kept(text[pos : match.start()]))
+        out.extend(
+            ch
+            for ch in html.unescape(match.group(0))
+            if _keep_or_space(ch) or (ch.isascii() and ch.isprintable())
+        )
+        pos = match.end()
+    out.append(_kept(text[pos:]))
+    return _tidy(_REPEATED_MARK.sub(r"\1", "".join(out)))
+
+
+def _tidy(text: str) -> str:
     text = _HORIZONTAL_SPACE.sub(" ", text)
     text = _BLANK_LINES.sub("\n", text)
     return "\n".join(line.strip() for line in text.split("\n")).strip()
@@ -77,17 +107,16 @@ def _keep_or_space(ch: str) -> bool:
     return ch.isspace() or _keep(ch)
 
 
-def _strip_html(text: str) -> str:
+def _strip_tags(text: str) -> str:
     text = _HIDDEN_ELEMENT.sub(" ", text)
-    text = _TAG.sub(" ", text)
-    return html.unescape(text)
+    return _TAG.sub(" ", text)
 
 
 def filter_text(text: str, mode: str = "standard") -> str:
     """Clean `text` for speech according to `mode` ("none", "standard" or "html")."""
-    if mode not in FILTER_MODES:
+    if not isinstance(mode, str) or mode not in FILTER_MODES:
         raise InvalidRequest(
-            f"text filter must be one of {', '.join(FILTER_MODES)}, not {mode!r}",
+            f"text filter must be one of {', '.join(FILTER_MODES)}, not {str(mode)[:40]!r}",
             field="text_filtering",
         )
     if not isinstance(text, str):
@@ -95,5 +124,5 @@ def filter_text(text: str, mode: str = "standard") -> str:
     if mode == "none":
         return text
     if mode == "html":
-        text = _strip_html(text)
+        return _html(text)
     return _standard(text)

@@ -23,24 +23,29 @@ logger = logging.getLogger(__name__)
 _COMMA_GROUPED = re.compile(r"\b\d{1,3}(?:,\d{3})*(?:\.\d+)?\b")
 _DOT_GROUPED = re.compile(r"\b\d{1,3}(?:.\d{3})*(?:,\d+)?\b")
 
+# Every pattern below is linear in its input. A match may only start where a run of its
+# characters starts (a lookbehind says so), and no two unbounded repeats overlap: written
+# as the reference has them (`[0-9.,]*[0-9]+£` tried at every position of a digit run),
+# they take cubic time in a long run of digits. The matches are the reference's: a match
+# that cannot start at the start of a run cannot start later in it either.
 _CURRENCIES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("GBP", re.compile(r"£[0-9.,]*[0-9]+|[0-9.,]*[0-9]+£")),
-    ("USD", re.compile(r"\$[0-9.,]*[0-9]+|[0-9.,]*[0-9]+\$")),
-    ("EUR", re.compile(r"[0-9.,]*[0-9]+€|€[0-9.,]*[0-9]+")),
+    ("GBP", re.compile(r"£[0-9.,]*[0-9]|(?<![0-9.,])[0-9.,]*[0-9]£")),
+    ("USD", re.compile(r"\$[0-9.,]*[0-9]|(?<![0-9.,])[0-9.,]*[0-9]\$")),
+    ("EUR", re.compile(r"(?<![0-9.,])[0-9.,]*[0-9]€|€[0-9.,]*[0-9]")),
 )
 
 # What num2words puts between the main unit and the cents; a whole amount loses it.
 _CENTS_JOINER = {"es": " con ", "fr": " et ", "de": " und ", "pt": " e ", "it": " e "}
 
-_DECIMAL = re.compile(r"[0-9]+[.,][0-9]+")
+_DECIMAL = re.compile(r"(?<![0-9])[0-9]+[.,][0-9]+")
 # Hindi (which the reference cannot spell at all) is read the way it is written in India:
 # commas group digits (1,00,000 is a lakh) and the point is the decimal separator.
 _HINDI_GROUPED = re.compile(r"\b\d{1,3}(?:,\d{2,3})+\b")
-_HINDI_DECIMAL = re.compile(r"[0-9]+\.[0-9]+")
+_HINDI_DECIMAL = re.compile(r"(?<![0-9])[0-9]+\.[0-9]+")
 _CARDINAL = re.compile(r"[0-9]+")
 
 _ORDINALS: dict[str, re.Pattern[str]] = {
-    lang: re.compile(r"([0-9]+)" + suffix)
+    lang: re.compile(r"(?<![0-9])([0-9]+)" + suffix)
     for lang, suffix in {
         "en": r"(st|nd|rd|th)",
         "es": r"(º|ª|er|o|a|os|as)",
@@ -136,8 +141,12 @@ def _expand_currencies(text: str, lang: str) -> str:
     # The reference stops at the first currency that num2words cannot say for this
     # language (or a malformed amount) and leaves that and later currencies as symbols.
     for currency, pattern in _CURRENCIES:
+
+        def say(match: re.Match[str], currency: str = currency) -> str:
+            return _currency(match, lang, currency)
+
         try:
-            text = pattern.sub(lambda m, c=currency: _currency(m, lang, c), text)
+            text = pattern.sub(say, text)
         except Exception as e:  # noqa: BLE001 - any num2words failure means "leave it"
             logger.debug("currency %s not expanded for %s: %s", currency, lang, e)
             break

@@ -133,15 +133,19 @@ _QUANTIFIER = (
     r"天秒旬纪岁世更夜春夏秋冬代伏辈丸泡粒幢堆根道面片块]|[千毫微]克|[千分厘毫微]米)"
 )
 
-# Each rule: the pattern, and how its first group is said. Order matters.
+# Each rule: the pattern, and how its first group is said. Order matters. The patterns are
+# linear in their input: a number's match starts only where its digits start (the
+# lookbehinds), which finds the same numbers as trying every position, without the
+# quadratic work of trying them inside a long run of digits (or, for the money rule,
+# of a leading `\D+` tried at every position of a long run of text).
 _RULES: tuple[tuple[re.Pattern[str], Callable[[str], str]], ...] = (
     (re.compile(r"\D+((?:(?:[089]\d|(?:19|20)\d{2})年)?(?:\d{1,2}月(?:\d{1,2}[日号])?)?)"), _spell_date),
-    (re.compile(r"\D+(\d+(?:\.\d+)?[多余几]?" + _CURRENCY_UNIT + r"(?:\d" + _CURRENCY_UNIT + r"?)?)"), _spell_money),
+    (re.compile(r"(?<=\D)(\d+(?:\.\d+)?[多余几]?" + _CURRENCY_UNIT + r"(?:\d" + _CURRENCY_UNIT + r"?)?)"), _spell_money),
     (re.compile(r"\D((?:\+?86 ?)?1(?:[38]\d|5[0-35-9]|7[678]|9[89])\d{8})\D"), lambda s: _spell_phone(s, False)),
     (re.compile(r"\D((?:0(?:10|2[1-3]|[3-9]\d{2})-?)?[1-9]\d{6,7})\D"), lambda s: _spell_phone(s, True)),
-    (re.compile(r"(\d+/\d+)"), _spell_fraction),
-    (re.compile(r"(\d+(?:\.\d+)?%)"), _spell_percentage),
-    (re.compile(r"(\d+(?:\.\d+)?)[多余几]?" + _QUANTIFIER), spell_number),
+    (re.compile(r"(?<!\d)(\d+/\d+)"), _spell_fraction),
+    (re.compile(r"(?<!\d)(\d+(?:\.\d+)?%)"), _spell_percentage),
+    (re.compile(r"(?<!\d)(\d+(?:\.\d+)?)[多余几]?" + _QUANTIFIER), spell_number),
     (re.compile(r"(\d{4,32})"), _spell_digits),
     (re.compile(r"(\d+(?:\.\d+)?)"), spell_number),
 )  # fmt: skip

@@ -1,16 +1,17 @@
 """The voice library on disk: one folder per voice holding its reference clips.
 
 Layout: `<root>/<voice name>/clip_01.wav ...` plus `voice.json`. Uploads are decoded and
-checked (real audio, 2-60 s per clip, sane sample rate, size limit) before anything is
-written, re-encoded as 16-bit WAV, and published with one atomic rename of a temporary
-folder, so a failed or concurrent upload never leaves a half-made voice behind. A lone
+checked (real audio, 2-60 s per clip, at most 8 channels, a sane sample rate, size limits
+per upload, per voice and for the library) before anything is written, stored as 16-bit
+mono WAV at the library's rate at most (48 kHz by default), and published with one atomic
+rename of a temporary folder, so a failed or concurrent upload never leaves a half-made
+voice behind. A lone
 `<root>/<name>.wav` (AllTalk's layout) also counts as a one-clip voice.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -19,8 +20,10 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -33,7 +36,9 @@ MIN_CLIP_SECONDS = 2.0
 MAX_CLIP_SECONDS = 60.0
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 192_000
+MAX_CHANNELS = 8
 MAX_CLIPS = 10
+_WAV_HEADER_BYTES = 44
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()-]{0,63}$")
 
@@ -93,42 +98,69 @@ def check_name(name: str) -> str:
     return cleaned
 
 
-def decode_clip(data: bytes, label: str, max_bytes: int) -> Clip:
-    """Decode and check one uploaded clip; InvalidRequest says exactly what is wrong."""
+@dataclass(frozen=True)
+class VoiceLimits:
+    """What one upload may cost: the rate clips are stored at (at most), the stored size
+    of one voice, and of the whole library (0: no limit)."""
+
+    sample_rate: int = 48_000
+    max_voice_bytes: int = 64 * 1024 * 1024
+    max_library_bytes: int = 2 * 1024**3
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> VoiceLimits:
+        return cls(
+            sample_rate=settings.voice_sample_rate,
+            max_voice_bytes=settings.max_voice_bytes,
+            max_library_bytes=settings.max_library_bytes,
+        )
+
+
+class VoiceTooLarge(InvalidRequest):
+    status_code = 413
+
+
+def stored_size(clip: Clip) -> int:
+    """Bytes `clip` takes as the library stores it: a 44-byte header, 16-bit mono."""
+    return _WAV_HEADER_BYTES + 2 * len(clip.samples)
+
+
+def decode_clip(data: bytes, label: str, max_bytes: int, limits: VoiceLimits | None = None) -> Clip:
+    """Decode and check one uploaded clip; InvalidRequest says exactly what is wrong.
+
+    The header is checked before anything is decoded (channels, rate); decoding goes in
+    blocks, each downmixed to mono and brought down to the library's rate, and stops a
+    little after the longest clip allowed, so a clip costs its stored size in memory
+    whatever its channels, rate or length.
+    """
+    limits = limits or VoiceLimits()
     if len(data) == 0:
         raise InvalidRequest(f"{label} is empty", field="files")
     if len(data) > max_bytes:
         raise InvalidRequest(
             f"{label} is {len(data)} bytes, over the limit of {max_bytes}", field="files"
         )
+    from lowvox.audio.io import DecodeLimits, read_audio  # PyAV loads on first use
+
     try:
-        from lowvox.audio.io import read_audio  # decoders pull in torch; only uploads need them
-    except ImportError:  # pragma: no cover - the audio package is part of lowvox
-        read_audio = None
-    if read_audio is not None:
-        try:
-            audio = read_audio(data, max_seconds=MAX_CLIP_SECONDS + 1)
-        except InvalidRequest as e:
-            raise InvalidRequest(f"{label} is not a readable audio file", field="files") from e
-        samples, rate = audio.samples, audio.sample_rate
-    else:
-        try:
-            samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError) as e:
-            raise InvalidRequest(f"{label} is not a readable audio file", field="files") from e
-        samples = samples.mean(axis=1)
-    if not (MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE):
-        raise InvalidRequest(
-            f"{label} has sample rate {rate} Hz (allowed {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE})",
-            field="files",
+        audio = read_audio(
+            data,
+            max_seconds=MAX_CLIP_SECONDS + 1,
+            max_rate=limits.sample_rate,
+            limits=DecodeLimits(MAX_CHANNELS, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE),
         )
-    clip = Clip(np.asarray(samples, dtype=np.float32), int(rate))
+    except InvalidRequest as e:
+        reason = e.__cause__ if isinstance(e.__cause__, InvalidRequest) else e
+        raise InvalidRequest(
+            f"{label} is not a readable audio file ({reason})", field="files"
+        ) from e
+    clip = Clip(np.asarray(audio.samples, dtype=np.float32), int(audio.sample_rate))
     if clip.duration < MIN_CLIP_SECONDS or clip.duration > MAX_CLIP_SECONDS:
         raise InvalidRequest(
             f"{label} is {clip.duration:.1f} s long (allowed {MIN_CLIP_SECONDS:g}-{MAX_CLIP_SECONDS:g} s)",
             field="files",
         )
-    if not np.isfinite(clip.samples).all() or float(np.abs(clip.samples).max()) < 1e-4:
+    if float(np.abs(clip.samples).max()) < 1e-4:
         raise InvalidRequest(f"{label} is silent", field="files")
     return clip
 
@@ -136,9 +168,15 @@ def decode_clip(data: bytes, label: str, max_bytes: int) -> Clip:
 class VoiceStore:
     """Lists, adds, renames and deletes voices in one folder; every change is atomic."""
 
-    def __init__(self, root: Path, max_upload_bytes: int = 20 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_upload_bytes: int = 20 * 1024 * 1024,
+        limits: VoiceLimits | None = None,
+    ) -> None:
         self.root = Path(root)
         self.max_upload_bytes = max_upload_bytes
+        self.limits = limits or VoiceLimits()
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -174,17 +212,27 @@ class VoiceStore:
                 return voice
         raise VoiceNotFound(name)
 
-    def add(self, name: str, uploads: list[tuple[str, bytes]]) -> StoredVoice:
+    def add(self, name: str, uploads: Sequence[tuple[str, bytes]]) -> StoredVoice:
         """Validate every clip, then publish the voice in one rename."""
         name = check_name(name)
         if not uploads:
             raise InvalidRequest("no audio files were uploaded", field="files")
         if len(uploads) > MAX_CLIPS:
             raise InvalidRequest(f"at most {MAX_CLIPS} clips per voice", field="files")
-        clips = [
-            decode_clip(data, f"file {i + 1} ({_label(fname)})", self.max_upload_bytes)
-            for i, (fname, data) in enumerate(uploads)
-        ]
+        limits = self.limits
+        clips: list[Clip] = []
+        size = 0
+        for i, (fname, data) in enumerate(uploads):
+            label = f"file {i + 1} ({_label(fname)})"
+            clips.append(decode_clip(data, label, self.max_upload_bytes, limits))
+            size += stored_size(clips[-1])
+            if size > limits.max_voice_bytes:
+                raise VoiceTooLarge(
+                    f"the voice would take {size} bytes as stored (up to {label}), over the "
+                    f"limit of {limits.max_voice_bytes} per voice (max_voice_bytes)",
+                    field="files",
+                )
+        self._check_room(size)
         tmp = self.root / f".upload-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
@@ -200,6 +248,7 @@ class VoiceStore:
             with self._lock:
                 if self._exists(name):
                     raise VoiceExists(name)
+                self._check_room(size)  # again: another upload may have landed meanwhile
                 os.rename(tmp, self.root / name)
         finally:
             if tmp.exists():
@@ -228,6 +277,30 @@ class VoiceStore:
             trash = self.root / f".trash-{uuid.uuid4().hex}"
             os.rename(voice.clips[0].parent, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+    def size(self) -> int:
+        """Bytes the stored voices take (clips and their metadata; not uploads in progress)."""
+        total = 0
+        for voice in self.list():
+            folder = voice.clips[0].parent
+            files = voice.clips if folder == self.root else list(folder.iterdir())
+            for path in files:
+                with contextlib.suppress(OSError):
+                    if not path.is_symlink() and path.is_file():
+                        total += path.stat().st_size
+        return total
+
+    def _check_room(self, size: int) -> None:
+        cap = self.limits.max_library_bytes
+        if not cap:
+            return
+        used = self.size()
+        if used + size > cap:
+            raise VoiceTooLarge(
+                f"the voice library is full: {used} bytes stored, this voice needs {size} "
+                f"more, the limit is {cap} (max_library_bytes); delete voices to make room",
+                field="files",
+            )
 
     def _exists(self, name: str) -> bool:
         lowered = name.lower()

@@ -140,7 +140,7 @@ def test_cancel_a_non_streaming_request_by_id(server, client):
             answer.append(
                 c.post(
                     "/v1/audio/speech",
-                    json={"input": text, "voice": "alpha"},
+                    json={"input": text, "voice": "alpha", "stream": False},
                     headers={"X-Request-Id": "job-42"},
                 )
             )
@@ -202,7 +202,9 @@ def test_stop_all_cancels_running_and_queued(server, client):
     def send(text: str) -> None:
         with server.client() as c:
             answers.append(
-                c.post("/v1/audio/speech", json={"input": text, "voice": "alpha"}).status_code
+                c.post(
+                    "/v1/audio/speech", json={"input": text, "voice": "alpha", "stream": False}
+                ).status_code
             )
 
     threads = [threading.Thread(target=send, args=(f"stop number {i}",)) for i in range(3)]

@@ -169,6 +169,6 @@ def test_sillytavern_xtts_lists_library_voices_with_absolute_previews(lib):
         speakers = {s["voice_id"]: s for s in c.get("/speakers").json()}
         url = speakers["Library Lady"]["preview_url"]
         assert url.startswith(lib.url + "/sample/")
-        assert speakers["alpha"]["preview_url"] is None
+        assert speakers["alpha"]["preview_url"] == lib.url + "/sample/alpha.wav"  # built-in too
         assert c.get(url.removeprefix(lib.url)).status_code == 200
         c.delete("/api/library/voices/Library Lady")

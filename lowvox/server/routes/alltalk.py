@@ -2,23 +2,34 @@
 
 AllTalk answers generation requests with JSON pointing at a saved file; failures keep its
 `{"status": "generate-failure", "error": ...}` shape but with a 4xx/5xx status code.
+
+V1 clients (SillyTavern 1.12 and older, SillyTavern's "AllTalk V1" mode) use
+`output_file_url` as it is, so it must be absolute; V2 clients put their endpoint in
+front of it, so it must be relative. Both are answered in their form (`_absolute_urls`).
+The form fields are declared in the OpenAPI schema (`openapi_extra`) but read by
+`fields`, which takes them as a form, as JSON or from the query, as AllTalk does.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from lowvox.errors import InvalidRequest, LowvoxError
-from lowvox.server import synthesis
+from lowvox.server import responses, synthesis
 from lowvox.server.narration import Turn, narrator_turns
+from lowvox.server.routes.paths import TolerantRoute
 from lowvox.server.state import ServerState, State
 from lowvox.server.textfront import filter_text
 
-router = APIRouter()
+logger = logging.getLogger(__name__)
+
+router = APIRouter(route_class=TolerantRoute)
 
 PREVIEW_TEXT = "Hello, this is a preview of my voice. How does it sound?"
 _TRUE = ("true", "1", "yes", "on")
@@ -27,9 +38,8 @@ _FALSE = ("false", "0", "no", "off", "")
 
 def failure(exc: LowvoxError) -> JSONResponse:
     status = int(getattr(exc, "status_code", 500) or 500)
-    headers = None
-    if getattr(exc, "retry_after", None) is not None:
-        headers = {"Retry-After": str(exc.retry_after)}
+    retry_after = getattr(exc, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse(
         {"status": "generate-failure", "error": str(exc), "detail": str(exc)},
         status_code=status,
@@ -38,44 +48,70 @@ def failure(exc: LowvoxError) -> JSONResponse:
 
 
 def flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
     text = str(value if value is not None else "").strip().lower()
     if text in _TRUE:
         return True
     if text in _FALSE:
         return False
-    raise InvalidRequest(f"{name} must be true or false, not {value!r}", field=name)
+    raise InvalidRequest(f"{name} must be true or false, not {str(value)[:40]!r}", field=name)
 
 
 def number(value: Any, name: str, default: float | None) -> float | None:
     if value is None or str(value).strip() == "":
         return default
+    if isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be a number, not {value!r}", field=name)
     try:
         out = float(value)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"{name} must be a number, not {value!r}", field=name) from None
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(
+            f"{name} must be a number, not {str(value)[:40]!r}", field=name
+        ) from None
     if not math.isfinite(out):
         raise InvalidRequest(f"{name} must be a finite number", field=name)
     return out
 
 
+def text(form: dict[str, Any], name: str, default: str | None = None) -> str | None:
+    """A text field: forms send strings; JSON bodies may send numbers too, never objects."""
+    value = form.get(name)
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    raise InvalidRequest(f"{name} must be a string, not {type(value).__name__}", field=name)
+
+
 async def fields(request: Request) -> dict[str, Any]:
-    """Form fields (AllTalk clients send x-www-form-urlencoded), with the query as fallback."""
+    """Form fields (AllTalk clients send x-www-form-urlencoded), JSON, or the query alone."""
     data: dict[str, Any] = dict(request.query_params)
     ctype = request.headers.get("content-type", "")
-    if request.method in ("POST", "PUT") and ("form" in ctype or not ctype):
-        try:
-            form = await request.form()
-        except Exception as e:  # malformed multipart/urlencoded bodies
-            raise InvalidRequest(f"could not read the form: {e}") from e
-        data.update({k: v for k, v in form.items() if isinstance(v, str)})
-    elif "json" in ctype:
-        try:
-            body = await request.json()
-        except ValueError as e:
-            raise InvalidRequest("the body is not valid JSON") from e
-        if not isinstance(body, dict):
-            raise InvalidRequest("the JSON body must be an object")
-        data.update(body)
+    try:
+        if request.method in ("POST", "PUT") and ("form" in ctype or not ctype):
+            try:
+                form = await request.form()
+            except ClientDisconnect:
+                raise
+            except Exception as e:  # malformed multipart/urlencoded bodies
+                raise InvalidRequest(f"could not read the form: {e}") from e
+            data.update({k: v for k, v in form.items() if isinstance(v, str)})
+        elif "json" in ctype:
+            try:
+                body = await request.json()
+            except ValueError as e:
+                raise InvalidRequest("the body is not valid JSON") from e
+            except RecursionError as e:
+                raise InvalidRequest("the JSON body is nested too deeply") from e
+            if not isinstance(body, dict):
+                raise InvalidRequest("the JSON body must be an object")
+            data.update(body)
+    except ClientDisconnect:
+        logger.info("client left before its request was read: %s", request.url.path)
+        raise responses.ClientLeft() from None
     return data
 
 
@@ -88,25 +124,135 @@ def _options(form: dict[str, Any]) -> dict[str, float]:
     return opts
 
 
+# -- The OpenAPI description of the form fields -------------------------------------------
+
+
+def _schema(names: dict[str, str], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {name: {"type": "string", "description": doc} for name, doc in names.items()},
+        "required": list(required),
+    }
+
+
+def form_body(names: dict[str, str], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads these string fields as a form or JSON."""
+    schema = _schema(names, required)
+    return {
+        "requestBody": {
+            "required": bool(required),
+            "content": {
+                "application/x-www-form-urlencoded": {"schema": schema},
+                "application/json": {"schema": schema},
+            },
+        }
+    }
+
+
+def query_fields(names: dict[str, str], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads these string fields from the query."""
+    return {
+        "parameters": [
+            {
+                "name": name,
+                "in": "query",
+                "required": name in required,
+                "description": doc,
+                "schema": {"type": "string"},
+            }
+            for name, doc in names.items()
+        ]
+    }
+
+
+GENERATE_FIELDS = {
+    "text_input": "the text to speak",
+    "text_filtering": "none | standard | html (default standard)",
+    "character_voice_gen": "the character's voice",
+    "narrator_enabled": "true | false | silent",
+    "narrator_voice_gen": "the narrator's voice",
+    "text_not_inside": "character | narrator | silent: who says text outside * and quotes",
+    "language": "a language code, or auto",
+    "output_file_name": "the saved file's name (letters, digits, ._-)",
+    "output_file_timestamp": "true | false: make the name unique",
+    "streaming": "true | false: answer with the audio itself",
+    "speed": "0.25-4",
+    "temperature": "sampling temperature (engines that sample)",
+    "repetition_penalty": "repetition penalty (engines that sample)",
+    "autoplay": "accepted, ignored (AllTalk plays on its own machine)",
+    "autoplay_volume": "accepted, ignored",
+    "rvccharacter_voice_gen": "accepted, ignored (no RVC)",
+    "rvcnarrator_voice_gen": "accepted, ignored (no RVC)",
+}
+STREAMING_FIELDS = {
+    "text": "the text to speak",
+    "voice": "the voice",
+    "language": "a language code, or auto",
+    "output_file": "the saved copy's name",
+    "format": "output format (default wav)",
+    "engine": "engine name (default: the server's)",
+    "speed": "0.25-4",
+}
+PREVIEW_FIELDS = {"voice": "the voice to preview"}
+
+
+# -- V1 and V2 clients ---------------------------------------------------------------------
+
+
+def client_key(request: Request) -> str:
+    host = request.client.host if request.client else ""
+    return f"{host}|{request.headers.get('user-agent', '')}"
+
+
+def _absolute_urls(request: Request, state: ServerState, voice: str | None) -> bool:
+    """Whether this client is a V1 client, which uses `output_file_url` as it is.
+
+    What tells: the settings (`alltalk_url_style`), else a browser client's start-up
+    calls (SillyTavern asks for /api/rvcvoices in V2 mode only), else how it names the
+    voice: SillyTavern 1.12 and older (AllTalk V1 only) add `.wav` to every voice name.
+    Anything else is taken for V2, AllTalk's current API.
+    """
+    style = state.settings.alltalk_url_style
+    if style != "auto":
+        return style == "absolute"
+    version = state.alltalk_clients.version(client_key(request))
+    if version is not None:
+        return version == "v1"
+    return isinstance(voice, str) and voice.strip().lower().endswith(".wav")
+
+
+def file_urls(request: Request, state: ServerState, name: str, absolute: bool) -> dict[str, str]:
+    base = ""
+    if absolute:
+        base = (state.settings.public_url or str(request.base_url)).rstrip("/")
+    return {
+        "output_file_url": f"{base}/audio/{name}",
+        "output_cache_url": f"{base}/audiocache/{name}",
+    }
+
+
+# -- Routes -------------------------------------------------------------------------------
+
+
 @router.get("/api/rvcvoices")
-async def rvc_voices() -> dict:
+async def rvc_voices(request: Request, state: State) -> dict:
+    state.alltalk_clients.rvc_read(client_key(request))
     return {"status": "success", "rvcvoices": ["Disabled"]}
 
 
-def _model_entries(state: ServerState) -> list[dict[str, str]]:
-    return [{"name": n, "model_name": n} for n in state.hub.names]
-
-
 @router.get("/api/currentsettings")
-async def current_settings(state: State) -> dict:
+async def current_settings(request: Request, state: State) -> dict:
+    """The engines offered are those that can run here (XTTS without a model is not)."""
+    state.alltalk_clients.settings_read(client_key(request), "origin" in request.headers)
     slot = await state.hub.get(None)
+    available = await state.hub.available()
     caps = slot.engine.capabilities
     is_xtts = slot.name == "xtts"
     return {
         "manufacturer_name": "lowvox",
-        "engines_available": list(state.hub.names),
+        "engines_available": available,
         "current_engine_loaded": slot.name,
-        "models_available": _model_entries(state),
+        "models_available": [{"name": n, "model_name": n} for n in available],
         "current_model_loaded": slot.name,
         "audio_format": state.settings.audio_format,
         # DeepSpeed maps to lowvox's fast decode path; low VRAM to the residency setting.
@@ -129,81 +275,94 @@ async def current_settings(state: State) -> dict:
         "ttsengines_installed": True,
         "languages_capable": len(slot.engine.languages()) > 1,
         "multivoice_capable": caps.multivoice,
-        "multimodel_capable": len(state.hub.names) > 1,
+        "multimodel_capable": len(available) > 1,
         "finetuned_model": False,
     }
 
 
-@router.post("/api/tts-generate")
+@router.post(
+    "/api/tts-generate", openapi_extra=form_body(GENERATE_FIELDS, required=("text_input",))
+)
 async def tts_generate(request: Request, state: State) -> Any:
     try:
         form = await fields(request)
-        raw = str(form.get("text_input") or "")
-        mode = form.get("text_filtering")
-        voice = form.get("character_voice_gen")
+        raw = text(form, "text_input", "") or ""
+        mode = text(form, "text_filtering")
+        voice = text(form, "character_voice_gen")
         # Split on the * and " marks first: the filter would remove them.
         turns = [
             Turn(text=filter_text(t.text, mode), voice=t.voice)
             for t in narrator_turns(
                 raw,
                 voice,
-                form.get("narrator_voice_gen"),
-                str(form.get("narrator_enabled") or "false"),
-                str(form.get("text_not_inside") or "character"),
+                text(form, "narrator_voice_gen"),
+                text(form, "narrator_enabled") or "false",
+                text(form, "text_not_inside") or "character",
             )
         ]
         turns = [t for t in turns if t.text.strip()]
-        text = " ".join(t.text for t in turns) if turns else filter_text(raw, mode)
-        if text.strip() and not turns:
+        said = " ".join(t.text for t in turns) if turns else filter_text(raw, mode)
+        if said.strip() and not turns:
             raise InvalidRequest(
                 "nothing is left to say: every part of the text is silent", field="text_input"
             )
         plan = await synthesis.plan_job(
             state.hub,
-            text=text,
+            text=said,
             voice=voice,
-            language=form.get("language"),
+            language=text(form, "language"),
             speed=number(form.get("speed"), "speed", 1.0),
             fmt="wav",
             options=_options(form),
             turns=turns,
         )
-        name = str(form.get("output_file_name") or "output")
+        hint = text(form, "output_file_name") or "output"
         timestamp = flag(form.get("output_file_timestamp", "true"), "output_file_timestamp")
-        streaming = flag(form.get("streaming", "false"), "streaming")
-        if streaming:
-            return await synthesis.respond(
-                state, plan, request, stream=True, save_hint=name, timestamp=timestamp
+        if flag(form.get("streaming", "false"), "streaming"):
+            return await responses.respond(
+                state, plan, request, stream=True, save_hint=hint, timestamp=timestamp
             )
-        response = await synthesis.respond(
-            state, plan, request, stream=False, save_hint=name, timestamp=timestamp
-        )
+        name = await responses.save(state, plan, request, hint, timestamp=timestamp)
     except LowvoxError as e:
         return failure(e)
-    file = response.headers["x-output-file"]
     return {
         "status": "generate-success",
-        "output_file_path": str(state.outputs.find(file)),
-        "output_file_url": synthesis.output_url(state.settings, "/audio", file),
-        "output_cache_url": synthesis.output_url(state.settings, "/audiocache", file),
+        "output_file_path": str(state.outputs.find(name)),
+        **file_urls(request, state, name, _absolute_urls(request, state, voice)),
     }
 
 
-@router.api_route("/api/tts-generate-streaming", methods=["GET", "POST"])
-async def tts_generate_streaming(request: Request, state: State) -> Any:
-    """Streams WAV while also saving it (`X-Output-File-Url` says where)."""
+async def _streaming(request: Request, state: ServerState) -> Any:
     form = await fields(request)
     plan = await synthesis.plan_job(
         state.hub,
-        text=form.get("text"),
-        voice=form.get("voice"),
-        language=form.get("language"),
+        text=text(form, "text"),
+        voice=text(form, "voice"),
+        language=text(form, "language"),
         speed=number(form.get("speed"), "speed", 1.0),
-        fmt=form.get("format") or "wav",
-        engine=form.get("engine"),
+        fmt=text(form, "format") or "wav",
+        engine=text(form, "engine"),
     )
-    hint = str(form.get("output_file") or "stream_output")
-    return await synthesis.respond(state, plan, request, stream=True, save_hint=hint)
+    hint = text(form, "output_file") or "stream_output"
+    return await responses.respond(state, plan, request, stream=True, save_hint=hint)
+
+
+@router.get(
+    "/api/tts-generate-streaming",
+    openapi_extra=query_fields(STREAMING_FIELDS, required=("text",)),
+)
+async def tts_generate_streaming(request: Request, state: State) -> Any:
+    """Streams the audio while also saving it (`X-Output-File-Url` says where)."""
+    return await _streaming(request, state)
+
+
+@router.post(
+    "/api/tts-generate-streaming",
+    openapi_extra=form_body(STREAMING_FIELDS, required=("text",)),
+)
+async def tts_generate_streaming_post(request: Request, state: State) -> Any:
+    """The same, with the fields in a form or JSON body."""
+    return await _streaming(request, state)
 
 
 @router.put("/api/stop-generation")
@@ -217,9 +376,12 @@ async def reload(state: State, tts_method: str = "") -> Any:
     try:
         slot = await state.hub.reload(tts_method or None)
     except LowvoxError as e:
+        retry_after = getattr(e, "retry_after", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return JSONResponse(
             {"status": "model-failure", "error": str(e), "detail": str(e)},
             status_code=getattr(e, "status_code", 500),
+            headers=headers,
         )
     return {"status": "model-success", "engine": slot.name}
 
@@ -228,7 +390,12 @@ async def _engine_setting(state: ServerState, method: str, value: bool) -> None:
     """`Engine.set_low_vram` / `set_fast_path` on the default engine's own thread."""
     slot = await state.hub.get(None)
     setter = getattr(slot.engine, method)
-    await slot.scheduler.run(lambda: setter(value))
+    try:
+        await slot.scheduler.run(lambda: setter(value))
+    except LowvoxError as e:
+        if slot.retired:  # a reload took the engine away meanwhile
+            raise slot.restarting() from e
+        raise
 
 
 @router.post("/api/lowvramsetting")
@@ -245,20 +412,19 @@ async def deepspeed(state: State, new_deepspeed_value: str = "") -> dict:
     return {"status": "deepspeed-success"}
 
 
-@router.post("/api/previewvoice/")
+@router.post("/api/previewvoice/", openapi_extra=form_body(PREVIEW_FIELDS, required=("voice",)))
 @router.post("/api/previewvoice", include_in_schema=False)
 async def preview_voice(request: Request, state: State) -> Any:
     try:
         form = await fields(request)
-        plan = await synthesis.plan_job(
-            state.hub, text=PREVIEW_TEXT, voice=form.get("voice"), fmt="wav"
-        )
-        response = await synthesis.respond(state, plan, request, stream=False, save_hint="preview")
+        voice = text(form, "voice")
+        plan = await synthesis.plan_job(state.hub, text=PREVIEW_TEXT, voice=voice, fmt="wav")
+        name = await responses.save(state, plan, request, "preview")
     except LowvoxError as e:
         return failure(e)
-    file = response.headers["x-output-file"]
+    urls = file_urls(request, state, name, _absolute_urls(request, state, voice))
     return {
         "status": "generate-success",
-        "output_file_path": str(state.outputs.find(file)),
-        "output_file_url": synthesis.output_url(state.settings, "/audio", file),
+        "output_file_path": str(state.outputs.find(name)),
+        "output_file_url": urls["output_file_url"],
     }

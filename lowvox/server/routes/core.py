@@ -1,19 +1,29 @@
-"""Routes every client shares: readiness and the voice list."""
+"""Routes every client shares: readiness, the voice list, generated files, the runtime,
+and the web page's session."""
 
 from __future__ import annotations
 
+import hmac
 import re
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from lowvox.audio.formats import FORMATS, format_from_path
 from lowvox.errors import InvalidRequest, LowvoxError, UnsupportedFormat
 from lowvox.runtime.planner import PRECISIONS, RESIDENCIES
+from lowvox.server.routes.paths import TolerantRoute
+from lowvox.server.security import (
+    SESSION_PATH,
+    SESSION_TTL_S,
+    header_key,
+    session_cookie_name,
+    session_token,
+)
 from lowvox.server.state import State
 
-router = APIRouter()
+router = APIRouter(route_class=TolerantRoute)
 
 
 @router.get("/api/ready", response_class=PlainTextResponse)
@@ -29,11 +39,51 @@ async def alltalk_voices(state: State, engine: str | None = None) -> dict:
     return {"status": "success", "voices": [v.id for v in await state.hub.voices(slot)]}
 
 
+class SessionRefused(LowvoxError):
+    status_code = 401
+
+
+@router.post(SESSION_PATH)
+async def open_session(request: Request, state: State) -> JSONResponse:
+    """The web page sends the key here once, in a header; the HttpOnly cookie it gets back
+    is what its audio players, download links and event streams carry, so the key never
+    appears in a URL (or an access log). Call again to extend the session."""
+    key = state.settings.api_key
+    if not key:
+        return JSONResponse({"key_required": False})
+    presented = header_key(request.scope)
+    if presented is None or not hmac.compare_digest(presented, key.encode()):
+        raise SessionRefused("send the API key in X-API-Key or Authorization: Bearer")
+    response = JSONResponse({"key_required": True, "expires_in": SESSION_TTL_S})
+    response.set_cookie(
+        session_cookie_name(request.scope),
+        session_token(key),
+        max_age=SESSION_TTL_S,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=_is_https(request, state.settings.public_url),
+    )
+    return response
+
+
+@router.delete(SESSION_PATH)
+async def close_session(request: Request) -> JSONResponse:
+    response = JSONResponse({"closed": True})
+    response.delete_cookie(session_cookie_name(request.scope), path="/", samesite="strict")
+    return response
+
+
+def _is_https(request: Request, public_url: str | None) -> bool:
+    return request.url.scheme == "https" or (public_url or "").startswith("https:")
+
+
 @router.get("/api/engines")
 async def engines(state: State) -> dict:
     loaded = state.hub.loaded()
     out = []
-    for name in state.hub.names:
+    # Engines that cannot run here (XTTS without a model) are not offered.
+    for name in await state.hub.available():
         slot = loaded.get(name)
         entry: dict = {
             "name": name,

@@ -14,9 +14,9 @@ import json
 import math
 import re
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
@@ -28,13 +28,16 @@ from lowvox.jobs.plan import parse_chapters
 from lowvox.jobs.runner import subtitle_paths
 from lowvox.jobs.service import JobService
 from lowvox.jobs.store import JobInfo, JobSettings, NarratorSettings
+from lowvox.server.routes.paths import TolerantRoute
 from lowvox.server.routes.voices import PayloadTooLarge
 from lowvox.server.state import State
 from lowvox.server.synthesis import check_voice_name
 
-router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+router = APIRouter(prefix="/api/jobs", tags=["jobs"], route_class=TolerantRoute)
 
 BOOK_FORMATS = ("m4b", "mp3", "opus", "flac", "wav")
+# A sentence number as a path parameter: bounded, so no database integer overflows.
+SentenceIndex = Annotated[int, Path(ge=0, le=2**31 - 1)]
 _TERMINAL = ("done", "failed", "cancelled")
 # Server-Sent Events: a comment line this often keeps proxies from closing the stream.
 _SSE_HEARTBEAT_S = 15.0
@@ -263,7 +266,7 @@ async def create(request: Request, state: State) -> dict:
 
 @router.get("")
 async def list_jobs(state: State) -> dict:
-    jobs = await asyncio.to_thread(_service(state).store.list, origin="server")
+    jobs = await asyncio.to_thread(_service(state).store.jobs, origin="server")
     return {"jobs": [await asyncio.to_thread(describe, state, j) for j in reversed(jobs)]}
 
 
@@ -275,7 +278,10 @@ async def get_job(job_id: str, state: State) -> dict:
 
 @router.get("/{job_id}/sentences")
 async def sentences(
-    job_id: str, state: State, chapter: int | None = None, flagged: bool = False
+    job_id: str,
+    state: State,
+    chapter: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+    flagged: bool = False,
 ) -> dict:
     service = _service(state)
     job = await service.get(job_id)
@@ -355,7 +361,9 @@ async def delete(job_id: str, state: State) -> dict:
 
 
 @router.post("/{job_id}/sentences/{index}/retake")
-async def retake(job_id: str, index: int, state: State, edit: SentenceEdit | None = None) -> dict:
+async def retake(
+    job_id: str, index: SentenceIndex, state: State, edit: SentenceEdit | None = None
+) -> dict:
     """Another take of one sentence (new seed), with new text or voice if given; the book
     is assembled again once it is spoken."""
     text = edit.text if edit else None
@@ -367,7 +375,7 @@ async def retake(job_id: str, index: int, state: State, edit: SentenceEdit | Non
 
 
 @router.get("/{job_id}/sentences/{index}/audio")
-async def sentence_audio(job_id: str, index: int, state: State) -> FileResponse:
+async def sentence_audio(job_id: str, index: SentenceIndex, state: State) -> FileResponse:
     store = _service(state).store
     sentence = await asyncio.to_thread(store.sentence, job_id, index)
     path = store.audio_path(job_id, index)
@@ -381,7 +389,7 @@ async def download(
     job_id: str,
     state: State,
     part: Literal["book", "chapter", "srt", "vtt"] = "book",
-    chapter: int | None = None,
+    chapter: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
 ) -> FileResponse:
     service = _service(state)
     job = await service.get(job_id)

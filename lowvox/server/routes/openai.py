@@ -1,4 +1,9 @@
-"""OpenAI-compatible speech API: `/v1/audio/speech`, `/v1/audio/voices`, `/v1/models`."""
+"""OpenAI-compatible speech API: `/v1/audio/speech`, `/v1/audio/voices`, `/v1/models`.
+
+Speech is streamed by default, as OpenAI's own API sends it: bytes go out as the audio is
+made, so a client with a short socket timeout (Home Assistant's is 30 s) hears the start
+of a long text long before its end is spoken. `"stream": false` asks for the whole file.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from lowvox.errors import InvalidRequest
-from lowvox.server import synthesis
+from lowvox.server import responses, synthesis
+from lowvox.server.routes.paths import TolerantRoute
 from lowvox.server.state import ServerState, State
 
-router = APIRouter()
+router = APIRouter(route_class=TolerantRoute)
 
 # OpenAI's model names all mean "the default engine" here.
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
@@ -38,7 +44,7 @@ class SpeechRequest(BaseModel):
     voice: str | dict[str, Any] | None = None
     response_format: str = "mp3"
     speed: float = 1.0
-    stream: bool = False
+    stream: bool | None = None  # None: streamed, whenever the format can be
     stream_format: str | None = None
     instructions: str | None = None  # accepted for compatibility; engines have no prompt
     # lowvox extensions
@@ -99,10 +105,10 @@ async def speech(body: SpeechRequest, request: Request, state: State) -> Any:
         engine=engine,
         options=body.options,
     )
-    stream = body.stream or body.stream_format == "audio"
+    stream = body.stream is not False or body.stream_format == "audio"
     # OpenAI's pcm has no header: clients assume 24 kHz, so resample whatever the engine makes.
     out_rate = OPENAI_PCM_RATE if plan.fmt == "pcm" else None
-    return await synthesis.respond(
+    return await responses.respond(
         state,
         plan,
         request,
@@ -118,9 +124,15 @@ async def voices(state: State, model: str | None = None) -> dict:
     return {"voices": [{"id": v.id, "name": v.name} for v in await state.hub.voices(slot)]}
 
 
+async def _model_ids(state: ServerState) -> list[str]:
+    """OpenAI's names (the default engine) and the engines that can run here: one without
+    its model (XTTS not installed) is not offered."""
+    return [*OPENAI_MODELS, *await state.hub.available()]
+
+
 @router.get("/v1/models")
 async def models(state: State) -> dict:
-    ids = [*OPENAI_MODELS, *state.hub.names]
+    ids = await _model_ids(state)
     return {
         "object": "list",
         "data": [{"id": i, "object": "model", "created": 0, "owned_by": "lowvox"} for i in ids],
@@ -130,4 +142,4 @@ async def models(state: State) -> dict:
 @router.get("/v1/audio/models")
 async def audio_models(state: State) -> dict:
     """Open WebUI asks OpenAI-compatible TTS servers for their models here."""
-    return {"models": [{"id": i, "name": i} for i in (*OPENAI_MODELS, *state.hub.names)]}
+    return {"models": [{"id": i, "name": i} for i in await _model_ids(state)]}

@@ -17,12 +17,14 @@ from starlette.datastructures import UploadFile
 
 from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.server import synthesis
+from lowvox.server.outputs import served_file
+from lowvox.server.routes.paths import TolerantRoute
 from lowvox.server.state import ServerState, State
 from lowvox.voices.store import MAX_CLIPS, StoredVoice
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/api/library")
+router = APIRouter(prefix="/api/library", route_class=TolerantRoute)
 
 
 class PayloadTooLarge(InvalidRequest):
@@ -121,5 +123,7 @@ async def delete_voice(name: str, state: State) -> dict:
 
 @router.get("/voices/{name}/preview")
 async def preview(name: str, state: State) -> FileResponse:
-    voice = state.voices.get(name)
-    return FileResponse(voice.clips[0], media_type="audio/wav")
+    voice = await asyncio.to_thread(state.voices.get, name)
+    # A symbolic link placed in the library must not send what it points at.
+    clip = await asyncio.to_thread(served_file, voice.clips[0], state.voices.root)
+    return FileResponse(clip, media_type="audio/wav")

@@ -1,21 +1,58 @@
-"""xtts-api-server's API, as SillyTavern's XTTSv2 provider calls it."""
+"""xtts-api-server's API, as SillyTavern's XTTSv2 provider calls it.
+
+Every voice has a preview (`/sample/<voice>.wav`): a library voice's first clip, or for a
+built-in voice a short sentence spoken once and kept in the cache folder.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from lowvox.errors import InvalidRequest
-from lowvox.server import synthesis
-from lowvox.server.outputs import safe_stem
-from lowvox.server.routes.alltalk import fields, flag, number
+from lowvox.errors import InvalidRequest, UnknownVoice
+from lowvox.server import responses, synthesis
+from lowvox.server.outputs import safe_stem, served_file
+from lowvox.server.routes.alltalk import (
+    PREVIEW_TEXT,
+    fields,
+    flag,
+    form_body,
+    number,
+    query_fields,
+    text,
+)
+from lowvox.server.routes.paths import TolerantRoute
+from lowvox.server.scheduler import Priority
 from lowvox.server.state import ServerState, State
+from lowvox.voices.store import VoiceNotFound
 
-router = APIRouter()
+router = APIRouter(route_class=TolerantRoute)
+
+SPEECH_FIELDS = {
+    "text": "the text to speak",
+    "speaker_wav": "the voice",
+    "language": "a language code, or auto",
+}
+FILE_FIELDS = {
+    **SPEECH_FIELDS,
+    "file_name_or_path": "the saved file's name (its folder is ignored)",
+}
+SETTINGS_FIELDS = {
+    "temperature": "0.01-10",
+    "speed": "0.25-4",
+    "length_penalty": "-10-10",
+    "repetition_penalty": "0-100",
+    "top_p": "0-1",
+    "top_k": "0-1000 (0: off)",
+    "stream_chunk_size": "1-1000 (accepted, ignored)",
+    "enable_text_splitting": "true | false",
+}
 
 LANGUAGE_NAMES = {
     "ar": "Arabic", "pt": "Brazilian Portuguese", "zh-cn": "Chinese", "zh": "Chinese",
@@ -40,15 +77,15 @@ _SETTINGS = {
 @router.get("/speakers")
 async def speakers(request: Request, state: State) -> list[dict]:
     """Preview URLs are absolute, as xtts-api-server's are: the browser plays them from
-    SillyTavern's page, not from ours."""
+    SillyTavern's page, not from ours. Every voice has one (SillyTavern's preview button
+    fails on a voice without)."""
     slot = await state.hub.get(None)
-    library = {v.name for v in await asyncio.to_thread(state.voices.list)}
     base = (state.settings.public_url or str(request.base_url)).rstrip("/")
     return [
         {
             "name": v.name,
             "voice_id": v.id,
-            "preview_url": f"{base}/sample/{quote(v.id)}.wav" if v.id in library else None,
+            "preview_url": f"{base}/sample/{quote(v.id, safe='')}.wav",
         }
         for v in await state.hub.voices(slot)
     ]
@@ -66,7 +103,7 @@ async def languages(state: State) -> dict:
     return {"languages": {LANGUAGE_NAMES.get(code, code): code for code in slot.engine.languages()}}
 
 
-@router.post("/set_tts_settings")
+@router.post("/set_tts_settings", openapi_extra=form_body(SETTINGS_FIELDS))
 async def set_tts_settings(request: Request, state: State) -> dict:
     """Values may arrive as strings (SillyTavern sends slider values); top_k 0 means off."""
     body = await fields(request)
@@ -103,50 +140,101 @@ async def _plan(state: ServerState, form: dict[str, Any]) -> synthesis.Plan:
     speed, opts = _request_options(state)
     return await synthesis.plan_job(
         state.hub,
-        text=form.get("text"),
-        voice=form.get("speaker_wav"),
-        language=form.get("language"),
+        text=text(form, "text"),
+        voice=text(form, "speaker_wav"),
+        language=text(form, "language"),
         speed=speed,
         fmt="wav",
         options=opts,
     )
 
 
-@router.post("/tts_to_audio/")
+@router.post(
+    "/tts_to_audio/", openapi_extra=form_body(SPEECH_FIELDS, required=("text", "speaker_wav"))
+)
 @router.post("/tts_to_audio", include_in_schema=False)
 async def tts_to_audio(request: Request, state: State) -> Any:
     form = await fields(request)
     plan = await _plan(state, form)
-    return await synthesis.respond(state, plan, request, stream=False)
+    return await responses.respond(state, plan, request, stream=False)
 
 
-@router.get("/tts_stream")
+@router.get("/tts_stream", openapi_extra=query_fields(SPEECH_FIELDS, required=("text",)))
 @router.get("/tts_stream/", include_in_schema=False)
 async def tts_stream(request: Request, state: State) -> Any:
     form = dict(request.query_params)
     plan = await _plan(state, form)
-    return await synthesis.respond(state, plan, request, stream=True, save_hint="tts_stream")
+    return await responses.respond(state, plan, request, stream=True, save_hint="tts_stream")
 
 
-@router.post("/tts_to_file")
+@router.post("/tts_to_file", openapi_extra=form_body(FILE_FIELDS, required=("text", "speaker_wav")))
 @router.post("/tts_to_file/", include_in_schema=False)
 async def tts_to_file(request: Request, state: State) -> dict:
     """Saves into the outputs folder only: a client-given path keeps just its file name."""
     form = await fields(request)
     plan = await _plan(state, form)
-    hint = safe_stem(form.get("file_name_or_path"), "tts_output")
-    response = await synthesis.respond(
-        state, plan, request, stream=False, save_hint=hint, timestamp=False
-    )
-    file = response.headers["x-output-file"]
+    hint = safe_stem(text(form, "file_name_or_path"), "tts_output")
+    name = await responses.save(state, plan, request, hint, timestamp=False)
     return {
         "message": "The audio was successfully made and stored.",
-        "output_path": str(state.outputs.find(file)),
-        "output_url": synthesis.output_url(state.settings, "/audio", file),
+        "output_path": str(state.outputs.find(name)),
+        "output_url": synthesis.output_url(state.settings, "/audio", name),
     }
+
+
+def _preview_path(state: ServerState, engine: str, voice_id: str) -> Path:
+    # Named after the voice, and a hash of its exact id so that ids differing only in
+    # characters a file name cannot hold stay apart.
+    digest = hashlib.sha256(f"{engine}/{voice_id}".encode()).hexdigest()[:12]
+    return state.settings.cache_path / "previews" / engine / f"{safe_stem(voice_id)}-{digest}.wav"
+
+
+async def _builtin_preview(state: ServerState, name: str) -> Path:
+    """A built-in voice's preview: spoken once on first request, then kept. SillyTavern's
+    voice list asks for every voice's preview at once: they are made at bulk priority (a
+    listener's speech goes first), each once however many ask, and a request that gives
+    up does not stop it."""
+    slot = await state.hub.get(None)
+    wanted = name.removesuffix(".wav")
+    voices = await state.hub.voices(slot)
+    voice = next((v for v in voices if wanted in (v.id, v.name)), None)
+    if voice is None:
+        lowered = wanted.lower()
+        voice = next((v for v in voices if lowered in (v.id.lower(), v.name.lower())), None)
+    if voice is None:
+        raise UnknownVoice(name)
+    path = _preview_path(state, slot.name, voice.id)
+    if path.is_file():
+        return path
+    key = str(path)
+    task = state.previews.get(key)
+    if task is None:
+        voice_id = voice.id
+
+        async def make() -> None:
+            plan = await synthesis.plan_job(state.hub, text=PREVIEW_TEXT, voice=voice_id, fmt="wav")
+            await responses.render_file(plan, path, priority=Priority.BULK)
+
+        task = state.previews[key] = asyncio.ensure_future(make())
+        task.add_done_callback(lambda t: _forget_preview(state, key, t))
+    await asyncio.shield(task)
+    return path
+
+
+def _forget_preview(state: ServerState, key: str, task: asyncio.Task) -> None:
+    state.previews.pop(key, None)
+    if not task.cancelled():
+        task.exception()  # retrieved: its waiters were told, or nobody is waiting
 
 
 @router.get("/sample/{name}")
 async def sample(name: str, state: State) -> FileResponse:
-    voice = state.voices.get(name)
-    return FileResponse(voice.clips[0], media_type="audio/wav")
+    """A voice's preview; a library voice's clip is served only when no symbolic link
+    leads to it (the library folder is one people and other programs write to)."""
+    try:
+        voice = await asyncio.to_thread(state.voices.get, name)
+    except VoiceNotFound:
+        path = await _builtin_preview(state, name)
+        return FileResponse(path, media_type="audio/wav")
+    clip = await asyncio.to_thread(served_file, voice.clips[0], state.voices.root)
+    return FileResponse(clip, media_type="audio/wav")

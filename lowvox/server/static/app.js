@@ -13,11 +13,18 @@ function authHeaders(extra = {}) {
   return key ? { ...extra, "X-API-Key": key } : extra;
 }
 
-// <audio src> cannot send headers, so the key travels in the query for media URLs.
-function withKey(url) {
-  const key = apiKey();
-  if (!key) return url;
-  return url + (url.includes("?") ? "&" : "?") + "api_key=" + encodeURIComponent(key);
+// <audio src>, download links and EventSource cannot send headers. Rather than put the key
+// in their URLs (and so in logs and history), the page trades it once for an HttpOnly
+// session cookie, which the browser then sends with them.
+const SESSION_REFRESH_MS = 60 * 60 * 1000;
+let sessionTimer = null;
+
+async function openSession() {
+  if (!apiKey()) return;
+  await api("/api/session", { method: "POST" });
+  if (sessionTimer === null) {
+    sessionTimer = setInterval(() => openSession().catch(() => { /* next try in an hour */ }), SESSION_REFRESH_MS);
+  }
 }
 
 async function api(path, options = {}) {
@@ -120,7 +127,7 @@ function stream() {
     speed: String(r.speed), format: r.response_format === "wav" ? "wav" : "mp3",
     output_file: "web_stream",
   });
-  showAudio(withKey(`/api/tts-generate-streaming?${params}`), `lowvox-stream.${params.get("format")}`);
+  showAudio(`/api/tts-generate-streaming?${params}`, `lowvox-stream.${params.get("format")}`);
   say("streaming…");
   $("player").onended = () => { say("done"); loadRecent(); };
 }
@@ -149,7 +156,7 @@ async function loadVoices() {
     const preview = document.createElement("button");
     preview.textContent = "Play";
     preview.className = "secondary";
-    preview.onclick = () => showAudio(withKey(v.preview_url), `${v.name}.wav`);
+    preview.onclick = () => showAudio(v.preview_url, `${v.name}.wav`);
     const rename = document.createElement("button");
     rename.textContent = "Rename";
     rename.className = "secondary";
@@ -231,9 +238,9 @@ async function loadRecent() {
   for (const g of data.generations) {
     const li = document.createElement("li");
     const link = document.createElement("a");
-    link.href = withKey(g.url);
+    link.href = g.url;
     link.textContent = g.file;
-    link.onclick = (event) => { event.preventDefault(); showAudio(withKey(g.url), g.file); };
+    link.onclick = (event) => { event.preventDefault(); showAudio(g.url, g.file); };
     li.append(link, document.createTextNode(` — ${g.engine}/${g.voice || "default"}: ${g.text}`));
     list.appendChild(li);
   }
@@ -241,8 +248,10 @@ async function loadRecent() {
 
 async function start() {
   $("api-key").value = apiKey();
-  $("api-key").onchange = () => {
+  $("api-key").onchange = async () => {
     localStorage.setItem("lowvox-api-key", $("api-key").value);
+    // A cleared key ends the session too.
+    if (!apiKey()) await fetch("/api/session", { method: "DELETE" }).catch(() => {});
     start();
   };
   $("speed").addEventListener("input", () => { $("speed-value").textContent = Number($("speed").value).toFixed(2); });
@@ -255,6 +264,7 @@ async function start() {
   $("low-vram").onchange = () => toggle("/api/lowvramsetting", "new_low_vram_value", $("low-vram").checked);
   $("fast-path").onchange = () => toggle("/api/deepspeed", "new_deepspeed_value", $("fast-path").checked);
   try {
+    await openSession();
     const ready = await (await api("/api/ready")).text();
     $("status").textContent = ready === "Ready" ? "ready" : ready;
     await loadEngines();

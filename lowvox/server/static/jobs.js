@@ -1,5 +1,5 @@
 // lowvox web page: the Jobs panel (long-form jobs: books). Plain browser JavaScript; it
-// uses the helpers of app.js ($, api, withKey, fillSelect), which is loaded first.
+// uses the helpers of app.js ($, api, fillSelect), which is loaded first.
 "use strict";
 
 const TERMINAL = ["done", "failed", "cancelled"];
@@ -183,8 +183,8 @@ function followProgress() {
   }
   for (const id of active) {
     if (jobs.streams.has(id)) continue;
-    // EventSource cannot send headers: the key goes in the query, as for <audio>.
-    const source = new EventSource(withKey(`/api/jobs/${id}/events`));
+    // EventSource cannot send headers: with a key, the page's session cookie goes along.
+    const source = new EventSource(`/api/jobs/${id}/events`);
     source.addEventListener("progress", (event) => onProgress(id, JSON.parse(event.data)));
     source.onerror = () => {
       if (source.readyState === EventSource.CLOSED) jobs.streams.delete(id);
@@ -246,13 +246,13 @@ async function loadDetail() {
   const downloads = job.downloads
     ? el("div", { className: "row" }, "Download:",
       ...[["book", `book (.${job.format})`], ["srt", "SRT"], ["vtt", "VTT"]].map(([part, label]) =>
-        el("a", { className: `download download-${part}`, href: withKey(job.downloads[part]), download: "", textContent: label })))
+        el("a", { className: `download download-${part}`, href: job.downloads[part], download: "", textContent: label })))
     : null;
   const chapters = job.chapters.map((c) =>
     el("li", {},
       el("span", { textContent: c.title || `Chapter ${c.index}` }),
       el("span", { className: "muted", textContent: ` — ${c.done}/${c.sentences} sentences · ${clock(c.audio_seconds)}` }),
-      c.url ? el("audio", { className: "chapter-audio", controls: true, preload: "metadata", src: withKey(c.url) }) : null));
+      c.url ? el("audio", { className: "chapter-audio", controls: true, preload: "metadata", src: c.url }) : null));
   box.replaceChildren(
     el("h3", { textContent: job.title + (job.author ? ` — ${job.author}` : "") }),
     downloads,
@@ -290,7 +290,7 @@ function flaggedRow(job, s) {
 
 function playSentence(url) {
   const player = $("job-player");
-  player.src = withKey(url);
+  player.src = url;
   player.classList.remove("hidden");
   player.play().catch(() => { /* autoplay may be blocked; the controls remain */ });
 }
