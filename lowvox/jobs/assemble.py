@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
@@ -38,6 +39,9 @@ from lowvox.audio.loudness import LoudnessMeter, chapter_gain
 from lowvox.errors import InvalidRequest, LowvoxError, UnsupportedFormat
 from lowvox.files import atomic_path, write_atomic
 from lowvox.jobs.model import BookMeta, Pauses
+
+if TYPE_CHECKING:
+    from av.container.core import Chapter  # a TypedDict of the stubs only
 
 __all__ = [
     "BOOK_FORMATS",
@@ -394,9 +398,9 @@ class _Writer:
             self._container.metadata.update(tags.metadata)
             if cover is not None and spec.cover == "tag":
                 self._container.metadata["METADATA_BLOCK_PICTURE"] = _flac_picture(cover)
-            self._stream = self._container.add_stream(
-                spec.codec, rate=self._out_rate, layout="mono"
-            )
+            stream = self._container.add_stream(spec.codec, rate=self._out_rate, layout="mono")
+            assert isinstance(stream, av.AudioStream)
+            self._stream = stream
             self._stream.codec_context.format = spec.sample_format
             if spec.bit_rate is not None:
                 self._stream.codec_context.bit_rate = spec.bit_rate
@@ -415,7 +419,7 @@ class _Writer:
                 format=spec.sample_format, layout="mono", rate=self._out_rate
             )
             self._container.start_encoding()
-            if self._cover_stream is not None:
+            if self._cover_stream is not None and cover is not None:
                 packet = av.Packet(cover.data)
                 packet.stream = self._cover_stream
                 packet.pts = packet.dts = 0
@@ -455,11 +459,11 @@ class _Writer:
                 self._container.mux(packet)
 
 
-def _chapter_marks(timeline: Timeline, titles: tuple[str, ...]) -> list[dict]:
+def _chapter_marks(timeline: Timeline, titles: tuple[str, ...]) -> list[Chapter]:
     """Chapter marks that tile the file: each starts at its chapter's first sample (the
     first at 0) and ends where the next one starts."""
     spans = timeline.chapters
-    marks = []
+    marks: list[Chapter] = []
     for i, (span, title) in enumerate(zip(spans, titles, strict=True)):
         start = 0 if i == 0 else span.first
         end = spans[i + 1].first if i + 1 < len(spans) else timeline.samples
@@ -475,12 +479,12 @@ def _chapter_marks(timeline: Timeline, titles: tuple[str, ...]) -> list[dict]:
     return marks
 
 
-def _chapter_comments(marks: list[dict]) -> dict[str, str]:
+def _chapter_comments(marks: list[Chapter]) -> dict[str, str]:
     """Chapter marks as Vorbis comments (Xiph's chapter extension): CHAPTERnnn holds the
     start (HH:MM:SS.mmm), CHAPTERnnnNAME the title."""
     comments = {}
     for number, mark in enumerate(marks, start=1):
-        start = float(mark["start"] * mark["time_base"])
+        start = float(mark["start"] * (mark["time_base"] or 1))
         comments[f"CHAPTER{number:03d}"] = _timestamp(start, ".")
         comments[f"CHAPTER{number:03d}NAME"] = mark["metadata"]["title"]
     return comments

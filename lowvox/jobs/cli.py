@@ -81,7 +81,7 @@ def _store(settings: Settings) -> Any:
 
 
 def _find(store: Any, prefix: str) -> Any:
-    matches = [j for j in store.list() if j.id.startswith(prefix.strip().lower())]
+    matches = [j for j in store.jobs() if j.id.startswith(prefix.strip().lower())]
     if not prefix.strip() or not matches:
         raise LowvoxError(f"no job matches {prefix!r} (see `lowvox jobs list`)")
     if len(matches) > 1:
@@ -229,7 +229,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     store = _store(settings)
     try:
         if args.jobs_command == "list":
-            for job in store.list():
+            for job in store.jobs():
                 p = store.progress(job.id, job.sample_rate)
                 print(
                     f"{job.id[:12]}  {job.state:9s}  {p.done}/{p.total}  {job.origin:6s}"

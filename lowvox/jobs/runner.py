@@ -35,7 +35,15 @@ from lowvox.jobs import assemble as assembly
 from lowvox.jobs.executors import Executor, Take
 from lowvox.jobs.model import BookMeta
 from lowvox.jobs.quality import QualityLimits, Recognizer, Verdict, check_take
-from lowvox.jobs.store import LEASE_S, JobConflict, JobInfo, JobStore, Sentence, sentence_seed
+from lowvox.jobs.store import (
+    LEASE_S,
+    JobConflict,
+    JobInfo,
+    JobState,
+    JobStore,
+    Sentence,
+    sentence_seed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +159,7 @@ class _Run:
     spoken: int = 0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     cancel: threading.Event = field(default_factory=threading.Event)  # for the executor
-    stop_reason: str = ""
+    stop_reason: JobState | None = None
 
 
 class JobRunner:
@@ -174,14 +182,14 @@ class JobRunner:
         self.recognizer = recognizer
         self.on_progress = on_progress
         self._runs: dict[str, _Run] = {}
-        self._early_stops: dict[str, str] = {}
+        self._early_stops: dict[str, JobState] = {}
 
     # -- control from outside (routes, CLI) -------------------------------------------
 
     def is_running(self, job_id: str) -> bool:
         return job_id in self._runs
 
-    async def stop(self, job_id: str, reason: str) -> None:
+    async def stop(self, job_id: str, reason: JobState) -> None:
         """Stop a running job after its sentences in flight are cancelled; `reason` is
         the state it is left in (paused or cancelled)."""
         run = self._runs.get(job_id)
@@ -238,7 +246,7 @@ class JobRunner:
             while not run.stop.is_set() and (pending := await self._pending(run.job)):
                 await self._speak_pending(run, pending)
             if run.stop.is_set():
-                state = run.stop_reason or "paused"
+                state: JobState = run.stop_reason or "paused"
                 job = await asyncio.to_thread(store.set_state, job_id, state)
                 self._publish(run)
                 return job

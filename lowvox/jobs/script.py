@@ -288,6 +288,7 @@ def _events(
     Adjacent text for the same voice is joined; a pause or a change of voice cuts it."""
     text = paragraph.translate(_PRIVATE)
     outer, marks = _parse(text, known_voices, where, positions=narrator is not None)
+    segments: list[tuple[str | None, str]]
     if narrator is None:
         segments = [(None, strip_emphasis(outer))]
     else:

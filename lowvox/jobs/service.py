@@ -55,7 +55,7 @@ class JobService:
         if swept:
             logger.info("removed %d partial file(s) left in the job store", swept)
         for job in await asyncio.to_thread(
-            self.store.list, origin="server", states=("queued", "running")
+            self.store.jobs, origin="server", states=("queued", "running")
         ):
             logger.info("job %s (%s) will resume", job.id, job.title)
             self._queue.put_nowait(job.id)

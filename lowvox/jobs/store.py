@@ -365,10 +365,11 @@ class JobStore:
             raise JobNotFound(job_id)
         return _job(rows[0])
 
-    def list(
+    def jobs(
         self, *, origin: str | None = None, states: Sequence[str] | None = None
     ) -> list[JobInfo]:
-        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        sql = "SELECT * FROM jobs WHERE 1=1"
+        args: list[Any] = []
         if origin is not None:
             sql += " AND origin = ?"
             args.append(origin)
@@ -379,7 +380,7 @@ class JobStore:
 
     def find_cli_job(self, output: str, input_sha256: str, settings: JobSettings) -> JobInfo | None:
         """The `lowvox book` job that a rerun of the same command continues."""
-        for job in self.list(origin="cli"):
+        for job in self.jobs(origin="cli"):
             if (
                 job.output == output
                 and job.input_sha256 == input_sha256
@@ -467,7 +468,8 @@ class JobStore:
     def sentences(
         self, job_id: str, *, state: str | None = None, chapter: int | None = None
     ) -> list[Sentence]:
-        sql, args = "SELECT * FROM sentences WHERE job = ?", [job_id]
+        sql = "SELECT * FROM sentences WHERE job = ?"
+        args: list[Any] = [job_id]
         if state is not None:
             sql += " AND state = ?"
             args.append(state)

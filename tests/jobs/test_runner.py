@@ -254,7 +254,7 @@ def test_unknown_voice_in_a_tag_stores_nothing(store):
     executor = FakeExecutor()
     with pytest.raises(UnknownVoice):
         run(new_job(store, executor, text="Hi. [voice:nobody]Who?[/voice]", name="a.txt"))
-    assert store.list() == []
+    assert store.jobs() == []
 
 
 def test_a_second_runner_cannot_take_a_job_in_progress(store):

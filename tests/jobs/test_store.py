@@ -52,7 +52,7 @@ def test_create_keeps_input_chapters_and_sentences(store):
     assert rows[1].voice == "beta" and rows[1].pause_after == 1.5
     assert rows[2].chapter == 1 and rows[2].pause_before == 0.5
     assert all(r.state == "pending" and r.attempt == 0 for r in rows)
-    assert [j.id for j in store.list()] == [job.id]
+    assert [j.id for j in store.jobs()] == [job.id]
 
 
 def test_settings_round_trip_through_the_database(store):
@@ -73,7 +73,7 @@ def test_settings_round_trip_through_the_database(store):
 def test_a_job_with_nothing_to_say_is_not_stored(store):
     with pytest.raises(InvalidRequest):
         store.create(input_name="a.txt", data=b"", meta=META, settings=JobSettings("x"), lines=[])
-    assert store.list() == []
+    assert store.jobs() == []
     assert [p.name for p in store.root.iterdir() if p.is_dir()] == []
 
 
