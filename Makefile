@@ -1,12 +1,12 @@
 # The two commands that matter, each doing its own set-up from a fresh clone:
 #
 #   make serve       install lowvox into .venv, check that it speaks, run the server
-#   make test        install what the tests need into .venv and run the whole suite (CI)
+#   make test        install what the tests need into .venv, type-check, run the whole suite (CI)
 #
 # and, once set up:
 #
 #   make test-fast   the fast tier (what plain `pytest` runs; under 3 minutes on 2 cores)
-#   make lint        ruff: lint and format check (the pre-commit hooks, on the whole tree)
+#   make lint        ruff (lint and format check, the pre-commit hooks) and mypy (lowvox/)
 #
 # Set-up is idempotent: each step leaves a stamp in the venv and reruns only when
 # pyproject.toml changes. Variables (`make serve TORCH=cuda SERVE_ARGS="--port 9000"`):
@@ -38,6 +38,7 @@ serve: setup
 	$(BIN)/lowvox serve $(SERVE_ARGS)
 
 test: setup-dev
+	$(BIN)/mypy
 	$(PY) -m pytest -q --run-slow $(PYTEST_ARGS)
 	@echo "lowvox: the whole test suite passed."
 
@@ -48,6 +49,7 @@ test-fast: setup-dev
 lint: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 setup: $(VENV)/.lowvox-installed
 setup-dev: $(VENV)/.lowvox-dev-installed

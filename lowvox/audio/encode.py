@@ -238,9 +238,9 @@ class _AvEncoder:
         except (av.FFmpegError, ValueError) as e:
             raise LowvoxError(f"cannot open a {spec.muxer} output: {e}") from e
         try:
-            self._stream = self._container.add_stream(
-                spec.codec, rate=self.output_rate, layout="mono"
-            )
+            stream = self._container.add_stream(spec.codec, rate=self.output_rate, layout="mono")
+            assert isinstance(stream, av.AudioStream)
+            self._stream = stream
             self._stream.codec_context.format = spec.sample_format
             if spec.bit_rate is not None:
                 self._stream.codec_context.bit_rate = spec.bit_rate
@@ -432,10 +432,9 @@ class StreamEncoder:
         self._header_sent = False
         self._closed = False
         self._av: _AvEncoder | None = None
-        self._sink: _Sink | None = None
+        self._sink = _Sink()  # the encoder's output, taken after each write
         spec = _AV_SPECS.get(self.format.name)
         if spec is not None:
-            self._sink = _Sink()
             self._av = _AvEncoder(spec, self.sample_rate, self._sink, streaming=True)
         self.output_rate = self._av.output_rate if self._av is not None else self.sample_rate
 

@@ -112,6 +112,9 @@ class MelSpectrogram(torch.nn.Module):
     overwritable from a checkpoint that stores its own copies.
     """
 
+    window: torch.Tensor
+    fb: torch.Tensor
+
     def __init__(self, config: MelConfig, persistent: bool = False) -> None:
         super().__init__()
         self.config = config

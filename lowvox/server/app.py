@@ -167,7 +167,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     return app
 
 
-def _private_network_option() -> dict[str, bool]:
+def _private_network_option() -> dict[str, Any]:
     # Chrome's Private Network Access (a page elsewhere calling a server on this machine or
     # the LAN) needs one more preflight header, which only newer Starlette releases send.
     params = inspect.signature(CORSMiddleware.__init__).parameters

@@ -123,12 +123,12 @@ class OutputStore:
             pass
         raise OutputNotFound(name)
 
-    def list(self) -> list[tuple[str, int, float]]:
+    def files(self) -> list[tuple[str, int, float]]:
         """(name, size, mtime) of every finished file, newest first."""
         return self._scan()[0]
 
     def _scan(self) -> tuple[list[tuple[str, int, float]], int]:
-        """The finished files (as `list`), and the bytes held by hidden files: the
+        """The finished files (as `files`), and the bytes held by hidden files: the
         temporaries of writes in progress or of writes a crash cut short."""
         out = []
         hidden = 0

@@ -224,7 +224,7 @@ class ApiKeyMiddleware:
             return False
         cookies = cookie_parser(headers.get(b"cookie", b"").decode("latin-1"))
         token = cookies.get(session_cookie_name(scope))
-        return bool(token) and session_valid(self.key, token)
+        return token is not None and session_valid(self.key, token)
 
     def _trusted(self, scope: Scope) -> bool:
         if not self.networks:

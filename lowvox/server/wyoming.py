@@ -649,9 +649,11 @@ class Announcer:
             ip = ipaddress.ip_address(address)
             local = ip.is_loopback or self.host not in ("0.0.0.0", "::", "")
             # A bound address is announced on its own interface; a wildcard on all of them.
-            where = {"interfaces": [address]} if local else {}
-            self._zeroconf = AsyncZeroconf(
-                ip_version=IPVersion.V6Only if ip.version == 6 else IPVersion.V4Only, **where
+            version = IPVersion.V6Only if ip.version == 6 else IPVersion.V4Only
+            self._zeroconf = (
+                AsyncZeroconf(interfaces=[address], ip_version=version)
+                if local
+                else AsyncZeroconf(ip_version=version)
             )
             name = f"lowvox-{socket.gethostname().split('.')[0]}"
             info = AsyncServiceInfo(
@@ -698,7 +700,7 @@ def announce_address(host: str) -> str:
     """The address other machines reach the server at: the bound one, or for a wildcard the
     one this machine would use towards the mDNS group."""
     if host not in ("0.0.0.0", "::", ""):
-        return socket.getaddrinfo(host, None)[0][4][0]
+        return str(socket.getaddrinfo(host, None)[0][4][0])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect(("224.0.0.251", 5353))  # UDP connect sends nothing: it only picks a route
         return s.getsockname()[0]

@@ -47,17 +47,18 @@ class Token:
 def _ranges(chars: list[str]) -> str:
     """A regex character-class body for a sorted list of characters."""
     out: list[str] = []
-    start = prev = None
+    start: str | None = None
+    prev: str | None = None
     for c in chars:
         if prev is not None and ord(c) == ord(prev) + 1:
             prev = c
             continue
-        if start is not None:
+        if start is not None and prev is not None:
             out.append(
                 re.escape(start) if start == prev else f"{re.escape(start)}-{re.escape(prev)}"
             )
         start = prev = c
-    if start is not None:
+    if start is not None and prev is not None:
         out.append(re.escape(start) if start == prev else f"{re.escape(start)}-{re.escape(prev)}")
     return "".join(out)
 

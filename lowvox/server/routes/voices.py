@@ -8,7 +8,9 @@ optional engine hook `prepare_voice(name, clip_paths)` run on the engine's own w
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -48,8 +50,8 @@ async def _engine_hook(state: ServerState, method: str, *args: Any) -> None:
     that clones voices, on the engine's own worker thread."""
     for slot in state.hub.loaded().values():
         if slot.engine.capabilities.cloning:
-            hook = getattr(slot.engine, method)
-            await slot.scheduler.run(lambda hook=hook: hook(*args))
+            hook: Callable[..., None] = getattr(slot.engine, method)
+            await slot.scheduler.run(functools.partial(hook, *args))
 
 
 @router.get("/voices")
