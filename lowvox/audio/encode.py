@@ -99,18 +99,6 @@ _AV_SPECS: dict[str, _AvSpec] = {
             ("frag_duration", "500000"),
         ),
     ),
-    # An audiobook without chapters (a request's audio) is AAC in MP4 like m4a; books
-    # with chapters and a cover are written by `lowvox.jobs.assemble`.
-    "m4b": _AvSpec(
-        "ipod",
-        "aac",
-        "fltp",
-        bit_rate=64_000,
-        stream_options=(
-            ("movflags", "frag_keyframe+empty_moov+default_base_moof"),
-            ("frag_duration", "500000"),
-        ),
-    ),
     # No 8 KiB padding block reserved for later tag edits.
     "flac": _AvSpec(
         "flac",
@@ -120,6 +108,9 @@ _AV_SPECS: dict[str, _AvSpec] = {
         pad_empty=False,
     ),
 }
+# An audiobook without chapters (a request's audio) is AAC in MP4, as m4a; books with
+# chapters and a cover are written by `lowvox.jobs.assemble`.
+_AV_SPECS["m4b"] = _AV_SPECS["m4a"]
 
 # Small I/O buffer and one flush per packet, so that encoded bytes reach `write`'s
 # caller as soon as FFmpeg has them instead of 32 KiB later.

@@ -61,6 +61,18 @@ def speak_take(engine: Engine, take: Take, max_chars: int | None = None) -> np.n
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
 
+async def collect_audio(job: Any) -> np.ndarray:
+    """All of a scheduler job's audio (float32 mono); the job is cancelled if this is."""
+    parts: list[np.ndarray] = []
+    try:
+        async for chunk in job.chunks():
+            parts.append(chunk.samples)
+    finally:
+        if not job.finished.is_set():
+            job.cancel.set()
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+
 class Executor(ABC):
     """Speaks takes of one job's engine; `concurrency` takes may be in flight at once."""
 
@@ -126,14 +138,7 @@ class LocalExecutor(Executor):
         # `cancel(job)` ran, which may have missed this just-submitted take.
         if cancel is not None and cancel.is_set():
             job.cancel.set()
-        parts: list[np.ndarray] = []
-        try:
-            async for chunk in job.chunks():
-                parts.append(chunk.samples)
-        finally:
-            if not job.finished.is_set():
-                job.cancel.set()
-        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+        return await collect_audio(job)
 
     async def cancel(self, job: str) -> None:
         if self._slot is not None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from lowvox.engines.base import SynthesisRequest
 from lowvox.errors import Cancelled, LowvoxError
-from lowvox.jobs.executors import Executor, Take, engine_request
+from lowvox.jobs.executors import Executor, Take, collect_audio, engine_request
 
 logger = logging.getLogger(__name__)
 
@@ -146,16 +146,9 @@ class SpeakerActor:
             job = self.scheduler.submit(
                 [request], tag=f"job:{take.job}", priority=Priority.INTERACTIVE
             )
-            parts: list[np.ndarray] = []
-            try:
-                async for chunk in job.chunks():
-                    parts.append(chunk.samples)
-            finally:
-                if not job.finished.is_set():
-                    job.cancel.set()
+            return await collect_audio(job)
         except LowvoxError as e:
             return _Failure.of(e)
-        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
     def cancel(self, job: str) -> int:
         return self.scheduler.cancel(f"job:{job}")
