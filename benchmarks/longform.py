@@ -30,7 +30,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import resource
 import statistics
 import subprocess
@@ -84,37 +83,13 @@ def throughput(a: argparse.Namespace) -> dict[str, Any]:
         from lowvox.bench.random_model import ensure_random_model
 
         model_dir = ensure_random_model(cache, a.random_weights)
-    port = sl._free_port()
-    base = f"http://127.0.0.1:{port}"
     text = book_text(a.words)
-    with tempfile.TemporaryDirectory(prefix="lowvox-longform-") as home:
-        (Path(home) / "voices").mkdir()
-        if not (model_dir / "speakers_xtts.pth").is_file():
-            sl._write_reference_clip(Path(home) / "voices" / "bench-voice.wav")
-        env = {k: v for k, v in os.environ.items() if k != "LOWVOX_API_KEY"}
-        env.update(LOWVOX_HOME=home, LOWVOX_CACHE_DIR=str(cache / "server"))
-        cmd = [sys.executable, "-m", "lowvox", "serve", "--engine", "xtts", "--model-dir",
-               str(model_dir), "--precision", a.precision, "--device", a.device,
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-        log_path = Path(home) / "server.log"
-        with open(log_path, "wb") as server_log:
-            proc = subprocess.Popen(cmd, env=env, stdout=server_log, stderr=subprocess.STDOUT)
-        try:
-            sl._wait_ready(base, proc, 900)
-            with httpx.Client(base_url=base, timeout=600) as http:
-                voices = http.get("/v1/audio/voices", params={"model": "xtts"}).json()
-                voice = voices["voices"][0]["id"]
-                return _measure(http, a, voice, text)
-        except BaseException:
-            tail = log_path.read_text(errors="replace").splitlines()[-30:]
-            log.error("server log (last lines):\n%s", "\n".join(tail))
-            raise
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with (
+        sl.xtts_server(model_dir, cache / "server", a.precision, a.device) as server,
+        httpx.Client(base_url=server.base, timeout=600) as http,
+    ):
+        voices = http.get("/v1/audio/voices", params={"model": "xtts"}).json()
+        return _measure(http, a, voices["voices"][0]["id"], text)
 
 
 def _ttfa(http: httpx.Client, voice: str, text: str, a: argparse.Namespace) -> float:

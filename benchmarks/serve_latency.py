@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -291,40 +292,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_benchmark(o: Options) -> dict:
-    """Start the server, run every scenario, always stop the server; return the report."""
+@dataclass(frozen=True)
+class RunningServer:
+    base: str  # http://127.0.0.1:PORT
+    startup_s: float  # start to /api/ready
+    env: dict[str, str]  # the server's environment
+
+
+@contextlib.contextmanager
+def xtts_server(
+    model_dir: Path,
+    cache_dir: Path,
+    precision: str,
+    device: str,
+    extra_args: Sequence[str] = (),
+    start_timeout_s: float = 900.0,
+) -> Iterator[RunningServer]:
+    """A `lowvox serve --engine xtts` on a free 127.0.0.1 port with a throwaway home (a
+    reference clip in its voice library when the model has no studio speakers) and
+    `cache_dir` as its cache; yields it once ready, and always stops it. A
+    failure shows the server log's last lines."""
     port = _free_port()
-    wyoming_port = _free_port() if o.wyoming else None
     base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory(prefix="lowvox-serve-latency-") as home:
+    with tempfile.TemporaryDirectory(prefix="lowvox-bench-server-") as home:
         (Path(home) / "voices").mkdir()
-        if not (o.model_dir / "speakers_xtts.pth").is_file():
+        if not (model_dir / "speakers_xtts.pth").is_file():
             _write_reference_clip(Path(home) / "voices" / "bench-voice.wav")
         env = {k: v for k, v in os.environ.items() if k != "LOWVOX_API_KEY"}
-        env.update(LOWVOX_HOME=home, LOWVOX_CACHE_DIR=str(o.cache_dir))
+        env.update(LOWVOX_HOME=home, LOWVOX_CACHE_DIR=str(cache_dir))
         cmd = [sys.executable, "-m", "lowvox", "serve", "--engine", "xtts", "--model-dir",
-               str(o.model_dir), "--precision", o.precision, "--device", o.device,
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-        if wyoming_port is not None:
-            cmd += ["--wyoming", "--wyoming-port", str(wyoming_port)]
+               str(model_dir), "--precision", precision, "--device", device,
+               "--host", "127.0.0.1", "--port", str(port), *extra_args]  # fmt: skip
         log_path = Path(home) / "server.log"
         log.info("starting: lowvox %s", " ".join(cmd[3:]))
         with open(log_path, "wb") as server_log:
             proc = subprocess.Popen(cmd, env=env, stdout=server_log, stderr=subprocess.STDOUT)
         try:
             t = time.perf_counter()
-            _wait_ready(base, proc, o.start_timeout_s)
+            _wait_ready(base, proc, start_timeout_s)
             startup_s = time.perf_counter() - t
             log.info("server ready in %.1f s", startup_s)
-            voice = o.voice
-            if voice is None:
-                r = httpx.get(f"{base}/v1/audio/voices", params={"model": "xtts"}, timeout=60)
-                voice = r.raise_for_status().json()["voices"][0]["id"]
-            client = Client(base, o, voice)
-            try:
-                result = scenarios(client, o, wyoming_port)
-            finally:
-                client.http.close()
+            yield RunningServer(base, startup_s, env)
         except BaseException:
             tail = log_path.read_text(errors="replace").splitlines()[-30:]
             log.error("server log (last lines):\n%s", "\n".join(tail))
@@ -336,6 +344,25 @@ def run_benchmark(o: Options) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def run_benchmark(o: Options) -> dict:
+    """Start the server, run every scenario, always stop the server; return the report."""
+    wyoming_port = _free_port() if o.wyoming else None
+    extra = ["--wyoming", "--wyoming-port", str(wyoming_port)] if wyoming_port else []
+    with xtts_server(
+        o.model_dir, o.cache_dir, o.precision, o.device, extra, o.start_timeout_s
+    ) as server:
+        base, startup_s, env = server.base, server.startup_s, server.env
+        voice = o.voice
+        if voice is None:
+            r = httpx.get(f"{base}/v1/audio/voices", params={"model": "xtts"}, timeout=60)
+            voice = r.raise_for_status().json()["voices"][0]["id"]
+        client = Client(base, o, voice)
+        try:
+            result = scenarios(client, o, wyoming_port)
+        finally:
+            client.http.close()
     alone, sbl = result["alone"]["ttfa_p50_s"], result["short_behind_long"]
     sbl["ratio_to_alone"] = sbl["ttfa_p50_s"] / alone
     ratios = {

@@ -307,6 +307,15 @@ class _Resampler:
         return self._samples(self._resampler.resample(None))
 
 
+def _resampling(sample_rate: int, rate: int | None) -> tuple[int, _Resampler | None]:
+    """The rate audio at `sample_rate` is encoded at, and the resampler that gets it
+    there (None when `rate` is None or already `sample_rate`)."""
+    source = _check_rate(sample_rate)
+    if rate is None or _check_rate(rate) == source:
+        return source, None
+    return rate, _Resampler(source, rate)
+
+
 def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str, rate: int | None = None) -> bytes:
     """A complete file of format `fmt` (name or alias) holding `samples`.
 
@@ -315,13 +324,10 @@ def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str, rate: int | No
     the streaming variant is `StreamEncoder`).
     """
     spec_format = get_format(fmt)
-    rate_in = _check_rate(sample_rate)
     x = _as_mono(samples)
-    if rate is not None and _check_rate(rate) != rate_in:
-        resampler = _Resampler(rate_in, rate)
+    rate, resampler = _resampling(sample_rate, rate)
+    if resampler is not None:
         x = np.concatenate([resampler.push(x), resampler.flush()])
-        rate_in = rate
-    rate = rate_in
     name = spec_format.name
     if name == "pcm":
         return _to_s16le(x)
@@ -351,11 +357,7 @@ class FileEncoder:
     def __init__(self, fmt: str, sample_rate: int, file: Any, rate: int | None = None) -> None:
         """`rate`: resample to this rate first (default: keep `sample_rate`)."""
         self.format: AudioFormat = get_format(fmt)
-        self.sample_rate = _check_rate(sample_rate)
-        self._resampler: _Resampler | None = None
-        if rate is not None and _check_rate(rate) != self.sample_rate:
-            self._resampler = _Resampler(self.sample_rate, rate)
-            self.sample_rate = rate
+        self.sample_rate, self._resampler = _resampling(sample_rate, rate)
         self._file = file
         self._start = file.tell()
         self._samples = 0
@@ -415,11 +417,7 @@ class StreamEncoder:
     def __init__(self, fmt: str, sample_rate: int, rate: int | None = None) -> None:
         """`rate`: resample to this rate first (default: keep `sample_rate`)."""
         self.format: AudioFormat = get_format(fmt)
-        self.sample_rate = _check_rate(sample_rate)
-        self._resampler: _Resampler | None = None
-        if rate is not None and _check_rate(rate) != self.sample_rate:
-            self._resampler = _Resampler(self.sample_rate, rate)
-            self.sample_rate = rate
+        self.sample_rate, self._resampler = _resampling(sample_rate, rate)
         self._header_sent = False
         self._closed = False
         self._av: _AvEncoder | None = None
