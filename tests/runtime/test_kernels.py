@@ -52,37 +52,59 @@ def _int8_reference(x, w, scales, bias):
 
 
 QCHUNK = 256  # activation values sharing one int16 scale (cpu_kernels.c)
+Q8CHUNK = 128  # activation values sharing one int8 scale
+
+
+def _quantised_activations(x: torch.Tensor, top_code: int, chunk: int) -> torch.Tensor:
+    """Each row's values, per `chunk`, scaled so the largest magnitude is `top_code`,
+    rounded to nearest (ties to even) and scaled back, in the kernel's float32 arithmetic
+    (as float64)."""
+    out = torch.empty_like(x, dtype=torch.float64)
+    for c0 in range(0, x.shape[1], chunk):
+        part = x[:, c0 : c0 + chunk]
+        top = part.abs().amax(dim=1, keepdim=True)
+        inv = torch.where(top > 0, torch.tensor(float(top_code)) / top, torch.zeros_like(top))
+        q = torch.round(part * inv).clamp(-top_code - 1, top_code)
+        out[:, c0 : c0 + chunk] = q.double() * (top / float(top_code)).double()
+    return out
 
 
 def _int16_activations(x: torch.Tensor) -> torch.Tensor:
-    """What int8 weights meet on VNNI builds, as float64: each row's values, per QCHUNK,
-    scaled so the largest magnitude is 32767, rounded to nearest (ties to even) and scaled
-    back, in the kernel's float32 arithmetic."""
-    out = torch.empty_like(x, dtype=torch.float64)
-    for c0 in range(0, x.shape[1], QCHUNK):
-        part = x[:, c0 : c0 + QCHUNK]
-        top = part.abs().amax(dim=1, keepdim=True)
-        inv = torch.where(top > 0, torch.tensor(32767.0) / top, torch.zeros_like(top))
-        q = torch.round(part * inv).clamp(-32768, 32767)
-        out[:, c0 : c0 + QCHUNK] = q.double() * (top / 32767.0).double()
-    return out
+    """What int8 weights meet on AVX-512 VNNI builds with AMX."""
+    return _quantised_activations(x, 32767, QCHUNK)
+
+
+def _int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """What int8 weights meet on AVX-512 VNNI builds without AMX, and AVX2 builds."""
+    return _quantised_activations(x, 127, Q8CHUNK)
 
 
 def _int8_kernel_input(x: torch.Tensor) -> torch.Tensor:
     """The activations as the int8 kernel of this build sees them (float64)."""
-    return _int16_activations(x) if kernels.int16_activations() else x.double()
+    bits = kernels.activation_bits()
+    if bits == 8:
+        return _int8_activations(x)
+    return _int16_activations(x) if bits == 16 else x.double()
 
 
-def test_int16_activations_are_close_to_the_floats():
+def test_the_kernels_chunk_as_the_tests_model_them():
+    bits = kernels.activation_bits()
+    assert bits in (8, 16, 32)
+    assert kernels.activation_chunk() == {8: Q8CHUNK, 16: QCHUNK, 32: 0}[bits]
+
+
+@pytest.mark.parametrize("quantise,top_code,chunk", [
+    (_int16_activations, 32767, QCHUNK), (_int8_activations, 127, Q8CHUNK)])  # fmt: skip
+def test_quantised_activations_are_close_to_the_floats(quantise, top_code, chunk):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 700, generator=g) * torch.rand(3, 700, generator=g) * 10
     x[1, 5] = 1e4  # an outlier only coarsens its own chunk
-    q = _int16_activations(x)
-    for c0 in range(0, 700, QCHUNK):
-        part = x[:, c0 : c0 + QCHUNK].double()
-        lsb = part.abs().amax(dim=1, keepdim=True) / 32767
-        assert ((q[:, c0 : c0 + QCHUNK] - part).abs() <= 0.5 * lsb * (1 + 1e-5)).all()
-    assert (q[1, QCHUNK:] - x[1, QCHUNK:].double()).abs().max() < 1e-3
+    q = quantise(x)
+    for c0 in range(0, 700, chunk):
+        part = x[:, c0 : c0 + chunk].double()
+        lsb = part.abs().amax(dim=1, keepdim=True) / top_code
+        assert ((q[:, c0 : c0 + chunk] - part).abs() <= 0.5 * lsb * (1 + 1e-5)).all()
+    assert (q[1, chunk:] - x[1, chunk:].double()).abs().max() < 1e-3 * 32767 / top_code
 
 
 @needs_kernels
@@ -106,7 +128,7 @@ def test_int8_linear_matches_float64(m, k, n, with_bias):
     # float32 accumulation over k terms: relative to the size of the terms summed.
     bound = 1e-6 * k * (x.abs().max() * 127 * scales.max()).item() + 1e-6
     assert (y.double() - ref).abs().max().item() <= bound
-    # Against the float activations: within what int16 rounding (half a step of each
+    # Against the float activations: within what their rounding (half a step of each
     # chunk's scale) can add, on top of that.
     exact = _int8_reference(x, w, scales, bias)
     rounding = (_int8_kernel_input(x) - x.double()).abs()
@@ -364,7 +386,7 @@ def test_portable_build_without_native_flags_is_correct(fresh_kernels, monkeypat
     w = torch.randint(-127, 128, (7, 50), dtype=torch.int8)
     s = torch.rand(7)
     y = kernels.linear(x, w, s, None)
-    assert not kernels.int16_activations()  # VNNI needs AVX-512 flags
+    assert kernels.activation_bits() == 32  # integer activations need AVX2 or AVX-512 VNNI
     assert (y.double() - _int8_reference(x, w, s, None)).abs().max().item() < 1e-3
     assert shutil.which(build.find_compiler() or "") is not None
     wb = torch.randn(7, 50).to(torch.bfloat16)
@@ -751,19 +773,21 @@ def test_amx_switched_off_by_environment(monkeypatch):
 
 
 @needs_compiler
-def test_int16_activations_exactly_where_the_cpu_has_vnni():
-    """A native build has VNNI where the CPU does; a build for another CPU
-    (`LOWVOX_KERNEL_FLAGS`) has it where its flags target VNNI."""
-    from lowvox.runtime.devices import probe_machine
-
-    forced = os.environ.get("LOWVOX_KERNEL_FLAGS", "").split()
-    if forced:
-        has_vnni = _flags_define(forced, "__AVX512VNNI__")
-    else:
-        has_vnni = "avx512_vnni" in probe_machine(with_gpus=False).cpu_flags
-    vnni = kernels.isa() == "AVX-512" and has_vnni
-    assert kernels.int16_activations() == vnni
+def test_integer_activations_exactly_where_the_build_targets_them():
+    """int8 activations on AVX-512 VNNI builds without AMX and on AVX2 builds, int16 ones
+    on AVX-512 VNNI builds with AMX (the tiles' form), float32 elsewhere: for a native
+    build where the CPU has those, for another CPU's flags (`LOWVOX_KERNEL_FLAGS`) where
+    they target them."""
+    flags = os.environ.get("LOWVOX_KERNEL_FLAGS", "").split() or ["-O3", "-march=native"]
+    vnni = kernels.isa() == "AVX-512" and _flags_define(flags, "__AVX512VNNI__")
+    amx = vnni and all(
+        _flags_define(flags, m)
+        for m in ("__AMX_TILE__", "__AMX_INT8__", "__AMX_BF16__", "__AVX512BF16__")
+    )
+    expected = 16 if amx else 8 if vnni or kernels.isa() == "AVX2" else 32
+    assert kernels.activation_bits() == expected
     assert ("VNNI" in kernels.describe()) == vnni
+    assert (f"int{expected} activations" in kernels.describe()) == (expected < 32)
 
 
 def _flags_define(flags: list[str], macro: str) -> bool:
@@ -816,7 +840,7 @@ def test_avx512_build_without_vnni_keeps_float_activations(fresh_kernels, monkey
     assert path is not None
     kernels.reset()
     assert kernels.describe().endswith(f"({path})")  # the library just built, loaded
-    assert kernels.isa() == "AVX-512" and not kernels.int16_activations()
+    assert kernels.isa() == "AVX-512" and kernels.activation_bits() == 32
     assert not kernels.amx()  # AMX rides on the int16 activations
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 300, generator=g)

@@ -75,7 +75,8 @@ def reset() -> None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.lv_isa.argtypes, lib.lv_isa.restype = [], i32
-    lib.lv_int16_activations.argtypes, lib.lv_int16_activations.restype = [], i32
+    lib.lv_activation_bits.argtypes, lib.lv_activation_bits.restype = [], i32
+    lib.lv_activation_chunk.argtypes, lib.lv_activation_chunk.restype = [], i32
     lib.lv_amx_enable.argtypes, lib.lv_amx_enable.restype = [i32], i32
     lib.lv_linear_scratch.argtypes, lib.lv_linear_scratch.restype = [i32, i64, i64], i64
     lib.lv_block_work_floats.argtypes = [i32, i64, i64, i32]
@@ -119,10 +120,18 @@ def isa() -> str | None:
     return ISA_NAMES.get(lib.lv_isa(), "?") if lib is not None else None
 
 
-def int16_activations() -> bool:
-    """Whether int8 weights meet int16 activations (AVX512-VNNI builds) rather than float32."""
+def activation_bits() -> int:
+    """The activations int8 weights meet in the C kernels: 8 (int8: AVX-512 VNNI without
+    AMX, AVX2), 16 (int16: AVX-512 VNNI with AMX) or 32 (float32: elsewhere, and where
+    there is no library)."""
     lib = load()
-    return lib is not None and bool(lib.lv_int16_activations())
+    return int(lib.lv_activation_bits()) if lib is not None else 32
+
+
+def activation_chunk() -> int:
+    """How many activation values share one scale in the int8 and int16 forms (0: float32)."""
+    lib = load()
+    return int(lib.lv_activation_chunk()) if lib is not None else 0
 
 
 def amx() -> bool:
@@ -147,8 +156,10 @@ def describe(with_path: bool = True) -> str:
     name = isa()
     if name is None:
         return "not built (no working C compiler): torch's kernels"
-    if int16_activations():
-        name += " with VNNI (int8 weights x int16 activations)"
+    bits = activation_bits()
+    if bits < 32:
+        vnni = " with VNNI" if name == "AVX-512" else ""
+        name += f"{vnni} (int8 weights x int{bits} activations)"
     if amx():
         name += ", AMX tiles for several rows"
     return f"{name} ({_path})" if with_path else name

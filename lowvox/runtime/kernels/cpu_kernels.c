@@ -12,12 +12,11 @@
  *   weights and float32 activations. Decoding streams every weight once per token, so the
  *   kernel is shaped for memory: each thread walks a contiguous band of rows (four at a
  *   time, one pass over memory whatever m is), prefetching ahead, and widens the weights
- *   in registers. bf16 weights meet float32 activations. int8 weights on CPUs with
- *   AVX512-VNNI meet the activations as int16 with a float32 scale per 256 values
- *   (relative error ~1e-5 of the largest in those 256, far below the weights' own
- *   rounding): per 32 weights one widening and one vpdpwssd instead of four conversions
- *   and two FMAs, which decoding, nearly memory-bound, turns into ~20% more bytes per
- *   second.
+ *   in registers. bf16 weights meet float32 activations. int8 weights meet quantised
+ *   activations where the CPU has integer dot products (LV_ACT_BITS): int8 ones with a
+ *   float32 scale per 128 values on AVX-512 VNNI (vpdpbusd: one instruction per 64 weight
+ *   bytes, so decoding runs at memory speed) and AVX2 (vpmaddubsw); int16 ones per 256
+ *   values on CPUs with AMX, whose tiles take that form for several rows at once.
  *   Elsewhere int8 weights are widened to float32 and meet float32 activations.
  *   From AMX_MIN_ROWS rows (batched steps, prompts) on CPUs with AMX, the tiles take over
  *   (amx_rows, amx_rows_bf16): the same int16 activations for int8, a two-bf16 split of
@@ -79,29 +78,64 @@
 #define W_F32_IN_OUT 2 /* lv_blocks_decode only */
 #define WBYTES(kind) ((kind) == W_BF16 ? 2 : 1)
 
-/* int8 weights against int16 activations (VNNI builds only). */
-#define USE_Q16(kind) (LV_VNNI && (kind) == W_INT8)
-#define QCHUNK 256 /* activation values sharing one scale */
+/* How int8 weights meet their activations (lv_activation_bits):
+ *  8: int8 activations with a float32 scale per Q8CHUNK values (AVX-512 VNNI builds without
+ *     AMX: vpdpbusd, 64 products per instruction; AVX2: vpmaddubsw + vpmaddwd). Decoding
+ *     streams every weight once per token; with one instruction per 64 weight bytes it is
+ *     limited by memory, not by widening the weights.
+ * 16: int16 activations with a scale per QCHUNK values (AVX-512 VNNI builds with AMX,
+ *     whose tiles take the same form for several rows at once: vpdpwssd).
+ * 32: float32 activations (portable C; AVX-512 without VNNI). */
+#if LV_ISA == 2 && LV_VNNI && !LV_AMX
+#define LV_ACT_BITS 8
+#elif LV_ISA == 1
+#define LV_ACT_BITS 8
+#elif LV_VNNI
+#define LV_ACT_BITS 16
+#else
+#define LV_ACT_BITS 32
+#endif
+#define USE_Q16(kind) (LV_ACT_BITS == 16 && (kind) == W_INT8)
+#define USE_Q8(kind) (LV_ACT_BITS == 8 && (kind) == W_INT8)
+#define QCHUNK 256 /* int16 activation values sharing one scale */
 #define QTILE 2    /* activation rows per pass in the int16 path (its registers allow two) */
 #define QLEN(k) (((k) + 31) / 32 * 32)            /* int16 values per row, zero-padded */
 #define QCHUNKS(k) (((k) + QCHUNK - 1) / QCHUNK)  /* scales per row */
+#define Q8CHUNK 128 /* int8 activation values sharing one scale (a multiple of 64) */
+#define Q8TILE 4    /* activation rows per pass in the int8 path */
+#ifndef Q8_AHEAD
+#define Q8_AHEAD 2048
+#endif
+#define Q8LEN(k) (((k) + 63) / 64 * 64)             /* int8 values per row, zero-padded */
+#define Q8CHUNKS(k) (((k) + Q8CHUNK - 1) / Q8CHUNK) /* scales per row */
+/* Per row: bytes of its quantised values, and scales. */
+#define QROW_BYTES(k) (LV_ACT_BITS == 8 ? Q8LEN(k) : 2 * QLEN(k))
+#define QSCALES(k) (LV_ACT_BITS == 8 ? Q8CHUNKS(k) : QCHUNKS(k))
 
-/* A linear layer's input rows: float32 x [m, k], and (USE_Q16) their int16 form
- * q [m, QLEN(k)] with a scale per QCHUNK values, sx [m, QCHUNKS(k)]: x ~ q * sx; and
- * where the AMX path serves them, that form packed as its tiles (else NULL). */
+/* A linear layer's input rows: float32 x [m, k]; (USE_Q16) their int16 form
+ * q [m, QLEN(k)] with a scale per QCHUNK values, sx [m, QCHUNKS(k)]: x ~ q * sx, and
+ * where the AMX path serves them, that form packed as its tiles (else NULL); (USE_Q8)
+ * their int8 form q8 [m, Q8LEN(k)] with a scale per Q8CHUNK values, sx [m, Q8CHUNKS(k)],
+ * and per row what 128 times its values add up to at their scales, shift [m]: vpdpbusd
+ * takes the weights as unsigned bytes, w + 128, and the shift takes the 128 back out. */
 typedef struct {
     const float *x;
     const int16_t *q;
     const float *sx;
     int64_t k;
     const int8_t *tiles;
+    const int8_t *q8;
+    const float *shift;
 } acts_t;
 
 /* Which code path this build took: 2 AVX-512, 1 AVX2+FMA, 0 portable C. */
 int lv_isa(void) { return LV_ISA; }
 
-/* Whether int8 weights meet int16 activations (AVX512-VNNI) rather than float32 ones. */
-int lv_int16_activations(void) { return LV_VNNI; }
+/* The bits of the activations int8 weights meet: 8, 16 or 32 (float32), see LV_ACT_BITS. */
+int lv_activation_bits(void) { return LV_ACT_BITS; }
+
+/* Activation values sharing one scale in the int8 and int16 forms (0: float32). */
+int lv_activation_chunk(void) { return LV_ACT_BITS == 8 ? Q8CHUNK : LV_ACT_BITS == 16 ? QCHUNK : 0; }
 
 /* Whether linears of AMX_MIN_ROWS rows or more run on the AMX tiles (see amx_rows):
  * built in, allowed by Linux (which hands the 8 KB tile state to a process only when it
@@ -183,7 +217,7 @@ LV_INLINE void block_tile(const int kind, const int mt, const float *x, int64_t 
     }
 }
 
-#if LV_VNNI
+#if LV_ACT_BITS == 16
 /* One block of int8 rows against `mt` rows of int16 activations: vpdpwssd sums pairs of
  * products into int32 lanes (16 products of at most 32768 * 127 per lane in a QCHUNK: no
  * overflow), and each chunk's sum joins the float32 total at its scale. */
@@ -243,6 +277,86 @@ static void quantize_row(const float *x, int64_t k, int16_t *q, float *sx) {
         }
     }
     for (int64_t j = k; j < QLEN(k); j++) q[j] = 0;
+}
+#endif
+
+#if LV_ACT_BITS == 8
+#if Q8CHUNK != 128
+#error "row_dot_q8 reads a chunk as two 64-byte steps"
+#endif
+/* One int8 weight row against `mt` rows of int8 activations (rows i0.. of `a`): out[i] =
+ * the dot product before the row's scale. vpdpbusd sums four products of (w + 128) and an
+ * activation into each int32 lane (w ^ 0x80 is w + 128 as an unsigned byte), exactly (8
+ * products of at most 255 * 127 per lane: inside float32's 2^24, so the conversion is
+ * exact too); each chunk's sums join the float32 total at the chunk's scale, and the
+ * row's shift takes the 128s back out.
+ * A block's rows are read one after the other, so a thread's weights are one sequential
+ * stream (rows are contiguous): interleaving four rows, as the float path does to share
+ * activation loads, halves what one core reads per second (Zen 4: 7 against 14 GB/s), and
+ * at one instruction per 64 bytes nothing needs sharing. */
+LV_INLINE void row_dot_q8(const int mt, const acts_t *a, int64_t i0, const int8_t *row,
+                          float out[XTILE]) {
+    const int64_t k = a->k, kq = Q8LEN(k), chunks = Q8CHUNKS(k);
+    const int8_t *xq = a->q8 + i0 * kq;
+    const float *sx = a->sx + i0 * chunks;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[XTILE];
+    for (int i = 0; i < mt; i++) acc[i] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c < k / Q8CHUNK; c++) { /* whole chunks: two steps of 64 */
+        const int64_t j = c * Q8CHUNK;
+        if (Q8_AHEAD) {
+            _mm_prefetch((const char *)row + j + Q8_AHEAD, _MM_HINT_T0);
+            _mm_prefetch((const char *)row + j + 64 + Q8_AHEAD, _MM_HINT_T0);
+        }
+        const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(row + j), flip);
+        const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(row + j + 64), flip);
+        for (int i = 0; i < mt; i++) {
+            __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + i * kq + j));
+            sum = _mm512_dpbusd_epi32(sum, w1, _mm512_loadu_si512(xq + i * kq + j + 64));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(sx[i * chunks + c]), acc[i]);
+        }
+    }
+    if (c < chunks) { /* the row's end: q8 is zero-padded, the weights must not be over-read */
+        __m512i sum[XTILE];
+        for (int i = 0; i < mt; i++) sum[i] = _mm512_setzero_si512();
+        for (int64_t j = c * Q8CHUNK; j < k; j += 64) {
+            const __mmask64 mask = k - j >= 64 ? ~(__mmask64)0 : (__mmask64)((1ull << (k - j)) - 1ull);
+            const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, row + j), flip);
+            for (int i = 0; i < mt; i++)
+                sum[i] = _mm512_dpbusd_epi32(sum[i], wv, _mm512_loadu_si512(xq + i * kq + j));
+        }
+        for (int i = 0; i < mt; i++)
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[i]), _mm512_set1_ps(sx[i * chunks + c]), acc[i]);
+    }
+    for (int i = 0; i < mt; i++) out[i] = _mm512_reduce_add_ps(acc[i]) + a->shift[i0 + i];
+}
+
+/* x -> (q8, sx, shift) for one row of k values (see acts_t): each Q8CHUNK's largest
+ * magnitude maps to 127, rounding to nearest; the padding after k is zero. */
+static void quantize_row8(const float *x, int64_t k, int8_t *q, float *sx, float *shift) {
+    float minus = 0.0f;
+    for (int64_t c = 0; c * Q8CHUNK < k; c++) {
+        const int64_t j0 = c * Q8CHUNK, len = k - j0 < Q8CHUNK ? k - j0 : Q8CHUNK;
+        __m512 top = _mm512_setzero_ps();
+        for (int64_t j = 0; j < len; j += 16) {
+            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + j0 + j)));
+        }
+        const float t = _mm512_reduce_max_ps(top);
+        sx[c] = t / 127.0f;
+        const __m512 inv = _mm512_set1_ps(t > 0.0f ? 127.0f / t : 0.0f);
+        __m512i total = _mm512_setzero_si512();
+        for (int64_t j = 0; j < len; j += 16) {
+            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + j0 + j), inv));
+            _mm512_mask_cvtsepi32_storeu_epi8(q + j0 + j, m, v);
+            total = _mm512_add_epi32(total, v);
+        }
+        minus += (float)(128 * _mm512_reduce_add_epi32(total)) * sx[c];
+    }
+    *shift = -minus;
+    for (int64_t j = k; j < Q8LEN(k); j++) q[j] = 0;
 }
 #endif
 
@@ -462,8 +576,18 @@ static void amx_rows_bf16(const uint16_t *w, int64_t k, const float *bias, float
 LV_INLINE void block_rows(const int kind, const int mt, const acts_t *a, int64_t i0,
                           const void *const wr[ROWS], int rows, const float *scale,
                           const float *bias, float *y, int64_t n) {
+#if LV_ACT_BITS == 8
+    if (USE_Q8(kind)) {
+        for (int r = 0; r < rows; r++) {
+            float out[XTILE];
+            row_dot_q8(mt, a, i0, (const int8_t *)wr[r], out);
+            for (int i = 0; i < mt; i++) y[i * n + r] = out[i] * scale[r] + (bias ? bias[r] : 0.0f);
+        }
+        return;
+    }
+#endif
     __m512 acc[XTILE][ROWS];
-#if LV_VNNI
+#if LV_ACT_BITS == 16
     if (USE_Q16(kind))
         block_tile_q16(mt, a, i0, wr, acc);
     else
@@ -491,9 +615,96 @@ LV_INLINE __m256 wload8(const int kind, const void *row, int64_t j) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)row + j))));
 }
 
+/* x -> (q8, sx, shift) for one row of k values, as the AVX-512 quantize_row8 makes them
+ * (the shift goes unused here: vpmaddubsw takes signed activations). */
+static void quantize_row8(const float *x, int64_t k, int8_t *q, float *sx, float *shift) {
+    float minus = 0.0f;
+    const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t c = 0; c * Q8CHUNK < k; c++) {
+        const int64_t j0 = c * Q8CHUNK, len = k - j0 < Q8CHUNK ? k - j0 : Q8CHUNK;
+        __m256 top = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 8 <= len; j += 8)
+            top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(x + j0 + j), no_sign));
+        __m128 t4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        t4 = _mm_max_ps(t4, _mm_movehl_ps(t4, t4));
+        t4 = _mm_max_ss(t4, _mm_movehdup_ps(t4));
+        float t = _mm_cvtss_f32(t4);
+        for (; j < len; j++) t = fabsf(x[j0 + j]) > t ? fabsf(x[j0 + j]) : t;
+        sx[c] = t / 127.0f;
+        const float f = t > 0.0f ? 127.0f / t : 0.0f;
+        const __m256 inv = _mm256_set1_ps(f);
+        int32_t total = 0;
+        for (j = 0; j + 8 <= len; j += 8) {
+            const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j0 + j), inv));
+            const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            _mm_storel_epi64((__m128i *)(q + j0 + j), _mm_packs_epi16(v16, v16));
+            const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            total += _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xb1)));
+        }
+        for (; j < len; j++) { /* as cvtps: nearest, ties to even */
+            const int32_t v = (int32_t)nearbyintf(x[j0 + j] * f);
+            q[j0 + j] = (int8_t)v;
+            total += v;
+        }
+        minus += (float)(128 * total) * sx[c];
+    }
+    *shift = -minus;
+    for (int64_t j = k; j < Q8LEN(k); j++) q[j] = 0;
+}
+
+/* One int8 weight row against `mt` rows of int8 activations (rows i0.. of `a`), as the
+ * AVX-512 row_dot_q8: vpmaddubsw multiplies |w| by the activation carrying w's sign (both
+ * within [-127, 127], so the pair sums, at most 2 * 127 * 127, never saturate int16),
+ * vpmaddwd sums those pairs into int32 lanes, and each chunk's sums join the float32
+ * total at its scale. Rows are read one after the other (one sequential stream). */
+LV_INLINE void row_dot_q8(const int mt, const acts_t *a, int64_t i0, const int8_t *row,
+                          float out[XTILE]) {
+    const int64_t k = a->k, kq = Q8LEN(k), chunks = Q8CHUNKS(k);
+    const int8_t *xq = a->q8 + i0 * kq;
+    const float *sx = a->sx + i0 * chunks;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[XTILE];
+    for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t j1 = (c + 1) * Q8CHUNK < k ? (c + 1) * Q8CHUNK : k;
+        __m256i sum[XTILE];
+        for (int i = 0; i < mt; i++) sum[i] = _mm256_setzero_si256();
+        for (int64_t j = c * Q8CHUNK; j < j1; j += 32) {
+            if ((j & 63) == 0) _mm_prefetch((const char *)row + j + AHEAD(W_INT8), _MM_HINT_T0);
+            __m256i wv;
+            if (j + 32 <= j1) {
+                wv = _mm256_loadu_si256((const __m256i *)(row + j));
+            } else { /* the row's end: q8 is zero-padded, the weights must not be over-read */
+                int8_t tail[32] = {0};
+                for (int64_t t = j; t < j1; t++) tail[t - j] = row[t];
+                wv = _mm256_loadu_si256((const __m256i *)tail);
+            }
+            const __m256i mag = _mm256_sign_epi8(wv, wv);
+            for (int i = 0; i < mt; i++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + i * kq + j));
+                const __m256i pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(xv, wv));
+                sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        for (int i = 0; i < mt; i++)
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[i]), _mm256_set1_ps(sx[i * chunks + c]), acc[i]);
+    }
+    for (int i = 0; i < mt; i++) out[i] = hsum256(acc[i]);
+}
+
 LV_INLINE void block_rows(const int kind, const int mt, const acts_t *a, int64_t i0,
                           const void *const wr[ROWS], int rows, const float *scale,
                           const float *bias, float *y, int64_t n) {
+    if (USE_Q8(kind)) {
+        for (int r = 0; r < rows; r++) {
+            float out[XTILE];
+            row_dot_q8(mt, a, i0, (const int8_t *)wr[r], out);
+            for (int i = 0; i < mt; i++) y[i * n + r] = out[i] * scale[r] + (bias ? bias[r] : 0.0f);
+        }
+        return;
+    }
     const int64_t k = a->k;
     const float *x = a->x + i0 * k;
     __m256 acc[XTILE][ROWS];
@@ -535,7 +746,7 @@ LV_INLINE void block_rows(const int kind, const int mt, const acts_t *a, int64_t
 #endif
 
 /* Outputs [r0, r1) (r0 a multiple of ROWS) of y [m, n] = x w^T * scale + bias for the m
- * activation rows of `a` (their int16 form ready, on USE_Q16 kinds): one pass over those
+ * activation rows of `a` (their quantised form ready, on int8 kinds): one pass over those
  * weight rows, ROWS at a time, each block meeting every activation row while in L1. */
 LV_INLINE void rows_band(const int kind, const acts_t *a, int64_t m, const void *w,
                          const float *scale, const float *bias, float *y, int64_t n,
@@ -550,7 +761,7 @@ LV_INLINE void rows_band(const int kind, const acts_t *a, int64_t m, const void 
     }
 #endif
     const int64_t stride = a->k * WBYTES(kind); /* bytes per weight row */
-    const int tile = USE_Q16(kind) ? QTILE : XTILE;
+    const int tile = USE_Q16(kind) ? QTILE : USE_Q8(kind) ? Q8TILE : XTILE;
     for (int64_t r = r0; r < r1; r += ROWS) {
         const int rows = (int)(r1 - r < ROWS ? r1 - r : ROWS);
         /* A short last block repeats its first row rather than read past the weights. */
@@ -594,27 +805,60 @@ static void my_rows(int64_t n, int unit, int64_t *r0, int64_t *r1) {
 #define UNIT(kind, m, k, n) (amx_serves(kind, m, k, n) ? 16 : ROWS)
 
 /* Scratch for m rows of k activations as a linear of this kind takes them, in int16
- * units. int8: their int16 form (QLEN(k) per row, VNNI builds) and its scales (QCHUNKS(k)
- * floats per row); on AMX builds, for either kind, the rows packed as tiles after those
- * (64-byte aligned). */
+ * units. int8 weights: the rows' quantised form (QROW_BYTES(k) per row), their scales
+ * (QSCALES(k) floats per row) and, in the int8 form, their shifts (a float per row); on AMX
+ * builds, for either kind, the rows packed as tiles after those (64-byte aligned). */
 int64_t lv_linear_scratch(int kind, int64_t m, int64_t k) {
-    const int64_t q16 = USE_Q16(kind) ? m * (QLEN(k) + 2 * QCHUNKS(k)) : 0;
+    const int64_t quantised =
+        USE_Q16(kind) || USE_Q8(kind)
+            ? m * (QROW_BYTES(k) / 2 + 2 * QSCALES(k) + (USE_Q8(kind) ? 2 : 0))
+            : 0;
 #if LV_AMX
     if (k % 64 == 0 && kind != W_F32_IN_OUT)
-        return q16 + (64 + (kind == W_INT8 ? amx_pack_bytes(m, k) : amx_bf16_pack_bytes(m, k))) / 2;
+        return quantised +
+               (64 + (kind == W_INT8 ? amx_pack_bytes(m, k) : amx_bf16_pack_bytes(m, k))) / 2;
 #endif
-    return q16;
+    return quantised;
 }
 
 /* The scratch's parts (see lv_linear_scratch). */
 static float *scratch_scales(int16_t *q, int64_t m, int64_t k) {
-    return (float *)(q + m * QLEN(k));
+    return (float *)((int8_t *)q + m * QROW_BYTES(k));
+}
+
+static float *scratch_shifts(int16_t *q, int64_t m, int64_t k) {
+    return scratch_scales(q, m, k) + m * QSCALES(k);
 }
 
 static int8_t *scratch_tiles(int kind, int16_t *q, int64_t m, int64_t k) {
     const uintptr_t end =
-        kind == W_INT8 ? (uintptr_t)(scratch_scales(q, m, k) + m * QCHUNKS(k)) : (uintptr_t)q;
+        kind == W_INT8 ? (uintptr_t)(scratch_scales(q, m, k) + m * QSCALES(k)) : (uintptr_t)q;
     return (int8_t *)((end + 63) & ~(uintptr_t)63);
+}
+
+/* m activation rows x [m, k] as a linear of this kind reads them, with their quantised
+ * form (once quantize_rows has made it) in the scratch q. */
+static acts_t acts_in(const float *x, int64_t m, int64_t k, int16_t *q) {
+    const acts_t a = {x, q, scratch_scales(q, m, k), k, NULL, (const int8_t *)q,
+                      scratch_shifts(q, m, k)};
+    return a;
+}
+
+/* Rows [i0, i1) of a's activations in their quantised form, where this kind takes one. */
+static void quantize_rows(int kind, const acts_t *a, int64_t i0, int64_t i1) {
+    const int64_t k = a->k;
+    for (int64_t i = i0; i < i1; i++) {
+#if LV_ACT_BITS == 16
+        if (USE_Q16(kind))
+            quantize_row(a->x + i * k, k, (int16_t *)a->q + i * QLEN(k), (float *)a->sx + i * QCHUNKS(k));
+#elif LV_ACT_BITS == 8
+        if (USE_Q8(kind))
+            quantize_row8(a->x + i * k, k, (int8_t *)a->q8 + i * Q8LEN(k), (float *)a->sx + i * Q8CHUNKS(k),
+                          (float *)a->shift + i);
+#else
+        (void)kind, (void)k;
+#endif
+    }
 }
 
 /* y = x w^T * scale + bias; kind W_INT8 (scale required) or W_BF16 (scale NULL).
@@ -622,8 +866,8 @@ static int8_t *scratch_tiles(int kind, int16_t *q, int64_t m, int64_t k) {
 void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, const float *scale,
                const float *bias, float *y, int64_t n, int16_t *scratch, int nthreads) {
     const int amx = amx_serves(kind, m, k, n);
-    acts_t a = {x, scratch, scratch_scales(scratch, m, k), k,
-                amx ? scratch_tiles(kind, scratch, m, k) : NULL};
+    acts_t a = acts_in(x, m, k, scratch);
+    if (amx) a.tiles = scratch_tiles(kind, scratch, m, k);
 #pragma omp parallel num_threads(nthreads)
     {
         int64_t r0, r1;
@@ -639,12 +883,9 @@ void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, co
 #endif
             rows_band(W_BF16, &a, m, w, NULL, bias, y, n, r0, r1);
         } else {
-#if LV_VNNI
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < m; i++)
-                quantize_row(x + i * k, k, scratch + i * QLEN(k), (float *)a.sx + i * QCHUNKS(k));
+            for (int64_t i = 0; i < m; i++) quantize_rows(W_INT8, &a, i, i + 1);
             /* the loop's end is a barrier: every row is ready */
-#endif
 #if LV_AMX
             if (amx) {
                 int64_t t0, t1;
@@ -862,12 +1103,8 @@ static void gelu_tanh(float *x, int64_t n) {
 LV_INLINE void linear_band(const int kind, const float *x, int64_t m, int64_t k, const void *w,
                            const float *scale, const float *bias, float *y, int64_t n,
                            int64_t r0, int64_t r1, int16_t *q) {
-    acts_t a = {x, q, scratch_scales(q, m, k), k, NULL};
-#if LV_VNNI
-    if (USE_Q16(kind))
-        for (int64_t i = 0; i < m; i++)
-            quantize_row(x + i * k, k, q + i * QLEN(k), (float *)a.sx + i * QCHUNKS(k));
-#endif
+    acts_t a = acts_in(x, m, k, q);
+    quantize_rows(kind, &a, 0, m);
 #if LV_AMX
     if (amx_serves(kind, m, k, n)) {
         int8_t *tiles = scratch_tiles(kind, q, m, k);
