@@ -121,6 +121,8 @@ COLUMNS = [
     ("load_s", "load s", "{:.1f}"),
     ("prefill_s", "prefill s", "{:.3f}"),
     ("decode_ms_per_token", "ms/token", "{:.1f}"),
+    ("floor_ms_per_token", "floor ms/token", "{:.1f}"),
+    ("floor_ratio", "x floor", "{:.2f}"),
     ("tokens_per_s", "tokens/s", "{:.1f}"),
     ("vocoder_s_per_audio_s", "vocoder s/s", "{:.3f}"),
     ("e2e_rtf", "RTF", "{:.3f}"),
@@ -148,6 +150,43 @@ def _snr_text(snr_db: float) -> str:
     return "identical (fp32 vocoder)" if math.isinf(snr_db) else f"{snr_db:.1f} dB"
 
 
+def _sampling_text(options: dict[str, Any]) -> str:
+    return (
+        f"temperature {options['temperature']:g}, top-k {options['top_k']}, "
+        f"top-p {options['top_p']:g}, repetition penalty {options['repetition_penalty']:g}"
+    )
+
+
+def _floor_lines(cases: list[dict[str, Any]]) -> list[str]:
+    """Each case's weight-streaming floor: the GPT bytes a decode step reads over the read
+    bandwidth measured right before its decode."""
+    measured = [r for r in cases if "decode_weight_bytes" in r]
+    if not measured:
+        return []
+    first = next((r for r in measured if "read_bandwidth_gb_per_s" in r), None)
+    how = ""
+    if first is not None:
+        how = (
+            f" (read bandwidth: torch sum of {first['bandwidth_buffer_bytes'] / 2**30:g} GiB, "
+            f"{first['bandwidth_threads']} threads, best of {first['bandwidth_repeats']}, "
+            "right before each case's decode)"
+        )
+    lines = ["", f"floor: GPT weight bytes one decode step reads / read bandwidth{how}"]
+    for r in measured:
+        what = f"  {r['device']}/{r['precision']}: {r['decode_weight_bytes'] / 1e9:.3f} GB/token"
+        if "floor_ms_per_token" not in r:
+            lines.append(f"{what}; no floor: {r.get('floor_error', 'not measured')}")
+            continue
+        line = (
+            f"{what} / {r['read_bandwidth_gb_per_s']:.1f} GB/s = "
+            f"{r['floor_ms_per_token']:.2f} ms/token"
+        )
+        if "floor_ratio" in r:
+            line += f"; decode {r['decode_ms_per_token']:.1f} ms/token = {r['floor_ratio']:.2f}x the floor"
+        lines.append(line)
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     rows = list(report["cases"])
     ref = report.get("reference")
@@ -170,11 +209,15 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     machine = next((r for r in report["cases"] if "cpu_kernels" in r), None)
     if machine is not None:
-        lines.append(f"cpu kernels: {machine['cpu_kernels']}   threads: {machine['threads']}")
+        lines.append(
+            f"cpu: {machine.get('cpu_model', '?')}   cpu kernels: {machine['cpu_kernels']}   "
+            f"threads: {machine['threads']}"
+        )
     for i, line in enumerate(table):
         lines.append("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    lines += _floor_lines(report["cases"])
     for r in report["cases"]:
         if "error" in r:
             lines.append(f"{r['device']}/{r['precision']}: {r['error']}")
@@ -209,4 +252,10 @@ def format_report(report: dict[str, Any]) -> str:
                     f"{r['decode_logit_cosine_mean']:.5f} min {r['decode_logit_cosine_min']:.5f}, "
                     f"top-1 agreement {r['decode_top1_agreement'] * 100:.1f}%"
                 )
+                if "sampling_tv_mean" in r:
+                    lines.append(
+                        f"  {' ' * len(name)} {' ' * len(r['precision'])}  sampling "
+                        f"({_sampling_text(r['sampling_options'])}): TV distance per decode step "
+                        f"mean {r['sampling_tv_mean']:.4f} max {r['sampling_tv_max']:.4f}"
+                    )
     return "\n".join(lines)

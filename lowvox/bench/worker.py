@@ -67,6 +67,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     from lowvox.engines.xtts.pipeline import warm_up as warm_up_vocoder
     from lowvox.engines.xtts.sampling import SamplingOptions
     from lowvox.runtime import kernels
+    from lowvox.runtime.devices import probe_machine
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
@@ -88,6 +89,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         "precision": job["precision"],
         "device": device,
         "threads": torch.get_num_threads(),
+        "cpu_model": probe_machine(with_gpus=False).cpu_model,
         "cpu_kernels": kernels.describe(with_path=False),
         "text_tokens": len(ids),
         "load_s": load_s,
@@ -98,6 +100,9 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         warm = generate(model.gpt, DecodeRow(voice.gpt_cond_latent, text_ids, options, 8))
         vocode(model, warm.latents, voice)
         warm_up_vocoder(model)
+
+        # The machine's floor, measured now, right before the timed decode (see `floor`).
+        result.update(_floor(model, device))
 
         times, latents = [], []
         _sync(device)
@@ -118,6 +123,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             decode_ms_per_token=decode_s / max(n - 1, 1) * 1000,
             tokens_per_s=(n - 1) / decode_s if decode_s > 0 else float("nan"),
         )
+        if "floor_ms_per_token" in result:
+            result["floor_ratio"] = result["decode_ms_per_token"] / result["floor_ms_per_token"]
 
         lat = torch.cat(latents, dim=1)
         t = time.perf_counter()
@@ -162,6 +169,24 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     if device.startswith("cuda"):
         result["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
     return result
+
+
+def _floor(model: XttsModel, device: str) -> dict[str, Any]:
+    """Read bandwidth (in a child process, with this process's threads), the GPT weight
+    bytes one decode step streams, and their quotient, the floor in ms/token."""
+    from lowvox.bench.floor import decode_weight_bytes, floor_ms_per_token, measure_in_child
+    from lowvox.errors import LowvoxError
+
+    weight_bytes = decode_weight_bytes(model.gpt)
+    try:
+        probe = measure_in_child(torch.get_num_threads(), device)
+    except LowvoxError as e:  # the timings still count; the table says why no floor
+        return {"decode_weight_bytes": weight_bytes, "floor_error": str(e)}
+    bytes_per_s = probe["read_bandwidth_gb_per_s"] * 1e9
+    return probe | {
+        "decode_weight_bytes": weight_bytes,
+        "floor_ms_per_token": floor_ms_per_token(weight_bytes, bytes_per_s),
+    }
 
 
 def _speak_together(model: XttsModel, utterances: list[Utterance], rows: int) -> float:
