@@ -13,6 +13,8 @@ from lowvox.runtime.planner import plan
 from lowvox.settings import Settings
 
 _SECRET_FIELDS = {"api_key"}
+# Enough to stream from memory (several times any L3), small enough to be quick.
+DOCTOR_BANDWIDTH_BYTES = 256 << 20
 
 
 def _gib(n: int | None) -> str:
@@ -47,6 +49,23 @@ def _kernels_line() -> str:
     except ImportError:  # no torch
         return "unavailable (torch missing)"
     return kernels.describe()
+
+
+def _floor_lines() -> list[str]:
+    """This machine's read bandwidth and what it allows a full-size XTTS v2's decoding on
+    the CPU (every weight is read once per token); `lowvox bench` shows how close it gets."""
+    try:
+        import torch
+
+        from lowvox.bench.floor import read_bandwidth, released_floor_lines
+    except ImportError:
+        return []
+    bandwidth = read_bandwidth(DOCTOR_BANDWIDTH_BYTES, repeats=3)
+    return [
+        f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (torch, "
+        f"{torch.get_num_threads()} threads); decode floor of a full-size XTTS v2 on the CPU:",
+        *(f"  {line}" for line in released_floor_lines(bandwidth)),
+    ]
 
 
 def _models_lines(settings: Settings) -> list[str]:
@@ -95,6 +114,7 @@ def report(settings: Settings) -> str:
         lines.append("  gpu: none")
     lines.append(f"  {_espeak_line()}")
     lines.append(f"  cpu kernels: {_kernels_line()}")
+    lines += [f"  {line}" for line in _floor_lines()]
     lines += [f"  {line}" for line in _models_lines(settings)]
     try:
         described = plan(

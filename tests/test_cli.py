@@ -136,6 +136,7 @@ def test_doctor_shows_settings_and_environment(tmp_path):
     assert f"home = {tmp_path}" in out
     assert "torch:" in out and "espeak-ng: found" in out
     assert "cpu kernels: " in out
+    assert "memory read bandwidth: " in out and "int8: " in out and "ms/token" in out
 
 
 @pytest.mark.slow

@@ -46,6 +46,35 @@ def decode_weight_bytes(gpt: XttsGpt) -> int:
     return total + sum(w[0].nbytes for w in rows)
 
 
+# Bytes per stored weight, and per int8 row scale (bf16), as the loader stores each precision.
+STORED_BYTES = {"fp32": (4, 0), "bf16": (2, 0), "int8": (1, 2)}
+
+
+def step_bytes(layers: int, channels: int, audio_tokens: int, precision: str) -> int:
+    """What `decode_weight_bytes` counts, from the architecture's sizes alone (for a model
+    not loaded, e.g. the released one in `lowvox doctor`): per block 12 D^2 weights (c_attn
+    3D, attn c_proj D, c_fc 4D, mlp c_proj D outputs: 9D rows with their scales and fp32
+    biases) and two fp32 LayerNorms; ln_f and final_norm; the fp32 mel_head; one fp32 row
+    each of the audio token and position embeddings."""
+    weight, scale = STORED_BYTES[precision]
+    d, v = channels, audio_tokens
+    block = 12 * d * d * weight + 9 * d * (scale + 4) + 4 * d * 4
+    return layers * block + 2 * (2 * d * 4) + (v * d + v) * 4 + 2 * d * 4
+
+
+def released_floor_lines(bytes_per_s: float) -> list[str]:
+    """The floor of a full-size XTTS v2 (the released model's sizes) per precision at
+    `bytes_per_s`, one line each."""
+    from lowvox.bench.workload import FULL_SIZE_MODEL_ARGS as args
+
+    sizes = (args["gpt_layers"], args["gpt_n_model_channels"], args["gpt_num_audio_tokens"])
+    return [
+        f"{precision}: {step_bytes(*sizes, precision) / 1e6:.0f} MB/token, "
+        f"{floor_ms_per_token(step_bytes(*sizes, precision), bytes_per_s):.1f} ms/token"
+        for precision in ("int8", "bf16", "fp32")
+    ]
+
+
 def floor_ms_per_token(weight_bytes: int, bytes_per_s: float) -> float:
     """The weight-streaming floor: milliseconds to read `weight_bytes` at `bytes_per_s`."""
     return weight_bytes / bytes_per_s * 1000.0

@@ -175,7 +175,7 @@ def _expected_step_bytes(args, weight_bytes: int, scale_bytes: int) -> int:
     "precision, weight_bytes, scale_bytes", [("fp32", 4, 0), ("bf16", 2, 0), ("int8", 1, 2)]
 )
 def test_decode_weight_bytes_are_the_weights_a_step_reads(precision, weight_bytes, scale_bytes):
-    from lowvox.bench.floor import decode_weight_bytes
+    from lowvox.bench.floor import decode_weight_bytes, step_bytes
 
     gpt = _tiny_gpt(precision)
     counted = decode_weight_bytes(gpt)
@@ -186,6 +186,9 @@ def test_decode_weight_bytes_are_the_weights_a_step_reads(precision, weight_byte
     actual += gpt.mel_embedding.weight[0].nbytes + gpt.mel_pos_embedding.emb.weight[0].nbytes
     assert counted == actual
     assert counted == _expected_step_bytes(gpt.args, weight_bytes, scale_bytes)
+    args = gpt.args
+    sizes = (args.gpt_layers, args.gpt_n_model_channels, args.gpt_num_audio_tokens)
+    assert step_bytes(*sizes, precision) == counted  # what doctor uses for the released model
 
 
 def test_floor_is_bytes_over_bandwidth():
