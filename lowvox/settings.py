@@ -118,7 +118,8 @@ class Settings(BaseSettings):
     # not memory). Voice uploads are stored mono at `voice_sample_rate` at most, within
     # `max_voice_bytes` per voice and `max_library_bytes` for the library (0: no limit).
     # AllTalk's output_file_url: "auto" answers V1 clients (SillyTavern <= 1.12, its
-    # "AllTalk V1" mode) with an absolute URL and V2 clients with a relative one.
+    # "AllTalk V1" mode) with an absolute URL, V2 clients with a relative one and
+    # text-generation-webui's extension (either mode) with `//host:port/audio/<file>`.
     response_memory_bytes: int = Field(1024 * 1024, ge=0)
     voice_sample_rate: int = Field(48_000, ge=8_000, le=192_000)
     max_voice_bytes: int = Field(64 * 1024 * 1024, ge=1)

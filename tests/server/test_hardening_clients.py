@@ -8,6 +8,7 @@ that cannot run left out of model lists (15), doubled slashes and clients that l
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable
+from urllib.parse import urljoin
 
 import httpx
 import numpy as np
@@ -36,6 +38,8 @@ from tests.server.srv_fixtures import (
 )
 
 PAGE = "http://localhost:8000"  # SillyTavern's page, as its browser requests name it
+TGWUI_PAGE = "http://127.0.0.1:7860/"  # text-generation-webui's chat page
+TGWUI_HEADERS = {"User-Agent": "python-requests/2.32.3"}  # its extension runs in Python
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
@@ -88,6 +92,50 @@ def st_form(text: str, voice: str, **extra: str) -> dict[str, str]:
         "autoplay_volume": "0.8",
         **extra,
     }
+
+
+def tgwui_form(text: str, voice: str, **changes: str) -> dict[str, str]:
+    """What text-generation-webui's AllTalk extension posts to /api/tts-generate, in its
+    order and with its values for a chat reply (`output_modifier` → `send_and_generate`),
+    the same in its default and legacy modes."""
+    return {
+        "text_input": text,
+        "text_filtering": "html",
+        "character_voice_gen": voice,
+        "rvccharacter_voice_gen": "Disabled",
+        "rvccharacter_pitch": "0",
+        "narrator_enabled": "false",
+        "narrator_voice_gen": voice,
+        "rvcnarrator_voice_gen": "Disabled",
+        "rvcnarrator_pitch": "0",
+        "text_not_inside": "narrator",
+        "language": "en",
+        "output_file_name": "Assistant",
+        "output_file_timestamp": "true",
+        "autoplay": "false",
+        "autoplay_volume": "0.8",
+        "speed": "1",
+        "pitch": "0",
+        "temperature": "0.75",
+        "repetition_penalty": "10",
+        **changes,
+    }
+
+
+def tgwui_reply(c: httpx.Client, text: str, **changes: str) -> dict:
+    """The extension's requests: "Refresh settings & voices" (voices, RVC voices, current
+    settings, in that order), then one chat reply spoken with the first voice."""
+    voices = c.get("/api/voices").json()["voices"]
+    assert c.get("/api/rvcvoices").status_code == 200
+    assert c.get("/api/currentsettings").status_code == 200
+    r = c.post("/api/tts-generate", data=tgwui_form(text, voices[0], **changes))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def plays(url: str) -> bool:
+    r = httpx.get(url)
+    return r.status_code == 200 and r.content[:4] == b"RIFF"
 
 
 class SamplingFactory(FakeFactory):
@@ -406,6 +454,97 @@ def test_sillytavern_1_12_names_voices_after_files(page_server):
         assert httpx.get(url).status_code == 200
         preview = c.post("/api/previewvoice/", data={"voice": "gamma.wav"}).json()
         assert preview["output_file_url"].startswith(page_server.url + "/audio/preview_")
+
+
+def test_text_generation_webui_plays_in_default_and_legacy_modes(server):
+    # Both modes send the same requests; they differ only in what they do with the URL
+    # (its script.py, send_and_generate): default mode writes server URL + output_file_url
+    # into the chat page, legacy mode output_file_url as it is, which the browser resolves
+    # against the chat page. `//host:port/audio/...` works both ways.
+    with httpx.Client(base_url=server.url, headers=TGWUI_HEADERS) as c:
+        data = tgwui_reply(c, "Hello from the chat.")
+    url = data["output_file_url"]
+    assert url.startswith("//127.0.0.1:") and "/audio/Assistant_" in url
+    default_mode, legacy_mode = server.url + url, urljoin(TGWUI_PAGE, url)
+    assert legacy_mode.startswith(server.url + "/audio/Assistant_")
+    assert plays(default_mode) and plays(legacy_mode)
+    assert plays(server.url + data["output_cache_url"])
+    assert plays(urljoin(TGWUI_PAGE, data["output_cache_url"]))
+    # Its voice preview: the same call with other values, played with `?<time>` added.
+    with httpx.Client(base_url=server.url, headers=TGWUI_HEADERS) as c:
+        preview = tgwui_reply(
+            c,
+            "A preview sentence.",
+            text_filtering="standard",
+            output_file_name="previewvoice",
+            output_file_timestamp="false",
+        )
+    url = preview["output_file_url"] + "?1733480000"
+    assert plays(server.url + url) and plays(urljoin(TGWUI_PAGE, url))
+
+
+def test_text_generation_webui_urls_play_in_chromium(server):
+    # The chat page, on its own origin, as each mode writes it: <audio src=...>.
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from tests.server.test_web_page import CHROMIUM, LAUNCH_ARGS
+
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary")
+    with httpx.Client(base_url=server.url, headers=TGWUI_HEADERS) as c:
+        url = tgwui_reply(c, "Hello from the chat.")["output_file_url"]
+    html = f'<audio id="default" src="{server.url}{url}"></audio><audio id="legacy" src="{url}">'
+
+    class ChatPage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(html.encode())
+
+        def log_message(self, *args) -> None:
+            pass
+
+    # A real server: Playwright's request interception makes media requests fail.
+    chat = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ChatPage)
+    threading.Thread(target=chat.serve_forever, daemon=True).start()
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{chat.server_port}/chat")
+                for mode in ("default", "legacy"):
+                    audio = f"document.getElementById('{mode}')"
+                    page.wait_for_function(f"{audio}.readyState >= 1 || {audio}.error !== null")
+                    assert page.evaluate(f"{audio}.error") is None, mode
+                    assert page.evaluate(f"{audio}.duration") > 0, mode
+            finally:
+                browser.close()
+    finally:
+        chat.shutdown()
+        chat.server_close()
+
+
+def test_only_this_servers_address_prefixes_audio(server):
+    with httpx.Client(base_url=server.url, headers=TGWUI_HEADERS) as c:
+        name = tgwui_reply(c, "Just one file.")["output_file_url"].rsplit("/", 1)[1]
+    assert plays(f"{server.url}/audio/{name}")
+    for prefix in ("//example.com", "//127.0.0.1:1", "/v1", "/api"):
+        assert httpx.get(f"{server.url}{prefix}/audio/{name}").status_code == 404, prefix
+
+
+def test_text_generation_webui_behind_a_public_url(tmp_path):
+    # A reverse proxy serves lowvox under /tts: the extension's server URL is the public one.
+    with live_server(tmp_path, public_url="https://tts.example.org/tts") as s:
+        with httpx.Client(base_url=s.url, headers=TGWUI_HEADERS) as c:
+            url = tgwui_reply(c, "Through the proxy.")["output_file_url"]
+        assert url.startswith("//tts.example.org/tts/audio/Assistant_")
+        legacy = urljoin("https://chat.example.org/", url)
+        assert legacy.startswith("https://tts.example.org/tts/audio/")
+        # Default mode asks the proxy for /tts//tts.example.org/tts/audio/...; the proxy
+        # strips /tts and sends the rest on, with the public Host.
+        r = httpx.get(s.url + url, headers={"Host": "tts.example.org"})
+        assert r.status_code == 200 and r.content[:4] == b"RIFF"
 
 
 def test_scripts_get_relative_urls_and_settings_can_force_either(tmp_path):

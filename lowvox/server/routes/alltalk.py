@@ -5,7 +5,9 @@ AllTalk answers generation requests with JSON pointing at a saved file; failures
 
 V1 clients (SillyTavern 1.12 and older, SillyTavern's "AllTalk V1" mode) use
 `output_file_url` as it is, so it must be absolute; V2 clients put their endpoint in
-front of it, so it must be relative. Both are answered in their form (`_absolute_urls`).
+front of it, so it must be relative. Both are answered in their form (`url_form`).
+text-generation-webui's extension sends the same requests in both its modes, so it gets
+`//host:port/audio/<file>`, which works either way (`_OwnAddressRoute`).
 The form fields are declared in the OpenAPI schema (`openapi_extra`) but read by
 `fields`, which takes them as a form, as JSON or from the query, as AllTalk does.
 """
@@ -14,15 +16,19 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
+from starlette.types import Scope
 
 from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.server import responses, synthesis
 from lowvox.server.narration import Turn, narrator_turns
+from lowvox.server.routes import core
 from lowvox.server.routes.paths import TolerantRoute
 from lowvox.server.state import ServerState, State
 from lowvox.server.textfront import filter_text
@@ -204,34 +210,94 @@ def client_key(request: Request) -> str:
     return f"{host}|{request.headers.get('user-agent', '')}"
 
 
-def _absolute_urls(request: Request, state: ServerState, voice: str | None) -> bool:
-    """Whether this client is a V1 client, which uses `output_file_url` as it is.
+UrlForm = Literal["absolute", "relative", "network"]
+
+# text-generation-webui's AllTalk extension posts these with every request (its
+# `send_and_generate`), RVC off or on; SillyTavern never sends `pitch`.
+_TGWUI_FIELDS = ("pitch", "rvccharacter_pitch", "rvcnarrator_pitch")
+
+
+def url_form(
+    request: Request, state: ServerState, form: dict[str, Any], voice: str | None
+) -> UrlForm:
+    """How this client wants `output_file_url`: absolute (V1), relative (V2) or network.
 
     What tells: the settings (`alltalk_url_style`), else a browser client's start-up
     calls (SillyTavern asks for /api/rvcvoices in V2 mode only), else how it names the
     voice: SillyTavern 1.12 and older (AllTalk V1 only) add `.wav` to every voice name.
-    Anything else is taken for V2, AllTalk's current API.
+    text-generation-webui's extension sends the same calls and fields in its default mode
+    (which puts its server URL in front) and its legacy mode (which writes the URL into
+    the chat page as it is), so it gets the one form both resolve: `//host:port/...`
+    (a network-path reference, RFC 3986 4.2). Anything else is taken for V2.
     """
     style = state.settings.alltalk_url_style
     if style != "auto":
-        return style == "absolute"
+        return style
     version = state.alltalk_clients.version(client_key(request))
     if version is not None:
-        return version == "v1"
-    return isinstance(voice, str) and voice.strip().lower().endswith(".wav")
+        return "absolute" if version == "v1" else "relative"
+    if isinstance(voice, str) and voice.strip().lower().endswith(".wav"):
+        return "absolute"
+    if "origin" not in request.headers and all(k in form for k in _TGWUI_FIELDS):
+        return "network"
+    return "relative"
 
 
-def file_urls(request: Request, state: ServerState, name: str, absolute: bool) -> dict[str, str]:
+def _address(host: str, public_url: str | None) -> str:
+    """This server's address as a client reached it: `host[:port][/prefix]`."""
+    if public_url:
+        parts = urlsplit(public_url)
+        return f"{parts.netloc}{parts.path}".rstrip("/")
+    return host
+
+
+def file_urls(request: Request, state: ServerState, name: str, form: UrlForm) -> dict[str, str]:
+    public_url = state.settings.public_url
     base = ""
-    if absolute:
-        base = (state.settings.public_url or str(request.base_url)).rstrip("/")
+    if form == "absolute":
+        base = (public_url or str(request.base_url)).rstrip("/")
+    elif form == "network":
+        base = "//" + _address(request.url.netloc, public_url)
     return {
         "output_file_url": f"{base}/audio/{name}",
         "output_cache_url": f"{base}/audiocache/{name}",
     }
 
 
+class _OwnAddressRoute(TolerantRoute):
+    """A route whose leading `{address}` must be this server's own address.
+
+    text-generation-webui's default mode joins its server URL and a network-path URL into
+    `http://host:port//host:port/audio/<file>`; this serves that path and nothing else.
+    """
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is Match.NONE:
+            return match, child
+        address = str(child.get("path_params", {}).get("address", "")).lower()
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        state = getattr(scope["app"].state, "lowvox", None)
+        public_url = state.settings.public_url if state is not None else None
+        if address not in {host.lower(), _address(host, public_url).lower()}:
+            return Match.NONE, {}
+        return match, child
+
+
+async def _own_address_file(name: str, state: State) -> FileResponse:
+    return await core.output_file(name, state)
+
+
 # -- Routes -------------------------------------------------------------------------------
+
+for _folder in ("audio", "audiocache"):
+    router.add_api_route(
+        f"/{{address:path}}/{_folder}/{{name}}",
+        _own_address_file,
+        methods=["GET"],
+        include_in_schema=False,
+        route_class_override=_OwnAddressRoute,
+    )
 
 
 @router.get("/api/rvcvoices")
@@ -328,7 +394,7 @@ async def tts_generate(request: Request, state: State) -> Any:
     return {
         "status": "generate-success",
         "output_file_path": str(state.outputs.find(name)),
-        **file_urls(request, state, name, _absolute_urls(request, state, voice)),
+        **file_urls(request, state, name, url_form(request, state, form, voice)),
     }
 
 
@@ -422,7 +488,7 @@ async def preview_voice(request: Request, state: State) -> Any:
         name = await responses.save(state, plan, request, "preview")
     except LowvoxError as e:
         return failure(e)
-    urls = file_urls(request, state, name, _absolute_urls(request, state, voice))
+    urls = file_urls(request, state, name, url_form(request, state, form, voice))
     return {
         "status": "generate-success",
         "output_file_path": str(state.outputs.find(name)),
