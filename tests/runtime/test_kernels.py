@@ -165,16 +165,21 @@ def test_bf16_linear_matches_float64(m, k, n, with_bias):
 @needs_kernels
 @pytest.mark.parametrize("length", [1, 2, 15, 16, 17, 300])
 @pytest.mark.parametrize("heads,dim", [(16, 64), (3, 20), (2, 128)])
-def test_attend_one_writes_the_cache_and_matches_sdpa(length, heads, dim):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_one_writes_the_cache_and_matches_sdpa(length, heads, dim, dtype):
+    """The new key/value land in the cache as torch would cast them (bfloat16: nearest
+    even), and attention over the cache's values, as float64, matches SDPA."""
     g = torch.Generator().manual_seed(length + heads)
-    cache_k = torch.randn(1, heads, 320, dim, generator=g) * 2
-    cache_v = torch.randn(1, heads, 320, dim, generator=g)
+    cache_k = (torch.randn(1, heads, 320, dim, generator=g) * 2).to(dtype)
+    cache_v = torch.randn(1, heads, 320, dim, generator=g).to(dtype)
     q, k_new, v_new = (torch.randn(heads, dim, generator=g) * 2 for _ in range(3))
     pos = length - 1
     ref_k, ref_v = cache_k.clone().double(), cache_v.clone().double()
-    ref_k[0, :, pos], ref_v[0, :, pos] = k_new.double(), v_new.double()
+    ref_k[0, :, pos] = k_new.to(dtype).double()
+    ref_v[0, :, pos] = v_new.to(dtype).double()
     out = kernels.attend_one(q, k_new, v_new, cache_k, cache_v, pos)
-    assert torch.equal(cache_k[0, :, pos], k_new) and torch.equal(cache_v[0, :, pos], v_new)
+    assert torch.equal(cache_k[0, :, pos], k_new.to(dtype))
+    assert torch.equal(cache_v[0, :, pos], v_new.to(dtype))
     ref = F.scaled_dot_product_attention(
         q[None, :, None].double(), ref_k[:, :, :length], ref_v[:, :, :length]
     )[0, :, 0]
@@ -446,7 +451,7 @@ def test_fused_block_decode_equals_the_module_path(dim, heads, kind, monkeypatch
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(Block, "_fused_decoder", lambda *a: None)
-        cache = KVCache(1, heads, 16, dim // heads)
+        cache = KVCache(1, heads, 16, dim // heads, dtype=torch.float32)
         with torch.inference_mode():
             block(prompt, 0, cache)  # prefill: always the module path
             before = token.clone()
@@ -461,6 +466,38 @@ def test_fused_block_decode_equals_the_module_path(dim, heads, kind, monkeypatch
     FP32_REORDER.check(ka, kb, "keys")
     FP32_REORDER.check(va, vb, "values")
     assert not torch.equal(ka[0, :, 9], torch.zeros_like(ka[0, :, 9]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_fused_block_decode_with_a_bf16_cache_equals_the_module_path(kind, monkeypatch):
+    """Weight-only models keep keys and values in bfloat16: the C block writes and reads
+    them as the torch ops do (both round the new key/value to nearest even; the two
+    paths' float32 keys differ in their last bits, so a rounding may land one bfloat16
+    step apart: the BF16 row)."""
+    from lowvox.engines.xtts.gpt import Block, KVCache
+    from tests.tolerance import BF16
+
+    dim, heads = 64, 4
+    block = _reduced_block(dim, heads, kind=kind)
+    prompt, token = torch.randn(1, 9, dim), torch.randn(1, 1, dim)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(Block, "_fused_decoder", lambda *a: None)
+        cache = KVCache(1, heads, 16, dim // heads, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            block(prompt, 0, cache)
+            out = block(token, 9, cache)
+        results.append((out, cache.k.clone(), cache.v.clone()))
+    (a, ka, va), (b, kb, vb) = results
+    assert block._fused is not None  # the fused path did run
+    assert ka.dtype == torch.bfloat16 and not torch.equal(
+        ka[0, :, 9], torch.zeros_like(ka[0, :, 9])
+    )
+    BF16.check(a, b, "block output")
+    BF16.check(ka.float(), kb.float(), "keys")
+    BF16.check(va.float(), vb.float(), "values")
 
 
 def _prefill_rows(block_or_stack, prompts, cache_or_caches):

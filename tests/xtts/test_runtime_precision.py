@@ -149,7 +149,7 @@ def test_weight_only_cache_with_another_mode_is_not_used(
         assert f.metadata()["mode"] == "some-future-layout"
 
 
-def test_cpu_bf16_keeps_norms_activations_and_caches_in_float32(random_bundle, tmp_path):
+def test_cpu_bf16_keeps_norms_and_activations_in_float32(random_bundle, tmp_path):
     model = load_model(random_bundle.path, precision="bf16", cache_dir=tmp_path)
     block = model.gpt.gpt.h[0]
     assert block.ln_1.weight.dtype == torch.float32
@@ -157,12 +157,28 @@ def test_cpu_bf16_keeps_norms_activations_and_caches_in_float32(random_bundle, t
     x = torch.randn(1, 3, model.gpt.dim)
     assert block.ln_1(x).dtype == torch.float32  # the bf16 layers take float32
     assert block(x, 0, None).dtype == torch.float32
-    assert model.gpt.make_caches(8)[0].k.dtype == torch.float32
+    # Keys and values are kept in bfloat16 (half what a decode step reads), computed in
+    # float32.
+    assert model.gpt.make_caches(8)[0].k.dtype == torch.bfloat16
     out = say(model, TEXT, **GREEDY)
     assert out.codes[0].size and np.isfinite(out.wav).all()
     if kernels.available():
         fused = block._fused
         assert fused is not None and fused[1].kind == kernels.WEIGHT_KINDS[torch.bfloat16]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_cpu_caches_are_bf16_only_for_weight_only_models(precision, random_bundle, tmp_path):
+    """fp32 keeps float32 keys and values (exact parity with the reference); int8 and bf16
+    keep them in bfloat16, and decode through the fused C kernels with them."""
+    model = load_model(random_bundle.path, precision=precision, cache_dir=tmp_path)
+    expected = torch.float32 if precision == "fp32" else torch.bfloat16
+    assert model.gpt.cache_dtype == expected
+    assert all(c.k.dtype == c.v.dtype == expected for c in model.gpt.make_caches(8, batch=2))
+    out = say(model, TEXT, **GREEDY)
+    assert out.codes[0].size and np.isfinite(out.wav).all()
+    if kernels.available():
+        assert model.gpt.gpt.h[0]._fused is not None  # the C decode path took the cache
 
 
 def test_cast_bf16_keeps_norms_and_residual_in_float32(random_bundle) -> None:

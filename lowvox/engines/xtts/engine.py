@@ -246,7 +246,7 @@ class XttsEngine(Engine):
     def kv_positions(self, model: XttsModel) -> int:
         """KV-cache positions all requests of a batch may reserve together."""
         args = model.config.model_args
-        itemsize = model.gpt.compute_dtype.itemsize  # keys and values are kept in it
+        itemsize = model.gpt.cache_dtype.itemsize  # keys and values are kept in it
         per_position = 2 * args.gpt_layers * args.gpt_n_model_channels * itemsize
         if self.kv_cache_mb is not None:
             budget = self.kv_cache_mb * 2**20

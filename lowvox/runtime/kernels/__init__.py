@@ -83,7 +83,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_block_work_floats.restype = i64
     lib.lv_linear.argtypes = [i32, p, i64, i64, p, p, p, p, i64, p, i32]
     lib.lv_linear.restype = None
-    lib.lv_attend_one.argtypes = [p, p, p, p, p, i64, i64, i64, i64, f32, p, p, i32]
+    lib.lv_attend_one.argtypes = [p, p, p, p, p, i32, i64, i64, i64, i64, f32, p, p, i32]
     lib.lv_attend_one.restype = None
     lib.lv_blocks_decode.argtypes = [
         i32,  # weight kind
@@ -97,6 +97,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         p,  # weights [4 layers]
         p,  # scales [4 layers]
         p,  # biases [4 layers]
+        i32,  # cache kind
         p,  # keys [layers]
         p,  # values [layers]
         p,  # positions (int64 per row, or NULL)
@@ -172,6 +173,17 @@ def _check(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
         )
 
 
+# The KV cache kinds the C attention knows (its KV_F32 and KV_BF16).
+CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _check_cache(t: torch.Tensor, what: str) -> None:
+    if t.device.type != "cpu" or t.dtype not in CACHE_KINDS or not t.is_contiguous():
+        raise ValueError(
+            f"{what} must be a contiguous float32 or bfloat16 CPU tensor, got {t.dtype} {t.device}"
+        )
+
+
 # The weight kinds the C code knows (its W_INT8 and W_BF16), and the block's third:
 # float32 weights as GPT-2 stores them, [in, out] (W_F32_IN_OUT).
 WEIGHT_KINDS = {torch.int8: 0, torch.bfloat16: 1}
@@ -238,8 +250,10 @@ def attend_one(
     pos: int,
 ) -> torch.Tensor:
     """One decode step's attention: write k_new/v_new [H, D] at position `pos` of the
-    [1, H, max_len, D] caches, then attend with q [H, D] over positions 0..pos -> [H, D]
-    float32. Same as `scaled_dot_product_attention` over the filled cache, without a mask."""
+    [1, H, max_len, D] caches (float32, or bfloat16: the new key/value rounded to nearest
+    even, as torch casts), then attend with q [H, D] over positions 0..pos -> [H, D]
+    float32. Same as `scaled_dot_product_attention` over the filled cache (as float32),
+    without a mask."""
     lib = load()
     if lib is None:
         raise RuntimeError("lowvox's CPU kernels are not available")
@@ -249,11 +263,11 @@ def attend_one(
         if t.shape != (heads, dim):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({heads}, {dim})")
     for name, t in (("cache_k", cache_k), ("cache_v", cache_v)):
-        _check(t, torch.float32, name)
+        _check_cache(t, name)
         if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] != heads or t.shape[3] != dim:
             raise ValueError(f"{name} must be [1, {heads}, max_len, {dim}], got {tuple(t.shape)}")
-    if cache_k.shape != cache_v.shape:
-        raise ValueError("the key and value caches differ in shape")
+    if cache_k.shape != cache_v.shape or cache_k.dtype != cache_v.dtype:
+        raise ValueError("the key and value caches differ in shape or dtype")
     max_len = cache_k.shape[2]
     if not 0 <= pos < max_len:
         raise ValueError(f"position {pos} is outside a cache of {max_len}")
@@ -262,7 +276,8 @@ def attend_one(
     scratch = torch.empty(threads * (pos + 1), dtype=torch.float32)
     lib.lv_attend_one(
         q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), cache_k.data_ptr(),
-        cache_v.data_ptr(), heads, pos, dim, max_len, dim**-0.5, out.data_ptr(),
+        cache_v.data_ptr(), CACHE_KINDS[cache_k.dtype], heads, pos, dim, max_len, dim**-0.5,
+        out.data_ptr(),
         scratch.data_ptr(), threads,
     )  # fmt: skip
     return out
@@ -392,13 +407,15 @@ class FusedStack:
         for i, t in enumerate((*keys, *values)):
             if (
                 t.shape != shape
-                or t.dtype != torch.float32
+                or t.dtype != keys[0].dtype
+                or t.dtype not in CACHE_KINDS
                 or t.device.type != "cpu"
                 or not t.is_contiguous()
             ):
                 raise ValueError(
-                    f"cache {i % n} must be a contiguous float32 CPU tensor of shape "
-                    f"{tuple(shape)}, got {t.dtype} {t.device} {tuple(t.shape)}"
+                    f"cache {i % n} must be a contiguous float32 or bfloat16 CPU tensor of "
+                    f"shape {tuple(shape)} (all of one dtype), got {t.dtype} {t.device} "
+                    f"{tuple(t.shape)}"
                 )
         max_len = shape[2]
         per_row: torch.Tensor | None = None
@@ -423,7 +440,8 @@ class FusedStack:
         scratch = torch.empty(threads * (pos + 1), dtype=torch.float32)
         lib.lv_blocks_decode(
             self.kind, out.data_ptr(), rows, dim, heads, n, self._norms, self._eps,
-            self._weights, self._scales, self._biases, key_ptrs, value_ptrs,
+            self._weights, self._scales, self._biases, CACHE_KINDS[keys[0].dtype], key_ptrs,
+        value_ptrs,
             None if per_row is None else per_row.data_ptr(), pos, max_len, work.data_ptr(),
             scratch.data_ptr(), threads,
         )  # fmt: skip

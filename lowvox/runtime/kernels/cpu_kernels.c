@@ -78,6 +78,10 @@
 #define W_F32_IN_OUT 2 /* lv_blocks_decode only */
 #define WBYTES(kind) ((kind) == W_BF16 ? 2 : 1)
 
+/* KV cache kinds (attention): float32, or bfloat16 (half the bytes a decode step reads). */
+#define KV_F32 0
+#define KV_BF16 1
+
 /* How int8 weights meet their activations (lv_activation_bits):
  *  8: int8 activations with a float32 scale per Q8CHUNK values (AVX-512 VNNI builds without
  *     AMX: vpdpbusd, 64 products per instruction; AVX2: vpmaddubsw + vpmaddwd). Decoding
@@ -102,7 +106,12 @@
 #define QLEN(k) (((k) + 31) / 32 * 32)            /* int16 values per row, zero-padded */
 #define QCHUNKS(k) (((k) + QCHUNK - 1) / QCHUNK)  /* scales per row */
 #define Q8CHUNK 128 /* int8 activation values sharing one scale (a multiple of 64) */
-#define Q8TILE 4    /* activation rows per pass in the int8 path */
+/* Activation rows per pass over a weight row in the int8 path: a float32 total each. */
+#if LV_ISA == 2
+#define Q8TILE 8
+#else
+#define Q8TILE 4
+#endif
 #ifndef Q8_AHEAD
 #define Q8_AHEAD 2048
 #endif
@@ -295,12 +304,12 @@ static void quantize_row(const float *x, int64_t k, int16_t *q, float *sx) {
  * activation loads, halves what one core reads per second (Zen 4: 7 against 14 GB/s), and
  * at one instruction per 64 bytes nothing needs sharing. */
 LV_INLINE void row_dot_q8(const int mt, const acts_t *a, int64_t i0, const int8_t *row,
-                          float out[XTILE]) {
+                          float out[Q8TILE]) {
     const int64_t k = a->k, kq = Q8LEN(k), chunks = Q8CHUNKS(k);
     const int8_t *xq = a->q8 + i0 * kq;
     const float *sx = a->sx + i0 * chunks;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[XTILE];
+    __m512 acc[Q8TILE];
     for (int i = 0; i < mt; i++) acc[i] = _mm512_setzero_ps();
     int64_t c = 0;
     for (; c < k / Q8CHUNK; c++) { /* whole chunks: two steps of 64 */
@@ -318,7 +327,7 @@ LV_INLINE void row_dot_q8(const int mt, const acts_t *a, int64_t i0, const int8_
         }
     }
     if (c < chunks) { /* the row's end: q8 is zero-padded, the weights must not be over-read */
-        __m512i sum[XTILE];
+        __m512i sum[Q8TILE];
         for (int i = 0; i < mt; i++) sum[i] = _mm512_setzero_si512();
         for (int64_t j = c * Q8CHUNK; j < k; j += 64) {
             const __mmask64 mask = k - j >= 64 ? ~(__mmask64)0 : (__mmask64)((1ull << (k - j)) - 1ull);
@@ -576,16 +585,6 @@ static void amx_rows_bf16(const uint16_t *w, int64_t k, const float *bias, float
 LV_INLINE void block_rows(const int kind, const int mt, const acts_t *a, int64_t i0,
                           const void *const wr[ROWS], int rows, const float *scale,
                           const float *bias, float *y, int64_t n) {
-#if LV_ACT_BITS == 8
-    if (USE_Q8(kind)) {
-        for (int r = 0; r < rows; r++) {
-            float out[XTILE];
-            row_dot_q8(mt, a, i0, (const int8_t *)wr[r], out);
-            for (int i = 0; i < mt; i++) y[i * n + r] = out[i] * scale[r] + (bias ? bias[r] : 0.0f);
-        }
-        return;
-    }
-#endif
     __m512 acc[XTILE][ROWS];
 #if LV_ACT_BITS == 16
     if (USE_Q16(kind))
@@ -660,16 +659,16 @@ static void quantize_row8(const float *x, int64_t k, int8_t *q, float *sx, float
  * vpmaddwd sums those pairs into int32 lanes, and each chunk's sums join the float32
  * total at its scale. Rows are read one after the other (one sequential stream). */
 LV_INLINE void row_dot_q8(const int mt, const acts_t *a, int64_t i0, const int8_t *row,
-                          float out[XTILE]) {
+                          float out[Q8TILE]) {
     const int64_t k = a->k, kq = Q8LEN(k), chunks = Q8CHUNKS(k);
     const int8_t *xq = a->q8 + i0 * kq;
     const float *sx = a->sx + i0 * chunks;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[XTILE];
+    __m256 acc[Q8TILE];
     for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t j1 = (c + 1) * Q8CHUNK < k ? (c + 1) * Q8CHUNK : k;
-        __m256i sum[XTILE];
+        __m256i sum[Q8TILE];
         for (int i = 0; i < mt; i++) sum[i] = _mm256_setzero_si256();
         for (int64_t j = c * Q8CHUNK; j < j1; j += 32) {
             if ((j & 63) == 0) _mm_prefetch((const char *)row + j + AHEAD(W_INT8), _MM_HINT_T0);
@@ -697,14 +696,6 @@ LV_INLINE void row_dot_q8(const int mt, const acts_t *a, int64_t i0, const int8_
 LV_INLINE void block_rows(const int kind, const int mt, const acts_t *a, int64_t i0,
                           const void *const wr[ROWS], int rows, const float *scale,
                           const float *bias, float *y, int64_t n) {
-    if (USE_Q8(kind)) {
-        for (int r = 0; r < rows; r++) {
-            float out[XTILE];
-            row_dot_q8(mt, a, i0, (const int8_t *)wr[r], out);
-            for (int i = 0; i < mt; i++) y[i * n + r] = out[i] * scale[r] + (bias ? bias[r] : 0.0f);
-        }
-        return;
-    }
     const int64_t k = a->k;
     const float *x = a->x + i0 * k;
     __m256 acc[XTILE][ROWS];
@@ -745,6 +736,41 @@ LV_INLINE void block_rows(const int kind, const int mt, const acts_t *a, int64_t
 }
 #endif
 
+#if LV_ACT_BITS == 8
+/* Output r of y [m, n] for activation rows [i0, i0 + mt). */
+LV_INLINE void row_q8(const int mt, const acts_t *a, int64_t i0, const int8_t *row, float scale,
+                      float bias, float *y, int64_t n) {
+    float out[Q8TILE];
+    row_dot_q8(mt, a, i0, row, out);
+    for (int i = 0; i < mt; i++) y[(i0 + i) * n] = out[i] * scale + bias;
+}
+
+/* Outputs [r0, r1) of y [m, n] = x w^T * scale + bias for the m activation rows of `a`
+ * (their int8 form ready): weight row after weight row (one sequential stream), each
+ * meeting every activation row, Q8TILE at a time, while in L1. */
+static void rows_band_q8(const acts_t *a, int64_t m, const int8_t *w, const float *scale,
+                         const float *bias, float *y, int64_t n, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *row = w + r * a->k;
+        const float b = bias ? bias[r] : 0.0f;
+        for (int64_t i0 = 0; i0 < m; i0 += Q8TILE) {
+            switch (m - i0 < Q8TILE ? (int)(m - i0) : Q8TILE) {
+            case 1: row_q8(1, a, i0, row, scale[r], b, y + r, n); break;
+            case 2: row_q8(2, a, i0, row, scale[r], b, y + r, n); break;
+            case 3: row_q8(3, a, i0, row, scale[r], b, y + r, n); break;
+#if Q8TILE > 4
+            case 4: row_q8(4, a, i0, row, scale[r], b, y + r, n); break;
+            case 5: row_q8(5, a, i0, row, scale[r], b, y + r, n); break;
+            case 6: row_q8(6, a, i0, row, scale[r], b, y + r, n); break;
+            case 7: row_q8(7, a, i0, row, scale[r], b, y + r, n); break;
+#endif
+            default: row_q8(Q8TILE, a, i0, row, scale[r], b, y + r, n); break;
+            }
+        }
+    }
+}
+#endif
+
 /* Outputs [r0, r1) (r0 a multiple of ROWS) of y [m, n] = x w^T * scale + bias for the m
  * activation rows of `a` (their quantised form ready, on int8 kinds): one pass over those
  * weight rows, ROWS at a time, each block meeting every activation row while in L1. */
@@ -760,8 +786,14 @@ LV_INLINE void rows_band(const int kind, const acts_t *a, int64_t m, const void 
         return;
     }
 #endif
+#if LV_ACT_BITS == 8
+    if (USE_Q8(kind)) {
+        rows_band_q8(a, m, (const int8_t *)w, scale, bias, y, n, r0, r1);
+        return;
+    }
+#endif
     const int64_t stride = a->k * WBYTES(kind); /* bytes per weight row */
-    const int tile = USE_Q16(kind) ? QTILE : USE_Q8(kind) ? Q8TILE : XTILE;
+    const int tile = USE_Q16(kind) ? QTILE : XTILE;
     for (int64_t r = r0; r < r1; r += ROWS) {
         const int rows = (int)(r1 - r < ROWS ? r1 - r : ROWS);
         /* A short last block repeats its first row rather than read past the weights. */
@@ -918,9 +950,17 @@ LV_INLINE __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* One head, dim a multiple of 16 (at most 256). */
-static void attend_head(const float *qh, const float *kh, const float *vh, int64_t len,
-                        int64_t dim, float scale, float *p, float *oh) {
+/* 16 cached values (a key's or a value's) from element j of a cache of this kind. */
+LV_INLINE __m512 kvload16(const int kv, const void *c, int64_t j) {
+    if (kv == KV_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)c + j))), 16));
+    return _mm512_loadu_ps((const float *)c + j);
+}
+
+/* One head, dim a multiple of 16 (at most 256), over a cache of kind kv. */
+LV_INLINE void attend_head(const int kv, const float *qh, const void *kh, const void *vh,
+                           int64_t len, int64_t dim, float scale, float *p, float *oh) {
     const int nv = (int)(dim / 16);
     __m512 qv[16];
     for (int c = 0; c < nv; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(qh + 16 * c), _mm512_set1_ps(scale));
@@ -929,12 +969,12 @@ static void attend_head(const float *qh, const float *kh, const float *vh, int64
     for (; j + 4 <= len; j += 4) { /* four keys at once: independent FMA chains */
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        const float *k0 = kh + j * dim;
+        const int64_t k0 = j * dim;
         for (int c = 0; c < nv; c++) {
-            a0 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k0 + 16 * c), a0);
-            a1 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k0 + dim + 16 * c), a1);
-            a2 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k0 + 2 * dim + 16 * c), a2);
-            a3 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k0 + 3 * dim + 16 * c), a3);
+            a0 = _mm512_fmadd_ps(qv[c], kvload16(kv, kh, k0 + 16 * c), a0);
+            a1 = _mm512_fmadd_ps(qv[c], kvload16(kv, kh, k0 + dim + 16 * c), a1);
+            a2 = _mm512_fmadd_ps(qv[c], kvload16(kv, kh, k0 + 2 * dim + 16 * c), a2);
+            a3 = _mm512_fmadd_ps(qv[c], kvload16(kv, kh, k0 + 3 * dim + 16 * c), a3);
         }
         p[j] = _mm512_reduce_add_ps(a0);
         p[j + 1] = _mm512_reduce_add_ps(a1);
@@ -943,7 +983,7 @@ static void attend_head(const float *qh, const float *kh, const float *vh, int64
     }
     for (; j < len; j++) {
         __m512 a = _mm512_setzero_ps();
-        for (int c = 0; c < nv; c++) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kh + j * dim + 16 * c), a);
+        for (int c = 0; c < nv; c++) a = _mm512_fmadd_ps(qv[c], kvload16(kv, kh, j * dim + 16 * c), a);
         p[j] = _mm512_reduce_add_ps(a);
     }
     for (j = 0; j < len; j++) top = p[j] > top ? p[j] : top;
@@ -966,28 +1006,41 @@ static void attend_head(const float *qh, const float *kh, const float *vh, int64
     for (int c = 0; c < nv; c++) acc[c] = _mm512_setzero_ps();
     for (j = 0; j < len; j++) {
         const __m512 pj = _mm512_set1_ps(p[j]);
-        const float *vj = vh + j * dim;
-        for (int c = 0; c < nv; c++) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + 16 * c), acc[c]);
+        for (int c = 0; c < nv; c++) acc[c] = _mm512_fmadd_ps(pj, kvload16(kv, vh, j * dim + 16 * c), acc[c]);
     }
     for (int c = 0; c < nv; c++) _mm512_storeu_ps(oh + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
 }
 #define LV_FAST_DIM(dim) ((dim) % 16 == 0 && (dim) <= 256)
 #else
 #define LV_FAST_DIM(dim) 0
-static void attend_head(const float *qh, const float *kh, const float *vh, int64_t len,
-                        int64_t dim, float scale, float *p, float *oh) {
-    (void)qh, (void)kh, (void)vh, (void)len, (void)dim, (void)scale, (void)p, (void)oh;
+static void attend_head(const int kv, const float *qh, const void *kh, const void *vh,
+                        int64_t len, int64_t dim, float scale, float *p, float *oh) {
+    (void)kv, (void)qh, (void)kh, (void)vh, (void)len, (void)dim, (void)scale, (void)p, (void)oh;
 }
 #endif
 
-static void attend_head_portable(const float *qh, const float *kh, const float *vh, int64_t len,
-                                 int64_t dim, float scale, float *p, float *oh) {
+/* Cached value j (a key's or a value's element) of a cache of kind kv, as float32. */
+LV_INLINE float kvscalar(const int kv, const void *c, int64_t j) {
+    if (kv == KV_BF16) {
+        union { uint32_t u; float f; } v = {.u = (uint32_t)((const uint16_t *)c)[j] << 16};
+        return v.f;
+    }
+    return ((const float *)c)[j];
+}
+
+/* float32 -> bfloat16 bits, rounding to nearest even, as torch converts (no NaNs here). */
+static inline uint16_t to_bf16(float x) {
+    union { float f; uint32_t u; } v = {.f = x};
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+LV_INLINE void attend_head_portable(const int kv, const float *qh, const void *kh, const void *vh,
+                                    int64_t len, int64_t dim, float scale, float *p, float *oh) {
     float top = -INFINITY;
     for (int64_t j = 0; j < len; j++) {
-        const float *kj = kh + j * dim;
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < dim; d++) s += qh[d] * kj[d];
+        for (int64_t d = 0; d < dim; d++) s += qh[d] * kvscalar(kv, kh, j * dim + d);
         s *= scale;
         p[j] = s;
         top = s > top ? s : top;
@@ -999,10 +1052,9 @@ static void attend_head_portable(const float *qh, const float *kh, const float *
     }
     for (int64_t d = 0; d < dim; d++) oh[d] = 0.0f;
     for (int64_t j = 0; j < len; j++) {
-        const float *vj = vh + j * dim;
         const float pj = p[j] / total;
 #pragma omp simd
-        for (int64_t d = 0; d < dim; d++) oh[d] += pj * vj[d];
+        for (int64_t d = 0; d < dim; d++) oh[d] += pj * kvscalar(kv, vh, j * dim + d);
     }
 }
 
@@ -1011,30 +1063,50 @@ static void attend_head_portable(const float *qh, const float *kh, const float *
  * positions[i] of that row's caches (`pos` for every row when positions is NULL), and its
  * query attends over positions 0..positions[i]: each row is a sequence of its own length
  * (continuous batching: rows join and leave at any step). Positions are clamped to
- * [0, pos]; pos < max_len. Caches [m, heads, max_len, dim]; out [m, heads * dim]; p: this
- * thread's scratch of pos + 1 floats. */
-static void attend_rows(const float *q, const float *k_new, const float *v_new, int64_t xs,
-                        int64_t m, float *keys, float *values, const int64_t *positions,
-                        int64_t heads, int64_t pos, int64_t max_len, int64_t dim, float scale,
-                        float *out, float *p) {
+ * [0, pos]; pos < max_len. Caches [m, heads, max_len, dim] of kind kv (float32, or
+ * bfloat16: half the bytes each step reads, the new key/value rounded to nearest even);
+ * out [m, heads * dim]; p: this thread's scratch of pos + 1 floats. */
+LV_INLINE void attend_rows_kv(const int kv, const float *q, const float *k_new,
+                              const float *v_new, int64_t xs, int64_t m, void *keys, void *values,
+                              const int64_t *positions, int64_t heads, int64_t pos,
+                              int64_t max_len, int64_t dim, float scale, float *out, float *p) {
+    const int64_t bytes = kv == KV_BF16 ? 2 : 4;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < m * heads; t++) {
         const int64_t i = t / heads, h = t % heads;
-        float *kh = keys + t * max_len * dim; /* row i, head h */
-        float *vh = values + t * max_len * dim;
+        char *kh = (char *)keys + t * max_len * dim * bytes; /* row i, head h */
+        char *vh = (char *)values + t * max_len * dim * bytes;
         const float *qh = q + i * xs + h * dim;
         int64_t at = positions ? positions[i] : pos;
         at = at < 0 ? 0 : at > pos ? pos : at;
         for (int64_t d = 0; d < dim; d++) {
-            kh[at * dim + d] = k_new[i * xs + h * dim + d];
-            vh[at * dim + d] = v_new[i * xs + h * dim + d];
+            const float kd = k_new[i * xs + h * dim + d], vd = v_new[i * xs + h * dim + d];
+            if (kv == KV_BF16) {
+                ((uint16_t *)kh)[at * dim + d] = to_bf16(kd);
+                ((uint16_t *)vh)[at * dim + d] = to_bf16(vd);
+            } else {
+                ((float *)kh)[at * dim + d] = kd;
+                ((float *)vh)[at * dim + d] = vd;
+            }
         }
         float *oh = out + i * heads * dim + h * dim;
         if (LV_FAST_DIM(dim))
-            attend_head(qh, kh, vh, at + 1, dim, scale, p, oh);
+            attend_head(kv, qh, kh, vh, at + 1, dim, scale, p, oh);
         else
-            attend_head_portable(qh, kh, vh, at + 1, dim, scale, p, oh);
+            attend_head_portable(kv, qh, kh, vh, at + 1, dim, scale, p, oh);
     }
+}
+
+static void attend_rows(int kv, const float *q, const float *k_new, const float *v_new,
+                        int64_t xs, int64_t m, void *keys, void *values,
+                        const int64_t *positions, int64_t heads, int64_t pos, int64_t max_len,
+                        int64_t dim, float scale, float *out, float *p) {
+    if (kv == KV_BF16)
+        attend_rows_kv(KV_BF16, q, k_new, v_new, xs, m, keys, values, positions, heads, pos,
+                       max_len, dim, scale, out, p);
+    else
+        attend_rows_kv(KV_F32, q, k_new, v_new, xs, m, keys, values, positions, heads, pos,
+                       max_len, dim, scale, out, p);
 }
 
 static float *thread_scratch(float *scratch, int64_t each) {
@@ -1049,14 +1121,14 @@ static float *thread_scratch(float *scratch, int64_t each) {
 /* One decode step's attention, for every head h: write the new key and value (k_new[h],
  * v_new[h]: [heads, dim]) at position `pos` of the caches, then
  *   out[h] = softmax(q[h] . K[h, :pos + 1]^T * scale) V[h, :pos + 1].
- * Caches: [1, heads, max_len, dim]. scratch: nthreads * (pos + 1) floats for the
- * attention weights. */
-void lv_attend_one(const float *q, const float *k_new, const float *v_new, float *keys,
-                   float *values, int64_t heads, int64_t pos, int64_t dim, int64_t max_len,
-                   float scale, float *out, float *scratch, int nthreads) {
+ * Caches: [1, heads, max_len, dim] of kind kv (KV_F32, KV_BF16). scratch: nthreads *
+ * (pos + 1) floats for the attention weights. */
+void lv_attend_one(const float *q, const float *k_new, const float *v_new, void *keys,
+                   void *values, int kv, int64_t heads, int64_t pos, int64_t dim,
+                   int64_t max_len, float scale, float *out, float *scratch, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
-    attend_rows(q, k_new, v_new, 0, 1, keys, values, NULL, heads, pos, max_len, dim, scale, out,
-                thread_scratch(scratch, pos + 1));
+    attend_rows(kv, q, k_new, v_new, 0, 1, keys, values, NULL, heads, pos, max_len, dim, scale,
+                out, thread_scratch(scratch, pos + 1));
 }
 
 /* y = LayerNorm(x) * w + b over n values (two-pass mean and variance, as torch). */
@@ -1192,8 +1264,8 @@ static void add_band(float *x, const float *y, int64_t m, int64_t dim, int64_t r
 /* One thread's part of a block (see lv_blocks_decode), inside its parallel region. */
 LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int64_t heads,
                           const float *const ln[4], float eps, const void *const w[4],
-                          const float *const s[4], const float *const b[4], float *keys,
-                          float *values, const int64_t *positions, int64_t pos, int64_t max_len,
+                          const float *const s[4], const float *const b[4], int kv, void *keys,
+                          void *values, const int64_t *positions, int64_t pos, int64_t max_len,
                           float *work, float *scratch) {
     const int64_t hd = dim / heads;
     float *qkv = work;              /* [m, 3 dim]; later the MLP's output [m, dim] */
@@ -1209,8 +1281,8 @@ LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int6
     my_rows(3 * dim, UNIT(kind, m, dim, 3 * dim), &r0, &r1);
     block_linear(kind, h, m, dim, w[0], s[0], b[0], qkv, 3 * dim, r0, r1, q);
 #pragma omp barrier
-    attend_rows(qkv, qkv + dim, qkv + 2 * dim, 3 * dim, m, keys, values, positions, heads, pos,
-                max_len, hd, 1.0f / sqrtf((float)hd), att, p); /* ends in a barrier */
+    attend_rows(kv, qkv, qkv + dim, qkv + 2 * dim, 3 * dim, m, keys, values, positions, heads,
+                pos, max_len, hd, 1.0f / sqrtf((float)hd), att, p); /* ends in a barrier */
     my_rows(dim, UNIT(kind, m, dim, dim), &r0, &r1);
     block_linear(kind, att, m, dim, w[1], s[1], b[1], hidden, dim, r0, r1, q);
     add_band(x, hidden, m, dim, r0, r1);
@@ -1233,7 +1305,8 @@ LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int6
  * ln_1 w, b, ln_2 w, b) and eps[l]; its linears, of one weight kind for the whole stack
  * (int8 or bf16 weights [out, in], float32 ones [in, out]; per-row scales for int8, NULL
  * otherwise; biases), in the order c_attn, attn c_proj, c_fc, mlp c_proj (w, s, b
- * [4 l + 0..3]); its caches keys[l], values[l] [m, heads, max_len, head dim]. Row i's
+ * [4 l + 0..3]); its caches keys[l], values[l] [m, heads, max_len, head dim], all of
+ * kind kv (KV_F32, KV_BF16). Row i's
  * key/value is written at positions[i] and it attends over positions 0..positions[i]
  * (positions NULL: every row at `pos`; otherwise pos is their maximum).
  * One parallel region for the whole stack (no Python, no thread start-up between blocks)
@@ -1244,20 +1317,20 @@ LV_INLINE void block_body(const int kind, float *x, int64_t m, int64_t dim, int6
  * work: lv_block_work_floats(kind, m, dim, nthreads) floats; scratch: nthreads * (pos + 1). */
 void lv_blocks_decode(int kind, float *x, int64_t m, int64_t dim, int64_t heads, int64_t layers,
                       const float *const *ln, const float *eps, const void *const *w,
-                      const float *const *s, const float *const *b, float *const *keys,
-                      float *const *values, const int64_t *positions, int64_t pos,
+                      const float *const *s, const float *const *b, int kv, void *const *keys,
+                      void *const *values, const int64_t *positions, int64_t pos,
                       int64_t max_len, float *work, float *scratch, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     for (int64_t l = 0; l < layers; l++) {
         if (kind == W_BF16)
             block_body(W_BF16, x, m, dim, heads, ln + 4 * l, eps[l], w + 4 * l, s + 4 * l,
-                       b + 4 * l, keys[l], values[l], positions, pos, max_len, work, scratch);
+                       b + 4 * l, kv, keys[l], values[l], positions, pos, max_len, work, scratch);
         else if (kind == W_F32_IN_OUT)
             block_body(W_F32_IN_OUT, x, m, dim, heads, ln + 4 * l, eps[l], w + 4 * l, s + 4 * l,
-                       b + 4 * l, keys[l], values[l], positions, pos, max_len, work, scratch);
+                       b + 4 * l, kv, keys[l], values[l], positions, pos, max_len, work, scratch);
         else
             block_body(W_INT8, x, m, dim, heads, ln + 4 * l, eps[l], w + 4 * l, s + 4 * l,
-                       b + 4 * l, keys[l], values[l], positions, pos, max_len, work, scratch);
+                       b + 4 * l, kv, keys[l], values[l], positions, pos, max_len, work, scratch);
 #pragma omp barrier /* the fifth: the next block reads every row of x */
     }
 }
