@@ -189,6 +189,24 @@ def test_attend_one_writes_the_cache_and_matches_sdpa(length, heads, dim, dtype)
 
 
 @needs_kernels
+def test_a_bf16_row_alone_equals_the_same_row_in_a_batch():
+    """One activation row walks the weight rows one after another, several rows walk them
+    interleaved; each output's sum runs in the same order either way (exact by
+    construction; on AMX builds several rows take the tiles instead)."""
+    if kernels.amx():
+        pytest.skip("several rows take the AMX tiles here")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1000, generator=g)
+    w = torch.randn(37, 1000, generator=g).to(torch.bfloat16)
+    b = torch.randn(37, generator=g)
+    together = kernels.linear(x, w, None, b)
+    for i in range(3):
+        assert torch.equal(
+            kernels.linear(x[i : i + 1].contiguous(), w, None, b), together[i : i + 1]
+        )
+
+
+@needs_kernels
 def test_bad_inputs_are_errors_not_crashes():
     x = torch.randn(2, 32)
     w = torch.randint(-127, 128, (8, 32), dtype=torch.int8)

@@ -203,6 +203,30 @@ LV_INLINE void block_tile(const int kind, const int mt, const float *x, int64_t 
                           const void *const wr[ROWS], __m512 acc[XTILE][ROWS]) {
     for (int i = 0; i < mt; i++)
         for (int r = 0; r < ROWS; r++) acc[i][r] = _mm512_setzero_ps();
+    if (kind == W_BF16 && mt == 1) {
+        /* bf16 rows one after the other, as int8 ones (row_dot_q8): one sequential stream,
+         * which one core reads faster than four interleaved ones (one row: 30 bf16 blocks
+         * 61 -> 46 ms on a Zen 4 core). Each sum runs in the same order either way, so the
+         * results are the same; with more activation rows the interleaved order's
+         * independent sums win (eight rows: 108 against 169 ms). */
+        for (int r = 0; r < ROWS; r++) {
+            int64_t j = 0;
+            for (; j + 16 <= k; j += 16) {
+                if (((j * 2) & 63) == 0)
+                    _mm_prefetch((const char *)wr[r] + j * 2 + AHEAD(W_BF16), _MM_HINT_T0);
+                const __m512 wv = wload16(W_BF16, wr[r], j);
+                for (int i = 0; i < mt; i++)
+                    acc[i][r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * k + j), wv, acc[i][r]);
+            }
+            if (j < k) {
+                const __mmask16 mask = (__mmask16)((1u << (k - j)) - 1u);
+                const __m512 wv = wload16_masked(W_BF16, wr[r], j, mask);
+                for (int i = 0; i < mt; i++)
+                    acc[i][r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + i * k + j), wv, acc[i][r]);
+            }
+        }
+        return;
+    }
     int64_t j = 0;
     for (; j + 16 <= k; j += 16) {
         if (((j * WBYTES(kind)) & 63) == 0)
