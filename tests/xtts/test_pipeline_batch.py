@@ -37,11 +37,12 @@ def run(
     cancel_at: dict[int, int] | None = None,
     bulk: set[int] = frozenset(),
     log: list[tuple[int, int, bool]] | None = None,
+    sizes: list[tuple[int, int, int]] | None = None,
 ):
     """Step `batch`, adding plan[k] before step k; cancel utterance i (its index in the
     order added) before step cancel_at[i]; the utterances in `bulk` (by that index) are
     added as bulk. Each utterance's audio, codes and outcome; `log` gets (step, index,
-    sentence ended) for every chunk."""
+    sentence ended) for every chunk, `sizes` (step, index, samples)."""
     cancel_at = cancel_at or {}
     ids: dict[int, int] = {}  # batch id -> order added
     cancels: dict[int, threading.Event] = {}
@@ -64,6 +65,8 @@ def run(
                 wavs[order].append(event.chunk.wav)
                 if log is not None:
                     log.append((step, order, event.chunk.codes is not None))
+                if sizes is not None:
+                    sizes.append((step, order, event.chunk.wav.size))
                 if event.chunk.codes is not None:
                     codes[order].append(event.chunk.codes)
             elif event.error is not None:
@@ -155,6 +158,41 @@ def test_bulk_rows_hold_their_vocoding_until_a_listener_has_audio(
         assert mixed[i][2] == "done"
         np.testing.assert_array_equal(mixed[i][0], alone[i][0])
     assert_same_as_alone(golden_model, quick, mixed[3])
+
+
+@pytest.mark.parametrize("in_hand", [True, False])
+def test_listeners_with_audio_in_hand_wait_for_a_new_listeners_first_audio(
+    in_hand, golden_model, golden_voice
+) -> None:
+    """Earliest deadline first: from a new request's arrival until its first audio, an
+    interactive row whose listener holds HOLD_SLACK_S of audio it has not played yet puts
+    its vocoding off (sentence ends excepted); one without that much keeps vocoding.
+    Either way every utterance's audio is the same, sample for sample."""
+    from lowvox.engines.xtts.pipeline import HOLD_SLACK_S
+
+    a = utterance(golden_model, TEXTS[1], golden_voice, max_new_tokens=90)
+    b = utterance(golden_model, TEXTS[3], golden_voice, max_new_tokens=40)
+    ticks = iter(range(10**9))
+    # A frozen clock: a's listener keeps all it was sent. A racing one (10 s a reading):
+    # it has played everything long ago.
+    clock = (lambda: 0.0) if in_hand else (lambda: 10.0 * next(ticks))
+    rate = golden_model.sample_rate
+    solo_sizes: list[tuple[int, int, int]] = []
+    alone = run(Batch(golden_model, max_rows=2, clock=clock), {0: [a]}, sizes=solo_sizes)
+    sent = np.cumsum([n for _, _, n in solo_sizes]) / rate
+    # b arrives a little after a has sent that much, so that a's next chunk falls before
+    # b's first (a chunk is 20 tokens; b's first comes 13 steps after it arrives).
+    held_from = min(st for (st, _, _), s in zip(solo_sizes, sent, strict=True) if s >= HOLD_SLACK_S)
+    join = held_from + 10
+    log: list[tuple[int, int, bool]] = []
+    mixed = run(Batch(golden_model, max_rows=2, clock=clock), {0: [a], join: [b]}, log=log)
+    first = min(step for step, order, _ in log if order == 1)
+    window = [st for st, o, last in log if o == 0 and join <= st < first and not last]
+    assert [st for st, _, _ in solo_sizes if join <= st < first]  # alone, a vocodes then
+    assert bool(window) != in_hand
+    np.testing.assert_array_equal(mixed[0][0], alone[0][0])
+    assert mixed[0][2] == mixed[1][2] == "done"
+    assert_same_as_alone(golden_model, b, mixed[1])
 
 
 def test_an_interactive_sentence_is_prefilled_before_waiting_bulk_ones(

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Generator
+import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 # Utterances decoded together when nothing else is said: enough to fill the matmuls' spare
 # compute during memory-bound decoding without growing the KV caches much.
 DEFAULT_MAX_ROWS = 8
+# An interactive utterance whose listener has this much audio in hand (sent, not yet
+# played) can wait: while another listener waits for its first audio, its vocoding is put
+# off (see `Batch.step`). Above a new row's prefill and first chunk under load (~1.5 s).
+HOLD_SLACK_S = 2.0
 
 
 def encode_text(
@@ -150,6 +155,14 @@ class _Speaking:
     heard: bool = False  # its current sentence has produced audio
     vocoder: RowVocoder | None = None
     codes: list[torch.Tensor] = field(default_factory=list)
+    first_audio_at: float | None = None  # when its first audio went out (Batch's clock)
+    audio_s: float = 0.0  # seconds of audio it has sent
+
+    def slack(self, now: float) -> float:
+        """Seconds of sent audio its listener has not yet played (0 before any audio)."""
+        if self.first_audio_at is None:
+            return 0.0
+        return self.first_audio_at + self.audio_s - now
 
 
 class Batch:
@@ -162,9 +175,12 @@ class Batch:
         graphs: bool = False,
         prefills_per_step: int = 1,
         kv_positions: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`kv_positions`: the KV-cache positions all utterances together may reserve (None:
-        no bound beyond `max_rows`)."""
+        no bound beyond `max_rows`). `clock`: seconds, for how much audio each listener
+        has in hand."""
+        self._clock = clock
         self.model = model
         self.decoder = Decoder(model.gpt, max_rows=max_rows, graphs=graphs)
         self.prefills_per_step = max(1, prefills_per_step)
@@ -242,14 +258,23 @@ class Batch:
         # While a listener waits for a sentence's first audio, bulk rows only collect their
         # latents: the vocoder is most of a step's time, and theirs can wait. Otherwise one
         # bulk chunk a step, so that a backlog is caught up without a burst that would
-        # starve a listener's stream.
+        # starve a listener's stream. Likewise, while a listener waits for an utterance's
+        # first audio, interactive rows whose listeners have HOLD_SLACK_S of audio in hand
+        # wait (earliest deadline first). Held latents are vocoded later into the same
+        # chunks: the audio is the same, only its timing moves.
         bulk_chunks = 0 if any(not s.bulk and not s.heard for s in self._speaking) else 1
+        now = self._clock()
+        first_wait = any(not s.bulk and s.first_audio_at is None for s in self._speaking)
         for st in steps:
             if st.row not in self._by_row:
                 continue
             s = self._by_row[st.row]
             try:
-                heard = self._take(s, st, events, hold=s.bulk and bulk_chunks <= 0)
+                if s.bulk:
+                    hold = bulk_chunks <= 0
+                else:
+                    hold = first_wait and s.slack(now) >= HOLD_SLACK_S
+                heard = self._take(s, st, events, hold)
                 bulk_chunks -= 1 if s.bulk and heard else 0
             except LowvoxError as e:
                 self._end(s, events, e)
@@ -291,6 +316,9 @@ class Batch:
             if st.last:
                 tail = s.vocoder.finish()
                 wav = np.concatenate([wav, tail]) if wav.size else tail
+        if wav.size:
+            s.first_audio_at = self._clock() if s.first_audio_at is None else s.first_audio_at
+            s.audio_s += wav.size / rate
         if st.last:
             codes = torch.cat(s.codes).cpu().numpy() if s.codes else np.zeros(0, np.int64)
             events.append(BatchEvent(s.id, StreamChunk(wav, rate, s.sentence, codes)))
