@@ -32,6 +32,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FUSE_MIN_CHANNELS = 256
 # oneDNN picks a packed weight layout for an expected input length; any length runs with it.
 _PACK_HINT_FRAMES = 4096
+# `FusedStream`'s end of an utterance not yet known (past any real sample position).
+_NO_END = 1 << 60
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,15 @@ class HifiganGenerator(nn.Module):
             and w.dtype == torch.float32
             and not (torch.is_grad_enabled() and w.requires_grad)
             and torch.backends.mkldnn.is_available()
+            and all(_phase_taps(up) is not None for up in self.ups)
         )
+
+    def fused_stream(self, g: torch.Tensor) -> FusedStream | None:
+        """A `FusedStream` vocoding one utterance for speaker `[1, cond, 1]` in pieces, or
+        None where the fused path does not serve this generator (see `_can_fuse`)."""
+        if not self._can_fuse(g):
+            return None
+        return FusedStream(self._fused_plan(), g.float())
 
     def __getstate__(self) -> dict:
         # The plan's oneDNN tensors cannot be copied or pickled; a copy builds its own.
@@ -274,31 +284,23 @@ class HifiganGenerator(nn.Module):
 
 
 class _PackedConv:
-    """One convolution as a oneDNN 2-D convolution on `[1, C, 1, T]` channels-last
+    """One unpadded convolution as a oneDNN 2-D convolution on `[1, C, 1, T]` channels-last
     activations, its weight reordered once into oneDNN's own layout (in `dtype`) instead of
     on every call.
 
-    In bf16 the input is zero-padded here and oneDNN convolves without padding: with
-    padding, its AMX convolutions copy each input row through a kernel unrolled over the
-    whole row, about 1-3 MB of generated code per convolution and window length (~0.11 GB
-    for the released vocoder at 208-frame windows, resident for the life of the process).
-    fp32 convolutions have no such kernels and would only pay for the extra copies.
+    The fused path never asks oneDNN to pad (`FusedStream` keeps each layer group's
+    context instead): with padding, its AMX convolutions copy each input row through a
+    kernel unrolled over the whole row, about 1-3 MB of generated code per convolution and
+    input length, resident for the life of the process.
     """
 
     def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        dtype: torch.dtype,
-        padding: int,
-        stride: int = 1,
-        dilation: int = 1,
+        self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, dilation: int = 1
     ) -> None:
         w = weight.detach().unsqueeze(2)  # [O, I, 1, k]
-        prepad = dtype == torch.bfloat16
-        self.pad = padding if prepad else 0  # frames added to each side by `_padded`
-        self.padding = [0, 0 if prepad else padding]
-        self.stride = [1, stride]
+        self.reach = dilation * (w.shape[-1] - 1) // 2  # input samples each side of an output
+        self.padding = [0, 0]
+        self.stride = [1, 1]
         self.dilation = [1, dilation]
         # torch's stub lacks the op's last argument, the input size to pack the weight for.
         self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]
@@ -315,7 +317,7 @@ class _PackedConv:
     def of(cls, conv: nn.Conv1d, dtype: torch.dtype, scale: float = 1.0) -> _PackedConv:
         """`conv`, its weight multiplied by `scale` (which absorbs a preceding division)."""
         w = conv.weight if scale == 1.0 else conv.weight * scale
-        return cls(w, conv.bias, dtype, _padding(conv), conv.stride[0], conv.dilation[0])
+        return cls(w, conv.bias, dtype, conv.dilation[0])
 
     def __call__(
         self,
@@ -324,9 +326,10 @@ class _PackedConv:
         scalars: Sequence[float] = (),
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """conv(x), then the element-wise `post` ("none", "leaky_relu", "tanh") fused in."""
+        """conv(x) (`reach` samples shorter at each end), then the element-wise `post`
+        ("none", "leaky_relu", "tanh") fused in."""
         return torch.ops.mkldnn._convolution_pointwise(
-            self._padded(x),
+            x,
             self.weight,
             self.bias if bias is None else bias,
             self.padding,
@@ -338,15 +341,8 @@ class _PackedConv:
             None,
         )
 
-    def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        """`[1, C, 1, T]` -> `[1, C, 1, T + 2 * pad]` with zero frames on both sides."""
-        if not self.pad:
-            return x
-        return F.pad(x, (self.pad, self.pad)).contiguous(memory_format=torch.channels_last)
-
     def plus(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """A new tensor `other + conv(x)`."""
-        x = self._padded(x)
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, other, self.weight, self.bias, self.padding, self.stride, self.dilation, 1,
             "add", None, None, [], None,
@@ -354,51 +350,61 @@ class _PackedConv:
 
     def add_to(self, other: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`other += conv(x)`, accumulated by oneDNN as it writes the result."""
-        x = self._padded(x)
         return torch.ops.mkldnn._convolution_pointwise_.binary(
             other, x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1,
             "add", None, None, [], None,
         )  # fmt: skip
 
 
-def _polyphase(up: nn.ConvTranspose1d) -> tuple[torch.Tensor, int] | None:
-    """A stride-u ConvTranspose1d as a plain convolution making u x out channels.
-
-    Output sample m*u + r only reads taps kk = (r + p) % u + j*u of input m + (r + p) // u - j,
-    so phase r is a small ordinary convolution; stacked phase-major, `[1, u*out, 1, T]`
-    channels-last memory is exactly `[1, out, 1, T*u]` channels-last (a free view). Returns
-    (`[u*out, in, K]` weight, padding), or None where the layer has no such symmetric form.
-    """
-    w = up.weight.detach()  # [in, out, k]
-    c_in, c_out, k = w.shape
+def _phase_taps(up: nn.ConvTranspose1d) -> dict[tuple[int, int], int] | None:
+    """For a stride-u ConvTranspose1d: (phase r, input offset d) -> kernel index, or None
+    where the layer has no symmetric polyphase form (see `_polyphase`)."""
+    c_in, c_out, k = up.weight.shape
     u, p = up.stride[0], _padding(up)
     if up.dilation[0] != 1 or up.groups != 1 or k % u or k - 2 * p + up.output_padding[0] != u:
         return None
-    taps = {}  # (phase r, input offset d) -> kernel index
+    taps = {}
     for r in range(u):
         c, s = divmod(r + p, u)
         for j in range(k // u):
             taps[(r, c - j)] = s + j * u
     lo, hi = min(d for _, d in taps), max(d for _, d in taps)
-    if lo != -hi:
-        return None
-    out = w.new_zeros(u, c_out, c_in, hi - lo + 1)  # zero where a phase skips an offset
+    return taps if lo == -hi else None
+
+
+def _polyphase(up: nn.ConvTranspose1d) -> tuple[torch.Tensor, int]:
+    """A stride-u ConvTranspose1d as a plain convolution making u x out channels.
+
+    Output sample m*u + r only reads taps kk = (r + p) % u + j*u of input m + (r + p) // u - j,
+    so phase r is a small ordinary convolution; stacked phase-major, `[1, u*out, 1, T]`
+    channels-last memory is exactly `[1, out, 1, T*u]` channels-last (a free view). Returns
+    (`[u*out, in, K]` weight, its reach K // 2); the layer must have `_phase_taps`.
+    """
+    taps = _phase_taps(up)
+    assert taps is not None
+    w = up.weight.detach()  # [in, out, k]
+    c_in, c_out, _ = w.shape
+    u = up.stride[0]
+    hi = max(d for _, d in taps)
+    out = w.new_zeros(u, c_out, c_in, 2 * hi + 1)  # zero where a phase skips an offset
     for (r, d), kk in taps.items():
-        out[r, :, :, d - lo] = w[:, :, kk].T
-    return out.reshape(u * c_out, c_in, hi - lo + 1), hi
+        out[r, :, :, d + hi] = w[:, :, kk].T
+    return out.reshape(u * c_out, c_in, 2 * hi + 1), hi
 
 
 class _FusedPlan:
     """The generator rewritten for CPU inference: fewer passes over memory, same function.
 
-    - every convolution's weight is prepacked (`_PackedConv`);
+    - every convolution's weight is prepacked (`_PackedConv`), the upsamplers as polyphase
+      convolutions;
     - the leaky ReLU after a resblock's first convolution and the residual add after its
       second run inside the convolution (oneDNN post-ops); the block input's leaky ReLU is
-      computed once per stage for all sibling blocks, later ones into one reused buffer;
+      computed once per stage for all sibling blocks;
     - the speaker terms (constant over time) are folded into the conv_pre and upsampler
       biases; the average over sibling blocks is folded into the next layer's weight
       (leaky ReLU is positively homogeneous: lrelu(z / n) = lrelu(z) / n);
     - conv_post runs in float32 with tanh fused, whatever the compute dtype.
+    It runs through `FusedStream`s, which vocode an utterance in pieces, each frame once.
     Weights are copies: the plan belongs to one set of weight values (see `_fused_plan`).
     """
 
@@ -407,15 +413,10 @@ class _FusedPlan:
         self.gen = gen
         n = gen.num_kernels
         self.pre = _PackedConv.of(gen.conv_pre, dtype)
-        self.ups: list[_PackedConv | torch.Tensor] = []
+        self.ups: list[_PackedConv] = []
         for i, up in enumerate(gen.ups):
-            scale = 1.0 / n if i else 1.0
-            phases = _polyphase(up)
-            if phases is None:  # plain transposed convolution, weight [in, out, 1, k]
-                w = up.weight.detach().unsqueeze(2) * scale
-                self.ups.append(w.to(dtype).contiguous(memory_format=torch.channels_last))
-            else:
-                self.ups.append(_PackedConv(phases[0] * scale, None, dtype, phases[1]))
+            w, _ = _polyphase(up)
+            self.ups.append(_PackedConv(w * (1.0 / n if i else 1.0), None, dtype))
         self.blocks = [
             [
                 [
@@ -428,7 +429,7 @@ class _FusedPlan:
         ]
         self.post = _PackedConv.of(gen.conv_post, torch.float32, scale=1.0 / n)
 
-    def _bias(
+    def bias(
         self, conv: nn.Conv1d | nn.ConvTranspose1d, cond: nn.Conv1d | None, g: torch.Tensor
     ) -> torch.Tensor:
         """conv's bias plus the speaker term `cond(g)`: `[C]` in the compute dtype."""
@@ -439,55 +440,167 @@ class _FusedPlan:
         return b.to(self.dtype)
 
     def run(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """`[1, in, F]` frames + float32 `[1, cond, 1]` speaker -> float32 `[1, 1, F * hop]`."""
-        gen = self.gen
-        x = x.to(self.dtype).unsqueeze(2).contiguous(memory_format=torch.channels_last)
-        o = self.pre(x, bias=self._bias(gen.conv_pre, gen.cond_layer, g))  # [1, C, 1, F]
-        for i, blocks in enumerate(self.blocks):
-            o = self._upsample(i, F.leaky_relu(o, LRELU_SLOPE, inplace=True), g)
-            o = self._stage(blocks, o)  # [1, C / 2**(i+1), 1, F * (u_0 ... u_i)]
-        o = F.leaky_relu(o, FINAL_LRELU_SLOPE, inplace=True).float()
-        return self.post(o, "tanh").squeeze(2)  # [1, 1, N]
+        """`[1, in, F]` frames + float32 `[1, cond, 1]` speaker -> float32 `[1, 1, F * hop]`:
+        the whole utterance as one final piece."""
+        stream = FusedStream(self, g)
+        frames = x.shape[-1]
+        x = F.pad(x, (0, stream.tail_frames))
+        return stream.push(x, x.shape[-1], total=frames).reshape(1, 1, -1)
 
-    def _upsample(self, i: int, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Upsampler i (with its speaker term) on `[1, C, 1, T]` -> `[1, C / 2, 1, T * u]`."""
-        up = self.gen.ups[i]
-        cond = self.gen.conds[i] if self.gen.conds is not None else None
-        bias = self._bias(up, cond, g)
-        packed = self.ups[i]
-        if isinstance(packed, torch.Tensor):
-            return F.conv_transpose2d(
-                o,
-                packed,
-                bias,
-                stride=(1, up.stride[0]),
-                padding=(0, _padding(up)),
-                output_padding=(0, up.output_padding[0]),
-            )
-        u = up.stride[0]
-        y = packed(o, bias=bias.repeat(u))  # [1, u * C', 1, T], phase-major channels
-        c = y.shape[1] // u
-        # channels-last [T, u, C'] memory is [T * u, C']: a view, no copy
-        return y.permute(0, 2, 3, 1).reshape(1, 1, -1, c).permute(0, 3, 1, 2)
+
+def _mask(y: torch.Tensor, start: int, lo: int, hi: int) -> torch.Tensor:
+    """Zero the samples of `y` `[1, C, 1, T]` (at positions `start..start+T-1`) outside
+    `[lo, hi)`: a layer's output past either end of the utterance, so that the next layer
+    reads zeros there, as its zero padding would give it."""
+    n = y.shape[-1]
+    a, b = min(max(lo - start, 0), n), max(min(hi - start, n), 0)
+    if a:
+        y[..., :a] = 0
+    if b < n:
+        y[..., b:] = 0
+    return y
+
+
+class _Tail:
+    """The last input samples one layer group still needs (`2 * reach` of them: each output
+    reads `reach` samples either side), and the position of the first."""
+
+    def __init__(self, channels: int, reach: int, start: int, dtype: torch.dtype) -> None:
+        self.reach = reach
+        # Before the utterance everything is zero (what zero padding reads).
+        self.kept = torch.zeros(1, channels, 1, 2 * reach, dtype=dtype).contiguous(
+            memory_format=torch.channels_last
+        )
+        self.pos = start - 2 * reach
+
+    def extend(self, x: torch.Tensor, valid: int) -> tuple[torch.Tensor, int]:
+        """The kept samples followed by `x` `[1, C, 1, L]`, of which the first `valid` are
+        real (the rest pad a piece to its fixed length), and the position of the first.
+        Keeps the last `2 * reach` real samples for the next piece."""
+        start = self.pos
+        x = torch.cat([self.kept, x], dim=3).contiguous(memory_format=torch.channels_last)
+        self.kept = x[..., valid : valid + 2 * self.reach].clone()
+        self.pos += valid
+        return x, start
+
+
+class FusedStream:
+    """One utterance vocoded piece by piece through a `_FusedPlan`, each frame once.
+
+    Every layer group (conv_pre, each upsampler, each stage's resblocks, conv_post) keeps
+    the end of its input that its next outputs still read (`_Tail`), and runs its
+    convolutions unpadded on that plus the new samples. The utterance sits on a line of
+    zeros: before it, each group's kept samples start as zeros; each layer's output is
+    zeroed outside the utterance (`_mask`), so the next layer reads what its zero padding
+    would. Hence the audio is that of the whole utterance at once, whatever the pieces.
+
+    A piece has a fixed length (oneDNN builds kernels per input length), of which the
+    first `valid` frames are real and the rest are padding; audio comes out
+    `delay` samples behind the frames pushed. The end of the utterance is a final piece
+    whose frames past the last are zero (`total`): then every layer's samples past the
+    true end are zeroed, exactly what zero padding at the end gives.
+    """
+
+    def __init__(self, plan: _FusedPlan, g: torch.Tensor) -> None:
+        gen, dt = plan.gen, plan.dtype
+        self.plan = plan
+        self.pre_bias = plan.bias(gen.conv_pre, gen.cond_layer, g)
+        self.up_bias = []
+        for i, up in enumerate(gen.ups):
+            cond = gen.conds[i] if gen.conds is not None else None
+            self.up_bias.append(plan.bias(up, cond, g).repeat(up.stride[0]))
+        self.radii = [[sum(c1.reach + c2.reach for c1, c2 in b) for b in s] for s in plan.blocks]
+        # Positions: group g's input starts at -lag (everything before is zero); its
+        # outputs start `reach` later, in the output's samples.
+        lag = 0
+        self.pre_tail = _Tail(gen.conv_pre.in_channels, plan.pre.reach, 0, dt)
+        lag = plan.pre.reach
+        self.up_tails, self.stage_tails = [], []
+        for i, up in enumerate(gen.ups):
+            reach = plan.ups[i].reach
+            self.up_tails.append(_Tail(up.in_channels, reach, -lag, dt))
+            lag = (lag + reach) * up.stride[0]
+            self.stage_tails.append(_Tail(up.out_channels, max(self.radii[i]), -lag, dt))
+            lag += max(self.radii[i])
+        self.post_tail = _Tail(gen.conv_post.in_channels, plan.post.reach, -lag, torch.float32)
+        self.delay = lag + plan.post.reach  # audio samples behind the frames pushed
+        self.hop = math.prod(up.stride[0] for up in gen.ups)
+        self.tail_frames = -(-self.delay // self.hop)  # zero frames that flush the end
+        self.frames_in = 0  # frames pushed (real ones)
+        self.emitted = 0  # audio samples returned
+
+    @torch.inference_mode()
+    def push(self, x: torch.Tensor, valid: int, total: int | None = None) -> torch.Tensor:
+        """Frames `[1, in, L]` (the first `valid` real) -> the float32 audio `[N]` now final.
+
+        `total`: the utterance's length in frames, once known; its frames past `total` in
+        `x` must be zero, and count as valid.
+        """
+        plan = self.plan
+        if total is not None:
+            assert not x[..., max(0, total - self.frames_in) :].any(), "frames past the end"
+            valid = x.shape[-1]
+        end = _NO_END if total is None else total
+
+        def limit(rate: int) -> int:
+            return end * rate
+
+        x = x.to(plan.dtype).unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        v = valid
+        xs, p = self.pre_tail.extend(x, v)
+        pos = p + plan.pre.reach
+        o = _mask(plan.pre(xs, bias=self.pre_bias), pos, 0, limit(1))
+        rate = 1
+        for i, blocks in enumerate(plan.blocks):
+            xs, p = self.up_tails[i].extend(F.leaky_relu(o, LRELU_SLOPE, inplace=True), v)
+            y = plan.ups[i](xs, bias=self.up_bias[i])  # [1, u * C', 1, L], phase-major
+            u = self.plan.gen.ups[i].stride[0]
+            c = y.shape[1] // u
+            # channels-last [L, u, C'] memory is [L * u, C']: a view, no copy
+            y = y.permute(0, 2, 3, 1).reshape(1, 1, -1, c).permute(0, 3, 1, 2)
+            rate, v = rate * u, v * u
+            y = _mask(y, (p + plan.ups[i].reach) * u, 0, limit(rate))
+            xs, p = self.stage_tails[i].extend(y, v)
+            o = self._stage(blocks, self.radii[i], xs, p, limit(rate))
+        o = F.leaky_relu(o, FINAL_LRELU_SLOPE, inplace=True).float()
+        xs, p = self.post_tail.extend(o, v)
+        audio = plan.post(xs, "tanh")[0, 0, 0]  # [L * hop] at positions pos..
+        pos = p + plan.post.reach
+        stop = min(pos + v, limit(self.hop))
+        out = audio[max(self.emitted - pos, 0) : max(stop - pos, 0)]
+        self.emitted = max(self.emitted, stop)
+        self.frames_in += valid if total is None else min(valid, total - self.frames_in)
+        return out
 
     @staticmethod
     def _stage(
-        blocks: list[list[tuple[_PackedConv, _PackedConv]]], o: torch.Tensor
+        blocks: list[list[tuple[_PackedConv, _PackedConv]]],
+        radii: list[int],
+        xs: torch.Tensor,
+        start: int,
+        hi: int,
     ) -> torch.Tensor:
-        """The sum (not yet the mean) of the sibling resblocks' outputs for input `o`."""
-        a = F.leaky_relu(o, LRELU_SLOPE)  # the first input of every block
-        buf = None  # lrelu of the running residual, reused within the stage
+        """The sum (not yet the mean) of the sibling resblocks' outputs for input `xs`
+        `[1, C, 1, 2R + L]` (R: the widest block's radius) at positions `start..`: `[1, C, 1, L]`.
+
+        Each block reads the middle of `xs` it needs; each convolution's input and each
+        residual are trimmed to the range its outputs cover."""
+        reach = max(radii)
+        n = xs.shape[-1] - 2 * reach
+        a = F.leaky_relu(xs, LRELU_SLOPE)  # the first input of every block
         z = None
-        for pairs in blocks:
-            xa, x = a, o
+        for pairs, radius in zip(blocks, radii, strict=True):
+            s = reach - radius
+            xa, x, pos = a[..., s : s + n + 2 * radius], xs[..., s : s + n + 2 * radius], start + s
             for j, (c1, c2) in enumerate(pairs):
-                t = c1(xa, "leaky_relu", [LRELU_SLOPE])
-                # x starts as o, which the sibling blocks also read: never written into.
-                x = c2.plus(t, x) if j == 0 else c2.add_to(x, t)
+                t = _mask(c1(xa, "leaky_relu", [LRELU_SLOPE]), pos + c1.reach, 0, hi)
+                trim = c1.reach + c2.reach
+                pos += trim
+                res = x[..., trim : x.shape[-1] - trim]
+                # x starts as xs, which the sibling blocks also read: never written into.
+                x = _mask(c2.plus(t, res) if j == 0 else c2.add_to(res, t), pos, 0, hi)
                 if j + 1 < len(pairs):
-                    if buf is None:
-                        buf = torch.empty_like(x)
-                    xa = torch._C._nn.leaky_relu(x, LRELU_SLOPE, out=buf)
+                    xa = F.leaky_relu(x, LRELU_SLOPE)
             z = x if z is None else z.add_(x)
         assert z is not None  # every stage has blocks
         return z

@@ -270,10 +270,8 @@ class Batch:
                 continue
             s = self._by_row[st.row]
             try:
-                if s.bulk:
-                    hold = bulk_chunks <= 0
-                else:
-                    hold = first_wait and s.slack(now) >= HOLD_SLACK_S
+                in_hand = first_wait and s.slack(now) >= HOLD_SLACK_S
+                hold = bulk_chunks <= 0 if s.bulk else in_hand
                 heard = self._take(s, st, events, hold)
                 bulk_chunks -= 1 if s.bulk and heard else 0
             except LowvoxError as e:

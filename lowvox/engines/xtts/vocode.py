@@ -15,18 +15,23 @@ latent it reads has arrived, so nothing emitted ever changes when more latents c
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lowvox.engines.xtts.hifigan import HifiganDecoder, HifiganGenerator
+from lowvox.engines.xtts.hifigan import FusedStream, HifiganDecoder, HifiganGenerator
 from lowvox.runtime.memory import own_mappings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Streaming cadence in audio tokens (~46 ms of audio each). A short first chunk makes the
 # first audio come sooner; later chunks are longer because each vocoding also recomputes
@@ -38,9 +43,7 @@ DEFAULT_WINDOW_FRAMES = 208
 
 
 # Per generator: the (precision, input length) pairs it has already run at on the CPU.
-_RUN_AT: weakref.WeakKeyDictionary[HifiganGenerator, set[tuple[str, int]]] = (
-    weakref.WeakKeyDictionary()
-)
+_RUN_AT: weakref.WeakKeyDictionary[HifiganGenerator, set[tuple]] = weakref.WeakKeyDictionary()
 
 
 def run_generator(decoder: HifiganDecoder, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -50,14 +53,19 @@ def run_generator(decoder: HifiganDecoder, z: torch.Tensor, g: torch.Tensor) -> 
     gen = decoder.waveform_decoder
     if z.device.type != "cpu":
         return gen(z, g)
-    key = (gen.precision, z.shape[-1])
+    return _first_at_length(gen, ("whole", z.shape[-1]), lambda: gen(z, g))
+
+
+def _first_at_length(gen: HifiganGenerator, shape: tuple, run: Callable[[], T]) -> T:
+    """`run()`, inside `own_mappings` the first time `gen` runs at this input shape."""
+    key = (gen.precision, *shape)
     done = _RUN_AT.setdefault(gen, set())
     if key in done:
-        return gen(z, g)
+        return run()
     with own_mappings():
-        audio = gen(z, g)
+        out = run()
     done.add(key)
-    return audio
+    return out
 
 
 def _source_positions(
@@ -136,7 +144,12 @@ class StreamingVocoder:
         self._emitted = 0  # frames whose audio has been returned
         self._finished = False
         self.frames_vocoded: list[int] = []  # frames run through HiFi-GAN, per vocoding
-        self._widest = 0  # the widest window after the first (see `_widen`)
+        self._widest = 0  # the widest window or piece after the first (see `_widen`)
+        # The fused path's per-layer state (`HifiganGenerator.fused_stream`), made at the
+        # first vocoding; where that path does not serve, windows with context instead.
+        self._stream: FusedStream | None = None
+        self._stream_checked = False
+        self._pushed = 0  # frames pushed into `_stream`
 
     @property
     def num_latents(self) -> int:
@@ -161,8 +174,7 @@ class StreamingVocoder:
         """Add `[1, n, D]` latents; return the float32 audio that became final (maybe empty)."""
         if self._finished:
             raise RuntimeError("push after flush")
-        if latents.dim() != 3 or latents.shape[0] != 1:
-            raise ValueError(f"expected latents [1, n, D], got {tuple(latents.shape)}")
+        _check_latents(latents)
         if latents.shape[1] == 0:
             return np.zeros(0, np.float32)
         self._append(latents.detach())
@@ -176,6 +188,59 @@ class StreamingVocoder:
         if self._n == 0:
             return np.zeros(0, np.float32)
         return self._vocode(final=True)
+
+    @torch.inference_mode()
+    def _fused_stream(self) -> FusedStream | None:
+        if not self._stream_checked:
+            self._stream = self.decoder.waveform_decoder.fused_stream(self.g)
+            self._stream_checked = True
+        return self._stream
+
+    @property
+    def _tail_piece(self) -> int:
+        """The length of the pieces that end an utterance: the frames that flush the fused
+        path's delay, plus the last frames, which become known only at the end."""
+        assert self._stream is not None
+        return self._stream.tail_frames + math.ceil(math.prod(self.scales))
+
+    def _vocode_fused(self, final: bool) -> np.ndarray:
+        """Push the frames now known through `_stream`, in pieces of a few fixed lengths:
+        while streaming, the widest piece after the first (as `_widen`); at the end, such
+        pieces and one short `_tail_piece`, or just one piece if it is the first."""
+        assert self._stream is not None
+        if not final:
+            n = self._stable_frames() - self._pushed
+            if n <= 0:
+                return np.zeros(0, np.float32)
+            size = n
+            if self.frames_vocoded:
+                size = self._widest = max(n, self._widest)
+            return self._push_pieces([size], None)
+        total = self._lengths()[-1]
+        need = total - self._pushed + self._stream.tail_frames
+        if not self.frames_vocoded:
+            return self._push_pieces([need], total)
+        main = self._widest or self.frames_vocoded[0]
+        return self._push_pieces(_piece_sizes(need, main, self._tail_piece), total)
+
+    def _push_pieces(self, sizes: list[int], total: int | None) -> np.ndarray:
+        """Push the next frames in pieces of `sizes`, zero-padded past the frames known
+        (the stable ones, or all `total` at the end); the audio that came out."""
+        stream, buf = self._stream, self._buf
+        assert stream is not None and buf is not None
+        known = self._stable_frames() if total is None else total
+        gen = self.decoder.waveform_decoder
+        out = []
+        for size in sizes:
+            real = max(0, min(size, known - self._pushed))
+            x = buf.new_zeros(1, buf.shape[2], size)  # [1, D, size]
+            if real:
+                x[..., :real] = self._frames(self._pushed, self._pushed + real)
+            push = functools.partial(stream.push, x, real, total)
+            out.append(_first_at_length(gen, ("piece", size), push))
+            self._pushed += real
+            self.frames_vocoded.append(size)
+        return torch.cat(out).float().cpu().numpy()
 
     def _lengths(self) -> list[int]:
         """Sequence length after each interpolation stage, for the latents received so far."""
@@ -231,6 +296,8 @@ class StreamingVocoder:
 
     @torch.inference_mode()
     def _vocode(self, final: bool) -> np.ndarray:
+        if self._fused_stream() is not None:
+            return self._vocode_fused(final)
         if final:
             available = self._lengths()[-1]
             end = available
@@ -266,14 +333,19 @@ def vocode_in_windows(
     length is built once per process instead of once per utterance.
     """
     v = StreamingVocoder(decoder, speaker_embedding)
-    if latents.dim() != 3 or latents.shape[0] != 1:
-        raise ValueError(f"expected latents [1, n, D], got {tuple(latents.shape)}")
+    _check_latents(latents)
     if window <= 2 * v.context:
         raise ValueError(f"window must exceed twice the context ({2 * v.context} frames)")
     if latents.shape[1] == 0:
         return np.zeros(0, np.float32)
     v._append(latents.detach())
     total = v._lengths()[-1]
+    stream = v._fused_stream()
+    if stream is not None:  # the fused path: each frame once, in pieces of `window` frames
+        need = total + stream.tail_frames
+        v._finished = True
+        sizes = [need] if need <= window else _piece_sizes(need, window, v._tail_piece)
+        return v._push_pieces(sizes, total)
     parts = []
     emitted = 0
     while emitted < total:
@@ -287,6 +359,21 @@ def vocode_in_windows(
         v.frames_vocoded.append(w1 - w0)
         emitted = end
     return np.concatenate(parts)
+
+
+def _check_latents(latents: torch.Tensor) -> None:
+    if latents.dim() != 3 or latents.shape[0] != 1:
+        raise ValueError(f"expected latents [1, n, D], got {tuple(latents.shape)}")
+
+
+def _piece_sizes(need: int, main: int, tail: int) -> list[int]:
+    """Pieces of `main` frames, and one of `tail` to finish, that cover `need` frames."""
+    sizes = []
+    while need > 0:
+        size = tail if need <= tail else main
+        sizes.append(size)
+        need -= size
+    return sizes
 
 
 def stretch_latents(latents: torch.Tensor, speed: float) -> torch.Tensor:

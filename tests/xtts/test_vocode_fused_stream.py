@@ -1,0 +1,124 @@
+"""The fused vocoder path keeps each layer group's context between pieces: every frame is
+vocoded about once, in pieces of a few fixed lengths, and the audio is that of the whole
+utterance at once (fp32: the same maths in another order), however it is cut."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowvox.engines.xtts.vocode import RowVocoder, stretch_latents, vocode_in_windows
+from tests.tolerance import FP32_REORDER
+from tests.xtts.test_voice_helpers import random_decoder
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    decoder = random_decoder(seed=7)
+    decoder.waveform_decoder.fused = True  # this small decoder would take the plain path
+    return decoder
+
+
+@pytest.fixture(scope="module")
+def speaker() -> torch.Tensor:
+    torch.manual_seed(2)
+    return F.normalize(torch.randn(1, 24, 1), dim=1)
+
+
+def whole(decoder, latents, speaker) -> np.ndarray:
+    """The plain (unfused) generator on the whole utterance: the reference."""
+    gen = decoder.waveform_decoder
+    try:
+        gen.fused = False
+        with torch.inference_mode():
+            return decoder(latents, speaker)[0, 0].numpy()
+    finally:
+        gen.fused = True
+
+
+def tail_piece(decoder, speaker) -> int:
+    vocoder = RowVocoder(decoder, speaker).vocoder
+    assert vocoder._fused_stream() is not None
+    return vocoder._tail_piece
+
+
+@pytest.mark.parametrize("n", [1, 9, 40, 97])
+@pytest.mark.parametrize("window", [24, 40, 72])
+def test_pieces_equal_the_whole_utterance(decoder, speaker, n, window) -> None:
+    torch.manual_seed(n)
+    latents = torch.randn(1, n, 48)
+    expected = whole(decoder, latents, speaker)
+    sizes: list[int] = []
+    with torch.inference_mode():
+        real = decoder.waveform_decoder.fused_stream(speaker)
+    assert real is not None
+    push = type(real).push
+
+    def spy(stream, x, valid, total=None):
+        sizes.append(x.shape[-1])
+        return push(stream, x, valid, total)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(type(real), "push", spy)
+        audio = vocode_in_windows(decoder, latents, speaker, window=window)
+    assert audio.dtype == np.float32 and audio.shape == expected.shape
+    FP32_REORDER.check(audio, expected)  # exact but for the order of the sums
+    need = decoder.num_frames(n) + real.tail_frames
+    if need <= window:
+        assert sizes == [need]  # one piece, like the whole generator
+    else:
+        assert set(sizes) <= {window, tail_piece(decoder, speaker)}
+        assert sum(sizes) < need + window  # each frame about once
+
+
+@pytest.mark.parametrize(
+    ("first", "chunk", "step", "speed"),
+    [(12, 20, 1, 1.0), (5, 9, 7, 1.0), (1, 1, 2, 1.0), (12, 20, 3, 1.3)],
+)
+def test_streamed_pieces_equal_the_whole_utterance(decoder, speaker, first, chunk, step, speed):
+    torch.manual_seed(first + chunk)
+    latents = torch.randn(1, 83, 48)
+    vocoder = RowVocoder(decoder, speaker, speed, first, chunk)
+    with torch.inference_mode():
+        parts = [vocoder.push(latents[:, i : i + step]) for i in range(0, 83, step)]
+        parts.append(vocoder.finish())
+    streamed = np.concatenate(parts)
+    stretched = stretch_latents(latents, speed)
+    expected = whole(decoder, stretched, speaker)
+    assert streamed.shape == expected.shape
+    FP32_REORDER.check(streamed, expected)
+    sizes = vocoder.vocoder.frames_vocoded
+    stream = vocoder.vocoder._stream
+    assert stream is not None
+    # Every frame once: beyond the frames, the padding of a piece or two at the end, and a
+    # frame per chunk where chunks differ by one (each is padded to the widest).
+    frames = decoder.num_frames(stretched.shape[1])
+    assert sum(sizes) <= frames + stream.tail_frames + 2 * max(sizes) + len(sizes)
+    # A few fixed lengths: the first piece, the chunks' (the widest so far, which may grow
+    # by a frame of interpolation rounding) and the tail piece.
+    assert len(set(sizes[1:])) <= 3, sizes
+
+
+@pytest.mark.parametrize("speed", [1.0, 1.3])
+def test_held_pushes_make_the_same_audio(decoder, speaker, speed) -> None:
+    """Holding a row's vocoding moves no chunk boundary: the audio is the same, exactly."""
+    latents = torch.randn(1, 75, 48)
+    plain = RowVocoder(decoder, speaker, speed, 12, 20)
+    held = RowVocoder(decoder, speaker, speed, 12, 20)
+    with torch.inference_mode():
+        a = [plain.push(latents[:, i : i + 1]) for i in range(75)] + [plain.finish()]
+        hold = [10 <= i < 47 or i >= 60 for i in range(75)]
+        b = [held.push(latents[:, i : i + 1], hold=h) for i, h in enumerate(hold)]
+        b.append(held.finish())
+    assert held.vocoder._stream is not None  # the fused path served
+    np.testing.assert_array_equal(np.concatenate(a), np.concatenate(b))
+
+
+def test_first_audio_comes_as_soon_as_before(decoder, speaker) -> None:
+    """The fused path emits the first chunk at the same latent as the windowed one."""
+    latents = torch.randn(1, 30, 48)
+    vocoder = RowVocoder(decoder, speaker)
+    sizes = [vocoder.push(latents[:, i : i + 1]).size for i in range(12)]
+    assert all(s == 0 for s in sizes[:-1]) and sizes[-1] > 0
