@@ -270,7 +270,9 @@ class Batch:
                 continue
             s = self._by_row[st.row]
             try:
-                in_hand = first_wait and s.slack(now) >= HOLD_SLACK_S
+                in_hand = (
+                    first_wait and s.first_audio_at is not None and s.slack(now) >= HOLD_SLACK_S
+                )
                 hold = bulk_chunks <= 0 if s.bulk else in_hand
                 heard = self._take(s, st, events, hold)
                 bulk_chunks -= 1 if s.bulk and heard else 0
