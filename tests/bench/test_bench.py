@@ -38,20 +38,25 @@ def test_random_state_dict_is_finite_and_seeded(tiny_folder, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].dim() > 1)
 
 
-@pytest.mark.slow
-def test_bench_command_reports_every_figure(tiny_folder, tmp_path):
+def _bench_case(*args: str) -> dict:
+    """`lowvox bench ... --json` in a subprocess; its one case."""
     proc = subprocess.run(
-        [
-            sys.executable, "-m", "lowvox", "bench", "--model-dir", str(tiny_folder),
-            "--precision", "fp32", "--new-tokens", "12", "--cache-dir", str(tmp_path), "--json",
-        ],
+        [sys.executable, "-m", "lowvox", "bench", *args, "--json"],
         capture_output=True,
         text=True,
         timeout=300,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    (case,) = report["cases"]
+    (case,) = json.loads(proc.stdout)["cases"]
+    return case
+
+
+@pytest.mark.slow
+def test_bench_command_reports_every_figure(tiny_folder, tmp_path):
+    case = _bench_case(
+        "--model-dir", str(tiny_folder), "--precision", "fp32", "--new-tokens", "12",
+        "--cache-dir", str(tmp_path),
+    )  # fmt: skip
     assert "error" not in case, case
     assert case["generated_tokens"] == 12  # the stop token never ends a timing run
     for key in ("load_s", "prefill_s", "decode_ms_per_token", "tokens_per_s", "vocoder_s_per_audio_s",
@@ -258,18 +263,10 @@ def test_report_shows_the_machine_floor_and_sampling_tv():
 
 @pytest.mark.slow
 def test_bench_reports_the_machine_floor_on_the_tiny_random_model(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "lowvox", "bench", "--random-weights", "tiny",
-            "--precision", "int8", "--new-tokens", "8", "--cache-dir", str(tmp_path), "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    case = _bench_case(
+        "--random-weights", "tiny", "--precision", "int8", "--new-tokens", "8",
+        "--cache-dir", str(tmp_path),
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    (case,) = report["cases"]
     assert "error" not in case and "floor_error" not in case, case
     from lowvox.runtime import kernels
     from lowvox.runtime.devices import probe_machine

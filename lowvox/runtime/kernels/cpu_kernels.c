@@ -250,6 +250,21 @@ LV_INLINE void block_tile(const int kind, const int mt, const float *x, int64_t 
     }
 }
 
+#if LV_ACT_BITS < 32
+/* Mask of the first n (< 16 or more: all) of 16 lanes. */
+LV_INLINE __mmask16 lanes16(int64_t n) {
+    return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+}
+
+/* The largest magnitude of x[0..len): a quantisation chunk's scale. */
+static float chunk_top(const float *x, int64_t len) {
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; j += 16)
+        top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes16(len - j), x + j)));
+    return _mm512_reduce_max_ps(top);
+}
+#endif
+
 #if LV_ACT_BITS == 16
 /* One block of int8 rows against `mt` rows of int16 activations: vpdpwssd sums pairs of
  * products into int32 lanes (16 products of at most 32768 * 127 per lane in a QCHUNK: no
@@ -295,16 +310,11 @@ LV_INLINE void block_tile_q16(const int mt, const acts_t *a, int64_t i0,
 static void quantize_row(const float *x, int64_t k, int16_t *q, float *sx) {
     for (int64_t c = 0; c * QCHUNK < k; c++) {
         const int64_t j0 = c * QCHUNK, len = k - j0 < QCHUNK ? k - j0 : QCHUNK;
-        __m512 top = _mm512_setzero_ps();
-        for (int64_t j = 0; j < len; j += 16) {
-            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
-            top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + j0 + j)));
-        }
-        const float t = _mm512_reduce_max_ps(top);
+        const float t = chunk_top(x + j0, len);
         sx[c] = t / 32767.0f;
         const __m512 inv = _mm512_set1_ps(t > 0.0f ? 32767.0f / t : 0.0f);
         for (int64_t j = 0; j < len; j += 16) {
-            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            const __mmask16 m = lanes16(len - j);
             const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + j0 + j), inv));
             _mm256_mask_storeu_epi16(q + j0 + j, m, _mm512_cvtsepi32_epi16(v));
         }
@@ -371,17 +381,12 @@ static void quantize_row8(const float *x, int64_t k, int8_t *q, float *sx, float
     float minus = 0.0f;
     for (int64_t c = 0; c * Q8CHUNK < k; c++) {
         const int64_t j0 = c * Q8CHUNK, len = k - j0 < Q8CHUNK ? k - j0 : Q8CHUNK;
-        __m512 top = _mm512_setzero_ps();
-        for (int64_t j = 0; j < len; j += 16) {
-            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
-            top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + j0 + j)));
-        }
-        const float t = _mm512_reduce_max_ps(top);
+        const float t = chunk_top(x + j0, len);
         sx[c] = t / 127.0f;
         const __m512 inv = _mm512_set1_ps(t > 0.0f ? 127.0f / t : 0.0f);
         __m512i total = _mm512_setzero_si512();
         for (int64_t j = 0; j < len; j += 16) {
-            const __mmask16 m = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1u);
+            const __mmask16 m = lanes16(len - j);
             const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + j0 + j), inv));
             _mm512_mask_cvtsepi32_storeu_epi8(q + j0 + j, m, v);
             total = _mm512_add_epi32(total, v);
