@@ -195,17 +195,22 @@ def test_listeners_with_audio_in_hand_wait_for_a_new_listeners_first_audio(
     assert_same_as_alone(golden_model, b, mixed[1])
 
 
-def test_one_new_listener_at_a_time_waits_for_first_audio(golden_model, golden_voice) -> None:
-    """Requests arriving together: the second is prefilled only once the first has its
-    first audio (so the first's is not pushed back by the second's prefill); both get
-    what they would alone."""
-    utts = [utterance(golden_model, t, golden_voice, max_new_tokens=40) for t in TEXTS[1:3]]
+def test_new_listeners_beyond_a_few_wait_for_a_first_audio(golden_model, golden_voice) -> None:
+    """Requests arriving together: FIRST_AUDIO_AT_ONCE are prefilled (one a step); the
+    next waits until one of them has its first audio (so theirs are not pushed back by
+    its prefill); all get what they would alone."""
+    from lowvox.engines.xtts.pipeline import FIRST_AUDIO_AT_ONCE
+
+    n = FIRST_AUDIO_AT_ONCE + 1
+    texts = (TEXTS * n)[:n]
+    utts = [utterance(golden_model, t, golden_voice, max_new_tokens=40) for t in texts]
     log: list[tuple[int, int, bool]] = []
-    results = run(Batch(golden_model, max_rows=2), {0: utts}, log=log)
-    firsts = [min(st for st, o, _ in log if o == order) for order in range(2)]
-    # The second's prefill comes the step after the first's first audio, and its own first
-    # audio a first chunk of steps later.
-    assert firsts[1] >= firsts[0] + utts[1].first_chunk_tokens
+    results = run(Batch(golden_model, max_rows=n), {0: utts}, log=log)
+    firsts = [min(st for st, o, _ in log if o == order) for order in range(n)]
+    # The last one's prefill comes after the others' first audio begins, and its own first
+    # audio a first chunk of steps after that.
+    assert firsts[-1] >= min(firsts[:-1]) + utts[-1].first_chunk_tokens
+    assert max(firsts[:-1]) - min(firsts[:-1]) < utts[0].first_chunk_tokens  # together
     for i, utt in enumerate(utts):
         assert_same_as_alone(golden_model, utt, results[i])
 

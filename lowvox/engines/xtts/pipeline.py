@@ -47,6 +47,13 @@ DEFAULT_MAX_ROWS = 8
 # played) can wait: while another listener waits for its first audio, its vocoding is put
 # off (see `Batch.step`). Above a new row's prefill and first chunk under load (~1.5 s).
 HOLD_SLACK_S = 2.0
+# How many new utterances decode towards their first audio at once before the next one's
+# prefill waits (see `Batch.step`). benchmarks/serve_latency.py, 2-core AMD EPYC, full-size
+# int8, 8 streamed requests, TTFA p50/p95 in s, staggered 0.7 s apart | all at once:
+# no limit 3.1/4.8 | 6.1/6.5; one 2.2/4.8 | 4.0/8.2; two 2.4/3.3 | 4.8/7.7; three
+# 2.4/2.9 | 4.6/6.5. With one, a burst's last waits for every other's prefill and first
+# chunk in turn.
+FIRST_AUDIO_AT_ONCE = 3
 
 
 def encode_text(
@@ -246,13 +253,15 @@ class Batch:
             key=lambda s: (s.bulk, not s.sentence),
         )
         # A new utterance's prefill (a long prompt's takes as long as ~20 decode steps)
-        # waits while one already decoding waits for its first audio: one first audio at
-        # a time, so that arrivals closer together than a prefill do not each push every
-        # earlier newcomer's first audio back by a prefill (2-core CPU, requests 0.7 s
-        # apart, 0.6 s prefills). Sentences that continue an utterance go on.
-        if any(
-            s.row is not None and not s.bulk and s.first_audio_at is None for s in self._speaking
-        ):
+        # waits while FIRST_AUDIO_AT_ONCE already decoding wait for their first audio, so
+        # that arrivals closer together than a prefill do not each push every earlier
+        # newcomer's first audio back by a prefill. Sentences that continue an utterance go on.
+        pending = sum(
+            1
+            for s in self._speaking
+            if s.row is not None and not s.bulk and s.first_audio_at is None
+        )
+        if pending >= FIRST_AUDIO_AT_ONCE:
             waiting = [s for s in waiting if s.sentence and not s.bulk]
         for s in waiting[: self.prefills_per_step]:
             try:
