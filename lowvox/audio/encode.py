@@ -307,6 +307,12 @@ class _Resampler:
         return self._samples(self._resampler.resample(None))
 
 
+def _mono_at_rate(samples: Any, resampler: _Resampler | None) -> np.ndarray:
+    """An encoder's input as it encodes it: mono float32, resampled where it must be."""
+    x = _as_mono(samples)
+    return resampler.push(x) if resampler is not None else x
+
+
 def _resampling(sample_rate: int, rate: int | None) -> tuple[int, _Resampler | None]:
     """The rate audio at `sample_rate` is encoded at, and the resampler that gets it
     there (None when `rate` is None or already `sample_rate`)."""
@@ -373,10 +379,7 @@ class FileEncoder:
     def write(self, samples: np.ndarray) -> None:
         if self._closed:
             raise LowvoxError("write to a closed FileEncoder")
-        x = _as_mono(samples)
-        if self._resampler is not None:
-            x = self._resampler.push(x)
-        self._encode(x)
+        self._encode(_mono_at_rate(samples, self._resampler))
 
     def _encode(self, x: np.ndarray) -> None:
         if self._av is not None:
@@ -434,10 +437,7 @@ class StreamEncoder:
     def write(self, samples: np.ndarray) -> bytes:
         if self._closed:
             raise LowvoxError("write to a closed StreamEncoder")
-        x = _as_mono(samples)
-        if self._resampler is not None:
-            x = self._resampler.push(x)
-        return self._encode(x)
+        return self._encode(_mono_at_rate(samples, self._resampler))
 
     def _encode(self, x: np.ndarray) -> bytes:
         if self._av is not None:

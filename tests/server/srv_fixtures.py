@@ -203,3 +203,21 @@ def live_server(tmp: Path, factory=None, **overrides) -> Iterator[LiveServer]:
     factory = factory or FakeFactory()
     with LiveServer(make_settings(tmp, **overrides), factory) as server:
         yield server
+
+
+def st_form(text: str, voice: str, **extra: str) -> dict[str, str]:
+    """What SillyTavern's AllTalk provider posts to /api/tts-generate."""
+    return {
+        "text_input": text,
+        "text_filtering": "standard",
+        "character_voice_gen": voice,
+        "narrator_enabled": "false",
+        "narrator_voice_gen": "Please set a voice",
+        "text_not_inside": "narrator",
+        "language": "en",
+        "output_file_name": "st_output",
+        "output_file_timestamp": "true",
+        "autoplay": "false",
+        "autoplay_volume": "0.8",
+        **extra,
+    }

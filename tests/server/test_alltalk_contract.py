@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from tests.server.srv_audio import decode, dominant_frequency
-from tests.server.srv_fixtures import CHUNK_SECONDS, fake_chunks, fake_frequency, live_server
+from tests.server.srv_fixtures import (
+    CHUNK_SECONDS,
+    fake_chunks,
+    fake_frequency,
+    live_server,
+    st_form,
+)
 
 ST_HEADERS = {"Content-Type": "application/x-www-form-urlencoded", "Cache-Control": "no-cache"}
 
@@ -37,20 +43,7 @@ def st_startup(c) -> list[str]:
 
 def st_generate(c, text, voice, **extra) -> dict:
     """fetchTtsGeneration(): exactly the fields SillyTavern sends."""
-    form = {
-        "text_input": text,
-        "text_filtering": "standard",
-        "character_voice_gen": voice,
-        "narrator_enabled": "false",
-        "narrator_voice_gen": "Please set a voice",
-        "text_not_inside": "narrator",
-        "language": "en",
-        "output_file_name": "st_output",
-        "output_file_timestamp": "true",
-        "autoplay": "false",
-        "autoplay_volume": "0.8",
-        **extra,
-    }
+    form = st_form(text, voice, **extra)
     r = c.post("/api/tts-generate", data=form, headers=ST_HEADERS)
     assert r.status_code == 200, r.text
     return r.json()

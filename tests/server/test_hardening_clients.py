@@ -35,6 +35,7 @@ from tests.server.srv_fixtures import (
     FakeFactory,
     fake_chunks,
     live_server,
+    st_form,
 )
 
 PAGE = "http://localhost:8000"  # SillyTavern's page, as its browser requests name it
@@ -74,24 +75,6 @@ def raw_wav(bits: int, channels: int = 1, rate: int = 24_000, frames: int = 48_0
 def upload(c: httpx.Client, name: str, *clips: bytes) -> httpx.Response:
     files = [("files", (f"clip{i}.wav", data, "audio/wav")) for i, data in enumerate(clips)]
     return c.post("/api/library/voices", data={"name": name}, files=files)
-
-
-def st_form(text: str, voice: str, **extra: str) -> dict[str, str]:
-    """What SillyTavern's AllTalk provider posts to /api/tts-generate."""
-    return {
-        "text_input": text,
-        "text_filtering": "standard",
-        "character_voice_gen": voice,
-        "narrator_enabled": "false",
-        "narrator_voice_gen": "Please set a voice",
-        "text_not_inside": "narrator",
-        "language": "en",
-        "output_file_name": "st_output",
-        "output_file_timestamp": "true",
-        "autoplay": "false",
-        "autoplay_volume": "0.8",
-        **extra,
-    }
 
 
 def tgwui_form(text: str, voice: str, **changes: str) -> dict[str, str]:
