@@ -113,7 +113,10 @@ def test_quantised_activations_are_close_to_the_floats(quantise, top_code, chunk
     [(1, 1024, 3072), (1, 17, 1), (2, 100, 7), (3, 64, 9), (4, 48, 4), (5, 4096, 6),
      (8, 33, 5), (9, 250, 13), (40, 96, 30),
      # shapes the AMX path takes (k a multiple of 64, n of 16): one and several row groups
-     (2, 128, 32), (8, 1024, 48), (16, 320, 16), (17, 256, 64), (40, 4096, 32)],
+     (2, 128, 32), (8, 1024, 48), (16, 320, 16), (17, 256, 64), (40, 4096, 32),
+     # the packed product of many rows (AVX-512 VNNI without AMX): a partial last panel
+     # and row tile, k not a multiple of four or of a chunk
+     (23, 1030, 70), (64, 130, 33), (19, 6, 3)],
 )  # fmt: skip
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_int8_linear_matches_float64(m, k, n, with_bias):
@@ -301,7 +304,7 @@ def test_every_int8_path_computes_the_dequantised_layer(rows, monkeypatch):
     ref = _dequantised_reference(layer, x)
     scale = ref.abs().max().item()
     kernel = layer(x).double()
-    if (rows < MATMUL_ROWS or kernels.amx()) and kernels.available():
+    if (rows < MATMUL_ROWS or layer._kernel_takes_many_rows()) and kernels.available():
         exact = _dequantised_reference(layer, _int8_kernel_input(x))
         assert (kernel - exact).abs().max().item() < 1e-5 * scale
     fused = layer._forward_fused(x).double()
@@ -822,8 +825,11 @@ def test_amx_switched_off_by_environment(monkeypatch):
         monkeypatch.undo()
         kernels.reset()
     exact = _dequantised_reference(layer, _int8_kernel_input(x))
-    if cpu_has_fast_bf16():
-        # Without AMX a prompt goes back to the bf16 matmul: x rounded to bf16.
+    if kernels.int8_panels():
+        # Without AMX a prompt takes the packed int8 product (AVX-512 VNNI)...
+        assert (y - exact).abs().max().item() < 1e-5 * exact.abs().max().item()
+    elif cpu_has_fast_bf16():
+        # ... or goes back to the bf16 matmul: x rounded to bf16.
         assert (y - exact).abs().max().item() > 1e-5 * exact.abs().max().item()
 
 
@@ -841,6 +847,9 @@ def test_integer_activations_exactly_where_the_build_targets_them():
     )
     expected = 16 if amx else 8 if vnni or kernels.isa() == "AVX2" else 32
     assert kernels.activation_bits() == expected
+    # Prompts' packed int8 product: the int8 form on AVX-512 (VNNI) only.
+    assert kernels.int8_panels() == (expected == 8 and kernels.isa() == "AVX-512")
+    assert ("packed int8 product" in kernels.describe()) == kernels.int8_panels()
     assert ("VNNI" in kernels.describe()) == vnni
     assert (f"int{expected} activations" in kernels.describe()) == (expected < 32)
 

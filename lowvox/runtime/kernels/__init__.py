@@ -78,6 +78,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_activation_bits.argtypes, lib.lv_activation_bits.restype = [], i32
     lib.lv_activation_chunk.argtypes, lib.lv_activation_chunk.restype = [], i32
     lib.lv_amx_enable.argtypes, lib.lv_amx_enable.restype = [i32], i32
+    lib.lv_int8_panels.argtypes, lib.lv_int8_panels.restype = [], i32
     lib.lv_linear_scratch.argtypes, lib.lv_linear_scratch.restype = [i32, i64, i64], i64
     lib.lv_block_work_floats.argtypes = [i32, i64, i64, i32]
     lib.lv_block_work_floats.restype = i64
@@ -135,6 +136,13 @@ def activation_chunk() -> int:
     return int(lib.lv_activation_chunk()) if lib is not None else 0
 
 
+def int8_panels() -> bool:
+    """Whether int8 linears of many rows (prompts, from 16 rows) run as a packed matrix
+    product of int8 weights and int8 activations (AVX-512 VNNI builds without AMX)."""
+    lib = load()
+    return lib is not None and bool(lib.lv_int8_panels())
+
+
 def amx() -> bool:
     """Whether int8 and bf16 linears of several rows (batched decode steps, prompts) run on
     the AMX tiles: built for a CPU with AMX, granted by the kernel, not switched off by
@@ -163,6 +171,8 @@ def describe(with_path: bool = True) -> str:
         name += f"{vnni} (int8 weights x int{bits} activations)"
     if amx():
         name += ", AMX tiles for several rows"
+    elif int8_panels():
+        name += ", packed int8 product for prompts"
     return f"{name} ({_path})" if with_path else name
 
 

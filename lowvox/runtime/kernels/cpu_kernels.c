@@ -30,6 +30,8 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -800,6 +802,134 @@ static void rows_band_q8(const acts_t *a, int64_t m, const int8_t *w, const floa
 }
 #endif
 
+#if LV_ISA == 2 && LV_ACT_BITS == 8
+/* Many rows (a prompt's prefill) on AVX-512 VNNI without AMX: a matrix product rather than
+ * a weight stream. Reading each weight row against every activation row (row_dot_q8)
+ * spends a horizontal sum per pair; instead PANEL weight rows at a time are repacked
+ * ("panel": four consecutive bytes of each row side by side, [k / 4][PANEL][4], as
+ * w + 128) so that one vpdpbusd multiplies four activations of one row, broadcast, with
+ * four weights of each of 16 rows, and PANEL_ROWS x PANEL outputs stay in registers
+ * (~2x the bf16 matmul this replaced on Zen 4, which also had to widen the weights first).
+ * The numbers are the same sums as row_dot_q8's (each chunk's exact int32 sum at its
+ * scale, the row's shift after), in another order. */
+#define PANEL 32      /* weight rows per packed panel: two zmm of outputs */
+#define PANEL_ROWS 6  /* activation rows per tile: 12 int32 + 12 float32 accumulators */
+#define PANEL_MIN_ROWS 16 /* below this the weight stream (rows_band_q8) is as fast */
+#define PANEL_SERVES(kind, m) ((kind) == W_INT8 && (m) >= PANEL_MIN_ROWS)
+
+/* A thread's panel buffer, PANEL * Q8LEN(k) bytes, kept for its next call. */
+static uint8_t *panel_buffer(int64_t k) {
+    static _Thread_local uint8_t *buf = NULL;
+    static _Thread_local int64_t have = 0;
+    const int64_t need = PANEL * Q8LEN(k);
+    if (need > have) {
+        free(buf);
+        buf = (uint8_t *)aligned_alloc(64, (size_t)need);
+        have = buf ? need : 0;
+    }
+    return buf;
+}
+
+/* Weight rows [r0, r0 + PANEL) of w [n, k] as a panel (rows past n repeat row n - 1; bytes
+ * past k are w = 0, meeting the zero padding of q8). */
+static void pack_panel(const int8_t *w, int64_t n, int64_t k, int64_t r0, uint8_t *p) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const int64_t whole = k / 4; /* groups of four bytes inside the row */
+    for (int v = 0; v < PANEL / 16; v++) {
+        int32_t off[16];
+        for (int l = 0; l < 16; l++) {
+            const int64_t r = r0 + v * 16 + l < n ? r0 + v * 16 + l : n - 1;
+            off[l] = (int32_t)((r - r0) * k);
+        }
+        const __m512i idx = _mm512_loadu_si512(off);
+        const int8_t *base = w + r0 * k;
+        for (int64_t g = 0; g < whole; g++) {
+            const __m512i four = _mm512_i32gather_epi32(idx, (const void *)(base + 4 * g), 1);
+            _mm512_store_si512(p + (g * PANEL + v * 16) * 4, _mm512_xor_si512(four, flip));
+        }
+        for (int64_t g = whole; g < Q8LEN(k) / 4; g++) /* the row's end */
+            for (int l = 0; l < 16; l++)
+                for (int b = 0; b < 4; b++) {
+                    const int64_t j = 4 * g + b;
+                    const int8_t x = j < k ? base[off[l] + j] : 0;
+                    p[(g * PANEL + v * 16 + l) * 4 + b] = (uint8_t)(x ^ 0x80);
+                }
+    }
+}
+
+/* Rows [i0, i0 + mt) of y, outputs [r0, r0 + cols) (cols <= PANEL), from a packed panel. */
+LV_INLINE void panel_tile(const int mt, const acts_t *a, int64_t i0, const uint8_t *p,
+                          const float *scale, const float *bias, float *y, int64_t n,
+                          int64_t r0, int64_t cols) {
+    const int64_t kq = Q8LEN(a->k), chunks = Q8CHUNKS(a->k);
+    const int8_t *xq = a->q8 + i0 * kq;
+    const float *sx = a->sx + i0 * chunks;
+    __m512 f[PANEL_ROWS][2];
+    for (int i = 0; i < mt; i++) f[i][0] = f[i][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; c++) {
+        __m512i s[PANEL_ROWS][2];
+        for (int i = 0; i < mt; i++) s[i][0] = s[i][1] = _mm512_setzero_si512();
+        const int64_t g1 = (c + 1) * Q8CHUNK < kq ? (c + 1) * Q8CHUNK / 4 : kq / 4;
+        for (int64_t g = c * Q8CHUNK / 4; g < g1; g++) {
+            const __m512i w0 = _mm512_load_si512(p + g * PANEL * 4);
+            const __m512i w1 = _mm512_load_si512(p + g * PANEL * 4 + 64);
+            for (int i = 0; i < mt; i++) {
+                int32_t four;
+                memcpy(&four, xq + i * kq + 4 * g, 4);
+                const __m512i x4 = _mm512_set1_epi32(four);
+                s[i][0] = _mm512_dpbusd_epi32(s[i][0], w0, x4);
+                s[i][1] = _mm512_dpbusd_epi32(s[i][1], w1, x4);
+            }
+        }
+        for (int i = 0; i < mt; i++) {
+            const __m512 sc = _mm512_set1_ps(sx[i * chunks + c]);
+            f[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][0]), sc, f[i][0]);
+            f[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][1]), sc, f[i][1]);
+        }
+    }
+    for (int h = 0; h < 2 && cols > 16 * h; h++) {
+        const __mmask16 mask = lanes16(cols - 16 * h);
+        const __m512 ws = _mm512_maskz_loadu_ps(mask, scale + r0 + 16 * h);
+        const __m512 wb = bias ? _mm512_maskz_loadu_ps(mask, bias + r0 + 16 * h) : _mm512_setzero_ps();
+        for (int i = 0; i < mt; i++) {
+            const __m512 dot = _mm512_add_ps(f[i][h], _mm512_set1_ps(a->shift[i0 + i]));
+            _mm512_mask_storeu_ps(y + (i0 + i) * n + r0 + 16 * h, mask, _mm512_fmadd_ps(dot, ws, wb));
+        }
+    }
+}
+
+/* This thread's panels of y [m, n] = x w^T * scale + bias (the rows' int8 form ready). */
+static void panels_q8(const acts_t *a, int64_t m, const int8_t *w, const float *scale,
+                      const float *bias, float *y, int64_t n) {
+    uint8_t *p = panel_buffer(a->k);
+#pragma omp for schedule(static)
+    for (int64_t r0 = 0; r0 < n; r0 += PANEL) {
+        const int64_t cols = n - r0 < PANEL ? n - r0 : PANEL;
+        if (p) {
+            pack_panel(w, n, a->k, r0, p);
+        }
+        for (int64_t i0 = 0; i0 < m; i0 += PANEL_ROWS) {
+            if (!p) { /* no memory for the panel: the weight stream, these rows */
+                rows_band_q8(a, m, w, scale, bias, y, n, r0, r0 + cols);
+                break;
+            }
+            switch (m - i0 < PANEL_ROWS ? (int)(m - i0) : PANEL_ROWS) {
+            case 1: panel_tile(1, a, i0, p, scale, bias, y, n, r0, cols); break;
+            case 2: panel_tile(2, a, i0, p, scale, bias, y, n, r0, cols); break;
+            case 3: panel_tile(3, a, i0, p, scale, bias, y, n, r0, cols); break;
+            case 4: panel_tile(4, a, i0, p, scale, bias, y, n, r0, cols); break;
+            case 5: panel_tile(5, a, i0, p, scale, bias, y, n, r0, cols); break;
+            default: panel_tile(PANEL_ROWS, a, i0, p, scale, bias, y, n, r0, cols); break;
+            }
+        }
+    }
+}
+#else
+#define PANEL_SERVES(kind, m) 0
+#endif
+
+int lv_int8_panels(void) { return LV_ISA == 2 && LV_ACT_BITS == 8; }
+
 /* Outputs [r0, r1) (r0 a multiple of ROWS) of y [m, n] = x w^T * scale + bias for the m
  * activation rows of `a` (their quantised form ready, on int8 kinds): one pass over those
  * weight rows, ROWS at a time, each block meeting every activation row while in L1. */
@@ -947,15 +1077,21 @@ void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, co
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++) quantize_rows(W_INT8, &a, i, i + 1);
             /* the loop's end is a barrier: every row is ready */
-#if LV_AMX
-            if (amx) {
-                int64_t t0, t1;
-                my_band((m + 15) / 16 * AMX_STEPS(k), &t0, &t1);
-                amx_pack(&a, m, (int8_t *)a.tiles, t0, t1);
-#pragma omp barrier
-            }
+            if (PANEL_SERVES(W_INT8, m)) {
+#if LV_ISA == 2 && LV_ACT_BITS == 8
+                panels_q8(&a, m, (const int8_t *)w, scale, bias, y, n);
 #endif
-            rows_band(W_INT8, &a, m, w, scale, bias, y, n, r0, r1);
+            } else {
+#if LV_AMX
+                if (amx) {
+                    int64_t t0, t1;
+                    my_band((m + 15) / 16 * AMX_STEPS(k), &t0, &t1);
+                    amx_pack(&a, m, (int8_t *)a.tiles, t0, t1);
+#pragma omp barrier
+                }
+#endif
+                rows_band(W_INT8, &a, m, w, scale, bias, y, n, r0, r1);
+            }
         }
     }
 }
