@@ -192,6 +192,58 @@ def test_attend_one_writes_the_cache_and_matches_sdpa(length, heads, dim, dtype)
 
 
 @needs_kernels
+@pytest.mark.parametrize("start,t", [(0, 2), (0, 37), (5, 20)])
+@pytest.mark.parametrize("heads,dim", [(16, 64), (3, 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_prompt_is_attend_one_token_by_token(start, t, heads, dim, dtype):
+    """A prompt's attention writes the cache as the decode steps would, and each token's
+    output is exactly theirs (the same arithmetic per token); against float64 causal SDPA
+    over the cached (rounded) keys and values it is within float32 reordering."""
+    g = torch.Generator().manual_seed(start + t + heads)
+    qkv = torch.randn(t, 3 * heads * dim, generator=g) * 2
+    prefix = (torch.randn(1, heads, 64, dim, generator=g)).to(dtype)
+    prefix[:, :, start:] = 0
+    cache_k, cache_v = prefix.clone(), prefix.clone() * 0.5
+    step_k, step_v = cache_k.clone(), cache_v.clone()
+    out = kernels.attend_prompt(qkv, cache_k, cache_v, start)
+    q, k, v = qkv.view(t, 3, heads, dim).unbind(1)  # [t, heads, dim] each
+    steps = torch.stack([
+        kernels.attend_one(q[i].contiguous(), k[i].contiguous(), v[i].contiguous(),
+                           step_k, step_v, start + i).reshape(-1)
+        for i in range(t)
+    ])  # fmt: skip
+    assert torch.equal(cache_k, step_k) and torch.equal(cache_v, step_v)
+    assert torch.equal(out, steps)
+    end = start + t
+    keys, values = cache_k[:, :, :end].double(), cache_v[:, :, :end].double()
+    seen = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]  # [t, end]
+    ref = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None].double(), keys, values, attn_mask=seen
+    )[0].transpose(0, 1).reshape(t, -1)  # fmt: skip
+    FP32_REORDER.check(out.double(), ref)
+
+
+@needs_kernels
+def test_attend_prompt_refuses_what_does_not_fit():
+    cache = torch.zeros(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="outside"):
+        kernels.attend_prompt(torch.randn(5, 24), cache, cache.clone(), 4)
+    with pytest.raises(ValueError, match="qkv"):
+        kernels.attend_prompt(torch.randn(5, 23), cache, cache.clone(), 0)
+    with pytest.raises(ValueError, match="differ"):
+        kernels.attend_prompt(torch.randn(2, 24), cache, cache.to(torch.bfloat16), 0)
+
+
+@needs_kernels
+def test_gelu_tanh_matches_torch():
+    x = torch.randn(37, 1000) * 4
+    x[0, :5] = torch.tensor([0.0, -30.0, 30.0, 1e-8, -1e-8])
+    ref = F.gelu(x, approximate="tanh")
+    out = kernels.gelu_tanh_(x.clone())
+    FP32_REORDER.check(out, ref)
+
+
+@needs_kernels
 def test_a_bf16_row_alone_equals_the_same_row_in_a_batch():
     """One activation row walks the weight rows one after another, several rows walk them
     interleaved; each output's sum runs in the same order either way (exact by

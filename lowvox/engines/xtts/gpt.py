@@ -223,7 +223,22 @@ class Attention(nn.Module):
         length, as in continuous batching). `static`: attend over the whole cache under a
         mask, so that no shape depends on a position (graph capture)."""
         b, t, d = x.shape
-        q, k, v = self.c_attn(x).split(d, dim=2)
+        qkv = self.c_attn(x)
+        if (
+            b == 1
+            and t > 1
+            and cache is not None
+            and not static
+            and isinstance(start, int)
+            and qkv.dtype == torch.float32
+            and cache.k.is_contiguous()
+            and _use_cpu_kernel(cache.k)
+        ):
+            # A prompt on a CPU: lowvox's kernel writes its keys/values into the cache and
+            # attends token by token as decode steps do (no float copy of the cache).
+            y = kernels.attend_prompt(qkv.view(t, 3 * d), cache.k, cache.v, start)
+            return self.c_proj(y.view(1, t, d))
+        q, k, v = qkv.split(d, dim=2)
         # [B, T, D] -> [B, H, T, hd]
         q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2) for y in (q, k, v))
         if isinstance(start, torch.Tensor):
@@ -274,7 +289,17 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2's "gelu_new" is the tanh approximation.
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        h = self.c_fc(x)
+        if (
+            h.device.type == "cpu"
+            and h.dtype == torch.float32
+            and h.is_contiguous()
+            and not torch.is_grad_enabled()
+            and kernels.vector_gelu()
+        ):
+            # The fused decode blocks' GELU, in place (torch's tanh is the slow part of its own).
+            return self.c_proj(kernels.gelu_tanh_(h))
+        return self.c_proj(F.gelu(h, approximate="tanh"))
 
 
 class Block(nn.Module):

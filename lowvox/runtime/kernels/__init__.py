@@ -86,6 +86,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_linear.restype = None
     lib.lv_attend_one.argtypes = [p, p, p, p, p, i32, i64, i64, i64, i64, f32, p, p, i32]
     lib.lv_attend_one.restype = None
+    lib.lv_attend_prompt.argtypes = [p, p, p, i32, i64, i64, i64, i64, i64, f32, p, p, i32]
+    lib.lv_attend_prompt.restype = None
+    lib.lv_gelu_tanh.argtypes, lib.lv_gelu_tanh.restype = [p, i64, i32], None
     lib.lv_blocks_decode.argtypes = [
         i32,  # weight kind
         p,  # x
@@ -291,6 +294,57 @@ def attend_one(
         scratch.data_ptr(), threads,
     )  # fmt: skip
     return out
+
+
+def attend_prompt(
+    qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int
+) -> torch.Tensor:
+    """A prompt's attention, one sequence: qkv [t, 3 * heads * dim] float32 (each token's
+    query, key and value, as the input projection makes them) for positions start..start +
+    t - 1. Their keys and values go into the [1, heads, max_len, dim] caches (bfloat16:
+    rounded to nearest even), then each token attends causally over positions 0..its own
+    -> [t, heads * dim] float32. Each token's attention is `attend_one`'s arithmetic."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("lowvox's CPU kernels are not available")
+    _check(qkv, torch.float32, "qkv")
+    for name, c in (("cache_k", cache_k), ("cache_v", cache_v)):
+        _check_cache(c, name)
+        if c.dim() != 4 or c.shape[0] != 1:
+            raise ValueError(f"{name} must be [1, heads, max_len, dim], got {tuple(c.shape)}")
+    if cache_k.shape != cache_v.shape or cache_k.dtype != cache_v.dtype:
+        raise ValueError("the key and value caches differ in shape or dtype")
+    _, heads, max_len, dim = cache_k.shape
+    if qkv.dim() != 2 or qkv.shape[1] != 3 * heads * dim:
+        raise ValueError(f"qkv must be [t, {3 * heads * dim}], got {tuple(qkv.shape)}")
+    t = qkv.shape[0]
+    if start < 0 or start + t > max_len:
+        raise ValueError(f"positions {start}..{start + t - 1} are outside a cache of {max_len}")
+    threads = torch.get_num_threads()
+    out = torch.empty(t, heads * dim, dtype=torch.float32)
+    scratch = torch.empty(threads * (start + t), dtype=torch.float32)
+    lib.lv_attend_prompt(
+        qkv.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), CACHE_KINDS[cache_k.dtype],
+        heads, start, t, dim, max_len, dim**-0.5, out.data_ptr(), scratch.data_ptr(), threads,
+    )  # fmt: skip
+    return out
+
+
+def vector_gelu() -> bool:
+    """Whether `gelu_tanh_` is vectorised (AVX-512 builds: ~4x torch's tanh-GELU on a
+    prompt's [t, 4096] activations on Zen 4); elsewhere torch's is faster."""
+    return isa() == "AVX-512"
+
+
+def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh-approximated GELU in place over a contiguous float32 CPU tensor (the
+    fused decode blocks' arithmetic); returns x."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("lowvox's CPU kernels are not available")
+    _check(x, torch.float32, "x")
+    lib.lv_gelu_tanh(x.data_ptr(), x.numel(), torch.get_num_threads())
+    return x
 
 
 class FusedBlock:

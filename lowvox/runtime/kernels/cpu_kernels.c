@@ -830,30 +830,50 @@ static uint8_t *panel_buffer(int64_t k) {
     return buf;
 }
 
+/* r[l] (16 lanes of 32 bits each) -> r[g] lane l = old r[l] lane g: a 16 x 16 transpose. */
+LV_INLINE void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
 /* Weight rows [r0, r0 + PANEL) of w [n, k] as a panel (rows past n repeat row n - 1; bytes
- * past k are w = 0, meeting the zero padding of q8). */
+ * past k are w = 0, meeting the zero padding of q8): 64 bytes of 16 rows at a time, each
+ * row read in order (prefetched ahead), transposed as 16 x 16 groups of four bytes. */
 static void pack_panel(const int8_t *w, int64_t n, int64_t k, int64_t r0, uint8_t *p) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    const int64_t whole = k / 4; /* groups of four bytes inside the row */
     for (int v = 0; v < PANEL / 16; v++) {
-        int32_t off[16];
-        for (int l = 0; l < 16; l++) {
-            const int64_t r = r0 + v * 16 + l < n ? r0 + v * 16 + l : n - 1;
-            off[l] = (int32_t)((r - r0) * k);
+        const int8_t *rows[16];
+        for (int l = 0; l < 16; l++)
+            rows[l] = w + (r0 + v * 16 + l < n ? r0 + v * 16 + l : n - 1) * k;
+        for (int64_t j = 0; j < k; j += 64) {
+            const __mmask64 mask = k - j >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k - j)) - 1);
+            __m512i r[16];
+            for (int l = 0; l < 16; l++) {
+                if (j + 512 < k) _mm_prefetch((const char *)rows[l] + j + 512, _MM_HINT_T0);
+                r[l] = _mm512_maskz_loadu_epi8(mask, rows[l] + j);
+            }
+            transpose16(r);
+            for (int g = 0; g < 16; g++) /* groups j / 4 + g */
+                _mm512_store_si512(p + ((j / 4 + g) * PANEL + v * 16) * 4, _mm512_xor_si512(r[g], flip));
         }
-        const __m512i idx = _mm512_loadu_si512(off);
-        const int8_t *base = w + r0 * k;
-        for (int64_t g = 0; g < whole; g++) {
-            const __m512i four = _mm512_i32gather_epi32(idx, (const void *)(base + 4 * g), 1);
-            _mm512_store_si512(p + (g * PANEL + v * 16) * 4, _mm512_xor_si512(four, flip));
-        }
-        for (int64_t g = whole; g < Q8LEN(k) / 4; g++) /* the row's end */
-            for (int l = 0; l < 16; l++)
-                for (int b = 0; b < 4; b++) {
-                    const int64_t j = 4 * g + b;
-                    const int8_t x = j < k ? base[off[l] + j] : 0;
-                    p[(g * PANEL + v * 16 + l) * 4 + b] = (uint8_t)(x ^ 0x80);
-                }
     }
 }
 
@@ -1296,6 +1316,64 @@ void lv_attend_one(const float *q, const float *k_new, const float *v_new, void 
                 out, thread_scratch(scratch, pos + 1));
 }
 
+/* A prompt's attention (one sequence, t tokens at positions start..start + t - 1): write
+ * every token's key and value into the caches, then each token i of each head h attends
+ * over positions 0..start + i (causal):
+ *   out[i, h] = softmax(q[i, h] . K[h, :start + i + 1]^T * scale) V[h, :start + i + 1].
+ * qkv [t, 3 * heads * dim]: each row's query, key and value (the attention's input
+ * projection, unsplit); caches [1, heads, max_len, dim] of kind kv; out [t, heads * dim];
+ * scratch: nthreads * (start + t) floats. The same arithmetic as a decode step's
+ * (attend_head), token by token, so that the cache and the numbers do not depend on
+ * whether positions came in a prompt or one at a time. */
+void lv_attend_prompt(const float *qkv, void *keys, void *values, int kv, int64_t heads,
+                      int64_t start, int64_t t, int64_t dim, int64_t max_len, float scale,
+                      float *out, float *scratch, int nthreads) {
+    const int64_t width = heads * dim, xs = 3 * width, bytes = kv == KV_BF16 ? 2 : 4;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < heads; h++) {
+            char *kh = (char *)keys + h * max_len * dim * bytes;
+            char *vh = (char *)values + h * max_len * dim * bytes;
+            for (int64_t i = 0; i < t; i++) {
+                const float *kd = qkv + i * xs + width + h * dim, *vd = kd + width;
+                const int64_t at = (start + i) * dim;
+                for (int64_t d = 0; d < dim; d++) {
+                    if (kv == KV_BF16) {
+                        ((uint16_t *)kh)[at + d] = to_bf16(kd[d]);
+                        ((uint16_t *)vh)[at + d] = to_bf16(vd[d]);
+                    } else {
+                        ((float *)kh)[at + d] = kd[d];
+                        ((float *)vh)[at + d] = vd[d];
+                    }
+                }
+            }
+        }
+        /* the loop's end is a barrier: every key and value is in the cache */
+        float *p = thread_scratch(scratch, start + t);
+        /* later tokens attend over more positions: hand them out first, a few at a time */
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t u = 0; u < t * heads; u++) {
+            const int64_t i = t - 1 - u / heads, h = u % heads;
+            const char *kh = (const char *)keys + h * max_len * dim * bytes;
+            const char *vh = (const char *)values + h * max_len * dim * bytes;
+            const float *qh = qkv + i * xs + h * dim;
+            float *oh = out + i * width + h * dim;
+            if (kv == KV_BF16) {
+                if (LV_FAST_DIM(dim))
+                    attend_head(KV_BF16, qh, kh, vh, start + i + 1, dim, scale, p, oh);
+                else
+                    attend_head_portable(KV_BF16, qh, kh, vh, start + i + 1, dim, scale, p, oh);
+            } else {
+                if (LV_FAST_DIM(dim))
+                    attend_head(KV_F32, qh, kh, vh, start + i + 1, dim, scale, p, oh);
+                else
+                    attend_head_portable(KV_F32, qh, kh, vh, start + i + 1, dim, scale, p, oh);
+            }
+        }
+    }
+}
+
 /* y = LayerNorm(x) * w + b over n values (two-pass mean and variance, as torch). */
 static void layer_norm(const float *x, const float *w, const float *b, float eps, float *y,
                        int64_t n) {
@@ -1331,6 +1409,13 @@ static void gelu_tanh(float *x, int64_t n) {
         const float v = x[i];
         x[i] = 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
     }
+}
+
+/* gelu_tanh over n values in place, shared among nthreads (a prompt's MLP). */
+void lv_gelu_tanh(float *x, int64_t n, int nthreads) {
+    const int64_t piece = 4096;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < n; i += piece) gelu_tanh(x + i, n - i < piece ? n - i : piece);
 }
 
 /* Outputs [r0, r1) (r0 a multiple of UNIT) of y [m, n] = x w^T * scale + bias for m
