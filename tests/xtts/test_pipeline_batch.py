@@ -137,8 +137,9 @@ def test_bulk_rows_hold_their_vocoding_until_a_listener_has_audio(
     golden_model, golden_voice
 ) -> None:
     """Long-form sentences (bulk) beside an interactive request: no bulk chunk is vocoded
-    from the interactive request's arrival until its first audio is out (sentence ends
-    excepted), and the bulk rows' audio is the same, sample for sample, as without it."""
+    from the interactive request's arrival until its first audio is out (not even a
+    sentence's end), and the bulk rows' audio is the same, sample for sample, as without
+    it."""
     long = [utterance(golden_model, t, golden_voice, max_new_tokens=60) for t in TEXTS[:3]]
     quick = utterance(golden_model, TEXTS[3], golden_voice, max_new_tokens=60)
     plan = {0: [long[0]], 5: [long[1]], 10: [long[2]]}
@@ -148,11 +149,11 @@ def test_bulk_rows_hold_their_vocoding_until_a_listener_has_audio(
     mixed = run(Batch(golden_model, max_rows=4), {**plan, 15: [quick]}, bulk={0, 1, 2}, log=log)
     first = min(step for step, order, _ in log if order == 3)
 
-    def mid_sentence(entries: list[tuple[int, int, bool]]) -> list[tuple[int, int]]:
-        return [(st, o) for st, o, last in entries if o < 3 and 15 <= st < first and not last]
+    def window(entries: list[tuple[int, int, bool]]) -> list[tuple[int, int]]:
+        return [(st, o) for st, o, _ in entries if o < 3 and 15 <= st < first]
 
-    assert mid_sentence(solo_log)  # alone, bulk chunks fall in that window...
-    assert not mid_sentence(log)  # ...beside a listener waiting for audio, they wait
+    assert window(solo_log)  # alone, bulk chunks fall in that window...
+    assert not window(log)  # ...beside a listener waiting for audio, they wait
     assert any(order < 3 and step >= first for step, order, _ in log)  # then catch up
     for i in range(3):
         assert mixed[i][2] == "done"
@@ -161,38 +162,99 @@ def test_bulk_rows_hold_their_vocoding_until_a_listener_has_audio(
 
 
 @pytest.mark.parametrize("in_hand", [True, False])
-def test_listeners_with_audio_in_hand_wait_for_a_new_listeners_first_audio(
+def test_listeners_mid_stream_wait_for_a_new_listeners_first_audio(
     in_hand, golden_model, golden_voice
 ) -> None:
-    """Earliest deadline first: from a new request's arrival until its first audio, an
-    interactive row whose listener holds HOLD_SLACK_S of audio it has not played yet puts
-    its vocoding off (sentence ends excepted); one without that much keeps vocoding.
-    Either way every utterance's audio is the same, sample for sample."""
-    from lowvox.engines.xtts.pipeline import HOLD_SLACK_S
-
+    """First audio first: from a new request's arrival until its first audio, an
+    interactive row that already sends audio puts its vocoding off (a sentence's end too),
+    however much audio its listener has in hand, then catches up. Every utterance's audio
+    is the same, sample for sample."""
     a = utterance(golden_model, TEXTS[1], golden_voice, max_new_tokens=90)
     b = utterance(golden_model, TEXTS[3], golden_voice, max_new_tokens=40)
     ticks = iter(range(10**9))
     # A frozen clock: a's listener keeps all it was sent. A racing one (10 s a reading):
-    # it has played everything long ago.
+    # it has played everything long ago and waits.
     clock = (lambda: 0.0) if in_hand else (lambda: 10.0 * next(ticks))
-    rate = golden_model.sample_rate
     solo_sizes: list[tuple[int, int, int]] = []
     alone = run(Batch(golden_model, max_rows=2, clock=clock), {0: [a]}, sizes=solo_sizes)
-    sent = np.cumsum([n for _, _, n in solo_sizes]) / rate
-    # b arrives a little after a has sent that much, so that a's next chunk falls before
-    # b's first (a chunk is 20 tokens; b's first comes 13 steps after it arrives).
-    held_from = min(st for (st, _, _), s in zip(solo_sizes, sent, strict=True) if s >= HOLD_SLACK_S)
-    join = held_from + 10
+    # b arrives after a's first chunk, so that a's next chunk falls before b's first (a
+    # chunk is 20 tokens; b's first comes 13 steps after it arrives).
+    join = solo_sizes[0][0] + 10
     log: list[tuple[int, int, bool]] = []
     mixed = run(Batch(golden_model, max_rows=2, clock=clock), {0: [a], join: [b]}, log=log)
     first = min(step for step, order, _ in log if order == 1)
-    window = [st for st, o, last in log if o == 0 and join <= st < first and not last]
     assert [st for st, _, _ in solo_sizes if join <= st < first]  # alone, a vocodes then
-    assert bool(window) != in_hand
+    assert not [st for st, o, _ in log if o == 0 and join <= st < first]
+    assert any(o == 0 and st >= first for st, o, _ in log)  # then catches up
     np.testing.assert_array_equal(mixed[0][0], alone[0][0])
     assert mixed[0][2] == mixed[1][2] == "done"
     assert_same_as_alone(golden_model, b, mixed[1])
+
+
+def test_a_sentence_ending_while_a_new_listener_waits_is_finished_after(
+    golden_model, golden_voice
+) -> None:
+    """A listener's sentence whose decoding ends while a new listener waits for its first
+    audio keeps its last audio back (its row leaves the decoder) and sends it after; the
+    audio is the same, and the utterance's next sentence follows."""
+    import dataclasses
+
+    one = utterance(golden_model, TEXTS[1], golden_voice, max_new_tokens=30)
+    two = utterance(golden_model, TEXTS[0], golden_voice, max_new_tokens=30)
+    a = dataclasses.replace(one, pieces=one.pieces + two.pieces)  # two sentences
+    b = utterance(golden_model, TEXTS[3], golden_voice, max_new_tokens=30)
+    solo: list[tuple[int, int, bool]] = []
+    alone = run(Batch(golden_model, max_rows=2, clock=lambda: 0.0), {0: [a]}, log=solo)
+    end = min(st for st, _, last in solo if last)  # a's first sentence ends here, alone
+    join = end - 4
+    log: list[tuple[int, int, bool]] = []
+    mixed = run(Batch(golden_model, max_rows=2, clock=lambda: 0.0), {0: [a], join: [b]}, log=log)
+    first = min(st for st, o, _ in log if o == 1)
+    assert first > end  # b still waits when a's decoding of that sentence ends...
+    assert not [st for st, o, _ in log if o == 0 and join <= st < first]  # ...a waits too
+    assert min(st for st, o, last in log if o == 0 and last) >= first
+    np.testing.assert_array_equal(mixed[0][0], alone[0][0])
+    assert len(mixed[0][1]) == len(alone[0][1]) == len(a.pieces) == 2
+    assert mixed[0][2] == "done"
+    assert_same_as_alone(golden_model, b, mixed[1])
+
+
+def test_a_held_backlog_is_caught_up_a_few_chunks_a_step(golden_model, golden_voice) -> None:
+    """After rows were held for a new listener, no step vocodes more than CHUNKS_PER_STEP
+    chunks of rows already heard (first chunks and sentence ends aside), nor more than one
+    of any row; the rows whose listeners have the least audio in hand go first."""
+    import dataclasses
+
+    from lowvox.engines.xtts.pipeline import CHUNKS_PER_STEP
+
+    heard = [utterance(golden_model, t, golden_voice, max_new_tokens=120) for t in TEXTS[:3]]
+    # A late listener whose first chunk takes 24 tokens: every other row has a chunk due
+    # (one every 20 tokens) while it waits.
+    late = dataclasses.replace(
+        utterance(golden_model, TEXTS[3], golden_voice, max_new_tokens=40), first_chunk_tokens=24
+    )
+    # A clock that stands still: what each listener has in hand is what it was sent.
+    plan = {0: heard[:1], 1: heard[1:2], 2: heard[2:3], 40: [late]}
+    log: list[tuple[int, int, bool]] = []
+    sizes: list[tuple[int, int, int]] = []
+    results = run(Batch(golden_model, max_rows=4, clock=lambda: 0.0), plan, log=log, sizes=sizes)
+    firsts = {o: min(st for st, oo, _ in log if oo == o) for o in range(4)}
+    per_step: dict[int, list[int]] = {}
+    for st, o, last in log:
+        if not last and st > firsts[o]:
+            per_step.setdefault(st, []).append(o)
+    assert max(len(v) for v in per_step.values()) <= CHUNKS_PER_STEP
+    assert all(len(set(v)) == len(v) for v in per_step.values())  # one chunk a row a step
+    # All three were held while the late one waited: the next step serves the two sent
+    # least so far, the third comes the step after.
+    assert not [st for st in per_step if 40 <= st <= firsts[3] and set(per_step[st]) & {0, 1, 2}]
+    sent = {o: sum(n for st, oo, n in sizes if oo == o and st <= firsts[3]) for o in range(3)}
+    after = sorted(st for st in per_step if st > firsts[3])
+    assert len(per_step[after[0]]) == CHUNKS_PER_STEP == 2
+    assert sorted(per_step[after[0]]) == sorted(sorted(sent, key=sent.get)[:2])
+    assert max(sent, key=sent.get) in per_step[after[1]] and after[1] == after[0] + 1
+    for i, utt in enumerate([*heard, late]):
+        assert_same_as_alone(golden_model, utt, results[i])
 
 
 def test_new_listeners_beyond_a_few_wait_for_a_first_audio(golden_model, golden_voice) -> None:

@@ -15,6 +15,7 @@ utterance (its voice, its vocoding) ends that utterance only.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -43,17 +44,20 @@ log = logging.getLogger(__name__)
 # Utterances decoded together when nothing else is said: enough to fill the matmuls' spare
 # compute during memory-bound decoding without growing the KV caches much.
 DEFAULT_MAX_ROWS = 8
-# An interactive utterance whose listener has this much audio in hand (sent, not yet
-# played) can wait: while another listener waits for its first audio, its vocoding is put
-# off (see `Batch.step`). Above a new row's prefill and first chunk under load (~1.5 s).
-HOLD_SLACK_S = 2.0
 # How many new utterances decode towards their first audio at once before the next one's
-# prefill waits (see `Batch.step`). benchmarks/serve_latency.py, 2-core AMD EPYC, full-size
-# int8, 8 streamed requests, TTFA p50/p95 in s, staggered 0.7 s apart | all at once:
-# no limit 3.1/4.8 | 6.1/6.5; one 2.2/4.8 | 4.0/8.2; two 2.4/3.3 | 4.8/7.7; three
-# 2.4/2.9 | 4.6/6.5. With one, a burst's last waits for every other's prefill and first
-# chunk in turn.
-FIRST_AUDIO_AT_ONCE = 3
+# prefill waits (see `Batch.step`), and while any waits for its first audio, every other
+# row's vocoding waits ("first audio first"). benchmarks/serve_latency.py, 2-core AMD EPYC,
+# full-size int8, 8 streamed requests 0.7 s apart, TTFA p95 / alone (alone 0.6 s): rows
+# with 2 s of audio in hand held, three at once 3.75x; every row held, three at once
+# 2.35x, two 2.28x, one 2.09x; a row held at most until it is 0, 1 or 2 s short of what
+# its listener has played, one at once, 5.3x, 4.8x, 5.0x: in that overload (eight
+# streams need ~2.5x what two cores give) a listener mid-stream pauses instead.
+FIRST_AUDIO_AT_ONCE = 1
+# Chunks vocoded in one step for rows whose listeners already hear them (their first
+# chunks and sentence ends aside), most urgent first: after rows were held for a new
+# listener, their backlog is spread over the next steps rather than making one step of
+# ~0.15 s per chunk (seconds) that a request arriving then would wait behind.
+CHUNKS_PER_STEP = 2
 
 
 def encode_text(
@@ -158,12 +162,17 @@ class _Speaking:
     positions: int  # KV positions its longest sentence can take
     sentence: int = 0
     bulk: bool = False  # nobody listens live: its prefills and vocoding wait for others'
-    row: int | None = None  # its decode row; None while its sentence waits for a prefill
-    heard: bool = False  # its current sentence has produced audio
+    row: int | None = None  # its decode row; None before its sentence's prefill and after
+    # its decode ends; the sentence's vocoder from the prefill until its audio is all out
     vocoder: RowVocoder | None = None
     codes: list[torch.Tensor] = field(default_factory=list)
     first_audio_at: float | None = None  # when its first audio went out (Batch's clock)
     audio_s: float = 0.0  # seconds of audio it has sent
+
+    @property
+    def unvocoded(self) -> bool:
+        """Its sentence is decoded but audio was held back: vocoded over coming steps."""
+        return self.row is None and self.vocoder is not None
 
     def slack(self, now: float) -> float:
         """Seconds of sent audio its listener has not yet played (0 before any audio)."""
@@ -249,7 +258,7 @@ class Batch:
         # Interactive sentences first, and of those the ones that continue an utterance:
         # their listeners are mid-stream.
         waiting = sorted(
-            (s for s in self._speaking if s.row is None),
+            (s for s in self._speaking if s.vocoder is None),
             key=lambda s: (s.bulk, not s.sentence),
         )
         # A new utterance's prefill (a long prompt's takes as long as ~20 decode steps)
@@ -273,27 +282,40 @@ class Batch:
                 self._end(s, events, LowvoxError("synthesis failed"))
         with torch.inference_mode():
             steps = self.decoder.step()
-        # While a listener waits for a sentence's first audio, bulk rows only collect their
-        # latents: the vocoder is most of a step's time, and theirs can wait. Otherwise one
-        # bulk chunk a step, so that a backlog is caught up without a burst that would
-        # starve a listener's stream. Likewise, while a listener waits for an utterance's
-        # first audio, interactive rows whose listeners have HOLD_SLACK_S of audio in hand
-        # wait (earliest deadline first). Held latents are vocoded later into the same
-        # chunks: the audio is the same, only its timing moves.
-        bulk_chunks = 0 if any(not s.bulk and not s.heard for s in self._speaking) else 1
+        # Vocoding is most of a step's time: who vocodes now. While a listener waits for
+        # an utterance's first audio, no one else (first audio first); otherwise rows whose
+        # listeners already hear them share CHUNKS_PER_STEP chunks, those with the least
+        # audio in hand first (earliest deadline), and bulk rows (nobody listens live) one
+        # chunk a step, so that a backlog is caught up without a burst that would starve a
+        # stream. A new listener's chunks are never put off. Held latents are vocoded later
+        # into the same chunks: the audio is the same, only its timing moves.
         now = self._clock()
         first_wait = any(not s.bulk and s.first_audio_at is None for s in self._speaking)
-        for st in steps:
-            if st.row not in self._by_row:
+        stepped = {self._by_row[st.row]: st for st in steps if st.row in self._by_row}
+        due: list[tuple[float, _Speaking]] = []
+        for s in self._speaking:
+            st = stepped.get(s)
+            if s.vocoder is None or (st is None and not s.unvocoded):
                 continue
-            s = self._by_row[st.row]
+            if not s.bulk and s.first_audio_at is None:
+                continue  # a new listener: never put off
+            if st is None or st.last or s.vocoder.due_with(st.latent.shape[1]):
+                due.append((math.inf if s.bulk else s.slack(now), s))
+        due.sort(key=lambda d: d[0])
+        listened = [s for _, s in due if not s.bulk]
+        bulk = [s for _, s in due if s.bulk]
+        free = (
+            set()
+            if first_wait
+            else set(listened[:CHUNKS_PER_STEP]) | set(bulk[: 1 if not listened else 0])
+        )
+        for s in list(self._speaking):
+            st = stepped.get(s)
+            if st is None and not (s.unvocoded and s in free):
+                continue
             try:
-                in_hand = (
-                    first_wait and s.first_audio_at is not None and s.slack(now) >= HOLD_SLACK_S
-                )
-                hold = bulk_chunks <= 0 if s.bulk else in_hand
-                heard = self._take(s, st, events, hold)
-                bulk_chunks -= 1 if s.bulk and heard else 0
+                new_listener = not s.bulk and s.first_audio_at is None
+                self._vocode(s, st, events, hold=not new_listener and s not in free)
             except LowvoxError as e:
                 self._end(s, events, e)
             except Exception:  # noqa: BLE001 -- its own failure, details in the log
@@ -322,34 +344,50 @@ class Batch:
             s.row = self.decoder.add(row)
         self._by_row[s.row] = s
 
-    def _take(self, s: _Speaking, st: RowStep, events: list[BatchEvent], hold: bool) -> bool:
-        """A row's step: keep its token, vocode what is due (unless held; a sentence's end
-        is never held), finish the sentence. Whether it vocoded anything."""
+    def _vocode(
+        self, s: _Speaking, st: RowStep | None, events: list[BatchEvent], hold: bool
+    ) -> None:
+        """A row's step (`st`), or a step of a decoded sentence's held-back audio (None):
+        keep its token, vocode the next chunk if due (unless held), and once the sentence
+        is decoded and no more than its last piece is left, finish it."""
         assert s.vocoder is not None
-        rate = self.model.sample_rate
+        wav = np.zeros(0, np.float32)
         with torch.inference_mode():
-            wav = s.vocoder.push(st.latent, hold=hold and not st.last)
-            if not st.is_stop:
-                s.codes.append(st.token.view(1))
-            if st.last:
+            if st is not None:
+                wav = s.vocoder.push(st.latent, hold=hold)
+                if not st.is_stop:
+                    s.codes.append(st.token.view(1))
+                if st.last:
+                    del self._by_row[st.row]
+                    s.row = None  # decoded: from now on `unvocoded`
+            elif not hold:
+                wav = s.vocoder.drain_one()
+            if s.row is None and not hold and not s.vocoder.due_with(0):
                 tail = s.vocoder.finish()
                 wav = np.concatenate([wav, tail]) if wav.size else tail
+                self._sentence_done(s, wav, events)
+                return
+        if wav.size:
+            self._sent(s, wav)
+            events.append(BatchEvent(s.id, StreamChunk(wav, self.model.sample_rate, s.sentence)))
+
+    def _sent(self, s: _Speaking, wav: np.ndarray) -> None:
         if wav.size:
             s.first_audio_at = self._clock() if s.first_audio_at is None else s.first_audio_at
-            s.audio_s += wav.size / rate
-        if st.last:
-            codes = torch.cat(s.codes).cpu().numpy() if s.codes else np.zeros(0, np.int64)
-            events.append(BatchEvent(s.id, StreamChunk(wav, rate, s.sentence, codes)))
-            del self._by_row[st.row]
-            s.row, s.vocoder, s.codes, s.heard = None, None, [], False
-            s.sentence += 1
-            if s.sentence == len(s.utt.pieces):
-                self._speaking.remove(s)
-                events.append(BatchEvent(s.id, done=True))
-        elif wav.size:
-            s.heard = True
-            events.append(BatchEvent(s.id, StreamChunk(wav, rate, s.sentence)))
-        return bool(wav.size)
+            s.audio_s += wav.size / self.model.sample_rate
+
+    def _sentence_done(self, s: _Speaking, wav: np.ndarray, events: list[BatchEvent]) -> None:
+        """The sentence's last audio (with its codes) goes out; the next sentence waits for
+        its prefill, or the utterance is done."""
+        self._sent(s, wav)
+        codes = torch.cat(s.codes).cpu().numpy() if s.codes else np.zeros(0, np.int64)
+        rate = self.model.sample_rate
+        events.append(BatchEvent(s.id, StreamChunk(wav, rate, s.sentence, codes)))
+        s.vocoder, s.codes = None, []
+        s.sentence += 1
+        if s.sentence == len(s.utt.pieces):
+            self._speaking.remove(s)
+            events.append(BatchEvent(s.id, done=True))
 
     def _end(self, s: _Speaking, events: list[BatchEvent], error: LowvoxError) -> None:
         if s.row is not None:

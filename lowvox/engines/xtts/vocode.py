@@ -462,28 +462,34 @@ class RowVocoder:
         self._count = 0  # latents pending
 
     def push(self, latents: torch.Tensor, hold: bool = False) -> np.ndarray:
-        """Add latents [1, n, D] (a step's one, usually); the audio that became due (maybe
-        empty). `hold`: keep them for later even if audio is due (the batch has more
+        """Add latents [1, n, D] (a step's one, usually); the audio of the next chunk if
+        it became due (else empty; one chunk a push, so a held backlog is caught up over
+        several). `hold`: keep them for later even if audio is due (the batch has more
         urgent vocoding). Chunks always end at the same latents (after
         `first_chunk_tokens`, then every `chunk_tokens`), held or not, so the audio is the
         same however the pushes were held."""
         self._pending.append(latents)
         self._count += latents.shape[1]
-        return np.zeros(0, np.float32) if hold else self._drain()
+        return np.zeros(0, np.float32) if hold else self._drain(limit=1)
 
-    def _drain(self) -> np.ndarray:
-        """Vocode every chunk whose latents are all here."""
+    def _drain(self, limit: int | None = None) -> np.ndarray:
+        """Vocode the chunks whose latents are all here (at most `limit`: a backlog held
+        back is caught up a chunk a push)."""
         out = [np.zeros(0, np.float32)]
-        while self._count >= self._due:
+        while self._count >= self._due and (limit is None or len(out) <= limit):
             chunk = self._take(self._due)
             self._due = self.chunk_tokens
             out.append(self._vocode(self.stretcher.push(chunk)))
         return np.concatenate(out)
 
-    @property
-    def due(self) -> bool:
-        """Whether a chunk's latents are all here (the next unheld push vocodes it)."""
-        return self._count >= self._due
+    def drain_one(self) -> np.ndarray:
+        """The next chunk if its latents are all here (else empty): a held backlog."""
+        return self._drain(limit=1)
+
+    def due_with(self, pushed: int) -> bool:
+        """Whether a chunk's latents are all here once `pushed` more come (the push that
+        brings them vocodes it, unless held)."""
+        return self._count + pushed >= self._due
 
     def finish(self) -> np.ndarray:
         """The rest of the sentence's audio."""
