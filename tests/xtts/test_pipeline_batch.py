@@ -219,12 +219,75 @@ def test_a_sentence_ending_while_a_new_listener_waits_is_finished_after(
     assert_same_as_alone(golden_model, b, mixed[1])
 
 
+def test_only_a_new_listeners_row_decodes_until_its_first_audio(golden_model, golden_voice) -> None:
+    """From a new listener's prefill to its first audio, the batch's steps decode its row
+    alone (the others wait; their audio would wait anyway); then every row decodes again.
+    Every utterance still gets what it would alone, tokens exactly."""
+    utts = [utterance(golden_model, t, golden_voice, max_new_tokens=50) for t in TEXTS[:3]]
+    batch = Batch(golden_model, max_rows=3)
+    stepped: list[set[int]] = []
+    real = batch.decoder.step
+
+    def spy(only=None):
+        steps = real(only)
+        stepped.append({st.row for st in steps})
+        return steps
+
+    batch.decoder.step = spy  # type: ignore[method-assign]
+    log: list[tuple[int, int, bool]] = []
+    results = run(batch, {0: utts[:1], 20: utts[1:2], 24: utts[2:]}, log=log)
+    firsts = [min(st for st, o, _ in log if o == order) for order in range(3)]
+    # Rows are numbered as they join (one prefill per step: the second at step 20; the
+    # third waits for the second's first audio).
+    assert all(stepped[st] == {1} for st in range(20, firsts[1] + 1))
+    assert firsts[1] < firsts[2] and all(
+        stepped[st] == {2} for st in range(firsts[1] + 1, firsts[2] + 1)
+    )
+    assert stepped[firsts[2] + 1] == {0, 1, 2}
+    for i, utt in enumerate(utts):
+        assert_same_as_alone(golden_model, utt, results[i])
+
+
+def test_the_decoder_steps_any_subset_of_its_rows(golden_model, golden_voice) -> None:
+    """Rows that sit out steps (`Decoder.step(only=...)`, in runs of cache rows that are
+    not contiguous) choose the same tokens as rows stepped every time."""
+    from lowvox.engines.xtts.decode import Decoder, DecodeRow
+
+    utts = [utterance(golden_model, t, golden_voice, max_new_tokens=30) for t in TEXTS]
+
+    def rows() -> list[DecodeRow]:
+        return [
+            DecodeRow(golden_voice.gpt_cond_latent, u.pieces[0], u.options.sampling, 30)
+            for u in utts
+        ]
+
+    def codes(decoder: Decoder, pattern) -> dict[int, list[int]]:
+        ids = [decoder.add(r) for r in rows()]
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        k = 0
+        while len(decoder):
+            for st in decoder.step(pattern(k, ids)):
+                if not st.is_stop:
+                    out[st.row].append(int(st.token))
+            k += 1
+        return out
+
+    together = codes(Decoder(golden_model.gpt, max_rows=4), lambda k, ids: None)
+    # Rows 0 and 2 on even steps, 1 and 3 on odd ones: two runs of one row each.
+    apart = codes(Decoder(golden_model.gpt, max_rows=4), lambda k, ids: set(ids[k % 2 :: 2]))
+    assert list(together.values()) == list(apart.values())
+    assert all(together.values())
+
+
 def test_a_held_backlog_is_caught_up_a_few_chunks_a_step(golden_model, golden_voice) -> None:
     """After rows were held for a new listener, no step vocodes more than CHUNKS_PER_STEP
     chunks of rows already heard (first chunks and sentence ends aside), nor more than one
-    of any row; the rows whose listeners have the least audio in hand go first."""
+    of any row; the rows whose listeners have the least audio in hand go first. (Where the
+    decoder steps every row whatever it is asked, as with CUDA graphs: otherwise the other
+    rows wait out a new listener's first chunk and build no backlog.)"""
     import dataclasses
 
+    from lowvox.engines.xtts.decode import Decoder
     from lowvox.engines.xtts.pipeline import CHUNKS_PER_STEP
 
     heard = [utterance(golden_model, t, golden_voice, max_new_tokens=120) for t in TEXTS[:3]]
@@ -237,7 +300,9 @@ def test_a_held_backlog_is_caught_up_a_few_chunks_a_step(golden_model, golden_vo
     plan = {0: heard[:1], 1: heard[1:2], 2: heard[2:3], 40: [late]}
     log: list[tuple[int, int, bool]] = []
     sizes: list[tuple[int, int, int]] = []
-    results = run(Batch(golden_model, max_rows=4, clock=lambda: 0.0), plan, log=log, sizes=sizes)
+    batch = Batch(golden_model, max_rows=4, clock=lambda: 0.0)
+    batch.decoder.step = lambda only=None: Decoder.step(batch.decoder)  # type: ignore[method-assign]
+    results = run(batch, plan, log=log, sizes=sizes)
     firsts = {o: min(st for st, oo, _ in log if oo == o) for o in range(4)}
     per_step: dict[int, list[int]] = {}
     for st, o, last in log:

@@ -19,7 +19,7 @@ captured once per batch bucket (1, 2, 4, ... rows) over static buffers and repla
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -114,7 +114,7 @@ class Decoder:
         self._capacity = (0, 0)  # (rows, positions) the caches hold
         # The caches' first n rows, one set of views per n: the same objects step after
         # step, so that the fused CPU kernels are looked up once per batch size.
-        self._views: dict[int, list[KVCache]] = {}
+        self._views: dict[tuple[int, int], list[KVCache]] = {}
         self._graphs: dict[int, _GraphStep] = {}
 
     # -- rows ----------------------------------------------------------------------------
@@ -186,18 +186,25 @@ class Decoder:
     # -- the step ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[RowStep]:
+    def step(self, only: Collection[int] | None = None) -> list[RowStep]:
         """Choose the next token of every row (in the order they joined); rows that end here
-        leave, the others advance one position together."""
+        leave, the others advance one position together. `only`: just these rows (ids)
+        step; the others wait, as they are, for a later step (a step of one row reads the
+        weights as one of eight does, but computes an eighth: what a listener waiting
+        for its first audio needs while the others' audio waits anyway). Each row's tokens
+        are the same whichever steps it waits out."""
         self._drop([a for a in self._rows if a.cancelled])
         if not self._rows:
             return []
         args = self.gpt.args
-        latents = torch.cat([a.latent for a in self._rows])  # [n, 1, D]
+        chosen = self._rows
+        if only is not None and not self.graphs:
+            chosen = [a for a in self._rows if a.id in only] or self._rows
+        latents = torch.cat([a.latent for a in chosen])  # [n, 1, D]
         logits = self.gpt.logits(latents)[:, -1].float()  # [n, V]
         steps: list[RowStep] = []
         done: list[_Active] = []
-        for k, a in enumerate(self._rows):
+        for k, a in enumerate(chosen):
             row_logits = logits[k : k + 1]
             if a.row.forced is None:
                 scores = process_logits(row_logits, a.seen, a.row.sampling)
@@ -214,28 +221,38 @@ class Decoder:
                 a.seen[0, token] = True
                 a.token = token
         self._drop(done)
-        if self._rows:
-            self._advance()
+        stepped = {id(a) for a in chosen}
+        slots = [k for k, a in enumerate(self._rows) if id(a) in stepped]
+        # Cache rows are contiguous runs of the batch's: one GPT call per run of them.
+        while slots:
+            end = next(
+                (i for i in range(1, len(slots)) if slots[i] != slots[i - 1] + 1), len(slots)
+            )
+            self._advance(slots[0], slots[end - 1] + 1)
+            slots = slots[end:]
         return steps
 
-    def _advance(self) -> None:
-        """Feed every row's chosen token through the GPT, all rows in one call."""
-        n = len(self._rows)
-        tokens = torch.cat([a.token.view(1, 1) for a in self._rows if a.token is not None])
+    def _advance(self, first: int, stop: int) -> None:
+        """Feed the chosen tokens of rows first..stop-1 through the GPT in one call."""
+        rows = self._rows[first:stop]
+        n = len(rows)
+        tokens = torch.cat([a.token.view(1, 1) for a in rows if a.token is not None])
         assert tokens.shape == (n, 1)
-        audio_pos = torch.tensor([a.tokens for a in self._rows], device=self.device)
-        seq_pos = torch.tensor([a.length for a in self._rows], device=self.device)
+        audio_pos = torch.tensor([a.tokens for a in rows], device=self.device)
+        seq_pos = torch.tensor([a.length for a in rows], device=self.device)
         assert self._caches is not None
         if self.graphs:
+            assert first == 0 and stop == len(self._rows)
             latents = self._graph(n).run(tokens, audio_pos, seq_pos)
         else:
-            caches = self._views.get(n)
+            caches = self._views.get((first, stop))
             if caches is None:
-                caches = self._views[n] = [c.rows(0, n) for c in self._caches]
+                caches = self._views[first, stop] = [c.rows(first, stop) for c in self._caches]
             latents = self.gpt.decode(tokens, audio_pos, seq_pos, caches)  # [n, 1, D]
-        for k, a in enumerate(self._rows):
+        for k, a in enumerate(rows):
             a.latent = latents[k : k + 1]
             a.length += 1
+            a.token = None
 
     def _drop(self, leaving: list[_Active]) -> None:
         """Remove rows; the last rows move into the freed cache rows (rows stay 0..n-1)."""

@@ -280,8 +280,16 @@ class Batch:
             except Exception:  # noqa: BLE001 -- one utterance's failure is its own
                 log.exception("utterance %d failed to start", s.id)
                 self._end(s, events, LowvoxError("synthesis failed"))
+        # While a listener waits for its first audio only its row decodes: everyone else's
+        # audio waits for its first chunk anyway (below), and a step of one row takes half
+        # the time of one of eight.
+        firsts = {
+            s.row
+            for s in self._speaking
+            if s.row is not None and not s.bulk and s.first_audio_at is None
+        }
         with torch.inference_mode():
-            steps = self.decoder.step()
+            steps = self.decoder.step(firsts or None)
         # Vocoding is most of a step's time: who vocodes now. While a listener waits for
         # an utterance's first audio, no one else (first audio first); otherwise rows whose
         # listeners already hear them share CHUNKS_PER_STEP chunks, those with the least
