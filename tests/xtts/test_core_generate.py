@@ -223,3 +223,67 @@ def test_incremental_stretch_equals_whole(speed: float, piece: int) -> None:
     joined = torch.cat([p for p in parts if p.numel()], dim=1)
     assert joined.shape == whole.shape
     FP32_REORDER.check(joined, whole)  # another chunking of one operation
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_voices_prompt_prefix_is_computed_once_and_reused(
+    precision, random_bundle, random_model, tmp_path
+) -> None:
+    """A decoder runs a voice's 32 latents through the GPT once and copies their keys and
+    values into the next prompt of that voice (same latents, by value): the cache and the
+    tokens are exactly those of a fresh decoder. Other latents, or the same tensor
+    changed in place, are run again. On lowvox's CPU kernels (int8) the split prompt is
+    also, bit for bit, the whole prompt run at once."""
+    from lowvox.engines.xtts.loader import load_model
+
+    model = random_model if precision == "fp32" else load_model(
+        random_bundle.path, precision="int8", cache_dir=tmp_path
+    )  # fmt: skip
+    gpt = model.gpt
+    torch.manual_seed(3)
+    cond, other = torch.randn(1, 32, gpt.dim), torch.randn(1, 32, gpt.dim)
+    ids = torch.randint(30, 200, (1, 21))
+    lengths: list[int] = []
+    real = gpt.gpt.forward
+
+    def spy(x, *args, **kwargs):
+        lengths.append(x.shape[1])
+        return real(x, *args, **kwargs)
+
+    def prefill(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
+        lengths.clear()
+        decoder.add(DecodeRow(latents, ids, GREEDY, 4))
+        return torch.stack([c.k[len(decoder) - 1, :, :60] for c in decoder._caches])
+
+    gpt.gpt.forward = spy
+    try:
+        reusing = Decoder(gpt, max_rows=5)
+        first = prefill(reusing, cond)
+        assert lengths == [32, 24]  # the voice, then text and the start token
+        again = prefill(reusing, cond.clone())  # equal latents, another tensor
+        assert lengths == [24]
+        assert torch.equal(again, first)
+        assert torch.equal(prefill(Decoder(gpt, max_rows=4), cond), first)  # a fresh one
+        prefill(reusing, other)
+        assert lengths == [32, 24]
+        cond += 1.0  # in place: no longer what was kept
+        prefill(reusing, cond)
+        assert lengths == [32, 24]
+        prefill(reusing, other)  # kept, though not the latest
+        assert lengths == [24]
+    finally:
+        del gpt.gpt.forward
+    if precision == "int8":
+        whole = Decoder(gpt, max_rows=1)
+        caches = whole._ensure(1, 60)
+        emb = torch.cat([gpt.prompt_embeddings(cond, ids), gpt.audio_embeddings(
+            torch.full((1, 1), gpt.args.gpt_start_audio_token), 0)], dim=1)  # fmt: skip
+        with torch.inference_mode():
+            gpt.gpt(emb, 0, [c.rows(0, 1) for c in caches])
+        split = Decoder(gpt, max_rows=1)
+        with torch.inference_mode():
+            split.add(DecodeRow(cond, ids, GREEDY, 4))
+        n = emb.shape[1]
+        for a, b in zip(whole._caches, split._caches, strict=True):
+            assert torch.equal(a.k[0, :, :n], b.k[0, :, :n])
+            assert torch.equal(a.v[0, :, :n], b.v[0, :, :n])
