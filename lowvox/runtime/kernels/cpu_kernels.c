@@ -20,7 +20,13 @@
  *   Elsewhere int8 weights are widened to float32 and meet float32 activations.
  *   From AMX_MIN_ROWS rows (batched steps, prompts) on CPUs with AMX, the tiles take over
  *   (amx_rows, amx_rows_bf16): the same int16 activations for int8, a two-bf16 split of
- *   each float32 activation for bf16; the weights still stream once.
+ *   each float32 activation for bf16; the weights still stream once. Without AMX, int8
+ *   linears of PANEL_MIN_ROWS rows or more (prompts) on AVX-512 VNNI are a matrix product
+ *   instead (panels_q8): weights repacked a panel of 32 rows at a time, the same int8
+ *   activations broadcast against them.
+ * lv_attend_prompt: a prompt's causal attention, its keys/values written into the cache,
+ *   token by token as lv_attend_one computes a decode step's; lv_gelu_tanh: the blocks'
+ *   GELU over a prompt's activations.
  * lv_blocks_decode: the transformer blocks of a decode step (one token of one sequence, or
  *   of each of m sequences, each at its own position) in one call: no Python or framework
  *   work between their steps, every weight read once.
