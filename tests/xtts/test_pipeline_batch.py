@@ -342,6 +342,44 @@ def test_new_listeners_beyond_a_few_wait_for_a_first_audio(golden_model, golden_
         assert_same_as_alone(golden_model, utt, results[i])
 
 
+def test_a_step_that_prefills_a_bulk_sentence_vocodes_no_bulk_chunk(
+    golden_model, golden_voice
+) -> None:
+    """Bulk work comes one heavy piece a step (a prompt or a chunk), so that a request
+    arriving meanwhile waits for less; the audio is what each would be alone."""
+    utts = [utterance(golden_model, t, golden_voice, max_new_tokens=60) for t in TEXTS]
+    batch = Batch(golden_model, max_rows=4)
+    prefills: list[int] = []
+    real_add = batch.decoder.add
+    step = [0]
+
+    def add(row):
+        prefills.append(step[0])
+        return real_add(row)
+
+    batch.decoder.add = add  # type: ignore[method-assign]
+    real_step = batch.step
+
+    def counted():
+        events = real_step()
+        step[0] += 1
+        return events
+
+    batch.step = counted  # type: ignore[method-assign]
+    log: list[tuple[int, int, bool]] = []
+    # The later prefills fall on steps where the first's chunks are due (its first after
+    # 12 tokens, at step 11, then every 20).
+    results = run(batch, {0: utts[:1], 31: utts[1:2], 51: utts[2:3], 52: utts[3:]},
+                  bulk={0, 1, 2, 3}, log=log)  # fmt: skip
+    chunks = {st for st, _, _ in log}
+    assert prefills[:3] == [0, 31, 51] and len(prefills) == 4
+    assert not chunks & set(prefills[1:])
+    # The first's chunks come at the next step with no bulk prefill.
+    assert {32, 53} <= {st for st, o, _ in log if o == 0}
+    for i, utt in enumerate(utts):
+        assert_same_as_alone(golden_model, utt, results[i])
+
+
 def test_an_interactive_sentence_is_prefilled_before_waiting_bulk_ones(
     golden_model, golden_voice
 ) -> None:

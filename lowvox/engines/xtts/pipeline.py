@@ -272,7 +272,8 @@ class Batch:
         )
         if pending >= FIRST_AUDIO_AT_ONCE:
             waiting = [s for s in waiting if s.sentence and not s.bulk]
-        for s in waiting[: self.prefills_per_step]:
+        starting = waiting[: self.prefills_per_step]
+        for s in starting:
             try:
                 self._start_sentence(s)
             except LowvoxError as e:
@@ -294,8 +295,8 @@ class Batch:
         # an utterance's first audio, no one else (first audio first); otherwise rows whose
         # listeners already hear them share CHUNKS_PER_STEP chunks, those with the least
         # audio in hand first (earliest deadline), and bulk rows (nobody listens live) one
-        # chunk a step, so that a backlog is caught up without a burst that would starve a
-        # stream. A new listener's chunks are never put off. Held latents are vocoded later
+        # chunk a step when no listener's is due, so that a backlog is caught up without a
+        # burst that would starve a stream. A new listener's chunks are never put off. Held latents are vocoded later
         # into the same chunks: the audio is the same, only its timing moves.
         now = self._clock()
         first_wait = any(not s.bulk and s.first_audio_at is None for s in self._speaking)
@@ -311,7 +312,9 @@ class Batch:
                 due.append((math.inf if s.bulk else s.slack(now), s))
         due.sort(key=lambda d: d[0])
         listened = [s for _, s in due if not s.bulk]
-        bulk = [s for _, s in due if s.bulk]
+        # A step that prefilled a bulk sentence vocodes no bulk chunk: each takes ~0.2 s
+        # on a 2-core CPU, and a request arriving meanwhile waits for the whole step.
+        bulk = [s for _, s in due if s.bulk and not any(b.bulk for b in starting)]
         free = (
             set()
             if first_wait
