@@ -115,8 +115,8 @@ class Decoder:
         self._next_id = 0
         self._caches: list[KVCache] | None = None
         self._capacity = (0, 0)  # (rows, positions) the caches hold
-        # The caches' first n rows, one set of views per n: the same objects step after
-        # step, so that the fused CPU kernels are looked up once per batch size.
+        # The caches' rows first..stop-1, one set of views per (first, stop): the same
+        # objects step after step, so that the fused CPU kernels are looked up once each.
         self._views: dict[tuple[int, int], list[KVCache]] = {}
         self._graphs: dict[int, _GraphStep] = {}
         # Voices' prompt prefixes (see `_voice_prefix`), oldest first: a copy of the
@@ -227,7 +227,8 @@ class Decoder:
     def step(self, only: Collection[int] | None = None) -> list[RowStep]:
         """Choose the next token of every row (in the order they joined); rows that end here
         leave, the others advance one position together. `only`: just these rows (ids)
-        step; the others wait, as they are, for a later step (a step of one row reads the
+        step (every row when none of them is here, or under CUDA graphs); the others
+        wait, as they are, for a later step (a step of one row reads the
         weights as one of eight does, but computes an eighth: what a listener waiting
         for its first audio needs while the others' audio waits anyway). Each row's tokens
         are the same whichever steps it waits out."""

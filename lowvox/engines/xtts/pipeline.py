@@ -296,8 +296,9 @@ class Batch:
         # listeners already hear them share CHUNKS_PER_STEP chunks, those with the least
         # audio in hand first (earliest deadline), and bulk rows (nobody listens live) one
         # chunk a step when no listener's is due, so that a backlog is caught up without a
-        # burst that would starve a stream. A new listener's chunks are never put off. Held latents are vocoded later
-        # into the same chunks: the audio is the same, only its timing moves.
+        # burst that would starve a stream. A new listener's chunks are never put off.
+        # Held latents are vocoded later into the same chunks: the audio is the same, only
+        # its timing moves.
         now = self._clock()
         first_wait = any(not s.bulk and s.first_audio_at is None for s in self._speaking)
         stepped = {self._by_row[st.row]: st for st in steps if st.row in self._by_row}
@@ -314,7 +315,8 @@ class Batch:
         listened = [s for _, s in due if not s.bulk]
         # A step that prefilled a bulk sentence vocodes no bulk chunk: each takes ~0.2 s
         # on a 2-core CPU, and a request arriving meanwhile waits for the whole step.
-        bulk = [s for _, s in due if s.bulk and not any(b.bulk for b in starting)]
+        bulk_prefilled = any(s.bulk for s in starting)
+        bulk = [s for _, s in due if s.bulk and not bulk_prefilled]
         free = (
             set()
             if first_wait

@@ -931,14 +931,12 @@ static void panels_q8(const acts_t *a, int64_t m, const int8_t *w, const float *
 #pragma omp for schedule(static)
     for (int64_t r0 = 0; r0 < n; r0 += PANEL) {
         const int64_t cols = n - r0 < PANEL ? n - r0 : PANEL;
-        if (p) {
-            pack_panel(w, n, a->k, r0, p);
+        if (!p) { /* no memory for the panel: the weight stream, these rows */
+            rows_band_q8(a, m, w, scale, bias, y, n, r0, r0 + cols);
+            continue;
         }
+        pack_panel(w, n, a->k, r0, p);
         for (int64_t i0 = 0; i0 < m; i0 += PANEL_ROWS) {
-            if (!p) { /* no memory for the panel: the weight stream, these rows */
-                rows_band_q8(a, m, w, scale, bias, y, n, r0, r0 + cols);
-                break;
-            }
             switch (m - i0 < PANEL_ROWS ? (int)(m - i0) : PANEL_ROWS) {
             case 1: panel_tile(1, a, i0, p, scale, bias, y, n, r0, cols); break;
             case 2: panel_tile(2, a, i0, p, scale, bias, y, n, r0, cols); break;
