@@ -1,6 +1,6 @@
-"""The vocoder's fused CPU path and its bf16 precision: fidelity against float32 (random and
-golden weights), switching precision back and forth, and streaming/windowed vocoding that
-still equals whole-utterance vocoding."""
+"""The vocoder's fused CPU path and its bf16 and int8 precisions: fidelity against float32
+(random and golden weights), switching precision back and forth, and streaming/windowed
+vocoding that still equals whole-utterance vocoding."""
 
 from __future__ import annotations
 
@@ -11,13 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowvox.engines.xtts.hifigan import bf16_supported
+from lowvox.engines.xtts import hifigan
+from lowvox.engines.xtts.hifigan import bf16_supported, int8_supported
 from lowvox.engines.xtts.vocode import RowVocoder, vocode_in_windows
-from lowvox.errors import LowvoxError
+from lowvox.errors import EngineUnavailable, LowvoxError
 from tests.tolerance import FP32_REORDER, MIN_REDUCED_VOCODER_SNR_DB, snr_db
 from tests.xtts.test_voice_helpers import random_decoder
 
 needs_bf16 = pytest.mark.skipif(not bf16_supported(), reason="no native bf16 on this CPU")
+needs_int8 = pytest.mark.skipif(
+    not int8_supported(), reason="no int8 vocoder convolutions on this CPU (AVX-512 VNNI)"
+)
+# A decoder whose first stages have channels the int8 kernel takes (its last stage, 16
+# channels wide, keeps float32 convolutions: the int8 plan mixes both).
+INT8_CHANNELS = 128
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +84,51 @@ def test_bf16_keeps_fidelity_on_random_decoder(speaker) -> None:
     assert MIN_REDUCED_VOCODER_SNR_DB <= snr < 90.0  # close, yet really computed in bf16
 
 
+@needs_int8
+def test_int8_keeps_fidelity_on_random_decoder(speaker) -> None:
+    decoder = random_decoder(seed=5, channels=INT8_CHANNELS)
+    latents = torch.randn(1, 64, 48)
+    fp32 = vocode(decoder, latents, speaker)
+    decoder.set_precision("int8")
+    plan = decoder.waveform_decoder._fused_plan()
+    kinds = {type(c).__name__ for stage in plan.blocks for b in stage for pair in b for c in pair}
+    assert kinds == {"_QConv", "_PackedConv"}  # int8 where the shapes fit, float32 elsewhere
+    assert not plan.folds_lrelu  # a float32 block needs its input's leaky ReLU made for it
+    int8 = vocode(decoder, latents, speaker)
+    assert int8.dtype == np.float32 and int8.shape == fp32.shape
+    snr = snr_db(fp32, int8)
+    print(f"random decoder int8 vs fp32 SNR {snr:.1f} dB")
+    assert MIN_REDUCED_VOCODER_SNR_DB <= snr < 90.0  # close, yet really computed in int8
+
+
+@needs_int8
+def test_int8_plan_of_fitting_shapes_folds_the_leaky_relu(speaker) -> None:
+    """Every resblock convolution in int8: their input's leaky ReLU is applied as the
+    kernel reads it (no separate pass), with the same audio as a separate pass would give."""
+    decoder = random_decoder(seed=7, channels=256)
+    latents = torch.randn(1, 40, 48)
+    fp32 = vocode(decoder, latents, speaker)
+    decoder.set_precision("int8")
+    plan = decoder.waveform_decoder._fused_plan()
+    assert plan.folds_lrelu
+    folded = vocode(decoder, latents, speaker)
+    plan.folds_lrelu = False  # the unfolded path: the same quantised inputs
+    try:
+        separate = vocode(decoder, latents, speaker)
+    finally:
+        plan.folds_lrelu = True
+    np.testing.assert_array_equal(folded, separate)
+    assert snr_db(fp32, folded) >= MIN_REDUCED_VOCODER_SNR_DB
+
+
+def test_int8_is_refused_where_the_kernel_is_missing(monkeypatch) -> None:
+    decoder = random_decoder(seed=5)
+    monkeypatch.setattr(hifigan.kernels, "int8_conv", lambda: False)
+    with pytest.raises(EngineUnavailable, match="int8"):
+        decoder.set_precision("int8")
+    assert decoder.precision == "fp32"
+
+
 @needs_bf16
 def test_set_precision_round_trip(speaker) -> None:
     decoder = random_decoder(seed=5)
@@ -124,10 +176,15 @@ def test_gradients_take_the_plain_path(decoder, speaker) -> None:
 
 
 @pytest.mark.parametrize(
-    ("precision", "fused"), [("fp32", True), pytest.param("bf16", None, marks=needs_bf16)]
+    ("precision", "fused"),
+    [
+        ("fp32", True),
+        pytest.param("bf16", None, marks=needs_bf16),
+        pytest.param("int8", None, marks=needs_int8),
+    ],
 )
 def test_streamed_equals_whole_in_each_precision(speaker, precision, fused) -> None:
-    decoder = random_decoder(seed=5)
+    decoder = random_decoder(seed=5, channels=INT8_CHANNELS if precision == "int8" else 32)
     decoder.set_precision(precision)
     decoder.waveform_decoder.fused = fused
     latents = torch.randn(1, 75, 48)
@@ -138,7 +195,11 @@ def test_streamed_equals_whole_in_each_precision(speaker, precision, fused) -> N
     streamed = np.concatenate(parts)
     assert streamed.shape == whole.shape
     assert snr_db(whole, streamed) >= 60.0  # stricter than MIN_STREAM_SNR_DB on this decoder
-    assert np.abs(streamed - whole).max() <= 1e-3 * np.abs(whole).max()
+    if precision != "int8":
+        assert np.abs(streamed - whole).max() <= 1e-3 * np.abs(whole).max()
+    # In int8 the frames' last-bit differences (streamed frames are interpolated piece by
+    # piece) can round a time step's int8 value the other way: one level, 1/127 of that
+    # step's largest value, moves a few samples by up to ~0.5% of the peak; the SNR holds.
 
 
 def test_last_stream_window_takes_the_middle_windows_length(decoder, speaker) -> None:
@@ -201,4 +262,26 @@ def test_bf16_keeps_fidelity_on_golden_latents(golden_model, golden_ref) -> None
     reference = golden_ref[f"{gid}.wav"].reshape(-1)[:keep].numpy()
     snr, snr_ref = snr_db(fp32, bf16), snr_db(reference, bf16[:keep])
     print(f"golden {gid} bf16 SNR {snr:.1f} dB vs our fp32, {snr_ref:.1f} dB vs the reference")
+    assert snr >= MIN_REDUCED_VOCODER_SNR_DB and snr_ref >= MIN_REDUCED_VOCODER_SNR_DB
+
+
+@needs_int8
+@pytest.mark.slow
+def test_int8_keeps_fidelity_on_golden_latents(golden_model, golden_ref) -> None:
+    """As the bf16 test above: the released-size HiFi-GAN, every convolution but the last
+    in int8."""
+    decoder = copy.deepcopy(golden_model.hifigan_decoder)
+    emb = golden_ref["voice0.speaker_embedding"]
+    gid = sorted(k.split(".")[0] for k in golden_ref if k.endswith(".latents"))[0]
+    latents = golden_ref[f"{gid}.latents"]
+    latents = latents[:, : latents.shape[1] // 2]
+    fp32 = vocode(decoder, latents, emb)
+    decoder.set_precision("int8")
+    assert decoder.waveform_decoder._fused_plan().folds_lrelu
+    int8 = vocode(decoder, latents, emb)
+    keep = decoder.num_frames(latents.shape[1]) - 2 * decoder.waveform_decoder.receptive_radius()
+    keep *= decoder.hop_length
+    reference = golden_ref[f"{gid}.wav"].reshape(-1)[:keep].numpy()
+    snr, snr_ref = snr_db(fp32, int8), snr_db(reference, int8[:keep])
+    print(f"golden {gid} int8 SNR {snr:.1f} dB vs our fp32, {snr_ref:.1f} dB vs the reference")
     assert snr >= MIN_REDUCED_VOCODER_SNR_DB and snr_ref >= MIN_REDUCED_VOCODER_SNR_DB

@@ -32,8 +32,11 @@ def golden_voice_model(golden_dir: Path):
     return model
 
 
-def random_decoder(seed: int = 11, dim: int = 48, d_vector: int = 24) -> HifiganDecoder:
-    """A small random HiFi-GAN with a different layout from the released one."""
+def random_decoder(
+    seed: int = 11, dim: int = 48, d_vector: int = 24, channels: int = 32
+) -> HifiganDecoder:
+    """A small random HiFi-GAN with a different layout from the released one (`channels`
+    in its first stage, halved at each of the three after)."""
     torch.manual_seed(seed)
     decoder = HifiganDecoder(
         input_sample_rate=22050,
@@ -46,7 +49,7 @@ def random_decoder(seed: int = 11, dim: int = 48, d_vector: int = 24) -> Hifigan
         generator=GeneratorConfig(
             upsample_rates=(4, 4, 4),
             upsample_kernel_sizes=(8, 8, 8),
-            upsample_initial_channel=32,
+            upsample_initial_channel=channels,
             resblock_kernel_sizes=(3, 5),
             resblock_dilation_sizes=((1, 3), (1, 2)),
         ),

@@ -17,6 +17,9 @@ from typing import Any
 
 from lowvox.errors import LowvoxError
 
+# The vocoder's compute precisions (`HifiganGenerator.set_precision`); settings add "auto".
+VOCODER_PRECISIONS = ("fp32", "bf16", "int8")
+
 
 class ConfigError(LowvoxError):
     """config.json is missing, unreadable, or lacks a field the architecture needs."""

@@ -32,7 +32,7 @@ from lowvox.engines.base import (
     SynthesisRequest,
     VoiceInfo,
 )
-from lowvox.engines.xtts.config import ConfigError, XttsConfig
+from lowvox.engines.xtts.config import VOCODER_PRECISIONS, ConfigError, XttsConfig
 from lowvox.engines.xtts.options import XttsOptions
 from lowvox.errors import EngineUnavailable, LowvoxError, UnknownVoice
 from lowvox.runtime.devices import probe_machine
@@ -131,10 +131,15 @@ class XttsEngine(Engine):
         self.device = self.plan.device
         self.precision = self.plan.precision
         self.threads = threads
-        if vocoder_precision not in ("auto", "fp32", "bf16"):
-            raise PlanError(f"unknown vocoder precision {vocoder_precision!r} (auto, fp32, bf16)")
-        if vocoder_precision == "bf16" and self.device != "cpu":
-            raise PlanError("vocoder precision bf16 is a CPU feature; on a GPU use fp32 or auto")
+        if vocoder_precision not in ("auto", *VOCODER_PRECISIONS):
+            raise PlanError(
+                f"unknown vocoder precision {vocoder_precision!r} "
+                f"(auto, {', '.join(VOCODER_PRECISIONS)})"
+            )
+        if vocoder_precision in ("bf16", "int8") and self.device != "cpu":
+            raise PlanError(
+                f"vocoder precision {vocoder_precision} is a CPU feature; on a GPU use fp32 or auto"
+            )
         # On a GPU the vocoder runs fp32 (low-VRAM loads on the CPU first: decide here).
         self.vocoder_precision = vocoder_precision if self.device == "cpu" else "fp32"
         if max_batch_size < 1:

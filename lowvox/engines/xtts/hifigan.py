@@ -17,15 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowvox.engines.xtts.config import VOCODER_PRECISIONS
 from lowvox.engines.xtts.modules import TypedModuleList
 from lowvox.engines.xtts.speaker_encoder import ResNetSpeakerEncoder, SpeakerEncoderConfig
 from lowvox.errors import EngineUnavailable, LowvoxError
+from lowvox.runtime import kernels
 
 LRELU_SLOPE = 0.1
 # The activation before the output convolution uses leaky_relu's default slope.
 FINAL_LRELU_SLOPE = 0.01
-VOCODER_PRECISIONS = ("fp32", "bf16")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The activations' dtype per precision (int8 convolutions quantise float32 activations).
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 # In float32 the fused path gains ~5% in steady state, and much more when the cores are
 # contended (fewer parallel regions), but builds its oneDNN kernels per input length: it
 # pays from the released size (512 channels) down, not for tiny test models.
@@ -57,6 +59,17 @@ def bf16_supported() -> bool:
     return torch.backends.mkldnn.is_available() and (
         torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     )
+
+
+def amx_supported() -> bool:
+    """Whether this CPU has AMX tiles (where oneDNN's bf16 convolutions run on them)."""
+    return torch.cpu._is_amx_tile_supported()
+
+
+def int8_supported() -> bool:
+    """Whether this CPU runs the vocoder's int8 convolutions (`kernels.Int8Conv`: AVX-512
+    VNNI) with oneDNN for the rest."""
+    return torch.backends.mkldnn.is_available() and kernels.int8_conv()
 
 
 def _same_padding(kernel_size: int, dilation: int = 1) -> int:
@@ -187,6 +200,8 @@ class HifiganGenerator(nn.Module):
             )
         if precision == "bf16" and not bf16_supported():
             raise EngineUnavailable("bf16 vocoding needs a CPU with native bf16 and oneDNN")
+        if precision == "int8" and not int8_supported():
+            raise EngineUnavailable("int8 vocoding needs lowvox's C kernels on AVX-512 VNNI")
         if precision != self.precision:
             self.precision = precision
             self._plan = None
@@ -243,7 +258,7 @@ class HifiganGenerator(nn.Module):
             *((p.data_ptr(), 0 if p.is_inference() else p._version) for p in self.parameters()),
         )
         if self._plan is None or self._plan_key != key:
-            self._plan = _FusedPlan(self, _DTYPES[self.precision])
+            self._plan = _FusedPlan(self, self.precision)
             self._plan_key = key
         return self._plan
 
@@ -325,9 +340,11 @@ class _PackedConv:
         post: str = "none",
         scalars: Sequence[float] = (),
         bias: torch.Tensor | None = None,
+        slope_in: float | None = None,
     ) -> torch.Tensor:
         """conv(x) (`reach` samples shorter at each end), then the element-wise `post`
-        ("none", "leaky_relu", "tanh") fused in."""
+        ("none", "leaky_relu", "tanh") fused in. (`slope_in`: see `_QConv`; never here.)"""
+        assert slope_in is None, "oneDNN convolutions take their input as it is"
         return torch.ops.mkldnn._convolution_pointwise(
             x,
             self.weight,
@@ -354,6 +371,66 @@ class _PackedConv:
             other, x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1,
             "add", None, None, [], None,
         )  # fmt: skip
+
+
+class _QConv:
+    """One unpadded convolution with int8 weights (`kernels.Int8Conv`) on `[1, C, 1, T]`
+    channels-last float32 activations: `_PackedConv`'s calls, in the int8 plan."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int = 1) -> None:
+        self.conv = kernels.Int8Conv(weight.detach(), dilation)
+        self.reach = self.conv.span // 2
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    @staticmethod
+    def _rows(x: torch.Tensor) -> torch.Tensor:
+        """`[1, C, 1, T]` channels-last -> its memory as `[T, C]` (a view)."""
+        return x.permute(0, 2, 3, 1).view(x.shape[3], x.shape[1])
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        res: torch.Tensor | None = None,
+        slope: float | None = None,
+        out: torch.Tensor | None = None,
+        slope_in: float | None = None,
+    ) -> torch.Tensor:
+        y = self.conv(
+            self._rows(x),
+            bias,
+            None if res is None else self._rows(res),
+            slope,
+            None if out is None else self._rows(out),
+            slope_in,
+        )
+        return y.view(1, 1, y.shape[0], y.shape[1]).permute(0, 3, 1, 2)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        post: str = "none",
+        scalars: Sequence[float] = (),
+        bias: torch.Tensor | None = None,
+        slope_in: float | None = None,
+    ) -> torch.Tensor:
+        """conv(x) (`reach` samples shorter at each end), then "none" or "leaky_relu";
+        with `slope_in`, conv(leaky_relu(x, slope_in)), the ReLU applied as x is read."""
+        if post not in ("none", "leaky_relu"):
+            raise ValueError(f"no {post!r} after an int8 convolution")
+        slope = scalars[0] if post == "leaky_relu" else None
+        return self._run(
+            x, self.bias if bias is None else bias.float(), slope=slope, slope_in=slope_in
+        )
+
+    def plus(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """A new tensor `other + conv(x)`."""
+        return self._run(x, self.bias, res=other)
+
+    def add_to(self, other: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`other += conv(x)`."""
+        self._run(x, self.bias, res=other, out=other)
+        return other
 
 
 def _phase_taps(up: nn.ConvTranspose1d) -> dict[tuple[int, int], int] | None:
@@ -392,11 +469,16 @@ def _polyphase(up: nn.ConvTranspose1d) -> tuple[torch.Tensor, int]:
     return out.reshape(u * c_out, c_in, 2 * hi + 1), hi
 
 
+_Conv = _PackedConv | _QConv
+
+
 class _FusedPlan:
     """The generator rewritten for CPU inference: fewer passes over memory, same function.
 
     - every convolution's weight is prepacked (`_PackedConv`), the upsamplers as polyphase
-      convolutions;
+      convolutions; the int8 plan quantises them for lowvox's kernel instead (`_QConv`,
+      where the shape fits; float32 elsewhere), on float32 activations, and its resblocks'
+      first convolutions apply their input's leaky ReLU as they read it (`folds_lrelu`);
     - the leaky ReLU after a resblock's first convolution and the residual add after its
       second run inside the convolution (oneDNN post-ops); the block input's leaky ReLU is
       computed once per stage for all sibling blocks;
@@ -408,26 +490,37 @@ class _FusedPlan:
     Weights are copies: the plan belongs to one set of weight values (see `_fused_plan`).
     """
 
-    def __init__(self, gen: HifiganGenerator, dtype: torch.dtype) -> None:
+    def __init__(self, gen: HifiganGenerator, precision: str) -> None:
+        dtype = _DTYPES[precision]
         self.dtype = dtype
         self.gen = gen
         n = gen.num_kernels
-        self.pre = _PackedConv.of(gen.conv_pre, dtype)
-        self.ups: list[_PackedConv] = []
+
+        def conv(w: torch.Tensor, b: torch.Tensor | None, dilation: int = 1) -> _Conv:
+            if precision == "int8" and kernels.Int8Conv.fits(w):
+                return _QConv(w, b, dilation)
+            return _PackedConv(w, b, dtype, dilation)
+
+        def of(c: nn.Conv1d) -> _Conv:
+            return conv(c.weight, c.bias, c.dilation[0])
+
+        self.pre = of(gen.conv_pre)
+        self.ups: list[_Conv] = []
         for i, up in enumerate(gen.ups):
             w, _ = _polyphase(up)
-            self.ups.append(_PackedConv(w * (1.0 / n if i else 1.0), None, dtype))
+            self.ups.append(conv(w * (1.0 / n if i else 1.0), None))
         self.blocks = [
             [
-                [
-                    (_PackedConv.of(c1, dtype), _PackedConv.of(c2, dtype))
-                    for c1, c2 in zip(b.convs1, b.convs2, strict=True)
-                ]
+                [(of(c1), of(c2)) for c1, c2 in zip(b.convs1, b.convs2, strict=True)]
                 for b in gen.resblocks[i * n : (i + 1) * n]
             ]
             for i in range(len(gen.ups))
         ]
         self.post = _PackedConv.of(gen.conv_post, torch.float32, scale=1.0 / n)
+        # Whether the resblocks' first convolutions apply their input's leaky ReLU.
+        self.folds_lrelu = all(
+            isinstance(c1, _QConv) for stage in self.blocks for b in stage for c1, _ in b
+        )
 
     def bias(
         self, conv: nn.Conv1d | nn.ConvTranspose1d, cond: nn.Conv1d | None, g: torch.Tensor
@@ -561,7 +654,7 @@ class FusedStream:
             rate, v = rate * u, v * u
             y = _mask(y, (p + plan.ups[i].reach) * u, 0, limit(rate))
             xs, p = self.stage_tails[i].extend(y, v)
-            o = self._stage(blocks, self.radii[i], xs, p, limit(rate))
+            o = self._stage(blocks, self.radii[i], xs, p, limit(rate), plan.folds_lrelu)
         o = F.leaky_relu(o, FINAL_LRELU_SLOPE, inplace=True).float()
         xs, p = self.post_tail.extend(o, v)
         audio = plan.post(xs, "tanh")[0, 0, 0]  # [L * hop] at positions pos..
@@ -574,11 +667,12 @@ class FusedStream:
 
     @staticmethod
     def _stage(
-        blocks: list[list[tuple[_PackedConv, _PackedConv]]],
+        blocks: list[list[tuple[_Conv, _Conv]]],
         radii: list[int],
         xs: torch.Tensor,
         start: int,
         hi: int,
+        fold: bool,
     ) -> torch.Tensor:
         """The sum (not yet the mean) of the sibling resblocks' outputs for input `xs`
         `[1, C, 1, 2R + L]` (R: the widest block's radius) at positions `start..`: `[1, C, 1, L]`.
@@ -587,20 +681,25 @@ class FusedStream:
         residual are trimmed to the range its outputs cover."""
         reach = max(radii)
         n = xs.shape[-1] - 2 * reach
-        a = F.leaky_relu(xs, LRELU_SLOPE)  # the first input of every block
+        # The first input of every block: its leaky ReLU, or (fold) xs itself, the first
+        # convolutions applying the leaky ReLU as they read it.
+        slope_in = LRELU_SLOPE if fold else None
+        a = xs if fold else F.leaky_relu(xs, LRELU_SLOPE)
         z = None
         for pairs, radius in zip(blocks, radii, strict=True):
             s = reach - radius
             xa, x, pos = a[..., s : s + n + 2 * radius], xs[..., s : s + n + 2 * radius], start + s
             for j, (c1, c2) in enumerate(pairs):
-                t = _mask(c1(xa, "leaky_relu", [LRELU_SLOPE]), pos + c1.reach, 0, hi)
+                t = _mask(
+                    c1(xa, "leaky_relu", [LRELU_SLOPE], slope_in=slope_in), pos + c1.reach, 0, hi
+                )
                 trim = c1.reach + c2.reach
                 pos += trim
                 res = x[..., trim : x.shape[-1] - trim]
                 # x starts as xs, which the sibling blocks also read: never written into.
                 x = _mask(c2.plus(t, res) if j == 0 else c2.add_to(res, t), pos, 0, hi)
                 if j + 1 < len(pairs):
-                    xa = F.leaky_relu(x, LRELU_SLOPE)
+                    xa = x if fold else F.leaky_relu(x, LRELU_SLOPE)
             z = x if z is None else z.add_(x)
         assert z is not None  # every stage has blocks
         return z

@@ -1,5 +1,5 @@
 /* lowvox CPU kernels: the hot spots of decoding on a CPU (one token at a time, of one
- * sequence or of a batch).
+ * sequence or of a batch), and the vocoder's convolutions in int8.
  *
  * Compiled on the user's machine by lowvox/runtime/kernels/build.py (-O3 -march=native
  * -fopenmp) and called through ctypes; torch's own kernels are used wherever this library
@@ -32,6 +32,8 @@
  *   work between their steps, every weight read once.
  * lv_attend_one: a decode step's attention: the new key/value written into the cache and
  *   one query per head attending over every cached position (no mask needed).
+ * lv_conv_q8: a HiFi-GAN convolution (any dilation) with int8 weights on AVX-512 VNNI,
+ *   each time step of its input quantised to int8 at its own scale (see there).
  */
 #include <math.h>
 #include <stddef.h>
@@ -1118,6 +1120,172 @@ void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, co
             }
         }
     }
+}
+
+/* lv_conv_q8: a vocoder convolution (stride 1, any dilation, unpadded) with int8 weights
+ * on AVX-512 VNNI. y[t, o] = post(sum_j sum_c x[t + j * dil, c] w[o, c, j] * scale[o]
+ * + bias[o] + res[t, o]), x and y time-major ([T, C], what channels-last `[1, C, 1, T]`
+ * tensors hold). Each input time step is quantised to int8 with its own scale (the steps
+ * of a waveform differ by orders of magnitude in loudness), stored as q + 128; the weights
+ * come packed by the caller as panels of CONV_PANEL output channels, [O / 32][taps][C / 4]
+ * [32][4] int8, with each panel's -128 * sum_c w per tap and output ([O / 32][taps][32]
+ * int32), which undoes the activations' +128. One vpdpbusd multiplies four channels of
+ * one time step, broadcast, with those of 16 output channels. A tile keeps CONV_ROWS x 32
+ * outputs in registers: per tap, an int32 sum per output joins the float32 total at that
+ * step's scale. */
+#if LV_ISA == 2 && LV_VNNI
+#define LV_CONV_Q8 1
+#define CONV_PANEL 32
+#define CONV_ROWS 6
+
+/* One time step of c channels (c a multiple of 16), after a leaky ReLU of `slope` if
+ * lrelu -> q + 128 (bytes) and its scale. */
+LV_INLINE void conv_quantize_row(const float *x, int64_t c, int lrelu, float slope, uint8_t *q,
+                                 float *sx) {
+    const __m512 sl = _mm512_set1_ps(slope);
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t j = 0; j < c; j += 16) {
+        __m512 v = _mm512_loadu_ps(x + j);
+        if (lrelu) v = _mm512_max_ps(v, _mm512_mul_ps(v, sl));
+        top = _mm512_max_ps(top, _mm512_abs_ps(v));
+    }
+    const float t = _mm512_reduce_max_ps(top);
+    *sx = t / 127.0f;
+    const __m512 inv = _mm512_set1_ps(t > 0.0f ? 127.0f / t : 0.0f);
+    const __m128i flip = _mm_set1_epi8((char)0x80);
+    for (int64_t j = 0; j < c; j += 16) {
+        __m512 v = _mm512_loadu_ps(x + j);
+        if (lrelu) v = _mm512_max_ps(v, _mm512_mul_ps(v, sl));
+        const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+        _mm_storeu_si128((__m128i *)(q + j), _mm_xor_si128(_mm512_cvtsepi32_epi8(i), flip));
+    }
+}
+
+/* Output rows [t0, t0 + mt), channels [32 p, 32 p + 32), from the panel at `wp` (its
+ * compensation at `wc`). */
+LV_INLINE void conv_tile(const int mt, const uint8_t *q, const float *sx, int64_t c,
+                         int64_t taps, int64_t dil, const int8_t *wp, const int32_t *wc,
+                         int64_t t0, const float *scale, const float *bias, const float *res,
+                         int lrelu, float slope, float *y, int64_t o) {
+    const int64_t groups = c / 4;
+    __m512 f[CONV_ROWS][2];
+    for (int i = 0; i < mt; i++) f[i][0] = f[i][1] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < taps; j++) {
+        const int64_t tt = t0 + j * dil;
+        const uint8_t *xr = q + tt * c;
+        const int8_t *pw = wp + j * groups * CONV_PANEL * 4;
+        const __m512i c0 = _mm512_loadu_si512(wc + j * CONV_PANEL);
+        const __m512i c1 = _mm512_loadu_si512(wc + j * CONV_PANEL + 16);
+        __m512i s[CONV_ROWS][2];
+        for (int i = 0; i < mt; i++) s[i][0] = c0, s[i][1] = c1;
+        for (int64_t g = 0; g < groups; g++) {
+            const __m512i w0 = _mm512_load_si512(pw + g * CONV_PANEL * 4);
+            const __m512i w1 = _mm512_load_si512(pw + g * CONV_PANEL * 4 + 64);
+            for (int i = 0; i < mt; i++) {
+                int32_t four;
+                memcpy(&four, xr + i * c + 4 * g, 4);
+                const __m512i x4 = _mm512_set1_epi32(four);
+                s[i][0] = _mm512_dpbusd_epi32(s[i][0], x4, w0);
+                s[i][1] = _mm512_dpbusd_epi32(s[i][1], x4, w1);
+            }
+        }
+        for (int i = 0; i < mt; i++) {
+            const __m512 sc = _mm512_set1_ps(sx[tt + i]);
+            f[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][0]), sc, f[i][0]);
+            f[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][1]), sc, f[i][1]);
+        }
+    }
+    const __m512 sl = _mm512_set1_ps(slope);
+    for (int h = 0; h < 2; h++) {
+        const __m512 ws = _mm512_loadu_ps(scale + 16 * h);
+        const __m512 wb = bias ? _mm512_loadu_ps(bias + 16 * h) : _mm512_setzero_ps();
+        for (int i = 0; i < mt; i++) {
+            __m512 v = _mm512_fmadd_ps(f[i][h], ws, wb);
+            if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + (t0 + i) * o + 16 * h));
+            if (lrelu) v = _mm512_max_ps(v, _mm512_mul_ps(v, sl)); /* slope in (0, 1) */
+            _mm512_storeu_ps(y + (t0 + i) * o + 16 * h, v);
+        }
+    }
+}
+#else
+#define LV_CONV_Q8 0
+#define CONV_ROWS 6
+#endif
+
+int lv_conv_q8_serves(void) { return LV_CONV_Q8; }
+
+/* Bytes of scratch lv_conv_q8 needs: each thread's input steps, quantised (c + 4 bytes
+ * each: the values and their scale). */
+int64_t lv_conv_q8_scratch(int64_t t_in, int64_t c, int64_t span, int nthreads) {
+    return (t_in + (int64_t)nthreads * (span + CONV_ROWS)) * (c + 4);
+}
+
+/* See above. x [t_in, c] float32, w packed (c a multiple of 16, o of 32), scale/bias [o],
+ * res NULL or [t_out, o] (may be y itself: added in place), y [t_out, o] with
+ * t_out = t_in - (taps - 1) * dil; lrelu: y = max(y, slope * y) after the rest.
+ *
+ * Each thread takes a band of output steps and walks it in blocks: it quantises the input
+ * steps a block needs (each once, just before) and runs every panel over the block while
+ * those steps are in L1; the weights (every panel) stay in L2. Weights too big for that
+ * run panel by panel over the whole band instead. */
+void lv_conv_q8(const float *x, int64_t t_in, int64_t c, int lrelu_in, float slope_in,
+                const int8_t *w, const int32_t *wcomp, const float *scale, const float *bias,
+                int64_t o, int64_t taps, int64_t dil, const float *res, int lrelu, float slope,
+                float *y, uint8_t *scratch, int nthreads) {
+#if LV_CONV_Q8
+    const int64_t span = (taps - 1) * dil, t_out = t_in - span;
+    if (t_out <= 0) return;
+    int64_t block = ((24 * 1024) / c - span) / CONV_ROWS * CONV_ROWS;
+    if (block < 4 * CONV_ROWS) block = 4 * CONV_ROWS;
+    if (o * c * taps > 512 * 1024) block = t_out; /* the weights stream from L3 once */
+#pragma omp parallel num_threads(nthreads)
+    {
+#ifdef _OPENMP
+        const int64_t me = omp_get_thread_num();
+#else
+        const int64_t me = 0;
+#endif
+        int64_t b0, b1;
+        my_band((t_out + CONV_ROWS - 1) / CONV_ROWS, &b0, &b1);
+        const int64_t r0 = b0 * CONV_ROWS, r1 = b1 * CONV_ROWS < t_out ? b1 * CONV_ROWS : t_out;
+        /* this thread's input steps r0 .. r1 + span, from its own part of the scratch */
+        const int64_t rows = r1 > r0 ? r1 - r0 + span : 0;
+        uint8_t *q = scratch + (r0 + me * (span + CONV_ROWS)) * (c + 4);
+        float *sx = (float *)(q + rows * c);
+        const float *xb = x + r0 * c;
+        float *yb = y + r0 * o;
+        const float *rb = res ? res + r0 * o : NULL;
+        int64_t ready = 0; /* steps quantised so far (relative to r0) */
+        for (int64_t k0 = 0; k0 < r1 - r0; k0 += block) {
+            const int64_t k1 = k0 + block < r1 - r0 ? k0 + block : r1 - r0;
+            for (; ready < k1 + span; ready++)
+                conv_quantize_row(xb + ready * c, c, lrelu_in, slope_in, q + ready * c, sx + ready);
+            for (int64_t p = 0; p < o / CONV_PANEL; p++) {
+                const int8_t *wp = w + p * taps * c * CONV_PANEL;
+                const int32_t *wc = wcomp + p * taps * CONV_PANEL;
+                const int64_t ch = p * CONV_PANEL;
+                const float *rp = rb ? rb + ch : NULL;
+                const float *bp = bias ? bias + ch : NULL;
+                for (int64_t t0 = k0; t0 < k1; t0 += CONV_ROWS) {
+                    switch (k1 - t0 < CONV_ROWS ? (int)(k1 - t0) : CONV_ROWS) {
+#define CONV_CASE(n) conv_tile(n, q, sx, c, taps, dil, wp, wc, t0, scale + ch, bp, rp, lrelu, slope, yb + ch, o)
+                    case 1: CONV_CASE(1); break;
+                    case 2: CONV_CASE(2); break;
+                    case 3: CONV_CASE(3); break;
+                    case 4: CONV_CASE(4); break;
+                    case 5: CONV_CASE(5); break;
+                    default: CONV_CASE(CONV_ROWS); break;
+#undef CONV_CASE
+                    }
+                }
+            }
+        }
+    }
+#else
+    (void)x; (void)t_in; (void)c; (void)lrelu_in; (void)slope_in; (void)w; (void)wcomp;
+    (void)scale; (void)bias; (void)o; (void)taps; (void)dil; (void)res; (void)lrelu;
+    (void)slope; (void)y; (void)scratch; (void)nthreads;
+#endif
 }
 
 /* Attention weights for one head: p[j] = exp(s[j] - max) / sum, in place over len scores. */
