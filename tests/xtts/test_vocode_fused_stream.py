@@ -9,7 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowvox.engines.xtts.vocode import RowVocoder, stretch_latents, vocode_in_windows
+from lowvox.engines.xtts.vocode import (
+    FUSED_PIECE_FRAMES,
+    RowVocoder,
+    stretch_latents,
+    vocode_in_windows,
+)
 from tests.tolerance import FP32_REORDER
 from tests.xtts.test_voice_helpers import random_decoder
 
@@ -45,7 +50,7 @@ def tail_piece(decoder, speaker) -> int:
 
 
 @pytest.mark.parametrize("n", [1, 9, 40, 97])
-@pytest.mark.parametrize("window", [24, 40, 72])
+@pytest.mark.parametrize("window", [24, 40, 72, 208])  # 208: pieces of FUSED_PIECE_FRAMES
 def test_pieces_equal_the_whole_utterance(decoder, speaker, n, window) -> None:
     torch.manual_seed(n)
     latents = torch.randn(1, n, 48)
@@ -66,11 +71,12 @@ def test_pieces_equal_the_whole_utterance(decoder, speaker, n, window) -> None:
     assert audio.dtype == np.float32 and audio.shape == expected.shape
     FP32_REORDER.check(audio, expected)  # exact but for the order of the sums
     need = decoder.num_frames(n) + real.tail_frames
-    if need <= window:
+    piece = min(window, FUSED_PIECE_FRAMES)
+    if need <= piece:
         assert sizes == [need]  # one piece, like the whole generator
     else:
-        assert set(sizes) <= {window, tail_piece(decoder, speaker)}
-        assert sum(sizes) < need + window  # each frame about once
+        assert set(sizes) <= {piece, tail_piece(decoder, speaker)}
+        assert sum(sizes) < need + piece  # each frame about once
 
 
 @pytest.mark.parametrize(
