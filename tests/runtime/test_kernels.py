@@ -119,13 +119,16 @@ def test_quantised_activations_are_close_to_the_floats(quantise, top_code, chunk
      (23, 1030, 70), (64, 130, 33), (19, 6, 3)],
 )  # fmt: skip
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_int8_linear_matches_float64(m, k, n, with_bias):
+@pytest.mark.parametrize("packed", [False, True])  # weights as they are, or packed as panels
+def test_int8_linear_matches_float64(m, k, n, with_bias, packed):
+    if packed and not kernels.int8_panels():
+        pytest.skip("this build packs no int8 panels (AVX-512 VNNI without AMX only)")
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     x = torch.randn(m, k, generator=g)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     scales = torch.rand(n, generator=g) + 0.01
     bias = torch.randn(n, generator=g) if with_bias else None
-    y = kernels.linear(x, w, scales, bias)
+    y = kernels.linear(x, kernels.pack_int8_panels(w) if packed else w, scales, bias)
     ref = _int8_reference(_int8_kernel_input(x), w, scales, bias)
     assert y.shape == (m, n) and y.dtype == torch.float32
     # float32 accumulation over k terms: relative to the size of the terms summed.
@@ -975,3 +978,49 @@ def test_avx512_build_without_vnni_keeps_float_activations(fresh_kernels, monkey
         monkeypatch.setattr(type(block), "_fused_decoder", lambda *a: None)
         plain = block(token, 0, KVCache(1, 4, 4, 16))
     assert torch.allclose(fused, plain, atol=1e-4)
+
+
+@needs_kernels
+def test_packed_int8_weights_are_checked():
+    if not kernels.int8_panels():
+        pytest.skip("this build packs no int8 panels (AVX-512 VNNI without AMX only)")
+    w = torch.randint(-127, 128, (40, 100), dtype=torch.int8)
+    packed = kernels.pack_int8_panels(w)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == kernels.panel_shape(40, 100)
+    assert tuple(packed.shape) == (64, 128)  # whole panels of 32 rows, rows of 64 bytes
+    s = torch.rand(40)
+    with pytest.raises(ValueError, match="packed weight of shape"):
+        kernels.linear(torch.randn(2, 40), packed, s, None)  # packed for another k
+    with pytest.raises(ValueError, match="packed weight of shape"):
+        kernels.linear(torch.randn(2, 100), packed, torch.rand(70), None)
+    with pytest.raises(ValueError, match="scales"):
+        kernels.linear(torch.randn(2, 100), packed, None, None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_packed_and_unpacked_int8_blocks_agree(rows, monkeypatch):
+    """Where int8 layers pack their weights (`Int8Linear.kernel_weight`), a decode step of
+    the fused block multiplies panels; it computes what the weight rows give, but for the
+    order of the float sums."""
+    from lowvox.engines.xtts.gpt import KVCache
+
+    if not kernels.int8_panels():
+        pytest.skip("this build packs no int8 panels (AVX-512 VNNI without AMX only)")
+    dim, heads = 96, 3
+    block = _reduced_block(dim, heads, kind="int8")
+    prompt = torch.randn(rows, 9, dim)
+    token = torch.randn(rows, 1, dim)
+    results = []
+    for packed in (True, False):
+        if not packed:
+            monkeypatch.setattr(Int8Linear, "kernel_weight", lambda self: self.weight)
+        cache = KVCache(rows, heads, 16, dim // heads, dtype=torch.float32)
+        with torch.inference_mode():
+            block(prompt, 0, cache)
+            out = block(token, 9, cache)
+        assert block.mlp.c_fc.kernel_weight().dtype == (torch.uint8 if packed else torch.int8)
+        results.append((out, cache.k.clone()))
+    (a, ka), (b, kb) = results
+    FP32_REORDER.check(a, b, "outputs")
+    FP32_REORDER.check(ka, kb, "keys")

@@ -369,7 +369,11 @@ class Block(nn.Module):
         ):
             return None
         parts = [
-            (m.weight, m.kernel_scales() if isinstance(m, WeightOnlyLinear) else None, m.bias)
+            (
+                m.kernel_weight() if isinstance(m, WeightOnlyLinear) else m.weight,
+                m.kernel_scales() if isinstance(m, WeightOnlyLinear) else None,
+                m.bias,
+            )
             for m in linears
             if m.bias is not None  # all of them (checked above)
         ]

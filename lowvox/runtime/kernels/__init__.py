@@ -79,6 +79,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_activation_chunk.argtypes, lib.lv_activation_chunk.restype = [], i32
     lib.lv_amx_enable.argtypes, lib.lv_amx_enable.restype = [i32], i32
     lib.lv_int8_panels.argtypes, lib.lv_int8_panels.restype = [], i32
+    lib.lv_panel_bytes.argtypes, lib.lv_panel_bytes.restype = [i64, i64], i64
+    lib.lv_pack_panels.argtypes, lib.lv_pack_panels.restype = [p, i64, i64, p, i32], None
     lib.lv_linear_scratch.argtypes, lib.lv_linear_scratch.restype = [i32, i64, i64], i64
     lib.lv_block_work_floats.argtypes = [i32, i64, i64, i32]
     lib.lv_block_work_floats.restype = i64
@@ -164,10 +166,37 @@ def activation_chunk() -> int:
 
 
 def int8_panels() -> bool:
-    """Whether int8 linears of many rows (prompts, from 16 rows) run as a packed matrix
-    product of int8 weights and int8 activations (AVX-512 VNNI builds without AMX)."""
+    """Whether int8 weights can be packed as panels (`pack_int8_panels`) for a matrix
+    product with int8 activations, whatever the number of rows (AVX-512 VNNI builds without
+    AMX); unpacked int8 weights then also take it from 16 rows (prompts), repacked per call."""
     lib = load()
     return lib is not None and bool(lib.lv_int8_panels())
+
+
+PANEL = 32  # weight rows per packed panel (cpu_kernels.c)
+
+
+def panel_shape(n: int, k: int) -> tuple[int, int]:
+    """The shape of int8 weights [n, k] packed as panels: rows rounded up to whole panels,
+    each row's bytes to a multiple of 64."""
+    return -(-n // PANEL) * PANEL, -(-k // 64) * 64
+
+
+def pack_int8_panels(weight: torch.Tensor) -> torch.Tensor:
+    """int8 weights [n, k] -> uint8 `panel_shape(n, k)`: panels of 32 rows, four bytes of
+    each row side by side ([k / 4][32][4] per panel, as w + 128), which `linear` and
+    `FusedBlock` multiply as they are. Needs `int8_panels()`."""
+    lib = load()
+    if lib is None or not lib.lv_int8_panels():
+        raise RuntimeError("this build of lowvox's CPU kernels packs no int8 panels")
+    _check(weight, torch.int8, "weight")
+    n, k = weight.shape
+    out = torch.empty(panel_shape(n, k), dtype=torch.uint8)
+    assert out.numel() == lib.lv_panel_bytes(n, k)
+    if out.data_ptr() % 64:  # the kernel's aligned loads
+        raise RuntimeError("the packed int8 weight is not 64-byte aligned")
+    lib.lv_pack_panels(weight.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def amx() -> bool:
@@ -223,29 +252,48 @@ def _check_cache(t: torch.Tensor, what: str) -> None:
         )
 
 
-# The weight kinds the C code knows (its W_INT8 and W_BF16), and the block's third:
-# float32 weights as GPT-2 stores them, [in, out] (W_F32_IN_OUT).
-WEIGHT_KINDS = {torch.int8: 0, torch.bfloat16: 1}
+# The weight kinds the C code knows (its W_INT8, W_BF16 and W_Q8P: int8 packed as panels,
+# uint8 here), and the block's fourth: float32 weights as GPT-2 stores them, [in, out]
+# (W_F32_IN_OUT).
+WEIGHT_KINDS = {torch.int8: 0, torch.bfloat16: 1, torch.uint8: 3}
 F32_IN_OUT = 2
 
 
-def _weight_kind(weight: torch.Tensor, scales: torch.Tensor | None) -> int:
-    """The C kind of a weight [n, k]; int8 needs float32 scales [n], bf16 takes none."""
+def _weight_kind(weight: torch.Tensor, scales: torch.Tensor | None, k: int) -> int:
+    """The C kind of a weight [n, k] (packed int8: `panel_shape(n, k)`, n from the scales);
+    int8 needs float32 scales [n], bf16 takes none."""
     kind = WEIGHT_KINDS.get(weight.dtype)
     if kind is None or weight.device.type != "cpu" or not weight.is_contiguous():
         raise ValueError(
-            f"weight must be a contiguous int8 or bfloat16 CPU tensor, got {weight.dtype} "
-            f"{weight.device}"
+            f"weight must be a contiguous CPU tensor of int8 or bfloat16 (or uint8: int8 "
+            f"packed as panels), got {weight.dtype} {weight.device}"
         )
-    if weight.dtype == torch.int8:
+    if weight.dtype in (torch.int8, torch.uint8):
         if scales is None:
             raise ValueError("int8 weights need their scales")
         _check(scales, torch.float32, "scales")
-        if scales.shape != weight.shape[:1]:
-            raise ValueError(f"{tuple(scales.shape)} scales for {weight.shape[0]} rows")
+        if weight.dtype == torch.int8:
+            if scales.shape != weight.shape[:1]:
+                raise ValueError(f"{tuple(scales.shape)} scales for {weight.shape[0]} rows")
+        else:
+            if not int8_panels():
+                raise ValueError("packed int8 weights need a build with int8 panels")
+            want = panel_shape(scales.shape[0], k)
+            if tuple(weight.shape) != want:
+                raise ValueError(
+                    f"packed weight of shape {tuple(weight.shape)} for {scales.shape[0]} rows of "
+                    f"{k}: {want} expected"
+                )
     elif scales is not None:
         raise ValueError("bfloat16 weights take no scales")
     return kind
+
+
+def _out_features(weight: torch.Tensor, scales: torch.Tensor | None) -> int:
+    """Rows n of a weight [n, k] (packed int8 weights: as many as their scales)."""
+    return (
+        scales.shape[0] if weight.dtype == torch.uint8 and scales is not None else weight.shape[0]
+    )
 
 
 def linear(
@@ -254,16 +302,17 @@ def linear(
     scales: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x [m, k] float32, weight [n, k] int8 (scales [n] float32) or bfloat16 (scales None),
-    bias [n] float32 or None -> [m, n] float32: (x @ weight.T) * scales + bias."""
+    """x [m, k] float32, weight [n, k] int8 (scales [n] float32; or packed as panels,
+    `pack_int8_panels`) or bfloat16 (scales None), bias [n] float32 or None -> [m, n]
+    float32: (x @ weight.T) * scales + bias."""
     lib = load()
     if lib is None:
         raise RuntimeError("lowvox's CPU kernels are not available")
     m, k = x.shape
-    n = weight.shape[0]
+    n = _out_features(weight, scales)
     _check(x, torch.float32, "x")
-    kind = _weight_kind(weight, scales)
-    if weight.shape[1] != k:
+    kind = _weight_kind(weight, scales, k)
+    if weight.dtype != torch.uint8 and weight.shape[1] != k:
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if bias is not None:
         _check(bias, torch.float32, "bias")
@@ -477,8 +526,9 @@ class FusedBlock:
     the block's tensors, checked once; it keeps them alive.
 
     linears: (weight, scales, float32 bias [out]) for c_attn, attn c_proj, c_fc and mlp
-    c_proj, in that order; all int8 [out, in] with float32 scales [out], all bfloat16
-    [out, in] with scales None, or all float32 [in, out] (GPT-2's Conv1D) with scales None.
+    c_proj, in that order; all int8 [out, in] with float32 scales [out] (or all of them
+    packed, `pack_int8_panels`), all bfloat16 [out, in] with scales None, or all float32
+    [in, out] (GPT-2's Conv1D) with scales None.
     """
 
     def __init__(
@@ -507,7 +557,9 @@ class FusedBlock:
                 stored = shape[::-1]  # [in, out]
                 kinds.add(F32_IN_OUT)
             else:
-                kinds.add(_weight_kind(w, s))
+                kinds.add(_weight_kind(w, s, shape[1]))
+                if w.dtype == torch.uint8:
+                    stored = panel_shape(*shape)
             if tuple(w.shape) != stored:
                 raise ValueError(f"linear of shape {tuple(w.shape)} where {stored} was expected")
             _check(b, torch.float32, "bias")

@@ -86,6 +86,10 @@
 #define W_INT8 0
 #define W_BF16 1
 #define W_F32_IN_OUT 2 /* lv_blocks_decode only */
+/* int8 weights stored as panels (lv_pack_panels; builds with lv_int8_panels only): every
+ * number of rows, a decode step's one as a prompt's many, is a product of packed panels. */
+#define W_Q8P 3
+#define PANEL 32 /* weight rows per packed panel: two zmm of outputs */
 #define WBYTES(kind) ((kind) == W_BF16 ? 2 : 1)
 
 /* KV cache kinds (attention): float32, or bfloat16 (half the bytes a decode step reads). */
@@ -110,7 +114,7 @@
 #define LV_ACT_BITS 32
 #endif
 #define USE_Q16(kind) (LV_ACT_BITS == 16 && (kind) == W_INT8)
-#define USE_Q8(kind) (LV_ACT_BITS == 8 && (kind) == W_INT8)
+#define USE_Q8(kind) (LV_ACT_BITS == 8 && ((kind) == W_INT8 || (kind) == W_Q8P))
 #define QCHUNK 256 /* int16 activation values sharing one scale */
 #define QTILE 2    /* activation rows per pass in the int16 path (its registers allow two) */
 #define QLEN(k) (((k) + 31) / 32 * 32)            /* int16 values per row, zero-padded */
@@ -179,8 +183,8 @@ int lv_amx_enable(int want) {
 
 /* Whether y [m, n] = x w^T of this kind and shape runs on the AMX tiles. */
 static int amx_serves(int kind, int64_t m, int64_t k, int64_t n) {
-    return LV_AMX && amx_on && kind != W_F32_IN_OUT && m >= AMX_MIN_ROWS && k % 64 == 0 &&
-           n % 16 == 0;
+    return LV_AMX && amx_on && (kind == W_INT8 || kind == W_BF16) && m >= AMX_MIN_ROWS &&
+           k % 64 == 0 && n % 16 == 0;
 }
 
 /* Element j of a weight row as float32. */
@@ -820,8 +824,10 @@ static void rows_band_q8(const acts_t *a, int64_t m, const int8_t *w, const floa
  * (~2x the bf16 matmul this replaced on Zen 4, which also had to widen the weights first).
  * The numbers are the same sums as row_dot_q8's (each chunk's exact int32 sum at its
  * scale, the row's shift after), in another order. */
-#define PANEL 32      /* weight rows per packed panel: two zmm of outputs */
 #define PANEL_ROWS 6  /* activation rows per tile: 12 int32 + 12 float32 accumulators */
+#ifndef PANEL_AHEAD
+#define PANEL_AHEAD 2048
+#endif
 #define PANEL_MIN_ROWS 16 /* below this the weight stream (rows_band_q8) is as fast */
 #define PANEL_SERVES(kind, m) ((kind) == W_INT8 && (m) >= PANEL_MIN_ROWS)
 
@@ -899,6 +905,8 @@ LV_INLINE void panel_tile(const int mt, const acts_t *a, int64_t i0, const uint8
         for (int i = 0; i < mt; i++) s[i][0] = s[i][1] = _mm512_setzero_si512();
         const int64_t g1 = (c + 1) * Q8CHUNK < kq ? (c + 1) * Q8CHUNK / 4 : kq / 4;
         for (int64_t g = c * Q8CHUNK / 4; g < g1; g++) {
+            _mm_prefetch((const char *)p + g * PANEL * 4 + PANEL_AHEAD, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + g * PANEL * 4 + PANEL_AHEAD + 64, _MM_HINT_T0);
             const __m512i w0 = _mm512_load_si512(p + g * PANEL * 4);
             const __m512i w1 = _mm512_load_si512(p + g * PANEL * 4 + 64);
             for (int i = 0; i < mt; i++) {
@@ -950,11 +958,47 @@ static void panels_q8(const acts_t *a, int64_t m, const int8_t *w, const float *
         }
     }
 }
+/* Outputs [r0, r1) (r0 a multiple of PANEL) of y [m, n] from weights already packed as
+ * panels (W_Q8P): each panel, streamed once, meets every activation row, PANEL_ROWS at a
+ * time, while in L2. One row (a decode step) reads 128 weight bytes per two vpdpbusd and
+ * no horizontal sums: it streams the weights faster than rows_band_q8. */
+static void panel_rows(const acts_t *a, int64_t m, const uint8_t *w, const float *scale,
+                       const float *bias, float *y, int64_t n, int64_t r0, int64_t r1) {
+    for (int64_t p0 = r0; p0 < r1; p0 += PANEL) {
+        const uint8_t *p = w + p0 * Q8LEN(a->k);
+        const int64_t cols = n - p0 < PANEL ? n - p0 : PANEL;
+        for (int64_t i0 = 0; i0 < m; i0 += PANEL_ROWS) {
+            switch (m - i0 < PANEL_ROWS ? (int)(m - i0) : PANEL_ROWS) {
+            case 1: panel_tile(1, a, i0, p, scale, bias, y, n, p0, cols); break;
+            case 2: panel_tile(2, a, i0, p, scale, bias, y, n, p0, cols); break;
+            case 3: panel_tile(3, a, i0, p, scale, bias, y, n, p0, cols); break;
+            case 4: panel_tile(4, a, i0, p, scale, bias, y, n, p0, cols); break;
+            case 5: panel_tile(5, a, i0, p, scale, bias, y, n, p0, cols); break;
+            default: panel_tile(PANEL_ROWS, a, i0, p, scale, bias, y, n, p0, cols); break;
+            }
+        }
+    }
+}
 #else
 #define PANEL_SERVES(kind, m) 0
 #endif
 
 int lv_int8_panels(void) { return LV_ISA == 2 && LV_ACT_BITS == 8; }
+
+/* Bytes of int8 weights [n, k] packed as panels (W_Q8P): whole panels of Q8LEN(k) bytes
+ * per row. */
+int64_t lv_panel_bytes(int64_t n, int64_t k) { return (n + PANEL - 1) / PANEL * PANEL * Q8LEN(k); }
+
+/* w [n, k] int8 -> out (lv_panel_bytes(n, k)) as W_Q8P weights; nothing on builds without
+ * lv_int8_panels. */
+void lv_pack_panels(const int8_t *w, int64_t n, int64_t k, uint8_t *out, int nthreads) {
+#if LV_ISA == 2 && LV_ACT_BITS == 8
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r0 = 0; r0 < n; r0 += PANEL) pack_panel(w, n, k, r0, out + r0 * Q8LEN(k));
+#else
+    (void)w; (void)n; (void)k; (void)out; (void)nthreads;
+#endif
+}
 
 /* Outputs [r0, r1) (r0 a multiple of ROWS) of y [m, n] = x w^T * scale + bias for the m
  * activation rows of `a` (their quantised form ready, on int8 kinds): one pass over those
@@ -968,6 +1012,12 @@ LV_INLINE void rows_band(const int kind, const acts_t *a, int64_t m, const void 
             amx_rows((const int8_t *)w, a->k, scale, bias, y, n, m, a->tiles, r0, r1);
         else
             amx_rows_bf16((const uint16_t *)w, a->k, bias, y, n, m, a->tiles, r0, r1);
+        return;
+    }
+#endif
+#if LV_ISA == 2 && LV_ACT_BITS == 8
+    if (kind == W_Q8P) {
+        panel_rows(a, m, (const uint8_t *)w, scale, bias, y, n, r0, r1);
         return;
     }
 #endif
@@ -1019,7 +1069,7 @@ static void my_rows(int64_t n, int unit, int64_t *r0, int64_t *r1) {
     *r1 = b1 * unit < n ? b1 * unit : n;
 }
 
-#define UNIT(kind, m, k, n) (amx_serves(kind, m, k, n) ? 16 : ROWS)
+#define UNIT(kind, m, k, n) ((kind) == W_Q8P ? PANEL : amx_serves(kind, m, k, n) ? 16 : ROWS)
 
 /* Scratch for m rows of k activations as a linear of this kind takes them, in int16
  * units. int8 weights: the rows' quantised form (QROW_BYTES(k) per row), their scales
@@ -1088,7 +1138,7 @@ void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, co
 #pragma omp parallel num_threads(nthreads)
     {
         int64_t r0, r1;
-        my_rows(n, amx ? 16 : ROWS, &r0, &r1);
+        my_rows(n, kind == W_Q8P ? PANEL : amx ? 16 : ROWS, &r0, &r1);
         if (kind == W_BF16) {
 #if LV_AMX
             if (amx) {
@@ -1103,7 +1153,9 @@ void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, co
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < m; i++) quantize_rows(W_INT8, &a, i, i + 1);
             /* the loop's end is a barrier: every row is ready */
-            if (PANEL_SERVES(W_INT8, m)) {
+            if (kind == W_Q8P) {
+                rows_band(W_Q8P, &a, m, w, scale, bias, y, n, r0, r1);
+            } else if (PANEL_SERVES(W_INT8, m)) {
 #if LV_ISA == 2 && LV_ACT_BITS == 8
                 panels_q8(&a, m, (const int8_t *)w, scale, bias, y, n);
 #endif
@@ -1750,6 +1802,11 @@ void lv_blocks_decode(int kind, float *x, int64_t m, int64_t dim, int64_t heads,
         else if (kind == W_F32_IN_OUT)
             block_body(W_F32_IN_OUT, x, m, dim, heads, ln + 4 * l, eps[l], w + 4 * l, s + 4 * l,
                        b + 4 * l, kv, keys[l], values[l], positions, pos, max_len, work, scratch);
+#if LV_ISA == 2 && LV_ACT_BITS == 8
+        else if (kind == W_Q8P)
+            block_body(W_Q8P, x, m, dim, heads, ln + 4 * l, eps[l], w + 4 * l, s + 4 * l,
+                       b + 4 * l, kv, keys[l], values[l], positions, pos, max_len, work, scratch);
+#endif
         else
             block_body(W_INT8, x, m, dim, heads, ln + 4 * l, eps[l], w + 4 * l, s + 4 * l,
                        b + 4 * l, kv, keys[l], values[l], positions, pos, max_len, work, scratch);
