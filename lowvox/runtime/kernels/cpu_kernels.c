@@ -20,10 +20,11 @@
  *   Elsewhere int8 weights are widened to float32 and meet float32 activations.
  *   From AMX_MIN_ROWS rows (batched steps, prompts) on CPUs with AMX, the tiles take over
  *   (amx_rows, amx_rows_bf16): the same int16 activations for int8, a two-bf16 split of
- *   each float32 activation for bf16; the weights still stream once. Without AMX, int8
- *   linears of PANEL_MIN_ROWS rows or more (prompts) on AVX-512 VNNI are a matrix product
- *   instead (panels_q8): weights repacked a panel of 32 rows at a time, the same int8
- *   activations broadcast against them.
+ *   each float32 activation for bf16; the weights still stream once. Without AMX, on
+ *   AVX-512 VNNI, int8 weights packed once as panels of 32 rows (lv_pack_panels, kind
+ *   W_Q8P) are a matrix product with the same int8 activations broadcast against them, for
+ *   any number of rows (panel_rows); unpacked int8 linears of PANEL_MIN_ROWS rows or more
+ *   repack their weights per call (panels_q8).
  * lv_attend_prompt: a prompt's causal attention, its keys/values written into the cache,
  *   token by token as lv_attend_one computes a decode step's; lv_gelu_tanh: the blocks'
  *   GELU over a prompt's activations.
