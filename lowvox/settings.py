@@ -72,9 +72,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     precision: str = "auto"
     residency: str = "auto"
-    # The XTTS vocoder: auto picks int8 convolutions on CPUs with AVX-512 VNNI but no AMX
-    # when the GPT runs in int8 (lowvox's C kernel), bf16 on CPUs with native bf16 when the
-    # GPT runs in int8 or bf16 (~4x fp32), else fp32. Both keep >= 30 dB SNR against fp32.
+    # The XTTS vocoder: auto picks int8 convolutions (its two widest stages; lowvox's C
+    # kernel) on CPUs with AVX-512 VNNI but no AMX when the GPT runs in int8, bf16 on CPUs
+    # with native bf16 when the GPT runs in int8 or bf16 (~4x fp32), else fp32. Both keep
+    # >= 30 dB SNR against fp32.
     vocoder_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     threads: int | None = Field(None, ge=1)
     keep_alive: float = Field(0, ge=0)  # seconds idle before unloading; 0 keeps it loaded

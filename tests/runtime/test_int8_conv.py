@@ -6,32 +6,37 @@ import torch
 import torch.nn.functional as F
 
 from lowvox.runtime import kernels
-from tests.tolerance import FP32_REORDER, snr_db
+from tests.tolerance import BF16, FP32_REORDER, snr_db
 
 needs_int8_conv = pytest.mark.skipif(
     not kernels.int8_conv(), reason="no int8 convolution kernel on this CPU or build"
 )
 
 
-def _quantised_steps(x: torch.Tensor, slope_in: float | None) -> torch.Tensor:
-    """x `[T, C]` as the kernel reads it: leaky ReLU'd if asked, then each time step scaled
-    so that its largest magnitude is 127, rounded to nearest (ties to even) and scaled
-    back, in the kernel's float32 arithmetic."""
+def _quantised_steps(x: torch.Tensor, slope_in: float | None, zero: int = 128) -> torch.Tensor:
+    """x `[T, C]` as the kernel reads it: leaky ReLU'd if asked, then each time step's codes
+    around `zero`: the smallest step that keeps its largest value within 255 - zero steps
+    above and its most negative within zero below, values rounded to nearest (ties to even),
+    in the kernel's float32 arithmetic."""
+    x = x.float()
     if slope_in is not None:
         x = torch.maximum(x, x * slope_in)
-    top = x.abs().amax(dim=1, keepdim=True)
-    inv = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
-    return torch.round(x * inv) * (top / 127.0)
+    up = x.amax(dim=1, keepdim=True).clamp(min=0) / (255 - zero)
+    down = -x.amin(dim=1, keepdim=True).clamp(max=0) / zero
+    step = torch.maximum(up, down)
+    inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
+    q = (torch.round(x * inv) + zero).clamp(0, 255)
+    return (q - zero) * step
 
 
-def _reference(conv, x, bias, res, slope, slope_in) -> torch.Tensor:
+def _reference(conv, x, bias, res, slope, slope_in, zero=128) -> torch.Tensor:
     """The kernel's arithmetic in float64: quantised steps against the int8 weights."""
-    xq = _quantised_steps(x, slope_in).double()
+    xq = _quantised_steps(x, slope_in, zero).double()
     y = F.conv1d(xq.T[None], conv.dequantized().double(), dilation=conv.dilation)[0].T
     if bias is not None:
         y = y + bias.double()
     if res is not None:
-        y = y + res.double()
+        y = y + res.double()  # float32 or bf16 values, exact in float64
     if slope is not None:
         y = torch.maximum(y, y * slope)
     return y
@@ -61,12 +66,49 @@ def test_int8_conv_matches_float64(c, o, k, dil, t, threads) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for b, slope, slope_in in [(bias, None, None), (None, 0.1, 0.1), (bias, 0.01, None)]:
-            y = conv(x, b, slope=slope, slope_in=slope_in)
+        for b, slope, slope_in, zero in [
+            (bias, None, None, 128),
+            (None, 0.1, 0.1, 32),  # a leaky ReLU's output, codes around a low zero point
+            (bias, 0.01, None, 128),
+            (bias, None, None, 200),
+        ]:
+            y = conv(x, b, slope=slope, slope_in=slope_in, zero=zero)
             assert y.shape == (t, o) and y.dtype == torch.float32
-            FP32_REORDER.check(y, _reference(conv, x, b, None, slope, slope_in).float())
+            ref = _reference(conv, x, b, None, slope, slope_in, zero).float()
+            FP32_REORDER.check(y, ref)
     finally:
         torch.set_num_threads(before)
+
+
+@needs_int8_conv
+def test_int8_conv_reads_and_writes_bf16() -> None:
+    """bf16 activations in and out (the vocoder's bf16 plan): the same arithmetic on the
+    bf16 values, the result rounded to bf16."""
+    torch.manual_seed(4)
+    w = torch.randn(64, 48, 5) / 10
+    x = torch.randn(80, 48).to(torch.bfloat16)
+    res = torch.randn(72, 64).to(torch.bfloat16)
+    bias = torch.randn(64)
+    conv = kernels.Int8Conv(w, 2)
+    y = conv(x, bias, res=res, slope=0.1, slope_in=0.1, zero=32)
+    assert y.dtype == torch.bfloat16 and y.shape == (72, 64)
+    ref = _reference(conv, x, bias, res, 0.1, 0.1, 32)
+    BF16.check(y.float(), ref.float())
+    # the kernel's float32 result rounded once: within half a bf16 step of float64's
+    assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()
+    with pytest.raises(ValueError, match="res"):
+        conv(x, None, res=res.float())  # one dtype for all activations
+
+
+@needs_int8_conv
+def test_a_leaky_relus_output_is_finer_around_a_low_zero_point() -> None:
+    """Negatives a tenth of the positives: codes around 32 resolve them ~1.75x finer than
+    symmetric ones (the error of the quantised steps, without the weights)."""
+    torch.manual_seed(5)
+    x = torch.randn(500, 64)
+    x = torch.maximum(x, 0.1 * x)
+    err = {z: (_quantised_steps(x, None, z) - x).pow(2).mean().item() for z in (128, 32)}
+    assert err[32] < err[128] / 2.5  # ~(1.75)^2 less noise power
 
 
 @needs_int8_conv
@@ -119,6 +161,8 @@ def test_int8_conv_refuses_bad_input() -> None:
         conv(torch.randn(10, 16), None, res=torch.zeros(10, 32))
     with pytest.raises(ValueError, match="slope"):
         conv(torch.randn(10, 16), slope=1.5)
+    with pytest.raises(ValueError, match="zero point"):
+        conv(torch.randn(10, 16), zero=0)
     assert conv(torch.randn(2, 16)).shape == (0, 32)  # shorter than the kernel: no output
 
 

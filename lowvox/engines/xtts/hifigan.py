@@ -26,8 +26,12 @@ from lowvox.runtime import kernels
 LRELU_SLOPE = 0.1
 # The activation before the output convolution uses leaky_relu's default slope.
 FINAL_LRELU_SLOPE = 0.01
-# The activations' dtype per precision (int8 convolutions quantise float32 activations).
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The int8 plan's int8 convolutions: the resblocks of these stages and the upsamplers that
+# follow them. The first two stages are two thirds of the released vocoder's work, the
+# others' int8 would cost more fidelity than time (on the full-size random vocoder: every
+# convolution in int8 27 dB SNR, these 33 dB; ~1.6x and ~1.5x oneDNN's bf16 on Zen 4).
+INT8_STAGES = (0, 1)
 # In float32 the fused path gains ~5% in steady state, and much more when the cores are
 # contended (fewer parallel regions), but builds its oneDNN kernels per input length: it
 # pays from the released size (512 channels) down, not for tiny test models.
@@ -327,6 +331,7 @@ class _PackedConv:
             [1, w.shape[1], 1, _PACK_HINT_FRAMES],
         )
         self.bias = None if bias is None else bias.detach().to(dtype)
+        self.bias_dtype = dtype
 
     @classmethod
     def of(cls, conv: nn.Conv1d, dtype: torch.dtype, scale: float = 1.0) -> _PackedConv:
@@ -375,12 +380,15 @@ class _PackedConv:
 
 class _QConv:
     """One unpadded convolution with int8 weights (`kernels.Int8Conv`) on `[1, C, 1, T]`
-    channels-last float32 activations: `_PackedConv`'s calls, in the int8 plan."""
+    channels-last float32 or bf16 activations: `_PackedConv`'s calls, in the int8 plan.
+    Every one of them reads a leaky ReLU's output (its 8-bit codes' zero point is set for
+    that, `kernels.LRELU_ZERO`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int = 1) -> None:
         self.conv = kernels.Int8Conv(weight.detach(), dilation)
         self.reach = self.conv.span // 2
         self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.bias_dtype = torch.float32
 
     @staticmethod
     def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -403,6 +411,7 @@ class _QConv:
             slope,
             None if out is None else self._rows(out),
             slope_in,
+            kernels.LRELU_ZERO,
         )
         return y.view(1, 1, y.shape[0], y.shape[1]).permute(0, 3, 1, 2)
 
@@ -476,9 +485,10 @@ class _FusedPlan:
     """The generator rewritten for CPU inference: fewer passes over memory, same function.
 
     - every convolution's weight is prepacked (`_PackedConv`), the upsamplers as polyphase
-      convolutions; the int8 plan quantises them for lowvox's kernel instead (`_QConv`,
-      where the shape fits; float32 elsewhere), on float32 activations, and its resblocks'
-      first convolutions apply their input's leaky ReLU as they read it (`folds_lrelu`);
+      convolutions; the int8 plan quantises those of `INT8_STAGES` for lowvox's kernel
+      instead (`_QConv`, where the shape fits), the rest in bf16 (fp32 on CPUs without
+      native bf16), on activations of that dtype; its int8 stages' first convolutions apply
+      their input's leaky ReLU as they read it (`folds`);
     - the leaky ReLU after a resblock's first convolution and the residual add after its
       second run inside the convolution (oneDNN post-ops); the block input's leaky ReLU is
       computed once per stage for all sibling blocks;
@@ -491,46 +501,58 @@ class _FusedPlan:
     """
 
     def __init__(self, gen: HifiganGenerator, precision: str) -> None:
-        dtype = _DTYPES[precision]
+        if precision == "int8":
+            dtype = torch.bfloat16 if bf16_supported() else torch.float32
+        else:
+            dtype = _DTYPES[precision]
         self.dtype = dtype
         self.gen = gen
         n = gen.num_kernels
 
-        def conv(w: torch.Tensor, b: torch.Tensor | None, dilation: int = 1) -> _Conv:
-            if precision == "int8" and kernels.Int8Conv.fits(w):
-                return _QConv(w, b, dilation)
-            return _PackedConv(w, b, dtype, dilation)
+        def conv(w: torch.Tensor, b: torch.Tensor | None, dil: int = 1, q: bool = False) -> _Conv:
+            if q and precision == "int8" and kernels.Int8Conv.fits(w):
+                return _QConv(w, b, dil)
+            return _PackedConv(w, b, dtype, dil)
 
-        def of(c: nn.Conv1d) -> _Conv:
-            return conv(c.weight, c.bias, c.dilation[0])
+        def of(c: nn.Conv1d, q: bool = False) -> _Conv:
+            return conv(c.weight, c.bias, c.dilation[0], q)
 
         self.pre = of(gen.conv_pre)
         self.ups: list[_Conv] = []
         for i, up in enumerate(gen.ups):
             w, _ = _polyphase(up)
-            self.ups.append(conv(w * (1.0 / n if i else 1.0), None))
+            self.ups.append(conv(w * (1.0 / n if i else 1.0), None, q=i - 1 in INT8_STAGES))
         self.blocks = [
             [
-                [(of(c1), of(c2)) for c1, c2 in zip(b.convs1, b.convs2, strict=True)]
+                [
+                    (of(c1, i in INT8_STAGES), of(c2, i in INT8_STAGES))
+                    for c1, c2 in zip(b.convs1, b.convs2, strict=True)
+                ]
                 for b in gen.resblocks[i * n : (i + 1) * n]
             ]
             for i in range(len(gen.ups))
         ]
         self.post = _PackedConv.of(gen.conv_post, torch.float32, scale=1.0 / n)
-        # Whether the resblocks' first convolutions apply their input's leaky ReLU.
-        self.folds_lrelu = all(
-            isinstance(c1, _QConv) for stage in self.blocks for b in stage for c1, _ in b
-        )
+        # Per stage: whether its resblocks' first convolutions apply their input's leaky
+        # ReLU as they read it (all of them int8).
+        self.folds = [
+            all(isinstance(c1, _QConv) for b in stage for c1, _ in b) for stage in self.blocks
+        ]
 
     def bias(
-        self, conv: nn.Conv1d | nn.ConvTranspose1d, cond: nn.Conv1d | None, g: torch.Tensor
+        self,
+        conv: nn.Conv1d | nn.ConvTranspose1d,
+        cond: nn.Conv1d | None,
+        g: torch.Tensor,
+        packed: _Conv,
     ) -> torch.Tensor:
-        """conv's bias plus the speaker term `cond(g)`: `[C]` in the compute dtype."""
+        """conv's bias plus the speaker term `cond(g)`: `[C]` in the dtype its `packed`
+        form adds it in."""
         assert conv.bias is not None  # conv_pre and the upsamplers are built with one
         b = conv.bias.detach().float()
         if cond is not None:
             b = b + F.conv1d(g, cond.weight, cond.bias).reshape(-1)
-        return b.to(self.dtype)
+        return b.to(packed.bias_dtype)
 
     def run(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """`[1, in, F]` frames + float32 `[1, cond, 1]` speaker -> float32 `[1, 1, F * hop]`:
@@ -597,11 +619,11 @@ class FusedStream:
     def __init__(self, plan: _FusedPlan, g: torch.Tensor) -> None:
         gen, dt = plan.gen, plan.dtype
         self.plan = plan
-        self.pre_bias = plan.bias(gen.conv_pre, gen.cond_layer, g)
+        self.pre_bias = plan.bias(gen.conv_pre, gen.cond_layer, g, plan.pre)
         self.up_bias = []
         for i, up in enumerate(gen.ups):
             cond = gen.conds[i] if gen.conds is not None else None
-            self.up_bias.append(plan.bias(up, cond, g).repeat(up.stride[0]))
+            self.up_bias.append(plan.bias(up, cond, g, plan.ups[i]).repeat(up.stride[0]))
         self.radii = [[sum(c1.reach + c2.reach for c1, c2 in b) for b in s] for s in plan.blocks]
         # Positions: group g's input starts at -lag (everything before is zero); its
         # outputs start `reach` later, in the output's samples.
@@ -654,7 +676,7 @@ class FusedStream:
             rate, v = rate * u, v * u
             y = _mask(y, (p + plan.ups[i].reach) * u, 0, limit(rate))
             xs, p = self.stage_tails[i].extend(y, v)
-            o = self._stage(blocks, self.radii[i], xs, p, limit(rate), plan.folds_lrelu)
+            o = self._stage(blocks, self.radii[i], xs, p, limit(rate), plan.folds[i])
         o = F.leaky_relu(o, FINAL_LRELU_SLOPE, inplace=True).float()
         xs, p = self.post_tail.extend(o, v)
         audio = plan.post(xs, "tanh")[0, 0, 0]  # [L * hop] at positions pos..

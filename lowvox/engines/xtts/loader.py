@@ -101,12 +101,12 @@ def load_model(
     LayerNorms (on CPU, bf16 weights with float32 activations throughout); "int8"
     weight-only transformer linears (the rest in float32). The voice modules and the
     speaker encoder always stay float32. `vocoder_precision` is the HiFi-GAN's compute:
-    "fp32", "bf16" (CPUs with native bf16), "int8" (int8 convolutions: CPUs with AVX-512
-    VNNI), or "auto": int8 where the GPT runs in int8 on a CPU with VNNI and no AMX, else
-    bf16 where the CPU has it and the GPT itself runs in int8 or bf16, else fp32. Converted weights are cached as
-    safetensors in `cache_dir` (or beside model.pth when that folder is writable); int8
-    and CPU bf16 weights get their own cache, so loading them later never builds the
-    float model. `run_on`: the device the model will compute on when that is not where
+    "fp32", "bf16" (CPUs with native bf16), "int8" (int8 convolutions in its widest
+    stages: CPUs with AVX-512 VNNI), or "auto": int8 where the GPT runs in int8 on a CPU
+    with VNNI and no AMX, else bf16 where the CPU has it and the GPT itself runs in int8 or
+    bf16, else fp32. Converted weights are cached as safetensors in `cache_dir` (or beside
+    model.pth when that folder is writable); int8 and CPU bf16 weights get their own
+    cache, so loading them later never builds the float model. `run_on`: the device the model will compute on when that is not where
     it loads (low-VRAM residency loads into RAM and computes on the GPU); it decides
     the forms above.
     """

@@ -95,25 +95,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lv_conv_q8_scratch.argtypes = [i64, i64, i64, i32]
     lib.lv_conv_q8_scratch.restype = i64
     lib.lv_conv_q8.argtypes = [
-        p,
-        i64,
-        i64,
-        i32,
-        f32,
-        p,
-        p,
-        p,
-        p,
-        i64,
-        i64,
-        i64,
-        p,
-        i32,
-        f32,
-        p,
-        p,
-        i32,
-    ]
+        p, i64, i64, i32, i32, f32, i32, p, p, p, p, i64, i64, i64, p, i32, f32, p, p, i32,
+    ]  # fmt: skip
     lib.lv_conv_q8.restype = None
     lib.lv_blocks_decode.argtypes = [
         i32,  # weight kind
@@ -431,11 +414,14 @@ def int8_conv() -> bool:
 
 class Int8Conv:
     """A stride-1, unpadded 1-D convolution (any dilation) with int8 weights, one float32
-    scale per output channel, on time-major float32 activations `[T, C]` (`lv_conv_q8`).
+    scale per output channel, on time-major activations `[T, C]`, float32 or bfloat16
+    (`lv_conv_q8`).
 
-    Each input time step is quantised to int8 at its own scale when the convolution runs.
-    The weight is quantised once (symmetric, per output channel) and packed for the kernel.
-    Needs `int8_conv()`, C a multiple of 16 and O a multiple of 32 (`fits`).
+    Each input time step is quantised to 8 bits at its own scale when the convolution runs,
+    as codes around a zero point: 128 (symmetric) by default; `LRELU_ZERO` for the outputs
+    of a leaky ReLU of slope 0.1, whose negatives are a tenth of its positives. The weight is
+    quantised once (symmetric, per output channel) and packed for the kernel. Needs
+    `int8_conv()`, C a multiple of 16 and O a multiple of 32 (`fits`).
     """
 
     PANEL = 32
@@ -458,9 +444,9 @@ class Int8Conv:
         packed = packed.permute(0, 4, 2, 1, 3).contiguous()
         if packed.data_ptr() % 64:  # the kernel's aligned loads
             raise RuntimeError("the packed int8 weight is not 64-byte aligned")
-        # what the activations' +128 adds to each output, per tap: [O/32, k, 32]
-        comp = (-128 * q.sum(dim=1)).to(torch.int32).reshape(o // self.PANEL, self.PANEL, k)
-        self.comp = comp.permute(0, 2, 1).contiguous()
+        # each output's weight sum per tap (what a zero point adds): [O/32, k, 32]
+        wsum = q.sum(dim=1).to(torch.int32).reshape(o // self.PANEL, self.PANEL, k)
+        self.wsum = wsum.permute(0, 2, 1).contiguous()
         self.packed, self.scale = packed, scale.contiguous()
         self.out_channels, self.in_channels, self.taps = o, c, k
         self.dilation = dilation
@@ -480,44 +466,60 @@ class Int8Conv:
         slope: float | None = None,
         out: torch.Tensor | None = None,
         slope_in: float | None = None,
+        zero: int = 128,
     ) -> torch.Tensor:
-        """x `[T, C]` float32 -> `[T - span, O]` float32: conv(x) * scale + bias, plus `res`
-        (`[T - span, O]`, may be `out` itself), then leaky ReLU of `slope` (0 < slope < 1)
-        if given; written into `out` when given. `slope_in`: convolve leaky_relu(x) instead
-        (x itself is left as it is)."""
+        """x `[T, C]` -> `[T - span, O]` of x's dtype (float32 or bfloat16): conv(x) * scale
+        + bias (float32), plus `res` (`[T - span, O]`, may be `out` itself), then leaky ReLU
+        of `slope` (0 < slope < 1) if given; written into `out` when given. `slope_in`:
+        convolve leaky_relu(x) instead (x itself is left as it is). `zero`: the codes' zero
+        point, 1..254."""
         lib = load()
         if lib is None or not lib.lv_conv_q8_serves():
             raise RuntimeError("lowvox's int8 convolution is not available on this CPU")
-        _check(x, torch.float32, "x")
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"x must be a contiguous float32 or bfloat16 tensor, got {x.dtype}")
+        _check(x, x.dtype, "x")
         t_in, c = x.shape
         o = self.out_channels
         if c != self.in_channels:
             raise ValueError(f"x has {c} channels, the convolution takes {self.in_channels}")
+        if not 1 <= zero <= 254:
+            raise ValueError(f"zero point {zero} is outside 1..254")
         t_out = t_in - self.span
         if t_out <= 0:
-            return torch.empty(0, o) if out is None else out
-        for name, t in (("bias", bias), ("res", res), ("out", out)):
+            return torch.empty(0, o, dtype=x.dtype) if out is None else out
+        if bias is not None:
+            _check(bias, torch.float32, "bias")
+            if tuple(bias.shape) != (o,):
+                raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({o},)")
+        for name, t in (("res", res), ("out", out)):
             if t is not None:
-                _check(t, torch.float32, name)
-                want = (o,) if name == "bias" else (t_out, o)
-                if tuple(t.shape) != want:
-                    raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want}")
+                _check(t, x.dtype, name)
+                if tuple(t.shape) != (t_out, o):
+                    raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(t_out, o)}")
         for a in (slope, slope_in):
             if a is not None and not 0 < a < 1:
                 raise ValueError(f"leaky ReLU slope {a} is outside (0, 1)")
-        y = torch.empty(t_out, o) if out is None else out
+        y = torch.empty(t_out, o, dtype=x.dtype) if out is None else out
         threads = torch.get_num_threads()
         scratch = torch.empty(
             lib.lv_conv_q8_scratch(t_in, c, self.span, threads), dtype=torch.uint8
         )
         lib.lv_conv_q8(
-            x.data_ptr(), t_in, c, int(slope_in is not None), slope_in or 0.0,
-            self.packed.data_ptr(), self.comp.data_ptr(), self.scale.data_ptr(),
-            None if bias is None else bias.data_ptr(), o, self.taps, self.dilation,
-            None if res is None else res.data_ptr(), int(slope is not None),
+            x.data_ptr(), t_in, c, int(x.dtype == torch.bfloat16), int(slope_in is not None),
+            slope_in or 0.0, zero, self.packed.data_ptr(), self.wsum.data_ptr(),
+            self.scale.data_ptr(), None if bias is None else bias.data_ptr(), o, self.taps,
+            self.dilation, None if res is None else res.data_ptr(), int(slope is not None),
             0.0 if slope is None else slope, y.data_ptr(), scratch.data_ptr(), threads,
         )  # fmt: skip
         return y
+
+
+# `Int8Conv`'s zero point for a leaky ReLU's output (slope 0.1: negatives down to a tenth
+# of the largest positive): 32 of the 255 steps below zero, 223 above (~1.75x finer steps
+# than symmetric codes where the negatives reach a tenth; as fine where they reach a
+# seventh). On the full-size random vocoder: 29.7 -> 33.9 dB for the activations alone.
+LRELU_ZERO = 32
 
 
 class FusedBlock:

@@ -1177,58 +1177,87 @@ void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, co
 
 /* lv_conv_q8: a vocoder convolution (stride 1, any dilation, unpadded) with int8 weights
  * on AVX-512 VNNI. y[t, o] = post(sum_j sum_c x[t + j * dil, c] w[o, c, j] * scale[o]
- * + bias[o] + res[t, o]), x and y time-major ([T, C], what channels-last `[1, C, 1, T]`
- * tensors hold). Each input time step is quantised to int8 with its own scale (the steps
- * of a waveform differ by orders of magnitude in loudness), stored as q + 128; the weights
- * come packed by the caller as panels of CONV_PANEL output channels, [O / 32][taps][C / 4]
- * [32][4] int8, with each panel's -128 * sum_c w per tap and output ([O / 32][taps][32]
- * int32), which undoes the activations' +128. One vpdpbusd multiplies four channels of
- * one time step, broadcast, with those of 16 output channels. A tile keeps CONV_ROWS x 32
- * outputs in registers: per tap, an int32 sum per output joins the float32 total at that
- * step's scale. */
+ * + bias[o] + res[t, o]), x, res and y time-major ([T, C], what channels-last
+ * `[1, C, 1, T]` tensors hold), float32 or bfloat16 (rounded to nearest even). Each input
+ * time step is quantised to 8 bits with its own scale (the steps of a waveform differ by
+ * orders of magnitude in loudness) as unsigned codes q around a zero point z: x ~ (q - z)
+ * * scale. z = 128 is symmetric; a leaky ReLU's output (negatives a tenth of the
+ * positives) takes ~1.8x finer steps around a low z. The weights come packed by the
+ * caller as panels of CONV_PANEL output channels, [O / 32][taps][C / 4][32][4] int8, with
+ * each panel's sum_c w per tap and output ([O / 32][taps][32] int32): -z times it undoes
+ * the zero point. One vpdpbusd multiplies four channels of one time step, broadcast, with
+ * those of 16 output channels. A tile keeps CONV_ROWS x 32 outputs in registers: per tap,
+ * an int32 sum per output joins the float32 total at that step's scale. */
 #if LV_ISA == 2 && LV_VNNI
 #define LV_CONV_Q8 1
 #define CONV_PANEL 32
 #define CONV_ROWS 6
 
-/* One time step of c channels (c a multiple of 16), after a leaky ReLU of `slope` if
- * lrelu -> q + 128 (bytes) and its scale. */
-LV_INLINE void conv_quantize_row(const float *x, int64_t c, int lrelu, float slope, uint8_t *q,
-                                 float *sx) {
-    const __m512 sl = _mm512_set1_ps(slope);
-    __m512 top = _mm512_setzero_ps();
-    for (int64_t j = 0; j < c; j += 16) {
-        __m512 v = _mm512_loadu_ps(x + j);
-        if (lrelu) v = _mm512_max_ps(v, _mm512_mul_ps(v, sl));
-        top = _mm512_max_ps(top, _mm512_abs_ps(v));
+/* 16 activations (float32, or bfloat16 if bf) from p. */
+LV_INLINE __m512 conv_load(const int bf, const void *p) {
+    if (bf)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+    return _mm512_loadu_ps(p);
+}
+
+/* 16 activations to p (bfloat16: rounded to nearest even, as torch rounds). */
+LV_INLINE void conv_store(const int bf, void *p, __m512 v) {
+    if (!bf) {
+        _mm512_storeu_ps(p, v);
+        return;
     }
-    const float t = _mm512_reduce_max_ps(top);
-    *sx = t / 127.0f;
-    const __m512 inv = _mm512_set1_ps(t > 0.0f ? 127.0f / t : 0.0f);
-    const __m128i flip = _mm_set1_epi8((char)0x80);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+
+/* One time step of c channels (c a multiple of 16), after a leaky ReLU of `slope` if
+ * lrelu -> codes q around zero point z (1..254) and its scale: the smallest that keeps
+ * the largest value within 255 - z steps above z and the most negative within z below. */
+LV_INLINE void conv_quantize_row(const int bf, const void *x, int64_t c, int lrelu, float slope,
+                                 int z, uint8_t *q, float *sx) {
+    const int64_t eb = bf ? 2 : 4; /* bytes per value */
+    const __m512 sl = _mm512_set1_ps(slope);
+    __m512 hi = _mm512_setzero_ps(), lo = _mm512_setzero_ps();
     for (int64_t j = 0; j < c; j += 16) {
-        __m512 v = _mm512_loadu_ps(x + j);
+        __m512 v = conv_load(bf, (const char *)x + j * eb);
         if (lrelu) v = _mm512_max_ps(v, _mm512_mul_ps(v, sl));
-        const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
-        _mm_storeu_si128((__m128i *)(q + j), _mm_xor_si128(_mm512_cvtsepi32_epi8(i), flip));
+        hi = _mm512_max_ps(hi, v);
+        lo = _mm512_min_ps(lo, v);
+    }
+    const float up = _mm512_reduce_max_ps(hi) / (float)(255 - z);
+    const float down = -_mm512_reduce_min_ps(lo) / (float)z;
+    const float step = up > down ? up : down;
+    *sx = step;
+    const __m512 inv = _mm512_set1_ps(step > 0.0f ? 1.0f / step : 0.0f);
+    const __m512i zero = _mm512_set1_epi32(z);
+    for (int64_t j = 0; j < c; j += 16) {
+        __m512 v = conv_load(bf, (const char *)x + j * eb);
+        if (lrelu) v = _mm512_max_ps(v, _mm512_mul_ps(v, sl));
+        __m512i i = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), zero);
+        i = _mm512_min_epi32(_mm512_max_epi32(i, _mm512_setzero_si512()), _mm512_set1_epi32(255));
+        _mm_storeu_si128((__m128i *)(q + j), _mm512_cvtepi32_epi8(i));
     }
 }
 
 /* Output rows [t0, t0 + mt), channels [32 p, 32 p + 32), from the panel at `wp` (its
- * compensation at `wc`). */
-LV_INLINE void conv_tile(const int mt, const uint8_t *q, const float *sx, int64_t c,
-                         int64_t taps, int64_t dil, const int8_t *wp, const int32_t *wc,
-                         int64_t t0, const float *scale, const float *bias, const float *res,
-                         int lrelu, float slope, float *y, int64_t o) {
-    const int64_t groups = c / 4;
+ * weight sums at `ws`). */
+LV_INLINE void conv_tile(const int bf, const int mt, const uint8_t *q, const float *sx, int64_t c,
+                         int64_t taps, int64_t dil, const int8_t *wp, const int32_t *ws, int z,
+                         int64_t t0, const float *scale, const float *bias, const void *res,
+                         int lrelu, float slope, void *y, int64_t o) {
+    const int64_t groups = c / 4, eb = bf ? 2 : 4;
+    const __m512i minus_z = _mm512_set1_epi32(-z);
     __m512 f[CONV_ROWS][2];
     for (int i = 0; i < mt; i++) f[i][0] = f[i][1] = _mm512_setzero_ps();
     for (int64_t j = 0; j < taps; j++) {
         const int64_t tt = t0 + j * dil;
         const uint8_t *xr = q + tt * c;
         const int8_t *pw = wp + j * groups * CONV_PANEL * 4;
-        const __m512i c0 = _mm512_loadu_si512(wc + j * CONV_PANEL);
-        const __m512i c1 = _mm512_loadu_si512(wc + j * CONV_PANEL + 16);
+        const __m512i c0 = _mm512_mullo_epi32(_mm512_loadu_si512(ws + j * CONV_PANEL), minus_z);
+        const __m512i c1 = _mm512_mullo_epi32(_mm512_loadu_si512(ws + j * CONV_PANEL + 16), minus_z);
         __m512i s[CONV_ROWS][2];
         for (int i = 0; i < mt; i++) s[i][0] = c0, s[i][1] = c1;
         for (int64_t g = 0; g < groups; g++) {
@@ -1250,13 +1279,14 @@ LV_INLINE void conv_tile(const int mt, const uint8_t *q, const float *sx, int64_
     }
     const __m512 sl = _mm512_set1_ps(slope);
     for (int h = 0; h < 2; h++) {
-        const __m512 ws = _mm512_loadu_ps(scale + 16 * h);
+        const __m512 wsc = _mm512_loadu_ps(scale + 16 * h);
         const __m512 wb = bias ? _mm512_loadu_ps(bias + 16 * h) : _mm512_setzero_ps();
         for (int i = 0; i < mt; i++) {
-            __m512 v = _mm512_fmadd_ps(f[i][h], ws, wb);
-            if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + (t0 + i) * o + 16 * h));
+            const int64_t at = ((t0 + i) * o + 16 * h) * eb;
+            __m512 v = _mm512_fmadd_ps(f[i][h], wsc, wb);
+            if (res) v = _mm512_add_ps(v, conv_load(bf, (const char *)res + at));
             if (lrelu) v = _mm512_max_ps(v, _mm512_mul_ps(v, sl)); /* slope in (0, 1) */
-            _mm512_storeu_ps(y + (t0 + i) * o + 16 * h, v);
+            conv_store(bf, (char *)y + at, v);
         }
     }
 }
@@ -1273,72 +1303,89 @@ int64_t lv_conv_q8_scratch(int64_t t_in, int64_t c, int64_t span, int nthreads) 
     return (t_in + (int64_t)nthreads * (span + CONV_ROWS)) * (c + 4);
 }
 
-/* See above. x [t_in, c] float32, w packed (c a multiple of 16, o of 32), scale/bias [o],
- * res NULL or [t_out, o] (may be y itself: added in place), y [t_out, o] with
- * t_out = t_in - (taps - 1) * dil; lrelu: y = max(y, slope * y) after the rest.
+/* See above. x [t_in, c] (c a multiple of 16), res NULL or [t_out, o] (may be y itself:
+ * added in place), y [t_out, o], all float32 or all bfloat16 (bf16_io), with
+ * t_out = t_in - (taps - 1) * dil; w and wsum packed (o a multiple of 32), scale/bias [o]
+ * float32; zero: the codes' zero point (1..254); lrelu_in: the input's leaky ReLU of
+ * slope_in applied as it is read; lrelu: y = max(y, slope * y) after the rest.
  *
  * Each thread takes a band of output steps and walks it in blocks: it quantises the input
  * steps a block needs (each once, just before) and runs every panel over the block while
  * those steps are in L1; the weights (every panel) stay in L2. Weights too big for that
  * run panel by panel over the whole band instead. */
-void lv_conv_q8(const float *x, int64_t t_in, int64_t c, int lrelu_in, float slope_in,
-                const int8_t *w, const int32_t *wcomp, const float *scale, const float *bias,
-                int64_t o, int64_t taps, int64_t dil, const float *res, int lrelu, float slope,
-                float *y, uint8_t *scratch, int nthreads) {
+LV_INLINE void conv_band(const int bf, const void *x, int64_t t_out, int64_t c, int lrelu_in,
+                         float slope_in, int zero, const int8_t *w, const int32_t *wsum,
+                         const float *scale, const float *bias, int64_t o, int64_t taps,
+                         int64_t dil, const void *res, int lrelu, float slope, void *y,
+                         uint8_t *scratch) {
 #if LV_CONV_Q8
-    const int64_t span = (taps - 1) * dil, t_out = t_in - span;
-    if (t_out <= 0) return;
+    const int64_t span = (taps - 1) * dil, eb = bf ? 2 : 4;
     int64_t block = ((24 * 1024) / c - span) / CONV_ROWS * CONV_ROWS;
     if (block < 4 * CONV_ROWS) block = 4 * CONV_ROWS;
     if (o * c * taps > 512 * 1024) block = t_out; /* the weights stream from L3 once */
-#pragma omp parallel num_threads(nthreads)
-    {
 #ifdef _OPENMP
-        const int64_t me = omp_get_thread_num();
+    const int64_t me = omp_get_thread_num();
 #else
-        const int64_t me = 0;
+    const int64_t me = 0;
 #endif
-        int64_t b0, b1;
-        my_band((t_out + CONV_ROWS - 1) / CONV_ROWS, &b0, &b1);
-        const int64_t r0 = b0 * CONV_ROWS, r1 = b1 * CONV_ROWS < t_out ? b1 * CONV_ROWS : t_out;
-        /* this thread's input steps r0 .. r1 + span, from its own part of the scratch */
-        const int64_t rows = r1 > r0 ? r1 - r0 + span : 0;
-        uint8_t *q = scratch + (r0 + me * (span + CONV_ROWS)) * (c + 4);
-        float *sx = (float *)(q + rows * c);
-        const float *xb = x + r0 * c;
-        float *yb = y + r0 * o;
-        const float *rb = res ? res + r0 * o : NULL;
-        int64_t ready = 0; /* steps quantised so far (relative to r0) */
-        for (int64_t k0 = 0; k0 < r1 - r0; k0 += block) {
-            const int64_t k1 = k0 + block < r1 - r0 ? k0 + block : r1 - r0;
-            for (; ready < k1 + span; ready++)
-                conv_quantize_row(xb + ready * c, c, lrelu_in, slope_in, q + ready * c, sx + ready);
-            for (int64_t p = 0; p < o / CONV_PANEL; p++) {
-                const int8_t *wp = w + p * taps * c * CONV_PANEL;
-                const int32_t *wc = wcomp + p * taps * CONV_PANEL;
-                const int64_t ch = p * CONV_PANEL;
-                const float *rp = rb ? rb + ch : NULL;
-                const float *bp = bias ? bias + ch : NULL;
-                for (int64_t t0 = k0; t0 < k1; t0 += CONV_ROWS) {
-                    switch (k1 - t0 < CONV_ROWS ? (int)(k1 - t0) : CONV_ROWS) {
-#define CONV_CASE(n) conv_tile(n, q, sx, c, taps, dil, wp, wc, t0, scale + ch, bp, rp, lrelu, slope, yb + ch, o)
-                    case 1: CONV_CASE(1); break;
-                    case 2: CONV_CASE(2); break;
-                    case 3: CONV_CASE(3); break;
-                    case 4: CONV_CASE(4); break;
-                    case 5: CONV_CASE(5); break;
-                    default: CONV_CASE(CONV_ROWS); break;
+    int64_t b0, b1;
+    my_band((t_out + CONV_ROWS - 1) / CONV_ROWS, &b0, &b1);
+    const int64_t r0 = b0 * CONV_ROWS, r1 = b1 * CONV_ROWS < t_out ? b1 * CONV_ROWS : t_out;
+    /* this thread's input steps r0 .. r1 + span, from its own part of the scratch */
+    const int64_t rows = r1 > r0 ? r1 - r0 + span : 0;
+    uint8_t *q = scratch + (r0 + me * (span + CONV_ROWS)) * (c + 4);
+    float *sx = (float *)(q + rows * c);
+    const char *xb = (const char *)x + r0 * c * eb;
+    char *yb = (char *)y + r0 * o * eb;
+    const char *rb = res ? (const char *)res + r0 * o * eb : NULL;
+    int64_t ready = 0; /* steps quantised so far (relative to r0) */
+    for (int64_t k0 = 0; k0 < r1 - r0; k0 += block) {
+        const int64_t k1 = k0 + block < r1 - r0 ? k0 + block : r1 - r0;
+        for (; ready < k1 + span; ready++)
+            conv_quantize_row(bf, xb + ready * c * eb, c, lrelu_in, slope_in, zero, q + ready * c,
+                              sx + ready);
+        for (int64_t p = 0; p < o / CONV_PANEL; p++) {
+            const int8_t *wp = w + p * taps * c * CONV_PANEL;
+            const int32_t *ws = wsum + p * taps * CONV_PANEL;
+            const int64_t ch = p * CONV_PANEL;
+            const char *rp = rb ? rb + ch * eb : NULL;
+            const float *bp = bias ? bias + ch : NULL;
+            for (int64_t t0 = k0; t0 < k1; t0 += CONV_ROWS) {
+                switch (k1 - t0 < CONV_ROWS ? (int)(k1 - t0) : CONV_ROWS) {
+#define CONV_CASE(n) conv_tile(bf, n, q, sx, c, taps, dil, wp, ws, zero, t0, scale + ch, bp, rp, lrelu, slope, yb + ch * eb, o)
+                case 1: CONV_CASE(1); break;
+                case 2: CONV_CASE(2); break;
+                case 3: CONV_CASE(3); break;
+                case 4: CONV_CASE(4); break;
+                case 5: CONV_CASE(5); break;
+                default: CONV_CASE(CONV_ROWS); break;
 #undef CONV_CASE
-                    }
                 }
             }
         }
     }
 #else
-    (void)x; (void)t_in; (void)c; (void)lrelu_in; (void)slope_in; (void)w; (void)wcomp;
-    (void)scale; (void)bias; (void)o; (void)taps; (void)dil; (void)res; (void)lrelu;
-    (void)slope; (void)y; (void)scratch; (void)nthreads;
+    (void)bf; (void)x; (void)t_out; (void)c; (void)lrelu_in; (void)slope_in; (void)zero;
+    (void)w; (void)wsum; (void)scale; (void)bias; (void)o; (void)taps; (void)dil; (void)res;
+    (void)lrelu; (void)slope; (void)y; (void)scratch;
 #endif
+}
+
+void lv_conv_q8(const void *x, int64_t t_in, int64_t c, int bf16_io, int lrelu_in,
+                float slope_in, int zero, const int8_t *w, const int32_t *wsum, const float *scale,
+                const float *bias, int64_t o, int64_t taps, int64_t dil, const void *res,
+                int lrelu, float slope, void *y, uint8_t *scratch, int nthreads) {
+    const int64_t t_out = t_in - (taps - 1) * dil;
+    if (t_out <= 0 || !LV_CONV_Q8) return;
+#pragma omp parallel num_threads(nthreads)
+    {
+        if (bf16_io)
+            conv_band(1, x, t_out, c, lrelu_in, slope_in, zero, w, wsum, scale, bias, o, taps, dil,
+                      res, lrelu, slope, y, scratch);
+        else
+            conv_band(0, x, t_out, c, lrelu_in, slope_in, zero, w, wsum, scale, bias, o, taps, dil,
+                      res, lrelu, slope, y, scratch);
+    }
 }
 
 /* Attention weights for one head: p[j] = exp(s[j] - max) / sum, in place over len scores. */
