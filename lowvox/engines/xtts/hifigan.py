@@ -429,9 +429,7 @@ class _QConv:
         if post not in ("none", "leaky_relu"):
             raise ValueError(f"no {post!r} after an int8 convolution")
         slope = scalars[0] if post == "leaky_relu" else None
-        return self._run(
-            x, self.bias if bias is None else bias.float(), slope=slope, slope_in=slope_in
-        )
+        return self._run(x, self.bias if bias is None else bias, slope=slope, slope_in=slope_in)
 
     def plus(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """A new tensor `other + conv(x)`."""

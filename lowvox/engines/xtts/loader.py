@@ -106,9 +106,9 @@ def load_model(
     with VNNI and no AMX, else bf16 where the CPU has it and the GPT itself runs in int8 or
     bf16, else fp32. Converted weights are cached as safetensors in `cache_dir` (or beside
     model.pth when that folder is writable); int8 and CPU bf16 weights get their own
-    cache, so loading them later never builds the float model. `run_on`: the device the model will compute on when that is not where
-    it loads (low-VRAM residency loads into RAM and computes on the GPU); it decides
-    the forms above.
+    cache, so loading them later never builds the float model. `run_on`: the device the
+    model will compute on when that is not where it loads (low-VRAM residency loads into
+    RAM and computes on the GPU); it decides the forms above.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -325,8 +325,8 @@ def _vocoder_precision(asked: str, gpt_precision: str, device: torch.device) -> 
     if asked != "auto":
         return asked  # set_precision refuses what this machine cannot do
     cpu = device.type == "cpu"
-    # int8 convolutions (AVX-512 VNNI) beat oneDNN's bf16 ones where bf16 has no AMX tiles:
-    # ~1.6x on Zen 4 (see `kernels.Int8Conv`).
+    # int8 convolutions (AVX-512 VNNI) beat oneDNN's bf16 ones where bf16 has no AMX tiles
+    # (the int8 plan vocodes ~1.4x faster than bf16 on Zen 4, see `hifigan.INT8_STAGES`).
     if cpu and gpt_precision == "int8" and int8_supported() and not amx_supported():
         return "int8"
     fast = cpu and bf16_supported() and gpt_precision in ("int8", "bf16")

@@ -41,8 +41,9 @@ DEFAULT_CHUNK_TOKENS = 20
 # `vocode_in_windows`: frames per HiFi-GAN call (about 2.2 s of audio, ~175 new frames each).
 DEFAULT_WINDOW_FRAMES = 208
 # ... and at most this many per piece on the fused path, which computes no context twice:
-# ~1 s of audio keeps a stage's activations near the caches (the full-size vocoder, int8 on
-# Zen 4: 0.100 s per audio second in pieces of 96 frames, 0.117 in pieces of 208).
+# ~1 s of audio keeps a stage's activations near the caches (the full-size vocoder with
+# every convolution in int8, Zen 4: 0.100 s per audio second in pieces of 96 frames, 0.117
+# in pieces of 208).
 FUSED_PIECE_FRAMES = 96
 
 
