@@ -11,6 +11,8 @@ Two parts, each measured in one run so the ratios compare like with like:
                                   wall from creation to `done` / audio seconds = aggregate RTF;
                 busy TTFA         while the job renders, --probes streamed one-sentence
                                   requests, one at a time, --probe-gap-s apart.
+              Every streamed probe also reports its stall: how long a player starting at
+              its first audio would wait for the rest (0 when the stream keeps ahead).
               Every request and the job carry `max_new_tokens` (random weights rarely stop
               on their own) and seeds; retakes are off (random weights make no speech for
               the quality check to judge).
@@ -92,22 +94,30 @@ def throughput(a: argparse.Namespace) -> dict[str, Any]:
         return _measure(http, a, voices["voices"][0]["id"], text)
 
 
-def _ttfa(http: httpx.Client, voice: str, text: str, a: argparse.Namespace) -> float:
+def _ttfa(http: httpx.Client, voice: str, text: str, a: argparse.Namespace) -> tuple[float, float]:
+    """A streamed one-sentence request: its time to first audio, and how long a player
+    that starts at the first audio would have stalled waiting for the rest (seconds)."""
     body = {"model": "xtts", "input": text, "voice": voice, "response_format": "pcm",
             "stream": True, "options": {"max_new_tokens": a.max_new_tokens, "seed": 1}}  # fmt: skip
     t = time.perf_counter()
-    first = float("nan")
+    first, runs_out, stall = float("nan"), 0.0, 0.0
     with http.stream("POST", "/v1/audio/speech", json=body) as r:
         r.raise_for_status()
         for chunk in r.iter_bytes():
-            if chunk and first != first:  # the first non-empty bytes
-                first = time.perf_counter() - t
-    return first
+            if not chunk:
+                continue
+            now = time.perf_counter() - t
+            if first != first:  # the first non-empty bytes
+                first = runs_out = now
+            stall += max(0.0, now - runs_out)
+            runs_out = max(runs_out, now) + len(chunk) / 2 / 24_000
+    return first, stall
 
 
 def _measure(http: httpx.Client, a: argparse.Namespace, voice: str, text: str) -> dict:
     probe_texts = [f"Probe number {i}, a short question for the server." for i in range(99)]
-    idle = [_ttfa(http, voice, probe_texts[i], a) for i in range(a.probes)]
+    idle_probes = [_ttfa(http, voice, probe_texts[i], a) for i in range(a.probes)]
+    idle = [ttfa for ttfa, _ in idle_probes]
     log.info("idle TTFA median %.3f s", statistics.median(idle))
 
     # The single-stream baseline: the book's first sentences, one whole-file request each.
@@ -131,7 +141,7 @@ def _measure(http: httpx.Client, a: argparse.Namespace, voice: str, text: str) -
         "max_new_tokens": a.max_new_tokens, "lufs": None})  # fmt: skip
     r.raise_for_status()
     job = r.json()["job"]
-    busy: list[float] = []
+    busy_probes: list[tuple[float, float]] = []
     stop = threading.Event()
 
     def probe() -> None:
@@ -139,7 +149,7 @@ def _measure(http: httpx.Client, a: argparse.Namespace, voice: str, text: str) -
         for t in probe_texts[a.probes : a.probes * 2]:
             if stop.is_set():
                 return
-            busy.append(_ttfa(http, voice, t, a))
+            busy_probes.append(_ttfa(http, voice, t, a))
             stop.wait(a.probe_gap_s)
 
     prober = threading.Thread(target=probe, daemon=True)
@@ -154,6 +164,7 @@ def _measure(http: httpx.Client, a: argparse.Namespace, voice: str, text: str) -
     prober.join(600)
     if state["state"] != "done":
         raise RuntimeError(f"the job ended {state['state']}: {state['error']}")
+    busy = [ttfa for ttfa, _ in busy_probes]
     job_audio = state["progress"]["audio_seconds"]
     job_rtf = wall / job_audio
     return {
@@ -168,6 +179,9 @@ def _measure(http: httpx.Client, a: argparse.Namespace, voice: str, text: str) -
         "busy_ttfa_s": busy,
         "busy_over_idle_ttfa": statistics.median(busy) / statistics.median(idle) if busy else None,
         "busy_p_max_over_idle": max(busy) / statistics.median(idle) if busy else None,
+        # A streamed probe's playback stalls (seconds waiting for audio after the first).
+        "idle_stall_s": [stall for _, stall in idle_probes],
+        "busy_stall_s": [stall for _, stall in busy_probes],
     }
 
 

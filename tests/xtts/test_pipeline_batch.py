@@ -248,6 +248,55 @@ def test_only_a_new_listeners_row_decodes_until_its_first_audio(golden_model, go
         assert_same_as_alone(golden_model, utt, results[i])
 
 
+@pytest.mark.parametrize("in_hand", [True, False])
+def test_bulk_rows_wait_while_a_listener_is_short_of_audio(
+    in_hand, golden_model, golden_voice, monkeypatch
+) -> None:
+    """Bulk rows (a long-form job's sentences) decode beside a listener who has enough sent
+    audio left to play; while the listener is short of it (`LISTENER_SLACK_S`), only the
+    listener's row decodes, and no bulk chunk is vocoded. Either way every utterance's
+    audio is the same, sample for sample."""
+    from lowvox.engines.xtts import pipeline
+
+    ticks = iter(range(10**9))
+    if in_hand:
+        # A frozen clock: the listener keeps all it was sent, and any of it is enough.
+        clock = lambda: 0.0  # noqa: E731
+        monkeypatch.setattr(pipeline, "LISTENER_SLACK_S", 0.0)
+    else:
+        clock = lambda: 10.0 * next(ticks)  # noqa: E731 -- it played everything long ago
+    books = [utterance(golden_model, t, golden_voice, max_new_tokens=60) for t in TEXTS[:2]]
+    listener = utterance(golden_model, TEXTS[3], golden_voice, max_new_tokens=40)
+    plan = {0: books, 5: [listener]}
+    alone = run(Batch(golden_model, max_rows=3, clock=clock), {0: books}, bulk={0, 1})
+    batch = Batch(golden_model, max_rows=3, clock=clock)
+    stepped: list[set[int]] = []
+    real = batch.decoder.step
+
+    def spy(only=None):
+        steps = real(only)
+        stepped.append({st.row for st in steps})
+        return steps
+
+    batch.decoder.step = spy  # type: ignore[method-assign]
+    log: list[tuple[int, int, bool]] = []
+    mixed = run(batch, plan, bulk={0, 1}, log=log)
+    heard = [st for st, o, _ in log if o == 2]
+    first, last = min(heard), max(heard)
+    # Rows are numbered as they join: the books 0 and 1 (steps 0 and 1), the listener 2.
+    window = range(first + 1, last)
+    assert len(window) > 10
+    if in_hand:
+        assert any(stepped[st] == {0, 1, 2} for st in window)
+    else:
+        assert all(stepped[st] <= {2} for st in window)
+        assert not [st for st, o, _ in log if o < 2 and st in window]
+    for i in range(2):
+        assert mixed[i][2] == "done"
+        np.testing.assert_array_equal(mixed[i][0], alone[i][0])
+    assert_same_as_alone(golden_model, listener, mixed[2])
+
+
 def test_the_decoder_steps_any_subset_of_its_rows(golden_model, golden_voice) -> None:
     """Rows that sit out steps (`Decoder.step(only=...)`, in runs of cache rows that are
     not contiguous) choose the same tokens as rows stepped every time."""

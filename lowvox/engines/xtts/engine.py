@@ -53,9 +53,8 @@ log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus")
 MODEL_FILES = ("config.json", "model.pth", "vocab.json")
-# Requests decoded together by default (the scheduler's batch): enough to fill the matmuls'
-# spare compute during memory-bound decoding without growing the KV caches much.
-MAX_BATCH_SIZE = 8
+# Requests decoded together by default (the scheduler's batch): the server's default.
+MAX_BATCH_SIZE: int = Settings.model_fields["max_batch_size"].default
 # The KV-cache budget, unless set: this share of the memory free when the model loads.
 KV_SHARE_OF_FREE_MEMORY = 0.5
 

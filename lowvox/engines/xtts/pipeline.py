@@ -41,9 +41,6 @@ from lowvox.text.tokenizer import XttsTokenizer
 
 log = logging.getLogger(__name__)
 
-# Utterances decoded together when nothing else is said: enough to fill the matmuls' spare
-# compute during memory-bound decoding without growing the KV caches much.
-DEFAULT_MAX_ROWS = 8
 # How many new utterances decode towards their first audio at once before the next one's
 # prefill waits (see `Batch.step`), and while any waits for its first audio, every other
 # row's vocoding waits ("first audio first"). benchmarks/serve_latency.py, 2-core AMD EPYC,
@@ -58,6 +55,11 @@ FIRST_AUDIO_AT_ONCE = 1
 # listener, their backlog is spread over the next steps rather than making one step of
 # ~0.15 s per chunk (seconds) that a request arriving then would wait behind.
 CHUNKS_PER_STEP = 2
+# Bulk work (a long-form job's prefills, decode steps and vocoding) waits while a listener
+# mid-stream has less than this much sent audio not yet played (seconds): the worst step
+# with bulk work in it (a prefill, a 16-row decode step and a bulk chunk) takes ~0.5 s on a
+# 2-core CPU, and a listener decoded alone gains audio ~2.5x faster than it plays.
+LISTENER_SLACK_S = 1.5
 
 
 def encode_text(
@@ -187,7 +189,7 @@ class Batch:
     def __init__(
         self,
         model: XttsModel,
-        max_rows: int = DEFAULT_MAX_ROWS,
+        max_rows: int,
         graphs: bool = False,
         prefills_per_step: int = 1,
         kv_positions: int | None = None,
@@ -272,6 +274,9 @@ class Batch:
         )
         if pending >= FIRST_AUDIO_AT_ONCE:
             waiting = [s for s in waiting if s.sentence and not s.bulk]
+        short = self._listener_short()
+        if short:
+            waiting = [s for s in waiting if not s.bulk]
         starting = waiting[: self.prefills_per_step]
         for s in starting:
             try:
@@ -283,14 +288,17 @@ class Batch:
                 self._end(s, events, LowvoxError("synthesis failed"))
         # While a listener waits for its first audio only its row decodes: everyone else's
         # audio waits for its first chunk anyway (below), and a step of one row takes half
-        # the time of one of eight.
+        # the time of one of eight. While a listener is short of audio in hand, only
+        # listeners' rows decode (none, if their sentences are all decoded): bulk rows wait.
         firsts = {
             s.row
             for s in self._speaking
             if s.row is not None and not s.bulk and s.first_audio_at is None
         }
+        listeners = {s.row for s in self._speaking if s.row is not None and not s.bulk}
+        only = firsts or (listeners if short else None)
         with torch.inference_mode():
-            steps = self.decoder.step(firsts or None)
+            steps = self.decoder.step(only) if only is None or only else []
         # Vocoding is most of a step's time: who vocodes now. While a listener waits for
         # an utterance's first audio, no one else (first audio first); otherwise rows whose
         # listeners already hear them share CHUNKS_PER_STEP chunks, those with the least
@@ -316,7 +324,7 @@ class Batch:
         # A step that prefilled a bulk sentence vocodes no bulk chunk: each takes ~0.2 s
         # on a 2-core CPU, and a request arriving meanwhile waits for the whole step.
         bulk_prefilled = any(s.bulk for s in starting)
-        bulk = [s for _, s in due if s.bulk and not bulk_prefilled]
+        bulk = [s for _, s in due if s.bulk and not bulk_prefilled and not short]
         free = (
             set()
             if first_wait
@@ -337,6 +345,15 @@ class Batch:
         if not self._speaking:
             release_heap()  # the vocoder's freed activations go back to the system
         return events
+
+    def _listener_short(self) -> bool:
+        """Whether a listener who already hears its utterance has less than
+        `LISTENER_SLACK_S` of sent audio left to play (bulk work waits meanwhile)."""
+        now = self._clock()
+        return any(
+            not s.bulk and s.first_audio_at is not None and s.slack(now) < LISTENER_SLACK_S
+            for s in self._speaking
+        )
 
     # -- one utterance -------------------------------------------------------------------
 
