@@ -6,7 +6,8 @@ Two parts, each measured in one run so the ratios compare like with like:
               measures, in order:
                 idle TTFA         streamed one-sentence requests, one at a time (median);
                 single stream     the job's first --baseline-sentences sentences spoken one
-                                  by one as whole-file requests: wall / audio = RTF;
+                                  by one as whole-file requests: wall / audio = RTF,
+                                  before the job and again after it (the mean of the two);
                 job               the whole --words text as a job (`POST /api/jobs`, wav):
                                   wall from creation to `done` / audio seconds = aggregate RTF;
                 busy TTFA         while the job renders, --probes streamed one-sentence
@@ -120,20 +121,26 @@ def _measure(http: httpx.Client, a: argparse.Namespace, voice: str, text: str) -
     idle = [ttfa for ttfa, _ in idle_probes]
     log.info("idle TTFA median %.3f s", statistics.median(idle))
 
-    # The single-stream baseline: the book's first sentences, one whole-file request each.
+    # The single-stream baseline: the book's first sentences, one whole-file request each,
+    # before the job and again after it (the machine's speed drifts over a long run).
     import re
 
     body_text = re.sub(r"^#.*$", "", text, flags=re.M)
     sentences = [s.strip() + "." for s in body_text.replace("\n", " ").split(".") if s.strip()]
-    t0, audio = time.perf_counter(), 0.0
-    for i, s in enumerate(sentences[: a.baseline_sentences]):
-        r = http.post("/v1/audio/speech", json={
-            "model": "xtts", "input": s, "voice": voice, "response_format": "pcm",
-            "options": {"max_new_tokens": a.max_new_tokens, "seed": i}})  # fmt: skip
-        r.raise_for_status()
-        audio += len(r.content) / 2 / 24_000
-    single_rtf = (time.perf_counter() - t0) / audio
-    log.info("single-stream RTF %.3f over %d sentences", single_rtf, a.baseline_sentences)
+
+    def single_stream() -> float:
+        t0, audio = time.perf_counter(), 0.0
+        for i, s in enumerate(sentences[: a.baseline_sentences]):
+            r = http.post("/v1/audio/speech", json={
+                "model": "xtts", "input": s, "voice": voice, "response_format": "pcm",
+                "options": {"max_new_tokens": a.max_new_tokens, "seed": i}})  # fmt: skip
+            r.raise_for_status()
+            audio += len(r.content) / 2 / 24_000
+        rtf = (time.perf_counter() - t0) / audio
+        log.info("single-stream RTF %.3f over %d sentences", rtf, a.baseline_sentences)
+        return rtf
+
+    single_before = single_stream()
 
     t0 = time.perf_counter()
     r = http.post("/api/jobs", json={
@@ -167,6 +174,8 @@ def _measure(http: httpx.Client, a: argparse.Namespace, voice: str, text: str) -
     busy = [ttfa for ttfa, _ in busy_probes]
     job_audio = state["progress"]["audio_seconds"]
     job_rtf = wall / job_audio
+    single_after = single_stream()
+    single_rtf = (single_before + single_after) / 2
     return {
         "words": a.words,
         "sentences": state["progress"]["total"],
@@ -174,6 +183,7 @@ def _measure(http: httpx.Client, a: argparse.Namespace, voice: str, text: str) -
         "job_audio_s": job_audio,
         "job_aggregate_rtf": job_rtf,
         "single_stream_rtf": single_rtf,
+        "single_stream_rtf_before_after": [single_before, single_after],
         "throughput_gain": single_rtf / job_rtf,
         "idle_ttfa_s": idle,
         "busy_ttfa_s": busy,

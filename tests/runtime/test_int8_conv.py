@@ -81,6 +81,22 @@ def test_int8_conv_matches_float64(c, o, k, dil, t, threads) -> None:
 
 
 @needs_int8_conv
+def test_each_tap_has_its_own_weight_scale() -> None:
+    """A tap a thousand times quieter than the others keeps its precision (a scale per
+    output and tap, not per output), and the kernel computes with it."""
+    torch.manual_seed(6)
+    w = torch.randn(32, 32, 3)
+    w[:, :, 0] *= 1e-3
+    conv = kernels.Int8Conv(w)
+    quiet = conv.dequantized()[:, :, 0]
+    assert (quiet - w[:, :, 0]).norm() < 0.01 * w[:, :, 0].norm()
+    x = torch.zeros(3, 32)
+    x[0] = torch.randn(32)  # only the quiet tap sees the one output step's input
+    y = conv(x)
+    assert snr_db(w[:, :, 0] @ x[0], y[0]) >= 35.0
+
+
+@needs_int8_conv
 def test_int8_conv_reads_and_writes_bf16() -> None:
     """bf16 activations in and out (the vocoder's bf16 plan): the same arithmetic on the
     bf16 values, the result rounded to bf16."""

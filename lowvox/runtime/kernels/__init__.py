@@ -414,13 +414,14 @@ def int8_conv() -> bool:
 
 class Int8Conv:
     """A stride-1, unpadded 1-D convolution (any dilation) with int8 weights, one float32
-    scale per output channel, on time-major activations `[T, C]`, float32 or bfloat16
+    scale per output channel and tap, on time-major activations `[T, C]`, float32 or bfloat16
     (`lv_conv_q8`).
 
     Each input time step is quantised to 8 bits at its own scale when the convolution runs,
     as codes around a zero point: 128 (symmetric) by default; `LRELU_ZERO` for the outputs
     of a leaky ReLU of slope 0.1, whose negatives are a tenth of its positives. The weight is
-    quantised once (symmetric, per output channel) and packed for the kernel. Needs
+    quantised once (symmetric, per output channel and tap: a tap's weights need not share
+    the loudest tap's steps) and packed for the kernel. Needs
     `int8_conv()`, C a multiple of 16 and O a multiple of 32 (`fits`).
     """
 
@@ -434,9 +435,9 @@ class Int8Conv:
             raise ValueError(f"no int8 convolution for a weight of shape {tuple(weight.shape)}")
         o, c, k = weight.shape
         w = weight.detach().float()
-        top = w.abs().amax(dim=(1, 2))
+        top = w.abs().amax(dim=1)  # [O, k]
         scale = torch.where(top > 0, top / 127, torch.ones_like(top))
-        q = torch.round(w / scale[:, None, None]).clamp_(-127, 127)
+        q = torch.round(w / scale[:, None, :]).clamp_(-127, 127)
         # [O/32, 32, C/4, 4, k] -> [O/32, k, C/4, 32, 4]
         packed = q.to(torch.int8).reshape(o // PANEL, PANEL, c // 4, 4, k)
         packed = packed.permute(0, 4, 2, 1, 3).contiguous()
@@ -445,7 +446,9 @@ class Int8Conv:
         # each output's weight sum per tap (what a zero point adds): [O/32, k, 32]
         wsum = q.sum(dim=1).to(torch.int32).reshape(o // PANEL, PANEL, k)
         self.wsum = wsum.permute(0, 2, 1).contiguous()
-        self.packed, self.scale = packed, scale.contiguous()
+        self.packed = packed
+        # each output's scale per tap, as the panels hold outputs: [O/32, k, 32]
+        self.scale = scale.reshape(o // PANEL, PANEL, k).permute(0, 2, 1).contiguous()
         self.out_channels, self.in_channels, self.taps = o, c, k
         self.dilation = dilation
         self.span = dilation * (k - 1)  # input steps an output needs beyond its own
@@ -454,7 +457,7 @@ class Int8Conv:
         """The weight `[O, C, k]` the kernel computes with (float32)."""
         o, c, k = self.out_channels, self.in_channels, self.taps
         q = self.packed.permute(0, 3, 2, 4, 1).reshape(o, c, k).to(torch.float32)
-        return q * self.scale[:, None, None]
+        return q * self.scale.permute(0, 2, 1).reshape(o, 1, k)
 
     def __call__(
         self,

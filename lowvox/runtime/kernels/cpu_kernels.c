@@ -1176,7 +1176,7 @@ void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, co
 }
 
 /* lv_conv_q8: a vocoder convolution (stride 1, any dilation, unpadded) with int8 weights
- * on AVX-512 VNNI. y[t, o] = post(sum_j sum_c x[t + j * dil, c] w[o, c, j] * scale[o]
+ * on AVX-512 VNNI. y[t, o] = post(sum_j scale[o, j] sum_c x[t + j * dil, c] w[o, c, j]
  * + bias[o] + res[t, o]), x, res and y time-major ([T, C], what channels-last
  * `[1, C, 1, T]` tensors hold), float32 or bfloat16 (rounded to nearest even). Each input
  * time step is quantised to 8 bits with its own scale (the steps of a waveform differ by
@@ -1184,10 +1184,11 @@ void lv_linear(int kind, const float *x, int64_t m, int64_t k, const void *w, co
  * * scale. z = 128 is symmetric; a leaky ReLU's output (negatives a tenth of the
  * positives) takes ~1.8x finer steps around a low z. The weights come packed by the
  * caller as panels of CONV_PANEL output channels, [O / 32][taps][C / 4][32][4] int8, with
- * each panel's sum_c w per tap and output ([O / 32][taps][32] int32): -z times it undoes
- * the zero point. One vpdpbusd multiplies four channels of one time step, broadcast, with
- * those of 16 output channels. A tile keeps CONV_ROWS x 32 outputs in registers: per tap,
- * an int32 sum per output joins the float32 total at that step's scale. */
+ * each output's scale per tap ([O / 32][taps][32] float32) and each panel's sum_c w per
+ * tap and output ([O / 32][taps][32] int32): -z times it undoes the zero point. One
+ * vpdpbusd multiplies four channels of one time step, broadcast, with those of 16 output
+ * channels. A tile keeps CONV_ROWS x 32 outputs in registers: per tap, an int32 sum per
+ * output joins the float32 total at that step's scale times the tap's weight scale. */
 #if LV_ISA == 2 && LV_VNNI
 #define LV_CONV_Q8 1
 #define CONV_PANEL 32
@@ -1243,7 +1244,7 @@ LV_INLINE void conv_quantize_row(const int bf, const void *x, int64_t c, int lre
 }
 
 /* Output rows [t0, t0 + mt), channels [32 p, 32 p + 32), from the panel at `wp` (its
- * weight sums at `ws`). */
+ * weight sums at `ws`, its scales at `scale`). */
 LV_INLINE void conv_tile(const int bf, const int mt, const uint8_t *q, const float *sx, int64_t c,
                          int64_t taps, int64_t dil, const int8_t *wp, const int32_t *ws, int z,
                          int64_t t0, const float *scale, const float *bias, const void *res,
@@ -1258,6 +1259,8 @@ LV_INLINE void conv_tile(const int bf, const int mt, const uint8_t *q, const flo
         const int8_t *pw = wp + j * groups * CONV_PANEL * 4;
         const __m512i c0 = _mm512_mullo_epi32(_mm512_loadu_si512(ws + j * CONV_PANEL), minus_z);
         const __m512i c1 = _mm512_mullo_epi32(_mm512_loadu_si512(ws + j * CONV_PANEL + 16), minus_z);
+        const __m512 k0 = _mm512_loadu_ps(scale + j * CONV_PANEL);
+        const __m512 k1 = _mm512_loadu_ps(scale + j * CONV_PANEL + 16);
         __m512i s[CONV_ROWS][2];
         for (int i = 0; i < mt; i++) s[i][0] = c0, s[i][1] = c1;
         for (int64_t g = 0; g < groups; g++) {
@@ -1273,17 +1276,16 @@ LV_INLINE void conv_tile(const int bf, const int mt, const uint8_t *q, const flo
         }
         for (int i = 0; i < mt; i++) {
             const __m512 sc = _mm512_set1_ps(sx[tt + i]);
-            f[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][0]), sc, f[i][0]);
-            f[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][1]), sc, f[i][1]);
+            f[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][0]), _mm512_mul_ps(sc, k0), f[i][0]);
+            f[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][1]), _mm512_mul_ps(sc, k1), f[i][1]);
         }
     }
     const __m512 sl = _mm512_set1_ps(slope);
     for (int h = 0; h < 2; h++) {
-        const __m512 wsc = _mm512_loadu_ps(scale + 16 * h);
         const __m512 wb = bias ? _mm512_loadu_ps(bias + 16 * h) : _mm512_setzero_ps();
         for (int i = 0; i < mt; i++) {
             const int64_t at = ((t0 + i) * o + 16 * h) * eb;
-            __m512 v = _mm512_fmadd_ps(f[i][h], wsc, wb);
+            __m512 v = _mm512_add_ps(f[i][h], wb);
             if (res) v = _mm512_add_ps(v, conv_load(bf, (const char *)res + at));
             if (lrelu) v = _mm512_max_ps(v, _mm512_mul_ps(v, sl)); /* slope in (0, 1) */
             conv_store(bf, (char *)y + at, v);
@@ -1305,8 +1307,8 @@ int64_t lv_conv_q8_scratch(int64_t t_in, int64_t c, int64_t span, int nthreads) 
 
 /* See above. x [t_in, c] (c a multiple of 16), res NULL or [t_out, o] (may be y itself:
  * added in place), y [t_out, o], all float32 or all bfloat16 (bf16_io), with
- * t_out = t_in - (taps - 1) * dil; w and wsum packed (o a multiple of 32), scale/bias [o]
- * float32; zero: the codes' zero point (1..254); lrelu_in: the input's leaky ReLU of
+ * t_out = t_in - (taps - 1) * dil; w, wsum and scale packed (o a multiple of 32), bias
+ * [o] float32; zero: the codes' zero point (1..254); lrelu_in: the input's leaky ReLU of
  * slope_in applied as it is read; lrelu: y = max(y, slope * y) after the rest.
  *
  * Each thread takes a band of output steps and walks it in blocks: it quantises the input
@@ -1347,12 +1349,13 @@ LV_INLINE void conv_band(const int bf, const void *x, int64_t t_out, int64_t c, 
         for (int64_t p = 0; p < o / CONV_PANEL; p++) {
             const int8_t *wp = w + p * taps * c * CONV_PANEL;
             const int32_t *ws = wsum + p * taps * CONV_PANEL;
+            const float *sp = scale + p * taps * CONV_PANEL;
             const int64_t ch = p * CONV_PANEL;
             const char *rp = rb ? rb + ch * eb : NULL;
             const float *bp = bias ? bias + ch : NULL;
             for (int64_t t0 = k0; t0 < k1; t0 += CONV_ROWS) {
                 switch (k1 - t0 < CONV_ROWS ? (int)(k1 - t0) : CONV_ROWS) {
-#define CONV_CASE(n) conv_tile(bf, n, q, sx, c, taps, dil, wp, ws, zero, t0, scale + ch, bp, rp, lrelu, slope, yb + ch * eb, o)
+#define CONV_CASE(n) conv_tile(bf, n, q, sx, c, taps, dil, wp, ws, zero, t0, sp, bp, rp, lrelu, slope, yb + ch * eb, o)
                 case 1: CONV_CASE(1); break;
                 case 2: CONV_CASE(2); break;
                 case 3: CONV_CASE(3); break;
