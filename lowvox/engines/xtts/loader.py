@@ -326,7 +326,7 @@ def _vocoder_precision(asked: str, gpt_precision: str, device: torch.device) -> 
         return asked  # set_precision refuses what this machine cannot do
     cpu = device.type == "cpu"
     # int8 convolutions (AVX-512 VNNI) beat oneDNN's bf16 ones where bf16 has no AMX tiles
-    # (the int8 plan vocodes ~1.4x faster than bf16 on Zen 4, see `hifigan.INT8_STAGES`).
+    # (the int8 plan vocodes ~1.5x faster than bf16 on Zen 4, see `hifigan.INT8_STAGES`).
     if cpu and gpt_precision == "int8" and int8_supported() and not amx_supported():
         return "int8"
     fast = cpu and bf16_supported() and gpt_precision in ("int8", "bf16")
