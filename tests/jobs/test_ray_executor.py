@@ -292,7 +292,8 @@ def test_a_take_stops_when_its_cancel_event_is_set_before_or_during():
 @on_a_cluster
 def test_a_book_on_two_ray_actors_is_the_book_spoken_locally(executor, local_audio, tmp_path):
     assert executor.sample_rate == 24_000
-    assert executor.concurrency == 2 * 8  # two actors, a batch of 8 each
+    # two actors, a full batch each
+    assert executor.concurrency == 2 * executor.settings.max_batch_size == 2 * 16
     store = JobStore(tmp_path / "jobs")
     try:
         audio = asyncio.run(speak_book(store, executor))

@@ -295,10 +295,13 @@ class Batch:
             for s in self._speaking
             if s.row is not None and not s.bulk and s.first_audio_at is None
         }
-        listeners = {s.row for s in self._speaking if s.row is not None and not s.bulk}
-        only = firsts or (listeners if short else None)
+        only: set[int] | None = None  # every row
+        if firsts:
+            only = firsts
+        elif short:
+            only = {s.row for s in self._speaking if s.row is not None and not s.bulk}
         with torch.inference_mode():
-            steps = self.decoder.step(only) if only is None or only else []
+            steps = [] if only is not None and not only else self.decoder.step(only)
         # Vocoding is most of a step's time: who vocodes now. While a listener waits for
         # an utterance's first audio, no one else (first audio first); otherwise rows whose
         # listeners already hear them share CHUNKS_PER_STEP chunks, those with the least
