@@ -84,6 +84,26 @@ def run(
     }
 
 
+def record_steps(batch: Batch) -> list[set[int]]:
+    """Filled as the batch runs: the decode rows each `batch.step()` decoded, one entry a
+    step (empty for a step that decoded none)."""
+    stepped: list[set[int]] = []
+    step, decode = batch.step, batch.decoder.step
+
+    def spy_step():
+        stepped.append(set())
+        return step()
+
+    def spy_decode(only=None):
+        steps = decode(only)
+        stepped[-1].update(st.row for st in steps)
+        return steps
+
+    batch.step = spy_step  # type: ignore[method-assign]
+    batch.decoder.step = spy_decode  # type: ignore[method-assign]
+    return stepped
+
+
 def assert_same_as_alone(model, utt: Utterance, result) -> None:
     wav, codes, outcome = result
     alone = synthesize(model, utt)
@@ -225,15 +245,7 @@ def test_only_a_new_listeners_row_decodes_until_its_first_audio(golden_model, go
     Every utterance still gets what it would alone, tokens exactly."""
     utts = [utterance(golden_model, t, golden_voice, max_new_tokens=50) for t in TEXTS[:3]]
     batch = Batch(golden_model, max_rows=3)
-    stepped: list[set[int]] = []
-    real = batch.decoder.step
-
-    def spy(only=None):
-        steps = real(only)
-        stepped.append({st.row for st in steps})
-        return steps
-
-    batch.decoder.step = spy  # type: ignore[method-assign]
+    stepped = record_steps(batch)
     log: list[tuple[int, int, bool]] = []
     results = run(batch, {0: utts[:1], 20: utts[1:2], 24: utts[2:]}, log=log)
     firsts = [min(st for st, o, _ in log if o == order) for order in range(3)]
@@ -270,15 +282,7 @@ def test_bulk_rows_wait_while_a_listener_is_short_of_audio(
     plan = {0: books, 5: [listener]}
     alone = run(Batch(golden_model, max_rows=3, clock=clock), {0: books}, bulk={0, 1})
     batch = Batch(golden_model, max_rows=3, clock=clock)
-    stepped: list[set[int]] = []
-    real = batch.decoder.step
-
-    def spy(only=None):
-        steps = real(only)
-        stepped.append({st.row for st in steps})
-        return steps
-
-    batch.decoder.step = spy  # type: ignore[method-assign]
+    stepped = record_steps(batch)
     log: list[tuple[int, int, bool]] = []
     mixed = run(batch, plan, bulk={0, 1}, log=log)
     heard = [st for st, o, _ in log if o == 2]
