@@ -469,8 +469,8 @@ class Int8Conv:
         slope_in: float | None = None,
         zero: int = 128,
     ) -> torch.Tensor:
-        """x `[T, C]` -> `[T - span, O]` of x's dtype (float32 or bfloat16): conv(x) * scale
-        + bias (float32), plus `res` (`[T - span, O]`, may be `out` itself), then leaky ReLU
+        """x `[T, C]` -> `[T - span, O]` of x's dtype (float32 or bfloat16): conv(x) with
+        the `dequantized()` weights + bias (float32), plus `res` (`[T - span, O]`, may be `out` itself), then leaky ReLU
         of `slope` (0 < slope < 1) if given; written into `out` when given. `slope_in`:
         convolve leaky_relu(x) instead (x itself is left as it is). `zero`: the codes' zero
         point, 1..254."""
