@@ -28,13 +28,14 @@ LRELU_SLOPE = 0.1
 FINAL_LRELU_SLOPE = 0.01
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The int8 plan's int8 convolutions: the resblocks of these stages and the upsamplers that
-# follow them; the rest stay bf16. The first three stages are 89% of the released
-# vocoder's work; the last one's 32-channel int8 convolutions gain little over bf16. On the
-# full-size random vocoder (Zen 4, 180 latents, `vocode`, best of 3 in one process; weights
-# with a scale per output and tap): stages (0, 1) 32.4 dB SNR against fp32 at 0.123 s per
-# audio second, (0, 1, 2) 31.2 dB at 0.111, every stage 30.9 dB at 0.108; bf16 38.1 dB at
-# 0.169.
-INT8_STAGES = (0, 1, 2)
+# follow them (every stage of the released vocoder); conv_pre, the first upsampler and
+# conv_post stay bf16. On the full-size random vocoder (Zen 4, 180 latents, `vocode`, best
+# of 6 in one process; weights with a scale per output and tap): every stage int8 30.9 dB
+# SNR against fp32 at 0.107 s per audio second, stages (0, 1, 2) 31.2 dB at 0.112; bf16
+# 38.1 dB at 0.169. The last stage's 32-channel convolutions run at ~60% of the kernel's
+# 256-channel rate (per output step, quantising its input and rescaling each tap's sums
+# weigh more against 32 x 32 products), still faster than oneDNN's bf16.
+INT8_STAGES = (0, 1, 2, 3)
 # In float32 the fused path gains ~5% in steady state, and much more when the cores are
 # contended (fewer parallel regions), but builds its oneDNN kernels per input length: it
 # pays from the released size (512 channels) down, not for tiny test models.
