@@ -988,6 +988,10 @@ def test_packed_int8_weights_are_checked():
     packed = kernels.pack_int8_panels(w)
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == kernels.panel_shape(40, 100)
     assert tuple(packed.shape) == (64, 128)  # whole panels of 32 rows, rows of 64 bytes
+    out = torch.empty(64, 128, dtype=torch.uint8)
+    assert kernels.pack_int8_panels(w, out=out) is out and torch.equal(out, packed)
+    with pytest.raises(ValueError, match="out has shape"):
+        kernels.pack_int8_panels(w, out=torch.empty(32, 128, dtype=torch.uint8))
     s = torch.rand(40)
     with pytest.raises(ValueError, match="packed weight of shape"):
         kernels.linear(torch.randn(2, 40), packed, s, None)  # packed for another k

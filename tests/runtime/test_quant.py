@@ -1,9 +1,11 @@
 """Weight-only int8 linear layers: accuracy and module swap."""
 
+import pytest
 import torch
 from torch import nn
 
-from lowvox.runtime.quant import Int8Linear, quantize_linears, quantize_per_channel
+from lowvox.runtime import kernels
+from lowvox.runtime.quant import Int8Linear, pack_panels, quantize_linears, quantize_per_channel
 from tests.tolerance import FP32_REORDER
 
 
@@ -49,3 +51,43 @@ def test_state_dict_roundtrip():
         assert torch.equal(q2.state_dict()[key], value), key  # copied data: exact
     x = torch.randn(3, 16)
     FP32_REORDER.check(q2(x), q(x))  # another layer instance with the same weights
+
+
+def test_pack_panels_packs_every_layer_into_one_buffer():
+    """`pack_panels` gives each int8 layer the panels `kernel_weight` would pack, side by
+    side in one buffer; a layer whose weights change afterwards packs them again."""
+    if not kernels.available() or not kernels.int8_panels():
+        pytest.skip("this build packs no int8 panels (AVX-512 VNNI without AMX only)")
+    torch.manual_seed(2)
+    # 200 outputs: the last panel is partly padding; 96 inputs: rows padded to 128 bytes.
+    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 200), nn.Linear(200, 40))
+    quantize_linears(model)
+    layers = [m for m in model if isinstance(m, Int8Linear)]
+    x = torch.randn(3, 96)
+    with torch.inference_mode():
+        lazily = model(x)  # each layer packs its own panels on first use
+    sizes = [kernels.panel_shape(m.out_features, m.in_features) for m in layers]
+    assert pack_panels(model) == sum(n * k for n, k in sizes)
+    panels = [m.kernel_weight() for m in layers]
+    storage = panels[0].untyped_storage().data_ptr()
+    for m, p, shape in zip(layers, panels, sizes, strict=True):
+        assert p is m._panels and tuple(p.shape) == shape and p.data_ptr() % 64 == 0
+        assert p.untyped_storage().data_ptr() == storage  # one buffer for all of them
+        assert torch.equal(p, kernels.pack_int8_panels(m.weight))
+    with torch.inference_mode():
+        assert torch.equal(model(x), lazily)
+    layer = layers[1]
+    with torch.no_grad():
+        layer.weight[5].neg_()  # in place: the adopted panels are stale now
+    repacked = layer.kernel_weight()
+    assert repacked.untyped_storage().data_ptr() != storage
+    assert torch.equal(repacked, kernels.pack_int8_panels(layer.weight))
+
+
+def test_pack_panels_packs_nothing_where_the_kernels_take_no_panels(monkeypatch):
+    model = nn.Sequential(nn.Linear(64, 32))
+    quantize_linears(model)
+    monkeypatch.setattr(kernels, "int8_panels", lambda: False)
+    assert pack_panels(model) == 0
+    assert model[0]._panels is None
+    assert model[0].kernel_weight() is model[0].weight

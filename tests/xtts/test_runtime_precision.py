@@ -167,6 +167,23 @@ def test_cpu_bf16_keeps_norms_and_activations_in_float32(random_bundle, tmp_path
         assert fused is not None and fused[1].kind == kernels.WEIGHT_KINDS[torch.bfloat16]
 
 
+def test_int8_on_cpu_decodes_from_panels_packed_at_load(random_bundle, tmp_path):
+    """Where the kernels multiply int8 panels, the loader packs every int8 layer's at once
+    (in one buffer, `quant.pack_panels`): the fused decoder reads those."""
+    if not kernels.available() or not kernels.int8_panels():
+        pytest.skip("this build packs no int8 panels (AVX-512 VNNI without AMX only)")
+    model = load_model(random_bundle.path, precision="int8", cache_dir=tmp_path)
+    layers = [m for m in model.gpt.modules() if isinstance(m, Int8Linear)]
+    assert layers and all(m._panels is not None for m in layers)
+    storages = {m._panels.untyped_storage().data_ptr() for m in layers}
+    assert len(storages) == 1
+    assert all(m.kernel_weight() is m._panels for m in layers)  # not packed again
+    say(model, TEXT, **GREEDY)
+    block = model.gpt.gpt.h[0]
+    assert block._fused is not None
+    assert block.attn.c_attn._panels.data_ptr() in block._fused[1].weights
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_cpu_caches_are_bf16_only_for_weight_only_models(precision, random_bundle, tmp_path):
     """fp32 keeps float32 keys and values (exact parity with the reference); int8 and bf16

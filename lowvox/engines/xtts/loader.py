@@ -61,6 +61,7 @@ from lowvox.runtime.quant import (
     bf16_linears,
     bf16_skeleton,
     int8_skeleton,
+    pack_panels,
     quantize_linears,
 )
 from lowvox.text.tokenizer import XttsTokenizer
@@ -148,6 +149,10 @@ def load_model(
     model.precision = precision
     model.model_dir = model_dir
     model.to(device)
+    if precision == "int8" and compute.type == "cpu":
+        # Now rather than at the first request: the panels a CPU without AMX decodes from,
+        # in huge pages (see `pack_panels`).
+        pack_panels(model.gpt)
     # Every path above: the vocoder's weights in memory of their own, wherever they came from.
     _own_aligned_memory(model.hifigan_decoder)
     model.hifigan_decoder.set_precision(_vocoder_precision(vocoder_precision, precision, compute))

@@ -165,16 +165,22 @@ def panel_shape(n: int, k: int) -> tuple[int, int]:
     return -(-n // PANEL) * PANEL, -(-k // 64) * 64
 
 
-def pack_int8_panels(weight: torch.Tensor) -> torch.Tensor:
+def pack_int8_panels(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """int8 weights [n, k] -> uint8 `panel_shape(n, k)`: panels of 32 rows, four bytes of
     each row side by side ([k / 4][32][4] per panel, as w + 128), which `linear` and
-    `FusedBlock` multiply as they are. Needs `int8_panels()`."""
+    `FusedBlock` multiply as they are; written into `out` when given (contiguous uint8 of
+    that shape, 64-byte aligned). Needs `int8_panels()`."""
     lib = load()
     if lib is None or not lib.lv_int8_panels():
         raise RuntimeError("this build of lowvox's CPU kernels packs no int8 panels")
     _check(weight, torch.int8, "weight")
     n, k = weight.shape
-    out = torch.empty(panel_shape(n, k), dtype=torch.uint8)
+    if out is None:
+        out = torch.empty(panel_shape(n, k), dtype=torch.uint8)
+    else:
+        _check(out, torch.uint8, "out")
+        if tuple(out.shape) != panel_shape(n, k):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {panel_shape(n, k)}")
     assert out.numel() == lib.lv_panel_bytes(n, k)
     if out.data_ptr() % 64:  # the kernel's aligned loads
         raise RuntimeError("the packed int8 weight is not 64-byte aligned")
