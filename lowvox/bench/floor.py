@@ -12,6 +12,7 @@ Invoked as `python -m lowvox.bench.floor '<json>'`; prints one JSON line.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -41,7 +42,13 @@ def decode_weight_bytes(gpt: XttsGpt) -> int:
     Not counted: the KV cache, which is activations, not weights, and grows with position.
     """
     streamed = (gpt.gpt, gpt.final_norm, gpt.mel_head)
-    total = sum(t.nbytes for module in streamed for t in module.state_dict().values())
+    # The tensors as held, not a state dict: int8 layers that keep only their packed panels
+    # would unpack a copy of every weight for it (a stand-in counts as the weights' bytes).
+    total = sum(
+        t.nbytes
+        for module in streamed
+        for t in itertools.chain(module.parameters(), module.buffers())
+    )
     rows = (gpt.mel_embedding.weight, gpt.mel_pos_embedding.emb.weight)
     return total + sum(w[0].nbytes for w in rows)
 

@@ -20,7 +20,7 @@ import math
 import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,6 +28,7 @@ import torch
 
 from lowvox.errors import LowvoxError
 from lowvox.files import atomic_path
+from lowvox.runtime import kernels
 from lowvox.runtime.hugepages import huge_buffer
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 class QuantizedWeights:
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, str]
+    # int8 weights read as the kernels' panels (`read_quantized(panels=True)`), by name;
+    # their state_dict entries are stand-ins of the same shape and dtype.
+    panels: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -65,16 +69,23 @@ _UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError)
 
 
 def read_quantized(
-    path: Path | None, expected: Mapping[str, str], *, skip: Sequence[str] = ()
+    path: Path | None,
+    expected: Mapping[str, str],
+    *,
+    skip: Sequence[str] = (),
+    panels: bool = False,
 ) -> QuantizedWeights | None:
     """The cached weights when `path` exists and its metadata has every `expected` value;
     None when absent, stale or unreadable (the caller rebuilds it). Tensors whose names
-    start with one of `skip` stay on disk (`read_tensors` reads them later)."""
+    start with one of `skip` stay on disk (`read_tensors` reads them later). `panels`
+    (where `kernels.int8_panels()`): the 2-D int8 weights are packed as they are read, into
+    one buffer of huge pages, and returned as `panels`; the row-major weights never all
+    exist at once (one layer's at a time)."""
     if path is None or not path.is_file():
         return None
     skipped = tuple(skip)
     try:
-        weights = _read(path, expected, lambda name: not name.startswith(skipped))
+        weights = _read(path, expected, lambda name: not name.startswith(skipped), panels=panels)
     except _Stale as e:
         log.info("quantised cache %s is stale (%s); rebuilding it", path, e)
         return None
@@ -107,18 +118,26 @@ def read_tensors(
     return weights.state_dict
 
 
-def _read(path: Path, expected: Mapping[str, str], keep: Callable[[str], bool]) -> QuantizedWeights:
-    """The tensors of `path` whose names pass `keep`; raises `_Stale` or what a damaged
-    file makes the reader raise (`_UNREADABLE`)."""
+def _read(
+    path: Path, expected: Mapping[str, str], keep: Callable[[str], bool], panels: bool = False
+) -> QuantizedWeights:
+    """The tensors of `path` whose names pass `keep` (`panels`: see `read_quantized`);
+    raises `_Stale` or what a damaged file makes the reader raise (`_UNREADABLE`)."""
     with path.open("rb") as f:
         header, base, meta = _checked_header(f, expected)
         header = {name: info for name, info in header.items() if keep(name)}
-        arena = _Arena(header)
-        state = {
-            name: _read_tensor(f, base, name, info, arena.take(name))
-            for name, info in header.items()
-        }
-    return QuantizedWeights(state, meta)
+        arena = _Arena(header, panels)
+        state, packed = {}, {}
+        for name, info in header.items():
+            part = arena.panel(name)
+            if part is None:
+                state[name] = _read_tensor(f, base, name, info, arena.take(name))
+                continue
+            rows = _read_tensor(f, base, name, info)
+            packed[name] = kernels.pack_int8_panels(rows, out=part)
+            # The model's `weight`: a stand-in, shape and dtype only (see `Int8Linear`).
+            state[name] = torch.zeros((), dtype=torch.int8).expand(rows.shape)
+    return QuantizedWeights(state, meta, packed)
 
 
 def _checked_header(
@@ -171,27 +190,43 @@ def _read_header(f: BinaryIO) -> tuple[dict[str, Any], int]:
 
 class _Arena:
     """The int8 weights (what decoding streams every token) share one huge-page buffer;
-    each gets a 64-byte-aligned slice of it."""
+    each gets a 64-byte-aligned slice of it: as they are stored, or (`panels`, 2-D ones)
+    packed as the kernels' panels (`kernels.panel_shape`)."""
 
     ALIGN = 64
 
-    def __init__(self, header: Mapping[str, Any]) -> None:
-        self.slots: dict[str, tuple[int, int]] = {}
+    def __init__(self, header: Mapping[str, Any], panels: bool = False) -> None:
+        self.slots: dict[str, tuple[int, tuple[int, ...]]] = {}
         total = 0
         for name, info in sorted(header.items()):
             if info.get("dtype") != "I8":
                 continue
-            size = math.prod(int(n) for n in info["shape"])
-            self.slots[name] = (total, size)
+            shape = tuple(int(n) for n in info["shape"])
+            if panels and len(shape) == 2:
+                shape = kernels.panel_shape(shape[0], shape[1])
+            size = math.prod(shape)
+            self.slots[name] = (total, shape)
             total += size + (-size % self.ALIGN)
+        self.panels = panels
         self.buffer = huge_buffer(total) if total else None
 
-    def take(self, name: str) -> torch.Tensor | None:
-        """The uint8 slice reserved for `name`, or None when it gets its own allocation."""
+    def _slice(self, name: str) -> torch.Tensor | None:
         if name not in self.slots or self.buffer is None:
             return None
-        start, size = self.slots[name]
-        return self.buffer[start : start + size]
+        start, shape = self.slots[name]
+        return self.buffer[start : start + math.prod(shape)]
+
+    def take(self, name: str) -> torch.Tensor | None:
+        """The uint8 slice reserved for `name` as stored, or None when it gets its own
+        allocation (or is packed: `panel`)."""
+        return None if self.panel(name) is not None else self._slice(name)
+
+    def panel(self, name: str) -> torch.Tensor | None:
+        """Where `name` is packed (`panels`, 2-D int8): its panels' slice, else None."""
+        if not self.panels or len(self.slots.get(name, (0, ()))[1]) != 2:
+            return None
+        part = self._slice(name)
+        return None if part is None else part.view(self.slots[name][1])
 
 
 def _read_tensor(

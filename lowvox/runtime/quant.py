@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +170,7 @@ class Int8Linear(WeightOnlyLinear):
 
     _panels: torch.Tensor | None = None
     _panels_key: tuple[int, int, int] | None = None
+    _rows_released = False
 
     def kernel_weight(self) -> torch.Tensor:
         """Where the kernels pack int8 panels (`kernels.int8_panels`: AVX-512 VNNI without
@@ -177,7 +179,10 @@ class Int8Linear(WeightOnlyLinear):
         faster than rows (the full-size GPT's linears: ~15 ms a step against ~20, and a
         batch of 8 rows ~20 ms against ~28, on Zen 4). `weight` stays as it is for
         everything else (state dicts, caches, torch's kernels, other devices); the packed
-        copy costs as many bytes again."""
+        copy costs as many bytes again, unless the rows are released (`release_rows`)."""
+        if self._rows_released:
+            assert self._panels is not None
+            return self._panels  # the one copy of the weights there is
         w = self.weight
         if w.device.type != "cpu" or not kernels.int8_panels():
             return w
@@ -194,7 +199,59 @@ class Int8Linear(WeightOnlyLinear):
     def adopt_panels(self, panels: torch.Tensor) -> None:
         """Take `panels`, this layer's current weights packed (`kernels.pack_int8_panels`),
         as what `kernel_weight` returns until the weights change (see `pack_panels`)."""
+        self.restore_rows()
         self._panels, self._panels_key = panels, self._weight_key()
+
+    def release_rows(self) -> None:
+        """Keep the weights only as the panels `kernel_weight` returns (its current ones):
+        `weight` becomes a stand-in of the same shape and dtype (an expanded zero, one
+        byte), and what reads the weights row by row gets them unpacked from the panels:
+        state dicts (`rows`), moves and casts, loading a state dict, torch's kernels
+        (`restore_rows` first). For the CPU decode alone, whose panels are then the one copy
+        of the GPT's int8 weights (see `pack_panels`)."""
+        panels = self.kernel_weight()
+        if not self._rows_released and panels is not self.weight:  # else: nothing to let go
+            self.hold_panels(panels)
+
+    def hold_panels(self, panels: torch.Tensor) -> None:
+        """Make `panels` (`kernels.pack_int8_panels` of this layer's weights) the layer's
+        one copy of its weights, `weight` a stand-in (see `release_rows`)."""
+        self._panels = panels
+        self.weight = torch.zeros((), dtype=torch.int8).expand(self.out_features, self.in_features)
+        self._rows_released = True
+
+    def rows(self) -> torch.Tensor:
+        """The int8 weights [out, in] row by row: `weight`, or unpacked from the panels
+        where the rows were released (a new tensor each time)."""
+        if self._rows_released:
+            assert self._panels is not None
+            return kernels.unpack_int8_panels(self._panels, self.out_features, self.in_features)
+        return self.weight
+
+    def restore_rows(self) -> None:
+        """Make `weight` the row-major weights again where `release_rows` let it go."""
+        if self._rows_released:
+            self.weight = self.rows()
+            self._rows_released = False
+            self._panels_key = self._weight_key()  # the panels still hold these weights
+
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._rows_released:
+            destination[prefix + "weight"] = self.rows()
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.restore_rows()  # a weight to load into (or to replace)
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> Int8Linear:
+        if self._rows_released and fn(self.weight) is not self.weight:
+            self.restore_rows()  # a real move or cast: of the real weights
+        return super()._apply(fn, recurse)
 
     def _kernel_takes_many_rows(self) -> bool:
         # On AMX the kernel multiplies many rows at the cost of few (a 64-token prompt's
@@ -214,9 +271,10 @@ class Int8Linear(WeightOnlyLinear):
         layer's multi-MB temporaries on the first prefill, splitting the freed heap so that
         every layer grew it again (~+0.3 GB RSS for the full-size GPT, only given back by
         `release_heap`)."""
-        return _bf16_matmul(x, self.weight.to(torch.bfloat16), self.scales.float(), self.bias)
+        return _bf16_matmul(x, self.rows().to(torch.bfloat16), self.scales.float(), self.bias)
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        self.restore_rows()
         return self._forward_fused(x)
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
@@ -292,10 +350,13 @@ class Bf16Linear(WeightOnlyLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 weights"
 
 
-def pack_panels(module: nn.Module) -> int:
+def pack_panels(module: nn.Module, release_rows: bool = True) -> int:
     """Pack the weights of every CPU `Int8Linear` under `module` as the kernels' int8 panels
     (where they take them, `kernels.int8_panels`), all in one buffer of huge pages, and hand
-    each layer its part; returns the bytes packed (0 where nothing was).
+    each layer its part; returns the bytes packed (0 where nothing was). `release_rows`:
+    the layers then let their row-major weights go (`Int8Linear.release_rows`): the
+    panels are the one copy (the full-size GPT: 0.39 GB less). Layers that hold only
+    panels already (read so from the cache, `qcache.read_quantized(panels=True)`) keep them.
 
     A decode step streams every panel once. Packed one layer at a time (`kernel_weight`),
     each in memory of its own, they sit in 4 KB pages: the full-size GPT's int8 panels
@@ -303,7 +364,9 @@ def pack_panels(module: nn.Module) -> int:
     against 23.2 on one; Zen 4, `kernels.linear` over 90 4096 x 1024 layers, one process).
     """
     layers = [
-        m for m in module.modules() if isinstance(m, Int8Linear) and m.weight.device.type == "cpu"
+        m
+        for m in module.modules()
+        if isinstance(m, Int8Linear) and m.weight.device.type == "cpu" and not m._rows_released
     ]
     if not layers or not kernels.int8_panels():
         return 0
@@ -313,7 +376,9 @@ def pack_panels(module: nn.Module) -> int:
     at = 0
     for m, (n, k) in zip(layers, shapes, strict=True):
         part = buf[at : at + n * k].view(n, k)
-        m.adopt_panels(kernels.pack_int8_panels(m.weight.contiguous(), out=part))
+        m.adopt_panels(kernels.pack_int8_panels(m.rows().contiguous(), out=part))
+        if release_rows:
+            m.release_rows()
         at += n * k
     return at
 

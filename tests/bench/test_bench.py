@@ -194,6 +194,12 @@ def test_decode_weight_bytes_are_the_weights_a_step_reads(precision, weight_byte
     args = gpt.args
     sizes = (args.gpt_layers, args.gpt_n_model_channels, args.gpt_num_audio_tokens)
     assert step_bytes(*sizes, precision) == counted  # what doctor uses for the released model
+    from lowvox.runtime import kernels
+    from lowvox.runtime.quant import pack_panels
+
+    if precision == "int8" and kernels.available() and kernels.int8_panels():
+        pack_panels(gpt)  # the panels become the one copy: the count stays the weights'
+        assert decode_weight_bytes(gpt) == counted
 
 
 def test_floor_is_bytes_over_bandwidth():

@@ -990,6 +990,9 @@ def test_packed_int8_weights_are_checked():
     assert tuple(packed.shape) == (64, 128)  # whole panels of 32 rows, rows of 64 bytes
     out = torch.empty(64, 128, dtype=torch.uint8)
     assert kernels.pack_int8_panels(w, out=out) is out and torch.equal(out, packed)
+    assert torch.equal(kernels.unpack_int8_panels(packed, 40, 100), w)  # padding dropped
+    with pytest.raises(ValueError, match="panels of"):
+        kernels.unpack_int8_panels(packed, 40, 200)
     with pytest.raises(ValueError, match="out has shape"):
         kernels.pack_int8_panels(w, out=torch.empty(32, 128, dtype=torch.uint8))
     s = torch.rand(40)

@@ -93,3 +93,32 @@ def test_int8_weights_share_one_huge_page_buffer(tmp_path):
     scales = got.state_dict["layer0.scales"]
     assert scales.untyped_storage().data_ptr() not in storages
     assert torch.equal(scales, big["layer0.scales"])
+
+
+def test_int8_weights_can_be_read_as_panels(tmp_path):
+    """`panels=True`: each 2-D int8 weight comes back packed (`kernels.pack_int8_panels` of
+    the stored rows), all in one buffer, its state-dict entry a stand-in of its shape and
+    dtype without memory; the other tensors as stored."""
+    import pytest
+
+    from lowvox.runtime import kernels
+
+    if not kernels.available() or not kernels.int8_panels():
+        pytest.skip("this build packs no int8 panels (AVX-512 VNNI without AMX only)")
+    path = tmp_path / "p.int8.lowvox.safetensors"
+    tensors = {**state(), "w2": torch.randint(-127, 128, (40, 100), dtype=torch.int8)}
+    write_quantized(path, tensors, META)
+    got = read_quantized(path, {"mode": "m1"}, panels=True)
+    assert got is not None and sorted(got.panels) == ["w", "w2"]
+    for name in ("w", "w2"):
+        packed = got.panels[name]
+        assert torch.equal(packed, kernels.pack_int8_panels(tensors[name])), name
+        assert packed.data_ptr() % 64 == 0
+        assert torch.equal(kernels.unpack_int8_panels(packed, *tensors[name].shape), tensors[name])
+        stand_in = got.state_dict[name]
+        assert stand_in.shape == tensors[name].shape and stand_in.dtype == torch.int8
+        assert stand_in.untyped_storage().nbytes() == 1
+    storages = {p.untyped_storage().data_ptr() for p in got.panels.values()}
+    assert len(storages) == 1
+    for name in ("scales", "bias", "steps"):
+        assert torch.equal(got.state_dict[name], tensors[name]), name

@@ -67,7 +67,7 @@ def test_pack_panels_packs_every_layer_into_one_buffer():
     with torch.inference_mode():
         lazily = model(x)  # each layer packs its own panels on first use
     sizes = [kernels.panel_shape(m.out_features, m.in_features) for m in layers]
-    assert pack_panels(model) == sum(n * k for n, k in sizes)
+    assert pack_panels(model, release_rows=False) == sum(n * k for n, k in sizes)
     panels = [m.kernel_weight() for m in layers]
     storage = panels[0].untyped_storage().data_ptr()
     for m, p, shape in zip(layers, panels, sizes, strict=True):
@@ -91,3 +91,44 @@ def test_pack_panels_packs_nothing_where_the_kernels_take_no_panels(monkeypatch)
     assert pack_panels(model) == 0
     assert model[0]._panels is None
     assert model[0].kernel_weight() is model[0].weight
+
+
+def test_released_rows_live_on_in_the_panels():
+    """`pack_panels` lets the row-major weights go by default: `weight` keeps its shape and
+    dtype but no memory, the layer computes what it did, and state dicts, loading and real
+    moves see the real weights (unpacked from the panels)."""
+    if not kernels.available() or not kernels.int8_panels():
+        pytest.skip("this build packs no int8 panels (AVX-512 VNNI without AMX only)")
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(80, 200), nn.Linear(200, 64))
+    quantize_linears(model)
+    first = model[0]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(5, 80)
+    with torch.inference_mode():
+        before = model(x)
+    pack_panels(model)
+    assert first._rows_released
+    assert first.weight.shape == (200, 80) and first.weight.dtype == torch.int8
+    assert first.weight.untyped_storage().nbytes() == 1  # the panels are the one copy
+    with torch.inference_mode():
+        assert torch.equal(model(x), before)
+    saved = model.state_dict()
+    assert saved.keys() == weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(saved[key], value), key
+    assert first._rows_released  # saving unpacks a copy, the layer stays as it was
+
+    other = Int8Linear.from_linear(nn.Linear(80, 200))
+    first.load_state_dict(other.state_dict())  # loading into released rows
+    assert not first._rows_released and torch.equal(first.weight, other.weight)
+    with torch.inference_mode():
+        assert torch.equal(first(x), other(x))
+
+    pack_panels(model)
+    model.to("cpu")  # where it is already: nothing moves, the rows stay released
+    assert first._rows_released
+    first._apply(lambda t: t.clone())  # a real move (new tensors): of the real weights
+    assert not first._rows_released and torch.equal(first.weight, other.weight)
+    with torch.inference_mode():
+        assert torch.equal(first(x), other(x))

@@ -178,6 +178,15 @@ def test_int8_on_cpu_decodes_from_panels_packed_at_load(random_bundle, tmp_path)
     storages = {m._panels.untyped_storage().data_ptr() for m in layers}
     assert len(storages) == 1
     assert all(m.kernel_weight() is m._panels for m in layers)  # not packed again
+    assert all(m._rows_released for m in layers)  # the panels are the one copy
+    saved = model.state_dict()
+    with safe_open(str(weight_cache(tmp_path)), framework="pt") as f:
+        stored = set(f.keys())
+        names = [n for n in saved if n.endswith(".weight") and n in stored]
+        int8 = [n for n in names if f.get_slice(n).get_dtype() == "I8"]
+        assert len(int8) == len(layers)
+        for name in int8:
+            assert torch.equal(saved[name], f.get_tensor(name)), name  # the cached weights
     say(model, TEXT, **GREEDY)
     block = model.gpt.gpt.h[0]
     assert block._fused is not None

@@ -48,6 +48,7 @@ from lowvox.engines.xtts.hifigan import amx_supported, bf16_supported, int8_supp
 from lowvox.engines.xtts.model import CLONING_MODULES, XttsModel
 from lowvox.engines.xtts.voices import load_studio_speakers
 from lowvox.errors import LowvoxError
+from lowvox.runtime import kernels
 from lowvox.runtime.memory import return_freed_memory
 from lowvox.runtime.qcache import (
     quantized_cache_path,
@@ -58,6 +59,7 @@ from lowvox.runtime.qcache import (
 from lowvox.runtime.quant import (
     BF16_MODE,
     INT8_MODE,
+    Int8Linear,
     bf16_linears,
     bf16_skeleton,
     int8_skeleton,
@@ -131,8 +133,10 @@ def load_model(
     cache_path = default_cache_path(checkpoint, Path(cache_dir) if cache_dir else None)
     compute = torch.device(run_on if run_on is not None else device)
     if precision == "int8" or (precision == "bf16" and compute.type == "cpu"):
-        # bf16 on CPU: bf16 weights, float32 activations (lowvox's CPU kernels).
-        model = _load_weight_only(precision, checkpoint, cache_path, config, vocab_path)
+        # bf16 on CPU: bf16 weights, float32 activations (lowvox's CPU kernels). int8 on a
+        # CPU whose kernels multiply panels: read as panels, the one copy kept.
+        panels = precision == "int8" and compute.type == "cpu" and kernels.int8_panels()
+        model = _load_weight_only(precision, checkpoint, cache_path, config, vocab_path, panels)
     else:
         weights = load_weights(checkpoint, cache_path)
         if config is None:
@@ -151,7 +155,8 @@ def load_model(
     model.to(device)
     if precision == "int8" and compute.type == "cpu":
         # Now rather than at the first request: the panels a CPU without AMX decodes from,
-        # in huge pages (see `pack_panels`).
+        # in huge pages, the one copy of the weights (see `pack_panels`; those read from
+        # the cache are packed already).
         pack_panels(model.gpt)
     # Every path above: the vocoder's weights in memory of their own, wherever they came from.
     _own_aligned_memory(model.hifigan_decoder)
@@ -189,9 +194,11 @@ def _load_weight_only(
     cache_path: Path | None,
     config: XttsConfig | None,
     vocab_path: Path,
+    panels: bool = False,
 ) -> XttsModel:
     """The GPT's transformer linears as weight-only modules (`WEIGHT_ONLY`): int8 with
-    per-channel scales, or bf16.
+    per-channel scales, or bf16. `panels`: int8 weights read from the cache as the CPU
+    kernels' panels, their only copy (`Int8Linear.hold_panels`).
 
     From their cache the model is built on the meta device and the saved tensors are
     assigned as they are: the float GPT never exists. Without a valid cache the float
@@ -203,7 +210,9 @@ def _load_weight_only(
     mode, convert, _ = WEIGHT_ONLY[precision]
     path = quantized_cache_path(cache_path, precision)
     expected = {**_source_stamp(checkpoint), "precision": precision, "mode": mode}
-    cached = _weight_only_from_cache(precision, path, expected, config, checkpoint, vocab_path)
+    cached = _weight_only_from_cache(
+        precision, path, expected, config, checkpoint, vocab_path, panels
+    )
     if cached is not None:
         return cached
 
@@ -229,7 +238,9 @@ def _load_weight_only(
     write_quantized(path, model.state_dict(), meta)
     # Use what was written: the converted model still pins the memory-mapped
     # checkpoint's pages, the reloaded one holds only its own converted tensors.
-    reloaded = _weight_only_from_cache(precision, path, expected, config, checkpoint, vocab_path)
+    reloaded = _weight_only_from_cache(
+        precision, path, expected, config, checkpoint, vocab_path, panels
+    )
     return reloaded if reloaded is not None else model
 
 
@@ -240,10 +251,11 @@ def _weight_only_from_cache(
     config: XttsConfig | None,
     checkpoint: Path,
     vocab_path: Path,
+    panels: bool = False,
 ) -> XttsModel | None:
     if path is None:
         return None
-    cached = read_quantized(path, expected, skip=_CLONING_PREFIXES)
+    cached = read_quantized(path, expected, skip=_CLONING_PREFIXES, panels=panels)
     if cached is None:
         return None
     if config is None:
@@ -258,6 +270,11 @@ def _weight_only_from_cache(
         CloningSource(path, {**expected, "sha256": cached.metadata["sha256"]})
     )
     model = _assign(model, cached.state_dict, str(path))
+    for name, packed in cached.panels.items():
+        layer = model.get_submodule(name.removesuffix(".weight"))
+        if not isinstance(layer, Int8Linear):
+            raise CheckpointError(f"{path}: int8 tensor {name} is not an int8 layer's weight")
+        layer.hold_panels(packed)
     model.fingerprint = cached.metadata["sha256"]
     return model
 

@@ -188,6 +188,19 @@ def pack_int8_panels(weight: torch.Tensor, out: torch.Tensor | None = None) -> t
     return out
 
 
+def unpack_int8_panels(panels: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """`pack_int8_panels`' inverse: its uint8 panels of int8 weights [n, k] -> those int8
+    weights (a new contiguous tensor; plain torch, any build)."""
+    rows, cols = panel_shape(n, k)
+    if panels.dtype != torch.uint8 or tuple(panels.shape) != (rows, cols):
+        raise ValueError(
+            f"panels of {tuple(panels.shape)} {panels.dtype} for [{n}, {k}] int8 weights: "
+            f"{(rows, cols)} uint8 expected"
+        )
+    grouped = panels.view(rows // PANEL, cols // 4, PANEL, 4).permute(0, 2, 1, 3)
+    return (grouped.reshape(rows, cols) ^ 0x80).view(torch.int8)[:n, :k].contiguous()
+
+
 def amx() -> bool:
     """Whether int8 and bf16 linears of several rows (batched decode steps, prompts) run on
     the AMX tiles: built for a CPU with AMX, granted by the kernel, not switched off by
