@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     precision: str = "auto"
     residency: str = "auto"
-    # The XTTS vocoder: auto picks int8 convolutions (its three widest stages; lowvox's C
+    # The XTTS vocoder: auto picks int8 convolutions (every stage's resblocks; lowvox's C
     # kernel) on CPUs with AVX-512 VNNI but no AMX when the GPT runs in int8, bf16 on CPUs
     # with native bf16 when the GPT runs in int8 or bf16 (~4x fp32), else fp32. Both keep
     # >= 30 dB SNR against fp32.

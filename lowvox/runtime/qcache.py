@@ -196,37 +196,36 @@ class _Arena:
     ALIGN = 64
 
     def __init__(self, header: Mapping[str, Any], panels: bool = False) -> None:
-        self.slots: dict[str, tuple[int, tuple[int, ...]]] = {}
+        # name -> (start, shape, packed as panels)
+        self.slots: dict[str, tuple[int, tuple[int, ...], bool]] = {}
         total = 0
         for name, info in sorted(header.items()):
             if info.get("dtype") != "I8":
                 continue
             shape = tuple(int(n) for n in info["shape"])
-            if panels and len(shape) == 2:
+            packed = panels and len(shape) == 2
+            if packed:
                 shape = kernels.panel_shape(shape[0], shape[1])
             size = math.prod(shape)
-            self.slots[name] = (total, shape)
+            self.slots[name] = (total, shape, packed)
             total += size + (-size % self.ALIGN)
-        self.panels = panels
         self.buffer = huge_buffer(total) if total else None
 
-    def _slice(self, name: str) -> torch.Tensor | None:
-        if name not in self.slots or self.buffer is None:
+    def _slice(self, name: str, packed: bool) -> torch.Tensor | None:
+        if name not in self.slots or self.buffer is None or self.slots[name][2] != packed:
             return None
-        start, shape = self.slots[name]
-        return self.buffer[start : start + math.prod(shape)]
+        start, shape, _ = self.slots[name]
+        return self.buffer[start : start + math.prod(shape)].view(shape)
 
     def take(self, name: str) -> torch.Tensor | None:
         """The uint8 slice reserved for `name` as stored, or None when it gets its own
         allocation (or is packed: `panel`)."""
-        return None if self.panel(name) is not None else self._slice(name)
+        part = self._slice(name, packed=False)
+        return None if part is None else part.view(-1)
 
     def panel(self, name: str) -> torch.Tensor | None:
         """Where `name` is packed (`panels`, 2-D int8): its panels' slice, else None."""
-        if not self.panels or len(self.slots.get(name, (0, ()))[1]) != 2:
-            return None
-        part = self._slice(name)
-        return None if part is None else part.view(self.slots[name][1])
+        return self._slice(name, packed=True)
 
 
 def _read_tensor(

@@ -179,7 +179,7 @@ class Int8Linear(WeightOnlyLinear):
         faster than rows (the full-size GPT's linears: ~15 ms a step against ~20, and a
         batch of 8 rows ~20 ms against ~28, on Zen 4). `weight` stays as it is for
         everything else (state dicts, caches, torch's kernels, other devices); the packed
-        copy costs as many bytes again, unless the rows are released (`release_rows`)."""
+        copy costs as many bytes again, unless the layer holds only panels (`hold_panels`)."""
         if self._rows_released:
             assert self._panels is not None
             return self._panels  # the one copy of the weights there is
@@ -202,20 +202,13 @@ class Int8Linear(WeightOnlyLinear):
         self.restore_rows()
         self._panels, self._panels_key = panels, self._weight_key()
 
-    def release_rows(self) -> None:
-        """Keep the weights only as the panels `kernel_weight` returns (its current ones):
-        `weight` becomes a stand-in of the same shape and dtype (an expanded zero, one
-        byte), and what reads the weights row by row gets them unpacked from the panels:
-        state dicts (`rows`), moves and casts, loading a state dict, torch's kernels
-        (`restore_rows` first). For the CPU decode alone, whose panels are then the one copy
-        of the GPT's int8 weights (see `pack_panels`)."""
-        panels = self.kernel_weight()
-        if not self._rows_released and panels is not self.weight:  # else: nothing to let go
-            self.hold_panels(panels)
-
     def hold_panels(self, panels: torch.Tensor) -> None:
         """Make `panels` (`kernels.pack_int8_panels` of this layer's weights) the layer's
-        one copy of its weights, `weight` a stand-in (see `release_rows`)."""
+        one copy of its weights: `weight` becomes a stand-in of the same shape and dtype (an
+        expanded zero, one byte), and what reads the weights row by row gets them unpacked
+        from the panels: state dicts (`rows`), moves and casts, loading a state dict,
+        torch's kernels (`restore_rows` first). For the CPU decode alone (see
+        `pack_panels`)."""
         self._panels = panels
         self.weight = torch.zeros((), dtype=torch.int8).expand(self.out_features, self.in_features)
         self._rows_released = True
@@ -229,7 +222,7 @@ class Int8Linear(WeightOnlyLinear):
         return self.weight
 
     def restore_rows(self) -> None:
-        """Make `weight` the row-major weights again where `release_rows` let it go."""
+        """Make `weight` the row-major weights again where `hold_panels` let it go."""
         if self._rows_released:
             self.weight = self.rows()
             self._rows_released = False
@@ -354,7 +347,7 @@ def pack_panels(module: nn.Module, release_rows: bool = True) -> int:
     """Pack the weights of every CPU `Int8Linear` under `module` as the kernels' int8 panels
     (where they take them, `kernels.int8_panels`), all in one buffer of huge pages, and hand
     each layer its part; returns the bytes packed (0 where nothing was). `release_rows`:
-    the layers then let their row-major weights go (`Int8Linear.release_rows`): the
+    the layers then let their row-major weights go (`Int8Linear.hold_panels`): the
     panels are the one copy (the full-size GPT: 0.39 GB less). Layers that hold only
     panels already (read so from the cache, `qcache.read_quantized(panels=True)`) keep them.
 
@@ -376,9 +369,11 @@ def pack_panels(module: nn.Module, release_rows: bool = True) -> int:
     at = 0
     for m, (n, k) in zip(layers, shapes, strict=True):
         part = buf[at : at + n * k].view(n, k)
-        m.adopt_panels(kernels.pack_int8_panels(m.rows().contiguous(), out=part))
+        packed = kernels.pack_int8_panels(m.weight.contiguous(), out=part)
         if release_rows:
-            m.release_rows()
+            m.hold_panels(packed)
+        else:
+            m.adopt_panels(packed)
         at += n * k
     return at
 
