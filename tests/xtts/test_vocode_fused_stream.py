@@ -128,3 +128,45 @@ def test_first_audio_comes_as_soon_as_before(decoder, speaker) -> None:
     vocoder = RowVocoder(decoder, speaker)
     sizes = [vocoder.push(latents[:, i : i + 1]).size for i in range(12)]
     assert all(s == 0 for s in sizes[:-1]) and sizes[-1] > 0
+
+
+def test_each_convolution_is_packed_for_the_length_it_runs_at(decoder, speaker) -> None:
+    """oneDNN packs a weight for the input length it is told; a call of a length that
+    wants another layout reorders the whole weight on every call (conv_pre of the released
+    vocoder, packed for 4096 samples and called with ~100, ran ~20x slower). Each packed
+    convolution is told about what a piece of `FUSED_PIECE_FRAMES` gives it."""
+    from lowvox.engines.xtts import hifigan
+
+    seen: dict[int, list[int]] = {}
+    packed: dict[int, hifigan._PackedConv] = {}
+    cls = hifigan._PackedConv
+    call, plus, add_to = cls.__call__, cls.plus, cls.add_to
+
+    def note(conv, x) -> None:
+        packed[id(conv)] = conv
+        seen.setdefault(id(conv), []).append(x.shape[-1])
+
+    def spy_call(conv, x, *args, **kwargs):
+        note(conv, x)
+        return call(conv, x, *args, **kwargs)
+
+    def spy_plus(conv, x, other):
+        note(conv, x)
+        return plus(conv, x, other)
+
+    def spy_add_to(conv, other, x):
+        note(conv, x)
+        return add_to(conv, other, x)
+
+    torch.manual_seed(5)
+    latents = torch.randn(1, 120, 48)  # several whole pieces
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cls, "__call__", spy_call)
+        m.setattr(cls, "plus", spy_plus)
+        m.setattr(cls, "add_to", spy_add_to)
+        vocode_in_windows(decoder, latents, speaker, window=208)
+    assert len(packed) >= 2 + 2 * len(decoder.waveform_decoder.resblocks)
+    for key, lengths in seen.items():
+        common = max(set(lengths), key=lengths.count)  # a whole piece's
+        told = packed[key].length
+        assert abs(told - common) <= 0.25 * common, (told, sorted(set(lengths)))

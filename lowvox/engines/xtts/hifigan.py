@@ -9,7 +9,9 @@ Weight norm is folded into plain weights by the checkpoint loader.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,8 +42,11 @@ INT8_STAGES = (0, 1, 2, 3)
 # contended (fewer parallel regions), but builds its oneDNN kernels per input length: it
 # pays from the released size (512 channels) down, not for tiny test models.
 FUSE_MIN_CHANNELS = 256
-# oneDNN picks a packed weight layout for an expected input length; any length runs with it.
-_PACK_HINT_FRAMES = 4096
+# Frames per piece on the fused path (`FusedStream`), which computes no context twice:
+# ~1 s of audio keeps a stage's activations near the caches (the full-size vocoder with
+# every convolution in int8, Zen 4: 0.100 s per audio second in pieces of 96 frames, 0.117
+# in pieces of 208). Streaming pushes pieces of about this size too (20 tokens: ~87 frames).
+FUSED_PIECE_FRAMES = 96
 # `FusedStream`'s end of an utterance not yet known (past any real sample position).
 _NO_END = 1 << 60
 
@@ -318,10 +323,22 @@ class _PackedConv:
     """
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, dilation: int = 1
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        dilation: int,
+        length: int,
     ) -> None:
+        """`length`: the input samples of a typical call (see below)."""
         w = weight.detach().unsqueeze(2)  # [O, I, 1, k]
         self.reach = dilation * (w.shape[-1] - 1) // 2  # input samples each side of an output
+        self.length = length
+        # oneDNN packs the weight for the input length it is told, and a call whose length
+        # wants another layout reorders the whole weight first, every call: told 4096
+        # samples, the released vocoder's conv_pre (14.7 MB in float32) and its 256-channel
+        # convolutions, which see ~100 and ~900 per piece, ran at 4-25 GFLOP/s instead of
+        # ~72 on an AVX2 EPYC (vocoding 1.5 -> 1.1 s per audio second).
         self.padding = [0, 0]
         self.stride = [1, 1]
         self.dilation = [1, dilation]
@@ -332,16 +349,10 @@ class _PackedConv:
             self.stride,
             self.dilation,
             1,
-            [1, w.shape[1], 1, _PACK_HINT_FRAMES],
+            [1, w.shape[1], 1, length],
         )
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.bias_dtype = dtype
-
-    @classmethod
-    def of(cls, conv: nn.Conv1d, dtype: torch.dtype, scale: float = 1.0) -> _PackedConv:
-        """`conv`, its weight multiplied by `scale` (which absorbs a preceding division)."""
-        w = conv.weight if scale == 1.0 else conv.weight * scale
-        return cls(w, conv.bias, dtype, conv.dilation[0])
 
     def __call__(
         self,
@@ -511,30 +522,41 @@ class _FusedPlan:
         self.gen = gen
         n = gen.num_kernels
 
-        def conv(w: torch.Tensor, b: torch.Tensor | None, dil: int = 1, q: bool = False) -> _Conv:
+        # Input samples per frame of each stage (conv_pre's and the first upsampler's: 1).
+        rates = list(itertools.accumulate((up.stride[0] for up in gen.ups), operator.mul))
+
+        def conv(
+            w: torch.Tensor, b: torch.Tensor | None, rate: int, dil: int = 1, q: bool = False
+        ) -> _Conv:
             if q and precision == "int8" and kernels.Int8Conv.fits(w):
                 return _QConv(w, b, dil)
-            return _PackedConv(w, b, dtype, dil)
+            length = FUSED_PIECE_FRAMES * rate + dil * (w.shape[-1] - 1)
+            return _PackedConv(w, b, dtype, dil, length)
 
-        def of(c: nn.Conv1d, q: bool = False) -> _Conv:
-            return conv(c.weight, c.bias, c.dilation[0], q)
+        def of(c: nn.Conv1d, rate: int, q: bool = False) -> _Conv:
+            return conv(c.weight, c.bias, rate, c.dilation[0], q)
 
-        self.pre = of(gen.conv_pre)
+        self.pre = of(gen.conv_pre, 1)
         self.ups: list[_Conv] = []
         for i, up in enumerate(gen.ups):
             w, _ = _polyphase(up)
-            self.ups.append(conv(w * (1.0 / n if i else 1.0), None, q=i - 1 in INT8_STAGES))
+            rate = rates[i - 1] if i else 1
+            self.ups.append(conv(w * (1.0 / n if i else 1.0), None, rate, q=i - 1 in INT8_STAGES))
         self.blocks = [
             [
                 [
-                    (of(c1, i in INT8_STAGES), of(c2, i in INT8_STAGES))
+                    (of(c1, rates[i], i in INT8_STAGES), of(c2, rates[i], i in INT8_STAGES))
                     for c1, c2 in zip(b.convs1, b.convs2, strict=True)
                 ]
                 for b in gen.resblocks[i * n : (i + 1) * n]
             ]
             for i in range(len(gen.ups))
         ]
-        self.post = _PackedConv.of(gen.conv_post, torch.float32, scale=1.0 / n)
+        post = gen.conv_post
+        self.post = _PackedConv(
+            post.weight * (1.0 / n), post.bias, torch.float32, post.dilation[0],
+            FUSED_PIECE_FRAMES * rates[-1] + post.kernel_size[0] - 1,
+        )  # fmt: skip
         # Per stage: whether its resblocks' first convolutions apply their input's leaky
         # ReLU as they read it (all of them int8).
         self.folds = [

@@ -26,7 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lowvox.engines.xtts.hifigan import FusedStream, HifiganDecoder, HifiganGenerator
+from lowvox.engines.xtts.hifigan import (
+    FUSED_PIECE_FRAMES,
+    FusedStream,
+    HifiganDecoder,
+    HifiganGenerator,
+)
 from lowvox.runtime.memory import own_mappings
 
 logger = logging.getLogger(__name__)
@@ -40,11 +45,7 @@ DEFAULT_FIRST_CHUNK_TOKENS = 12
 DEFAULT_CHUNK_TOKENS = 20
 # `vocode_in_windows`: frames per HiFi-GAN call (about 2.2 s of audio, ~175 new frames each).
 DEFAULT_WINDOW_FRAMES = 208
-# ... and at most this many per piece on the fused path, which computes no context twice:
-# ~1 s of audio keeps a stage's activations near the caches (the full-size vocoder with
-# every convolution in int8, Zen 4: 0.100 s per audio second in pieces of 96 frames, 0.117
-# in pieces of 208).
-FUSED_PIECE_FRAMES = 96
+# ... and at most `FUSED_PIECE_FRAMES` per piece on the fused path (see there).
 
 
 # Per generator: the (precision, input length) pairs it has already run at on the CPU.
