@@ -705,38 +705,49 @@ static void quantize_row8(const float *x, int64_t k, int8_t *q, float *sx, float
     for (int64_t j = k; j < Q8LEN(k); j++) q[j] = 0;
 }
 
-/* One int8 weight row against `mt` rows of int8 activations (rows i0.. of `a`), as the
- * AVX-512 row_dot_q8: vpmaddubsw multiplies |w| by the activation carrying w's sign (both
+/* 32 weights wv (from element j of a row) against `mt` rows of int8 activations, into
+ * their int32 sums: vpmaddubsw multiplies |w| by the activation carrying w's sign (both
  * within [-127, 127], so the pair sums, at most 2 * 127 * 127, never saturate int16),
- * vpmaddwd sums those pairs into int32 lanes, and each chunk's sums join the float32
- * total at its scale. Rows are read one after the other (one sequential stream). */
+ * vpmaddwd sums those pairs into int32 lanes. */
+LV_INLINE void q8_products(const int mt, const int8_t *xq, int64_t kq, int64_t j, __m256i wv,
+                           __m256i sum[Q8TILE]) {
+    const __m256i mag = _mm256_abs_epi8(wv), ones = _mm256_set1_epi16(1);
+    for (int i = 0; i < mt; i++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + i * kq + j));
+        const __m256i pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(xv, wv));
+        sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(pairs, ones));
+    }
+}
+
+/* One int8 weight row against `mt` rows of int8 activations (rows i0.. of `a`), as the
+ * AVX-512 row_dot_q8: each chunk's int32 sums join the float32 total at its scale. Rows
+ * are read one after the other (one sequential stream). Whole chunks run a loop of fixed
+ * length with no test for the row's end, prefetching once per 64 bytes: on a 2-core AVX2
+ * EPYC (Zen 1), ~20% more weight bytes per second than testing each 32 bytes (40
+ * full-size 4096 x 1024 layers, one row: 16.3 -> 20.1 GB/s; 8 and 140 rows: 25 -> 29
+ * GMAC/s). */
 LV_INLINE void row_dot_q8(const int mt, const acts_t *a, int64_t i0, const int8_t *row,
                           float out[Q8TILE]) {
     const int64_t k = a->k, kq = Q8LEN(k), chunks = Q8CHUNKS(k);
     const int8_t *xq = a->q8 + i0 * kq;
     const float *sx = a->sx + i0 * chunks;
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[Q8TILE];
     for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t c = 0; c < chunks; c++) {
-        const int64_t j1 = (c + 1) * Q8CHUNK < k ? (c + 1) * Q8CHUNK : k;
+        const int64_t j0 = c * Q8CHUNK;
         __m256i sum[Q8TILE];
         for (int i = 0; i < mt; i++) sum[i] = _mm256_setzero_si256();
-        for (int64_t j = c * Q8CHUNK; j < j1; j += 32) {
-            if ((j & 63) == 0) _mm_prefetch((const char *)row + j + AHEAD(W_INT8), _MM_HINT_T0);
-            __m256i wv;
-            if (j + 32 <= j1) {
-                wv = _mm256_loadu_si256((const __m256i *)(row + j));
-            } else { /* the row's end: q8 is zero-padded, the weights must not be over-read */
-                int8_t tail[32] = {0};
-                for (int64_t t = j; t < j1; t++) tail[t - j] = row[t];
-                wv = _mm256_loadu_si256((const __m256i *)tail);
+        if (j0 + Q8CHUNK <= k) {
+            for (int64_t j = j0; j < j0 + Q8CHUNK; j += 64) {
+                _mm_prefetch((const char *)row + j + AHEAD(W_INT8), _MM_HINT_T0);
+                q8_products(mt, xq, kq, j, _mm256_loadu_si256((const __m256i *)(row + j)), sum);
+                q8_products(mt, xq, kq, j + 32, _mm256_loadu_si256((const __m256i *)(row + j + 32)), sum);
             }
-            const __m256i mag = _mm256_sign_epi8(wv, wv);
-            for (int i = 0; i < mt; i++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + i * kq + j));
-                const __m256i pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(xv, wv));
-                sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(pairs, ones));
+        } else { /* the row's end: q8 is zero-padded, the weights must not be over-read */
+            for (int64_t j = j0; j < k; j += 32) {
+                int8_t tail[32] = {0};
+                memcpy(tail, row + j, (size_t)(k - j < 32 ? k - j : 32));
+                q8_products(mt, xq, kq, j, _mm256_loadu_si256((const __m256i *)tail), sum);
             }
         }
         for (int i = 0; i < mt; i++)
