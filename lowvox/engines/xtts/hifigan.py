@@ -338,7 +338,7 @@ class _PackedConv:
         # wants another layout reorders the whole weight first, every call: told 4096
         # samples, the released vocoder's conv_pre (14.7 MB in float32) and its 256-channel
         # convolutions, which see ~100 and ~900 per piece, ran at 4-25 GFLOP/s instead of
-        # ~72 on an AVX2 EPYC (vocoding 1.5 -> 1.1 s per audio second).
+        # ~72 on an AVX2 EPYC (vocoding 1.5 -> 0.96 s per audio second).
         self.padding = [0, 0]
         self.stride = [1, 1]
         self.dilation = [1, dilation]
