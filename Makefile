@@ -5,7 +5,8 @@
 #
 # and, once set up:
 #
-#   make test-fast   the fast tier (what plain `pytest` runs; under 3 minutes on 2 cores)
+#   make test-fast   the fast tier (what plain `pytest` runs; ~3 minutes on 2 Zen 4 cores,
+#                    7.5 on 2 cores of an AVX2-only Zen 1 EPYC)
 #   make lint        ruff (lint and format check, the pre-commit hooks) and mypy (lowvox/)
 #
 # Set-up is idempotent: each step leaves a stamp in the venv and reruns only when
