@@ -522,16 +522,20 @@ class _FusedPlan:
         self.gen = gen
         n = gen.num_kernels
 
-        # Input samples per frame of each stage (conv_pre's and the first upsampler's: 1).
-        rates = list(itertools.accumulate((up.stride[0] for up in gen.ups), operator.mul))
+        # Input samples per frame: rates[i] for upsampler i (conv_pre's: 1), rates[i + 1] for
+        # stage i's resblocks, rates[-1] for conv_post.
+        rates = [1, *itertools.accumulate((up.stride[0] for up in gen.ups), operator.mul)]
+
+        def length(w: torch.Tensor, rate: int, dil: int) -> int:
+            """The input samples a piece gives a convolution of weight `w`."""
+            return FUSED_PIECE_FRAMES * rate + dil * (w.shape[-1] - 1)
 
         def conv(
             w: torch.Tensor, b: torch.Tensor | None, rate: int, dil: int = 1, q: bool = False
         ) -> _Conv:
             if q and precision == "int8" and kernels.Int8Conv.fits(w):
                 return _QConv(w, b, dil)
-            length = FUSED_PIECE_FRAMES * rate + dil * (w.shape[-1] - 1)
-            return _PackedConv(w, b, dtype, dil, length)
+            return _PackedConv(w, b, dtype, dil, length(w, rate, dil))
 
         def of(c: nn.Conv1d, rate: int, q: bool = False) -> _Conv:
             return conv(c.weight, c.bias, rate, c.dilation[0], q)
@@ -540,23 +544,27 @@ class _FusedPlan:
         self.ups: list[_Conv] = []
         for i, up in enumerate(gen.ups):
             w, _ = _polyphase(up)
-            rate = rates[i - 1] if i else 1
-            self.ups.append(conv(w * (1.0 / n if i else 1.0), None, rate, q=i - 1 in INT8_STAGES))
+            self.ups.append(
+                conv(w * (1.0 / n if i else 1.0), None, rates[i], q=i - 1 in INT8_STAGES)
+            )
         self.blocks = [
             [
                 [
-                    (of(c1, rates[i], i in INT8_STAGES), of(c2, rates[i], i in INT8_STAGES))
+                    (of(c1, rates[i + 1], i in INT8_STAGES), of(c2, rates[i + 1], i in INT8_STAGES))
                     for c1, c2 in zip(b.convs1, b.convs2, strict=True)
                 ]
                 for b in gen.resblocks[i * n : (i + 1) * n]
             ]
             for i in range(len(gen.ups))
         ]
-        post = gen.conv_post
+        post, dil = gen.conv_post, gen.conv_post.dilation[0]
         self.post = _PackedConv(
-            post.weight * (1.0 / n), post.bias, torch.float32, post.dilation[0],
-            FUSED_PIECE_FRAMES * rates[-1] + post.kernel_size[0] - 1,
-        )  # fmt: skip
+            post.weight * (1.0 / n),
+            post.bias,
+            torch.float32,
+            dil,
+            length(post.weight, rates[-1], dil),
+        )
         # Per stage: whether its resblocks' first convolutions apply their input's leaky
         # ReLU as they read it (all of them int8).
         self.folds = [
