@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,22 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     tier = "all tiers (--run-slow)" if config.getoption("--run-slow") else "fast tier"
     golden = str(GOLDEN) if golden_available() else _missing_golden()
     return [f"lowvox tests: {tier}; golden bundle: {golden}"]
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def golden_bundle_untouched():
+    """The suite never writes into the shared bundle: a test that loads it without a cache
+    folder of its own would leave converted weights there (the default is beside the
+    checkpoint, where writable), which every later run would then read."""
+    before = _listing(GOLDEN) if GOLDEN.is_dir() else None
+    yield
+    if before is not None and (after := _listing(GOLDEN)) != before:
+        changed = sorted(set(after.items()) ^ set(before.items()))
+        pytest.fail(f"the tests changed the golden bundle {GOLDEN}: {changed}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

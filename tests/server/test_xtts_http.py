@@ -29,7 +29,9 @@ def xtts_server(tmp_path_factory):
         from lowvox.engines.base import SynthesisRequest
         from lowvox.engines.xtts.engine import XttsEngine
 
-        probe = XttsEngine(GOLDEN)
+        # Its converted weights go to a temporary folder, never into the shared bundle
+        # (which the default, beside the checkpoint, would write to where it is writable).
+        probe = XttsEngine(GOLDEN, cache_dir=tmp_path_factory.mktemp("probe-cache"))
         voice = probe.voices()[0].id
         list(probe.synthesize_stream(SynthesisRequest(text="Hi.", voice=voice, language="en")))
     except ImportError as e:
