@@ -157,7 +157,7 @@ def test_rerun_after_sigkill_finishes_the_same_book(tmp_path, engine):
     args = ["book", str(src), "--no-progress", "--seed", "5"]
     if engine == "xtts":
         args += ["--engine", "xtts", "--model-dir", str(GOLDEN), "--precision", "fp32",
-                 "--device", "cpu", "--max-new-tokens", "30", "--retakes", "0"]  # fmt: skip
+                 "--device", "cpu", "--max-new-tokens", "20", "--retakes", "0"]  # fmt: skip
     else:
         args += ["--engine", "espeak"]
 
