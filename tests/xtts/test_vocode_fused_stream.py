@@ -170,3 +170,39 @@ def test_each_convolution_is_packed_for_the_length_it_runs_at(decoder, speaker) 
         common = max(set(lengths), key=lengths.count)  # a whole piece's
         told = packed[key].length
         assert abs(told - common) <= 0.25 * common, (told, sorted(set(lengths)))
+
+
+def test_a_recurring_input_length_gets_its_own_packing_where_oneDNN_pads_differently() -> None:
+    """A stream's first and last pieces are shorter than the length a convolution is
+    packed for; where oneDNN wants the weight padded differently for them it would reorder
+    it on every call (slowly). A length seen twice is packed for, kept only if sized
+    differently from every packing kept, at most `MAX_EXTRA_PACKINGS` copies; one-off
+    lengths keep nothing. Whichever weight serves a call, the result is the same."""
+    from lowvox.engines.xtts.hifigan import _MAX_TRACKED_LENGTHS, MAX_EXTRA_PACKINGS, _PackedConv
+
+    torch.manual_seed(3)
+    weight, bias = torch.randn(256, 256, 3) / 28, torch.randn(256)
+    conv = _PackedConv(weight, bias, torch.float32, 1, 770)
+    lengths = [30, 176, 424, 720, 1500, 3000]
+    xs = {
+        n: torch.randn(1, 256, 1, n).contiguous(memory_format=torch.channels_last) for n in lengths
+    }
+    with torch.inference_mode():
+        first = {n: conv(xs[n]) for n in lengths}  # each seen once: the primary packing
+        assert conv.extra_packings() == 0 and set(conv._packed) == {770}
+        for n in lengths:
+            ref = F.conv1d(xs[n][:, :, 0], weight, bias)
+            FP32_REORDER.check(first[n][:, :, 0], ref)
+            for _ in range(2):
+                assert torch.equal(conv(xs[n]), first[n])
+        assert set(lengths) <= set(conv._packed)
+        kept = {id(w): w for w in conv._packed.values()}.values()
+        sizes = [torch.ops.mkldnn._nbytes(w) for w in kept]
+        assert len(sizes) == len(set(sizes))  # copies only where the padding differs
+        assert conv.extra_packings() <= MAX_EXTRA_PACKINGS
+
+        one_off = _PackedConv(weight, bias, torch.float32, 1, 770)
+        for n in range(100, 140):  # whole utterances: every length new
+            one_off(torch.randn(1, 256, 1, n).contiguous(memory_format=torch.channels_last))
+        assert one_off.extra_packings() == 0 and set(one_off._packed) == {770}
+        assert len(one_off._seen) <= _MAX_TRACKED_LENGTHS

@@ -24,6 +24,7 @@ from lowvox.engines.xtts.modules import TypedModuleList
 from lowvox.engines.xtts.speaker_encoder import ResNetSpeakerEncoder, SpeakerEncoderConfig
 from lowvox.errors import EngineUnavailable, LowvoxError
 from lowvox.runtime import kernels
+from lowvox.runtime.memory import own_mappings
 
 LRELU_SLOPE = 0.1
 # The activation before the output convolution uses leaky_relu's default slope.
@@ -47,6 +48,11 @@ FUSE_MIN_CHANNELS = 256
 # every convolution in int8, Zen 4: 0.100 s per audio second in pieces of 96 frames, 0.117
 # in pieces of 208). Streaming pushes pieces of about this size too (20 tokens: ~87 frames).
 FUSED_PIECE_FRAMES = 96
+# `_PackedConv`: at most this many copies of a weight packed for other input lengths (one
+# per padding oneDNN picks besides the first's: one is typical), and how many lengths it
+# counts before forgetting them (whole utterances come at every length).
+MAX_EXTRA_PACKINGS = 2
+_MAX_TRACKED_LENGTHS = 16
 # `FusedStream`'s end of an utterance not yet known (past any real sample position).
 _NO_END = 1 << 60
 
@@ -342,17 +348,64 @@ class _PackedConv:
         self.padding = [0, 0]
         self.stride = [1, 1]
         self.dilation = [1, dilation]
+        self.weight = self._pack(w.to(dtype).to_mkldnn(), length)
+        # Other lengths that recur (a stream's first and last pieces) -> their own packing,
+        # or `weight` where that serves them as well (see `_weight_for`).
+        self._packed: dict[int, torch.Tensor] = {length: self.weight}
+        self._seen: dict[int, int] = {}
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.bias_dtype = dtype
+
+    def _pack(self, weight: torch.Tensor, length: int) -> torch.Tensor:
+        """`weight` (a oneDNN tensor, any layout) in the layout oneDNN wants for inputs of
+        `length` samples."""
         # torch's stub lacks the op's last argument, the input size to pack the weight for.
-        self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]
-            w.to(dtype).to_mkldnn(),
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]
+            weight,
             self.padding,
             self.stride,
             self.dilation,
             1,
-            [1, w.shape[1], 1, length],
+            [1, weight.shape[1], 1, length],
         )
-        self.bias = None if bias is None else bias.detach().to(dtype)
-        self.bias_dtype = dtype
+
+    def _weight_for(self, length: int) -> torch.Tensor:
+        """The packed weight for an input of `length` samples.
+
+        A stream's first and last pieces are shorter than the rest, and for some lengths
+        oneDNN wants the weight padded differently (e.g. output channels in blocks of 24
+        rather than 16), a reorder it does slowly, on every call: on an AVX2 EPYC, 29
+        reorders of the 256-channel k=3 weights (~9 ms each) and one of conv_pre (~180 ms)
+        per streamed sentence, 0.4 s of its ~2.7. A length seen a second time is packed
+        for; the copy is kept only where its size differs from every packing kept (a
+        padding change: reorders between equally sized layouts are fast), at most
+        `MAX_EXTRA_PACKINGS` of them. The result is the same whichever weight is passed
+        (oneDNN computes in the layout it wants, reordering first where it must).
+        """
+        w = self._packed.get(length)
+        if w is not None:
+            return w
+        if len(self._seen) >= _MAX_TRACKED_LENGTHS:  # one-off lengths (whole utterances)
+            self._seen.clear()
+        seen = self._seen[length] = self._seen.get(length, 0) + 1
+        if (
+            seen < 2
+            or len(self._packed) >= _MAX_TRACKED_LENGTHS
+            or self.extra_packings() >= MAX_EXTRA_PACKINGS
+        ):
+            return self.weight
+        with own_mappings():  # a copy dropped below must not leave the heap fragmented
+            w = self._pack(self.weight, length)
+        size = torch.ops.mkldnn._nbytes(w)
+        # Primary first: an equally sized copy already kept serves as well.
+        kept = sorted(self._packed.values(), key=lambda v: v is not self.weight)
+        w = next((v for v in kept if torch.ops.mkldnn._nbytes(v) == size), w)
+        self._packed[length] = w
+        return w
+
+    def extra_packings(self) -> int:
+        """How many copies of the weight are kept for other input lengths."""
+        return len({id(v) for v in self._packed.values()} - {id(self.weight)})
 
     def __call__(
         self,
@@ -367,7 +420,7 @@ class _PackedConv:
         assert slope_in is None, "oneDNN convolutions take their input as it is"
         return torch.ops.mkldnn._convolution_pointwise(
             x,
-            self.weight,
+            self._weight_for(x.shape[-1]),
             self.bias if bias is None else bias,
             self.padding,
             self.stride,
@@ -381,14 +434,16 @@ class _PackedConv:
     def plus(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """A new tensor `other + conv(x)`."""
         return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, other, self.weight, self.bias, self.padding, self.stride, self.dilation, 1,
+            x, other, self._weight_for(x.shape[-1]), self.bias, self.padding, self.stride,
+            self.dilation, 1,
             "add", None, None, [], None,
         )  # fmt: skip
 
     def add_to(self, other: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`other += conv(x)`, accumulated by oneDNN as it writes the result."""
         return torch.ops.mkldnn._convolution_pointwise_.binary(
-            other, x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1,
+            other, x, self._weight_for(x.shape[-1]), self.bias, self.padding, self.stride,
+            self.dilation, 1,
             "add", None, None, [], None,
         )  # fmt: skip
 
