@@ -266,13 +266,19 @@ def test_stream_cadence_is_a_short_first_chunk_then_longer_ones(random_model, mo
     from lowvox.engines.xtts import vocode
 
     pushed: list[int] = []
-    real = vocode.StreamingVocoder.push
+    real, real_flush = vocode.StreamingVocoder.push, vocode.StreamingVocoder.flush
 
     def spy(self, latents):
         pushed.append(latents.shape[1])
         return real(self, latents)
 
+    def spy_flush(self, last=None):  # the end's latents come with the flush
+        if last is not None:
+            pushed.append(last.shape[1])
+        return real_flush(self, last)
+
     monkeypatch.setattr(vocode.StreamingVocoder, "push", spy)
+    monkeypatch.setattr(vocode.StreamingVocoder, "flush", spy_flush)
     kwargs = dict(voice="Test Speaker", max_new_tokens=55, do_sample=False, split_sentences=False)
     chunks = list(say_stream(random_model, "A cadence test.", **kwargs))
     assert chunks and pushed[:3] == [12, 20, 20]

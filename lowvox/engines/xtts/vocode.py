@@ -186,8 +186,15 @@ class StreamingVocoder:
         self._append(latents.detach())
         return self._vocode(final=False)
 
-    def flush(self) -> np.ndarray:
-        """Vocode everything not yet returned (the end of the utterance)."""
+    def flush(self, last: torch.Tensor | None = None) -> np.ndarray:
+        """Vocode everything not yet returned (the end of the utterance), with its `last`
+        latents `[1, n, D]` if given: vocoded with the end, not as a piece of their own
+        (a `push` of them would vocode a main-size piece mostly of padding first)."""
+        if last is not None and last.shape[1]:
+            if self._finished:
+                raise RuntimeError("push after flush")
+            _check_latents(last)
+            self._append(last.detach())
         if self._finished:
             return np.zeros(0, np.float32)
         self._finished = True
@@ -504,9 +511,10 @@ class RowVocoder:
         out = [self._drain()]  # chunks that were held back
         tails = [self.stretcher.push(self._take(self._count))] if self._pending else []
         tails.append(self.stretcher.finish())
-        rest = out + [self._vocode(t) for t in tails if t.shape[1]]
-        rest.append(self.vocoder.flush())
-        return np.concatenate([r for r in rest if r.size] or [np.zeros(0, np.float32)])
+        tails = [t.to(self._like.device, self._like.dtype) for t in tails if t.shape[1]]
+        last = torch.cat(tails, dim=1) if tails else None
+        out.append(self.vocoder.flush(last).astype(np.float32))
+        return np.concatenate([r for r in out if r.size] or [np.zeros(0, np.float32)])
 
     def _take(self, n: int) -> torch.Tensor:
         """The first `n` pending latents [1, n, D]; the rest stay pending."""
