@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowvox.engines.xtts.decode import Decoder, DecodeRow, generate
+from lowvox.engines.xtts.decode import Decoder, DecodeRow, generate, voice_prefixes
 from lowvox.engines.xtts.sampling import SamplingOptions
 from lowvox.engines.xtts.vocode import LatentStretcher, stretch_latents
 from tests.tolerance import FP32_OTHER_KERNELS, FP32_REORDER
@@ -229,7 +229,7 @@ def test_incremental_stretch_equals_whole(speed: float, piece: int) -> None:
 def test_a_voices_prompt_prefix_is_computed_once_and_reused(
     precision, random_bundle, random_model, tmp_path
 ) -> None:
-    """A decoder runs a voice's 32 latents through the GPT once and copies their keys and
+    """A GPT's decoders run a voice's 32 latents through it once and copy their keys and
     values into the next prompt of that voice (same latents, by value): the cache and the
     tokens are exactly those of a fresh decoder. Other latents, or the same tensor
     changed in place, are run again. On lowvox's CPU kernels (int8) the split prompt is
@@ -263,7 +263,9 @@ def test_a_voices_prompt_prefix_is_computed_once_and_reused(
         again = prefill(reusing, cond.clone())  # equal latents, another tensor
         assert lengths == [24]
         assert torch.equal(again, first)
-        assert torch.equal(prefill(Decoder(gpt, max_rows=4), cond), first)  # a fresh one
+        # Another decoder of this GPT (each `stream` makes one) finds it kept too.
+        assert torch.equal(prefill(Decoder(gpt, max_rows=4), cond), first)
+        assert lengths == [24]
         prefill(reusing, other)
         assert lengths == [32, 24]
         cond += 1.0  # in place: no longer what was kept
@@ -287,3 +289,49 @@ def test_a_voices_prompt_prefix_is_computed_once_and_reused(
         for a, b in zip(whole._caches, split._caches, strict=True):
             assert torch.equal(a.k[0, :, :n], b.k[0, :, :n])
             assert torch.equal(a.v[0, :, :n], b.v[0, :, :n])
+
+
+def test_a_gpts_kept_voice_prefixes_go_when_its_weights_change(random_bundle) -> None:
+    """Kept keys/values belong to the weights that made them: after an in-place change of
+    one block's weights, or in another model of the same checkpoint, the voice is run
+    again, and what the changed weights give is what a fresh model with them gives."""
+    from lowvox.engines.xtts.loader import load_model
+
+    torch.manual_seed(4)
+    ids = torch.randint(30, 200, (1, 9))
+
+    def prefill(gpt, cond: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        lengths: list[int] = []
+        real = gpt.gpt.forward
+
+        def spy(x, *args, **kwargs):
+            lengths.append(x.shape[1])
+            return real(x, *args, **kwargs)
+
+        gpt.gpt.forward = spy
+        try:
+            decoder = Decoder(gpt, max_rows=1)
+            decoder.add(DecodeRow(cond, ids, GREEDY, 4))
+        finally:
+            del gpt.gpt.forward
+        return lengths, torch.stack([c.k[0, :, :32] for c in decoder._caches])
+
+    model = load_model(random_bundle.path)  # its own: its weights are changed below
+    cond = torch.randn(1, 32, model.gpt.dim)
+    assert prefill(model.gpt, cond)[0] == [32, 12]
+    lengths, before = prefill(model.gpt, cond)
+    assert lengths == [12]
+    with torch.no_grad():
+        model.gpt.gpt.h[1].attn.c_attn.weight.mul_(1.5)
+    lengths, after = prefill(model.gpt, cond)
+    assert lengths == [32, 12]  # run again
+    assert len(voice_prefixes(model.gpt)) == 1  # the old weights' keys/values went
+    assert torch.equal(after[0], before[0])  # block 0's keys come before the change
+    assert not torch.equal(after[1:], before[1:])
+
+    fresh = load_model(random_bundle.path)
+    with torch.no_grad():
+        fresh.gpt.gpt.h[1].attn.c_attn.weight.mul_(1.5)
+    lengths, expected = prefill(fresh.gpt, cond)
+    assert lengths == [32, 12]  # another model keeps its own
+    assert torch.equal(after, expected)

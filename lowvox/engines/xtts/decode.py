@@ -18,7 +18,10 @@ captured once per batch bucket (1, 2, 4, ... rows) over static buffers and repla
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
+import weakref
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
@@ -37,8 +40,73 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32)
 # The voice latents at the head of every prompt: the perceiver's outputs (fixed by XTTS v2).
 VOICE_LATENTS = 32
 # Voices whose prompt prefix (keys/values of their latents: ~4 MB each in a bf16 cache of
-# the full-size GPT) a decoder keeps.
+# the full-size GPT) a GPT keeps for its decoders (`VoicePrefixes`).
 VOICE_PREFIXES = 8
+
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, H, n, hd]
+
+
+class VoicePrefixes:
+    """Voices' prompt prefixes: the keys/values of their 32 latents, the head of every
+    prompt, kept for one GPT and shared by all its decoders (the server's batch, each
+    `stream`, `generate`) under a lock, the `limit` most recently used.
+
+    XTTS adds no position to the voice latents and attention is causal, so their keys and
+    values depend on nothing but the latents and the GPT's weights: a prefix is found by
+    the latents' values and by `weights_stamp` (which tensors, changed in place or not),
+    so that a GPT whose weights moved or changed computes them again."""
+
+    def __init__(self, limit: int = VOICE_PREFIXES) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._kept: list[tuple[torch.Tensor, tuple, KV]] = []  # oldest first
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def find(self, cond_latent: torch.Tensor, stamp: tuple) -> KV | None:
+        """The kept keys/values of these latents under these weights, or None."""
+        latent = cond_latent.detach().cpu()
+        with self._lock:
+            for i, (kept, at, kv) in enumerate(self._kept):
+                if at == stamp and kept.dtype == latent.dtype and torch.equal(kept, latent):
+                    self._kept.append(self._kept.pop(i))  # most recent last
+                    return kv
+        return None
+
+    def keep(self, cond_latent: torch.Tensor, stamp: tuple, kv: KV) -> None:
+        """Keep `kv` (not to be written to again) for these latents; those kept under other
+        weights can no longer be found, and go."""
+        latent = cond_latent.detach().cpu().clone()
+        with self._lock:
+            self._kept = [e for e in self._kept if e[1] == stamp]
+            self._kept.append((latent, stamp, kv))
+            del self._kept[: -self.limit]
+
+
+_VOICE_PREFIXES: weakref.WeakKeyDictionary[XttsGpt, VoicePrefixes] = weakref.WeakKeyDictionary()
+_VOICE_PREFIXES_LOCK = threading.Lock()
+
+
+def voice_prefixes(gpt: XttsGpt) -> VoicePrefixes:
+    """The voice prefixes kept for `gpt` (made on first use; they go with it)."""
+    with _VOICE_PREFIXES_LOCK:
+        kept = _VOICE_PREFIXES.get(gpt)
+        if kept is None:
+            kept = _VOICE_PREFIXES[gpt] = VoicePrefixes()
+        return kept
+
+
+def weights_stamp(module: torch.nn.Module) -> tuple:
+    """Which weights `module` computes with: each tensor's memory and, where torch counts
+    them (not for inference tensors), its in-place changes."""
+    stamp: list[int] = []  # ~1 ms for the full-size GPT's 482 tensors
+    for m in module.modules():
+        for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+            if t is not None:
+                stamp += (t.data_ptr(), 0 if t.is_inference() else t._version)
+    return tuple(stamp)
 
 
 @dataclass(frozen=True)
@@ -119,9 +187,8 @@ class Decoder:
         # objects step after step, so that the fused CPU kernels are looked up once each.
         self._views: dict[tuple[int, int], list[KVCache]] = {}
         self._graphs: dict[int, _GraphStep] = {}
-        # Voices' prompt prefixes (see `_voice_prefix`), oldest first: a copy of the
-        # latents, and per layer their keys/values [1, H, 32, hd].
-        self._prefixes: list[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        # Voices' prompt prefixes, shared with every decoder of this GPT (`_voice_prefix`).
+        self._prefixes = voice_prefixes(gpt)
 
     # -- rows ----------------------------------------------------------------------------
 
@@ -188,31 +255,25 @@ class Decoder:
         self, cond_latent: torch.Tensor, emb: torch.Tensor, own: list[KVCache]
     ) -> int:
         """Fill the voice latents' positions of a row's cache (`own`), the first 32 of the
-        prompt `emb`: from a previous prompt of the same voice when its keys/values are
-        kept, else by running them (and keeping them). The positions count.
+        prompt `emb`: from a previous prompt of the same voice, by any decoder of this GPT,
+        when its keys/values are kept (`VoicePrefixes`), else by running them (and keeping
+        them). The positions count.
 
-        XTTS adds no position to the voice latents and attention is causal, so their
-        keys/values do not depend on the text after them: a voice's are computed once
-        (~17% of a 150-token prompt). Where the prompt runs through lowvox's CPU kernels
-        every token is computed on its own, so the cache is bit for bit what the whole
-        prompt gives; elsewhere (torch's attention, a GPU) the same within reordering."""
+        A voice's keys/values are computed once (~17% of a 150-token prompt, ~0.5 s on 2
+        AVX2 cores). Where the prompt runs through lowvox's CPU kernels every token is
+        computed on its own, so the cache is bit for bit what the whole prompt gives;
+        elsewhere (torch's attention, a GPU) the same within reordering."""
         n = cond_latent.shape[1]
-        # Found by value: cheap (at most VOICE_PREFIXES comparisons of 32 x 1024 numbers),
-        # and safe against latents changed in place or a copy of the same voice.
-        at = next((i for i, p in enumerate(self._prefixes) if torch.equal(p[0], cond_latent)), None)
-        if at is None:
+        stamp = (str(self.device), self.gpt.cache_dtype, weights_stamp(self.gpt.gpt))
+        kept = self._prefixes.find(cond_latent, stamp)
+        if kept is None:
             self.gpt.gpt(emb[:, :n], 0, own)
-            kept = (
-                cond_latent.clone(),
-                [(c.k[:, :, :n].clone(), c.v[:, :, :n].clone()) for c in own],
-            )
+            kept = [(c.k[:, :, :n].clone(), c.v[:, :, :n].clone()) for c in own]
+            self._prefixes.keep(cond_latent, stamp, kept)
         else:
-            kept = self._prefixes.pop(at)
-            for c, (k, v) in zip(own, kept[1], strict=True):
+            for c, (k, v) in zip(own, kept, strict=True):
                 c.k[:, :, :n] = k
                 c.v[:, :, :n] = v
-        self._prefixes.append(kept)  # most recent last
-        del self._prefixes[:-VOICE_PREFIXES]
         return n
 
     def cancel(self, row: int) -> None:
