@@ -24,11 +24,20 @@ from tests.server.srv_fixtures import free_port
 
 pytestmark = pytest.mark.slow
 
-TEXT = "\n\n".join(
-    f"## Part {c}\n\n"
-    + " ".join(f"In part {c}, sentence {i} tells a little more of the story." for i in range(8))
-    for c in range(1, 4)
-)
+
+def book_text(parts: int, sentences: int) -> str:
+    return "\n\n".join(
+        f"## Part {c}\n\n"
+        + " ".join(
+            f"In part {c}, sentence {i} tells a little more of the story." for i in range(sentences)
+        )
+        for c in range(1, parts + 1)
+    )
+
+
+# espeak-ng speaks a sentence in a blink: 27 (24 and 3 titles) for the kill to land
+# mid-book. XTTS's full-size vocoder takes ~1.5 s a sentence on 2 cores: 10 are enough.
+TEXT = {"espeak": book_text(3, 8), "xtts": book_text(2, 4)}
 
 ENGINES = {
     "espeak": ["--engine", "espeak"],
@@ -113,7 +122,7 @@ def book(url: str, job: dict) -> tuple[np.ndarray, str]:
 def test_sigkill_mid_job_then_restart_resumes_to_the_same_book(tmp_path, engine):
     if engine == "xtts" and not golden_available():
         pytest.skip(f"no golden bundle at {GOLDEN}")
-    body = {"text": TEXT, "markdown": True, "format": "flac", "seed": 11, "lufs": -20}
+    body = {"text": TEXT[engine], "markdown": True, "format": "flac", "seed": 11, "lufs": -20}
     if engine == "xtts":
         body["max_new_tokens"] = 20  # ~1 s of audio a sentence (its vocoder is full-size)
 
