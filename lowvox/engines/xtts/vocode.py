@@ -511,7 +511,7 @@ class RowVocoder:
         out = [self._drain()]  # chunks that were held back
         tails = [self.stretcher.push(self._take(self._count))] if self._pending else []
         tails.append(self.stretcher.finish())
-        tails = [t.to(self._like.device, self._like.dtype) for t in tails if t.shape[1]]
+        tails = [t for t in tails if t.shape[1]]  # `_take` put them on the vocoder's device
         last = torch.cat(tails, dim=1) if tails else None
         out.append(self.vocoder.flush(last).astype(np.float32))
         return np.concatenate([r for r in out if r.size] or [np.zeros(0, np.float32)])
