@@ -7,7 +7,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
 
 from lowvox.errors import LowvoxError
 
@@ -76,6 +77,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             exc.status_code, message, _kind(exc.status_code), headers=getattr(exc, "headers", None)
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody reads the answer; one line says what happened (no traceback, no 500).
+        logger.info(
+            "client left before its request was read: %s %s", request.method, request.url.path
+        )
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -283,6 +283,17 @@ def test_json_nested_50000_deep_is_a_400(client, path):
 
 
 @pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/api/jobs"), ("PATCH", "/api/library/voices/anyone"),
+     ("POST", "/api/library/voices/anyone/rename")],
+)  # fmt: skip
+def test_json_nested_50000_deep_is_a_400_where_routes_read_their_body(client, method, path):
+    r = client.request(method, path, content=DEEP, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "nested too deeply" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
     ("path", "body", "words"),
     [
         ("/api/tts-generate-streaming", {"text": "hi", "format": 5}, "unsupported audio format"),
@@ -681,12 +692,27 @@ def test_a_client_leaving_while_waiting_is_one_log_line(tmp_path, caplog):
     assert not any(r.exc_info or r.levelno >= logging.ERROR for r in _records(caplog)), lines
 
 
-def test_a_client_leaving_mid_body_is_one_log_line(server, caplog):
+HALF_JSON = ("application/json", b'{"text": "hal')
+HALF_FORM = ("multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="na')
+
+
+@pytest.mark.parametrize(
+    ("path", "half"),
+    [
+        ("/tts_to_audio/", HALF_JSON),  # the AllTalk/xtts-api-server field reader
+        ("/v1/audio/speech", HALF_JSON),  # a declared (pydantic) body
+        ("/api/jobs", HALF_JSON),  # routes reading their own body
+        ("/api/library/voices", HALF_FORM),
+    ],
+)
+def test_a_client_leaving_mid_body_is_one_log_line(server, caplog, path, half):
     caplog.set_level(logging.INFO)
+    ctype, body = half
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(
-        b"POST /tts_to_audio/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"text": "hal'
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n".encode()
+        + b"Content-Length: 1000\r\n\r\n"
+        + body
     )
     time.sleep(0.3)
     sock.close()

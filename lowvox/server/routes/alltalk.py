@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
-from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import Scope
 
@@ -29,7 +28,7 @@ from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.server import responses, synthesis
 from lowvox.server.narration import Turn, narrator_turns
 from lowvox.server.routes import core
-from lowvox.server.routes.paths import TolerantRoute
+from lowvox.server.routes.paths import TolerantRoute, read_form, read_json
 from lowvox.server.state import ServerState, State
 from lowvox.server.textfront import filter_text
 
@@ -96,28 +95,14 @@ async def fields(request: Request) -> dict[str, Any]:
     """Form fields (AllTalk clients send x-www-form-urlencoded), JSON, or the query alone."""
     data: dict[str, Any] = dict(request.query_params)
     ctype = request.headers.get("content-type", "")
-    try:
-        if request.method in ("POST", "PUT") and ("form" in ctype or not ctype):
-            try:
-                form = await request.form()
-            except ClientDisconnect:
-                raise
-            except Exception as e:  # malformed multipart/urlencoded bodies
-                raise InvalidRequest(f"could not read the form: {e}") from e
-            data.update({k: v for k, v in form.items() if isinstance(v, str)})
-        elif "json" in ctype:
-            try:
-                body = await request.json()
-            except ValueError as e:
-                raise InvalidRequest("the body is not valid JSON") from e
-            except RecursionError as e:
-                raise InvalidRequest("the JSON body is nested too deeply") from e
-            if not isinstance(body, dict):
-                raise InvalidRequest("the JSON body must be an object")
-            data.update(body)
-    except ClientDisconnect:
-        logger.info("client left before its request was read: %s", request.url.path)
-        raise responses.ClientLeft() from None
+    if request.method in ("POST", "PUT") and ("form" in ctype or not ctype):
+        form = await read_form(request)
+        data.update({k: v for k, v in form.items() if isinstance(v, str)})
+    elif "json" in ctype:
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise InvalidRequest("the JSON body must be an object")
+        data.update(body)
     return data
 
 

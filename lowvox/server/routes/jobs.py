@@ -28,7 +28,7 @@ from lowvox.jobs.plan import parse_chapters
 from lowvox.jobs.runner import subtitle_paths
 from lowvox.jobs.service import JobService
 from lowvox.jobs.store import JobInfo, JobSettings, NarratorSettings
-from lowvox.server.routes.paths import TolerantRoute
+from lowvox.server.routes.paths import TolerantRoute, read_form, read_json
 from lowvox.server.routes.voices import PayloadTooLarge
 from lowvox.server.state import State
 from lowvox.server.synthesis import check_voice_name
@@ -194,10 +194,7 @@ async def _read_create(request: Request, state: Any) -> tuple[JobOptions, bytes,
         raise PayloadTooLarge(f"the upload is {declared} bytes, over the job limit of {limit}")
     ctype = request.headers.get("content-type", "")
     if "multipart/form-data" in ctype:
-        try:
-            form = await request.form(max_files=1, max_fields=40)
-        except Exception as e:  # malformed multipart bodies
-            raise InvalidRequest(f"could not read the upload: {e}") from e
+        form = await read_form(request, "could not read the upload", max_files=1, max_fields=40)
         upload = form.get("file")
         fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str) and v != ""}
         opts = _parse_options(fields)
@@ -208,10 +205,7 @@ async def _read_create(request: Request, state: Any) -> tuple[JobOptions, bytes,
             name = (upload.filename or "upload.txt").replace("\\", "/").rsplit("/", 1)[-1]
             return opts, data, name or "upload.txt"
     else:
-        try:
-            body = await request.json()
-        except ValueError as e:
-            raise InvalidRequest("send JSON with `text`, or a multipart upload with `file`") from e
+        body = await read_json(request, "send JSON with `text`, or a multipart upload with `file`")
         if not isinstance(body, dict):
             raise InvalidRequest("the body must be a JSON object")
         opts = _parse_options(body)

@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.server import synthesis
 from lowvox.server.outputs import served_file
-from lowvox.server.routes.paths import TolerantRoute
+from lowvox.server.routes.paths import TolerantRoute, read_form, read_json
 from lowvox.server.state import ServerState, State
 from lowvox.voices.store import MAX_CLIPS, StoredVoice
 
@@ -71,10 +71,9 @@ async def upload_voice(request: Request, state: State) -> dict:
     ctype = request.headers.get("content-type", "")
     if "multipart/form-data" not in ctype and "x-www-form-urlencoded" not in ctype:
         raise InvalidRequest("upload voices as multipart/form-data with `name` and `files`")
-    try:
-        form = await request.form(max_files=MAX_CLIPS + 1, max_fields=20)
-    except Exception as e:  # malformed multipart bodies
-        raise InvalidRequest(f"could not read the upload: {e}") from e
+    form = await read_form(
+        request, "could not read the upload", max_files=MAX_CLIPS + 1, max_fields=20
+    )
     name = form.get("name")
     files = [
         f
@@ -103,10 +102,7 @@ async def upload_voice(request: Request, state: State) -> dict:
 @router.patch("/voices/{name}")
 @router.post("/voices/{name}/rename", include_in_schema=False)
 async def rename_voice(name: str, request: Request, state: State) -> dict:
-    try:
-        body = await request.json()
-    except ValueError as e:
-        raise InvalidRequest('send JSON like {"name": "new name"}') from e
+    body = await read_json(request, 'send JSON like {"name": "new name"}')
     new = body.get("name") if isinstance(body, dict) else None
     if not isinstance(new, str):
         raise InvalidRequest("the new name is missing", field="name")
