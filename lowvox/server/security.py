@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lowvox.errors import InvalidRequest
 from lowvox.server.errors import error_response
+from lowvox.server.routes.paths import collapse_slashes
 
 # The page itself and its assets hold no data; the page asks for the key and sends it.
 _OPEN_PATHS = ("/", "/favicon.ico")
@@ -301,7 +302,8 @@ class BodyLimitMiddleware:
         self.timeout = timeout
 
     def limit_for(self, method: str, path: str) -> int:
-        return self.routes.get((method.upper(), path.rstrip("/")), self.limit)
+        # The path as the routes match it (`/api//library/voices` is the upload route).
+        return self.routes.get((method.upper(), collapse_slashes(path).rstrip("/")), self.limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

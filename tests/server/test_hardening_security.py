@@ -238,6 +238,23 @@ def test_upload_routes_keep_their_large_limit(server):
         assert "unsupported document kind" in r.json()["detail"]
 
 
+def test_upload_routes_keep_their_limit_under_doubled_slashes(server):
+    """A client whose base URL ends in a slash (item 16) reaches the upload routes as
+    `/api//library/voices`: the route matches it, and so must the route's body limit."""
+    big = b"\x00" * (1024 * 1024)
+    with server.client() as c:
+        r = c.post(
+            server.url + "/api//library/voices",
+            data={"name": "Big"},
+            files={"files": ("big.wav", big)},
+        )
+        assert r.status_code == 400, r.text  # read, and refused as audio, not for its size
+        assert "readable audio" in r.json()["detail"]
+        r = c.post(server.url + "//api/jobs", files={"file": ("book.pdf", b"%PDF-1.4" + big)})
+        assert r.status_code == 400, r.text
+        assert "unsupported document kind" in r.json()["detail"]
+
+
 # -- 5. The key out of URLs: the session cookie, and redacted logs ----------------------------
 
 
