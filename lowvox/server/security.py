@@ -24,7 +24,7 @@ import re
 import socket
 import time
 from collections.abc import Iterable, Mapping
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -470,12 +470,20 @@ def guarded_protocol(
     return GuardedProtocol
 
 
-# `api_key=...` in a URL, also spelt with `%5F`.
-_KEY_IN_URL = re.compile(r"([?&]api(?:_|%5f)key=)[^&\s\"']*", re.IGNORECASE)
+# A query parameter in a URL: its name and value, as they were sent.
+_QUERY_PARAM = re.compile(r"([?&])([^=&\s\"'#]*)=([^&\s\"']*)")
 
 
 def redact_api_keys(text: str) -> str:
-    return _KEY_IN_URL.sub(r"\1[redacted]", text)
+    """`text` with the value of every `api_key` query parameter replaced. The name is
+    compared as `ApiKeyMiddleware` reads it, decoded (`api%5Fkey`, `ap%69_key`)."""
+
+    def redact(m: re.Match[str]) -> str:
+        if unquote_plus(m.group(2)).lower() != "api_key":
+            return m.group(0)
+        return f"{m.group(1)}{m.group(2)}=[redacted]"
+
+    return _QUERY_PARAM.sub(redact, text)
 
 
 class RedactApiKeys(logging.Filter):
