@@ -126,6 +126,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.state.settings = settings
     install_error_handlers(app)
 
+    # The static files first: every /static/ path is theirs, as the API key check (which
+    # leaves them open) assumes. After the routes, AllTalk's `/{address}/audio/{name}`
+    # would answer /static/audio/<name> for a client naming its Host "static".
+    web.mount_static(app)
     app.include_router(core.router)
     app.include_router(openai.router)
     app.include_router(alltalk.router)
@@ -133,7 +137,6 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(voices.router)
     app.include_router(jobs.router)
     app.include_router(web.router)
-    web.mount_static(app)
 
     # Order matters: the last middleware added runs first. The Host and Origin checks come
     # first; CORS must answer preflights before the key check (browsers send no

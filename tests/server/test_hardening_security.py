@@ -255,6 +255,22 @@ def test_upload_routes_keep_their_limit_under_doubled_slashes(server):
         assert "unsupported document kind" in r.json()["detail"]
 
 
+def test_the_keyless_static_paths_serve_only_the_page_files(tmp_path):
+    """/static/ needs no key (the page's own files). With the Host check off, a client
+    naming its Host "static" used to read any generated file there without the key, through
+    AllTalk's `/{address}/audio/{name}` route (text-generation-webui's URLs)."""
+    with live_server(tmp_path, api_key="k", allowed_hosts=["*"]) as s, s.client() as c:
+        form = {"text_input": "a private text", "character_voice_gen": "alpha"}
+        r = c.post("/api/tts-generate", data=form, headers={"X-API-Key": "k"})
+        url = r.json()["output_file_url"]
+        assert c.get(url).status_code == 401
+        for path in (f"/static{url}", f"/static/{url}", f"/static/static{url}"):
+            r = c.get(path, headers={"Host": "static"})
+            assert r.status_code == 404, path
+            assert not r.content.startswith(b"RIFF")
+        assert c.get("/static/app.js").status_code == 200
+
+
 # -- 5. The key out of URLs: the session cookie, and redacted logs ----------------------------
 
 
