@@ -35,17 +35,32 @@ def _kind(status: int) -> str:
     return "invalid_request_error" if 400 <= status < 500 else "server_error"
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+# Pydantic's complaint about a body that is not an object (a list, or text and form bodies,
+# which FastAPI does not read as JSON).
+_NOT_AN_OBJECT = ("model_attributes_type", "model_type", "dict_type")
+
+
+def _describe_validation(
+    exc: RequestValidationError, content_type: str = ""
+) -> tuple[str, str | None]:
     problems = []
     first_field = None
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "form")]
         name = ".".join(loc) or "request"
-        first_field = first_field or name
         msg = err.get("msg", "invalid value")
         if err.get("type") == "json_invalid":
             msg = "the body is not valid JSON"
             name = "body"
+        elif tuple(err.get("loc", ())) == ("body",) and err.get("type") in _NOT_AN_OBJECT:
+            name = "body"
+            if "json" in content_type.lower():
+                msg = "the body must be a JSON object"
+            else:
+                # `curl -d` sends form-urlencoded unless told otherwise.
+                sent = repr(content_type[:60]) if content_type else "none"
+                msg = f"send a JSON object with Content-Type: application/json (got {sent})"
+        first_field = first_field or name
         problems.append(f"{name}: {msg}")
     return "invalid request: " + "; ".join(problems[:5]), first_field
 
@@ -66,7 +81,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, field = _describe_validation(exc)
+        message, field = _describe_validation(exc, request.headers.get("content-type", ""))
         return error_response(422, message, "invalid_request_error", field)
 
     @app.exception_handler(StarletteHTTPException)

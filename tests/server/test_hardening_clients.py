@@ -293,6 +293,20 @@ def test_json_nested_50000_deep_is_a_400_where_routes_read_their_body(client, me
     assert "nested too deeply" in r.json()["detail"]
 
 
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_sent_as_another_type_is_named(client, ctype):
+    """`curl -d '{...}'` without `-H` sends form-urlencoded: say what is missing, rather
+    than pydantic's "Input should be a valid dictionary or object"."""
+    headers = {"Content-Type": ctype} if ctype else {}
+    r = client.post("/v1/audio/speech", content=b'{"input": "hi"}', headers=headers)
+    assert r.status_code == 422
+    assert "Content-Type: application/json" in r.json()["detail"]
+    assert r.json()["error"]["param"] == "body"
+    r = client.post("/v1/audio/speech", json=["hi"])
+    assert r.status_code == 422
+    assert "must be a JSON object" in r.json()["detail"]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "words"),
     [
