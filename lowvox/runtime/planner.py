@@ -73,6 +73,11 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def check_device(device: str) -> str:
+    """`device` normalised ("CUDA:1" -> "cuda:1"); PlanError for what no plan takes."""
+    return _check_choice("device", device, DEVICES)
+
+
 def plan(
     machine: MachineInfo,
     device: str = "auto",
