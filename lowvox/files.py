@@ -45,9 +45,8 @@ def _read_umask_once() -> int:
     return mask
 
 
-_IMPORT_UMASK = _proc_umask()
-if _IMPORT_UMASK is None:
-    _IMPORT_UMASK = _read_umask_once()
+_PROC_UMASK_AT_IMPORT = _proc_umask()
+_IMPORT_UMASK: int = _read_umask_once() if _PROC_UMASK_AT_IMPORT is None else _PROC_UMASK_AT_IMPORT
 
 
 def _umask() -> int:
