@@ -17,17 +17,31 @@ from lowvox.settings import Settings, load_settings
 log = logging.getLogger("lowvox")
 
 
+# The shared flags may be given at every level of a nested command (`lowvox jobs --home X
+# list` as well as `lowvox jobs list --home X`). An absent flag leaves no attribute
+# (SUPPRESS), so a subcommand's parser never overwrites what its parent parsed with None;
+# `build_parser` gives them their None defaults once, on the top parser.
+_COMMON_DEFAULTS = {"config": None, "log_level": None, "home": None}
+_ENGINE_DEFAULTS = {"engine": None, "model_dir": None, "device": None, "precision": None}
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML config file (also LOWVOX_CONFIG)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--home", help="data folder (voices, outputs, models, cache)")
+    keep = argparse.SUPPRESS
+    p.add_argument("--config", default=keep, help="TOML config file (also LOWVOX_CONFIG)")
+    p.add_argument("--log-level", default=keep, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--home", default=keep, help="data folder (voices, outputs, models, cache)")
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", help="engine name (espeak, xtts)")
-    p.add_argument("--model-dir", help="XTTS model folder (config.json, model.pth, vocab.json)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 | int8")
+    keep = argparse.SUPPRESS
+    p.add_argument("--engine", default=keep, help="engine name (espeak, xtts)")
+    p.add_argument(
+        "--model-dir",
+        default=keep,
+        help="XTTS model folder (config.json, model.pth, vocab.json)",
+    )
+    p.add_argument("--device", default=keep, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default=keep, help="auto | fp32 | bf16 | fp16 | int8")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lowvox", description="Text-to-speech for CPUs and small GPUs, built around XTTS v2."
     )
     parser.add_argument("--version", action="version", version=f"lowvox {__version__}")
+    parser.set_defaults(**_COMMON_DEFAULTS, **_ENGINE_DEFAULTS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     say = sub.add_parser("say", help="speak text into an audio file")
@@ -202,7 +217,10 @@ def cmd_say(args: argparse.Namespace) -> int:
         return 0
     audio = concat_chunks(chunks, engine.sample_rate)
     data = encode_audio(audio.samples, audio.sample_rate, fmt)
-    write_atomic(Path(args.output), data)
+    try:
+        write_atomic(Path(args.output), data)
+    except OSError as e:  # a folder, a read-only or missing place: the user's to fix
+        raise LowvoxError(f"cannot write {args.output}: {e.strerror or e}") from e
     log.info("wrote %s (%.2f s of audio)", args.output, audio.duration)
     return 0
 
@@ -288,9 +306,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         precisions=split(args.precision),
         devices=split(args.device),
         batch_sizes=batch_sizes,
-        new_tokens=args.new_tokens or DEFAULT_NEW_TOKENS,
+        new_tokens=DEFAULT_NEW_TOKENS if args.new_tokens is None else args.new_tokens,
         text=args.text or DEFAULT_SENTENCE,
-        threads=args.threads or settings.threads,
+        threads=settings.threads if args.threads is None else args.threads,
         cache_dir=Path(args.cache_dir) if args.cache_dir else settings.cache_path,
         compare_reference=args.compare_reference,
         fidelity=args.fidelity,
@@ -341,3 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        # The machine said no (a data folder that cannot be made, a full disk): say what
+        # and where, without a traceback (--log-level debug shows it).
+        log.debug("%s failed", args.command, exc_info=True)
+        where = ", ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        print(
+            f"lowvox: error: {e.strerror or e}" + (f": {where}" if where else ""), file=sys.stderr
+        )
+        return 1

@@ -25,6 +25,35 @@ PART_SUFFIX = ".part"
 PARTIAL_GLOB = f".*{PART_SUFFIX}"
 
 
+def _proc_umask() -> int | None:
+    """The process's umask as Linux shows it (reading it needs no change to it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _read_umask_once() -> int:
+    # Elsewhere the umask is only read by setting it, which races with threads making
+    # files; so it is read once, at import.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_PROC_UMASK_AT_IMPORT = _proc_umask()
+_IMPORT_UMASK: int = _read_umask_once() if _PROC_UMASK_AT_IMPORT is None else _PROC_UMASK_AT_IMPORT
+
+
+def _umask() -> int:
+    mask = _proc_umask()
+    return _IMPORT_UMASK if mask is None else mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[Path]:
     """A temporary path to write `path`'s content to; published when the block ends
@@ -36,6 +65,9 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        # mkstemp makes the file 0600; the published file gets the permissions any new
+        # file gets (0644 under the usual umask 022), as `lowvox say -o` users expect.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         yield tmp_path
         if fsync:
             with open(tmp_path, "rb") as f:

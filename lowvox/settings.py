@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -22,7 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from lowvox.errors import LowvoxError
+from lowvox.audio.formats import get_format
+from lowvox.errors import LowvoxError, UnsupportedFormat
 
 
 def _default_home() -> Path:
@@ -139,6 +140,16 @@ class Settings(BaseSettings):
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
 
+    @field_validator("audio_format")
+    @classmethod
+    def _check_format(cls, value: str) -> str:
+        # Checked here, where the mistake is, rather than in every request that falls
+        # back on it (each would get a 400 for a format its client never asked for).
+        try:
+            return get_format(value).name
+        except UnsupportedFormat as e:
+            raise ValueError(f"audio_format: {e}") from None
+
     @field_validator("cors_origins", "allowed_hosts", "trusted_networks", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
@@ -222,7 +233,13 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = _CONFIG_FILE or os.environ.get("LOWVOX_CONFIG")
         if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+            try:
+                toml = TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file))
+            except (OSError, ValueError) as e:  # unreadable, not UTF-8, not TOML
+                raise LowvoxError(
+                    f"invalid settings: cannot read config file {config_file}: {e}"
+                ) from e
+            sources.append(toml)
         return tuple(sources)
 
 
@@ -252,13 +269,34 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     hide the environment or the file.
     """
     global _CONFIG_FILE
+    # A file named but not there is an error wherever it was named: ignored, its settings
+    # (an api_key, say) would silently not apply.
+    named_by = "--config"
+    if config_file is None and os.environ.get("LOWVOX_CONFIG"):
+        config_file, named_by = os.environ["LOWVOX_CONFIG"], "LOWVOX_CONFIG"
     if config_file is not None and not Path(config_file).is_file():
-        raise LowvoxError(f"config file not found: {config_file}")
+        raise LowvoxError(f"config file not found: {config_file} (from {named_by})")
     explicit = {k: v for k, v in overrides.items() if v is not None}
     _CONFIG_FILE = str(config_file) if config_file is not None else None
     try:
         return Settings(**explicit)
-    except ValueError as e:
+    except ValidationError as e:
+        raise LowvoxError(f"invalid settings: {_describe(e)}") from e
+    except ValueError as e:  # a LOWVOX_* value its source cannot parse (JSON fields)
         raise LowvoxError(f"invalid settings: {e}") from e
     finally:
         _CONFIG_FILE = None
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per wrong setting: its name, what is wrong and the value given."""
+    problems = []
+    for err in error.errors():
+        name = ".".join(str(p) for p in err.get("loc", ()))
+        message = err.get("msg", "invalid value")
+        if err.get("type") == "value_error":  # our own validators' messages say it all
+            message = message.removeprefix("Value error, ").removeprefix(f"{name}: ")
+        elif "input" in err:
+            message += f" (got {err['input']!r})"
+        problems.append(f"{name}: {message}" if name else message)
+    return "; ".join(problems)

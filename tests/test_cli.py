@@ -168,3 +168,45 @@ def test_say_accepts_every_spelling_of_a_language(tmp_path, language):
     proc = run_cli("say", text, "-o", str(out), "--language", language, home=tmp_path)
     assert proc.returncode == 0, proc.stderr.decode()
     assert sf.info(out).frames > 0
+
+
+@pytest.mark.parametrize("command", [["models", "list"], ["jobs", "list"]])
+def test_shared_flags_work_before_a_nested_subcommand(tmp_path, command):
+    """`lowvox models --home X list` is `lowvox models list --home X`: the inner parser
+    must not reset a flag its parent took to None (it did, and the default folder was
+    used without a word)."""
+    home = tmp_path / "given"
+    default_home = tmp_path / "default"
+    proc = run_cli(command[0], "--home", str(home), *command[1:], home=default_home)
+    assert proc.returncode == 0, proc.stderr.decode()
+    if command[0] == "models":
+        assert str(home / "models") in proc.stdout.decode()
+    else:
+        assert (home / "jobs").is_dir() and not default_home.exists()
+    # And a config file given there is read (a missing one is an error, not ignored).
+    proc = run_cli(command[0], "--config", str(tmp_path / "nope.toml"), *command[1:], home=home)
+    assert proc.returncode == 2
+    assert "config file not found" in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("where", ["folder", "missing_place"])
+def test_unwritable_output_is_a_clear_error(tmp_path, where):
+    if where == "folder":
+        out = tmp_path / "taken.wav"
+        out.mkdir()
+    else:
+        out = Path("/proc/lowvox-test/out.wav")  # /proc takes no new folders, even as root
+    proc = run_cli("say", "Nowhere to go", "-o", str(out), home=tmp_path)
+    err = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "Traceback" not in err
+    assert f"cannot write {out}" in err
+    assert not list(tmp_path.glob(".*.part"))  # no temporary left behind
+
+
+def test_data_folder_that_cannot_be_made_is_a_clear_error(tmp_path):
+    proc = run_cli("jobs", "list", "--home", "/proc/lowvox-test-home", home=tmp_path)
+    err = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "Traceback" not in err
+    assert "lowvox: error:" in err and "/proc/lowvox-test-home" in err

@@ -82,3 +82,40 @@ def test_bad_env_value_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LOWVOX_PORT", "not-a-number")
     with pytest.raises(LowvoxError, match="port"):
         load_settings()
+
+
+def test_missing_config_file_from_env_is_a_clear_error(tmp_path, monkeypatch):
+    """LOWVOX_CONFIG naming no file must not quietly run without that file's settings
+    (its api_key, say)."""
+    monkeypatch.setenv("LOWVOX_CONFIG", str(tmp_path / "typo.toml"))
+    with pytest.raises(LowvoxError, match="config file not found: .*typo.toml.*LOWVOX_CONFIG"):
+        load_settings()
+
+
+@pytest.mark.parametrize("content", [b"port = [\n", b"\xff\xfeport = 1\n"])
+def test_unreadable_config_file_is_named(tmp_path, content):
+    path = tmp_path / "broken.toml"
+    path.write_bytes(content)
+    with pytest.raises(LowvoxError, match="invalid settings: cannot read config file .*broken"):
+        load_settings(path)
+
+
+def test_audio_format_is_checked_when_settings_load(tmp_path, monkeypatch):
+    """A wrong default format is the operator's mistake: it fails at start-up, not as a
+    400 to every client that leaves the format out."""
+    monkeypatch.setenv("LOWVOX_AUDIO_FORMAT", "wma")
+    with pytest.raises(LowvoxError, match="audio_format: unsupported audio format: 'wma'"):
+        load_settings()
+    monkeypatch.setenv("LOWVOX_AUDIO_FORMAT", "OGG")
+    assert load_settings().audio_format == "opus"  # aliases become the canonical name
+
+
+def test_invalid_values_are_one_clear_line_each(monkeypatch):
+    monkeypatch.setenv("LOWVOX_PORT", "seventy")
+    monkeypatch.setenv("LOWVOX_LOG_LEVEL", "loud")
+    with pytest.raises(LowvoxError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "port: Input should be a valid integer" in message and "'seventy'" in message
+    assert "log_level: " in message and "'loud'" in message
+    assert "\n" not in message and "errors.pydantic.dev" not in message

@@ -259,10 +259,12 @@ class _AvEncoder:
 
     def close(self) -> None:
         try:
-            if self._next_pts == 0 and self._pad_empty:
+            short = self.input_rate // 100 - self._next_pts
+            if short > 0 and self._pad_empty:
                 # A lossy stream of no frames is unreadable for most decoders (FFmpeg
-                # included); 10 ms of silence makes it a valid, near-empty file.
-                self.write(np.zeros(self.input_rate // 100, np.float32))
+                # included), and a few samples can be held back whole by the resampler
+                # and the encoder; silence up to 10 ms makes it a valid, near-empty file.
+                self.write(np.zeros(short, np.float32))
             self._encode(self._resampler.resample(None))
             self._mux(self._stream.encode(None))
         finally:

@@ -12,7 +12,7 @@ import logging
 import math
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,37 @@ def model_folder(opts: BenchOptions) -> Path:
     return ensure_random_model(root, opts.random_weights or "full")
 
 
+def check_options(opts: BenchOptions) -> BenchOptions:
+    """Every case's settings checked, and normalised ("CPU" -> "cpu"), before a model is
+    built or a worker started: a typo is a clear error at once, not a row of failures
+    after minutes of loading."""
+    from lowvox.engines.xtts.loader import LOAD_PRECISIONS
+    from lowvox.runtime.planner import check_device
+
+    if not opts.precisions or not opts.devices or not opts.batch_sizes:
+        raise LowvoxError("bench needs at least one precision, device and batch size")
+    precisions = [p.strip().lower() for p in opts.precisions]
+    for precision in precisions:
+        if precision not in LOAD_PRECISIONS:
+            raise LowvoxError(
+                f"unknown precision {precision!r} (choose from {', '.join(LOAD_PRECISIONS)})"
+            )
+    devices = [check_device(d) for d in opts.devices]
+    if "auto" in devices:
+        raise LowvoxError("bench measures named devices: cpu, cuda or cuda:N, not auto")
+    for name, values in (
+        ("batch size", opts.batch_sizes),
+        ("new tokens", [opts.new_tokens]),
+        ("threads", [opts.threads] if opts.threads is not None else []),
+    ):
+        for value in values:
+            if value < 1:
+                raise LowvoxError(f"{name} must be 1 or more, got {value}")
+    return replace(opts, precisions=precisions, devices=devices)
+
+
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    opts = check_options(opts)
     folder = model_folder(opts)
     cases = []
     for device in opts.devices:

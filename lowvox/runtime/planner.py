@@ -64,10 +64,18 @@ def model_bytes(
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     value = value.strip().lower()
-    base = value.split(":")[0]
-    if base not in allowed:
-        raise PlanError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
+    base, colon, index = value.partition(":")
+    # Only a GPU takes an index ("cuda:1"); "cpu:0", "int8:x" or "cuda:x" are typos.
+    indexed = name == "device" and base == "cuda"
+    if base not in allowed or (colon and not (indexed and index.isascii() and index.isdigit())):
+        choices = ", ".join(allowed) + (", cuda:N" if name == "device" else "")
+        raise PlanError(f"unknown {name} {value!r} (choose from {choices})")
     return value
+
+
+def check_device(device: str) -> str:
+    """`device` normalised ("CUDA:1" -> "cuda:1"); PlanError for what no plan takes."""
+    return _check_choice("device", device, DEVICES)
 
 
 def plan(

@@ -79,6 +79,33 @@ def test_bench_table_and_bad_model_dir(tmp_path):
     assert "no model.pth" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--precision", "fp8"], "unknown precision 'fp8'"),
+        (["--device", "cuda:x"], "unknown device 'cuda:x'"),
+        (["--device", "auto"], "not auto"),
+        (["--batch-sizes", "1,0"], "batch size must be 1 or more"),
+        (["--new-tokens", "0"], "new tokens must be 1 or more"),
+        (["--threads", "0"], "threads must be 1 or more"),
+    ],
+)
+def test_bench_bad_flags_fail_before_any_work(tmp_path, flags, message):
+    """A typo is a clear error (exit 2) at once: no random model is built, no worker runs,
+    and no report of failed rows comes back with exit 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowvox", "bench", "--random-weights", "tiny",
+         "--cache-dir", str(tmp_path), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing built
+
+
 def test_fidelity_table_shows_the_vocoder_snr() -> None:
     row = dict(logit_cosine_mean=1.0, logit_cosine_min=1.0, top1_agreement=1.0,
                decode_logit_cosine_mean=1.0, decode_logit_cosine_min=1.0,

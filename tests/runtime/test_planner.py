@@ -65,6 +65,11 @@ def test_forced_choices_are_honoured():
         (dict(precision="fp16"), "fp16 needs a GPU"),
         (dict(precision="int4"), "unknown precision"),
         (dict(device="tpu"), "unknown device"),
+        # A device index that is not a number is a typo, not a crash (`--device cuda:x`).
+        (dict(device="cuda:x", gpus=[gpu(8)]), "unknown device 'cuda:x'"),
+        (dict(device="cuda:", gpus=[gpu(8)]), "unknown device"),
+        (dict(device="cpu:0"), "unknown device"),
+        (dict(precision="int8:x"), "unknown precision"),
         (dict(residency="gpu", gpus=[gpu(0.5)]), "low_vram"),
     ],
 )
