@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from lowvox.errors import Cancelled, LowvoxError
+from lowvox.errors import Cancelled, InvalidRequest, LowvoxError
 from lowvox.files import atomic_path
 from lowvox.jobs import assemble as assembly
 from lowvox.jobs.executors import Executor, Take
@@ -463,8 +463,10 @@ class JobRunner:
         fmt = chapter_format(job.settings.format)
         path = self.store.out_folder(job_id) / f"chapter-{chapter + 1:03d}.{fmt}"
         pieces = await asyncio.to_thread(self.pieces, job, chapter)
-        if not pieces:
-            raise LowvoxError(f"chapter {chapter + 1} has nothing spoken")
+        if not pieces:  # not in the book, or not among the chapters the job speaks
+            raise InvalidRequest(
+                f"job {job_id} has no chapter {chapter + 1} to assemble", field="chapter"
+            )
         meta = self.meta(job)
         await asyncio.to_thread(
             functools.partial(assembly.assemble, chapter_track=True),

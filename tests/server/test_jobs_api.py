@@ -81,6 +81,17 @@ def test_a_job_from_json_text_runs_to_a_book_with_chapters_and_subtitles(client)
     assert job["id"] in [j["id"] for j in listed]
 
 
+def test_a_chapter_the_job_does_not_speak_is_a_client_error(client):
+    job = wait_state(client, create(client, chapters="2")["id"])
+    assert [c["index"] for c in job["chapters"]] == [2]
+    url = f"/api/jobs/{job['id']}/download"
+    assert client.get(url, params={"part": "chapter", "chapter": 2}).status_code == 200
+    for chapter in (1, 3, 99):  # left out by `chapters`, past the book's end
+        r = client.get(url, params={"part": "chapter", "chapter": chapter})
+        assert r.status_code == 400, r.text
+        assert f"chapter {chapter}" in r.json()["detail"]
+
+
 def test_progress_arrives_as_server_sent_events(client, server):
     server.engine.gate.clear()  # hold the engine so the stream sees the job run
     job = create(client)
