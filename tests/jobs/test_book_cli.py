@@ -111,6 +111,23 @@ def test_bad_input_is_a_clear_cli_error(tmp_path, capsys, setup, message):
     assert not (tmp_path / "x.wav").exists()
 
 
+@pytest.mark.parametrize("where", ["under a file", "a folder"])
+def test_an_output_that_cannot_be_written_is_refused_before_anything_is_spoken(
+    tmp_path, book, capsys, where
+):
+    # Not hours later, when the book is assembled.
+    out = book / "x.wav" if where == "under a file" else tmp_path / "x.wav"
+    if where == "a folder":
+        out.mkdir()
+    home = tmp_path / "h"
+    rc = main(["book", str(book), "-o", str(out), "--engine", "espeak", "--home", str(home),
+               "--no-progress"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "lowvox: error:" in err and str(book if where == "under a file" else out) in err
+    assert _done(home) == 0
+
+
 def test_unknown_voice_is_a_clear_cli_error(tmp_path, book, capsys):
     rc = main(["book", str(book), "-o", str(tmp_path / "x.wav"), "--engine", "espeak",
                "--voice", "nobody-at-all", "--home", str(tmp_path / "h")])  # fmt: skip
