@@ -200,10 +200,12 @@ class JobService:
                 SynthesisRequest(text="Hello.", voice=voice, language=job.language)
             )
         await asyncio.to_thread(self.store.retake, job_id, index, text=text, voice=voice)
-        if self._current != job_id:
-            if job.state in ("done", "failed"):
-                await asyncio.to_thread(self.store.set_state, job_id, "queued")
-            self._queue.put_nowait(job_id)
+        if self._current != job_id and job.state in ("done", "failed"):
+            await asyncio.to_thread(self.store.set_state, job_id, "queued")
+        # Queued even when the job is running now: a run that is already past its last
+        # check for pending sentences leaves this one to the next (which skips a job with
+        # nothing left to speak).
+        self._queue.put_nowait(job_id)
         return await asyncio.to_thread(self.store.get, job_id)
 
     async def _settled(self, job_id: str, timeout: float = 60.0) -> JobInfo:
