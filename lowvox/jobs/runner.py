@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import logging
 import threading
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from lowvox.errors import Cancelled, InvalidRequest, LowvoxError
-from lowvox.files import atomic_path
+from lowvox.files import atomic_path, why_not_written
 from lowvox.jobs import assemble as assembly
 from lowvox.jobs.executors import Executor, Take
 from lowvox.jobs.model import BookMeta
@@ -269,7 +268,7 @@ class JobRunner:
                     # A full disk, an unwritable output: every sentence is kept, and
                     # resuming assembles again.
                     raise _StopJob(
-                        f"cannot assemble the book ({_why(e)}); resume once fixed"
+                        f"cannot assemble the book ({why_not_written(e)}); resume once fixed"
                     ) from e
                 if not await self._pending(run.job):
                     break
@@ -412,7 +411,9 @@ class JobRunner:
             await asyncio.to_thread(write_sentence_audio, path, audio, rate)
         except OSError as e:
             # A full disk or a missing folder stops the job; resuming retries it.
-            raise _StopJob(f"cannot write sentence audio ({_why(e)}); resume once fixed") from e
+            raise _StopJob(
+                f"cannot write sentence audio ({why_not_written(e)}); resume once fixed"
+            ) from e
         fresh = await asyncio.to_thread(
             self.store.finish_sentence,
             job.id,
@@ -516,16 +517,6 @@ class JobRunner:
 
 class _StopJob(LowvoxError):
     """Something outside the job stops it (a full disk); resuming retries."""
-
-
-def _why(e: BaseException) -> str:
-    """What went wrong writing a file, in words."""
-    cause = e
-    while not isinstance(cause, OSError) and cause.__cause__ is not None:
-        cause = cause.__cause__  # assembly wraps its OSErrors
-    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
-        return "the disk is full"
-    return str(e)
 
 
 def book_file(store: JobStore, job: JobInfo) -> Path:
