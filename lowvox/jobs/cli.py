@@ -300,17 +300,21 @@ def _show(store: Any, job: Any, every: bool) -> None:
 
 async def _retake(settings: Settings, store: Any, job: Any, args: argparse.Namespace) -> int:
     from lowvox.jobs.executors import open_executor
+    from lowvox.jobs.plan import check_retake
     from lowvox.jobs.runner import JobRunner
     from lowvox.server.engines import EngineHub
 
     text = args.text.strip() if args.text is not None else None
     if text is not None and not text:
         raise InvalidRequest("the new text is empty")
+    if job.state == "cancelled":
+        raise LowvoxError(f"job {job.id} was cancelled")
     store.sentence(job.id, args.sentence)  # a clear error for a wrong number
     hub = EngineHub(settings)
     executor = open_executor(settings, hub, job.settings.engine)
     try:
         await executor.start()
+        await check_retake(executor, job, text=text, voice=args.voice)
         store.retake(job.id, args.sentence, text=text, voice=args.voice)
         runner = JobRunner(store, executor)
         book = Path(job.output) if job.output else None

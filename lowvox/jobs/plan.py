@@ -133,3 +133,17 @@ async def create_job(
         origin=origin,
         output=output,
     )
+
+
+async def check_retake(
+    executor: Executor, job: JobInfo, *, text: str | None, voice: str | None
+) -> None:
+    """Refuse, before the sentence's row changes, a retake with an unknown voice or a text
+    the engine would not take: stored, it would fail the finished job and keep the bad
+    voice or text."""
+    if voice or text is not None:
+        await executor.validate(
+            SynthesisRequest(
+                text=text or "Hello.", voice=voice or job.settings.voice, language=job.language
+            )
+        )

@@ -18,7 +18,7 @@ from typing import Any
 from lowvox.errors import LowvoxError
 from lowvox.files import sweep_partials
 from lowvox.jobs.executors import Executor, open_executor
-from lowvox.jobs.plan import create_job
+from lowvox.jobs.plan import check_retake, create_job
 from lowvox.jobs.runner import (
     JobEvents,
     JobRunner,
@@ -192,13 +192,7 @@ class JobService:
         job = await asyncio.to_thread(self.store.get, job_id)
         if job.state == "cancelled":
             raise JobConflict(f"job {job_id} was cancelled")
-        if voice:
-            executor = await self.executor(job.settings.engine)
-            from lowvox.engines.base import SynthesisRequest
-
-            await executor.validate(
-                SynthesisRequest(text="Hello.", voice=voice, language=job.language)
-            )
+        await check_retake(await self.executor(job.settings.engine), job, text=text, voice=voice)
         await asyncio.to_thread(self.store.retake, job_id, index, text=text, voice=voice)
         if self._current != job_id and job.state in ("done", "failed"):
             await asyncio.to_thread(self.store.set_state, job_id, "queued")

@@ -94,6 +94,23 @@ def test_retake_from_the_cli_re_bakes_the_book(tmp_path, book, capsys):
     assert "The clocks were silent." in srt and "striking thirteen" not in srt
 
 
+def test_a_retake_with_an_unknown_voice_is_refused_and_changes_nothing(tmp_path, book, capsys):
+    out = tmp_path / "book.wav"
+    args = ["--home", str(tmp_path / "home")]
+    assert main(["book", str(book), "-o", str(out), "--engine", "espeak", "--no-progress",
+                 *args]) == 0  # fmt: skip
+    capsys.readouterr()
+    main(["jobs", "list", *args])
+    job_id = capsys.readouterr().out.split()[0]
+    rc = main(["jobs", "retake", job_id, "2", "--voice", "nobody-at-all", "--engine", "espeak",
+               *args])  # fmt: skip
+    assert rc == 2 and "nobody-at-all" in capsys.readouterr().err
+    main(["jobs", "show", job_id, "--all", *args])
+    shown = capsys.readouterr().out
+    assert "state     done" in shown and "failed" not in shown
+    assert "10/10 sentences" in shown
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
