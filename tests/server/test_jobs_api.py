@@ -208,6 +208,8 @@ def _epub(encrypted: bool = False) -> bytes:
         ({"json": {"text": "Hi.", "format": "exe"}}, 400, "format"),
         ({"json": {"text": "Hi.", "seed": 2**70}}, 400, "seed"),
         ({"json": {"text": "Hi.", "chapters": "9-x"}}, 400, "chapters"),
+        ({"json": {"text": "Hi.", "chapters": "1-200001"}}, 400, "chapter numbers"),
+        ({"json": {"text": "Hi.", "chapters": "1-999999999999"}}, 400, "chapter numbers"),
         ({"json": {"text": "x" * 300_000}}, 413, "limit"),
         ({"content": b"{nope", "headers": {"content-type": "application/json"}}, 400, "json"),
     ],
