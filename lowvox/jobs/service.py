@@ -17,6 +17,7 @@ from typing import Any
 
 from lowvox.errors import LowvoxError
 from lowvox.files import sweep_partials
+from lowvox.jobs import store as store_module
 from lowvox.jobs.executors import Executor, open_executor
 from lowvox.jobs.plan import check_retake, create_job
 from lowvox.jobs.runner import (
@@ -103,7 +104,13 @@ class JobService:
             except asyncio.CancelledError:
                 raise
             except JobConflict as e:
-                logger.info("job %s skipped: %s", job_id, e)
+                # Held by another process, or by a dead one whose lease has not lapsed yet
+                # (a server killed and started again on another host, say): try again once
+                # it may have; a job that is finished by then is skipped.
+                logger.info("job %s skipped for now: %s", job_id, e)
+                asyncio.get_running_loop().call_later(
+                    store_module.LEASE_S, self._queue.put_nowait, job_id
+                )
             except LowvoxError as e:
                 logger.warning("job %s stopped: %s", job_id, e)
                 with contextlib.suppress(LowvoxError):

@@ -238,6 +238,26 @@ def test_a_job_the_server_was_running_resumes_when_it_starts_again(tmp_path):
         assert done["progress"]["done"] == 7
 
 
+def test_a_job_still_leased_by_a_dead_server_elsewhere_resumes_once_the_lease_lapses(
+    tmp_path, monkeypatch
+):
+    from lowvox.jobs import store as store_module
+    from lowvox.jobs.store import JobStore
+
+    with live_server(tmp_path, FakeFactory(), job_retakes=0) as first, first.client() as c:
+        first.engine.gate.clear()
+        job = create(c)
+        first.server.should_exit = True
+    # Killed on another host (a container made anew): its lease is still live.
+    monkeypatch.setattr(store_module, "LEASE_S", 0.5)
+    store = JobStore(tmp_path / "jobs")
+    store.set_state(job["id"], "running")
+    assert store.claim(job["id"], "some-other-host:1")
+    store.close()
+    with live_server(tmp_path, FakeFactory(), job_retakes=0) as second, second.client() as c:
+        assert wait_state(c, job["id"])["progress"]["done"] == 7
+
+
 def test_jobs_need_the_api_key_when_one_is_set(tmp_path):
     with live_server(tmp_path, api_key="sekrit") as s, s.client() as c:
         assert c.get("/api/jobs").status_code == 401
