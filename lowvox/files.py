@@ -11,6 +11,7 @@ at start-up.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -92,6 +93,17 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = Tru
     """Replace `path` with `data` in one step."""
     with atomic_open(path, fsync=fsync) as f:
         f.write(data)
+
+
+def why_not_written(e: BaseException) -> str:
+    """Why a write failed, in words for the user: "the disk is full" when it (or the error
+    it was raised from) is ENOSPC, else the error's own message."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__  # writers (assembly, say) wrap their OSErrors
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        return "the disk is full"
+    return str(e)
 
 
 def sweep_partials(

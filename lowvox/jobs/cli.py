@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import hashlib
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -170,8 +171,24 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidRequest(
             f"{source} is {len(data):,} bytes, over the job limit of {settings.max_job_bytes:,}"
         )
+    _check_writable(output)
     job_settings = _job_settings(args, settings, fmt)
     return asyncio.run(_book(settings, source, data, output, job_settings, not args.no_progress))
+
+
+def _check_writable(output: Path) -> None:
+    """Refuse now, not after hours of speech, a book that could not be written."""
+    if output.is_dir():
+        raise InvalidRequest(f"{output} is a folder; give the book's file name")
+    folder = next((p for p in output.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise LowvoxError(f"cannot write the book to {output.parent}: {folder} is a file")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output.parent):
+            pass
+    except OSError as e:
+        raise LowvoxError(f"cannot write the book to {output.parent}: {e.strerror or e}") from e
 
 
 async def _book(
@@ -218,8 +235,12 @@ async def _book(
         await executor.close()
         await hub.close()
         store.close()
+    if job.state == "cancelled":
+        raise LowvoxError(f"job {job.id} was cancelled")
     if job.state != "done":
-        raise LowvoxError(f"job {job.id} is {job.state}: {job.error or 'stopped'}; rerun to resume")
+        why = job.error or "stopped"
+        hint = "" if "resume" in why else "; rerun to resume"
+        raise LowvoxError(f"job {job.id} is {job.state}: {why}{hint}")
     srt, vtt = subtitle_paths(output)
     print(f"wrote {output} (+ {srt.name}, {vtt.name})", file=sys.stderr)
     return 0
@@ -279,17 +300,21 @@ def _show(store: Any, job: Any, every: bool) -> None:
 
 async def _retake(settings: Settings, store: Any, job: Any, args: argparse.Namespace) -> int:
     from lowvox.jobs.executors import open_executor
+    from lowvox.jobs.plan import check_retake
     from lowvox.jobs.runner import JobRunner
     from lowvox.server.engines import EngineHub
 
     text = args.text.strip() if args.text is not None else None
     if text is not None and not text:
         raise InvalidRequest("the new text is empty")
+    if job.state == "cancelled":
+        raise LowvoxError(f"job {job.id} was cancelled")
     store.sentence(job.id, args.sentence)  # a clear error for a wrong number
     hub = EngineHub(settings)
     executor = open_executor(settings, hub, job.settings.engine)
     try:
         await executor.start()
+        await check_retake(executor, job, text=text, voice=args.voice)
         store.retake(job.id, args.sentence, text=text, voice=args.voice)
         runner = JobRunner(store, executor)
         book = Path(job.output) if job.output else None

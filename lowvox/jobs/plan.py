@@ -21,6 +21,9 @@ from lowvox.jobs.store import JobInfo, JobSettings, JobStore
 
 # How much of the text "auto" language detection reads.
 _DETECT_CHARS = 4000
+# The highest chapter number `chapters` may name: a range is held as a set of numbers, so
+# "1-999999999" must not become a billion of them.
+MAX_CHAPTER = 100_000
 
 
 def parse_chapters(spec: str | None, count: int | None = None) -> tuple[int, ...] | None:
@@ -41,6 +44,10 @@ def parse_chapters(spec: str | None, count: int | None = None) -> tuple[int, ...
             ) from None
         if lo < 1 or hi < lo:
             raise InvalidRequest(f"bad chapter range {part!r}", field="chapters")
+        if hi > MAX_CHAPTER:
+            raise InvalidRequest(
+                f"chapter numbers go up to {MAX_CHAPTER:,} (got {part!r})", field="chapters"
+            )
         chosen.update(range(lo - 1, hi))
     if count is not None and not any(i < count for i in chosen):
         raise InvalidRequest(
@@ -133,3 +140,17 @@ async def create_job(
         origin=origin,
         output=output,
     )
+
+
+async def check_retake(
+    executor: Executor, job: JobInfo, *, text: str | None, voice: str | None
+) -> None:
+    """Refuse, before the sentence's row changes, a retake with an unknown voice or a text
+    the engine would not take: stored, it would fail the finished job and keep the bad
+    voice or text."""
+    if voice or text is not None:
+        await executor.validate(
+            SynthesisRequest(
+                text=text or "Hello.", voice=voice or job.settings.voice, language=job.language
+            )
+        )

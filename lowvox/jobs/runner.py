@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import logging
 import threading
@@ -29,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from lowvox.errors import Cancelled, LowvoxError
-from lowvox.files import atomic_path
+from lowvox.errors import Cancelled, InvalidRequest, LowvoxError
+from lowvox.files import atomic_path, why_not_written
 from lowvox.jobs import assemble as assembly
 from lowvox.jobs.executors import Executor, Take
 from lowvox.jobs.model import BookMeta
@@ -224,7 +223,7 @@ class JobRunner:
             run.stop_reason = self._early_stops.pop(job_id)
             run.stop.set()
             run.cancel.set()
-        renewer = asyncio.create_task(self._renew(job_id))
+        renewer = asyncio.create_task(self._renew(run))
         try:
             if job.state == "cancelled":
                 return job
@@ -242,23 +241,43 @@ class JobRunner:
             if job.sample_rate is None:
                 await asyncio.to_thread(store.set_sample_rate, job_id, self.executor.sample_rate)
                 job = run.job = await asyncio.to_thread(store.get, job_id)
-            # Until nothing is pending: a retake asked for meanwhile joins this run.
-            while not run.stop.is_set() and (pending := await self._pending(run.job)):
-                await self._speak_pending(run, pending)
-            if run.stop.is_set():
-                state: JobState = run.stop_reason or "paused"
-                job = await asyncio.to_thread(store.set_state, job_id, state)
-                self._publish(run)
-                return job
-            progress = await asyncio.to_thread(store.progress, job_id)
-            if progress.failed:
-                failed = await asyncio.to_thread(store.sentences, job_id, state="failed")
-                error = f"{progress.failed} sentence(s) failed; first: {failed[0].error}"
-                job = await asyncio.to_thread(store.set_state, job_id, "failed", error)
-                self._publish(run, error=error)
-                return job
-            await self.assemble(job_id, book_path=book_path)
-            job = await asyncio.to_thread(store.set_state, job_id, "done")
+            # Until nothing is pending: a retake asked for meanwhile, even while the book
+            # was being assembled, joins this run.
+            while True:
+                while not run.stop.is_set() and (pending := await self._pending(run.job)):
+                    await self._speak_pending(run, pending)
+                if run.stop.is_set():
+                    state: JobState = run.stop_reason or "paused"
+                    job = await asyncio.to_thread(store.set_state, job_id, state)
+                    self._publish(run)
+                    return job
+                progress = await asyncio.to_thread(store.progress, job_id)
+                if progress.failed:
+                    failed = await asyncio.to_thread(store.sentences, job_id, state="failed")
+                    error = f"{progress.failed} sentence(s) failed; first: {failed[0].error}"
+                    job = await asyncio.to_thread(store.set_state, job_id, "failed", error)
+                    self._publish(run, error=error)
+                    return job
+                try:
+                    await self.assemble(job_id, book_path=book_path)
+                except JobConflict:  # a sentence became pending: speak it first
+                    if await self._pending(run.job):
+                        continue
+                    raise
+                except (LowvoxError, OSError) as e:
+                    # A full disk, an unwritable output: every sentence is kept, and
+                    # resuming assembles again.
+                    raise _StopJob(
+                        f"cannot assemble the book ({why_not_written(e)}); resume once fixed"
+                    ) from e
+                if not await self._pending(run.job):
+                    break
+            try:
+                # Only from running: a job paused or cancelled by another process while
+                # its book was assembled stays as that process left it.
+                job = await asyncio.to_thread(store.set_state, job_id, "done", expect=("running",))
+            except JobConflict:
+                job = await asyncio.to_thread(store.get, job_id)
             self._publish(run)
             return job
         except _StopJob as e:
@@ -275,13 +294,24 @@ class JobRunner:
     async def _pending(self, job: JobInfo) -> list[Sentence]:
         return await asyncio.to_thread(self.store.sentences, job.id, state="pending")
 
-    async def _renew(self, job_id: str) -> None:
+    async def _renew(self, run: _Run) -> None:
+        job_id = run.job.id
         while True:
             await asyncio.sleep(LEASE_S / 3)
             try:
                 await asyncio.to_thread(self.store.renew, job_id)
+                job = await asyncio.to_thread(self.store.get, job_id)
             except Exception:  # a busy database: the next renewal will do
                 logger.warning("renewing the lease of job %s failed", job_id, exc_info=True)
+                continue
+            await self._follow(run, job.state)
+
+    async def _follow(self, run: _Run, state: str) -> None:
+        """Stop when the store says the job was paused or cancelled by someone who does not
+        hold it (`lowvox jobs cancel`, or the server's routes for a `lowvox book` job)."""
+        if state in ("paused", "cancelled") and not run.stop.is_set():
+            logger.info("job %s was %s from elsewhere; stopping", run.job.id, state)
+            await self.stop(run.job.id, "paused" if state == "paused" else "cancelled")
 
     async def _speak_pending(self, run: _Run, pending: list[Sentence]) -> None:
         """These sentences, in order, `concurrency` at a time."""
@@ -351,7 +381,7 @@ class JobRunner:
                     attempt=sentence.attempt,
                     error=str(e),
                 )
-                self._publish(run, sentence=sentence.idx)
+                await self._follow(run, self._publish(run, sentence=sentence.idx).state)
                 return
             verdict = await asyncio.to_thread(
                 check_take,
@@ -381,8 +411,9 @@ class JobRunner:
             await asyncio.to_thread(write_sentence_audio, path, audio, rate)
         except OSError as e:
             # A full disk or a missing folder stops the job; resuming retries it.
-            why = "the disk is full" if e.errno == errno.ENOSPC else str(e)
-            raise _StopJob(f"cannot write sentence audio ({why}); resume once fixed") from e
+            raise _StopJob(
+                f"cannot write sentence audio ({why_not_written(e)}); resume once fixed"
+            ) from e
         fresh = await asyncio.to_thread(
             self.store.finish_sentence,
             job.id,
@@ -396,9 +427,11 @@ class JobRunner:
         if fresh:
             run.spoken += 1
             run.audio_s += len(audio) / rate
-        self._publish(run, sentence=sentence.idx)
+        await self._follow(run, self._publish(run, sentence=sentence.idx).state)
 
-    def _publish(self, run: _Run, sentence: int | None = None, error: str | None = None) -> None:
+    def _publish(
+        self, run: _Run, sentence: int | None = None, error: str | None = None
+    ) -> ProgressEvent:
         elapsed = time.monotonic() - run.started
         event = progress_event(
             self.store,
@@ -413,6 +446,7 @@ class JobRunner:
         self.events.publish(event)
         if self.on_progress is not None:
             self.on_progress(event)
+        return event
 
     # -- assembly ---------------------------------------------------------------------
 
@@ -463,8 +497,10 @@ class JobRunner:
         fmt = chapter_format(job.settings.format)
         path = self.store.out_folder(job_id) / f"chapter-{chapter + 1:03d}.{fmt}"
         pieces = await asyncio.to_thread(self.pieces, job, chapter)
-        if not pieces:
-            raise LowvoxError(f"chapter {chapter + 1} has nothing spoken")
+        if not pieces:  # not in the book, or not among the chapters the job speaks
+            raise InvalidRequest(
+                f"job {job_id} has no chapter {chapter + 1} to assemble", field="chapter"
+            )
         meta = self.meta(job)
         await asyncio.to_thread(
             functools.partial(assembly.assemble, chapter_track=True),

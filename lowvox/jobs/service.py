@@ -17,8 +17,9 @@ from typing import Any
 
 from lowvox.errors import LowvoxError
 from lowvox.files import sweep_partials
+from lowvox.jobs import store as store_module
 from lowvox.jobs.executors import Executor, open_executor
-from lowvox.jobs.plan import create_job
+from lowvox.jobs.plan import check_retake, create_job
 from lowvox.jobs.runner import (
     JobEvents,
     JobRunner,
@@ -103,7 +104,13 @@ class JobService:
             except asyncio.CancelledError:
                 raise
             except JobConflict as e:
-                logger.info("job %s skipped: %s", job_id, e)
+                # Held by another process, or by a dead one whose lease has not lapsed yet
+                # (a server killed and started again on another host, say): try again once
+                # it may have; a job that is finished by then is skipped.
+                logger.info("job %s skipped for now: %s", job_id, e)
+                asyncio.get_running_loop().call_later(
+                    store_module.LEASE_S, self._queue.put_nowait, job_id
+                )
             except LowvoxError as e:
                 logger.warning("job %s stopped: %s", job_id, e)
                 with contextlib.suppress(LowvoxError):
@@ -192,18 +199,14 @@ class JobService:
         job = await asyncio.to_thread(self.store.get, job_id)
         if job.state == "cancelled":
             raise JobConflict(f"job {job_id} was cancelled")
-        if voice:
-            executor = await self.executor(job.settings.engine)
-            from lowvox.engines.base import SynthesisRequest
-
-            await executor.validate(
-                SynthesisRequest(text="Hello.", voice=voice, language=job.language)
-            )
+        await check_retake(await self.executor(job.settings.engine), job, text=text, voice=voice)
         await asyncio.to_thread(self.store.retake, job_id, index, text=text, voice=voice)
-        if self._current != job_id:
-            if job.state in ("done", "failed"):
-                await asyncio.to_thread(self.store.set_state, job_id, "queued")
-            self._queue.put_nowait(job_id)
+        if self._current != job_id and job.state in ("done", "failed"):
+            await asyncio.to_thread(self.store.set_state, job_id, "queued")
+        # Queued even when the job is running now: a run that is already past its last
+        # check for pending sentences leaves this one to the next (which skips a job with
+        # nothing left to speak).
+        self._queue.put_nowait(job_id)
         return await asyncio.to_thread(self.store.get, job_id)
 
     async def _settled(self, job_id: str, timeout: float = 60.0) -> JobInfo:

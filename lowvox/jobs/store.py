@@ -313,16 +313,16 @@ class JobStore:
     ) -> JobInfo:
         """Store a planned job: its input, cover, chapters and sentences, in one go. The
         folder is complete before the row appears, so a half-made job is never listed."""
-        from lowvox.files import write_atomic
+        from lowvox.files import why_not_written, write_atomic
 
         if not lines:
             raise InvalidRequest("the input has nothing to speak", field="file")
         job_id = uuid.uuid4().hex
         folder = self.root / job_id
-        (folder / "audio").mkdir(parents=True)
         suffix = Path(input_name).suffix.lower()
         now = time.time()
         try:
+            (folder / "audio").mkdir(parents=True)
             write_atomic(folder / f"input{suffix}", data)
             cover_type = meta.cover_type if meta.cover else None
             if meta.cover and cover_type:
@@ -352,8 +352,10 @@ class JobStore:
                         for i, ln in enumerate(lines)
                     ],
                 )  # fmt: skip
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(e, (OSError, sqlite3.OperationalError)):  # a full disk, say
+                raise LowvoxError(f"cannot store the job ({why_not_written(e)})") from e
             raise
         return self.get(job_id)
 

@@ -94,6 +94,23 @@ def test_retake_from_the_cli_re_bakes_the_book(tmp_path, book, capsys):
     assert "The clocks were silent." in srt and "striking thirteen" not in srt
 
 
+def test_a_retake_with_an_unknown_voice_is_refused_and_changes_nothing(tmp_path, book, capsys):
+    out = tmp_path / "book.wav"
+    args = ["--home", str(tmp_path / "home")]
+    assert main(["book", str(book), "-o", str(out), "--engine", "espeak", "--no-progress",
+                 *args]) == 0  # fmt: skip
+    capsys.readouterr()
+    main(["jobs", "list", *args])
+    job_id = capsys.readouterr().out.split()[0]
+    rc = main(["jobs", "retake", job_id, "2", "--voice", "nobody-at-all", "--engine", "espeak",
+               *args])  # fmt: skip
+    assert rc == 2 and "nobody-at-all" in capsys.readouterr().err
+    main(["jobs", "show", job_id, "--all", *args])
+    shown = capsys.readouterr().out
+    assert "state     done" in shown and "failed" not in shown
+    assert "10/10 sentences" in shown
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
@@ -109,6 +126,23 @@ def test_bad_input_is_a_clear_cli_error(tmp_path, capsys, setup, message):
     assert rc == 2
     assert message in capsys.readouterr().err.lower()
     assert not (tmp_path / "x.wav").exists()
+
+
+@pytest.mark.parametrize("where", ["under a file", "a folder"])
+def test_an_output_that_cannot_be_written_is_refused_before_anything_is_spoken(
+    tmp_path, book, capsys, where
+):
+    # Not hours later, when the book is assembled.
+    out = book / "x.wav" if where == "under a file" else tmp_path / "x.wav"
+    if where == "a folder":
+        out.mkdir()
+    home = tmp_path / "h"
+    rc = main(["book", str(book), "-o", str(out), "--engine", "espeak", "--home", str(home),
+               "--no-progress"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "lowvox: error:" in err and str(book if where == "under a file" else out) in err
+    assert _done(home) == 0
 
 
 def test_unknown_voice_is_a_clear_cli_error(tmp_path, book, capsys):

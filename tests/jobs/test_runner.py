@@ -337,3 +337,89 @@ def test_asr_check_without_its_extra_is_a_clear_error(tmp_path, capsys):
     rc = main(["book", str(src), "-o", str(tmp_path / "a.wav"), "--engine", "espeak",
                "--asr-model", "tiny", "--home", str(tmp_path / "h")])  # fmt: skip
     assert rc == 2 and "lowvox[asr]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("state", ["cancelled", "paused"])
+def test_a_job_stopped_by_another_process_stops_here_too(store, state):
+    # `lowvox jobs cancel`, or the server's routes for a `lowvox book` job, only change the
+    # store: the process that holds the job must notice and stop, not finish it as done.
+    executor = FakeExecutor(concurrency=1)
+    other = JobStore(store.root)
+
+    def after_two(event):
+        if event.done == 2 and event.state == "running":
+            other.set_state(event.job, state)
+
+    async def go():
+        job = await new_job(store, executor)
+        return await JobRunner(store, executor, on_progress=after_two).run(job.id)
+
+    try:
+        job = run(go())
+    finally:
+        other.close()
+    assert job.state == state
+    assert store.get(job.id).state == state
+    assert store.progress(job.id).done < 8
+    assert store.get(job.id).assembled is None
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_retake_asked_for_while_the_book_is_assembled_is_spoken(store, monkeypatch, when):
+    # The retake lands as assembly starts (before it reads the sentences, or after): the
+    # run speaks it and assembles again instead of stopping, or ending done with a
+    # sentence still pending.
+    executor = FakeExecutor()
+    real = runner_module.assemble_book
+    asked = []
+
+    def assemble_with_a_retake(runner, job, path):
+        if not asked:
+            asked.append(True)
+            if when == "before":
+                store.retake(job.id, 3, text="Asked for during assembly.")
+            real(runner, job, path)
+            if when == "after":
+                store.retake(job.id, 3, text="Asked for during assembly.")
+            return
+        real(runner, job, path)
+
+    monkeypatch.setattr(runner_module, "assemble_book", assemble_with_a_retake)
+
+    async def go():
+        job = await new_job(store, executor)
+        return await JobRunner(store, executor).run(job.id)
+
+    job = run(go())
+    assert job.state == "done", job.error
+    row = store.sentence(job.id, 3)
+    assert row.state == "done" and row.attempt == 1
+    assert [t.index for t in executor.calls].count(3) == 2
+    srt = subtitle_paths(book_file(store, job))[0].read_text()
+    assert "Asked for during assembly." in srt
+
+
+def test_a_full_disk_while_assembling_fails_the_job_and_resuming_only_assembles(store, monkeypatch):
+    executor = FakeExecutor()
+    real = runner_module.assembly.write_srt
+    full = {"once": True}
+
+    def write_srt(cues, path):
+        if full.pop("once", False):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(cues, path)
+
+    monkeypatch.setattr(runner_module.assembly, "write_srt", write_srt)
+
+    async def go():
+        job = await new_job(store, executor)
+        first = await JobRunner(store, executor).run(job.id)
+        calls = len(executor.calls)
+        second = await JobRunner(store, executor).run(job.id)
+        return first, calls, second
+
+    first, calls, second = run(go())
+    assert first.state == "failed" and "disk is full" in first.error
+    assert store.progress(first.id).done == 8  # every sentence is kept
+    assert second.state == "done" and len(executor.calls) == calls  # nothing spoken again
+    assert subtitle_paths(book_file(store, second))[0].is_file()

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from lowvox.errors import InvalidRequest
+from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.jobs.model import BookMeta, Line, Pauses
 from lowvox.jobs.store import (
     JobConflict,
@@ -73,6 +73,21 @@ def test_settings_round_trip_through_the_database(store):
 def test_a_job_with_nothing_to_say_is_not_stored(store):
     with pytest.raises(InvalidRequest):
         store.create(input_name="a.txt", data=b"", meta=META, settings=JobSettings("x"), lines=[])
+    assert store.jobs() == []
+    assert [p.name for p in store.root.iterdir() if p.is_dir()] == []
+
+
+def test_a_full_disk_while_storing_a_job_says_so_and_stores_nothing(store, monkeypatch):
+    import errno
+
+    import lowvox.files
+
+    def full(path, data, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(lowvox.files, "write_atomic", full)
+    with pytest.raises(LowvoxError, match="disk is full"):
+        make(store)
     assert store.jobs() == []
     assert [p.name for p in store.root.iterdir() if p.is_dir()] == []
 

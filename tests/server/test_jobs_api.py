@@ -81,6 +81,17 @@ def test_a_job_from_json_text_runs_to_a_book_with_chapters_and_subtitles(client)
     assert job["id"] in [j["id"] for j in listed]
 
 
+def test_a_chapter_the_job_does_not_speak_is_a_client_error(client):
+    job = wait_state(client, create(client, chapters="2")["id"])
+    assert [c["index"] for c in job["chapters"]] == [2]
+    url = f"/api/jobs/{job['id']}/download"
+    assert client.get(url, params={"part": "chapter", "chapter": 2}).status_code == 200
+    for chapter in (1, 3, 99):  # left out by `chapters`, past the book's end
+        r = client.get(url, params={"part": "chapter", "chapter": chapter})
+        assert r.status_code == 400, r.text
+        assert f"chapter {chapter}" in r.json()["detail"]
+
+
 def test_progress_arrives_as_server_sent_events(client, server):
     server.engine.gate.clear()  # hold the engine so the stream sees the job run
     job = create(client)
@@ -197,6 +208,8 @@ def _epub(encrypted: bool = False) -> bytes:
         ({"json": {"text": "Hi.", "format": "exe"}}, 400, "format"),
         ({"json": {"text": "Hi.", "seed": 2**70}}, 400, "seed"),
         ({"json": {"text": "Hi.", "chapters": "9-x"}}, 400, "chapters"),
+        ({"json": {"text": "Hi.", "chapters": "1-200001"}}, 400, "chapter numbers"),
+        ({"json": {"text": "Hi.", "chapters": "1-999999999999"}}, 400, "chapter numbers"),
         ({"json": {"text": "x" * 300_000}}, 413, "limit"),
         ({"content": b"{nope", "headers": {"content-type": "application/json"}}, 400, "json"),
     ],
@@ -223,6 +236,26 @@ def test_a_job_the_server_was_running_resumes_when_it_starts_again(tmp_path):
     with live_server(tmp_path, FakeFactory(), job_retakes=0) as second, second.client() as c:
         done = wait_state(c, job["id"])
         assert done["progress"]["done"] == 7
+
+
+def test_a_job_still_leased_by_a_dead_server_elsewhere_resumes_once_the_lease_lapses(
+    tmp_path, monkeypatch
+):
+    from lowvox.jobs import store as store_module
+    from lowvox.jobs.store import JobStore
+
+    with live_server(tmp_path, FakeFactory(), job_retakes=0) as first, first.client() as c:
+        first.engine.gate.clear()
+        job = create(c)
+        first.server.should_exit = True
+    # Killed on another host (a container made anew): its lease is still live.
+    monkeypatch.setattr(store_module, "LEASE_S", 0.5)
+    store = JobStore(tmp_path / "jobs")
+    store.set_state(job["id"], "running")
+    assert store.claim(job["id"], "some-other-host:1")
+    store.close()
+    with live_server(tmp_path, FakeFactory(), job_retakes=0) as second, second.client() as c:
+        assert wait_state(c, job["id"])["progress"]["done"] == 7
 
 
 def test_jobs_need_the_api_key_when_one_is_set(tmp_path):
