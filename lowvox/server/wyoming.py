@@ -91,10 +91,7 @@ async def read_event(
         return None
     if not line:
         return None
-    try:
-        header = json.loads(line)
-    except ValueError as e:
-        raise ProtocolError("event header is not JSON") from e
+    header = _json(line, "event header")
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError("event header has no type")
     data = header.get("data") or {}
@@ -108,16 +105,23 @@ async def read_event(
         )
     try:
         if data_length:
-            extra = json.loads(await _read_exactly(reader, data_length))
+            extra = _json(await _read_exactly(reader, data_length), "event data")
             if not isinstance(extra, dict):
                 raise ProtocolError("event data is not an object")
             data.update(extra)
         payload = await _read_exactly(reader, payload_length) if payload_length else None
     except asyncio.IncompleteReadError:
         return None
-    except ValueError as e:
-        raise ProtocolError("event data is not JSON") from e
     return Event(type=header["type"], data=data, payload=payload)
+
+
+def _json(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise ProtocolError(f"{what} is not JSON") from e
+    except RecursionError as e:  # `[[[[...` within the size limit: bad input, not a crash
+        raise ProtocolError(f"{what} is nested too deeply") from e
 
 
 def _length(header: dict[str, Any], key: str) -> int:

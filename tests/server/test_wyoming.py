@@ -18,7 +18,7 @@ import soundfile as sf
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
-from wyoming.event import Event
+from wyoming.event import Event, async_read_event
 from wyoming.info import Describe, Info
 from wyoming.tts import (
     Synthesize,
@@ -269,6 +269,34 @@ def test_malformed_or_oversized_events_close_only_that_connection(server):
         assert error is not None and Error.is_type(error.type)
         assert end is None  # closed after saying why
     # The server itself carries on.
+    test_synthesize_sends_audio_as_it_is_made(server)
+
+
+def test_deeply_nested_json_is_refused_with_an_error(server):
+    # Within the size limits, but past the JSON decoder's recursion limit: hand-written
+    # frames, since the package's own writer cannot even encode such an event.
+    deep = b"[" * 20_000 + b"]" * 20_000
+    frames = [
+        b'{"type": "describe", "data": {"x": ' + deep + b"}}\n",
+        b'{"type": "describe", "data_length": %d}\n' % (len(deep) + 7) + b'{"x": ' + deep + b"}",
+    ]
+
+    async def refused(frame: bytes) -> list[Event | None]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.wyoming_port)
+        try:
+            writer.write(frame)
+            await writer.drain()
+            return [
+                await asyncio.wait_for(async_read_event(reader), READ_TIMEOUT_S) for _ in range(2)
+            ]
+        finally:
+            writer.close()
+
+    for frame in frames:
+        error, end = run(refused(frame))
+        assert error is not None and Error.is_type(error.type), frame[:40]
+        assert "nested too deeply" in Error.from_event(error).text
+        assert end is None  # closed after saying why
     test_synthesize_sends_audio_as_it_is_made(server)
 
 
