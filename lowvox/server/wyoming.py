@@ -52,14 +52,16 @@ logger = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 16
 # A connection with nothing to do that sends nothing for this long is closed (it holds one
-# of the MAX_CONNECTIONS places).
+# of the MAX_CONNECTIONS places), and so is one that takes none of its audio for this long
+# (what it does not read would wait in memory, and its job in the batch, for ever).
 IDLE_TIMEOUT_S = 300.0
 # Work queued on one connection before its reader waits for the speaker (back-pressure).
 MAX_PENDING = 32
 # The JSON header line of an event; its data and payload are limited separately.
 HEADER_LIMIT = 64 * 1024
 SAMPLE_WIDTH = 2  # 16-bit PCM
-# How long a refused client's remaining input is read and dropped before closing.
+# How long a refused client's remaining input is read and dropped before closing, and how
+# long a closing connection waits for the client to take what is still unsent.
 LINGER_S = 2.0
 _SELECT_PROGRAM = "select-program"  # newer wyoming releases: matched by name for older ones
 _ATTRIBUTION = Attribution(name="lowvox", url="")
@@ -330,9 +332,7 @@ class Connection:
             return
         if error is not None:
             logger.error("wyoming: reading events failed", exc_info=error)
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
+        await hang_up(self.writer)
 
     async def _read_events(self) -> None:
         limit = max_event_bytes(self.state.settings.max_text_chars)
@@ -399,7 +399,14 @@ class Connection:
                 self._busy -= 1
 
     async def _write(self, event: Event) -> None:
-        await async_write_event(event, self.writer)
+        try:
+            await asyncio.wait_for(async_write_event(event, self.writer), IDLE_TIMEOUT_S)
+        except asyncio.TimeoutError as e:
+            # Ends the connection, and with it the job (ConnectionError: the client is gone).
+            logger.info(
+                "wyoming: closing a connection that read nothing for %.0f s", IDLE_TIMEOUT_S
+            )
+            raise ConnectionError("the client reads nothing") from e
 
     # -- the work ----------------------------------------------------------------------
 
@@ -517,18 +524,31 @@ async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, err
     moment first: closing with unread data resets the connection, and the client would lose
     the error before reading it."""
 
-    async def drop_input() -> None:
+    async def say_why() -> None:
+        await async_write_event(error.event(), writer)
+        if writer.can_write_eof():
+            writer.write_eof()
         while await reader.read(64 * 1024):
             pass
 
     with contextlib.suppress(Exception):
-        await async_write_event(error.event(), writer)
-        if writer.can_write_eof():
-            writer.write_eof()
-        await asyncio.wait_for(drop_input(), LINGER_S)
+        # Bounded as a whole: a client that reads nothing blocks the write itself.
+        await asyncio.wait_for(say_why(), LINGER_S)
+    await hang_up(writer)
+
+
+async def hang_up(writer: asyncio.StreamWriter) -> None:
+    """Close the connection. Closing waits until what is still unsent is taken: a client
+    that takes nothing for LINGER_S loses it, rather than holding the connection (and a
+    server that is stopping) for ever."""
     writer.close()
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), LINGER_S)
+    except Exception:  # timed out, or the client reset the connection
+        pass
+    finally:
+        if writer.transport.get_write_buffer_size():
+            writer.transport.abort()
 
 
 def _text(value: Any) -> str:

@@ -7,10 +7,11 @@ import asyncio
 import contextlib
 import io
 import logging
+import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import soundfile as sf
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
-from wyoming.event import Event, async_read_event
+from wyoming.event import Event, async_read_event, write_event
 from wyoming.info import Describe, Info
 from wyoming.tts import (
     Synthesize,
@@ -32,6 +33,7 @@ from wyoming.tts import (
 from lowvox.cli import build_parser
 from lowvox.engines.base import EngineCapabilities, VoiceInfo
 from lowvox.errors import UnknownEngine
+from lowvox.server import wyoming as wyoming_server
 from lowvox.server.wyoming import Announcer, add_text, max_event_bytes, split_complete
 from lowvox.settings import load_settings
 from tests.server.srv_audio import decode, dominant_frequency
@@ -372,6 +374,65 @@ def test_stopping_the_server_ends_connections_and_their_jobs(tmp_path):
     client.join(READ_TIMEOUT_S)
     assert not client.is_alive()
     assert text in s.engine.cancelled_jobs
+
+
+@contextlib.contextmanager
+def a_client_that_reads_nothing(port: int, text: str) -> Iterator[socket.socket]:
+    """A client that asks for `text` and then reads none of its audio: a small receive
+    buffer, so the server's writes back up once a few hundred kilobytes are in flight."""
+    frame = io.BytesIO()
+    write_event(Synthesize(text=text).event(), frame)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    try:
+        sock.sendall(frame.getvalue())
+        yield sock
+    finally:
+        sock.close()
+
+
+def wait_for_cancel(engine: FakeEngine, text: str) -> None:
+    deadline = time.monotonic() + READ_TIMEOUT_S
+    while text not in engine.cancelled_jobs and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert text in engine.cancelled_jobs
+    assert text not in engine.finished_jobs
+
+
+def test_a_client_that_reads_nothing_is_closed_and_its_job_cancelled(tmp_path, monkeypatch):
+    monkeypatch.setattr(wyoming_server, "IDLE_TIMEOUT_S", 0.5)  # seconds without reading
+    port = free_port()
+    text = "word " * 3000  # megabytes of audio, far more than the socket buffers hold
+    factory = FakeFactory(chunk_delay=0)
+    with live_server(tmp_path, factory, wyoming=True, wyoming_port=port) as s:
+        s.engine.gate.clear()  # the job waits before its last chunk: it never ends alone
+        try:
+            with a_client_that_reads_nothing(port, text) as sock:
+                wait_for_cancel(s.engine, text)
+                # Its connection is closed too: what is left to read ends.
+                sock.settimeout(READ_TIMEOUT_S)
+                with contextlib.suppress(ConnectionResetError):
+                    while sock.recv(1 << 20):
+                        pass
+        finally:
+            s.engine.gate.set()
+
+
+def test_stopping_the_server_does_not_wait_for_a_client_that_reads_nothing(tmp_path):
+    port = free_port()
+    text = "word " * 3000
+    client = contextlib.ExitStack()
+    with live_server(tmp_path, FakeFactory(chunk_delay=0), wyoming=True, wyoming_port=port) as s:
+        client.enter_context(a_client_that_reads_nothing(port, text))
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while text not in s.engine.finished_jobs and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert text in s.engine.finished_jobs  # all its audio waits to be sent
+    # The server stopped with the client still connected.
+    alive = s.thread.is_alive()
+    client.close()
+    assert not alive, "the server did not stop"
 
 
 def test_a_voice_uploaded_over_http_appears_in_the_next_describe(server):
