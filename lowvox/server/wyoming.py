@@ -189,14 +189,23 @@ async def build_info(hub: EngineHub) -> Info:
 async def _running_slots(hub: EngineHub) -> list[EngineSlot]:
     slots = []
     try:
-        # Shielded: a client that gives up on describe must not abort a load in progress
-        # (its retry would start the load over).
-        slots.append(await asyncio.shield(hub.get(None)))
+        slots.append(await _engine(hub, None))
     except LowvoxError as e:
         logger.warning("wyoming: the %s engine cannot start: %s", hub.default, e)
     loaded = hub.loaded()
     slots += [loaded[name] for name in hub.names if name in loaded and name != hub.default]
     return slots
+
+
+async def _engine(hub: EngineHub, name: str | None) -> EngineSlot:
+    """The engine's slot, loading it if needed. Shielded: a client that gives up while the
+    model loads must not abort the load, or the next request would start it over (and
+    clients that always give up first, as a satellite does after a few seconds, would
+    never find it loaded)."""
+    loading = asyncio.ensure_future(hub.get(name))
+    # Its failure is told to the client that waits for it; one that left is not told.
+    loading.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(loading)
 
 
 def _program(slot: EngineSlot) -> TtsProgram:
@@ -247,17 +256,17 @@ async def resolve_target(
 ) -> Target:
     """The engine and voice a `SynthesizeVoice` means: a voice by name (the chosen program's
     first, then the other running engines'), or that program's first voice of a language."""
-    preferred = hub.resolve_name(program)
+    preferred = await _engine(hub, program)
     if voice is None or (not voice.name and not voice.language):
-        return Target(preferred)
+        return Target(preferred.name)
     if voice.name:
         return await _voice_by_name(hub, voice.name, preferred)
     return await _voice_by_language(hub, voice.language or "", preferred)
 
 
-async def _voice_by_name(hub: EngineHub, name: str, preferred: str) -> Target:
-    slots = [await hub.get(preferred)]
-    slots += [s for n, s in hub.loaded().items() if n != preferred]
+async def _voice_by_name(hub: EngineHub, name: str, preferred: EngineSlot) -> Target:
+    slots = [preferred]
+    slots += [s for n, s in hub.loaded().items() if n != preferred.name]
     wanted = name.strip().lower()
     for slot in slots:
         for v in await hub.voices(slot):
@@ -266,16 +275,16 @@ async def _voice_by_name(hub: EngineHub, name: str, preferred: str) -> Target:
     raise UnknownVoice(name)
 
 
-async def _voice_by_language(hub: EngineHub, language: str, preferred: str) -> Target:
-    voices = await hub.voices(await hub.get(preferred))
+async def _voice_by_language(hub: EngineHub, language: str, preferred: EngineSlot) -> Target:
+    voices = await hub.voices(preferred)
     wanted = language.strip()
     exact = [v for v in voices if v.language and v.language.lower() == wanted.lower()]
     close = [v for v in voices if v.language and _same_language(v.language, wanted)]
     for v in exact or close:
-        return Target(preferred, v.id, wanted)
+        return Target(preferred.name, v.id, wanted)
     # No voice says it speaks it: the engine's default voice, in that language (XTTS voices
     # speak every language; the engine refuses one it does not know).
-    return Target(preferred, None, wanted)
+    return Target(preferred.name, None, wanted)
 
 
 # -- one connection ------------------------------------------------------------------------

@@ -435,6 +435,51 @@ def test_stopping_the_server_does_not_wait_for_a_client_that_reads_nothing(tmp_p
     assert not alive, "the server did not stop"
 
 
+class SlowLoadFactory(FakeFactory):
+    """Its xtts engine loads only once `release` is set, and counts its loads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loading = threading.Event()
+        self.release = threading.Event()
+        self.loads = 0
+
+    def __call__(self, name, settings):
+        engine = super().__call__(name, settings)
+        if name == "xtts":
+            engine.load = self._load
+        return engine
+
+    def _load(self) -> None:
+        self.loads += 1
+        self.loading.set()
+        assert self.release.wait(READ_TIMEOUT_S)
+
+
+def test_a_client_leaving_while_its_engine_loads_does_not_abort_the_load(tmp_path):
+    factory = SlowLoadFactory()
+    port = free_port()
+    text = "Spoken by the second engine"
+    program = Event(type="select-program", data={"name": "xtts"})
+
+    async def leave_during_the_load() -> None:
+        async with AsyncTcpClient("127.0.0.1", port, 5, READ_TIMEOUT_S) as c:
+            await send(c, program, Synthesize(text=text, voice=SynthesizeVoice(name="alpha")))
+            assert await asyncio.to_thread(factory.loading.wait, READ_TIMEOUT_S)
+
+    async def ask_again() -> list[Event]:
+        async with AsyncTcpClient("127.0.0.1", port, 5, READ_TIMEOUT_S) as c:
+            await send(c, program, Synthesize(text=text, voice=SynthesizeVoice(name="alpha")))
+            factory.release.set()  # the load goes on only now that the first client is gone
+            return await read_until(c, is_type(AudioStop))
+
+    with live_server(tmp_path, factory, wyoming=True, wyoming_port=port):
+        run(leave_during_the_load())
+        (audio,) = segments(run(ask_again()))
+    assert_speaks(audio, "alpha", text)
+    assert factory.loads == 1  # the second client got the load the first one started
+
+
 def test_a_voice_uploaded_over_http_appears_in_the_next_describe(server):
     buf = io.BytesIO()
     t = np.arange(3 * 22_050) / 22_050
