@@ -246,9 +246,8 @@ class Target:
     language: str | None = None
 
 
-def _same_language(a: str, b: str) -> bool:
-    a, b = a.lower().replace("_", "-"), b.lower().replace("_", "-")
-    return a.split("-")[0] == b.split("-")[0]
+def _language_tag(code: str) -> str:
+    return code.strip().lower().replace("_", "-")
 
 
 async def resolve_target(
@@ -278,12 +277,13 @@ async def _voice_by_name(hub: EngineHub, name: str, preferred: EngineSlot) -> Ta
 async def _voice_by_language(hub: EngineHub, language: str, preferred: EngineSlot) -> Target:
     voices = await hub.voices(preferred)
     wanted = language.strip()
-    exact = [v for v in voices if v.language and v.language.lower() == wanted.lower()]
-    close = [v for v in voices if v.language and _same_language(v.language, wanted)]
-    for v in exact or close:
-        return Target(preferred.name, v.id, wanted)
-    # No voice says it speaks it: the engine's default voice, in that language (XTTS voices
-    # speak every language; the engine refuses one it does not know).
+    for v in voices:  # a voice of exactly that language: en_US is espeak's en-us
+        if v.language and _language_tag(v.language) == _language_tag(wanted):
+            return Target(preferred.name, v.id, wanted)
+    # Otherwise the engine picks the voice for that language, as for HTTP requests that name
+    # only a language: espeak its main voice ("en" is English, not the first English
+    # accent it lists), XTTS its default voice (its voices speak every language). The
+    # engine refuses a language it does not know.
     return Target(preferred.name, None, wanted)
 
 

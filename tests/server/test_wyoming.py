@@ -32,9 +32,17 @@ from wyoming.tts import (
 
 from lowvox.cli import build_parser
 from lowvox.engines.base import EngineCapabilities, VoiceInfo
-from lowvox.errors import UnknownEngine
+from lowvox.errors import LowvoxError, UnknownEngine
 from lowvox.server import wyoming as wyoming_server
-from lowvox.server.wyoming import Announcer, add_text, max_event_bytes, split_complete
+from lowvox.server.engines import EngineHub
+from lowvox.server.synthesis import plan_job
+from lowvox.server.wyoming import (
+    Announcer,
+    add_text,
+    max_event_bytes,
+    resolve_target,
+    split_complete,
+)
 from lowvox.settings import load_settings
 from tests.server.srv_audio import decode, dominant_frequency
 from tests.server.srv_fixtures import (
@@ -47,6 +55,7 @@ from tests.server.srv_fixtures import (
     fake_frequency,
     free_port,
     live_server,
+    make_settings,
 )
 
 # Guards against a hang, not a timing assertion: every answer here comes in milliseconds.
@@ -237,6 +246,36 @@ def test_unknown_voice_and_empty_text_are_errors_and_the_connection_stays(server
     assert "empty" in Error.from_event(empty[-1]).text
     (audio,) = segments(after)
     assert_speaks(audio, "alpha", "Still here for you")
+
+
+@pytest.mark.parametrize(
+    ("language", "voice"),
+    [("en_US", "en-us"), ("en", "en-us"), ("fr", "fr"), ("fr_CA", "fr"), ("es_MX", "es-419")],
+)
+def test_a_language_speaks_with_its_own_espeak_voice(tmp_path, language, voice):
+    """The real espeak engine, whose voices are regional: a language picks the voice of
+    exactly that region, or the engine's main voice for it, never the first accent listed
+    (Caribbean English for en_US, Belgian French for fr). Checked on the planned job: the
+    voice the engine is given (espeak's audio differs a little from run to run)."""
+    try:
+        from lowvox.engines.espeak import EspeakEngine
+
+        EspeakEngine().load()
+    except (ImportError, LowvoxError, OSError) as e:
+        pytest.skip(f"espeak is not available: {e}")
+
+    async def main() -> str | None:
+        hub = EngineHub(make_settings(tmp_path))
+        try:
+            target = await resolve_target(hub, SynthesizeVoice(language=language), None)
+            plan = await plan_job(
+                hub, text="Hello.", voice=target.voice, language=target.language, fmt="pcm"
+            )
+            return plan.segments[0].voice
+        finally:
+            await hub.close()
+
+    assert run(main()) == voice
 
 
 def test_a_stream_with_an_unknown_voice_errors_once_and_still_stops(server):
