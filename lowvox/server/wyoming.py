@@ -52,14 +52,16 @@ logger = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 16
 # A connection with nothing to do that sends nothing for this long is closed (it holds one
-# of the MAX_CONNECTIONS places).
+# of the MAX_CONNECTIONS places), and so is one that takes none of its audio for this long
+# (what it does not read would wait in memory, and its job in the batch, for ever).
 IDLE_TIMEOUT_S = 300.0
 # Work queued on one connection before its reader waits for the speaker (back-pressure).
 MAX_PENDING = 32
 # The JSON header line of an event; its data and payload are limited separately.
 HEADER_LIMIT = 64 * 1024
 SAMPLE_WIDTH = 2  # 16-bit PCM
-# How long a refused client's remaining input is read and dropped before closing.
+# How long a refused client's remaining input is read and dropped before closing, and how
+# long a closing connection waits for the client to take what is still unsent.
 LINGER_S = 2.0
 _SELECT_PROGRAM = "select-program"  # newer wyoming releases: matched by name for older ones
 _ATTRIBUTION = Attribution(name="lowvox", url="")
@@ -91,10 +93,7 @@ async def read_event(
         return None
     if not line:
         return None
-    try:
-        header = json.loads(line)
-    except ValueError as e:
-        raise ProtocolError("event header is not JSON") from e
+    header = _json(line, "event header")
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError("event header has no type")
     data = header.get("data") or {}
@@ -108,16 +107,23 @@ async def read_event(
         )
     try:
         if data_length:
-            extra = json.loads(await _read_exactly(reader, data_length))
+            extra = _json(await _read_exactly(reader, data_length), "event data")
             if not isinstance(extra, dict):
                 raise ProtocolError("event data is not an object")
             data.update(extra)
         payload = await _read_exactly(reader, payload_length) if payload_length else None
     except asyncio.IncompleteReadError:
         return None
-    except ValueError as e:
-        raise ProtocolError("event data is not JSON") from e
     return Event(type=header["type"], data=data, payload=payload)
+
+
+def _json(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise ProtocolError(f"{what} is not JSON") from e
+    except RecursionError as e:  # `[[[[...` within the size limit: bad input, not a crash
+        raise ProtocolError(f"{what} is nested too deeply") from e
 
 
 def _length(header: dict[str, Any], key: str) -> int:
@@ -183,14 +189,23 @@ async def build_info(hub: EngineHub) -> Info:
 async def _running_slots(hub: EngineHub) -> list[EngineSlot]:
     slots = []
     try:
-        # Shielded: a client that gives up on describe must not abort a load in progress
-        # (its retry would start the load over).
-        slots.append(await asyncio.shield(hub.get(None)))
+        slots.append(await _engine(hub, None))
     except LowvoxError as e:
         logger.warning("wyoming: the %s engine cannot start: %s", hub.default, e)
     loaded = hub.loaded()
     slots += [loaded[name] for name in hub.names if name in loaded and name != hub.default]
     return slots
+
+
+async def _engine(hub: EngineHub, name: str | None) -> EngineSlot:
+    """The engine's slot, loading it if needed. Shielded: a client that gives up while the
+    model loads must not abort the load, or the next request would start it over (and
+    clients that always give up first, as a satellite does after a few seconds, would
+    never find it loaded)."""
+    loading = asyncio.ensure_future(hub.get(name))
+    # Its failure is told to the client that waits for it; one that left is not told.
+    loading.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(loading)
 
 
 def _program(slot: EngineSlot) -> TtsProgram:
@@ -231,9 +246,8 @@ class Target:
     language: str | None = None
 
 
-def _same_language(a: str, b: str) -> bool:
-    a, b = a.lower().replace("_", "-"), b.lower().replace("_", "-")
-    return a.split("-")[0] == b.split("-")[0]
+def _language_tag(code: str) -> str:
+    return code.strip().lower().replace("_", "-")
 
 
 async def resolve_target(
@@ -241,17 +255,17 @@ async def resolve_target(
 ) -> Target:
     """The engine and voice a `SynthesizeVoice` means: a voice by name (the chosen program's
     first, then the other running engines'), or that program's first voice of a language."""
-    preferred = hub.resolve_name(program)
+    preferred = await _engine(hub, program)
     if voice is None or (not voice.name and not voice.language):
-        return Target(preferred)
+        return Target(preferred.name)
     if voice.name:
         return await _voice_by_name(hub, voice.name, preferred)
     return await _voice_by_language(hub, voice.language or "", preferred)
 
 
-async def _voice_by_name(hub: EngineHub, name: str, preferred: str) -> Target:
-    slots = [await hub.get(preferred)]
-    slots += [s for n, s in hub.loaded().items() if n != preferred]
+async def _voice_by_name(hub: EngineHub, name: str, preferred: EngineSlot) -> Target:
+    slots = [preferred]
+    slots += [s for n, s in hub.loaded().items() if n != preferred.name]
     wanted = name.strip().lower()
     for slot in slots:
         for v in await hub.voices(slot):
@@ -260,16 +274,17 @@ async def _voice_by_name(hub: EngineHub, name: str, preferred: str) -> Target:
     raise UnknownVoice(name)
 
 
-async def _voice_by_language(hub: EngineHub, language: str, preferred: str) -> Target:
-    voices = await hub.voices(await hub.get(preferred))
+async def _voice_by_language(hub: EngineHub, language: str, preferred: EngineSlot) -> Target:
+    voices = await hub.voices(preferred)
     wanted = language.strip()
-    exact = [v for v in voices if v.language and v.language.lower() == wanted.lower()]
-    close = [v for v in voices if v.language and _same_language(v.language, wanted)]
-    for v in exact or close:
-        return Target(preferred, v.id, wanted)
-    # No voice says it speaks it: the engine's default voice, in that language (XTTS voices
-    # speak every language; the engine refuses one it does not know).
-    return Target(preferred, None, wanted)
+    for v in voices:  # a voice of exactly that language: en_US is espeak's en-us
+        if v.language and _language_tag(v.language) == _language_tag(wanted):
+            return Target(preferred.name, v.id, wanted)
+    # Otherwise the engine picks the voice for that language, as for HTTP requests that name
+    # only a language: espeak its main voice ("en" is English, not the first English
+    # accent it lists), XTTS its default voice (its voices speak every language). The
+    # engine refuses a language it does not know.
+    return Target(preferred.name, None, wanted)
 
 
 # -- one connection ------------------------------------------------------------------------
@@ -326,9 +341,7 @@ class Connection:
             return
         if error is not None:
             logger.error("wyoming: reading events failed", exc_info=error)
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
+        await hang_up(self.writer)
 
     async def _read_events(self) -> None:
         limit = max_event_bytes(self.state.settings.max_text_chars)
@@ -395,7 +408,14 @@ class Connection:
                 self._busy -= 1
 
     async def _write(self, event: Event) -> None:
-        await async_write_event(event, self.writer)
+        try:
+            await asyncio.wait_for(async_write_event(event, self.writer), IDLE_TIMEOUT_S)
+        except asyncio.TimeoutError as e:
+            # Ends the connection, and with it the job (ConnectionError: the client is gone).
+            logger.info(
+                "wyoming: closing a connection that read nothing for %.0f s", IDLE_TIMEOUT_S
+            )
+            raise ConnectionError("the client reads nothing") from e
 
     # -- the work ----------------------------------------------------------------------
 
@@ -513,18 +533,31 @@ async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, err
     moment first: closing with unread data resets the connection, and the client would lose
     the error before reading it."""
 
-    async def drop_input() -> None:
+    async def say_why() -> None:
+        await async_write_event(error.event(), writer)
+        if writer.can_write_eof():
+            writer.write_eof()
         while await reader.read(64 * 1024):
             pass
 
     with contextlib.suppress(Exception):
-        await async_write_event(error.event(), writer)
-        if writer.can_write_eof():
-            writer.write_eof()
-        await asyncio.wait_for(drop_input(), LINGER_S)
+        # Bounded as a whole: a client that reads nothing blocks the write itself.
+        await asyncio.wait_for(say_why(), LINGER_S)
+    await hang_up(writer)
+
+
+async def hang_up(writer: asyncio.StreamWriter) -> None:
+    """Close the connection. Closing waits until what is still unsent is taken: a client
+    that takes nothing for LINGER_S loses it, rather than holding the connection (and a
+    server that is stopping) for ever."""
     writer.close()
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), LINGER_S)
+    except Exception:  # timed out, or the client reset the connection
+        pass
+    finally:
+        if writer.transport.get_write_buffer_size():
+            writer.transport.abort()
 
 
 def _text(value: Any) -> str:

@@ -7,10 +7,11 @@ import asyncio
 import contextlib
 import io
 import logging
+import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import soundfile as sf
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
-from wyoming.event import Event
+from wyoming.event import Event, async_read_event, write_event
 from wyoming.info import Describe, Info
 from wyoming.tts import (
     Synthesize,
@@ -31,8 +32,17 @@ from wyoming.tts import (
 
 from lowvox.cli import build_parser
 from lowvox.engines.base import EngineCapabilities, VoiceInfo
-from lowvox.errors import UnknownEngine
-from lowvox.server.wyoming import Announcer, add_text, max_event_bytes, split_complete
+from lowvox.errors import LowvoxError, UnknownEngine
+from lowvox.server import wyoming as wyoming_server
+from lowvox.server.engines import EngineHub
+from lowvox.server.synthesis import plan_job
+from lowvox.server.wyoming import (
+    Announcer,
+    add_text,
+    max_event_bytes,
+    resolve_target,
+    split_complete,
+)
 from lowvox.settings import load_settings
 from tests.server.srv_audio import decode, dominant_frequency
 from tests.server.srv_fixtures import (
@@ -45,6 +55,7 @@ from tests.server.srv_fixtures import (
     fake_frequency,
     free_port,
     live_server,
+    make_settings,
 )
 
 # Guards against a hang, not a timing assertion: every answer here comes in milliseconds.
@@ -237,6 +248,36 @@ def test_unknown_voice_and_empty_text_are_errors_and_the_connection_stays(server
     assert_speaks(audio, "alpha", "Still here for you")
 
 
+@pytest.mark.parametrize(
+    ("language", "voice"),
+    [("en_US", "en-us"), ("en", "en-us"), ("fr", "fr"), ("fr_CA", "fr"), ("es_MX", "es-419")],
+)
+def test_a_language_speaks_with_its_own_espeak_voice(tmp_path, language, voice):
+    """The real espeak engine, whose voices are regional: a language picks the voice of
+    exactly that region, or the engine's main voice for it, never the first accent listed
+    (Caribbean English for en_US, Belgian French for fr). Checked on the planned job: the
+    voice the engine is given (espeak's audio differs a little from run to run)."""
+    try:
+        from lowvox.engines.espeak import EspeakEngine
+
+        EspeakEngine().load()
+    except (ImportError, LowvoxError, OSError) as e:
+        pytest.skip(f"espeak is not available: {e}")
+
+    async def main() -> str | None:
+        hub = EngineHub(make_settings(tmp_path))
+        try:
+            target = await resolve_target(hub, SynthesizeVoice(language=language), None)
+            plan = await plan_job(
+                hub, text="Hello.", voice=target.voice, language=target.language, fmt="pcm"
+            )
+            return plan.segments[0].voice
+        finally:
+            await hub.close()
+
+    assert run(main()) == voice
+
+
 def test_a_stream_with_an_unknown_voice_errors_once_and_still_stops(server):
     async def main() -> list[Event]:
         async with connect(server) as c:
@@ -269,6 +310,34 @@ def test_malformed_or_oversized_events_close_only_that_connection(server):
         assert error is not None and Error.is_type(error.type)
         assert end is None  # closed after saying why
     # The server itself carries on.
+    test_synthesize_sends_audio_as_it_is_made(server)
+
+
+def test_deeply_nested_json_is_refused_with_an_error(server):
+    # Within the size limits, but past the JSON decoder's recursion limit: hand-written
+    # frames, since the package's own writer cannot even encode such an event.
+    deep = b"[" * 20_000 + b"]" * 20_000
+    frames = [
+        b'{"type": "describe", "data": {"x": ' + deep + b"}}\n",
+        b'{"type": "describe", "data_length": %d}\n' % (len(deep) + 7) + b'{"x": ' + deep + b"}",
+    ]
+
+    async def refused(frame: bytes) -> list[Event | None]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.wyoming_port)
+        try:
+            writer.write(frame)
+            await writer.drain()
+            return [
+                await asyncio.wait_for(async_read_event(reader), READ_TIMEOUT_S) for _ in range(2)
+            ]
+        finally:
+            writer.close()
+
+    for frame in frames:
+        error, end = run(refused(frame))
+        assert error is not None and Error.is_type(error.type), frame[:40]
+        assert "nested too deeply" in Error.from_event(error).text
+        assert end is None  # closed after saying why
     test_synthesize_sends_audio_as_it_is_made(server)
 
 
@@ -344,6 +413,110 @@ def test_stopping_the_server_ends_connections_and_their_jobs(tmp_path):
     client.join(READ_TIMEOUT_S)
     assert not client.is_alive()
     assert text in s.engine.cancelled_jobs
+
+
+@contextlib.contextmanager
+def a_client_that_reads_nothing(port: int, text: str) -> Iterator[socket.socket]:
+    """A client that asks for `text` and then reads none of its audio: a small receive
+    buffer, so the server's writes back up once a few hundred kilobytes are in flight."""
+    frame = io.BytesIO()
+    write_event(Synthesize(text=text).event(), frame)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    try:
+        sock.sendall(frame.getvalue())
+        yield sock
+    finally:
+        sock.close()
+
+
+def wait_for_cancel(engine: FakeEngine, text: str) -> None:
+    deadline = time.monotonic() + READ_TIMEOUT_S
+    while text not in engine.cancelled_jobs and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert text in engine.cancelled_jobs
+    assert text not in engine.finished_jobs
+
+
+def test_a_client_that_reads_nothing_is_closed_and_its_job_cancelled(tmp_path, monkeypatch):
+    monkeypatch.setattr(wyoming_server, "IDLE_TIMEOUT_S", 0.5)  # seconds without reading
+    port = free_port()
+    text = "word " * 3000  # megabytes of audio, far more than the socket buffers hold
+    factory = FakeFactory(chunk_delay=0)
+    with live_server(tmp_path, factory, wyoming=True, wyoming_port=port) as s:
+        s.engine.gate.clear()  # the job waits before its last chunk: it never ends alone
+        try:
+            with a_client_that_reads_nothing(port, text) as sock:
+                wait_for_cancel(s.engine, text)
+                # Its connection is closed too: what is left to read ends.
+                sock.settimeout(READ_TIMEOUT_S)
+                with contextlib.suppress(ConnectionResetError):
+                    while sock.recv(1 << 20):
+                        pass
+        finally:
+            s.engine.gate.set()
+
+
+def test_stopping_the_server_does_not_wait_for_a_client_that_reads_nothing(tmp_path):
+    port = free_port()
+    text = "word " * 3000
+    client = contextlib.ExitStack()
+    with live_server(tmp_path, FakeFactory(chunk_delay=0), wyoming=True, wyoming_port=port) as s:
+        client.enter_context(a_client_that_reads_nothing(port, text))
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while text not in s.engine.finished_jobs and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert text in s.engine.finished_jobs  # all its audio waits to be sent
+    # The server stopped with the client still connected.
+    alive = s.thread.is_alive()
+    client.close()
+    assert not alive, "the server did not stop"
+
+
+class SlowLoadFactory(FakeFactory):
+    """Its xtts engine loads only once `release` is set, and counts its loads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loading = threading.Event()
+        self.release = threading.Event()
+        self.loads = 0
+
+    def __call__(self, name, settings):
+        engine = super().__call__(name, settings)
+        if name == "xtts":
+            engine.load = self._load
+        return engine
+
+    def _load(self) -> None:
+        self.loads += 1
+        self.loading.set()
+        assert self.release.wait(READ_TIMEOUT_S)
+
+
+def test_a_client_leaving_while_its_engine_loads_does_not_abort_the_load(tmp_path):
+    factory = SlowLoadFactory()
+    port = free_port()
+    text = "Spoken by the second engine"
+    program = Event(type="select-program", data={"name": "xtts"})
+
+    async def leave_during_the_load() -> None:
+        async with AsyncTcpClient("127.0.0.1", port, 5, READ_TIMEOUT_S) as c:
+            await send(c, program, Synthesize(text=text, voice=SynthesizeVoice(name="alpha")))
+            assert await asyncio.to_thread(factory.loading.wait, READ_TIMEOUT_S)
+
+    async def ask_again() -> list[Event]:
+        async with AsyncTcpClient("127.0.0.1", port, 5, READ_TIMEOUT_S) as c:
+            await send(c, program, Synthesize(text=text, voice=SynthesizeVoice(name="alpha")))
+            factory.release.set()  # the load goes on only now that the first client is gone
+            return await read_until(c, is_type(AudioStop))
+
+    with live_server(tmp_path, factory, wyoming=True, wyoming_port=port):
+        run(leave_during_the_load())
+        (audio,) = segments(run(ask_again()))
+    assert_speaks(audio, "alpha", text)
+    assert factory.loads == 1  # the second client got the load the first one started
 
 
 def test_a_voice_uploaded_over_http_appears_in_the_next_describe(server):
