@@ -63,6 +63,10 @@ SAMPLE_WIDTH = 2  # 16-bit PCM
 # How long a refused client's remaining input is read and dropped before closing, and how
 # long a closing connection waits for the client to take what is still unsent.
 LINGER_S = 2.0
+# After a one-shot synthesize fails, a client that sends nothing more for this long is
+# closed: Home Assistant ignores `error` events and reads until audio-stop or the end of
+# the connection (as wyoming-piper closes it). A client that goes on in time keeps it.
+AFTER_ERROR_S = 5.0
 _SELECT_PROGRAM = "select-program"  # newer wyoming releases: matched by name for older ones
 _ATTRIBUTION = Attribution(name="lowvox", url="")
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -314,20 +318,25 @@ class Connection:
     _stream: _Stream | None = None
     _work: asyncio.Queue[Work] = field(default_factory=lambda: asyncio.Queue(MAX_PENDING))
     _busy: int = 0  # work queued or running
+    _events: int = 0  # events read so far
+    _reading: asyncio.Task | None = None
+    _watch: asyncio.Task | None = None  # closes a silent connection after a failure
 
     @property
     def hub(self) -> EngineHub:
         return self.state.hub
 
     async def serve(self) -> None:
-        reading = asyncio.create_task(self._read_events())
+        reading = self._reading = asyncio.create_task(self._read_events())
         speaking = asyncio.create_task(self._speak())
         try:
             await asyncio.wait({reading, speaking}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             # The client left, broke the protocol, or the server stops: cancelling the
             # speaker cancels the job it waits on.
-            for task in (speaking, reading):
+            for task in (speaking, reading, self._watch):
+                if task is None:
+                    continue
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
@@ -355,6 +364,7 @@ class Connection:
                 return
             if event is None:
                 return
+            self._events += 1
             await self._handle(event)
 
     async def _handle(self, event: Event) -> None:
@@ -429,8 +439,21 @@ class Connection:
         self.program = wanted
 
     async def _say_once(self, text: str, voice: SynthesizeVoice | None) -> None:
-        target = await resolve_target(self.hub, voice, self.program)
-        await self._say(text, target)
+        try:
+            target = await resolve_target(self.hub, voice, self.program)
+            await self._say(text, target)
+        except LowvoxError:
+            if self._watch is None or self._watch.done():
+                self._watch = asyncio.create_task(self._close_if_silent(self._events))
+            raise
+
+    async def _close_if_silent(self, seen: int) -> None:
+        """End the connection if no event arrives within AFTER_ERROR_S of a failed one-shot
+        synthesize (its `error` event is written meanwhile)."""
+        await asyncio.sleep(AFTER_ERROR_S)
+        if self._events == seen and not self._busy and self._reading is not None:
+            logger.info("wyoming: closing a connection silent after its request failed")
+            self._reading.cancel()  # `serve` then hangs up
 
     async def _say(self, text: str, target: Target) -> None:
         """Plan and queue one job as HTTP does, then send its audio as it is made:

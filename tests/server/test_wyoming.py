@@ -248,6 +248,25 @@ def test_unknown_voice_and_empty_text_are_errors_and_the_connection_stays(server
     assert_speaks(audio, "alpha", "Still here for you")
 
 
+def test_a_failed_one_shot_ends_the_connection_of_a_client_that_waits(server, monkeypatch):
+    """Home Assistant's one-shot `synthesize`: it ignores `error` events and reads until
+    audio-stop or the connection's end. A client that sends nothing after its request failed
+    is closed (soon, not after the 5-minute idle limit), so such a client learns it failed."""
+    monkeypatch.setattr(wyoming_server, "AFTER_ERROR_S", 0.2)
+
+    async def main() -> list[str | None]:
+        async with connect(server) as c:
+            await send(c, Synthesize(text="Hello there", voice=SynthesizeVoice(name="nobody")))
+            seen: list[str | None] = []
+            while True:  # as Home Assistant reads
+                event = await asyncio.wait_for(c.read_event(), READ_TIMEOUT_S)
+                seen.append(None if event is None else event.type)
+                if event is None or AudioStop.is_type(event.type):
+                    return seen
+
+    assert run(main()) == ["error", None]
+
+
 @pytest.mark.parametrize(
     ("language", "voice"),
     [("en_US", "en-us"), ("en", "en-us"), ("fr", "fr"), ("fr_CA", "fr"), ("es_MX", "es-419")],
