@@ -249,12 +249,28 @@ def _normalise_origin(origin: str) -> str:
     if text == "*":
         return text
     parts = urlsplit(text.rstrip("/"))
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.path
+        or parts.query
+        or parts.fragment
+        or port == -1
+    ):
         raise ValueError(
             f"cors_origins: {origin!r} is not an origin; give scheme, host and port only, "
             "e.g. http://localhost:8000"
         )
-    return f"{parts.scheme}://{parts.netloc}".lower()
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    # Browsers leave out the scheme's default port: http://host:80 is sent as http://host.
+    default = {"http": 80, "https": 443}[parts.scheme]
+    suffix = "" if port in (None, default) else f":{port}"
+    return f"{parts.scheme}://{host}{suffix}".lower()
 
 
 # Set only for the duration of `load_settings`; pydantic-settings asks for sources on a

@@ -133,6 +133,26 @@ def test_a_listed_origin_works_for_sillytavern(tmp_path):
         assert c.get("/speakers", headers={"Origin": EVIL}).status_code == 403
 
 
+def test_an_origin_is_compared_as_browsers_send_it(tmp_path):
+    """Browsers leave the scheme's default port out of `Origin`: a page configured as
+    `http://webui.lan:80` sends `http://webui.lan`. Anything but scheme, host and port is
+    refused when the settings load."""
+    origins = ["HTTP://WebUI.lan:80/", "https://ui.lan:443", "http://[::1]:80", "http://b:3000"]
+    assert Settings(cors_origins=origins).cors_origins == [
+        "http://webui.lan",
+        "https://ui.lan",
+        "http://[::1]",
+        "http://b:3000",
+    ]
+    for bad in ["http://user@webui.lan", "http://webui.lan:port", "http://h/x", "http://h#top"]:
+        with pytest.raises(ValueError, match="is not an origin"):
+            Settings(cors_origins=[bad])
+    with live_server(tmp_path, cors_origins=["http://webui.lan:80"]) as s, s.client() as c:
+        r = c.get("/speakers", headers={"Origin": "http://webui.lan"})
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "http://webui.lan"
+
+
 def test_any_origin_needs_a_key(tmp_path):
     with pytest.raises(ValueError, match="api_key"):
         Settings(cors_origins=["*"])
