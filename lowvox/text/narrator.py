@@ -32,22 +32,23 @@ def _pairs(positions: list[int]) -> list[tuple[int, int]]:
 
 
 def _quote_spans(text: str) -> list[tuple[int, int]]:
-    spans = _pairs([i for i, c in enumerate(text) if c == '"'])
-    taken = {i for span in spans for i in span}
-
-    def inside(i: int) -> bool:
-        return any(a < i < b for a, b in spans)
-
+    """Straight quotes pair in order; then each “ outside every span so far pairs with the
+    first ” after it, unless that ” lies inside a straight-quoted span. One pass each, so a
+    text full of quotes costs no more than any other (it once took seconds)."""
+    straight = _pairs([i for i, c in enumerate(text) if c == '"'])
+    in_straight = _mark(len(text), straight)
+    next_close = [len(text)] * (len(text) + 1)  # the first ” at or after each position
+    for i in range(len(text) - 1, -1, -1):
+        next_close[i] = i if text[i] == "”" else next_close[i + 1]
+    curly: list[tuple[int, int]] = []
     for i, c in enumerate(text):
-        if c != "“" or inside(i):
+        # Curly spans come in order, so "inside one" means before the last one's close.
+        if c != "“" or in_straight[i] or (curly and i < curly[-1][1]):
             continue
-        close = next(
-            (j for j in range(i + 1, len(text)) if text[j] == "”" and j not in taken), None
-        )
-        if close is not None and not any(a < close < b for a, b in spans):
-            spans.append((i, close))
-            taken.update((i, close))
-    return sorted(spans)
+        close = next_close[i + 1]
+        if close < len(text) and not in_straight[close]:
+            curly.append((i, close))
+    return sorted(straight + curly)
 
 
 def _mark(length: int, spans: list[tuple[int, int]]) -> list[bool]:
@@ -89,24 +90,27 @@ def segment_narrator(text: str, mode: str = "character") -> list[Segment]:
     markers = {i for span in quotes + stars for i in span}
     outside: Role | None = None if mode == "silent" else mode  # type: ignore[assignment]
 
-    pieces: list[tuple[Role | None, str]] = []
+    # Runs of characters with one speaker, as lists: adding to a string char by char
+    # copies it every time.
+    pieces: list[tuple[Role | None, list[str]]] = []
     for i, c in enumerate(text):
         role = "character" if in_quote[i] else "narrator" if in_star[i] else outside
         if i in markers or c in '*"“”':  # paired markers delimit; stray ones are dropped
             c = " "
             role = pieces[-1][0] if pieces else role
         if pieces and pieces[-1][0] == role:
-            pieces[-1] = (role, pieces[-1][1] + c)
+            pieces[-1][1].append(c)
         else:
-            pieces.append((role, c))
+            pieces.append((role, [c]))
 
-    segments: list[Segment] = []
-    for role, raw in pieces:
-        piece = " ".join(raw.split())
+    joined: list[tuple[Role, list[str]]] = []
+    for role, chars in pieces:
+        piece = " ".join("".join(chars).split())
         if role is None or not _speakable(piece):
             continue
-        if segments and segments[-1].role == role:
-            segments[-1] = Segment(f"{segments[-1].text} {piece}", role)
+        if joined and joined[-1][0] == role:
+            joined[-1][1].append(piece)
         else:
-            segments.append(Segment(piece, role))
+            joined.append((role, [piece]))
+    segments = [Segment(" ".join(parts), role) for role, parts in joined]
     return segments
