@@ -3,9 +3,10 @@
 Both run on whole requests (20,000 characters through the server, whole books through
 jobs) before any audio is made. A long run without spaces made of punctuation (`((((`,
 `====`, `a:a:a:`) took the splitter minutes: every character peeled off the run searched
-the whole rest of it again. A text full of curly quotes took the narrator seconds. Work is
+the whole rest of it again. A text full of curly quotes took the narrator seconds, and many unclosed <script>
+tags made the HTML filter search to the end of the text from each one. Work is
 counted, not timed: the characters handed to the splitter's patterns, and the lines of
-the narrator's Python run; over a ladder of sizes (n to 4n) linear work grows about 4x,
+the narrator's Python run, the text the HTML filter searches for closing tags; over a ladder of sizes (n to 4n) linear work grows about 4x,
 quadratic 16x.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from lowvox.text import narrator, sentence_tokens, split_sentences
+from lowvox.text import filters, narrator, sentence_tokens, split_sentences
 from lowvox.text.split import split_into_sentences
 
 LADDER = (500, 2000)
@@ -131,3 +132,29 @@ def test_narrator_work_is_linear(name):
     small, large = (_narrator_lines(make(n // 4)) for n in LADDER)
     ratio = large / small
     assert ratio < GROWTH_LIMIT, f"{name!r}: work grew {ratio:.1f}x over 4x input"
+
+
+def _html_filter_work(monkeypatch: pytest.MonkeyPatch, text: str) -> int:
+    counter = [0]
+
+    class Counting:
+        def __init__(self, pattern: re.Pattern[str]) -> None:
+            self._pattern = pattern
+
+        def search(self, text: str, pos: int = 0) -> re.Match[str] | None:
+            found = self._pattern.search(text, pos)
+            counter[0] += (found.end() if found else len(text)) - pos  # what was read
+            return found
+
+    counted = {name: Counting(p) for name, p in filters._HIDDEN_CLOSE.items()}
+    monkeypatch.setattr(filters, "_HIDDEN_CLOSE", counted)
+    filters.filter_text(text, "html")
+    return counter[0]
+
+
+@pytest.mark.parametrize(
+    "unit", ["<script>a ", "<style>b ", "<script>x</script><style>y "], ids=str.strip
+)
+def test_html_filter_work_on_unclosed_elements_is_linear(monkeypatch, unit):
+    small, large = (_html_filter_work(monkeypatch, unit * (n // 4)) for n in LADDER)
+    assert large / max(small, 1) < GROWTH_LIMIT
