@@ -72,7 +72,10 @@ def split_sentences(text: str, lang: str, limit: int | None = None) -> list[str]
 
     Sentences are packed greedily into chunks of at most `limit` characters (default: the
     language's XTTS limit); a sentence longer than that is wrapped at word boundaries. Text
-    shorter than the limit is one chunk. Chunks that are only whitespace are dropped.
+    shorter than the limit is one chunk. Chunks that are only whitespace are dropped. As
+    in the reference, the space that joins two sentences is not counted, so a packed
+    chunk can be `limit + 1` characters long (XTTS only warns past its limit; the hard
+    limit is 400 tokens, which the XTTS engine enforces by cutting again: `fit_pieces`).
     """
     if limit is None:
         limit = char_limit(lang)
