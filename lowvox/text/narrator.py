@@ -9,6 +9,7 @@ marker with no partner is dropped and its text read as if it were not there.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,14 @@ class Segment:
 
     text: str
     role: Role
+
+
+# Only the quote entities: other entities are left for the text filter to unescape once.
+_QUOTE_CHARS = {
+    "&quot;": '"', "&#34;": '"', "&#x22;": '"', "&ldquo;": "“", "&#8220;": "“",
+    "&#x201c;": "“", "&rdquo;": "”", "&#8221;": "”", "&#x201d;": "”",
+}  # fmt: skip
+_QUOTE_ENTITY = re.compile("|".join(map(re.escape, _QUOTE_CHARS)), re.IGNORECASE)
 
 
 def _pairs(positions: list[int]) -> list[tuple[int, int]]:
@@ -74,7 +83,9 @@ def segment_narrator(text: str, mode: str = "character") -> list[Segment]:
 
     `mode` says who speaks text outside both markers: "character", "narrator" or
     "silent" (dropped). Consecutive segments with the same speaker are joined; segments
-    with nothing to say (only punctuation or spaces) are dropped.
+    with nothing to say (only punctuation or spaces) are dropped. Quotes written as HTML
+    entities (`&quot;`: text-generation-webui's AllTalk extension sends its chat HTML)
+    are quotes, as AllTalk reads them.
     """
     if mode not in NARRATOR_MODES:
         raise InvalidRequest(
@@ -83,6 +94,7 @@ def segment_narrator(text: str, mode: str = "character") -> list[Segment]:
         )
     if not isinstance(text, str):
         raise InvalidRequest("text must be a string", field="text")
+    text = _QUOTE_ENTITY.sub(lambda m: _QUOTE_CHARS[m.group(0).lower()], text)
     quotes = _quote_spans(text)
     in_quote = _mark(len(text), quotes)
     stars = _pairs([i for i, c in enumerate(text) if c == "*" and not in_quote[i]])
