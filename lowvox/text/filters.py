@@ -33,6 +33,7 @@ _SCRIPT_BLOCKS = (
     (0x1100, 0x11FF), (0x3130, 0x318F), (0xAC00, 0xD7AF),  # Hangul
     (0x1E00, 0x1FFF),  # Latin Extended Additional, Greek Extended
     (0x3040, 0x30FF), (0x31F0, 0x31FF),  # kana
+    (0x3000, 0x303F),  # CJK symbols: its letters and numbers are 々 〆 〇 (人々, 二〇二四)
     (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF),  # CJK ideographs
     (0xFB50, 0xFDFF), (0xFE70, 0xFEFF),  # Arabic presentation forms
     (0xFF10, 0xFF19), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0xFF66, 0xFF9F),  # full/half width
@@ -49,9 +50,15 @@ _KEPT_SYMBOLS = set(
 _REPEATED_MARK = re.compile(r"([!?.])\1+")
 _HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")
 _BLANK_LINES = re.compile(r"\n\s*\n\s*")
-_TAG = re.compile(r"<[^<>]*>")
+# A tag starts with a letter, "/" + letter, "!" or "?" (as HTML parses it): "1 < 2 and
+# 3 > 2" and "<3" are text, not a tag to strip.
+_TAG = re.compile(r"<(?:/?[A-Za-z]|[!?])[^<>]*>")
 _ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
-_HIDDEN_ELEMENT = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_HIDDEN_OPEN = re.compile(r"<(script|style)\b[^<>]*>", re.IGNORECASE)
+_HIDDEN_CLOSE = {name: re.compile(rf"</{name}\s*>", re.IGNORECASE) for name in ("script", "style")}
+# Latin ligatures (ﬁ ﬂ ﬀ ﬃ ﬄ ﬅ ﬆ), common in text copied from PDFs and e-books: spelled
+# out as their letters, or the filter would drop them from the middle of words.
+_LATIN_LIGATURES = re.compile("[\ufb00-\ufb06]")
 
 
 def _in_scripts(code: int) -> bool:
@@ -69,6 +76,7 @@ def _keep(ch: str) -> bool:
 
 def _kept(text: str) -> str:
     text = unicodedata.normalize("NFC", text)
+    text = _LATIN_LIGATURES.sub(lambda m: unicodedata.normalize("NFKC", m.group(0)), text)
     # Tabs and other whitespace become spaces; control and format characters go.
     return "".join(
         " " if (ch.isspace() and ch != "\n") else ch for ch in text if _keep_or_space(ch)
@@ -108,8 +116,27 @@ def _keep_or_space(ch: str) -> bool:
 
 
 def _strip_tags(text: str) -> str:
-    text = _HIDDEN_ELEMENT.sub(" ", text)
-    return _TAG.sub(" ", text)
+    return _TAG.sub(" ", _drop_hidden_elements(text))
+
+
+def _drop_hidden_elements(text: str) -> str:
+    """Drop each <script> and <style> element, contents and all. Each is looked for once:
+    an element left open has no closing tag further on either, so no later opening of
+    the same name is searched to the end again (that made many open tags quadratic)."""
+    out: list[str] = []
+    pos = 0
+    unclosed: set[str] = set()
+    while match := _HIDDEN_OPEN.search(text, pos):
+        name = match.group(1).lower()
+        close = None if name in unclosed else _HIDDEN_CLOSE[name].search(text, match.end())
+        if close is None:
+            unclosed.add(name)
+            out.append(text[pos : match.end()])
+        else:
+            out.append(text[pos : match.start()] + " ")
+        pos = close.end() if close else match.end()
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def filter_text(text: str, mode: str = "standard") -> str:

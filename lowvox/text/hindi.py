@@ -43,10 +43,14 @@ def cardinal(value: int) -> str:
     return " ".join(words)
 
 
-def decimal(whole: str, fraction: str) -> str:
+def decimal(whole_words: str, fraction: str) -> str:
+    """The whole part (already in words), "dashamlav", then the fraction digit by digit."""
     digits = " ".join(_BELOW_100[int(d)] for d in fraction)
-    return f"{cardinal(int(whole))} {_POINT} {digits}"
+    return f"{whole_words} {_POINT} {digits}"
+
+
+ORDINAL_SUFFIX = "वाँ"
 
 
 def ordinal(value: int) -> str:
-    return _ORDINAL_FORMS.get(value) or cardinal(value) + "वाँ"
+    return _ORDINAL_FORMS.get(value) or cardinal(value) + ORDINAL_SUFFIX

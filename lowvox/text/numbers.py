@@ -105,7 +105,7 @@ def _decimal(match: re.Match[str], lang: str) -> str:
     text = match.group(0)
     whole, frac = re.split(r"[.,]", text, maxsplit=1)
     if lang == "hi":
-        return hindi.decimal(whole, frac)
+        return hindi.decimal(_cardinal(whole, lang), frac)
     return _spell(
         lambda: num2words(float(text.replace(",", ".")), lang=lang),
         lambda: f"{_cardinal(whole, lang)} {_cardinal(frac, lang)}",
@@ -116,7 +116,11 @@ def _decimal(match: re.Match[str], lang: str) -> str:
 def _ordinal(match: re.Match[str], lang: str) -> str:
     digits = match.group(1)
     if lang == "hi":
-        return hindi.ordinal(int(digits))
+        return _spell(
+            lambda: hindi.ordinal(int(digits)),
+            lambda: _cardinal(digits, lang) + hindi.ORDINAL_SUFFIX,
+            match.group(0),
+        )
     # Without an ordinal rule (Czech) the number is read as a cardinal and keeps its marker,
     # which for Czech is a dot that may also end the sentence.
     return _spell(

@@ -96,7 +96,9 @@ class _Rules:
     specials: frozenset[str]
     suffix: re.Pattern[str]
     infix: re.Pattern[str]
-    url: re.Pattern[str]
+    host: re.Pattern[str]  # a URL's host and port
+    # The longest tail `suffix` can match, dot runs aside (they are measured directly).
+    longest_tail: int
 
 
 @lru_cache(maxsize=8)
@@ -145,30 +147,36 @@ def _rules(family: str) -> _Rules:
     # because they free a special word (`y.` in `x—y.`) to be recognised.
     infix = re.compile("|".join(inner))
     label = r"[A-Za-z0-9\u00a1-\uffff]"
-    url = re.compile(
-        r"^(?:[\w+\-.]{2,}://)?(?:\S+(?::\S*)?@)?"
+    # spaCy's URL pattern less its scheme and user info, which `_is_url` finds itself.
+    host = re.compile(
         r"(?:(?:[1-9]\d?|1\d\d|2[01]\d|22[0-3])(?:\.(?:1?\d{1,2}|2[0-4]\d|25[0-5])){2}"
         r"\.(?:[1-9]\d?|1\d\d|2[0-4]\d|25[0-4])"
         rf"|(?:(?:{label}[A-Za-z0-9\u00a1-\uffff_-]{{0,62}})?{label}\.)+[{lower}]{{2,63}})"
-        r"(?::\d{2,5})?(?:[/?#]\S*)?$"
+        r"(?::\d{2,5})?"
     )
-    return _Rules(frozenset(SPECIAL_CASES[family]), suffix, infix, url)
+    longest_tail = max(len("……"), len("'s"), *map(len, CURRENCY_AFTER_NUMBER), *map(len, units))
+    return _Rules(frozenset(SPECIAL_CASES[family]), suffix, infix, host, longest_tail)
 
 
 # ----------------------------------------------------------------------------------------
 # Tokens
 
 
-def _prefix_length(s: str) -> int:
-    if s.startswith(".."):
-        return len(s) - len(s.lstrip("."))
-    c = s[0]
+def _prefix_length(s: str, a: int, b: int) -> int:
+    """The length of the prefix split off the word `s[a:b]` (0: none)."""
+    if s.startswith("..", a, b):
+        end = a
+        while end < b and s[end] == ".":
+            end += 1
+        return end - a
+    c = s[a]
     if c == "+":
-        return 0 if s[1:2].isdigit() and s[1:2].isascii() else 1
+        following = s[a + 1 : min(a + 2, b)]
+        return 0 if following.isdigit() and following.isascii() else 1
     if c in PREFIX_CHARS or _is_icon(c):
         return 1
     for cur in ("US$", "C$", "A$"):
-        if s.startswith(cur):
+        if s.startswith(cur, a, b):
             return len(cur)
     return 0
 
@@ -182,48 +190,110 @@ def _is_icon(c: str) -> bool:
     return _icon_re().fullmatch(c) is not None
 
 
-def _suffix_length(s: str, rules: _Rules) -> int:
-    # The leftmost tail that a rule matches in full wins, i.e. the longest one.
-    m = rules.suffix.search(s)
+# Characters a tail's lookbehind may look at before the tail itself (`(?<=°C)\.`).
+_LOOKBEHIND = 2
+
+
+def _suffix_length(s: str, a: int, b: int, rules: _Rules) -> int:
+    """The length of the suffix split off the word `s[a:b]` (0: none)."""
+    # The leftmost tail that a rule matches in full wins, i.e. the longest one. Only a run
+    # of dots can be longer than `longest_tail`, so the search looks at the end of the word
+    # alone: searching all of it for every character peeled off a long run of punctuation
+    # made one 20,000-character "word" take minutes.
+    if b - a >= 2 and s[b - 2 : b] == "..":
+        start = b
+        while start > a and s[start - 1] == ".":
+            start -= 1
+        return b - start
+    m = rules.suffix.search(s[max(a, b - rules.longest_tail - _LOOKBEHIND) : b])
     return m.end() - m.start() if m else 0
+
+
+@lru_cache(maxsize=16)
+def _longest(words: frozenset[str]) -> int:
+    return max(map(len, words), default=0)
+
+
+_SCHEME = re.compile(r"[\w+\-.]{2,}://")
+
+
+def _is_url(s: str, rules: _Rules) -> bool:
+    """Whether the whitespace-free `s` is a URL by spaCy's pattern: an optional scheme,
+    optional user info up to an "@", a host with an optional port, then "/", "?" or "#"
+    and anything. As one regex its user info part backtracks over every ":" and "@" of a
+    long run (seconds for 20,000 characters); here each place a host may start is tried
+    once, over the stretch up to the next "@", so the whole check is linear."""
+    starts = [0]
+    scheme = _SCHEME.match(s)
+    if scheme:
+        starts.append(scheme.end())
+    at = s.find("@", 1)  # user info is at least one character
+    while at != -1:
+        starts.append(at + 1)
+        at = s.find("@", at + 1)
+    for start in starts:
+        stop = s.find("@", start)
+        stop = len(s) if stop == -1 else stop
+        path = [i for i in (s.find(c, start, stop) for c in "/?#") if i != -1]
+        if path:
+            end = min(path)
+        elif stop == len(s):
+            end = len(s)
+        else:
+            continue  # a host has no "@" in it
+        if rules.host.fullmatch(s, start, end):
+            return True
+    return False
+
+
+def _is_special(s: str, specials: frozenset[str]) -> bool:
+    return _is_special_at(s, 0, len(s), specials)
+
+
+def _is_special_at(s: str, a: int, b: int, specials: frozenset[str]) -> bool:
+    """Whether `s[a:b]` is a special word; the length is checked before anything is copied."""
+    return b - a <= _longest(specials) and s[a:b] in specials
 
 
 def _split_affixes(s: str, rules: _Rules, specials: frozenset[str]) -> list[str]:
     """Split one whitespace-free run into tokens: prefixes, a core, suffixes."""
-    if s in specials:
+    if _is_special(s, specials):
         return [s]
     prefixes: list[str] = []
     suffixes: list[str] = []
+    # The part still to split is s[a:b]: indices, not slices, keep a long run linear.
+    a, b = 0, len(s)
     last = -1
-    while s and len(s) != last:
-        if s in specials:
+    while a < b and b - a != last:
+        if _is_special_at(s, a, b, specials):
             break
-        last = len(s)
-        pre = _prefix_length(s)
-        if pre and s[pre:] and s[pre:] in specials:
-            prefixes.append(s[:pre])
-            s = s[pre:]
+        last = b - a
+        pre = _prefix_length(s, a, b)
+        if pre and a + pre < b and _is_special_at(s, a + pre, b, specials):
+            prefixes.append(s[a : a + pre])
+            a += pre
             break
-        suf = _suffix_length(s[pre:], rules)
-        if suf and s[:-suf] and s[:-suf] in specials:
-            suffixes.append(s[-suf:])
-            s = s[:-suf]
+        suf = _suffix_length(s, a + pre, b, rules)
+        if suf and a < b - suf and _is_special_at(s, a, b - suf, specials):
+            suffixes.append(s[b - suf : b])
+            b -= suf
             break
-        if pre and suf and pre + suf <= len(s):
-            prefixes.append(s[:pre])
-            suffixes.append(s[-suf:])
-            s = s[pre:-suf]
+        if pre and suf and pre + suf <= b - a:
+            prefixes.append(s[a : a + pre])
+            suffixes.append(s[b - suf : b])
+            a, b = a + pre, b - suf
         elif pre:
-            prefixes.append(s[:pre])
-            s = s[pre:]
+            prefixes.append(s[a : a + pre])
+            a += pre
         elif suf:
-            suffixes.append(s[-suf:])
-            s = s[:-suf]
-        if s and s in specials:
+            suffixes.append(s[b - suf : b])
+            b -= suf
+        if a < b and _is_special_at(s, a, b, specials):
             break
+    s = s[a:b]
     core: list[str] = []
     if s:
-        if s in specials or rules.url.match(s):
+        if _is_special(s, specials) or _is_url(s, rules):
             core = [s]
         else:
             start = 0

@@ -11,6 +11,7 @@ brackets staying with their sentence), and `_sentences` the sentencizer itself.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 
 from lowvox.text.languages import char_limit, rule_key
 from lowvox.text.sentence_tokens import tokens as _tokens
@@ -71,7 +72,10 @@ def split_sentences(text: str, lang: str, limit: int | None = None) -> list[str]
 
     Sentences are packed greedily into chunks of at most `limit` characters (default: the
     language's XTTS limit); a sentence longer than that is wrapped at word boundaries. Text
-    shorter than the limit is one chunk. Chunks that are only whitespace are dropped.
+    shorter than the limit is one chunk. Chunks that are only whitespace are dropped. As
+    in the reference, the space that joins two sentences is not counted, so a packed
+    chunk can be `limit + 1` characters long (XTTS only warns past its limit; the hard
+    limit is 400 tokens, which the XTTS engine enforces by cutting again: `fit_pieces`).
     """
     if limit is None:
         limit = char_limit(lang)
@@ -100,3 +104,14 @@ def split_into_sentences(text: str, lang: str, limit: int | None = None) -> list
         elif sentence:
             out.append(sentence)
     return out
+
+
+def fit_pieces(piece: str, too_long: Callable[[str], bool]) -> list[str]:
+    """`piece`, cut at word boundaries into halves and halves again until no part is
+    `too_long`: a chunk within the character limit can still pass XTTS's 400-token limit
+    once numbers are spelled out ("$1,234,567.89" is 17 words). A part that is a single
+    character is given back as it is, for the caller to refuse."""
+    if len(piece) < 2 or not too_long(piece):
+        return [piece]
+    halves = textwrap.wrap(piece, width=(len(piece) + 1) // 2, break_on_hyphens=False)
+    return [part for half in halves for part in fit_pieces(half, too_long)]

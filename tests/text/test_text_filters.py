@@ -45,3 +45,25 @@ def test_empty_input(mode):
 def test_bad_mode():
     with pytest.raises(InvalidRequest):
         filter_text("x", "strict")
+
+
+@pytest.mark.parametrize("mode", ["standard", "html"])
+def test_cjk_iteration_mark_and_ideographic_zero_are_kept(mode):
+    # 々 repeats the kanji before it (時々 is "tokidoki"), 〇 is the zero of written dates.
+    assert filter_text("人々は時々来る。", mode) == "人々は時々来る。"
+    assert filter_text("二〇二四年に〆切", mode) == "二〇二四年に〆切"
+
+
+@pytest.mark.parametrize("mode", ["standard", "html"])
+def test_latin_ligatures_are_spelled_out(mode):
+    # Text copied from PDFs and e-books: dropping the ligature drops letters mid-word.
+    assert filter_text("The ﬁrst ﬂoor has ﬀ and ﬃ.", mode) == "The first floor has ff and ffi."
+
+
+def test_html_mode_strips_only_what_parses_as_a_tag():
+    assert filter_text("1 < 2 and 3 > 2, so x", "html") == "1 2 and 3 2, so x"
+    assert filter_text("I <3 you > them", "html") == "I 3 you them"
+    assert filter_text("<p>a<br/>b</p><!-- note --><!DOCTYPE html>c", "html") == "a b c"
+    assert filter_text("<SCRIPT>x()</Script>ok <style>p{}</STYLE >fine", "html") == "ok fine"
+    # An element left open hides nothing: its text is all there is.
+    assert filter_text("<script>one</script>two <script>three", "html") == "two three"

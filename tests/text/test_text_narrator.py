@@ -77,3 +77,21 @@ def test_segments_are_frozen_and_roles_valid():
 def test_bad_mode():
     with pytest.raises(InvalidRequest):
         segment_narrator("text", "both")
+
+
+def test_html_escaped_quotes_are_quotes():
+    # text-generation-webui's AllTalk extension posts the chat's HTML, quotes as &quot;
+    # (with narrator on and text outside quotes for the narrator); AllTalk unescapes
+    # before it segments, so the speech in quotes is the character's.
+    text = "&quot;Hello there.&quot; She smiled. *waves* &ldquo;Bye!&rdquo; Tom&#x27;s &amp; co"
+    segments = segment_narrator(text, "narrator")
+    assert [(s.role, s.text) for s in segments] == [
+        ("character", "Hello there."),
+        ("narrator", "She smiled. waves"),
+        ("character", "Bye!"),
+        # Other entities are left for the text filter, which unescapes them once.
+        ("narrator", "Tom&#x27;s &amp; co"),
+    ]
+    assert segment_narrator("&QUOT;Hi&#34; &#X22;yo&quot;", "narrator") == [
+        Segment("Hi yo", "character")
+    ]

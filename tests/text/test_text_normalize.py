@@ -92,6 +92,20 @@ def test_huge_numbers_are_read_digit_by_digit_where_num2words_gives_up():
     assert out.split() == ["uno"] + ["cero"] * 40
 
 
+@pytest.mark.parametrize("lang", LANGUAGES)
+@pytest.mark.parametrize("suffix", [".5", "st"])
+def test_numbers_past_pythons_digit_limit_do_not_crash(lang, suffix):
+    # int() refuses strings of over 4,300 digits; Hindi decimals and ordinals called it
+    # outside the fallback and raised ValueError. Such a number is read digit by digit.
+    assert normalize("7" * 4_400 + suffix, lang).strip()
+
+
+def test_hindi_huge_decimal_and_ordinal_keep_their_reading():
+    seven = "सात"
+    assert normalize("7" * 5_000 + ".5", "hi").split() == [seven] * 5_000 + ["दशमलव", "पाँच"]
+    assert normalize("7" * 5_000 + "th", "hi").split() == [seven] * 4_999 + [seven + "वाँ"]
+
+
 def test_turkish_dotted_capital_as_xtts_inference_sees_it():
     # XTTS lower-cases the sentence before its cleaners run, so İ arrives as i + U+0307.
     assert normalize("İstanbul", "tr") == "i\u0307stanbul"

@@ -73,6 +73,33 @@ def test_400_token_limit(tok):
         tok.check_length(long_ids)
 
 
+@pytest.mark.parametrize("lang", ["en", "de", "ru", "es", "hi"])
+def test_chunks_that_numbers_push_past_the_token_limit_are_cut_again(tok, lang):
+    from lowvox.engines.xtts.pipeline import encode_text
+    from lowvox.text import split_sentences
+
+    # Every chunk is within the character limit, but spelled out it is thousands of tokens:
+    # splitting on must still speak all of it, in pieces the GPT can take.
+    text = " ".join(str(n) for n in range(123_456_789, 123_456_789 + 40 * 7_919, 7_919))
+    assert all(len(c) <= tok.char_limit(lang) + 1 for c in split_sentences(text, lang))
+    pieces = encode_text(tok, text, lang, True, 402)
+    assert len(pieces) > len(split_sentences(text, lang))
+    assert all(p.shape[1] < 402 for p in pieces)
+
+    # Nothing lost or repeated: less their language tags and joined by spaces, the pieces
+    # are the ids of the chunks as they were.
+    def joined(ids: list[list[int]]) -> list[int]:
+        out: list[int] = []
+        for one in ids:
+            out += ([tok.space_id] if out else []) + one[1:]
+        return out
+
+    chunks = [tok.encode(c.strip().lower(), lang) for c in split_sentences(text, lang)]
+    assert joined([p[0].tolist() for p in pieces]) == joined(chunks)
+    with pytest.raises(InvalidRequest, match="turn sentence splitting on"):
+        encode_text(tok, text, lang, False, 402)
+
+
 def test_missing_or_bad_vocab_file(tmp_path):
     with pytest.raises(EngineUnavailable):
         XttsTokenizer.from_file(tmp_path / "nope.json")

@@ -69,25 +69,30 @@ def encode_text(
     lowercases and strips them), each checked against the model's text limit."""
     if not isinstance(text, str) or not text.strip():
         raise InvalidRequest("text is empty", field="text")
-    if split:
-        from lowvox.text import split_sentences
+    from lowvox.text.split import fit_pieces, split_sentences
 
-        pieces = split_sentences(text, language, tokenizer.char_limit(language))
-    else:
-        pieces = [text]
+    def too_long(piece: str) -> bool:
+        return len(tokenizer.encode(piece, language)) >= max_text_tokens
+
+    pieces = split_sentences(text, language, tokenizer.char_limit(language)) if split else [text]
     encoded = []
     for piece in (p.strip().lower() for p in pieces):
         if not piece:
             continue
-        ids = tokenizer.encode(piece, language)
-        if len(ids) >= max_text_tokens:
-            hint = "" if split else " (turn sentence splitting on)"
-            raise InvalidRequest(
-                f"a sentence is {len(ids)} tokens long, over the model's limit of "
-                f"{max_text_tokens - 1}{hint}: {piece[:60]!r}...",
-                field="text",
-            )
-        encoded.append(torch.tensor([ids], dtype=torch.long))
+        parts = [(piece, tokenizer.encode(piece, language))]
+        if split and len(parts[0][1]) >= max_text_tokens:
+            # Within the character limit but past the token limit (spelled-out numbers):
+            # cut again at word boundaries rather than refuse the whole text.
+            parts = [(p, tokenizer.encode(p, language)) for p in fit_pieces(piece, too_long)]
+        for part, ids in parts:
+            if len(ids) >= max_text_tokens:
+                hint = "" if split else " (turn sentence splitting on)"
+                raise InvalidRequest(
+                    f"a sentence is {len(ids)} tokens long, over the model's limit of "
+                    f"{max_text_tokens - 1}{hint}: {part[:60]!r}...",
+                    field="text",
+                )
+            encoded.append(torch.tensor([ids], dtype=torch.long))
     if not encoded:
         raise InvalidRequest("nothing to say after cleaning the text", field="text")
     return tuple(encoded)

@@ -1,0 +1,160 @@
+"""Sentence splitting and narrator segmentation do work linear in their input.
+
+Both run on whole requests (20,000 characters through the server, whole books through
+jobs) before any audio is made. A long run without spaces made of punctuation (`((((`,
+`====`, `a:a:a:`) took the splitter minutes: every character peeled off the run searched
+the whole rest of it again. A text full of curly quotes took the narrator seconds, and many unclosed <script>
+tags made the HTML filter search to the end of the text from each one. Work is
+counted, not timed: the characters handed to the splitter's patterns, and the lines of
+the narrator's Python run, the text the HTML filter searches for closing tags; over a ladder of sizes (n to 4n) linear work grows about 4x,
+quadratic 16x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from lowvox.text import filters, narrator, sentence_tokens, split_sentences
+from lowvox.text.split import split_into_sentences
+
+LADDER = (500, 2000)
+GROWTH_LIMIT = 6.0
+
+
+class _CountingPattern:
+    """A compiled pattern that adds up the length of text it is asked to look at."""
+
+    def __init__(self, pattern: re.Pattern[str], counter: list[int]) -> None:
+        self._pattern = pattern
+        self._counter = counter
+
+    def search(self, text: str, *args: Any) -> re.Match[str] | None:
+        self._counter[0] += len(text)
+        return self._pattern.search(text, *args)
+
+    def fullmatch(self, text: str, pos: int = 0, endpos: int = sys.maxsize) -> Any:
+        self._counter[0] += min(endpos, len(text)) - pos
+        return self._pattern.fullmatch(text, pos, endpos)
+
+    def finditer(self, text: str, *args: Any) -> Any:
+        self._counter[0] += len(text)
+        return self._pattern.finditer(text, *args)
+
+
+def _split_work(monkeypatch: pytest.MonkeyPatch, family: str, text: str) -> int:
+    counter = [0]
+    real = sentence_tokens._rules(family)
+    counted = dataclasses.replace(
+        real,
+        suffix=_CountingPattern(real.suffix, counter),
+        infix=_CountingPattern(real.infix, counter),
+        host=_CountingPattern(real.host, counter),
+    )
+    monkeypatch.setattr(sentence_tokens, "_rules", lambda _family: counted)
+    tokens = sentence_tokens.tokens(text, family)
+    # Nothing is lost or made up on the way.
+    assert "".join(t.text + t.space for t in tokens) == text
+    return counter[0]
+
+
+RUNS = {
+    "brackets": "(",
+    "equals": "=",
+    "percent": "%",
+    "quotes": '"',
+    "dollars": "$",
+    "emoji": "🙂",
+    "colons": "a:",
+    "at signs": "a@",
+    "dots and brackets": ".(",
+    "abbreviation": "Mr.",
+    "hyphens": "a-",
+}
+
+
+@pytest.mark.parametrize("family", ["en", "es", "ar", "hi"])
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_splitter_work_on_a_long_run_is_linear(monkeypatch, family, name):
+    unit = RUNS[name]
+    small, large = (_split_work(monkeypatch, family, unit * n) for n in LADDER)
+    ratio = large / max(small, 1)
+    assert ratio < GROWTH_LIMIT, f"{name!r}: work grew {ratio:.1f}x over 4x input"
+
+
+def test_a_20000_character_run_splits_without_losing_anything():
+    # Before the fix this one call ran for minutes on a 2-core machine.
+    text = "Look: " + "(=)" * 3_000 + " and then. " + "a:" * 5_000 + " end."
+    chunks = split_sentences(text, "en")
+    assert "".join("".join(chunks).split()) == "".join(text.split())
+    assert all(len(c) <= 251 for c in chunks)
+    assert "".join(split_into_sentences(text, "en")).replace(" ", "") == text.replace(" ", "")
+
+
+def _narrator_lines(text: str) -> int:
+    """Lines of narrator.py run to segment `text` (a deterministic measure of its work)."""
+    lines = [0]
+    path = narrator.__file__
+
+    def local(frame: Any, event: str, arg: Any) -> Callable[..., Any] | None:
+        if event == "line":
+            lines[0] += 1
+        return local
+
+    def trace(frame: Any, event: str, arg: Any) -> Callable[..., Any] | None:
+        return local if frame.f_code.co_filename == path else None
+
+    old = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        narrator.segment_narrator(text, "narrator")
+    finally:
+        sys.settrace(old)
+    return lines[0]
+
+
+NARRATOR_TEXTS: dict[str, Callable[[int], str]] = {
+    "curly quotes": lambda n: "“a” " * n,
+    "unclosed curly quotes": lambda n: "“a " * n,
+    "straight and curly": lambda n: '"a" ' * n + "“b " * n,
+    "speech and narration": lambda n: '*a* "." ' * n,
+}
+
+
+@pytest.mark.parametrize("name", sorted(NARRATOR_TEXTS))
+def test_narrator_work_is_linear(name):
+    make = NARRATOR_TEXTS[name]
+    small, large = (_narrator_lines(make(n // 4)) for n in LADDER)
+    ratio = large / small
+    assert ratio < GROWTH_LIMIT, f"{name!r}: work grew {ratio:.1f}x over 4x input"
+
+
+def _html_filter_work(monkeypatch: pytest.MonkeyPatch, text: str) -> int:
+    counter = [0]
+
+    class Counting:
+        def __init__(self, pattern: re.Pattern[str]) -> None:
+            self._pattern = pattern
+
+        def search(self, text: str, pos: int = 0) -> re.Match[str] | None:
+            found = self._pattern.search(text, pos)
+            counter[0] += (found.end() if found else len(text)) - pos  # what was read
+            return found
+
+    counted = {name: Counting(p) for name, p in filters._HIDDEN_CLOSE.items()}
+    monkeypatch.setattr(filters, "_HIDDEN_CLOSE", counted)
+    filters.filter_text(text, "html")
+    return counter[0]
+
+
+@pytest.mark.parametrize(
+    "unit", ["<script>a ", "<style>b ", "<script>x</script><style>y "], ids=str.strip
+)
+def test_html_filter_work_on_unclosed_elements_is_linear(monkeypatch, unit):
+    small, large = (_html_filter_work(monkeypatch, unit * (n // 4)) for n in LADDER)
+    assert large / max(small, 1) < GROWTH_LIMIT
