@@ -7,13 +7,16 @@ client empties at its own pace: a slow or idle reader holds disk, not memory, an
 holds up the batch. A whole-file answer (`"stream": false`, xtts-api-server's
 tts_to_audio) is the same encoding into a spooled file, sent with its exact length once
 complete. Files kept in the outputs folder are written while they are spoken and
-published only when whole. A client that leaves cancels its job, with one log line.
+published only when complete as files; a stream's copy, whose URL goes out with its
+headers, is published even when the stream is cut short, holding the audio made before
+the cut. A client that leaves cancels its job, with one log line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -132,6 +135,51 @@ class _PartFile:
         if not self.file.closed:
             self.file.close()
             self._atomic.__exit__(_Discarded, _Discarded(), None)
+
+
+class _KeptCopy:
+    """The saved copy of a stream, written as its audio is sent. Its URL went out with the
+    stream's headers (`X-Output-File-Url`), so however the stream ends the copy is
+    published: whole, or, for a stream cut short (the client left, a cancel, an engine
+    error), complete as a file and holding the audio made before the cut. Only a copy
+    with no audio yet, or one whose own writing failed, is dropped. The encoder's calls
+    run on a pool thread."""
+
+    def __init__(self, path: Path, fmt: str, rate: int, out_rate: int | None) -> None:
+        self.part = _PartFile(path)
+        try:
+            self.encoder = _encoder_module().FileEncoder(fmt, rate, self.part.file, out_rate)
+        except BaseException:
+            self.part.discard()
+            raise
+        self.audio = False  # whether any audio reached the file
+        self.broken = False  # whether writing it failed
+        self.settled = False  # published or dropped
+
+    def write(self, samples: np.ndarray) -> None:
+        try:
+            self.encoder.write(samples)
+        except BaseException:
+            self.broken = True
+            raise
+        self.audio = True
+
+    def publish(self, *, cut: bool) -> bool:
+        """Complete the file and publish it (once); whether it was. A cut copy without
+        audio, or one that cannot be completed, is dropped instead."""
+        if self.settled:
+            return False
+        self.settled = True
+        if self.broken or (cut and not self.audio):
+            self.part.discard()
+            return False
+        try:
+            self.encoder.close()
+            self.part.publish()
+        except BaseException:
+            self.part.discard()
+            raise
+        return True
 
 
 async def _render(
@@ -263,27 +311,27 @@ async def _streamed(
     out_rate: int | None,
 ) -> Response:
     fmt, rate = plan.fmt, plan.sample_rate
-    encode = _encoder_module()
-    stream_encoder = encode.StreamEncoder(fmt, rate, out_rate)
-    part = _PartFile(state.outputs.path_for(name)) if name else None
+    stream_encoder = _encoder_module().StreamEncoder(fmt, rate, out_rate)
+    kept = _KeptCopy(state.outputs.path_for(name), fmt, rate, out_rate) if name else None
     try:
-        file_encoder = encode.FileEncoder(fmt, rate, part.file, out_rate) if part else None
         spool = _Spool(state)
     except BaseException:
-        if part is not None:
-            part.discard()
+        if kept is not None:
+            kept.part.discard()
         raise
-    cheap = _cheap(fmt, out_rate, rate) and part is None
+    cheap = _cheap(fmt, out_rate, rate) and kept is None
 
     def on_chunk(samples: np.ndarray) -> bytes:
-        if file_encoder is not None:
-            file_encoder.write(samples)
+        if kept is not None:
+            kept.write(samples)
         return stream_encoder.write(samples)
 
-    def on_end() -> bytes:
-        if file_encoder is not None:
-            file_encoder.close()
-        return stream_encoder.close()
+    async def keep(cut: bool) -> None:
+        if kept is None or name is None:
+            return
+        if await _off_loop(functools.partial(kept.publish, cut=cut)):
+            await asyncio.to_thread(state.outputs.enforce_retention, name)
+            _remember(state, plan, name)
 
     async def pump() -> None:
         try:
@@ -293,15 +341,15 @@ async def _streamed(
                 )
                 spool.audio = True
                 spool.append(data)
-            spool.append(await _off_loop(on_end))
-            if part is not None and name is not None:
-                await _off_loop(part.publish)
-                await asyncio.to_thread(state.outputs.enforce_retention, name)
-                _remember(state, plan, name)
+            tail = await _off_loop(stream_encoder.close)
+            await keep(cut=False)  # before the stream's end: its URL works once it ends
+            spool.append(tail)
         except BaseException as e:
             spool.error = e
-            if part is not None:
-                part.discard()
+            try:
+                await keep(cut=True)
+            except Exception as failed:  # noqa: BLE001 -- logged; the stream's own error stands
+                logger.warning("could not keep %s: %s", name, failed)
             if not isinstance(e, Exception):
                 raise
         finally:
@@ -310,6 +358,21 @@ async def _streamed(
                 job.cancel.set()
 
     task = asyncio.create_task(pump())
+    stopping = False
+
+    async def stop() -> None:
+        """Cancel the job and the pump, then wait for the pump to finish (its kept copy
+        included). The pump is cancelled once only, and never by a waiter that is itself
+        cancelled (as a response's task is, again and again, once its client has left):
+        a second cancel would cut the copy's publishing short."""
+        nonlocal stopping
+        if not job.finished.is_set():
+            job.cancel.set()
+        if not stopping and not task.done():
+            stopping = True
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(task)
 
     async def first_audio() -> None:
         while not (spool.audio or spool.done):
@@ -324,12 +387,12 @@ async def _streamed(
                 raise failure
             raise failure from spool.error
     except BaseException:
-        await _stop(task, job)
+        await stop()
         spool.close()
         raise
 
     async def cleanup() -> None:
-        await _stop(task, job)
+        await stop()
         spool.close()
 
     async def body() -> AsyncIterator[bytes]:
@@ -355,15 +418,6 @@ async def _streamed(
             await cleanup()
 
     return JobStream(body(), job, cleanup, media_type=media_type(fmt), headers=headers)
-
-
-async def _stop(task: asyncio.Task, job: Job) -> None:
-    if not job.finished.is_set():
-        job.cancel.set()
-    if not task.done():
-        task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
 
 
 class JobStream(StreamingResponse):
@@ -470,7 +524,8 @@ async def respond(
     only up to `response_memory_bytes`.
 
     With `save_hint` the audio is also written to the outputs folder, streamed or not, and
-    `X-Output-File-Url` tells where it will be.
+    `X-Output-File-Url` tells where it will be; a stream cut short (the client left, a
+    cancel) leaves there what it had made (`_KeptCopy`).
     """
     fmt, rate = plan.fmt, plan.sample_rate
     stream = stream and get_format(fmt).streamable

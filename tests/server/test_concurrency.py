@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.server.srv_audio import decode, dominant_frequency
-from tests.server.srv_fixtures import FAKE_RATE, fake_frequency, live_server
+from tests.server.srv_fixtures import CHUNK_SECONDS, FAKE_RATE, fake_frequency, live_server
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:
@@ -177,6 +177,65 @@ def test_stream_disconnect_cancels_the_job(server, client):
     assert (
         client.post("/v1/audio/speech", json={"input": "next", "voice": "beta"}).status_code == 200
     )
+
+
+def _fetch_kept(client: httpx.Client, url: str) -> bytes:
+    """The kept copy at `url`: published as soon as the job has stopped."""
+    answers: list[httpx.Response] = []
+    assert wait_for(lambda: answers.append(client.get(url)) or answers[-1].status_code == 200)
+    return answers[-1].content
+
+
+def test_stream_cut_short_by_its_client_keeps_a_playable_file(server, client):
+    """SillyTavern's AllTalk streaming URL (a browser <audio> element): the listener skips
+    the message after four chunks. The slot is freed, and the file the stream promised
+    (X-Output-File-Url) holds, as a complete WAV, exactly the audio that was sent."""
+    engine = server.engine
+    engine.gate.clear()  # the engine holds its last chunk: the client leaves before it
+    text = "one two three four five six"
+    params = {"text": text, "voice": "beta", "language": "en", "output_file": "stream_output.wav"}
+    got = b""
+    with client.stream("GET", "/api/tts-generate-streaming", params=params) as r:
+        url = r.headers["x-output-file-url"]
+        wanted = 44 + 4 * int(CHUNK_SECONDS * FAKE_RATE) * 2  # header + four chunks
+        for data in r.iter_raw():
+            got += data
+            if len(got) >= wanted:
+                break
+    assert wait_for(lambda: text in engine.cancelled_jobs)
+    assert text not in engine.finished_jobs
+    kept = _fetch_kept(client, url)
+    assert kept[:4] == b"RIFF" and int.from_bytes(kept[4:8], "little") == len(kept) - 8
+    assert int.from_bytes(kept[40:44], "little") == len(kept) - 44  # sizes filled in
+    samples, rate, _ = decode(kept, "wav")
+    sent = np.frombuffer(got[44:wanted], dtype="<i2").astype(np.float32) / 32768
+    assert rate == FAKE_RATE and np.array_equal(samples, sent)
+    assert abs(dominant_frequency(samples, rate) - fake_frequency("beta", text)) < 5
+    engine.gate.set()
+
+
+def test_cancelled_stream_keeps_what_it_made_in_its_format(server, client):
+    """A saved mp3 stream stopped by its id: the copy is a complete, decodable mp3."""
+    engine = server.engine
+    engine.gate.clear()
+    text = "stop this saved stream soon"
+    body = {"input": text, "voice": "gamma", "response_format": "mp3", "save": True}
+    with client.stream(
+        "POST", "/v1/audio/speech", json=body, headers={"X-Request-Id": "kept-1"}
+    ) as r:
+        url = r.headers["x-output-file-url"]
+        it = r.iter_raw()
+        assert next(it)
+        assert wait_for(lambda: engine.active == 1)
+        with server.client() as other:
+            assert other.post("/api/cancel/kept-1").json() == {"cancelled": 1}
+        b"".join(it)  # the stream ends early instead of hanging
+    assert wait_for(lambda: text in engine.cancelled_jobs)
+    samples, rate, _ = decode(_fetch_kept(client, url), "mp3")
+    # The engine holds the last of its five chunks: at most four were made.
+    assert 0 < len(samples) / rate <= 4 * CHUNK_SECONDS + 0.1
+    assert abs(dominant_frequency(samples, rate) - fake_frequency("gamma", text)) < 10
+    engine.gate.set()
 
 
 def test_non_streaming_disconnect_cancels_the_job(server):

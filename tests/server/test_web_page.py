@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -101,6 +103,66 @@ def test_stream_and_play(page):
     info = audio_state(page)
     assert info["error"] is None
     assert "tts-generate-streaming" in info["src"]
+
+
+def test_stream_download_is_the_kept_file(page, page_server):
+    """Once a stream has played, Download offers the file the server kept, not the
+    streaming URL (which would speak the text again)."""
+    text = "stream then download me"
+    page.fill("#text", text)
+    page.select_option("#voice", "gamma")
+    page.click("#stream")
+    page.wait_for_function(
+        "document.querySelector('#download').href.includes('/audio/web_stream_')",
+        timeout=15_000,
+    )
+    href = page.get_attribute("#download", "href")
+    assert page.get_attribute("#download", "download") == href.rsplit("/", 1)[1]
+    with page_server.client() as c:
+        r = c.get(href)
+    assert r.status_code == 200
+    samples, rate = sf.read(io.BytesIO(r.content))
+    assert abs(len(samples) / rate - 0.4) < 0.01  # four 0.1 s chunks
+    assert page_server.engine.finished_jobs.count(text) == 1
+
+
+def test_stop_stops_this_page_only(page, page_server):
+    """Stop ends the page's own stream; another client's request goes on."""
+    engine = page_server.engine
+    engine.gate.clear()  # every job holds its last chunk
+    answers: list[int] = []
+    try:
+        page.fill("#text", "the page streams this")
+        page.click("#stream")
+        deadline = time.monotonic() + 10
+        while engine.active == 0:  # the page's stream is being spoken
+            assert time.monotonic() < deadline, "the page's stream never started"
+            time.sleep(0.01)
+
+        def other_client() -> None:
+            with page_server.client() as c:
+                body = {"input": "someone else speaks", "voice": "alpha", "stream": False}
+                answers.append(c.post("/v1/audio/speech", json=body).status_code)
+
+        t = threading.Thread(target=other_client)
+        t.start()
+        while page_server.state.hub.loaded()["espeak"].scheduler.queued == 0:
+            assert time.monotonic() < deadline, "the other request never queued"
+            time.sleep(0.01)
+        page.click("#stop")
+        while "the page streams this" not in engine.cancelled_jobs:
+            assert time.monotonic() < deadline, "the page's stream was not stopped"
+            time.sleep(0.01)
+    finally:
+        engine.gate.set()
+    t.join(30)
+    assert answers == [200]
+    assert "someone else speaks" in engine.finished_jobs
+    # What the stream had made is kept, and offered for download.
+    page.wait_for_function(
+        "document.querySelector('#download').href.includes('/audio/web_stream_')",
+        timeout=15_000,
+    )
 
 
 def test_bad_input_shows_the_message(page):

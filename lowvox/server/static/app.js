@@ -2,7 +2,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { engine: null, audioUrl: null };
+// `generation`: the AbortController of this page's generate request, while it runs;
+// `streamHint`: the name the playing stream's kept copy starts with.
+const state = { engine: null, audioUrl: null, generation: null, streamHint: null };
 
 function apiKey() {
   return localStorage.getItem("lowvox-api-key") || "";
@@ -87,8 +89,14 @@ function request() {
 
 function showAudio(url, filename) {
   const player = $("player");
+  player.onended = null;
+  state.streamHint = null;
   player.src = url;
   player.play().catch(() => { /* autoplay may be blocked; the controls remain */ });
+  offerDownload(url, filename);
+}
+
+function offerDownload(url, filename) {
   const link = $("download");
   link.href = url;
   link.download = filename;
@@ -97,6 +105,8 @@ function showAudio(url, filename) {
 
 async function generate() {
   const body = { ...request(), save: true };
+  const controller = new AbortController();
+  state.generation = controller;
   $("generate").disabled = true;
   say("generating…");
   try {
@@ -104,6 +114,7 @@ async function generate() {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
+      signal: controller.signal,
     });
     const blob = await response.blob();
     if (state.audioUrl) URL.revokeObjectURL(state.audioUrl);
@@ -112,8 +123,9 @@ async function generate() {
     say(`done: ${(blob.size / 1024).toFixed(1)} KiB`);
     loadRecent();
   } catch (e) {
-    say(e.message, true);
+    if (e.name === "AbortError") say("stopped"); else say(e.message, true);
   } finally {
+    if (state.generation === controller) state.generation = null;
     $("generate").disabled = false;
   }
 }
@@ -121,23 +133,48 @@ async function generate() {
 function stream() {
   const r = request();
   if (!r.input.trim()) { say("text is empty", true); return; }
-  // The browser plays the WAV/MP3 stream as it arrives; the server also keeps the file.
+  // The browser plays the WAV/MP3 stream as it arrives; the server also keeps the file,
+  // under a name of this stream's own so that the page can offer it once the stream ends
+  // (the stream's URL would speak the text again).
+  const hint = `web_stream_${Math.random().toString(36).slice(2, 10)}`;
   const params = new URLSearchParams({
     text: r.input, voice: r.voice, language: r.language, engine: r.model,
     speed: String(r.speed), format: r.response_format === "wav" ? "wav" : "mp3",
-    output_file: "web_stream",
+    output_file: hint,
   });
-  showAudio(`/api/tts-generate-streaming?${params}`, `lowvox-stream.${params.get("format")}`);
+  showAudio(`/api/tts-generate-streaming?${params}`, "");
+  $("download").classList.add("hidden");
+  state.streamHint = hint;
   say("streaming…");
-  $("player").onended = () => { say("done"); loadRecent(); };
+  $("player").onended = () => { say("done"); offerKeptStream(hint); };
 }
 
-async function stop() {
-  try {
-    const data = await (await api("/api/stop", { method: "POST" })).json();
-    say(`stopped ${data.cancelled} generation(s)`);
-    $("player").pause();
-  } catch (e) { say(e.message, true); }
+// The kept copy of a stream, from the recent list (published as the stream ends, or soon
+// after it was stopped).
+async function offerKeptStream(hint) {
+  for (let attempt = 0; attempt < 10; attempt++) {
+    const kept = (await loadRecent()).find((g) => g.file.startsWith(`${hint}_`));
+    if (kept) {
+      if (state.streamHint === hint) offerDownload(kept.url, kept.file);
+      return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 300));
+  }
+}
+
+// Stops this page's own generation (its request, or its stream: a client that leaves
+// cancels its job), not everyone's: other clients and long-form jobs go on.
+function stop() {
+  if (state.generation) state.generation.abort();
+  const player = $("player");
+  player.pause();
+  if (player.src.includes("/api/tts-generate-streaming")) {
+    player.onended = null;
+    player.removeAttribute("src");
+    player.load(); // ends the stream's download
+    say("stopped");
+    if (state.streamHint) offerKeptStream(state.streamHint);
+  }
 }
 
 async function loadVoices() {
@@ -244,6 +281,7 @@ async function loadRecent() {
     li.append(link, document.createTextNode(` — ${g.engine}/${g.voice || "default"}: ${g.text}`));
     list.appendChild(li);
   }
+  return data.generations;
 }
 
 async function start() {
