@@ -47,7 +47,7 @@ SETTINGS_FIELDS = {
     "temperature": "0.01-10",
     "speed": "0.25-4",
     "length_penalty": "-10-10",
-    "repetition_penalty": "0-100",
+    "repetition_penalty": "0.01-100",
     "top_p": "0-1",
     "top_k": "0-1000 (0: off)",
     "stream_chunk_size": "1-1000 (accepted, ignored)",
@@ -66,7 +66,7 @@ _SETTINGS = {
     "temperature": (float, 0.01, 10.0),
     "speed": (float, 0.25, 4.0),
     "length_penalty": (float, -10.0, 10.0),
-    "repetition_penalty": (float, 0.0, 100.0),
+    "repetition_penalty": (float, 0.01, 100.0),  # the sampler divides by it
     "top_p": (float, 0.0, 1.0),
     "top_k": (int, 0, 1000),
     "stream_chunk_size": (int, 1, 1000),
