@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
+from lowvox.server.routes.openai import map_voice
+from lowvox.settings import Settings
 from tests.server.srv_audio import decode, dominant_frequency
 from tests.server.srv_fixtures import CHUNK_SECONDS, FAKE_RATE, fake_frequency
 
@@ -104,6 +108,15 @@ def test_openai_voice_names_fall_back_to_default(client):
     assert r.status_code == 200
     samples, rate, _ = decode(r.content, "wav")
     assert abs(dominant_frequency(samples, rate) - fake_frequency("alpha", "hello there")) < 5
+
+
+def test_the_voice_map_matches_names_in_any_case():
+    state = SimpleNamespace(settings=Settings(openai_voice_map={"Nova": "alpha", "echo": "beta"}))
+    assert map_voice("nova", state, set()) == "alpha"
+    assert map_voice("NOVA", state, set()) == "alpha"
+    assert map_voice("Echo", state, set()) == "beta"
+    assert map_voice("alloy", state, set()) is None  # unmapped OpenAI name: the default voice
+    assert map_voice("gamma", state, {"gamma"}) == "gamma"
 
 
 def test_models_list(client):

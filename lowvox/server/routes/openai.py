@@ -72,8 +72,10 @@ def map_voice(voice: Any, state: ServerState, known: set[str]) -> str | None:
         return None
     if not isinstance(voice, str):
         raise InvalidRequest("voice must be a string", field="voice")
-    mapped = state.settings.openai_voice_map.get(voice) or state.settings.openai_voice_map.get(
-        voice.lower()
+    voice_map = state.settings.openai_voice_map
+    # As sent, else whatever the case of either side ("Nova" in the map, "nova" sent).
+    mapped = voice_map.get(voice) or next(
+        (v for k, v in voice_map.items() if k.lower() == voice.lower()), None
     )
     if mapped:
         return mapped
