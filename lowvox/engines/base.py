@@ -168,8 +168,10 @@ class EngineCapabilities:
 class Engine(ABC):
     """A text-to-speech engine. Implementations yield audio as it is produced.
 
-    `synthesize_stream` must be safe to call from any thread; engines that are not
-    re-entrant serialise internally.
+    One thread owns an engine (the server's scheduler worker, or the CLI's thread): it
+    alone calls `load`, `warmup`, `synthesize_stream`, `open_batch` and the batch's steps,
+    the voice hooks, the runtime switches and `unload`, so engines need no locks.
+    `validate`, `voices`, `languages` and `sample_rate` touch no model and may run anywhere.
     """
 
     name: str = ""

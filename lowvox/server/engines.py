@@ -176,21 +176,25 @@ class EngineHub:
             logger.warning("unloading %s failed: %s", slot.name, e)
         slot.scheduler.stop()
 
+    @staticmethod
+    def idle_for(slot: EngineSlot, now: float) -> float:
+        """Seconds since `slot` was last asked for or last worked (0 while it works): a
+        long request keeps its engine for `keep_alive` after it ends, not after it began."""
+        if slot.scheduler.busy:
+            return 0.0
+        return now - max(slot.last_used, slot.scheduler.idle_since)
+
     async def unload_idle(self, idle_seconds: float) -> list[str]:
         """Unload engines unused for `idle_seconds` (settings.keep_alive); the next request
         loads them again."""
         now = time.monotonic()
         async with self._lock:
-            idle = [
-                slot
-                for slot in self._slots.values()
-                if now - slot.last_used > idle_seconds and not slot.scheduler.busy
-            ]
+            idle = [s for s in self._slots.values() if self.idle_for(s, now) > idle_seconds]
             for slot in idle:
                 del self._slots[slot.name]
                 slot.retired = True
         for slot in idle:
-            logger.info("unloading %s after %.0f s idle", slot.name, now - slot.last_used)
+            logger.info("unloading %s after %.0f s idle", slot.name, self.idle_for(slot, now))
             await asyncio.to_thread(self._stop_slot, slot)
         return [slot.name for slot in idle]
 

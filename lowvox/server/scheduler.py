@@ -123,6 +123,13 @@ class Scheduler:
             collections.deque()
         )
         self._running: dict[int, Job] = {}  # batch request id -> job
+        # The job whose segment the worker is adding to the batch (a voice may be cloned
+        # meanwhile): neither waiting nor running, yet it can be cancelled and keeps the
+        # engine busy.
+        self._joining: Job | None = None
+        self._working = False  # the worker is doing something (not waiting for work)
+        # When the worker last finished its work (monotonic): keep-alive counts from here.
+        self.idle_since = time.monotonic()
         self._capacity = 1
         self._cond = threading.Condition()
         self._stopping = False
@@ -182,7 +189,7 @@ class Scheduler:
     def cancel_all(self) -> int:
         """Stop every running and waiting job; returns how many were stopped."""
         with self._cond:
-            jobs = [*self._running.values(), *self._waiting()]
+            jobs = [*self._in_hand(), *self._waiting()]
             for job in jobs:
                 job.cancel.set()
             self._drop_cancelled()
@@ -193,7 +200,7 @@ class Scheduler:
         """Stop the running or waiting jobs submitted with `tag`; returns how many. Waiting
         ones are released at once, running ones at the batch's next step."""
         with self._cond:
-            jobs = [j for j in (*self._running.values(), *self._waiting()) if j.tag == tag]
+            jobs = [j for j in (*self._in_hand(), *self._waiting()) if j.tag == tag]
             for job in jobs:
                 job.cancel.set()
             self._drop_cancelled()
@@ -202,8 +209,9 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
+        """Whether it has work: jobs waiting, joining or running, or calls to run."""
         with self._cond:
-            return bool(self._running or self.queued)
+            return bool(self._working or self._running or self._calls or self.queued)
 
     @property
     def queued(self) -> int:
@@ -222,6 +230,11 @@ class Scheduler:
     def _waiting(self) -> list[Job]:
         return [j for p in Priority for j in self._pending[p]]
 
+    def _in_hand(self) -> list[Job]:
+        """Jobs the worker has taken: running, and the one joining the batch (lock held)."""
+        joining = [self._joining] if self._joining is not None else []
+        return [*self._running.values(), *joining]
+
     def _drop_cancelled(self) -> None:
         """Jobs cancelled while waiting leave the queue without running (lock held)."""
         for queue in self._pending.values():
@@ -234,7 +247,11 @@ class Scheduler:
         while True:
             with self._cond:
                 while not (self._calls or self.queued or self._running or self._stopping):
+                    if self._working:
+                        self._working = False
+                        self.idle_since = time.monotonic()
                     self._cond.wait()
+                self._working = True
                 self._drop_cancelled()
                 calls = list(self._calls)
                 self._calls.clear()
@@ -284,7 +301,7 @@ class Scheduler:
                         continue
                     room = batch.capacity - (1 if priority is Priority.BULK else 0)
                     if len(batch) < max(1, room) and batch.fits(queue[0].segments[0]):
-                        job = queue.popleft()
+                        job = self._joining = queue.popleft()
                     break
                 if job is None:
                     return
@@ -293,20 +310,28 @@ class Scheduler:
             self._start_segment(batch, job)
 
     def _start_segment(self, batch: EngineBatch, job: Job) -> None:
+        """Add the job's current segment to the batch (the job is `_joining` meanwhile)."""
         job._deliver(SegmentStart(job.segment))
         try:
             rid = batch.add(
                 job.segments[job.segment], job.cancel, bulk=job.priority is Priority.BULK
             )
         except LowvoxError as e:
+            self._joined(None, job)
             job._end(e)
             return
         except Exception:  # noqa: BLE001 -- this job's own failure, details in the log
             logger.exception("job %d on %s failed to start", job.id, self.name)
+            self._joined(None, job)
             job._end(LowvoxError("synthesis failed"))
             return
+        self._joined(rid, job)
+
+    def _joined(self, rid: int | None, job: Job) -> None:
         with self._cond:
-            self._running[rid] = job
+            self._joining = None
+            if rid is not None:
+                self._running[rid] = job
 
     def _deliver(self, batch: EngineBatch, event: BatchEvent) -> None:
         job = self._running.get(event.request)
@@ -318,14 +343,18 @@ class Scheduler:
             return
         with self._cond:
             del self._running[event.request]
+            more = event.error is None and not job.cancel.is_set()
+            more = more and job.segment + 1 < len(job.segments)
+            if more:
+                self._joining = job  # never out of reach of a cancel between segments
         if event.error is not None:
             job._end(event.error)
-        elif job.cancel.is_set():
-            job._end(Cancelled("generation cancelled"))
-        elif job.segment + 1 < len(job.segments):
+        elif more:
             job.segment += 1
             self._start_segment(batch, job)
             return
+        elif job.cancel.is_set():
+            job._end(Cancelled("generation cancelled"))
         else:
             job._end(_DONE)
         seconds = time.monotonic() - job.began

@@ -331,3 +331,75 @@ def test_multi_segment_job_keeps_segments_together():
         sched.stop()
     assert len(a) == 5 * 2400 and len(b) == 2 * 2400
     assert engine.finished_jobs == ["first part", "second part here", "other job"]
+
+
+class SlowJoin(FakeEngine):
+    """Its batch takes a while to add the request saying `slow` (as XTTS does while it
+    clones a library voice): `adding` is set meanwhile, until `go` is."""
+
+    def __init__(self, slow: str) -> None:
+        super().__init__(chunk_delay=0)
+        self.slow = slow
+        self.adding = threading.Event()
+        self.go = threading.Event()
+
+    def open_batch(self) -> EngineBatch:
+        engine = self
+
+        class Slow(StreamBatch):
+            def add(self, request, cancel, bulk=False):
+                if request.text == engine.slow:
+                    engine.adding.set()
+                    assert engine.go.wait(10)
+                return super().add(request, cancel, bulk)
+
+        return Slow(self, 2)
+
+
+@pytest.mark.parametrize("slow", ["first turn", "second turn"])
+def test_a_job_joining_the_batch_is_busy_work_and_can_be_stopped(slow):
+    """Between leaving the queue and running (its first segment, or a later narrator turn,
+    being added) a job is neither waiting nor running: it still counts as the engine's
+    work (keep-alive leaves the engine alone) and a stop still reaches it."""
+    engine = SlowJoin(slow)
+    sched = Scheduler(engine, max_queue=4)
+
+    async def main():
+        job = sched.submit([req("first turn"), req("second turn", "beta")], tag="t")
+        assert await asyncio.to_thread(engine.adding.wait, 10)
+        assert sched.busy
+        assert sched.cancel("t") == 1
+        engine.go.set()
+        with pytest.raises(Cancelled):
+            await collect(job)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.go.set()
+        sched.stop()
+    assert "second turn" not in engine.finished_jobs
+
+
+def test_keep_alive_counts_from_when_the_engine_last_worked(tmp_path):
+    """An engine asked for long ago but working until now is not idle: keep-alive counts
+    from the end of its last request, not from its start."""
+    from lowvox.server.engines import EngineHub
+    from tests.server.srv_fixtures import FakeFactory, make_settings
+
+    hub = EngineHub(make_settings(tmp_path), FakeFactory(chunk_delay=0))
+
+    async def main():
+        slot = await hub.get("espeak")
+        slot.last_used -= 100  # asked for 100 s ago, and spoke until now
+        await collect(slot.scheduler.submit([req("a long request")]))
+        assert await hub.unload_idle(50) == []
+        assert "espeak" in hub.loaded()
+        while slot.scheduler.busy:
+            await asyncio.sleep(0.01)
+        slot.scheduler.idle_since -= 100  # ... and then nothing for 100 s
+        assert await hub.unload_idle(50) == ["espeak"]
+        assert slot.retired and "espeak" not in hub.loaded()
+        await hub.close()
+
+    asyncio.run(main())

@@ -89,6 +89,30 @@ def test_sampling_never_picks_a_filtered_token() -> None:
 
 
 @pytest.mark.parametrize(
+    "options",
+    [
+        {"temperature": 1e-40},  # scores / 1e-40 overflow float32
+        {"repetition_penalty": 1e-300},  # a seen positive score / 1e-300 overflows
+        {"repetition_penalty": 1e300, "temperature": 1e300},  # -inf, then -inf / inf
+    ],
+)
+def test_extreme_but_valid_options_still_choose_a_token(options: dict) -> None:
+    """Values the options accept (positive, finite) must not turn the scores into NaN:
+    that made `multinomial` raise, failing the request (and, before rows failed alone,
+    every request of its batch). A temperature near 0 samples the best token."""
+    scores = torch.tensor([[-3.0, 2.0, -1.0, 5.0, 4.0], [-3.0, -2.0, -1.0, -5.0, -4.0]])
+    seen = seen_mask(torch.tensor([[1, 4], [1, 4]]), 5)
+    sampling = SamplingOptions(do_sample=True, top_k=3, top_p=0.9, **options)
+    out = process_logits(scores, seen, sampling)
+    assert not torch.isnan(out).any()
+    picks = select_token(out, True, torch.Generator().manual_seed(0))
+    assert picks.shape == (2,)
+    if options.get("temperature") == 1e-40:
+        best = process_logits(scores, seen, SamplingOptions(do_sample=False, **options))
+        assert picks.tolist() == best.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize(
     "bad",
     [
         {"temperature": 0.0},

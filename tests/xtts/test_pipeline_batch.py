@@ -153,6 +153,44 @@ def test_a_failing_row_fails_alone(golden_model, golden_voice) -> None:
     assert_same_as_alone(golden_model, good[1], results[2])
 
 
+def test_a_row_whose_token_choice_fails_fails_alone(
+    golden_model, golden_voice, monkeypatch
+) -> None:
+    """An exception choosing one row's token mid-decode (here: for the generator seeded
+    666) ends that utterance with its own error; its batch-mates finish as alone."""
+    from lowvox.engines.xtts import decode
+
+    real = decode.select_token
+
+    def select(scores, do_sample, generator=None):
+        if generator is not None and generator.initial_seed() == 666:
+            raise RuntimeError("no token for this row")
+        return real(scores, do_sample, generator)
+
+    monkeypatch.setattr(decode, "select_token", select)
+    good = [utterance(golden_model, t, golden_voice) for t in TEXTS[:2]]
+    bad = utterance(golden_model, TEXTS[2], golden_voice, do_sample=True, seed=666)
+    results = run(Batch(golden_model, max_rows=3), {0: [good[0]], 2: [bad, good[1]]})
+    assert isinstance(results[1][2], LowvoxError)
+    monkeypatch.undo()
+    assert_same_as_alone(golden_model, good[0], results[0])
+    assert_same_as_alone(golden_model, good[1], results[2])
+
+
+def test_a_near_zero_temperature_row_speaks_beside_others(golden_model, golden_voice) -> None:
+    """Options the validator accepts (a temperature of 1e-40 overflows the scores) once
+    made `multinomial` raise inside the shared step, failing every request of the batch;
+    now every row is spoken, each as alone."""
+    utts = [
+        utterance(golden_model, TEXTS[0], golden_voice),
+        utterance(golden_model, TEXTS[1], golden_voice, do_sample=True, seed=3, temperature=1e-40),
+        utterance(golden_model, TEXTS[2], golden_voice, do_sample=True, seed=4),
+    ]
+    results = run(Batch(golden_model, max_rows=3), {0: utts})
+    for i, utt in enumerate(utts):
+        assert_same_as_alone(golden_model, utt, results[i])
+
+
 def test_bulk_rows_hold_their_vocoding_until_a_listener_has_audio(
     golden_model, golden_voice
 ) -> None:

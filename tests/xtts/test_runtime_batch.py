@@ -3,6 +3,8 @@ alone (the decode loop; the pipeline's batch is tested in test_pipeline_batch.py
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -88,6 +90,30 @@ def test_cancelled_row_leaves_the_batch(golden_model) -> None:
         if i == 4:
             decoder.cancel(ids[1])
     assert seen[ids[1]] == 5 and all(seen[ids[r]] == 20 for r in (0, 2, 3))
+
+
+def test_a_row_whose_token_cannot_be_chosen_leaves_alone(golden_model) -> None:
+    """Choosing one row's token fails (options no validator lets through: a NaN temperature
+    makes `multinomial` raise): that row leaves with the error, the others go on and
+    equal their lone runs."""
+    rows = rows_for(golden_model, limits=[20] * len(TEXTS))
+    broken = SamplingOptions(do_sample=True)
+    object.__setattr__(broken, "temperature", float("nan"))
+    rows[1] = dataclasses.replace(rows[1], sampling=broken)
+    decoder = Decoder(golden_model.gpt, max_rows=4)
+    ids = [decoder.add(row) for row in rows]
+    steps: dict[int, list] = {i: [] for i in ids}
+    for batch in iter_steps(decoder):
+        for st in batch:
+            steps[st.row].append(st)
+    (failed,) = steps[ids[1]]
+    assert failed.last and isinstance(failed.error, RuntimeError)
+    for r in (0, 2, 3):
+        assert all(st.error is None for st in steps[ids[r]])
+        codes = torch.stack([st.token for st in steps[ids[r]] if not st.is_stop])
+        assert torch.equal(codes, alone(golden_model, rows[r]).codes)
+    with pytest.raises(RuntimeError):
+        alone(golden_model, rows[1])  # alone, its failure is raised
 
 
 def test_rows_joining_later_equal_their_lone_runs(golden_model) -> None:

@@ -127,7 +127,9 @@ class DecodeRow:
 @dataclass(frozen=True)
 class RowStep:
     """One token of one row: its id (0-dim), the latent that predicted it [1, 1, D], the raw
-    logits [1, V]; `last` when the row is finished (stop token or token limit)."""
+    logits [1, V]; `last` when the row is finished (stop token or token limit). `error`:
+    choosing this row's token failed; the row has left (`last`), its token means nothing,
+    and the other rows went on."""
 
     row: int
     token: torch.Tensor
@@ -135,6 +137,7 @@ class RowStep:
     logits: torch.Tensor
     is_stop: bool
     last: bool
+    error: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -292,7 +295,8 @@ class Decoder:
         wait, as they are, for a later step (a step of one row reads the
         weights as one of eight does, but computes an eighth: what a listener waiting
         for its first audio needs while the others' audio waits anyway). Each row's tokens
-        are the same whichever steps it waits out."""
+        are the same whichever steps it waits out. A row whose token cannot be chosen (its
+        sampling failed) leaves with a step carrying the `error`; the others go on."""
         self._drop([a for a in self._rows if a.cancelled])
         if not self._rows:
             return []
@@ -306,11 +310,14 @@ class Decoder:
         done: list[_Active] = []
         for k, a in enumerate(chosen):
             row_logits = logits[k : k + 1]
-            if a.row.forced is None:
-                scores = process_logits(row_logits, a.seen, a.row.sampling)
-                token = select_token(scores, a.row.sampling.do_sample, a.row.generator)  # [1]
-            else:
-                token = a.row.forced.reshape(-1)[a.tokens : a.tokens + 1].to(self.device)
+            try:
+                token = self._choose(a, row_logits)  # [1]
+            except Exception as e:  # noqa: BLE001 -- this row's own failure: it alone leaves
+                log.warning("decode row %d failed choosing its token: %s", a.id, e)
+                stop = torch.tensor(args.gpt_stop_audio_token, device=self.device)
+                steps.append(RowStep(a.id, stop, a.latent, row_logits, False, True, error=e))
+                done.append(a)
+                continue
             is_stop = int(token) == args.gpt_stop_audio_token
             a.tokens += 1
             last = is_stop or a.tokens == a.limit
@@ -331,6 +338,13 @@ class Decoder:
             self._advance(slots[0], slots[end - 1] + 1)
             slots = slots[end:]
         return steps
+
+    def _choose(self, a: _Active, logits: torch.Tensor) -> torch.Tensor:
+        """Row `a`'s next token [1] from its raw logits [1, V] (or its forced code)."""
+        if a.row.forced is not None:
+            return a.row.forced.reshape(-1)[a.tokens : a.tokens + 1].to(self.device)
+        scores = process_logits(logits, a.seen, a.row.sampling)
+        return select_token(scores, a.row.sampling.do_sample, a.row.generator)
 
     def _advance(self, first: int, stop: int) -> None:
         """Feed the chosen tokens of rows first..stop-1 through the GPT in one call."""
@@ -481,6 +495,9 @@ def iter_steps(decoder: Decoder) -> Iterator[list[RowStep]]:
 
 
 def _generation(steps: list[RowStep], gpt: XttsGpt) -> Generation:
+    failed = next((s.error for s in steps if s.error is not None), None)
+    if failed is not None:
+        raise failed
     device = gpt.mel_head.weight.device
     codes = [s.token.view(1) for s in steps if not s.is_stop]
     return Generation(

@@ -307,6 +307,12 @@ class Batch:
             only = {s.row for s in self._speaking if s.row is not None and not s.bulk}
         with torch.inference_mode():
             steps = [] if only is not None and not only else self.decoder.step(only)
+        # A row whose token could not be chosen has left the decoder: its utterance ends.
+        for failed in [f for f in steps if f.error is not None]:
+            s = self._by_row.pop(failed.row)
+            s.row = None
+            self._end(s, events, LowvoxError("synthesis failed: no audio token could be chosen"))
+        steps = [f for f in steps if f.error is None]
         # Vocoding is most of a step's time: who vocodes now. While a listener waits for
         # an utterance's first audio, no one else (first audio first); otherwise rows whose
         # listeners already hear them share CHUNKS_PER_STEP chunks, those with the least

@@ -58,15 +58,27 @@ def seen_mask(ids: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Push down every seen token: negative scores are multiplied, positive ones divided."""
+    """Push down every seen token: negative scores are multiplied, positive ones divided.
+    A penalty far from 1 cannot overflow a score to infinity: it stops at the largest
+    finite value (so that the steps after it, and softmax, never meet inf - inf)."""
     if penalty == 1.0:
         return scores
-    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    big = torch.finfo(scores.dtype).max
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty).clamp(-big, big)
     return torch.where(seen, penalised, scores)
 
 
 def temperature(scores: torch.Tensor, value: float) -> torch.Tensor:
-    return scores if value == 1.0 else scores / value
+    """Scores divided by the temperature. Where that overflows (a temperature near 0) they
+    are measured from the best score first, which softmax, top-k and top-p do not see but
+    which cannot overflow upwards: the best token keeps 0, the others fall to -inf, and
+    sampling becomes the greedy choice it tends to, not NaN."""
+    if value == 1.0:
+        return scores
+    out = scores / value
+    if bool(torch.isinf(out).any()):
+        out = (scores - scores.amax(dim=-1, keepdim=True)) / value
+    return out
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
