@@ -119,6 +119,20 @@ def test_bad_references_are_invalid_requests(model, tmp_path: Path) -> None:
         V.clone_voice(model, (np.full(22050, np.nan, np.float32), 22050), **SETTINGS)
 
 
+@pytest.mark.parametrize("samples", [1, 10, 300])
+def test_clips_of_a_few_samples_are_invalid_requests(model, clip: Path, tmp_path, samples) -> None:
+    """Shorter than the speaker encoder's STFT window, alone or beside a good clip: a clear
+    4xx naming the clip, not a RuntimeError from the padding."""
+    tiny = tmp_path / "tiny.wav"
+    sf.write(tiny, speechlike(1.0, 22050, 5)[:samples], 22050)
+    with pytest.raises(InvalidRequest, match="too short"):
+        V.clone_voice(model, tiny, **SETTINGS)
+    with pytest.raises(InvalidRequest, match=r"reference audio 2 of 2 is too short"):
+        V.clone_voice(model, [clip, tiny], **SETTINGS)
+    with pytest.raises(InvalidRequest, match="too short"):
+        V.clone_voice(model, (speechlike(1.0, 48000, 5)[:samples], 48000), **SETTINGS)
+
+
 def test_sound_norm_refs_makes_level_irrelevant(model, clip: Path) -> None:
     data, rate = sf.read(clip, dtype="float32")
     loud = V.clone_voice(model, (data, rate), sound_norm_refs=True, **SETTINGS)

@@ -375,8 +375,15 @@ def clone_voice(
     _load_cloning_modules(model)
     with torch.inference_mode():
         audios, embeddings = [], []
-        for ref in refs:
+        for number, ref in enumerate(refs, 1):
             audio = _decode(ref, rate, settings.max_ref_length)
+            if audio.shape[-1] < rate * MIN_CHUNK_SECONDS:
+                # Before the speaker encoder, whose STFT cannot take a few samples.
+                which = f" {number} of {len(refs)}" if len(refs) > 1 else ""
+                raise InvalidRequest(
+                    f"reference audio{which} is too short ({audio.shape[-1] / rate:.2f} s; "
+                    f"at least {MIN_CHUNK_SECONDS:.2f} seconds needed)"
+                )
             if settings.sound_norm_refs:
                 peak = audio.abs().max()
                 if peak <= 0:
