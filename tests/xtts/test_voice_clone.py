@@ -272,3 +272,29 @@ def test_random_bundle_clones_finite_voices(random_model, golden_dir) -> None:
     voice = random_model.clone_voice([golden_dir / "ref_a.wav"])
     assert torch.isfinite(voice.gpt_cond_latent).all()
     assert torch.isfinite(voice.speaker_embedding).all()
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"gpt_cond_latent": torch.randn(1, 32, 1024)}, "do not fit this model"),
+        ({"speaker_embedding": torch.randn(1, 256, 1)}, "does not fit this model"),
+        ({"gpt_cond_latent": torch.randn(0)}, "do not fit this model"),
+        ({"gpt_cond_latent": torch.full((1, 32, 256), float("nan"))}, "NaN or infinite"),
+    ],
+)
+def test_a_studio_speaker_that_does_not_fit_the_model_fails_the_load(
+    golden_dir: Path, tmp_path: Path, entry, message
+) -> None:
+    """Not at the first request with that speaker (a 500 after decoding, or a NaN that
+    fails the decode step of every request batched with it)."""
+    from lowvox.engines.xtts.loader import load_model
+    from lowvox.engines.xtts.voices import SpeakerFileError
+
+    speakers = torch.load(golden_dir / "speakers_xtts.pth", weights_only=True)
+    good = next(iter(speakers.values()))
+    for name in ("config.json", "model.pth", "vocab.json"):
+        (tmp_path / name).symlink_to(golden_dir / name)
+    torch.save({**speakers, "Odd One": {**good, **entry}}, tmp_path / "speakers_xtts.pth")
+    with pytest.raises(SpeakerFileError, match=f"'Odd One': .*{message}"):
+        load_model(tmp_path, cache_dir=tmp_path / "cache")
