@@ -281,3 +281,46 @@ def test_a_second_download_at_once_is_refused_and_spoils_nothing(tmp_path, http_
         thread.join(60)
     assert "error" not in first, first
     assert _installed(first["path"], http_hub.files)
+
+
+def test_listing_says_what_is_incomplete_and_where_a_model_came_from(
+    tmp_path, fake_hub, capsys
+) -> None:
+    from lowvox.cli import main
+
+    path = download_model("xtts-v2", tmp_path, revision="v2.0.3", accept_license=True)
+    (path / "model.lowvox.safetensors").write_bytes(b"x" * 10**6)  # a cache: not the model's
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    models = {m.name: m for m in list_models(tmp_path)}
+    assert models["half"].summary() == "incomplete: missing model.pth, vocab.json"
+    line = models["xtts-v2"].summary()
+    assert line.startswith("huggingface:coqui/XTTS-v2@v2.0.3, 17 languages")
+    assert (
+        models["xtts-v2"].size_bytes
+        < sum((path / f).stat().st_size for f in ("model.pth", "config.json", "vocab.json"))
+        + (path / "speakers_xtts.pth").stat().st_size
+        + 10_000
+    )
+
+    assert main(["models", "list", "--home", str(tmp_path / "home")]) == 0
+    home_models = tmp_path / "home" / "models"
+    shutil.copytree(tmp_path / "half", home_models / "half")
+    capsys.readouterr()
+    assert main(["models", "list", "--home", str(tmp_path / "home")]) == 0
+    assert "half\t" in (out := capsys.readouterr().out) and "missing model.pth" in out
+
+
+def test_doctor_says_whether_the_models_can_load(tmp_path, fake_hub) -> None:
+    from lowvox.doctor import _models_lines
+    from lowvox.settings import Settings
+
+    home = tmp_path / "home"
+    download_model("xtts-v2", home / "models", accept_license=True)
+    (home / "models" / "xtts-v2" / "vocab.json").unlink()
+    lines = _models_lines(Settings(home=home, model_dir=tmp_path / "nowhere"))
+    assert f"model dir (setting): {tmp_path / 'nowhere'} (not found)" in lines
+    assert any(
+        line.startswith("model: xtts-v2 at ") and "incomplete: missing vocab.json" in line
+        for line in lines
+    ), lines

@@ -77,6 +77,17 @@ class InstalledModel:
     license_name: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One line for `lowvox models list` and `lowvox doctor`: where the model came from,
+        or what keeps it from loading."""
+        if not self.complete:
+            why = [f"missing {', '.join(self.missing)}"] if self.missing else []
+            if "error" in self.details:
+                why.append(str(self.details["error"]))
+            return "incomplete: " + "; ".join(why)
+        origin = self.source + (f"@{self.revision}" if self.revision else "")
+        return f"{origin}, {len(self.languages)} languages, {self.size_bytes / 1e9:.2f} GB"
+
 
 def licence_notice(name: str) -> str:
     source = _source(name)
@@ -230,13 +241,19 @@ def list_models(models_dir: str | os.PathLike[str]) -> list[InstalledModel]:
         has_any = any((entry / f).is_file() for f in (*REQUIRED_FILES, MARKER))
         if not has_any:
             continue
-        found.append(_describe(entry))
+        found.append(describe_model(entry))
     return found
 
 
-def _describe(folder: Path) -> InstalledModel:
+def describe_model(folder: Path) -> InstalledModel:
+    """What `folder` holds: complete or not, its source, languages and size."""
     missing = tuple(f for f in REQUIRED_FILES if not (folder / f).is_file())
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    # The model's own files: not the weight caches lowvox writes beside model.pth.
+    size = sum(
+        p.stat().st_size
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.endswith(".lowvox.safetensors") and p.name[:1] != "."
+    )
     languages: tuple[str, ...] = ()
     details: dict[str, Any] = {}
     if (folder / "config.json").is_file():
