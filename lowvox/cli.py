@@ -274,7 +274,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         if not models:
             print(f"no models installed in {settings.models_path}")
         for m in models:
-            print(f"{m.name}\t{m.path}")
+            print(f"{m.name}\t{m.path}\t{m.summary()}")
         return 0
     path = download_model(
         args.name,

@@ -70,17 +70,19 @@ def _floor_lines() -> list[str]:
 
 def _models_lines(settings: Settings) -> list[str]:
     try:
-        from lowvox.engines.xtts.download import list_models
+        from lowvox.engines.xtts.download import describe_model, list_models
     except ImportError:
         return ["models: (xtts engine not available)"]
     lines = []
     if settings.model_dir is not None:
-        lines.append(f"model dir (setting): {settings.model_dir}")
+        folder = settings.model_dir
+        state = describe_model(folder).summary() if folder.is_dir() else "not found"
+        lines.append(f"model dir (setting): {folder} ({state})")
     models = list_models(settings.models_path)
     if not models:
         lines.append(f"models: none in {settings.models_path}")
     for m in models:
-        lines.append(f"model: {m.name} at {m.path}")
+        lines.append(f"model: {m.name} at {m.path} ({m.summary()})")
     return lines
 
 

@@ -64,3 +64,61 @@ def test_config_from_the_checkpoint_when_config_json_is_absent(random_bundle, tm
     model = load_model(folder)
     assert model.config.model_args.gpt_layers == 3
     assert model.config.sampling.temperature == 0.6
+
+
+def _edited(golden_dir: Path, edit) -> dict:
+    raw = json.loads((golden_dir / "config.json").read_text())
+    edit(raw)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["model_args"].update(gpt_n_heads=0), "gpt_n_heads must be positive"),
+        (lambda c: c["model_args"].update(gpt_n_heads=3), "does not split into gpt_n_heads"),
+        (lambda c: c["model_args"].update(gpt_layers=-1), "gpt_layers must be positive"),
+        (lambda c: c["model_args"].update(output_hop_length=0), "output_hop_length"),
+        (lambda c: c["model_args"].update(gpt_code_stride_len=0), "gpt_code_stride_len"),
+        (lambda c: c["model_args"].update(gpt_stop_audio_token=1026), "gpt_stop_audio_token"),
+        (lambda c: c["model_args"].update(gpt_start_audio_token=-1), "gpt_start_audio_token"),
+        (lambda c: c["audio"].update(sample_rate=0), "audio.sample_rate must be positive"),
+        (lambda c: c["audio"].update(output_sample_rate=-24000), "audio.output_sample_rate"),
+        (lambda c: c.update(audio=[24000]), "audio must be an object"),
+        (lambda c: c.update(languages="en"), "languages must be a list"),
+        (lambda c: c.update(languages=["en", 3]), "languages must be a list"),
+        (lambda c: c.update(temperature=-1), "config.temperature"),
+        (lambda c: c.update(top_p=1.5), "config.top_p"),
+        (lambda c: c.update(top_k=-2), "config.top_k"),
+        (lambda c: c.update(repetition_penalty=0), "config.repetition_penalty"),
+        (lambda c: c.update(gpt_cond_chunk_len=0), "gpt_cond_chunk_len must be positive"),
+    ],
+)
+def test_values_no_model_can_have_are_config_errors(golden_dir: Path, edit, message) -> None:
+    """Right type, impossible value: a ConfigError naming the field, not a division by zero
+    at load, a language list of single letters, or a 4xx on every request later."""
+    with pytest.raises(ConfigError, match=message):
+        XttsConfig.from_dict(_edited(golden_dir, edit))
+
+
+def test_neutral_and_legacy_values_stay_accepted(golden_dir: Path) -> None:
+    # top_k 0 switches top-k off; gpt_cond_len 0 uses all the audio; a stop id of 0 is
+    # the released vocabulary's [STOP].
+    raw = _edited(golden_dir, lambda c: c.update(top_k=0, top_p=1.0, gpt_cond_len=0))
+    c = XttsConfig.from_dict(raw)
+    assert c.sampling.top_k == 0 and c.conditioning.gpt_cond_len == 0
+    assert c.model_args.gpt_stop_text_token == 0
+
+
+def test_a_bad_config_makes_the_engine_unavailable(golden_dir: Path, tmp_path: Path) -> None:
+    from lowvox.engines.xtts.engine import XttsEngine
+    from lowvox.errors import EngineUnavailable
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("model.pth", "vocab.json"):
+        (folder / name).symlink_to(golden_dir / name)
+    raw = _edited(golden_dir, lambda c: c["model_args"].update(gpt_n_heads=0))
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(EngineUnavailable, match="gpt_n_heads"):
+        XttsEngine(folder, device="cpu")

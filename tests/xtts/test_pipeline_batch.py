@@ -12,7 +12,7 @@ import torch
 from lowvox.engines.xtts.options import XttsOptions
 from lowvox.engines.xtts.pipeline import Batch, Utterance, encode_text, synthesize
 from lowvox.engines.xtts.voices import Voice
-from lowvox.errors import Cancelled, LowvoxError
+from lowvox.errors import Cancelled, InvalidRequest, LowvoxError
 from tests.tolerance import FP32_PIPELINE
 
 TEXTS = [
@@ -189,6 +189,28 @@ def test_a_near_zero_temperature_row_speaks_beside_others(golden_model, golden_v
     results = run(Batch(golden_model, max_rows=3), {0: utts})
     for i, utt in enumerate(utts):
         assert_same_as_alone(golden_model, utt, results[i])
+
+
+@pytest.mark.parametrize("bad", ["nan_latent", "inf_embedding", "embedding_shape"])
+def test_a_voice_with_non_finite_or_misshaped_tensors_fails_alone(
+    golden_model, golden_voice, bad: str
+) -> None:
+    """Sampled, a NaN voice's logits make its row's multinomial draw raise inside the
+    shared decode step: every request batched with it failed. It must fail alone, with a
+    clear error, before any of its tokens are decoded."""
+    latent, emb = golden_voice.gpt_cond_latent.clone(), golden_voice.speaker_embedding.clone()
+    if bad == "nan_latent":
+        latent[0, 3, 5] = float("nan")
+    elif bad == "inf_embedding":
+        emb[0, 7, 0] = float("inf")
+    else:
+        emb = emb[:, :-1]
+    good = utterance(golden_model, TEXTS[0], golden_voice, do_sample=True, seed=3)
+    broken = utterance(golden_model, TEXTS[2], Voice(latent, emb), do_sample=True, seed=3)
+    results = run(Batch(golden_model, max_rows=2), {0: [good, broken]})
+    assert isinstance(results[1][2], InvalidRequest) and results[1][2].field == "voice"
+    assert results[1][1] == []  # no sentence of it was decoded
+    assert_same_as_alone(golden_model, good, results[0])
 
 
 def test_bulk_rows_hold_their_vocoding_until_a_listener_has_audio(

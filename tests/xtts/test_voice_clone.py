@@ -119,6 +119,20 @@ def test_bad_references_are_invalid_requests(model, tmp_path: Path) -> None:
         V.clone_voice(model, (np.full(22050, np.nan, np.float32), 22050), **SETTINGS)
 
 
+@pytest.mark.parametrize("samples", [1, 10, 300])
+def test_clips_of_a_few_samples_are_invalid_requests(model, clip: Path, tmp_path, samples) -> None:
+    """Shorter than the speaker encoder's STFT window, alone or beside a good clip: a clear
+    4xx naming the clip, not a RuntimeError from the padding."""
+    tiny = tmp_path / "tiny.wav"
+    sf.write(tiny, speechlike(1.0, 22050, 5)[:samples], 22050)
+    with pytest.raises(InvalidRequest, match="too short"):
+        V.clone_voice(model, tiny, **SETTINGS)
+    with pytest.raises(InvalidRequest, match=r"reference audio 2 of 2 is too short"):
+        V.clone_voice(model, [clip, tiny], **SETTINGS)
+    with pytest.raises(InvalidRequest, match="too short"):
+        V.clone_voice(model, (speechlike(1.0, 48000, 5)[:samples], 48000), **SETTINGS)
+
+
 def test_sound_norm_refs_makes_level_irrelevant(model, clip: Path) -> None:
     data, rate = sf.read(clip, dtype="float32")
     loud = V.clone_voice(model, (data, rate), sound_norm_refs=True, **SETTINGS)
@@ -258,3 +272,29 @@ def test_random_bundle_clones_finite_voices(random_model, golden_dir) -> None:
     voice = random_model.clone_voice([golden_dir / "ref_a.wav"])
     assert torch.isfinite(voice.gpt_cond_latent).all()
     assert torch.isfinite(voice.speaker_embedding).all()
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"gpt_cond_latent": torch.randn(1, 32, 1024)}, "do not fit this model"),
+        ({"speaker_embedding": torch.randn(1, 256, 1)}, "does not fit this model"),
+        ({"gpt_cond_latent": torch.randn(0)}, "do not fit this model"),
+        ({"gpt_cond_latent": torch.full((1, 32, 256), float("nan"))}, "NaN or infinite"),
+    ],
+)
+def test_a_studio_speaker_that_does_not_fit_the_model_fails_the_load(
+    golden_dir: Path, tmp_path: Path, entry, message
+) -> None:
+    """Not at the first request with that speaker (a 500 after decoding, or a NaN that
+    fails the decode step of every request batched with it)."""
+    from lowvox.engines.xtts.loader import load_model
+    from lowvox.engines.xtts.voices import SpeakerFileError
+
+    speakers = torch.load(golden_dir / "speakers_xtts.pth", weights_only=True)
+    good = next(iter(speakers.values()))
+    for name in ("config.json", "model.pth", "vocab.json"):
+        (tmp_path / name).symlink_to(golden_dir / name)
+    torch.save({**speakers, "Odd One": {**good, **entry}}, tmp_path / "speakers_xtts.pth")
+    with pytest.raises(SpeakerFileError, match=f"'Odd One': .*{message}"):
+        load_model(tmp_path, cache_dir=tmp_path / "cache")

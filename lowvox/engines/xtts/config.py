@@ -117,13 +117,60 @@ class XttsConfig:
     def from_dict(cls, raw: Mapping[str, Any]) -> XttsConfig:
         if not isinstance(raw, Mapping) or not isinstance(raw.get("model_args"), Mapping):
             raise ConfigError("config has no 'model_args' section")
-        return cls(
+        languages = raw.get("languages") or ()
+        if not isinstance(languages, list | tuple) or not all(
+            isinstance(code, str) and code for code in languages
+        ):
+            raise ConfigError(f"config.languages must be a list of codes, got {languages!r}")
+        config = cls(
             model_args=_build(XttsArgs, raw["model_args"], "model_args"),
             audio=_build(AudioConfig, raw.get("audio") or {}, "audio"),
             sampling=_build(SamplingDefaults, raw, "config"),
             conditioning=_build(ConditioningDefaults, raw, "config"),
-            languages=tuple(raw.get("languages") or ()),
+            languages=tuple(languages),
         )
+        config._check_ranges()
+        return config
+
+    def _check_ranges(self) -> None:
+        """Values of the right type that no model can have: an error naming the field now,
+        rather than a division by zero at load or a failure in every request."""
+        a = self.model_args
+        ints = {f.name: getattr(a, f.name) for f in fields(a) if f.type == "int"}
+        # Token ids may be 0 (the released [STOP] text token is); sizes and rates may not.
+        ids = {name for name in ints if name.endswith(("_start_text_token", "_stop_text_token",
+                                                       "_start_audio_token", "_stop_audio_token"))}  # fmt: skip
+        positive = {
+            **{f"model_args.{name}": v for name, v in ints.items() if name not in ids},
+            **{f"audio.{f.name}": getattr(self.audio, f.name) for f in fields(self.audio)},
+            "config.gpt_cond_chunk_len": self.conditioning.gpt_cond_chunk_len,
+        }
+        for where, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{where} must be positive, got {value}")
+        for name in sorted(ids):
+            if ints[name] < 0:
+                raise ConfigError(f"model_args.{name} must be a token id >= 0, got {ints[name]}")
+        for name in ("gpt_start_audio_token", "gpt_stop_audio_token"):
+            if ints[name] >= a.gpt_num_audio_tokens:
+                raise ConfigError(
+                    f"model_args.{name} ({ints[name]}) is not below gpt_num_audio_tokens "
+                    f"({a.gpt_num_audio_tokens})"
+                )
+        if a.gpt_n_model_channels % a.gpt_n_heads:
+            raise ConfigError(
+                f"model_args.gpt_n_model_channels ({a.gpt_n_model_channels}) does not split "
+                f"into gpt_n_heads ({a.gpt_n_heads}) heads"
+            )
+        # The request-time checks of the sampling values, applied to their defaults.
+        from lowvox.engines.xtts.sampling import SamplingOptions
+        from lowvox.errors import InvalidRequest
+
+        d = self.sampling
+        try:
+            SamplingOptions(d.temperature, d.top_k, d.top_p, d.repetition_penalty, d.do_sample)
+        except InvalidRequest as e:
+            raise ConfigError(f"config.{e.field}: {e}") from e
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> XttsConfig:
@@ -143,6 +190,8 @@ class XttsConfig:
 
 def _build(kind: type, raw: Mapping[str, Any], section: str) -> Any:
     """Construct dataclass `kind` from the matching keys of `raw`, checking their types."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{section} must be an object, got {raw!r}")
     values: dict[str, Any] = {}
     missing = []
     for f in fields(kind):

@@ -2,24 +2,31 @@
 
 `download_model` fetches a released model through `huggingface_hub`, only after the user has
 accepted the model's licence, into `<models>/<name>/` (files land in a temporary folder and
-are moved in place at the end, so an interrupted download never looks installed).
+are moved in place at the end, so an interrupted download never looks installed). Files the
+hub publishes a sha256 for (its large, LFS-stored files: model.pth, speakers_xtts.pth) are
+checked against it. One download of a model runs at a time: a second is refused while the
+first holds the folder's lock.
 `list_models` shows every model folder, including fine-tunes dropped in by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from lowvox.errors import LowvoxError
+from lowvox.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,17 @@ class InstalledModel:
     revision: str | None = None
     license_name: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for `lowvox models list` and `lowvox doctor`: where the model came from,
+        or what keeps it from loading."""
+        if not self.complete:
+            why = [f"missing {', '.join(self.missing)}"] if self.missing else []
+            if "error" in self.details:
+                why.append(str(self.details["error"]))
+            return "incomplete: " + "; ".join(why)
+        origin = self.source + (f"@{self.revision}" if self.revision else "")
+        return f"{origin}, {len(self.languages)} languages, {self.size_bytes / 1e9:.2f} GB"
 
 
 def licence_notice(name: str) -> str:
@@ -126,30 +144,89 @@ def download_model(
     models_dir = Path(models_dir)
     target = models_dir / name
     partial = models_dir / f".{name}.partial"
-    partial.mkdir(parents=True, exist_ok=True)
     rev = revision or source.default_revision
-    for filename in source.files:
-        log.info("downloading %s/%s (%s)", source.repo_id, filename, rev)
+    with _download_lock(models_dir, name):
+        partial.mkdir(parents=True, exist_ok=True)
+        for filename in source.files:
+            log.info("downloading %s/%s (%s)", source.repo_id, filename, rev)
+            try:
+                local = hf_hub_download(source.repo_id, filename, revision=rev, local_dir=partial)
+                _verify(source.repo_id, filename, rev, Path(local))
+            except ModelError:
+                raise
+            except Exception as e:  # the hub client raises many unrelated types (HTTP, OS, ...)
+                raise ModelError(
+                    f"downloading {source.repo_id}/{filename} ({rev}) failed: {e}"
+                ) from e
+        marker = {
+            "name": name,
+            "source": f"huggingface:{source.repo_id}",
+            "revision": rev,
+            "files": list(source.files),
+            "license": source.license_name,
+            "license_url": source.license_url,
+            "license_accepted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         try:
-            hf_hub_download(source.repo_id, filename, revision=rev, local_dir=partial)
-        except Exception as e:  # the hub client raises many unrelated types (HTTP, OS, ...)
-            raise ModelError(f"downloading {source.repo_id}/{filename} ({rev}) failed: {e}") from e
-    marker = {
-        "name": name,
-        "source": f"huggingface:{source.repo_id}",
-        "revision": rev,
-        "files": list(source.files),
-        "license": source.license_name,
-        "license_url": source.license_url,
-        "license_accepted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    (partial / MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
-    target.mkdir(parents=True, exist_ok=True)
-    for filename in [*source.files, MARKER]:
-        os.replace(partial / filename, target / filename)
-    shutil.rmtree(partial, ignore_errors=True)
+            write_atomic(partial / MARKER, json.dumps(marker, indent=2).encode(), fsync=False)
+            target.mkdir(parents=True, exist_ok=True)
+            for filename in [*source.files, MARKER]:
+                os.replace(partial / filename, target / filename)
+        except OSError as e:
+            raise ModelError(f"cannot install {name} in {target}: {e}") from e
+        shutil.rmtree(partial, ignore_errors=True)
     log.info("installed %s in %s", name, target)
     return target
+
+
+@contextlib.contextmanager
+def _download_lock(models_dir: Path, name: str) -> Iterator[None]:
+    """Held while `name` downloads into `models_dir`: a second download (another process or
+    thread) would share the temporary folder and move or delete the first one's files."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(models_dir / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ModelError(f"cannot write to the models folder {models_dir}: {e}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ModelError(
+                f"another download of {name} into {models_dir} is running; wait for it to finish"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _verify(repo_id: str, filename: str, revision: str, path: Path) -> None:
+    """Check a downloaded file against the sha256 the hub publishes for it (the ETag of an
+    LFS-stored file). A mismatch removes the file, so that running again downloads it anew;
+    files without a published sha256 (small git-stored ones) are left to the size check
+    the hub client makes itself."""
+    from lowvox.engines.xtts.checkpoint import file_sha256
+
+    try:
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    except ImportError:  # a client (or stand-in) without file metadata: nothing to check
+        return
+    meta = get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
+    expected = (meta.etag or "").strip('"').lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        return
+    found = file_sha256(path)
+    if found != expected:
+        path.unlink(missing_ok=True)
+        raise ModelError(
+            f"{repo_id}/{filename} ({revision}) arrived corrupted: its sha256 is {found}, the "
+            f"hub's is {expected}. The file was removed; run the download again."
+        )
 
 
 def list_models(models_dir: str | os.PathLike[str]) -> list[InstalledModel]:
@@ -164,13 +241,19 @@ def list_models(models_dir: str | os.PathLike[str]) -> list[InstalledModel]:
         has_any = any((entry / f).is_file() for f in (*REQUIRED_FILES, MARKER))
         if not has_any:
             continue
-        found.append(_describe(entry))
+        found.append(describe_model(entry))
     return found
 
 
-def _describe(folder: Path) -> InstalledModel:
+def describe_model(folder: Path) -> InstalledModel:
+    """What `folder` holds: complete or not, its source, languages and size."""
     missing = tuple(f for f in REQUIRED_FILES if not (folder / f).is_file())
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    # The model's own files: not the weight caches lowvox writes beside model.pth.
+    size = sum(
+        p.stat().st_size
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.endswith(".lowvox.safetensors") and p.name[:1] != "."
+    )
     languages: tuple[str, ...] = ()
     details: dict[str, Any] = {}
     if (folder / "config.json").is_file():

@@ -46,8 +46,8 @@ from lowvox.engines.xtts.config import ConfigError, XttsArgs, XttsConfig
 from lowvox.engines.xtts.gpt import cast_gpt, conv1d_to_linear
 from lowvox.engines.xtts.hifigan import amx_supported, bf16_supported, int8_supported
 from lowvox.engines.xtts.model import CLONING_MODULES, XttsModel
-from lowvox.engines.xtts.voices import load_studio_speakers
-from lowvox.errors import LowvoxError
+from lowvox.engines.xtts.voices import SpeakerFileError, check_voice, load_studio_speakers
+from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.runtime import kernels
 from lowvox.runtime.memory import return_freed_memory
 from lowvox.runtime.qcache import (
@@ -166,6 +166,11 @@ def load_model(
     speakers_file = model_dir / "speakers_xtts.pth"
     if speakers_file.is_file():
         model.speakers = load_studio_speakers(speakers_file)
+        for name, voice in model.speakers.items():
+            try:
+                check_voice(voice, model.gpt.dim, model.config.model_args.d_vector_dim)
+            except InvalidRequest as e:
+                raise SpeakerFileError(f"{speakers_file}: speaker {name!r}: {e}") from e
     args = model.config.model_args
     log.info(
         "loaded XTTS from %s (%d layers, dim %d, %s on %s, %d studio speakers)",

@@ -1,14 +1,15 @@
 """`XttsModel`: the assembled XTTS v2 modules (voice conditioning, GPT, HiFi-GAN).
 
-    from lowvox.engines.xtts.loader import load_model
-
-    model = load_model("models/xtts-v2")
+    model = XttsModel.load("models/xtts-v2")  # loader.load_model
     voice = model.clone_voice(["ref.wav"])
+    wav = model.synthesize("Hello there.", language="en", voice=voice, seed=1).wav
+    for chunk in model.synthesize_stream("Hello there.", language="en", voice=voice): ...
 
 The model does no I/O and holds no locks: `loader.py` builds it on the meta device and
 assigns the checkpoint's weights, and only the thread that owns it touches it afterwards
 (ARCHITECTURE.md). Speaking is `pipeline.py`'s (text -> sentences -> decode rows -> audio
-chunks); the model runs no request on its own.
+chunks): `synthesize` and `synthesize_stream` are the documented one-call API over its
+`prepare`, `synthesize` and `stream`.
 
 A model loaded from an int8 or (CPU) bf16 cache leaves out the modules that only cloning a
 voice from reference audio needs (`CLONING_MODULES`): `cloning_source` then says where the
@@ -18,7 +19,7 @@ loader reads them from on the first clone (`loader.ensure_cloning_modules`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,10 @@ from lowvox.engines.xtts.voices import clone_voice as clone_from_references
 from lowvox.text.tokenizer import XttsTokenizer
 
 if TYPE_CHECKING:
+    import threading
+
     from lowvox.engines.xtts.loader import CloningSource
+    from lowvox.engines.xtts.results import StreamChunk, SynthesisResult
 
 # Fixed by the XTTS v2 architecture itself, not by config.json: 80 mel bands into the
 # conditioning encoder, and the perceiver's shape (32 latents, 8 heads of 64, depth 2, x4 MLP).
@@ -88,6 +92,21 @@ class XttsModel(nn.Module):
         # Where `.to()` last put the weights: low-VRAM residency points them at GPU copies
         # only during a request, so the device of a weight is not where they live.
         self._weights_device: torch.device | None = None
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        cache_dir: str | os.PathLike[str] | None = None,
+        vocoder_precision: str = "auto",
+    ) -> XttsModel:
+        """A model folder loaded by `loader.load_model` (see there for the arguments)."""
+        # Imported here: the loader builds this class.
+        from lowvox.engines.xtts.loader import load_model
+
+        return load_model(model_dir, device, precision, cache_dir, vocoder_precision)
 
     # ------------------------------------------------------------------------------------
     # The cloning modules, which a model loaded from a cache gets on first use
@@ -163,6 +182,75 @@ class XttsModel(nn.Module):
             sound_norm_refs=c.sound_norm_refs if sound_norm_refs is None else sound_norm_refs,
             cache=self.voice_cache,
         )
+
+    # ------------------------------------------------------------------------------------
+    # Speaking: the batch of one, through `pipeline.py`
+
+    def synthesize(
+        self,
+        text: str,
+        language: str | None = None,
+        voice: Voice | str | None = None,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        do_sample: bool | None = None,
+        max_new_tokens: int | None = None,
+        speed: float = 1.0,
+        split_sentences: bool = True,
+        seed: int | None = None,
+    ) -> SynthesisResult:
+        """Speak `text` (`voice`: a `Voice`, a studio speaker's name, or None for the first
+        one); unset options come from config.json. `.wav` is float32 at `.sample_rate`,
+        `.codes` one array per sentence."""
+        from lowvox.engines.xtts import pipeline
+        from lowvox.engines.xtts.options import XttsOptions
+
+        options = XttsOptions(
+            temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, do_sample=do_sample,
+            max_new_tokens=max_new_tokens, speed=speed, split_sentences=split_sentences,
+            seed=seed,
+        )  # fmt: skip
+        return pipeline.synthesize(self, pipeline.prepare(self, text, language, voice, options))
+
+    def synthesize_stream(
+        self,
+        text: str,
+        language: str | None = None,
+        voice: Voice | str | None = None,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        do_sample: bool | None = None,
+        max_new_tokens: int | None = None,
+        speed: float = 1.0,
+        split_sentences: bool = True,
+        seed: int | None = None,
+        first_chunk_tokens: int | None = None,
+        chunk_tokens: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Generator[StreamChunk, None, None]:
+        """`synthesize`, yielding chunks (`.wav`) as they are made: the first after
+        `first_chunk_tokens` tokens, then every `chunk_tokens` (unset: the pipeline's
+        cadence). Everything is checked before this returns; `cancel` stops between steps."""
+        from lowvox.engines.xtts import pipeline
+        from lowvox.engines.xtts.options import XttsOptions
+        from lowvox.engines.xtts.vocode import DEFAULT_FIRST_CHUNK_TOKENS
+
+        options = XttsOptions(
+            temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, do_sample=do_sample,
+            max_new_tokens=max_new_tokens, speed=speed, split_sentences=split_sentences,
+            seed=seed,
+        )  # fmt: skip
+        first = DEFAULT_FIRST_CHUNK_TOKENS if first_chunk_tokens is None else first_chunk_tokens
+        utt = pipeline.prepare(self, text, language, voice, options, first, chunk_tokens)
+        return pipeline.stream(self, utt, cancel)
 
 
 def _conditioning_encoder(config: XttsConfig) -> ConditioningEncoder:

@@ -34,7 +34,7 @@ from lowvox.engines.xtts.vocode import (
     RowVocoder,
     vocode_in_windows,
 )
-from lowvox.engines.xtts.voices import Voice
+from lowvox.engines.xtts.voices import Voice, check_voice
 from lowvox.errors import Cancelled, InvalidRequest, LowvoxError, UnknownVoice
 from lowvox.runtime.memory import release_heap
 from lowvox.text.tokenizer import XttsTokenizer
@@ -373,6 +373,9 @@ class Batch:
 
     def _start_sentence(self, s: _Speaking) -> None:
         utt, dec = s.utt, self.model.hifigan_decoder
+        if not s.sentence:  # the voice is the whole utterance's
+            args = self.model.config.model_args
+            check_voice(utt.voice, self.model.gpt.dim, args.d_vector_dim)
         row = DecodeRow(
             utt.voice.gpt_cond_latent,
             utt.pieces[s.sentence],

@@ -56,6 +56,29 @@ class Voice:
     name: str | None = None
 
 
+def check_voice(voice: Voice, dim: int, d_vector_dim: int) -> None:
+    """InvalidRequest unless `voice` fits a model of width `dim` whose vocoder takes
+    `d_vector_dim` speaker embeddings: `[1, N, dim]` and `[1, d_vector_dim, 1]` float
+    tensors, all finite (a NaN latent makes that row's sampling fail, and with it the
+    decode step of every request batched with it)."""
+    latent, emb = voice.gpt_cond_latent, voice.speaker_embedding
+    if not (isinstance(latent, torch.Tensor) and isinstance(emb, torch.Tensor)):
+        raise InvalidRequest("a voice's latents must be tensors", field="voice")
+    if latent.dim() != 3 or latent.shape[0] != 1 or latent.shape[1] < 1 or latent.shape[2] != dim:
+        raise InvalidRequest(
+            f"voice latents of shape {tuple(latent.shape)} do not fit this model ([1, N, {dim}])",
+            field="voice",
+        )
+    if tuple(emb.shape) != (1, d_vector_dim, 1):
+        raise InvalidRequest(
+            f"speaker embedding of shape {tuple(emb.shape)} does not fit this model "
+            f"([1, {d_vector_dim}, 1])",
+            field="voice",
+        )
+    if not (torch.isfinite(latent).all() and torch.isfinite(emb).all()):
+        raise InvalidRequest("the voice holds NaN or infinite values", field="voice")
+
+
 def conditioning_mel_config(sample_rate: int) -> MelConfig:
     """The mel spectrogram XTTS v2 conditions on (per 4 s chunk, at the model rate)."""
     return MelConfig(
@@ -375,8 +398,15 @@ def clone_voice(
     _load_cloning_modules(model)
     with torch.inference_mode():
         audios, embeddings = [], []
-        for ref in refs:
+        for number, ref in enumerate(refs, 1):
             audio = _decode(ref, rate, settings.max_ref_length)
+            if audio.shape[-1] < rate * MIN_CHUNK_SECONDS:
+                # Before the speaker encoder, whose STFT cannot take a few samples.
+                which = f" {number} of {len(refs)}" if len(refs) > 1 else ""
+                raise InvalidRequest(
+                    f"reference audio{which} is too short ({audio.shape[-1] / rate:.2f} s; "
+                    f"at least {MIN_CHUNK_SECONDS:.2f} seconds needed)"
+                )
             if settings.sound_norm_refs:
                 peak = audio.abs().max()
                 if peak <= 0:
