@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lowvox.server.routes.xtts_api import _request_options
 from tests.server.srv_audio import decode, dominant_frequency
 from tests.server.srv_fixtures import CHUNK_SECONDS, fake_chunks, fake_frequency
 
@@ -30,6 +31,10 @@ def test_sillytavern_xtts_sequence(server, client):
     assert r.status_code == 200, r.text
     opts = server.state.tts_options
     assert opts["speed"] == 1.5 and opts["top_k"] == 0 and opts["temperature"] == 0.75
+    # What each request then asks the engine for: top_k 0, which the sampler reads as "off"
+    # (None would be the checkpoint's default of 50).
+    speed, request_options = _request_options(server.state)
+    assert speed == 1.5 and request_options["top_k"] == 0
     # generateTts(): non-streaming
     voice = speakers[2]["voice_id"]
     text = "the provider strips quotes"

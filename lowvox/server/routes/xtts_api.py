@@ -51,7 +51,7 @@ SETTINGS_FIELDS = {
     "top_p": "0-1",
     "top_k": "0-1000 (0: off)",
     "stream_chunk_size": "1-1000 (accepted, ignored)",
-    "enable_text_splitting": "true | false",
+    "enable_text_splitting": "true | false (accepted; long texts are always split)",
 }
 
 LANGUAGE_NAMES = {
@@ -130,8 +130,8 @@ async def set_tts_settings(request: Request, state: State) -> dict:
 def _request_options(state: ServerState) -> tuple[float, dict[str, Any]]:
     opts = dict(state.tts_options)
     speed = float(opts.pop("speed", 1.0))
-    if opts.get("top_k") == 0:
-        opts["top_k"] = None  # xtts-api-server semantics: 0 switches top-k filtering off
+    # top_k 0 stays 0: off, as in xtts-api-server (coqui hands it to transformers' generate),
+    # and as lowvox's sampler reads it; None would mean the checkpoint's default (50).
     opts.pop("stream_chunk_size", None)
     return speed, opts
 
