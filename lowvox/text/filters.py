@@ -59,6 +59,9 @@ _HIDDEN_CLOSE = {name: re.compile(rf"</{name}\s*>", re.IGNORECASE) for name in (
 # Latin ligatures (ﬁ ﬂ ﬀ ﬃ ﬄ ﬅ ﬆ), common in text copied from PDFs and e-books: spelled
 # out as their letters, or the filter would drop them from the middle of words.
 _LATIN_LIGATURES = re.compile("[\ufb00-\ufb06]")
+# Terminal escape sequences (colours, cursor moves: ESC [ 31 m), in text pasted from a
+# console or a CLI model's output: dropped whole, or their letters ("31m") would be read.
+_TERMINAL_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
 
 
 def _in_scripts(code: int) -> bool:
@@ -75,7 +78,7 @@ def _keep(ch: str) -> bool:
 
 
 def _kept(text: str) -> str:
-    text = unicodedata.normalize("NFC", text)
+    text = unicodedata.normalize("NFC", _TERMINAL_ESCAPE.sub("", text))
     text = _LATIN_LIGATURES.sub(lambda m: unicodedata.normalize("NFKC", m.group(0)), text)
     # Tabs and other whitespace become spaces; control and format characters go.
     return "".join(

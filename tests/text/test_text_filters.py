@@ -67,3 +67,11 @@ def test_html_mode_strips_only_what_parses_as_a_tag():
     assert filter_text("<SCRIPT>x()</Script>ok <style>p{}</STYLE >fine", "html") == "ok fine"
     # An element left open hides nothing: its text is all there is.
     assert filter_text("<script>one</script>two <script>three", "html") == "two three"
+
+
+@pytest.mark.parametrize("mode", ["standard", "html"])
+def test_terminal_colour_codes_go_whole(mode):
+    """Text pasted from a console keeps its colour codes (ESC [ 31 m ... ESC [ 0 m); the
+    escape character alone went, leaving "31m" to be read out."""
+    coloured = "\x1b[1;31mError:\x1b[0m the disk \x1b[4mis\x1b[24m full.\x1b[K"
+    assert filter_text(coloured, mode) == "Error: the disk is full."
