@@ -76,9 +76,10 @@ def temperature(scores: torch.Tensor, value: float) -> torch.Tensor:
     if value == 1.0:
         return scores
     out = scores / value
-    if bool(torch.isinf(out).any()):
-        out = (scores - scores.amax(dim=-1, keepdim=True)) / value
-    return out
+    # Chosen per row on the device: testing for inf on the host would make every decode
+    # step wait for the GPU here.
+    shifted = (scores - scores.amax(dim=-1, keepdim=True)) / value
+    return torch.where(torch.isinf(out).any(dim=-1, keepdim=True), shifted, out)
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
