@@ -2,6 +2,7 @@
 and optional (no compiler, or switched off: torch's kernels give the same results)."""
 
 import os
+import platform
 import shutil
 import subprocess
 
@@ -246,13 +247,39 @@ def test_gelu_tanh_matches_torch():
     FP32_REORDER.check(out, ref)
 
 
+def test_amd_tuning_follows_the_cpu_vendor(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(build, "CPUINFO", str(info))
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2\n")
+    assert build.tuning_defines() == ("-DLV_AMD=1",)
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx2\n")
+    assert build.tuning_defines() == ()
+    info.unlink()  # no /proc/cpuinfo (not Linux): no vendor tuning
+    assert build.tuning_defines() == ()
+
+
 @needs_kernels
-def test_a_bf16_row_alone_equals_the_same_row_in_a_batch():
-    """One activation row walks the weight rows one after another, several rows walk them
-    interleaved; each output's sum runs in the same order either way (exact by
-    construction; on AMX builds several rows take the tiles instead)."""
-    if kernels.amx():
-        pytest.skip("several rows take the AMX tiles here")
+@pytest.mark.slow
+def test_the_build_takes_this_cpus_vendor_tuning(fresh_kernels):
+    vendor = build._cpuinfo_field("vendor_id") or ""
+    assert kernels.amd_tuning() == vendor.endswith("AuthenticAMD")
+
+
+@needs_kernels
+@pytest.mark.parametrize("amd", [0, 1])
+def test_a_bf16_row_alone_equals_the_same_row_in_a_batch(amd, fresh_kernels, monkeypatch):
+    """One activation row walks the weight rows one after another (AMD tuning) or four
+    interleaved (Intel), several rows walk them interleaved; each output's sum runs in the
+    same order either way (exact by construction). Built for each vendor's tuning, without
+    AMX, whose tiles would take the several rows instead."""
+    flags = "-O3 -march=native -fopenmp"
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags += " -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    monkeypatch.setenv("LOWVOX_KERNEL_FLAGS", f"{flags} -DLV_AMD={amd}")
+    if build.build_library() is None:
+        pytest.skip("this compiler does not take the flags")
+    kernels.reset()
+    assert kernels.amd_tuning() == bool(amd) and not kernels.amx()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 1000, generator=g)
     w = torch.randn(37, 1000, generator=g).to(torch.bfloat16)

@@ -75,6 +75,7 @@ def reset() -> None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.lv_isa.argtypes, lib.lv_isa.restype = [], i32
+    lib.lv_amd_tuning.argtypes, lib.lv_amd_tuning.restype = [], i32
     lib.lv_activation_bits.argtypes, lib.lv_activation_bits.restype = [], i32
     lib.lv_activation_chunk.argtypes, lib.lv_activation_chunk.restype = [], i32
     lib.lv_amx_enable.argtypes, lib.lv_amx_enable.restype = [i32], i32
@@ -132,6 +133,14 @@ def isa() -> str | None:
     """The instruction set the loaded library was built for, or None when there is none."""
     lib = load()
     return ISA_NAMES.get(lib.lv_isa(), "?") if lib is not None else None
+
+
+def amd_tuning() -> bool:
+    """Whether the loaded library takes the choices measured faster on AMD CPUs
+    (non-temporal prefetch of the weights a decode step reads once, bf16 weight rows one
+    after another for one activation row; build.tuning_defines)."""
+    lib = load()
+    return lib is not None and bool(lib.lv_amd_tuning())
 
 
 def activation_bits() -> int:

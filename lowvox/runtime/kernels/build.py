@@ -61,16 +61,33 @@ def find_compiler() -> str | None:
     return None
 
 
-def _cpu_identity() -> str:
-    """The CPU's feature list (what -march=native compiles for)."""
+CPUINFO = "/proc/cpuinfo"
+
+
+def _cpuinfo_field(*names: str) -> str | None:
+    """The first line of /proc/cpuinfo starting with one of `names`, or None."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
+                if line.startswith(names):
                     return line.strip()
     except OSError:
         pass
-    return f"{platform.machine()} {platform.processor()}"
+    return None
+
+
+def _cpu_identity() -> str:
+    """The CPU's feature list (what -march=native compiles for)."""
+    return _cpuinfo_field("flags", "Features") or f"{platform.machine()} {platform.processor()}"
+
+
+def tuning_defines() -> tuple[str, ...]:
+    """Defines for choices that measured opposite ways on AMD and Intel CPUs (cpu_kernels.c,
+    LV_AMD: how a decode step prefetches the weights it reads once, and in which order one
+    bf16 row reads them), for the vendor of the CPU the build runs on. Added to every
+    flag set, `$LOWVOX_KERNEL_FLAGS` included, which may still override them."""
+    vendor = _cpuinfo_field("vendor_id") or ""
+    return ("-DLV_AMD=1",) if vendor.split(":")[-1].strip() == "AuthenticAMD" else ()
 
 
 def _compiler_version(cc: str) -> str:
@@ -92,6 +109,7 @@ def build_library(folder: Path | None = None) -> Path | None:
     version = _compiler_version(cc)
     errors = []
     for flags in flag_sets():
+        flags = (*tuning_defines(), *flags)
         stamp = "\n".join([cc, version, " ".join(flags), platform.machine(), _cpu_identity()])
         digest = hashlib.sha256(source + stamp.encode()).hexdigest()[:16]
         target = folder / f"lowvox_cpu_{digest}.so"

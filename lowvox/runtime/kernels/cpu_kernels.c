@@ -79,12 +79,22 @@
  * ~15% faster from further ahead (30 layers of full-size bf16 linears, one row: 36.2 ->
  * 31.2 ms at 8192); int8 gains nothing past 2048. */
 #define AHEAD(kind) ((kind) == W_BF16 ? 8192 : 2048)
-/* The prefetch hint for weights a call reads once (a decode step's rows): non-temporal, so
- * that the stream of weights does not push out of the caches what stays hot from one
- * decode step to the next (the KV cache, activations, the step's Python and torch code);
- * see panel_rows for what that saves. Builds with AMX keep the plain hint: no AMX machine
- * has measured the other. */
-#define ONCE_HINT (LV_AMX ? _MM_HINT_T0 : _MM_HINT_NTA)
+/* Two choices that measured opposite ways on AMD and Intel CPUs; build.py defines LV_AMD
+ * on AMD ones (`lv_amd_tuning`).
+ * ONCE_HINT, the prefetch hint for weights a call reads once (a decode step's rows): on AMD
+ * non-temporal, so that the stream of weights does not push out of the caches what stays
+ * hot from one decode step to the next (the KV cache, activations, the step's Python and
+ * torch code; see panel_rows for what that saves on Zen 4). On Intel the plain hint: a
+ * non-temporal one made a full-size int8 decode step of one row 1.8x slower (16.2 -> 29.0
+ * ms, panels, a 2-core Xeon with AMX built without it).
+ * BF16_ROW_BY_ROW: a bf16 decode step of one row reads its weight rows one after another
+ * (block_tile): faster on Zen 4 (30 blocks on one core 61 -> 46 ms), slower on that Xeon
+ * (full-size bf16 step 32.0 -> 41.5 ms) than four rows interleaved. */
+#ifndef LV_AMD
+#define LV_AMD 0
+#endif
+#define ONCE_HINT (LV_AMD ? _MM_HINT_NTA : _MM_HINT_T0)
+#define BF16_ROW_BY_ROW LV_AMD
 
 #define LV_INLINE static inline __attribute__((always_inline))
 
@@ -161,6 +171,9 @@ typedef struct {
 /* Which code path this build took: 2 AVX-512, 1 AVX2+FMA, 0 portable C. */
 int lv_isa(void) { return LV_ISA; }
 
+/* Whether this build takes the choices measured faster on AMD CPUs (LV_AMD, above). */
+int lv_amd_tuning(void) { return LV_AMD; }
+
 /* The bits of the activations int8 weights meet: 8, 16 or 32 (float32), see LV_ACT_BITS. */
 int lv_activation_bits(void) { return LV_ACT_BITS; }
 
@@ -224,14 +237,14 @@ LV_INLINE void block_tile(const int kind, const int mt, const float *x, int64_t 
                           const void *const wr[ROWS], __m512 acc[XTILE][ROWS]) {
     for (int i = 0; i < mt; i++)
         for (int r = 0; r < ROWS; r++) acc[i][r] = _mm512_setzero_ps();
-    if (kind == W_BF16 && mt == 1) {
+    if (kind == W_BF16 && mt == 1 && BF16_ROW_BY_ROW) {
         /* bf16 rows one after the other, as int8 ones (row_dot_q8): one sequential stream,
-         * which one core reads faster than four interleaved ones (one row: 30 bf16 blocks
-         * 61 -> 46 ms on a Zen 4 core). Each sum runs in the same order either way, so the
+         * which one Zen 4 core reads faster than four interleaved ones (BF16_ROW_BY_ROW).
+         * Each sum runs in the same order either way, so the
          * results are the same; with more activation rows the interleaved order's
          * independent sums win (eight rows: 108 against 169 ms). Read once, the rows are
-         * prefetched non-temporally (ONCE_HINT: a full-size bf16 decode step of one row
-         * 22.6 -> 20.3 ms on Zen 4). */
+         * prefetched with ONCE_HINT (non-temporally: a full-size bf16 decode step of one
+         * row 22.6 -> 20.3 ms on Zen 4). */
         for (int r = 0; r < ROWS; r++) {
             int64_t j = 0;
             for (; j + 16 <= k; j += 16) {
@@ -989,10 +1002,10 @@ static void panels_q8(const acts_t *a, int64_t m, const int8_t *w, const float *
  * time, while in L2. One row (a decode step) reads 128 weight bytes per two vpdpbusd and
  * no horizontal sums: it streams the weights faster than rows_band_q8.
  * Where one tile takes every row (m <= PANEL_ROWS: decode steps), each panel byte is read
- * once: it is prefetched non-temporally, so that the weight stream (0.38 GB a step for
- * the full-size GPT) does not evict what stays hot between steps, the KV cache, the
- * activations and the step's Python and torch code (a decode step 9.7 -> 8.4 ms on Zen 4:
- * the blocks 8.4 -> 7.5 ms, the work between two steps 1.27 -> 0.75 ms). */
+ * once: on AMD it is prefetched non-temporally (ONCE_HINT), so that the weight stream
+ * (0.38 GB a step for the full-size GPT) does not evict what stays hot between steps, the
+ * KV cache, the activations and the step's Python and torch code (a decode step 9.7 ->
+ * 8.4 ms on Zen 4: the blocks 8.4 -> 7.5 ms, the work between two steps 1.27 -> 0.75 ms). */
 static void panel_rows(const acts_t *a, int64_t m, const uint8_t *w, const float *scale,
                        const float *bias, float *y, int64_t n, int64_t r0, int64_t r1) {
     const int once = m <= PANEL_ROWS;
