@@ -932,7 +932,11 @@ def test_integer_activations_exactly_where_the_build_targets_them():
     # Prompts' packed int8 product: the int8 form on AVX-512 (VNNI) only.
     assert kernels.int8_panels() == (expected == 8 and kernels.isa() == "AVX-512")
     assert ("packed int8 product" in kernels.describe()) == kernels.int8_panels()
-    assert ("VNNI" in kernels.describe()) == vnni
+    assert ("with VNNI" in kernels.describe()) == vnni
+    # The AVX2 path's int8 products: AVX-VNNI's vpdpbusd where the build targets it.
+    avx_vnni = kernels.isa() == "AVX2" and _flags_define(flags, "__AVXVNNI__")
+    assert kernels.avx_vnni() == avx_vnni
+    assert ("with AVX-VNNI" in kernels.describe()) == avx_vnni
     assert (f"int{expected} activations" in kernels.describe()) == (expected < 32)
 
 
@@ -970,6 +974,48 @@ def test_fused_block_is_checked_once_per_cache(monkeypatch):
         assert len(looked) == 2
         expected = other(x, 0, KVCache(1, 4, 8, 16))
     FP32_REORDER.check(again, expected)  # another block instance with the same weights
+
+
+@needs_kernels
+@pytest.mark.slow
+@pytest.mark.parametrize("avx_vnni", [False, True])
+def test_avx2_builds_match_float64(avx_vnni, fresh_kernels, monkeypatch):
+    """The AVX2 path (CPUs without AVX-512), with vpmaddubsw or with AVX-VNNI's vpdpbusd
+    (Intel Core since Alder Lake), built here for such a CPU: int8 linears within the
+    float32 bound of the float64 reference on int8 activations, and the fused int8 block
+    equal to the module path."""
+    from lowvox.runtime.devices import probe_machine
+
+    need = "avx_vnni" if avx_vnni else "avx2"
+    if need not in probe_machine(with_gpus=False).cpu_flags:
+        pytest.skip(f"needs a CPU with {need}")
+    flags = "-O3 -march=haswell -fopenmp" + (" -mavxvnni" if avx_vnni else "")
+    monkeypatch.setenv("LOWVOX_KERNEL_FLAGS", flags)
+    if build.build_library() is None:
+        pytest.skip(f"this compiler does not take {flags}")
+    kernels.reset()
+    assert kernels.isa() == "AVX2" and kernels.activation_bits() == 8
+    assert kernels.avx_vnni() == avx_vnni
+    for m, k, n in [(1, 1024, 40), (1, 17, 3), (3, 250, 13), (9, 4096, 6), (40, 96, 30)]:
+        g = torch.Generator().manual_seed(m * 1000 + k + n)
+        x = torch.randn(m, k, generator=g)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(n, generator=g) + 0.01
+        b = torch.randn(n, generator=g)
+        y = kernels.linear(x, w, s, b)
+        ref = _int8_reference(_int8_activations(x), w, s, b)
+        bound = 1e-6 * k * (x.abs().max() * 127 * s.max()).item() + 1e-6
+        assert (y.double() - ref).abs().max().item() <= bound, (m, k, n)
+    from lowvox.engines.xtts.gpt import KVCache
+
+    block = _reduced_block(kind="int8")
+    token = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        fused = block(token, 0, KVCache(1, 4, 4, 16))
+        assert block._fused is not None
+        monkeypatch.setattr(type(block), "_fused_decoder", lambda *a: None)
+        plain = block(token, 0, KVCache(1, 4, 4, 16))
+    assert torch.allclose(fused, plain, atol=1e-4)
 
 
 @needs_kernels

@@ -76,6 +76,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.lv_isa.argtypes, lib.lv_isa.restype = [], i32
     lib.lv_amd_tuning.argtypes, lib.lv_amd_tuning.restype = [], i32
+    lib.lv_avx_vnni.argtypes, lib.lv_avx_vnni.restype = [], i32
     lib.lv_activation_bits.argtypes, lib.lv_activation_bits.restype = [], i32
     lib.lv_activation_chunk.argtypes, lib.lv_activation_chunk.restype = [], i32
     lib.lv_amx_enable.argtypes, lib.lv_amx_enable.restype = [i32], i32
@@ -133,6 +134,13 @@ def isa() -> str | None:
     """The instruction set the loaded library was built for, or None when there is none."""
     lib = load()
     return ISA_NAMES.get(lib.lv_isa(), "?") if lib is not None else None
+
+
+def avx_vnni() -> bool:
+    """Whether the AVX2 path multiplies int8 weights and activations with AVX-VNNI's
+    vpdpbusd (Intel Core since Alder Lake) rather than vpmaddubsw + vpmaddwd."""
+    lib = load()
+    return lib is not None and bool(lib.lv_avx_vnni())
 
 
 def amd_tuning() -> bool:
@@ -234,7 +242,7 @@ def describe(with_path: bool = True) -> str:
         return "not built (no working C compiler): torch's kernels"
     bits = activation_bits()
     if bits < 32:
-        vnni = " with VNNI" if name == "AVX-512" else ""
+        vnni = " with VNNI" if name == "AVX-512" else " with AVX-VNNI" if avx_vnni() else ""
         name += f"{vnni} (int8 weights x int{bits} activations)"
     if amx():
         name += ", AMX tiles for several rows"

@@ -61,6 +61,13 @@
 #ifndef LV_VNNI
 #define LV_VNNI 0
 #endif
+/* AVX-VNNI (Intel Core since Alder Lake, Xeons since Sapphire Rapids): vpdpbusd on 256-bit
+ * vectors, for the AVX2 path's int8 products (q8_products). */
+#if LV_ISA == 1 && defined(__AVXVNNI__)
+#define LV_AVX_VNNI 1
+#else
+#define LV_AVX_VNNI 0
+#endif
 
 /* AMX tiles (int8 and bf16), for several activation rows at once (batched decode steps,
  * prompts). */
@@ -170,6 +177,9 @@ typedef struct {
 
 /* Which code path this build took: 2 AVX-512, 1 AVX2+FMA, 0 portable C. */
 int lv_isa(void) { return LV_ISA; }
+
+/* Whether the AVX2 path multiplies int8 with AVX-VNNI's vpdpbusd (LV_AVX_VNNI). */
+int lv_avx_vnni(void) { return LV_AVX_VNNI; }
 
 /* Whether this build takes the choices measured faster on AMD CPUs (LV_AMD, above). */
 int lv_amd_tuning(void) { return LV_AMD; }
@@ -680,7 +690,7 @@ LV_INLINE __m256 wload8(const int kind, const void *row, int64_t j) {
 }
 
 /* x -> (q8, sx, shift) for one row of k values, as the AVX-512 quantize_row8 makes them
- * (the shift goes unused here: vpmaddubsw takes signed activations). */
+ * (the shift is used with AVX-VNNI only: vpmaddubsw takes signed activations). */
 static void quantize_row8(const float *x, int64_t k, int8_t *q, float *sx, float *shift) {
     float minus = 0.0f;
     const __m256 no_sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -719,17 +729,26 @@ static void quantize_row8(const float *x, int64_t k, int8_t *q, float *sx, float
 }
 
 /* 32 weights wv (from element j of a row) against `mt` rows of int8 activations, into
- * their int32 sums: vpmaddubsw multiplies |w| by the activation carrying w's sign (both
+ * their int32 sums. With AVX-VNNI, as the AVX-512 row_dot_q8: vpdpbusd sums four products
+ * of w + 128 (w ^ 0x80 as an unsigned byte) and the activation into each int32 lane, one
+ * instruction where vpmaddubsw takes four, and the row's shift takes the 128s back out
+ * (row_dot_q8). Else vpmaddubsw multiplies |w| by the activation carrying w's sign (both
  * within [-127, 127], so the pair sums, at most 2 * 127 * 127, never saturate int16),
- * vpmaddwd sums those pairs into int32 lanes. */
+ * vpmaddwd sums those pairs into int32 lanes. Either way the int32 sums are exact. */
 LV_INLINE void q8_products(const int mt, const int8_t *xq, int64_t kq, int64_t j, __m256i wv,
                            __m256i sum[Q8TILE]) {
+#if LV_AVX_VNNI
+    const __m256i wu = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
+    for (int i = 0; i < mt; i++)
+        sum[i] = _mm256_dpbusd_avx_epi32(sum[i], wu, _mm256_loadu_si256((const __m256i *)(xq + i * kq + j)));
+#else
     const __m256i mag = _mm256_abs_epi8(wv), ones = _mm256_set1_epi16(1);
     for (int i = 0; i < mt; i++) {
         const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + i * kq + j));
         const __m256i pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(xv, wv));
         sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(pairs, ones));
     }
+#endif
 }
 
 /* One int8 weight row against `mt` rows of int8 activations (rows i0.. of `a`), as the
@@ -766,7 +785,7 @@ LV_INLINE void row_dot_q8(const int mt, const acts_t *a, int64_t i0, const int8_
         for (int i = 0; i < mt; i++)
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[i]), _mm256_set1_ps(sx[i * chunks + c]), acc[i]);
     }
-    for (int i = 0; i < mt; i++) out[i] = hsum256(acc[i]);
+    for (int i = 0; i < mt; i++) out[i] = hsum256(acc[i]) + (LV_AVX_VNNI ? a->shift[i0 + i] : 0.0f);
 }
 
 LV_INLINE void block_rows(const int kind, const int mt, const acts_t *a, int64_t i0,
