@@ -982,8 +982,8 @@ def test_fused_block_is_checked_once_per_cache(monkeypatch):
 def test_avx2_builds_match_float64(avx_vnni, fresh_kernels, monkeypatch):
     """The AVX2 path (CPUs without AVX-512), with vpmaddubsw or with AVX-VNNI's vpdpbusd
     (Intel Core since Alder Lake), built here for such a CPU: int8 linears within the
-    float32 bound of the float64 reference on int8 activations, and the fused int8 block
-    equal to the module path."""
+    float32 bound of the float64 reference on int8 activations, its vectorised attention
+    and GELU against float64, and the fused int8 block equal to the module path."""
     from lowvox.runtime.devices import probe_machine
 
     need = "avx_vnni" if avx_vnni else "avx2"
@@ -1006,6 +1006,21 @@ def test_avx2_builds_match_float64(avx_vnni, fresh_kernels, monkeypatch):
         ref = _int8_reference(_int8_activations(x), w, s, b)
         bound = 1e-6 * k * (x.abs().max() * 127 * s.max()).item() + 1e-6
         assert (y.double() - ref).abs().max().item() <= bound, (m, k, n)
+    for length, dim, dtype in [(1, 64, torch.bfloat16), (7, 64, torch.float32),
+                               (37, 64, torch.bfloat16), (300, 24, torch.float32)]:  # fmt: skip
+        g = torch.Generator().manual_seed(length)
+        cache_k = (torch.randn(1, 4, 320, dim, generator=g) * 2).to(dtype)
+        cache_v = torch.randn(1, 4, 320, dim, generator=g).to(dtype)
+        q, k_new, v_new = (torch.randn(4, dim, generator=g) * 2 for _ in range(3))
+        out = kernels.attend_one(q, k_new, v_new, cache_k, cache_v, length - 1)
+        ref = F.scaled_dot_product_attention(
+            q[None, :, None].double(),
+            cache_k[:, :, :length].double(),
+            cache_v[:, :, :length].double(),
+        )[0, :, 0]
+        assert (out.double() - ref).abs().max().item() < 1e-5, (length, dim, dtype)
+    x = torch.linspace(-30, 30, 1003)
+    FP32_REORDER.check(kernels.gelu_tanh_(x.clone()), F.gelu(x, approximate="tanh"))
     from lowvox.engines.xtts.gpt import KVCache
 
     block = _reduced_block(kind="int8")

@@ -426,8 +426,9 @@ def attend_prompt(
 
 def vector_gelu() -> bool:
     """Whether `gelu_tanh_` is vectorised (AVX-512 builds: ~4x torch's tanh-GELU on a
-    prompt's [t, 4096] activations on Zen 4); elsewhere torch's is faster."""
-    return isa() == "AVX-512"
+    prompt's [t, 4096] activations on Zen 4; AVX2 builds: [200, 4096] 0.23 ms against
+    torch's 0.65 on 2 Xeon cores); elsewhere torch's is faster."""
+    return isa() in ("AVX-512", "AVX2")
 
 
 def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@
  *   repack their weights per call (panels_q8).
  * lv_attend_prompt: a prompt's causal attention, its keys/values written into the cache,
  *   token by token as lv_attend_one computes a decode step's; lv_gelu_tanh: the blocks'
- *   GELU over a prompt's activations.
+ *   GELU over a prompt's activations. Both, and the decode blocks' attention and GELU,
+ *   are vectorised on AVX-512 and AVX2 (exp by one polynomial on 16 or 8 lanes).
  * lv_blocks_decode: the transformer blocks of a decode step (one token of one sequence, or
  *   of each of m sequences, each at its own position) in one call: no Python or framework
  *   work between their steps, every weight read once.
@@ -1539,6 +1540,86 @@ LV_INLINE void attend_head(const int kv, const float *qh, const void *kh, const 
     for (int c = 0; c < nv; c++) _mm512_storeu_ps(oh + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
 }
 #define LV_FAST_DIM(dim) ((dim) % 16 == 0 && (dim) <= 256)
+#elif LV_ISA == 1
+/* exp512's arithmetic on 8 lanes (x <= 87.3; 2^n built in the exponent bits, n >= -126). */
+LV_INLINE __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f));
+    __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(1.5353362e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3398874e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6180676e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5503406e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022652e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+/* 8 cached values (a key's or a value's) from element j of a cache of this kind. */
+LV_INLINE __m256 kvload8(const int kv, const void *c, int64_t j) {
+    if (kv == KV_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)c + j))), 16));
+    return _mm256_loadu_ps((const float *)c + j);
+}
+
+/* The AVX-512 attend_head on 8 lanes: one head, dim a multiple of 8 (at most 256). */
+LV_INLINE void attend_head(const int kv, const float *qh, const void *kh, const void *vh,
+                           int64_t len, int64_t dim, float scale, float *p, float *oh) {
+    const int nv = (int)(dim / 8);
+    __m256 qv[32];
+    for (int c = 0; c < nv; c++) qv[c] = _mm256_mul_ps(_mm256_loadu_ps(qh + 8 * c), _mm256_set1_ps(scale));
+    int64_t j = 0;
+    for (; j + 4 <= len; j += 4) { /* four keys at once: independent FMA chains */
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        const int64_t k0 = j * dim;
+        for (int c = 0; c < nv; c++) {
+            a0 = _mm256_fmadd_ps(qv[c], kvload8(kv, kh, k0 + 8 * c), a0);
+            a1 = _mm256_fmadd_ps(qv[c], kvload8(kv, kh, k0 + dim + 8 * c), a1);
+            a2 = _mm256_fmadd_ps(qv[c], kvload8(kv, kh, k0 + 2 * dim + 8 * c), a2);
+            a3 = _mm256_fmadd_ps(qv[c], kvload8(kv, kh, k0 + 3 * dim + 8 * c), a3);
+        }
+        p[j] = hsum256(a0);
+        p[j + 1] = hsum256(a1);
+        p[j + 2] = hsum256(a2);
+        p[j + 3] = hsum256(a3);
+    }
+    for (; j < len; j++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int c = 0; c < nv; c++) a = _mm256_fmadd_ps(qv[c], kvload8(kv, kh, j * dim + 8 * c), a);
+        p[j] = hsum256(a);
+    }
+    float top = -INFINITY;
+    for (j = 0; j < len; j++) top = p[j] > top ? p[j] : top;
+    __m256 total = _mm256_setzero_ps();
+    const __m256 tv = _mm256_set1_ps(top);
+    for (j = 0; j + 8 <= len; j += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + j), tv));
+        _mm256_storeu_ps(p + j, e);
+        total = _mm256_add_ps(total, e);
+    }
+    if (j < len) { /* the last len - j scores: masked lanes load 0 and count for nothing */
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(len - j)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 e = exp256(_mm256_sub_ps(_mm256_maskload_ps(p + j, mask), tv));
+        e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
+        _mm256_maskstore_ps(p + j, mask, e);
+        total = _mm256_add_ps(total, e);
+    }
+    const float inv = 1.0f / hsum256(total);
+    __m256 acc[32];
+    for (int c = 0; c < nv; c++) acc[c] = _mm256_setzero_ps();
+    for (j = 0; j < len; j++) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(pj, kvload8(kv, vh, j * dim + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < nv; c++) _mm256_storeu_ps(oh + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+}
+#define LV_FAST_DIM(dim) ((dim) % 8 == 0 && (dim) <= 256)
 #else
 #define LV_FAST_DIM(dim) 0
 static void attend_head(const int kv, const float *qh, const void *kh, const void *vh,
@@ -1746,6 +1827,19 @@ static void gelu_tanh(float *x, int64_t n) {
                                  _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
         _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v),
                                               _mm512_add_ps(_mm512_set1_ps(1.0f), t)));
+    }
+#elif LV_ISA == 1
+    for (; i + 8 <= n; i += 8) { /* as above, on 8 lanes */
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256 u = _mm256_mul_ps(_mm256_set1_ps(c),
+                                 _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v),
+                                                 _mm256_mul_ps(v, v), v));
+        u = _mm256_min_ps(_mm256_max_ps(u, _mm256_set1_ps(-40.0f)), _mm256_set1_ps(40.0f));
+        __m256 e = exp256(_mm256_add_ps(u, u));
+        __m256 t = _mm256_sub_ps(_mm256_set1_ps(1.0f),
+                                 _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v),
+                                              _mm256_add_ps(_mm256_set1_ps(1.0f), t)));
     }
 #endif
     for (; i < n; i++) {
