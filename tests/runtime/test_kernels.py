@@ -976,6 +976,20 @@ def test_fused_block_is_checked_once_per_cache(monkeypatch):
     FP32_REORDER.check(again, expected)  # another block instance with the same weights
 
 
+def _fused_int8_block_equals_the_module_path(monkeypatch) -> None:
+    """One decode step of a reduced int8 block: the fused C block against the modules."""
+    from lowvox.engines.xtts.gpt import KVCache
+
+    block = _reduced_block(kind="int8")
+    token = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        fused = block(token, 0, KVCache(1, 4, 4, 16))
+        assert block._fused is not None
+        monkeypatch.setattr(type(block), "_fused_decoder", lambda *a: None)
+        plain = block(token, 0, KVCache(1, 4, 4, 16))
+    assert torch.allclose(fused, plain, atol=1e-4)
+
+
 @needs_kernels
 @pytest.mark.slow
 @pytest.mark.parametrize("avx_vnni", [False, True])
@@ -1021,16 +1035,7 @@ def test_avx2_builds_match_float64(avx_vnni, fresh_kernels, monkeypatch):
         assert (out.double() - ref).abs().max().item() < 1e-5, (length, dim, dtype)
     x = torch.linspace(-30, 30, 1003)
     FP32_REORDER.check(kernels.gelu_tanh_(x.clone()), F.gelu(x, approximate="tanh"))
-    from lowvox.engines.xtts.gpt import KVCache
-
-    block = _reduced_block(kind="int8")
-    token = torch.randn(1, 1, 64)
-    with torch.inference_mode():
-        fused = block(token, 0, KVCache(1, 4, 4, 16))
-        assert block._fused is not None
-        monkeypatch.setattr(type(block), "_fused_decoder", lambda *a: None)
-        plain = block(token, 0, KVCache(1, 4, 4, 16))
-    assert torch.allclose(fused, plain, atol=1e-4)
+    _fused_int8_block_equals_the_module_path(monkeypatch)
 
 
 @needs_kernels
@@ -1056,16 +1061,7 @@ def test_avx512_build_without_vnni_keeps_float_activations(fresh_kernels, monkey
     y = kernels.linear(x, w, s, None)
     bound = 1e-6 * 300 * (x.abs().max() * 127 * s.max()).item()
     assert (y.double() - _int8_reference(x, w, s, None)).abs().max().item() <= bound
-    from lowvox.engines.xtts.gpt import KVCache
-
-    block = _reduced_block(kind="int8")
-    token = torch.randn(1, 1, 64)
-    with torch.inference_mode():
-        fused = block(token, 0, KVCache(1, 4, 4, 16))
-        assert block._fused is not None
-        monkeypatch.setattr(type(block), "_fused_decoder", lambda *a: None)
-        plain = block(token, 0, KVCache(1, 4, 4, 16))
-    assert torch.allclose(fused, plain, atol=1e-4)
+    _fused_int8_block_equals_the_module_path(monkeypatch)
 
 
 @needs_kernels
