@@ -108,9 +108,10 @@ def build_library(folder: Path | None = None) -> Path | None:
     source = SOURCE.read_bytes()
     version = _compiler_version(cc)
     errors = []
+    tuning, cpu = tuning_defines(), _cpu_identity()
     for flags in flag_sets():
-        flags = (*tuning_defines(), *flags)
-        stamp = "\n".join([cc, version, " ".join(flags), platform.machine(), _cpu_identity()])
+        flags = (*tuning, *flags)
+        stamp = "\n".join([cc, version, " ".join(flags), platform.machine(), cpu])
         digest = hashlib.sha256(source + stamp.encode()).hexdigest()[:16]
         target = folder / f"lowvox_cpu_{digest}.so"
         if target.is_file():
