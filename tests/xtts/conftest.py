@@ -218,6 +218,34 @@ def golden_model(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def narrow_vocoder_model(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The golden model with a narrow random HiFi-GAN (32 channels where the released one
+    has 512; same rates, kernels and fused oneDNN path): for tests of scheduling and
+    cadence, whose vocoding is otherwise most of their time. Audio tests use
+    `golden_model`."""
+    from lowvox.engines.xtts.hifigan import GeneratorConfig, HifiganGenerator
+    from lowvox.engines.xtts.loader import load_model
+
+    model = load_model(golden_dir, cache_dir=tmp_path_factory.mktemp("xtts-narrow"))
+    old = model.hifigan_decoder.waveform_decoder
+    args = model.config.model_args
+    torch.manual_seed(0)
+    narrow = HifiganGenerator(
+        args.decoder_input_dim,
+        args.d_vector_dim,
+        GeneratorConfig(upsample_initial_channel=32),
+        old.conds is not None,
+    ).eval()
+    narrow.requires_grad_(False)
+    # Speech-like loudness (peaks ~0.3; the narrow net alone gives ~1e-3), so that audio
+    # compared within FP32_PIPELINE's absolute bound is compared for real.
+    narrow.conv_post.weight.mul_(400.0)
+    narrow.fused = True
+    model.hifigan_decoder.waveform_decoder = narrow
+    return model
+
+
+@pytest.fixture(scope="session")
 def random_model(random_bundle: RandomBundle):
     from lowvox.engines.xtts.loader import load_model
 

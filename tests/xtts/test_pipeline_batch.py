@@ -23,6 +23,13 @@ TEXTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def model(narrow_vocoder_model):
+    """The golden GPT with a narrow vocoder: these tests are about who decodes and vocodes
+    when, and the released-size HiFi-GAN would be most of their time."""
+    return narrow_vocoder_model
+
+
 def utterance(model, text: str, voice: Voice, **options) -> Utterance:
     opts = XttsOptions(**{"do_sample": False, "max_new_tokens": 24, **options})
     opts = opts.resolved(model.config)
@@ -115,47 +122,45 @@ def assert_same_as_alone(model, utt: Utterance, result) -> None:
     FP32_PIPELINE.check(wav, alone.wav)
 
 
-def test_rows_join_mid_decode_and_each_equals_alone(golden_model, golden_voice) -> None:
-    utts = [utterance(golden_model, t, golden_voice) for t in TEXTS]
-    batch = Batch(golden_model, max_rows=4)
+def test_rows_join_mid_decode_and_each_equals_alone(model, golden_voice) -> None:
+    utts = [utterance(model, t, golden_voice) for t in TEXTS]
+    batch = Batch(model, max_rows=4)
     # The second joins at step 3, the third at step 7, the fourth when others have left.
     results = run(batch, {0: [utts[0]], 3: [utts[1]], 7: [utts[2]], 30: [utts[3]]})
     for i, utt in enumerate(utts):
-        assert_same_as_alone(golden_model, utt, results[i])
+        assert_same_as_alone(model, utt, results[i])
 
 
-def test_each_row_keeps_its_own_options_and_seed(golden_model, golden_voice) -> None:
+def test_each_row_keeps_its_own_options_and_seed(model, golden_voice) -> None:
     utts = [
-        utterance(golden_model, TEXTS[0], golden_voice, do_sample=True, seed=1, temperature=0.7),
-        utterance(golden_model, TEXTS[1], golden_voice, do_sample=True, seed=2, top_k=5),
-        utterance(golden_model, TEXTS[2], golden_voice, max_new_tokens=6, speed=1.5),
+        utterance(model, TEXTS[0], golden_voice, do_sample=True, seed=1, temperature=0.7),
+        utterance(model, TEXTS[1], golden_voice, do_sample=True, seed=2, top_k=5),
+        utterance(model, TEXTS[2], golden_voice, max_new_tokens=6, speed=1.5),
     ]
-    results = run(Batch(golden_model, max_rows=3), {0: utts[:2], 2: utts[2:]})
+    results = run(Batch(model, max_rows=3), {0: utts[:2], 2: utts[2:]})
     for i, utt in enumerate(utts):
-        assert_same_as_alone(golden_model, utt, results[i])
+        assert_same_as_alone(model, utt, results[i])
 
 
-def test_a_cancelled_row_leaves_and_the_others_finish(golden_model, golden_voice) -> None:
-    utts = [utterance(golden_model, t, golden_voice) for t in TEXTS[:3]]
-    results = run(Batch(golden_model, max_rows=3), {0: utts}, cancel_at={1: 5})
+def test_a_cancelled_row_leaves_and_the_others_finish(model, golden_voice) -> None:
+    utts = [utterance(model, t, golden_voice) for t in TEXTS[:3]]
+    results = run(Batch(model, max_rows=3), {0: utts}, cancel_at={1: 5})
     assert isinstance(results[1][2], Cancelled)
-    assert_same_as_alone(golden_model, utts[0], results[0])
-    assert_same_as_alone(golden_model, utts[2], results[2])
+    assert_same_as_alone(model, utts[0], results[0])
+    assert_same_as_alone(model, utts[2], results[2])
 
 
-def test_a_failing_row_fails_alone(golden_model, golden_voice) -> None:
-    good = [utterance(golden_model, t, golden_voice) for t in TEXTS[:2]]
+def test_a_failing_row_fails_alone(model, golden_voice) -> None:
+    good = [utterance(model, t, golden_voice) for t in TEXTS[:2]]
     broken_voice = Voice(torch.randn(1, 32, 7), golden_voice.speaker_embedding)  # wrong width
-    bad = utterance(golden_model, TEXTS[2], broken_voice)
-    results = run(Batch(golden_model, max_rows=3), {0: [good[0], bad], 1: [good[1]]})
+    bad = utterance(model, TEXTS[2], broken_voice)
+    results = run(Batch(model, max_rows=3), {0: [good[0], bad], 1: [good[1]]})
     assert isinstance(results[1][2], LowvoxError)
-    assert_same_as_alone(golden_model, good[0], results[0])
-    assert_same_as_alone(golden_model, good[1], results[2])
+    assert_same_as_alone(model, good[0], results[0])
+    assert_same_as_alone(model, good[1], results[2])
 
 
-def test_a_row_whose_token_choice_fails_fails_alone(
-    golden_model, golden_voice, monkeypatch
-) -> None:
+def test_a_row_whose_token_choice_fails_fails_alone(model, golden_voice, monkeypatch) -> None:
     """An exception choosing one row's token mid-decode (here: for the generator seeded
     666) ends that utterance with its own error; its batch-mates finish as alone."""
     from lowvox.engines.xtts import decode
@@ -168,32 +173,32 @@ def test_a_row_whose_token_choice_fails_fails_alone(
         return real(scores, do_sample, generator)
 
     monkeypatch.setattr(decode, "select_token", select)
-    good = [utterance(golden_model, t, golden_voice) for t in TEXTS[:2]]
-    bad = utterance(golden_model, TEXTS[2], golden_voice, do_sample=True, seed=666)
-    results = run(Batch(golden_model, max_rows=3), {0: [good[0]], 2: [bad, good[1]]})
+    good = [utterance(model, t, golden_voice) for t in TEXTS[:2]]
+    bad = utterance(model, TEXTS[2], golden_voice, do_sample=True, seed=666)
+    results = run(Batch(model, max_rows=3), {0: [good[0]], 2: [bad, good[1]]})
     assert isinstance(results[1][2], LowvoxError)
     monkeypatch.undo()
-    assert_same_as_alone(golden_model, good[0], results[0])
-    assert_same_as_alone(golden_model, good[1], results[2])
+    assert_same_as_alone(model, good[0], results[0])
+    assert_same_as_alone(model, good[1], results[2])
 
 
-def test_a_near_zero_temperature_row_speaks_beside_others(golden_model, golden_voice) -> None:
+def test_a_near_zero_temperature_row_speaks_beside_others(model, golden_voice) -> None:
     """Options the validator accepts (a temperature of 1e-40 overflows the scores) once
     made `multinomial` raise inside the shared step, failing every request of the batch;
     now every row is spoken, each as alone."""
     utts = [
-        utterance(golden_model, TEXTS[0], golden_voice),
-        utterance(golden_model, TEXTS[1], golden_voice, do_sample=True, seed=3, temperature=1e-40),
-        utterance(golden_model, TEXTS[2], golden_voice, do_sample=True, seed=4),
+        utterance(model, TEXTS[0], golden_voice),
+        utterance(model, TEXTS[1], golden_voice, do_sample=True, seed=3, temperature=1e-40),
+        utterance(model, TEXTS[2], golden_voice, do_sample=True, seed=4),
     ]
-    results = run(Batch(golden_model, max_rows=3), {0: utts})
+    results = run(Batch(model, max_rows=3), {0: utts})
     for i, utt in enumerate(utts):
-        assert_same_as_alone(golden_model, utt, results[i])
+        assert_same_as_alone(model, utt, results[i])
 
 
 @pytest.mark.parametrize("bad", ["nan_latent", "inf_embedding", "embedding_shape"])
 def test_a_voice_with_non_finite_or_misshaped_tensors_fails_alone(
-    golden_model, golden_voice, bad: str
+    model, golden_voice, bad: str
 ) -> None:
     """Sampled, a NaN voice's logits make its row's multinomial draw raise inside the
     shared decode step: every request batched with it failed. It must fail alone, with a
@@ -205,28 +210,26 @@ def test_a_voice_with_non_finite_or_misshaped_tensors_fails_alone(
         emb[0, 7, 0] = float("inf")
     else:
         emb = emb[:, :-1]
-    good = utterance(golden_model, TEXTS[0], golden_voice, do_sample=True, seed=3)
-    broken = utterance(golden_model, TEXTS[2], Voice(latent, emb), do_sample=True, seed=3)
-    results = run(Batch(golden_model, max_rows=2), {0: [good, broken]})
+    good = utterance(model, TEXTS[0], golden_voice, do_sample=True, seed=3)
+    broken = utterance(model, TEXTS[2], Voice(latent, emb), do_sample=True, seed=3)
+    results = run(Batch(model, max_rows=2), {0: [good, broken]})
     assert isinstance(results[1][2], InvalidRequest) and results[1][2].field == "voice"
     assert results[1][1] == []  # no sentence of it was decoded
-    assert_same_as_alone(golden_model, good, results[0])
+    assert_same_as_alone(model, good, results[0])
 
 
-def test_bulk_rows_hold_their_vocoding_until_a_listener_has_audio(
-    golden_model, golden_voice
-) -> None:
+def test_bulk_rows_hold_their_vocoding_until_a_listener_has_audio(model, golden_voice) -> None:
     """Long-form sentences (bulk) beside an interactive request: no bulk chunk is vocoded
     from the interactive request's arrival until its first audio is out (not even a
     sentence's end), and the bulk rows' audio is the same, sample for sample, as without
     it."""
-    long = [utterance(golden_model, t, golden_voice, max_new_tokens=60) for t in TEXTS[:3]]
-    quick = utterance(golden_model, TEXTS[3], golden_voice, max_new_tokens=60)
+    long = [utterance(model, t, golden_voice, max_new_tokens=60) for t in TEXTS[:3]]
+    quick = utterance(model, TEXTS[3], golden_voice, max_new_tokens=60)
     plan = {0: [long[0]], 5: [long[1]], 10: [long[2]]}
     solo_log: list[tuple[int, int, bool]] = []
-    alone = run(Batch(golden_model, max_rows=4), plan, bulk={0, 1, 2}, log=solo_log)
+    alone = run(Batch(model, max_rows=4), plan, bulk={0, 1, 2}, log=solo_log)
     log: list[tuple[int, int, bool]] = []
-    mixed = run(Batch(golden_model, max_rows=4), {**plan, 15: [quick]}, bulk={0, 1, 2}, log=log)
+    mixed = run(Batch(model, max_rows=4), {**plan, 15: [quick]}, bulk={0, 1, 2}, log=log)
     first = min(step for step, order, _ in log if order == 3)
 
     def window(entries: list[tuple[int, int, bool]]) -> list[tuple[int, int]]:
@@ -238,57 +241,57 @@ def test_bulk_rows_hold_their_vocoding_until_a_listener_has_audio(
     for i in range(3):
         assert mixed[i][2] == "done"
         np.testing.assert_array_equal(mixed[i][0], alone[i][0])
-    assert_same_as_alone(golden_model, quick, mixed[3])
+    assert_same_as_alone(model, quick, mixed[3])
 
 
 @pytest.mark.parametrize("in_hand", [True, False])
 def test_listeners_mid_stream_wait_for_a_new_listeners_first_audio(
-    in_hand, golden_model, golden_voice
+    in_hand, model, golden_voice
 ) -> None:
     """First audio first: from a new request's arrival until its first audio, an
     interactive row that already sends audio puts its vocoding off (a sentence's end too),
     however much audio its listener has in hand, then catches up. Every utterance's audio
     is the same, sample for sample."""
-    a = utterance(golden_model, TEXTS[1], golden_voice, max_new_tokens=90)
-    b = utterance(golden_model, TEXTS[3], golden_voice, max_new_tokens=40)
+    a = utterance(model, TEXTS[1], golden_voice, max_new_tokens=90)
+    b = utterance(model, TEXTS[3], golden_voice, max_new_tokens=40)
     ticks = iter(range(10**9))
     # A frozen clock: a's listener keeps all it was sent. A racing one (10 s a reading):
     # it has played everything long ago and waits.
     clock = (lambda: 0.0) if in_hand else (lambda: 10.0 * next(ticks))
     solo_sizes: list[tuple[int, int, int]] = []
-    alone = run(Batch(golden_model, max_rows=2, clock=clock), {0: [a]}, sizes=solo_sizes)
+    alone = run(Batch(model, max_rows=2, clock=clock), {0: [a]}, sizes=solo_sizes)
     # b arrives after a's first chunk, so that a's next chunk falls before b's first (a
     # chunk is 20 tokens; b's first comes 13 steps after it arrives).
     join = solo_sizes[0][0] + 10
     log: list[tuple[int, int, bool]] = []
-    mixed = run(Batch(golden_model, max_rows=2, clock=clock), {0: [a], join: [b]}, log=log)
+    mixed = run(Batch(model, max_rows=2, clock=clock), {0: [a], join: [b]}, log=log)
     first = min(step for step, order, _ in log if order == 1)
     assert [st for st, _, _ in solo_sizes if join <= st < first]  # alone, a vocodes then
     assert not [st for st, o, _ in log if o == 0 and join <= st < first]
     assert any(o == 0 and st >= first for st, o, _ in log)  # then catches up
     np.testing.assert_array_equal(mixed[0][0], alone[0][0])
     assert mixed[0][2] == mixed[1][2] == "done"
-    assert_same_as_alone(golden_model, b, mixed[1])
+    assert_same_as_alone(model, b, mixed[1])
 
 
 def test_a_sentence_ending_while_a_new_listener_waits_is_finished_after(
-    golden_model, golden_voice
+    model, golden_voice
 ) -> None:
     """A listener's sentence whose decoding ends while a new listener waits for its first
     audio keeps its last audio back (its row leaves the decoder) and sends it after; the
     audio is the same, and the utterance's next sentence follows."""
     import dataclasses
 
-    one = utterance(golden_model, TEXTS[1], golden_voice, max_new_tokens=30)
-    two = utterance(golden_model, TEXTS[0], golden_voice, max_new_tokens=30)
+    one = utterance(model, TEXTS[1], golden_voice, max_new_tokens=30)
+    two = utterance(model, TEXTS[0], golden_voice, max_new_tokens=30)
     a = dataclasses.replace(one, pieces=one.pieces + two.pieces)  # two sentences
-    b = utterance(golden_model, TEXTS[3], golden_voice, max_new_tokens=30)
+    b = utterance(model, TEXTS[3], golden_voice, max_new_tokens=30)
     solo: list[tuple[int, int, bool]] = []
-    alone = run(Batch(golden_model, max_rows=2, clock=lambda: 0.0), {0: [a]}, log=solo)
+    alone = run(Batch(model, max_rows=2, clock=lambda: 0.0), {0: [a]}, log=solo)
     end = min(st for st, _, last in solo if last)  # a's first sentence ends here, alone
     join = end - 4
     log: list[tuple[int, int, bool]] = []
-    mixed = run(Batch(golden_model, max_rows=2, clock=lambda: 0.0), {0: [a], join: [b]}, log=log)
+    mixed = run(Batch(model, max_rows=2, clock=lambda: 0.0), {0: [a], join: [b]}, log=log)
     first = min(st for st, o, _ in log if o == 1)
     assert first > end  # b still waits when a's decoding of that sentence ends...
     assert not [st for st, o, _ in log if o == 0 and join <= st < first]  # ...a waits too
@@ -296,15 +299,15 @@ def test_a_sentence_ending_while_a_new_listener_waits_is_finished_after(
     np.testing.assert_array_equal(mixed[0][0], alone[0][0])
     assert len(mixed[0][1]) == len(alone[0][1]) == len(a.pieces) == 2
     assert mixed[0][2] == "done"
-    assert_same_as_alone(golden_model, b, mixed[1])
+    assert_same_as_alone(model, b, mixed[1])
 
 
-def test_only_a_new_listeners_row_decodes_until_its_first_audio(golden_model, golden_voice) -> None:
+def test_only_a_new_listeners_row_decodes_until_its_first_audio(model, golden_voice) -> None:
     """From a new listener's prefill to its first audio, the batch's steps decode its row
     alone (the others wait; their audio would wait anyway); then every row decodes again.
     Every utterance still gets what it would alone, tokens exactly."""
-    utts = [utterance(golden_model, t, golden_voice, max_new_tokens=50) for t in TEXTS[:3]]
-    batch = Batch(golden_model, max_rows=3)
+    utts = [utterance(model, t, golden_voice, max_new_tokens=50) for t in TEXTS[:3]]
+    batch = Batch(model, max_rows=3)
     stepped = record_steps(batch)
     log: list[tuple[int, int, bool]] = []
     results = run(batch, {0: utts[:1], 20: utts[1:2], 24: utts[2:]}, log=log)
@@ -317,12 +320,12 @@ def test_only_a_new_listeners_row_decodes_until_its_first_audio(golden_model, go
     )
     assert stepped[firsts[2] + 1] == {0, 1, 2}
     for i, utt in enumerate(utts):
-        assert_same_as_alone(golden_model, utt, results[i])
+        assert_same_as_alone(model, utt, results[i])
 
 
 @pytest.mark.parametrize("in_hand", [True, False])
 def test_bulk_rows_wait_while_a_listener_is_short_of_audio(
-    in_hand, golden_model, golden_voice, monkeypatch
+    in_hand, model, golden_voice, monkeypatch
 ) -> None:
     """Bulk rows (a long-form job's sentences) decode beside a listener who has enough sent
     audio left to play; while the listener is short of it (`LISTENER_SLACK_S`), only the
@@ -337,11 +340,11 @@ def test_bulk_rows_wait_while_a_listener_is_short_of_audio(
         monkeypatch.setattr(pipeline, "LISTENER_SLACK_S", 0.0)
     else:
         clock = lambda: 10.0 * next(ticks)  # noqa: E731 -- it played everything long ago
-    books = [utterance(golden_model, t, golden_voice, max_new_tokens=60) for t in TEXTS[:2]]
-    listener = utterance(golden_model, TEXTS[3], golden_voice, max_new_tokens=40)
+    books = [utterance(model, t, golden_voice, max_new_tokens=60) for t in TEXTS[:2]]
+    listener = utterance(model, TEXTS[3], golden_voice, max_new_tokens=40)
     plan = {0: books, 5: [listener]}
-    alone = run(Batch(golden_model, max_rows=3, clock=clock), {0: books}, bulk={0, 1})
-    batch = Batch(golden_model, max_rows=3, clock=clock)
+    alone = run(Batch(model, max_rows=3, clock=clock), {0: books}, bulk={0, 1})
+    batch = Batch(model, max_rows=3, clock=clock)
     stepped = record_steps(batch)
     log: list[tuple[int, int, bool]] = []
     mixed = run(batch, plan, bulk={0, 1}, log=log)
@@ -358,15 +361,15 @@ def test_bulk_rows_wait_while_a_listener_is_short_of_audio(
     for i in range(2):
         assert mixed[i][2] == "done"
         np.testing.assert_array_equal(mixed[i][0], alone[i][0])
-    assert_same_as_alone(golden_model, listener, mixed[2])
+    assert_same_as_alone(model, listener, mixed[2])
 
 
-def test_the_decoder_steps_any_subset_of_its_rows(golden_model, golden_voice) -> None:
+def test_the_decoder_steps_any_subset_of_its_rows(model, golden_voice) -> None:
     """Rows that sit out steps (`Decoder.step(only=...)`, in runs of cache rows that are
     not contiguous) choose the same tokens as rows stepped every time."""
     from lowvox.engines.xtts.decode import Decoder, DecodeRow
 
-    utts = [utterance(golden_model, t, golden_voice, max_new_tokens=30) for t in TEXTS]
+    utts = [utterance(model, t, golden_voice, max_new_tokens=30) for t in TEXTS]
 
     def rows() -> list[DecodeRow]:
         return [
@@ -385,14 +388,14 @@ def test_the_decoder_steps_any_subset_of_its_rows(golden_model, golden_voice) ->
             k += 1
         return out
 
-    together = codes(Decoder(golden_model.gpt, max_rows=4), lambda k, ids: None)
+    together = codes(Decoder(model.gpt, max_rows=4), lambda k, ids: None)
     # Rows 0 and 2 on even steps, 1 and 3 on odd ones: two runs of one row each.
-    apart = codes(Decoder(golden_model.gpt, max_rows=4), lambda k, ids: set(ids[k % 2 :: 2]))
+    apart = codes(Decoder(model.gpt, max_rows=4), lambda k, ids: set(ids[k % 2 :: 2]))
     assert list(together.values()) == list(apart.values())
     assert all(together.values())
 
 
-def test_a_held_backlog_is_caught_up_a_few_chunks_a_step(golden_model, golden_voice) -> None:
+def test_a_held_backlog_is_caught_up_a_few_chunks_a_step(model, golden_voice) -> None:
     """After rows were held for a new listener, no step vocodes more than CHUNKS_PER_STEP
     chunks of rows already heard (first chunks and sentence ends aside), nor more than one
     of any row; the rows whose listeners have the least audio in hand go first. (Where the
@@ -403,17 +406,17 @@ def test_a_held_backlog_is_caught_up_a_few_chunks_a_step(golden_model, golden_vo
     from lowvox.engines.xtts.decode import Decoder
     from lowvox.engines.xtts.pipeline import CHUNKS_PER_STEP
 
-    heard = [utterance(golden_model, t, golden_voice, max_new_tokens=120) for t in TEXTS[:3]]
+    heard = [utterance(model, t, golden_voice, max_new_tokens=120) for t in TEXTS[:3]]
     # A late listener whose first chunk takes 24 tokens: every other row has a chunk due
     # (one every 20 tokens) while it waits.
     late = dataclasses.replace(
-        utterance(golden_model, TEXTS[3], golden_voice, max_new_tokens=40), first_chunk_tokens=24
+        utterance(model, TEXTS[3], golden_voice, max_new_tokens=40), first_chunk_tokens=24
     )
     # A clock that stands still: what each listener has in hand is what it was sent.
     plan = {0: heard[:1], 1: heard[1:2], 2: heard[2:3], 40: [late]}
     log: list[tuple[int, int, bool]] = []
     sizes: list[tuple[int, int, int]] = []
-    batch = Batch(golden_model, max_rows=4, clock=lambda: 0.0)
+    batch = Batch(model, max_rows=4, clock=lambda: 0.0)
     batch.decoder.step = lambda only=None: Decoder.step(batch.decoder)  # type: ignore[method-assign]
     results = run(batch, plan, log=log, sizes=sizes)
     firsts = {o: min(st for st, oo, _ in log if oo == o) for o in range(4)}
@@ -432,10 +435,10 @@ def test_a_held_backlog_is_caught_up_a_few_chunks_a_step(golden_model, golden_vo
     assert sorted(per_step[after[0]]) == sorted(sorted(sent, key=sent.get)[:2])
     assert max(sent, key=sent.get) in per_step[after[1]] and after[1] == after[0] + 1
     for i, utt in enumerate([*heard, late]):
-        assert_same_as_alone(golden_model, utt, results[i])
+        assert_same_as_alone(model, utt, results[i])
 
 
-def test_new_listeners_beyond_a_few_wait_for_a_first_audio(golden_model, golden_voice) -> None:
+def test_new_listeners_beyond_a_few_wait_for_a_first_audio(model, golden_voice) -> None:
     """Requests arriving together: FIRST_AUDIO_AT_ONCE are prefilled (one a step); the
     next waits until one of them has its first audio (so theirs are not pushed back by
     its prefill); all get what they would alone."""
@@ -443,25 +446,23 @@ def test_new_listeners_beyond_a_few_wait_for_a_first_audio(golden_model, golden_
 
     n = FIRST_AUDIO_AT_ONCE + 1
     texts = (TEXTS * n)[:n]
-    utts = [utterance(golden_model, t, golden_voice, max_new_tokens=40) for t in texts]
+    utts = [utterance(model, t, golden_voice, max_new_tokens=40) for t in texts]
     log: list[tuple[int, int, bool]] = []
-    results = run(Batch(golden_model, max_rows=n), {0: utts}, log=log)
+    results = run(Batch(model, max_rows=n), {0: utts}, log=log)
     firsts = [min(st for st, o, _ in log if o == order) for order in range(n)]
     # The last one's prefill comes after the others' first audio begins, and its own first
     # audio a first chunk of steps after that.
     assert firsts[-1] >= min(firsts[:-1]) + utts[-1].first_chunk_tokens
     assert max(firsts[:-1]) - min(firsts[:-1]) < utts[0].first_chunk_tokens  # together
     for i, utt in enumerate(utts):
-        assert_same_as_alone(golden_model, utt, results[i])
+        assert_same_as_alone(model, utt, results[i])
 
 
-def test_a_step_that_prefills_a_bulk_sentence_vocodes_no_bulk_chunk(
-    golden_model, golden_voice
-) -> None:
+def test_a_step_that_prefills_a_bulk_sentence_vocodes_no_bulk_chunk(model, golden_voice) -> None:
     """Bulk work comes one heavy piece a step (a prompt or a chunk), so that a request
     arriving meanwhile waits for less; the audio is what each would be alone."""
-    utts = [utterance(golden_model, t, golden_voice, max_new_tokens=60) for t in TEXTS]
-    batch = Batch(golden_model, max_rows=4)
+    utts = [utterance(model, t, golden_voice, max_new_tokens=60) for t in TEXTS]
+    batch = Batch(model, max_rows=4)
     prefills: list[int] = []
     real_add = batch.decoder.add
     step = [0]
@@ -490,29 +491,27 @@ def test_a_step_that_prefills_a_bulk_sentence_vocodes_no_bulk_chunk(
     # The first's chunks come at the next step with no bulk prefill.
     assert {32, 53} <= {st for st, o, _ in log if o == 0}
     for i, utt in enumerate(utts):
-        assert_same_as_alone(golden_model, utt, results[i])
+        assert_same_as_alone(model, utt, results[i])
 
 
-def test_an_interactive_sentence_is_prefilled_before_waiting_bulk_ones(
-    golden_model, golden_voice
-) -> None:
-    utts = [utterance(golden_model, t, golden_voice, max_new_tokens=13) for t in TEXTS]
+def test_an_interactive_sentence_is_prefilled_before_waiting_bulk_ones(model, golden_voice) -> None:
+    utts = [utterance(model, t, golden_voice, max_new_tokens=13) for t in TEXTS]
     log: list[tuple[int, int, bool]] = []
     # All four arrive together; only the last is interactive; one prefill per step.
-    run(Batch(golden_model, max_rows=4), {0: utts}, bulk={0, 1, 2}, log=log)
+    run(Batch(model, max_rows=4), {0: utts}, bulk={0, 1, 2}, log=log)
     firsts = {order: min(s for s, o, _ in log if o == order) for order in range(4)}
     assert firsts[3] < min(firsts[0], firsts[1], firsts[2])
 
 
-def test_admission_is_bounded_by_rows_and_kv_budget(golden_model, golden_voice) -> None:
-    utt = utterance(golden_model, TEXTS[1], golden_voice)
-    probe = Batch(golden_model, max_rows=2)
+def test_admission_is_bounded_by_rows_and_kv_budget(model, golden_voice) -> None:
+    utt = utterance(model, TEXTS[1], golden_voice)
+    probe = Batch(model, max_rows=2)
     need = probe.positions(utt.pieces, utt.options)
-    batch = Batch(golden_model, max_rows=2, kv_positions=need + 10)
+    batch = Batch(model, max_rows=2, kv_positions=need + 10)
     assert batch.fits(utt.pieces, utt.options)  # an empty batch takes anything
     batch.add(utt)
     assert not batch.fits(utt.pieces, utt.options)  # a second would pass the budget
-    roomy = Batch(golden_model, max_rows=2, kv_positions=3 * need)
+    roomy = Batch(model, max_rows=2, kv_positions=3 * need)
     roomy.add(utt)
     assert roomy.fits(utt.pieces, utt.options)
     roomy.add(utt)
