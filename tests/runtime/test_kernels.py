@@ -265,6 +265,7 @@ def test_the_build_takes_this_cpus_vendor_tuning(fresh_kernels):
     assert kernels.amd_tuning() == vendor.endswith("AuthenticAMD")
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize("amd", [0, 1])
 def test_a_bf16_row_alone_equals_the_same_row_in_a_batch(amd, fresh_kernels, monkeypatch):

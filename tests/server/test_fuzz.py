@@ -64,6 +64,7 @@ def fuzz(operation, mode: GenerationMode, examples: int, url: str, session, fail
         call()
 
 
+@pytest.mark.slow
 def test_no_operation_answers_with_a_server_error(fuzzed):
     schema = schemathesis.openapi.from_dict(fuzzed.app.openapi())
     operations = [result.ok() for result in schema.get_all_operations()]

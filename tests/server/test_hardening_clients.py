@@ -159,6 +159,7 @@ def test_whole_file_answer_has_exact_sizes(client):
     assert len(samples) == fake_chunks(text) * int(CHUNK_SECONDS * rate)
 
 
+@pytest.mark.slow
 def test_idle_readers_hold_no_audio_in_memory(tmp_path):
     """Twelve clients that send a long request and never read the answer (six streamed,
     six whole): the engine still finishes every job, and what the server holds for them
@@ -491,6 +492,7 @@ def test_text_generation_webui_plays_in_default_and_legacy_modes(server):
     assert plays(server.url + url) and plays(urljoin(TGWUI_PAGE, url))
 
 
+@pytest.mark.slow
 def test_text_generation_webui_urls_play_in_chromium(server):
     # The chat page, on its own origin, as each mode writes it: <audio src=...>.
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -683,6 +685,7 @@ def _records(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name.startswith(("lowvox", "uvicorn"))]
 
 
+@pytest.mark.slow
 def test_a_client_leaving_while_waiting_is_one_log_line(tmp_path, caplog):
     # Each step of this engine takes 1.5 s (a long prefill, say): the job ends well after
     # its client has gone, which used to log "client left" every 0.25 s meanwhile.

@@ -348,6 +348,7 @@ def test_access_log_hides_api_keys(tmp_path):
     assert all("s3cret" not in line and "[redacted]" in line for line in lines), lines
 
 
+@pytest.mark.slow
 def test_the_web_page_never_puts_the_key_in_a_url(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     from tests.server.test_web_page import CHROMIUM, LAUNCH_ARGS
@@ -420,6 +421,7 @@ def slow(tmp_path_factory):
         yield s
 
 
+@pytest.mark.slow
 def test_half_sent_requests_are_closed_and_others_served(slow):
     half_headers = [
         raw(slow, b"GET /api/ready HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ") for _ in range(4)
@@ -448,6 +450,7 @@ def test_half_sent_requests_are_closed_and_others_served(slow):
         assert c.get("/api/ready").text == "Ready"
 
 
+@pytest.mark.slow
 def test_a_keep_alive_connection_cannot_stall_its_next_request(slow):
     """uvicorn's keep-alive timeout stops at the first byte of the next request."""
     sock = raw(slow, b"GET /api/ready HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -464,6 +467,7 @@ def test_oversized_headers_are_refused(slow):
     assert status_of(read_until_closed(sock)) == 431
 
 
+@pytest.mark.slow
 def test_the_connection_limit_holds_and_frees(slow):
     held = [raw(slow) for _ in range(slow.settings.max_connections - 1)]
     time.sleep(0.2)  # let the server accept them all

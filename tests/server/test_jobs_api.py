@@ -238,6 +238,7 @@ def test_a_job_the_server_was_running_resumes_when_it_starts_again(tmp_path):
         assert done["progress"]["done"] == 7
 
 
+@pytest.mark.slow
 def test_a_job_still_leased_by_a_dead_server_elsewhere_resumes_once_the_lease_lapses(
     tmp_path, monkeypatch
 ):

@@ -115,6 +115,7 @@ def test_waiting_jobs_share_steps_and_each_gets_its_own_audio():
         assert np.array_equal(audio, alone(text, voice))  # the fake engine is exact
 
 
+@pytest.mark.slow
 def test_a_job_joins_a_running_batch_and_leaves_when_its_own_audio_is_done():
     engine = BatchFake()
     engine.chunk_delay = 0.01  # 100 chunks: the long job runs for a second or more

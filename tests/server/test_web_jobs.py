@@ -154,6 +154,7 @@ def test_a_pasted_book_runs_to_chapters_downloads_and_flagged_sentences(page):
     assert "/sentences/1/audio" in page.get_attribute("#job-player", "src")
 
 
+@pytest.mark.slow
 def test_retake_and_edit_a_flagged_sentence(page, jobs_server):
     row = start_job(page, "Retake Book")
     expect(row).to_have_attribute("data-state", "done", timeout=WAIT_MS)
@@ -215,6 +216,7 @@ def test_an_unsupported_file_shows_the_servers_message(page):
     expect(message).to_contain_text("400")
 
 
+@pytest.mark.slow
 def test_the_panel_works_with_an_api_key(browser, key_server):
     page, errors = open_page(browser, key_server, ready=False)
     try:

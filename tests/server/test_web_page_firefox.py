@@ -34,6 +34,7 @@ pytestmark = [
 ]
 
 
+@pytest.mark.slow
 def test_page_works_in_firefox(tmp_path):
     t = np.arange(3 * 16_000) / 16_000
     clip = tmp_path / "me.wav"

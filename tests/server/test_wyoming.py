@@ -477,6 +477,7 @@ def test_a_client_that_reads_nothing_is_closed_and_its_job_cancelled(tmp_path, m
             s.engine.gate.set()
 
 
+@pytest.mark.slow
 def test_stopping_the_server_does_not_wait_for_a_client_that_reads_nothing(tmp_path):
     port = free_port()
     text = "word " * 3000
@@ -581,6 +582,7 @@ def test_http_and_wyoming_at_once_each_get_their_own_audio(server):
     assert_speaks(audio, "beta", wyoming_text)
 
 
+@pytest.mark.slow
 def test_zeroconf_announces_the_server_on_loopback(tmp_path):
     zc = pytest.importorskip("zeroconf.asyncio")
     from zeroconf import IPVersion

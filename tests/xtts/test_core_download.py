@@ -242,6 +242,7 @@ def test_download_over_http_installs_whole_files(tmp_path, http_hub) -> None:
     assert [m.name for m in list_models(tmp_path)] == ["xtts-v2"]
 
 
+@pytest.mark.slow
 def test_a_cut_connection_is_retried_to_a_whole_file(tmp_path, http_hub) -> None:
     http_hub.cut = 1
     path = download_model("xtts-v2", tmp_path, accept_license=True)

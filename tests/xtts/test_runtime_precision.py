@@ -149,6 +149,7 @@ def test_weight_only_cache_with_another_mode_is_not_used(
         assert f.metadata()["mode"] == "some-future-layout"
 
 
+@pytest.mark.slow
 def test_cpu_bf16_keeps_norms_and_activations_in_float32(random_bundle, tmp_path):
     model = load_model(random_bundle.path, precision="bf16", cache_dir=tmp_path)
     block = model.gpt.gpt.h[0]
