@@ -222,6 +222,22 @@ def test_streaming_endpoint_accepts_post_forms(client):
     assert len(samples) == fake_chunks("posted stream") * int(CHUNK_SECONDS * rate)
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_streaming_endpoint_failures_carry_an_error_string(client, method):
+    """Real AllTalk v2 (tts_server.py, `apifunction_generate_streaming`) answers a failed
+    stream with `{"error": "<text>"}`, and its POST form with FastAPI's `{"detail": ...}`;
+    AllTalk's own test_server.py reads `error_data.get("error", "").lower()`."""
+    fields = {"text": "hi", "voice": "nobody", "language": "en", "output_file": "x"}
+    if method == "GET":
+        r = client.get("/api/tts-generate-streaming", params=fields)
+    else:
+        r = client.post("/api/tts-generate-streaming", data=fields)
+    assert r.status_code == 404
+    body = r.json()
+    assert isinstance(body["error"], str) and "unknown voice" in body["error"].lower()
+    assert isinstance(body["detail"], str) and "unknown voice" in body["detail"].lower()
+
+
 def test_narrator_streams_too(client):
     text = '*She smiles.* "Nice to meet you"'
     form = {

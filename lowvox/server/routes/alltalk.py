@@ -26,6 +26,7 @@ from starlette.types import Scope
 
 from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.server import responses, synthesis
+from lowvox.server.errors import retry_headers
 from lowvox.server.narration import Turn, narrator_turns
 from lowvox.server.routes import core
 from lowvox.server.routes.paths import TolerantRoute, read_form, read_json
@@ -41,14 +42,13 @@ _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off", "")
 
 
-def failure(exc: LowvoxError) -> JSONResponse:
+def failure(exc: LowvoxError, status_word: str = "generate-failure") -> JSONResponse:
+    """AllTalk's failure shape: `error` (and FastAPI's `detail`) as plain text."""
     status = int(getattr(exc, "status_code", 500) or 500)
-    retry_after = getattr(exc, "retry_after", None)
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse(
-        {"status": "generate-failure", "error": str(exc), "detail": str(exc)},
+        {"status": status_word, "error": str(exc), "detail": str(exc)},
         status_code=status,
-        headers=headers,
+        headers=retry_headers(exc, status),
     )
 
 
@@ -384,18 +384,21 @@ async def tts_generate(request: Request, state: State) -> Any:
 
 
 async def _streaming(request: Request, state: ServerState) -> Any:
-    form = await fields(request)
-    plan = await synthesis.plan_job(
-        state.hub,
-        text=text(form, "text"),
-        voice=text(form, "voice"),
-        language=text(form, "language"),
-        speed=number(form.get("speed"), "speed", 1.0),
-        fmt=text(form, "format") or "wav",
-        engine=text(form, "engine"),
-    )
-    hint = text(form, "output_file") or "stream_output"
-    return await responses.respond(state, plan, request, stream=True, save_hint=hint)
+    try:
+        form = await fields(request)
+        plan = await synthesis.plan_job(
+            state.hub,
+            text=text(form, "text"),
+            voice=text(form, "voice"),
+            language=text(form, "language"),
+            speed=number(form.get("speed"), "speed", 1.0),
+            fmt=text(form, "format") or "wav",
+            engine=text(form, "engine"),
+        )
+        hint = text(form, "output_file") or "stream_output"
+        return await responses.respond(state, plan, request, stream=True, save_hint=hint)
+    except LowvoxError as e:
+        return failure(e)
 
 
 @router.get(
@@ -427,13 +430,7 @@ async def reload(state: State, tts_method: str = "") -> Any:
     try:
         slot = await state.hub.reload(tts_method or None)
     except LowvoxError as e:
-        retry_after = getattr(e, "retry_after", None)
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-        return JSONResponse(
-            {"status": "model-failure", "error": str(e), "detail": str(e)},
-            status_code=getattr(e, "status_code", 500),
-            headers=headers,
-        )
+        return failure(e, "model-failure")
     return {"status": "model-success", "engine": slot.name}
 
 
