@@ -209,17 +209,28 @@ def test_stop_generation_stops_a_running_generation(server, client):
     engine.gate.set()
 
 
-def test_streaming_endpoint_accepts_post_forms(client):
-    form = {
-        "text": "posted stream",
-        "voice": "gamma",
-        "language": "en",
-        "output_file": "posted.wav",
-    }
-    r = client.post("/api/tts-generate-streaming", data=form)
-    assert r.status_code == 200
-    samples, rate, _ = decode(r.content, "wav")
+@pytest.mark.parametrize("multipart", [False, True])
+def test_streaming_endpoint_post_saves_the_file_and_answers_json(server, client, multipart):
+    """Real AllTalk (v1 and v2 tts_server.py, the POST `tts_generate_streaming`) does not
+    stream on POST: it writes the file and answers `{"output_file_path": <name>}`. Its
+    documented call is a urlencoded form; v1's own demo page (system/admin.html) posts
+    multipart FormData and then plays `/audio/<output_file_path>`."""
+    name = f"posted_{int(multipart)}.wav"
+    form = {"text": "posted stream", "voice": "gamma", "language": "en", "output_file": name}
+    if multipart:
+        r = client.post(
+            "/api/tts-generate-streaming", files={k: (None, v) for k, v in form.items()}
+        )
+    else:
+        r = client.post("/api/tts-generate-streaming", data=form, headers=ST_HEADERS)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json() == {"output_file_path": name}
+    audio = client.get(f"/audio/{name}")
+    assert audio.status_code == 200
+    samples, rate, _ = decode(audio.content, "wav")
     assert len(samples) == fake_chunks("posted stream") * int(CHUNK_SECONDS * rate)
+    assert (server.settings.outputs_path / name).is_file()
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])

@@ -179,7 +179,7 @@ STREAMING_FIELDS = {
     "text": "the text to speak",
     "voice": "the voice",
     "language": "a language code, or auto",
-    "output_file": "the saved copy's name",
+    "output_file": "the saved copy's name (GET: made unique; POST: kept, as AllTalk does)",
     "format": "output format (default wav)",
     "engine": "engine name (default: the server's)",
     "speed": "0.25-4",
@@ -383,22 +383,19 @@ async def tts_generate(request: Request, state: State) -> Any:
     }
 
 
-async def _streaming(request: Request, state: ServerState) -> Any:
-    try:
-        form = await fields(request)
-        plan = await synthesis.plan_job(
-            state.hub,
-            text=text(form, "text"),
-            voice=text(form, "voice"),
-            language=text(form, "language"),
-            speed=number(form.get("speed"), "speed", 1.0),
-            fmt=text(form, "format") or "wav",
-            engine=text(form, "engine"),
-        )
-        hint = text(form, "output_file") or "stream_output"
-        return await responses.respond(state, plan, request, stream=True, save_hint=hint)
-    except LowvoxError as e:
-        return failure(e)
+async def _streaming_job(request: Request, state: ServerState) -> tuple[synthesis.Plan, str]:
+    """The job the streaming route's fields ask for, and the name its file is saved under."""
+    form = await fields(request)
+    plan = await synthesis.plan_job(
+        state.hub,
+        text=text(form, "text"),
+        voice=text(form, "voice"),
+        language=text(form, "language"),
+        speed=number(form.get("speed"), "speed", 1.0),
+        fmt=text(form, "format") or "wav",
+        engine=text(form, "engine"),
+    )
+    return plan, text(form, "output_file") or "stream_output"
 
 
 @router.get(
@@ -407,7 +404,11 @@ async def _streaming(request: Request, state: ServerState) -> Any:
 )
 async def tts_generate_streaming(request: Request, state: State) -> Any:
     """Streams the audio while also saving it (`X-Output-File-Url` says where)."""
-    return await _streaming(request, state)
+    try:
+        plan, hint = await _streaming_job(request, state)
+        return await responses.respond(state, plan, request, stream=True, save_hint=hint)
+    except LowvoxError as e:
+        return failure(e)
 
 
 @router.post(
@@ -415,8 +416,14 @@ async def tts_generate_streaming(request: Request, state: State) -> Any:
     openapi_extra=form_body(STREAMING_FIELDS, required=("text",)),
 )
 async def tts_generate_streaming_post(request: Request, state: State) -> Any:
-    """The same, with the fields in a form or JSON body."""
-    return await _streaming(request, state)
+    """AllTalk's POST form does not stream: it saves the file under the name asked for
+    (made safe) and answers `{"output_file_path": name}`, served at `/audio/<name>`."""
+    try:
+        plan, hint = await _streaming_job(request, state)
+        name = await responses.save(state, plan, request, hint, timestamp=False)
+    except LowvoxError as e:
+        return failure(e)
+    return {"output_file_path": name}
 
 
 @router.put("/api/stop-generation")
