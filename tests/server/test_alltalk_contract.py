@@ -8,9 +8,11 @@ import time
 import numpy as np
 import pytest
 
+from lowvox.engines.base import EngineCapabilities
 from tests.server.srv_audio import decode, dominant_frequency
 from tests.server.srv_fixtures import (
     CHUNK_SECONDS,
+    FakeFactory,
     fake_chunks,
     fake_frequency,
     live_server,
@@ -147,6 +149,27 @@ def test_settings_toggles_and_reload(client):
     assert r.json()["status"] == "model-success"
     assert client.post("/api/reload?tts_method=nonsense").status_code == 404
     assert client.get("/api/ready").text == "Ready"
+
+
+class PitchFactory(FakeFactory):
+    """Engines with a pitch control of their own, as espeak has."""
+
+    def __call__(self, name, settings):
+        engine = super().__call__(name, settings)
+        engine.capabilities = EngineCapabilities(streaming=True, speed=True, pitch=True)
+        return engine
+
+
+def test_pitch_is_not_offered_where_alltalks_pitch_field_is_not_applied(tmp_path):
+    """Real AllTalk v2 (tts_server.py, `apifunction_get_current_settings`) says
+    `pitch_capable` when the `pitch` field of /api/tts-generate changes the voice, and
+    text-generation-webui's extension (TGWUI_Extension/script.py) offers its pitch slider
+    only then. lowvox's AllTalk routes do not pass that field on (AllTalk's -10..10 is not
+    espeak's 0..100), so the slider must not be offered for a pitch-capable engine."""
+    with live_server(tmp_path, PitchFactory()) as s, s.client() as c:
+        settings = c.get("/api/currentsettings").json()
+        assert settings["pitch_capable"] is False
+        assert settings["generationspeed_capable"] is True  # the speed field is applied
 
 
 def test_preview_voice(client):

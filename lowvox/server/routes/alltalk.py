@@ -316,7 +316,8 @@ async def current_settings(request: Request, state: State) -> dict:
         "low_vram_status": slot.engine.low_vram,
         "generationspeed_capable": caps.speed,
         "generationspeed_set": 1.0,
-        "pitch_capable": caps.pitch,
+        # The `pitch` field is not passed on (AllTalk's -10..10 is no engine's scale).
+        "pitch_capable": False,
         "pitch_set": 0,
         "repetitionpenalty_capable": caps.repetition_penalty,
         "repetitionpenalty_set": 10.0,
