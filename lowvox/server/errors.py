@@ -31,6 +31,14 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def retry_headers(exc: Exception, status: int) -> dict[str, str] | None:
+    """`Retry-After` for a failure that says when to try again (a 503 always does)."""
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is None and status == 503:
+        retry_after = UNAVAILABLE_RETRY_AFTER_S
+    return {"Retry-After": str(int(retry_after))} if retry_after is not None else None
+
+
 def _kind(status: int) -> str:
     return "invalid_request_error" if 400 <= status < 500 else "server_error"
 
@@ -69,12 +77,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LowvoxError)
     async def _lowvox(request: Request, exc: LowvoxError) -> JSONResponse:
         status = int(getattr(exc, "status_code", 500) or 500)
-        headers = None
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is None and status == 503:
-            retry_after = UNAVAILABLE_RETRY_AFTER_S
-        if retry_after is not None:
-            headers = {"Retry-After": str(int(retry_after))}
+        headers = retry_headers(exc, status)
         if status >= 500:
             logger.warning("%s %s failed: %s", request.method, request.url.path, exc)
         return error_response(status, str(exc), _kind(status), getattr(exc, "field", None), headers)

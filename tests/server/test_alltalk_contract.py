@@ -8,9 +8,11 @@ import time
 import numpy as np
 import pytest
 
+from lowvox.engines.base import EngineCapabilities
 from tests.server.srv_audio import decode, dominant_frequency
 from tests.server.srv_fixtures import (
     CHUNK_SECONDS,
+    FakeFactory,
     fake_chunks,
     fake_frequency,
     live_server,
@@ -149,6 +151,27 @@ def test_settings_toggles_and_reload(client):
     assert client.get("/api/ready").text == "Ready"
 
 
+class PitchFactory(FakeFactory):
+    """Engines with a pitch control of their own, as espeak has."""
+
+    def __call__(self, name, settings):
+        engine = super().__call__(name, settings)
+        engine.capabilities = EngineCapabilities(streaming=True, speed=True, pitch=True)
+        return engine
+
+
+def test_pitch_is_not_offered_where_alltalks_pitch_field_is_not_applied(tmp_path):
+    """Real AllTalk v2 (tts_server.py, `apifunction_get_current_settings`) says
+    `pitch_capable` when the `pitch` field of /api/tts-generate changes the voice, and
+    text-generation-webui's extension (TGWUI_Extension/script.py) offers its pitch slider
+    only then. lowvox's AllTalk routes do not pass that field on (AllTalk's -10..10 is not
+    espeak's 0..100), so the slider must not be offered for a pitch-capable engine."""
+    with live_server(tmp_path, PitchFactory()) as s, s.client() as c:
+        settings = c.get("/api/currentsettings").json()
+        assert settings["pitch_capable"] is False
+        assert settings["generationspeed_capable"] is True  # the speed field is applied
+
+
 def test_preview_voice(client):
     r = client.post("/api/previewvoice/", data={"voice": "gamma"}, headers=ST_HEADERS)
     assert r.status_code == 200
@@ -209,17 +232,44 @@ def test_stop_generation_stops_a_running_generation(server, client):
     engine.gate.set()
 
 
-def test_streaming_endpoint_accepts_post_forms(client):
-    form = {
-        "text": "posted stream",
-        "voice": "gamma",
-        "language": "en",
-        "output_file": "posted.wav",
-    }
-    r = client.post("/api/tts-generate-streaming", data=form)
-    assert r.status_code == 200
-    samples, rate, _ = decode(r.content, "wav")
+@pytest.mark.parametrize("multipart", [False, True])
+def test_streaming_endpoint_post_saves_the_file_and_answers_json(server, client, multipart):
+    """Real AllTalk (v1 and v2 tts_server.py, the POST `tts_generate_streaming`) does not
+    stream on POST: it writes the file and answers `{"output_file_path": <name>}`. Its
+    documented call is a urlencoded form; v1's own demo page (system/admin.html) posts
+    multipart FormData and then plays `/audio/<output_file_path>`."""
+    name = f"posted_{int(multipart)}.wav"
+    form = {"text": "posted stream", "voice": "gamma", "language": "en", "output_file": name}
+    if multipart:
+        r = client.post(
+            "/api/tts-generate-streaming", files={k: (None, v) for k, v in form.items()}
+        )
+    else:
+        r = client.post("/api/tts-generate-streaming", data=form, headers=ST_HEADERS)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json() == {"output_file_path": name}
+    audio = client.get(f"/audio/{name}")
+    assert audio.status_code == 200
+    samples, rate, _ = decode(audio.content, "wav")
     assert len(samples) == fake_chunks("posted stream") * int(CHUNK_SECONDS * rate)
+    assert (server.settings.outputs_path / name).is_file()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_streaming_endpoint_failures_carry_an_error_string(client, method):
+    """Real AllTalk v2 (tts_server.py, `apifunction_generate_streaming`) answers a failed
+    stream with `{"error": "<text>"}`, and its POST form with FastAPI's `{"detail": ...}`;
+    AllTalk's own test_server.py reads `error_data.get("error", "").lower()`."""
+    fields = {"text": "hi", "voice": "nobody", "language": "en", "output_file": "x"}
+    if method == "GET":
+        r = client.get("/api/tts-generate-streaming", params=fields)
+    else:
+        r = client.post("/api/tts-generate-streaming", data=fields)
+    assert r.status_code == 404
+    body = r.json()
+    assert isinstance(body["error"], str) and "unknown voice" in body["error"].lower()
+    assert isinstance(body["detail"], str) and "unknown voice" in body["detail"].lower()
 
 
 def test_narrator_streams_too(client):

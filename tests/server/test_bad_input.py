@@ -167,6 +167,17 @@ def test_streaming_output_name_cannot_escape(server, client):
     assert not (server.settings.home.parent / "evil.wav").exists()
 
 
+def test_posted_streaming_output_name_cannot_escape(server, client):
+    """The POST form keeps the name the client asked for (as AllTalk does), made safe."""
+    form = {"text": "hi there", "voice": "alpha", "output_file": "../../evil.wav"}
+    r = client.post("/api/tts-generate-streaming", data=form)
+    assert r.status_code == 200, r.text
+    name = r.json()["output_file_path"]
+    assert name == "evil.wav"
+    assert (server.settings.outputs_path / name).is_file()
+    assert not (server.settings.home.parent / "evil.wav").exists()
+
+
 def test_unknown_routes_are_404_json(client):
     r = client.get("/nope")
     assert r.status_code == 404 and "not found" in r.json()["detail"]

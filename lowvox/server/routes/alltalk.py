@@ -26,6 +26,7 @@ from starlette.types import Scope
 
 from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.server import responses, synthesis
+from lowvox.server.errors import retry_headers
 from lowvox.server.narration import Turn, narrator_turns
 from lowvox.server.routes import core
 from lowvox.server.routes.paths import TolerantRoute, read_form, read_json
@@ -41,14 +42,13 @@ _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off", "")
 
 
-def failure(exc: LowvoxError) -> JSONResponse:
+def failure(exc: LowvoxError, status_word: str = "generate-failure") -> JSONResponse:
+    """AllTalk's failure shape: `error` (and FastAPI's `detail`) as plain text."""
     status = int(getattr(exc, "status_code", 500) or 500)
-    retry_after = getattr(exc, "retry_after", None)
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse(
-        {"status": "generate-failure", "error": str(exc), "detail": str(exc)},
+        {"status": status_word, "error": str(exc), "detail": str(exc)},
         status_code=status,
-        headers=headers,
+        headers=retry_headers(exc, status),
     )
 
 
@@ -179,7 +179,7 @@ STREAMING_FIELDS = {
     "text": "the text to speak",
     "voice": "the voice",
     "language": "a language code, or auto",
-    "output_file": "the saved copy's name",
+    "output_file": "the saved copy's name (GET: made unique; POST: kept, as AllTalk does)",
     "format": "output format (default wav)",
     "engine": "engine name (default: the server's)",
     "speed": "0.25-4",
@@ -316,7 +316,8 @@ async def current_settings(request: Request, state: State) -> dict:
         "low_vram_status": slot.engine.low_vram,
         "generationspeed_capable": caps.speed,
         "generationspeed_set": 1.0,
-        "pitch_capable": caps.pitch,
+        # The `pitch` field is not passed on (AllTalk's -10..10 is no engine's scale).
+        "pitch_capable": False,
         "pitch_set": 0,
         "repetitionpenalty_capable": caps.repetition_penalty,
         "repetitionpenalty_set": 10.0,
@@ -383,7 +384,8 @@ async def tts_generate(request: Request, state: State) -> Any:
     }
 
 
-async def _streaming(request: Request, state: ServerState) -> Any:
+async def _streaming_job(request: Request, state: ServerState) -> tuple[synthesis.Plan, str]:
+    """The job the streaming route's fields ask for, and the name its file is saved under."""
     form = await fields(request)
     plan = await synthesis.plan_job(
         state.hub,
@@ -394,8 +396,7 @@ async def _streaming(request: Request, state: ServerState) -> Any:
         fmt=text(form, "format") or "wav",
         engine=text(form, "engine"),
     )
-    hint = text(form, "output_file") or "stream_output"
-    return await responses.respond(state, plan, request, stream=True, save_hint=hint)
+    return plan, text(form, "output_file") or "stream_output"
 
 
 @router.get(
@@ -404,7 +405,11 @@ async def _streaming(request: Request, state: ServerState) -> Any:
 )
 async def tts_generate_streaming(request: Request, state: State) -> Any:
     """Streams the audio while also saving it (`X-Output-File-Url` says where)."""
-    return await _streaming(request, state)
+    try:
+        plan, hint = await _streaming_job(request, state)
+        return await responses.respond(state, plan, request, stream=True, save_hint=hint)
+    except LowvoxError as e:
+        return failure(e)
 
 
 @router.post(
@@ -412,8 +417,14 @@ async def tts_generate_streaming(request: Request, state: State) -> Any:
     openapi_extra=form_body(STREAMING_FIELDS, required=("text",)),
 )
 async def tts_generate_streaming_post(request: Request, state: State) -> Any:
-    """The same, with the fields in a form or JSON body."""
-    return await _streaming(request, state)
+    """AllTalk's POST form does not stream: it saves the file under the name asked for
+    (made safe) and answers `{"output_file_path": name}`, served at `/audio/<name>`."""
+    try:
+        plan, hint = await _streaming_job(request, state)
+        name = await responses.save(state, plan, request, hint, timestamp=False)
+    except LowvoxError as e:
+        return failure(e)
+    return {"output_file_path": name}
 
 
 @router.put("/api/stop-generation")
@@ -427,13 +438,7 @@ async def reload(state: State, tts_method: str = "") -> Any:
     try:
         slot = await state.hub.reload(tts_method or None)
     except LowvoxError as e:
-        retry_after = getattr(e, "retry_after", None)
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-        return JSONResponse(
-            {"status": "model-failure", "error": str(e), "detail": str(e)},
-            status_code=getattr(e, "status_code", 500),
-            headers=headers,
-        )
+        return failure(e, "model-failure")
     return {"status": "model-success", "engine": slot.name}
 
 
