@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     trusted_networks: Annotated[list[str], NoDecode] = []
     header_timeout: float = Field(20.0, gt=0)  # seconds to send a request's headers
     body_timeout: float = Field(30.0, gt=0)  # seconds of silence while a body arrives
+    # Seconds a client may take none of an answer that waits for it (a paused <audio>
+    # player, a hung reader) before its connection is reset and its job cancelled.
+    send_timeout: float = Field(300.0, gt=0)
     max_connections: int = Field(200, ge=1)  # open HTTP connections; beyond, 503
 
     # Clients and responses (issue 14). A response's encoded audio is held in memory up to

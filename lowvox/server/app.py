@@ -255,8 +255,9 @@ async def _keep_alive_loop(hub: EngineHub, idle_seconds: float) -> None:
 
 
 def server_config(app: Any, settings: Settings) -> uvicorn.Config:
-    """How uvicorn runs `app`: on settings.host:settings.port, with a header timeout, a
-    connection limit, the socket's peer as the client, and keys redacted in access logs."""
+    """How uvicorn runs `app`: on settings.host:settings.port, with header and send
+    timeouts, a connection limit, the socket's peer as the client, and keys redacted in
+    access logs."""
     import uvicorn
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -271,7 +272,9 @@ def server_config(app: Any, settings: Settings) -> uvicorn.Config:
         # Our logging is configured by the CLI; uvicorn keeps only its access log format.
         log_config=None,
         timeout_graceful_shutdown=5,
-        http=guarded_protocol(AutoHTTPProtocol, settings.header_timeout),
+        http=guarded_protocol(
+            AutoHTTPProtocol, settings.header_timeout, send_timeout=settings.send_timeout
+        ),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         limit_concurrency=settings.max_connections,
         # trusted_networks must see who is really connected, not what X-Forwarded-For says.

@@ -8,8 +8,9 @@
   the web page's session cookie, or a client on a trusted network;
 - `BodyLimitMiddleware`: per-route body size limits and a timeout while a body arrives.
 
-Below the ASGI layer, `guarded_protocol` times out request headers (uvicorn does not), and
-`RedactApiKeys` keeps `?api_key=` values out of uvicorn's access log.
+Below the ASGI layer, `guarded_protocol` times out request headers and responses that the
+client stops taking (uvicorn does neither), and `RedactApiKeys` keeps `?api_key=` values out
+of uvicorn's access log.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import ipaddress
 import logging
 import re
 import socket
+import struct
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from urllib.parse import parse_qs, unquote_plus, urlsplit
@@ -32,6 +35,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lowvox.errors import InvalidRequest
 from lowvox.server.errors import error_response
 from lowvox.server.routes.paths import collapse_slashes
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+logger = logging.getLogger(__name__)
 
 # The page itself and its assets hold no data; the page asks for the key and sends it.
 _OPEN_PATHS = ("/", "/favicon.ico")
@@ -384,25 +393,68 @@ def _refuse(problem: BodyTooLarge | BodyTimeout):
     )
 
 
-# -- Connections (uvicorn): headers on time, API keys out of the access log -------------------
+# -- Connections (uvicorn): headers and answers on time, API keys out of the access log -------
 
 # Request line and headers together; more is refused (431).
 MAX_HEADER_BYTES = 64 * 1024
 
 
+def unsent_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to `transport` that its peer has not taken yet: those in asyncio's
+    buffer and, on Linux, those in the kernel's send queue (not sent, or not acknowledged).
+    A client that reads anything makes this smaller, even when it reads too little for
+    asyncio to see (the kernel reports a socket writable only once much of its send
+    buffer is free, and that buffer grows to megabytes on a fast link)."""
+    size = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+    sock = transport.get_extra_info("socket")
+    if sys.platform == "linux" and sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)  # SIOCOUTQ
+            size += struct.unpack("i", queued)[0]
+    return size
+
+
+def _reset(transport: asyncio.BaseTransport) -> None:
+    """Close `transport` at once with a reset: what the client never took is dropped, not
+    left with the kernel to deliver to a client that does not read."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()  # type: ignore[attr-defined]
+
+
 def guarded_protocol(
-    base: type[asyncio.Protocol], header_timeout: float, max_header_bytes: int = MAX_HEADER_BYTES
+    base: type[asyncio.Protocol],
+    header_timeout: float,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    *,
+    send_timeout: float | None = None,
 ) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class `base`, closing a connection whose request headers take
     longer than `header_timeout` seconds (counted from the connection's opening, or from
     the first byte of a later request) or run over `max_header_bytes`. uvicorn's own
     keep-alive timeout only runs between requests, and stops at the first byte of the next:
-    without this, a client that sends half a request holds its connection for ever."""
+    without this, a client that sends half a request holds its connection for ever.
+
+    With `send_timeout`, a connection is also reset once its client has taken none of the
+    answer waiting for it for that many seconds (a reader that hung, or a slow-loris one):
+    otherwise it would hold its connection, the job behind its answer and the answer's
+    buffered audio for ever. The clock runs while bytes wait for the client in asyncio's
+    buffer: from `pause_writing` (asyncio's call when the buffer goes over its high-water
+    mark; uvicorn's `send` then waits) to `resume_writing`, and from the end of an answer
+    whose last bytes are still buffered (`close()` waits for them) until they are gone.
+    It starts again whenever the client takes some bytes. The reset is a disconnect to
+    uvicorn (`connection_lost`): the application's waiting `send` returns and its
+    `receive` says `http.disconnect`, so the answer stops and its job is cancelled as for
+    a client that left."""
 
     class GuardedProtocol(base):  # type: ignore[misc, valid-type]
         _header_timer: asyncio.TimerHandle | None = None
         _seen_cycle: object = None  # the request whose headers were last complete
         _pending = 0  # bytes of headers received for a request not yet started
+        _send_timer: asyncio.TimerHandle | None = None
+        _unsent = 0  # bytes the client had not taken when `_send_timer` last started
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -410,7 +462,55 @@ def guarded_protocol(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._stop_send_timer()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            self._start_send_timer()
+
+        def resume_writing(self) -> None:
+            # The client took most of the buffer; the application writes again.
+            self._stop_send_timer()
+            super().resume_writing()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._send_timer is None and self.transport.get_write_buffer_size():
+                self._start_send_timer()  # the answer's tail, still waiting for the client
+
+        def _start_send_timer(self) -> None:
+            if send_timeout is None:
+                return
+            self._stop_send_timer()
+            self._unsent = unsent_bytes(self.transport)
+            self._send_timer = asyncio.get_running_loop().call_later(
+                send_timeout, self._send_expired
+            )
+
+        def _stop_send_timer(self) -> None:
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _send_expired(self) -> None:
+            self._send_timer = None
+            paused = getattr(getattr(self, "flow", None), "write_paused", False)
+            if not paused and not self.transport.get_write_buffer_size():
+                return  # nothing waits for the client here any more (the kernel has the rest)
+            unsent = unsent_bytes(self.transport)
+            if unsent < self._unsent:  # the client took some: another period for the rest
+                self._start_send_timer()
+                return
+            # A closing transport too: close() waits for the client to take its buffer.
+            client = getattr(self, "client", None)
+            peer = f"{client[0]}:{client[1]}" if client else "a client"
+            logger.info(
+                "closing the connection from %s: it took no data for %g s (send_timeout)",
+                peer,
+                send_timeout,
+            )
+            _reset(self.transport)
 
         def data_received(self, data: bytes) -> None:
             waiting = self._waiting()

@@ -19,7 +19,7 @@ import uvicorn
 
 from lowvox.engines.base import AudioChunk, Engine, EngineCapabilities, SynthesisRequest, VoiceInfo
 from lowvox.errors import UnknownEngine
-from lowvox.server.app import create_app
+from lowvox.server.app import create_app, server_config
 from lowvox.settings import Settings
 
 FAKE_RATE = 24_000
@@ -202,6 +202,27 @@ def make_settings(tmp: Path, **overrides) -> Settings:
 def live_server(tmp: Path, factory=None, **overrides) -> Iterator[LiveServer]:
     factory = factory or FakeFactory()
     with LiveServer(make_settings(tmp, **overrides), factory) as server:
+        yield server
+
+
+class ProductionServer(LiveServer):
+    """A LiveServer run through `server_config`: the header and send timeouts, the
+    connection limit, the socket's peer as the client and the access log's redaction, as
+    `lowvox serve`."""
+
+    def __init__(self, settings: Settings, factory=None) -> None:
+        super().__init__(settings, factory)
+        config = server_config(
+            self.app, settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+
+@contextlib.contextmanager
+def production_server(tmp: Path, factory=None, **overrides) -> Iterator[ProductionServer]:
+    factory = factory or FakeFactory()
+    with ProductionServer(make_settings(tmp, **overrides), factory) as server:
         yield server
 
 

@@ -8,46 +8,23 @@ The slow-client and access-log tests run the server the way `lowvox serve` does
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
 import socket
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-import uvicorn
 
 from lowvox.cli import main as cli_main
 from lowvox.errors import EngineUnavailable, LowvoxError
-from lowvox.server.app import body_limit, server_config
+from lowvox.server.app import body_limit
 from lowvox.settings import Settings, load_settings
-from tests.server.srv_fixtures import FakeFactory, LiveServer, live_server, make_settings
+from tests.server.srv_fixtures import FakeFactory, live_server, make_settings, production_server
 
 EVIL = "http://evil.example"
-
-
-class ProductionServer(LiveServer):
-    """A LiveServer run through `server_config`: the header timeout, the connection limit,
-    the socket's peer as the client and the access log's redaction, as `lowvox serve`."""
-
-    def __init__(self, settings: Settings, factory) -> None:
-        super().__init__(settings, factory)
-        config = server_config(
-            self.app, settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-
-@contextlib.contextmanager
-def production_server(tmp: Path, **overrides):
-    with ProductionServer(make_settings(tmp, **overrides), FakeFactory()) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
