@@ -48,9 +48,22 @@ def test_streaming_response_with_speed(sdk):
     assert abs(dominant_frequency(samples, rate) - 1.25 * fake_frequency("beta", text)) < 10
 
 
+@pytest.mark.parametrize(
+    ("model", "voice"),
+    [("gpt-4o-mini-tts-2025-12-15", "marin"), ("tts-1-hd-1106", "cedar"), ("tts-1", "coral")],
+)
+def test_current_openai_model_and_voice_names(sdk, model, voice):
+    """The names in the SDK's own SpeechModel and Voice types (and the dated snapshots
+    clients hard-code) are accepted; an unmapped OpenAI voice speaks with the default."""
+    text = f"{model} speaks as {voice}"
+    response = sdk.audio.speech.create(model=model, voice=voice, input=text, response_format="wav")
+    samples, rate, _ = decode(response.read(), "wav")
+    assert abs(dominant_frequency(samples, rate) - fake_frequency("alpha", text)) < 5
+
+
 def test_models_list(sdk):
     ids = {m.id for m in sdk.models.list()}
-    assert {"tts-1", "tts-1-hd", "espeak", "xtts"} <= ids
+    assert {"tts-1", "tts-1-hd", "gpt-4o-mini-tts-2025-12-15", "espeak", "xtts"} <= ids
 
 
 def test_errors_surface_as_sdk_exceptions(sdk):

@@ -7,6 +7,7 @@ of a long text long before its end is spoken. `"stream": false` asks for the who
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,11 +20,15 @@ from lowvox.server.state import ServerState, State
 
 router = APIRouter(route_class=TolerantRoute)
 
-# OpenAI's model names all mean "the default engine" here.
-OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
-# OpenAI's voice names: clients hard-code them, so unknown ones fall back to the default voice.
+# OpenAI's speech model names (its API reference, and the `openai` SDK's SpeechModel) all
+# mean "the default engine" here, and so do their dated snapshots ("tts-1-1106",
+# "gpt-4o-mini-tts-2025-03-20"), which clients hard-code as well.
+OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-12-15")
+_OPENAI_SNAPSHOT = re.compile(r"(tts-1|tts-1-hd|gpt-4o-mini-tts)-\d{4}(-\d{2}-\d{2})?")
+# OpenAI's built-in voices: clients hard-code them, so unknown ones fall back to the default.
 OPENAI_VOICES = (
-    "alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
+    "alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx", "sage",
+    "shimmer", "verse",
 )  # fmt: skip
 
 
@@ -55,7 +60,7 @@ class SpeechRequest(BaseModel):
 
 def _engine_for(model: str, state: ServerState) -> str | None:
     name = (model or "").strip().lower()
-    if name in OPENAI_MODELS or name in ("", "lowvox"):
+    if name in OPENAI_MODELS or name in ("", "lowvox") or _OPENAI_SNAPSHOT.fullmatch(name):
         return None
     if name in state.hub.names:
         return name
