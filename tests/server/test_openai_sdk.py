@@ -66,6 +66,15 @@ def test_models_list(sdk):
     assert {"tts-1", "tts-1-hd", "gpt-4o-mini-tts-2025-12-15", "espeak", "xtts"} <= ids
 
 
+def test_models_retrieve(sdk):
+    for name in ("tts-1", "gpt-4o-mini-tts-2025-12-15", "espeak"):
+        m = sdk.models.retrieve(name)
+        assert (m.id, m.object) == (name, "model")
+    with pytest.raises(openai.NotFoundError) as e:
+        sdk.models.retrieve("gpt-9")
+    assert e.value.param == "model"
+
+
 def test_errors_surface_as_sdk_exceptions(sdk):
     with pytest.raises(openai.NotFoundError) as e:
         sdk.audio.speech.create(model="tts-1", voice="nobody", input="hi")

@@ -1,4 +1,5 @@
-"""OpenAI-compatible speech API: `/v1/audio/speech`, `/v1/audio/voices`, `/v1/models`.
+"""OpenAI-compatible speech API: `/v1/audio/speech`, `/v1/audio/voices`, `/v1/models`
+(and `/v1/models/{id}`).
 
 Speech is streamed by default, as OpenAI's own API sends it: bytes go out as the audio is
 made, so a client with a short socket timeout (Home Assistant's is 30 s) hears the start
@@ -144,6 +145,13 @@ async def models(state: State) -> dict:
         "object": "list",
         "data": [{"id": i, "object": "model", "created": 0, "owned_by": "lowvox"} for i in ids],
     }
+
+
+@router.get("/v1/models/{model}")
+async def model(model: str, state: State) -> dict:
+    """One model, as the SDKs' `models.retrieve` reads it: whatever speech accepts."""
+    _engine_for(model, state)  # 404 for a name speech would refuse
+    return {"id": model, "object": "model", "created": 0, "owned_by": "lowvox"}
 
 
 @router.get("/v1/audio/models")
