@@ -23,10 +23,11 @@ def error_response(
     status: int, message: str, kind: str, field: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
     # `detail` is what FastAPI clients expect; `error` is the OpenAI shape, so both SDK
-    # families show the message.
+    # families show the message. OpenAI's `code` is a string or null (its openapi.yaml,
+    # `Error`): typed clients (Rust's async-openai, say) fail to read a number there.
     body = {
         "detail": message,
-        "error": {"message": message, "type": kind, "param": field, "code": status},
+        "error": {"message": message, "type": kind, "param": field, "code": None},
     }
     return JSONResponse(body, status_code=status, headers=headers)
 

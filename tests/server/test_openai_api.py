@@ -128,30 +128,36 @@ def test_models_list(client):
 
 
 @pytest.mark.parametrize(
-    ("body", "status", "words"),
+    ("body", "status", "words", "param"),
     [
-        ({"input": "", "voice": "alpha"}, 400, "text is empty"),
-        ({"input": "   \n\t ", "voice": "alpha"}, 400, "text is empty"),
-        ({"input": "hi", "voice": "nobody"}, 404, "unknown voice"),
-        ({"input": "hi", "voice": "alpha", "language": "xx"}, 400, "unknown language"),
+        ({"input": "", "voice": "alpha"}, 400, "text is empty", "input"),
+        ({"input": "   \n\t ", "voice": "alpha"}, 400, "text is empty", "input"),
+        ({"input": "hi", "voice": "nobody"}, 404, "unknown voice", "voice"),
+        ({"input": "hi", "voice": "alpha", "language": "xx"}, 400, "unknown language", "language"),
         (
             {"input": "hi", "voice": "alpha", "response_format": "ogg-vorbis"},
             400,
             "unsupported audio format",
+            "response_format",
         ),
-        ({"input": "hi", "voice": "alpha", "speed": 0.1}, 400, "speed"),
-        ({"input": "hi", "voice": "alpha", "speed": 4.5}, 400, "speed"),
-        ({"input": "hi", "voice": "alpha", "speed": "fast"}, 422, "speed"),
-        ({"voice": "alpha"}, 422, "input"),
-        ({"input": "hi", "model": "gpt-9"}, 404, "unknown model"),
+        ({"input": "hi", "voice": "alpha", "speed": 0.1}, 400, "speed", "speed"),
+        ({"input": "hi", "voice": "alpha", "speed": 4.5}, 400, "speed", "speed"),
+        ({"input": "hi", "voice": "alpha", "speed": "fast"}, 422, "speed", "speed"),
+        ({"voice": "alpha"}, 422, "input", "input"),
+        ({"input": "hi", "model": "gpt-9"}, 404, "unknown model", "model"),
     ],
 )
-def test_bad_input_is_a_clear_4xx(client, body, status, words):
+def test_bad_input_is_a_clear_4xx(client, body, status, words, param):
     r = client.post("/v1/audio/speech", json={"response_format": "wav", **body})
     assert r.status_code == status, r.text
     message = r.json()["detail"]
     assert words in message.lower()
     assert "Traceback" not in r.text
+    # OpenAI's error object: `param` by its field names, `code` a string or null.
+    error = r.json()["error"]
+    assert (error["message"], error["type"]) == (message, "invalid_request_error")
+    assert error["param"] == param
+    assert error["code"] is None
 
 
 def test_text_over_the_limit(tmp_path):

@@ -84,6 +84,25 @@ def test_errors_surface_as_sdk_exceptions(sdk):
     assert "speed" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"input": "x" * 20_001}, "input"),
+        ({"input": " "}, "input"),
+        ({"response_format": "ogg-vorbis"}, "response_format"),
+        ({"speed": 0.1}, "speed"),
+    ],
+)
+def test_bad_fields_are_bad_requests_naming_the_param(sdk, fields, param):
+    """OpenAI's error object names the request field by OpenAI's name, with a string or
+    null `code` (the SDK turns a number into a string)."""
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk.audio.speech.create(**{"model": "tts-1", "voice": "alpha", "input": "hi", **fields})
+    assert e.value.param == param
+    assert e.value.type == "invalid_request_error"
+    assert e.value.code is None
+
+
 def test_wrong_key_is_rejected(sdk_server):
     bad = openai.OpenAI(base_url=f"{sdk_server.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

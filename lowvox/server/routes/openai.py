@@ -92,6 +92,9 @@ def map_voice(voice: Any, state: ServerState, known: set[str]) -> str | None:
 
 OPENAI_PCM_RATE = 24_000
 
+# The fields `plan_job` names in its errors, by OpenAI's names for them (an error's `param`).
+_OPENAI_PARAMS = {"text": "input", "format": "response_format"}
+
 
 @router.post("/v1/audio/speech")
 async def speech(body: SpeechRequest, request: Request, state: State) -> Any:
@@ -103,16 +106,20 @@ async def speech(body: SpeechRequest, request: Request, state: State) -> Any:
     engine = _engine_for(body.model, state)
     slot = await state.hub.get(engine)
     known = {name for v in await state.hub.voices(slot) for name in (v.id, v.name)}
-    plan = await synthesis.plan_job(
-        state.hub,
-        text=body.input,
-        voice=map_voice(body.voice, state, known),
-        language=body.language,
-        speed=body.speed,
-        fmt=body.response_format,
-        engine=engine,
-        options=body.options,
-    )
+    try:
+        plan = await synthesis.plan_job(
+            state.hub,
+            text=body.input,
+            voice=map_voice(body.voice, state, known),
+            language=body.language,
+            speed=body.speed,
+            fmt=body.response_format,
+            engine=engine,
+            options=body.options,
+        )
+    except InvalidRequest as e:
+        e.field = _OPENAI_PARAMS.get(e.field or "", e.field)
+        raise
     stream = body.stream is not False or body.stream_format == "audio"
     # OpenAI's pcm has no header: clients assume 24 kHz, so resample whatever the engine makes.
     out_rate = OPENAI_PCM_RATE if plan.fmt == "pcm" else None
