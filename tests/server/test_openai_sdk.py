@@ -91,6 +91,7 @@ def test_errors_surface_as_sdk_exceptions(sdk):
         ({"input": " "}, "input"),
         ({"response_format": "ogg-vorbis"}, "response_format"),
         ({"speed": 0.1}, "speed"),
+        ({"speed": "fast"}, "speed"),  # a mistyped field: OpenAI's 400, not 422
     ],
 )
 def test_bad_fields_are_bad_requests_naming_the_param(sdk, fields, param):
