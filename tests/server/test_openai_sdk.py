@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 
@@ -59,6 +61,26 @@ def test_current_openai_model_and_voice_names(sdk, model, voice):
     response = sdk.audio.speech.create(model=model, voice=voice, input=text, response_format="wav")
     samples, rate, _ = decode(response.read(), "wav")
     assert abs(dominant_frequency(samples, rate) - fake_frequency("alpha", text)) < 5
+
+
+def test_sse_stream_format(sdk):
+    """`stream_format="sse"` through the SDK's streaming response: events, read line by
+    line as they arrive, whose base64 audio makes the speech."""
+    text = "events through the sdk"
+    with sdk.audio.speech.with_streaming_response.create(
+        model="gpt-4o-mini-tts", voice="nova", input=text, response_format="pcm",
+        stream_format="sse",
+    ) as response:  # fmt: skip
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    assert events[-1]["type"] == "speech.audio.done"
+    assert set(events[-1]["usage"]) == {"input_tokens", "output_tokens", "total_tokens"}
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    samples, rate, _ = decode(audio, "pcm")
+    assert abs(len(samples) / rate - fake_chunks(text) * CHUNK_SECONDS) < 0.01
+    assert abs(dominant_frequency(samples, rate) - fake_frequency("gamma", text)) < 5
 
 
 def test_models_list(sdk):

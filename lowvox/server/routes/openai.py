@@ -4,17 +4,23 @@
 Speech is streamed by default, as OpenAI's own API sends it: bytes go out as the audio is
 made, so a client with a short socket timeout (Home Assistant's is 30 s) hears the start
 of a long text long before its end is spoken. `"stream": false` asks for the whole file.
+`"stream_format": "sse"` sends the same encoded audio as server-sent events, as OpenAI
+does: `speech.audio.delta` events with base64 audio while it is made, then
+`speech.audio.done` and `[DONE]`.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from lowvox.errors import InvalidRequest
+from lowvox.audio.formats import get_format
+from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.server import responses, synthesis
 from lowvox.server.routes.paths import TolerantRoute
 from lowvox.server.state import ServerState, State
@@ -96,11 +102,41 @@ OPENAI_PCM_RATE = 24_000
 _OPENAI_PARAMS = {"text": "input", "format": "response_format"}
 
 
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class SpeechEvents:
+    """OpenAI's `stream_format: "sse"` framing: each block of encoded audio (in the
+    response_format, as OpenAI sends it) is a `speech.audio.delta` event carrying it in
+    base64; a complete stream ends with `speech.audio.done` and `data: [DONE]`. lowvox
+    counts no tokens, so the usage it reports is zero. A stream cut short after its
+    headers ends with an `error` event (the shape OpenAI's SDKs read in other event
+    streams) and no `done`."""
+
+    media_type = "text/event-stream"
+
+    def delta(self, data: bytes) -> bytes:
+        audio = base64.b64encode(data).decode("ascii")
+        return _event({"type": "speech.audio.delta", "audio": audio})
+
+    def end(self, error: BaseException | None) -> bytes:
+        if error is None:
+            usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+            return _event({"type": "speech.audio.done", "usage": usage}) + b"data: [DONE]\n\n"
+        message, kind = "internal server error (see the server log)", "server_error"
+        if isinstance(error, LowvoxError):
+            message = str(error)
+            kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        details = {"message": message, "type": kind, "param": None, "code": None}
+        return _event({"type": "error", "error": details})
+
+
 @router.post("/v1/audio/speech")
 async def speech(body: SpeechRequest, request: Request, state: State) -> Any:
-    if body.stream_format not in (None, "audio"):
+    if body.stream_format not in (None, "audio", "sse"):
         raise InvalidRequest(
-            f"stream_format {body.stream_format!r} is not supported (use 'audio')",
+            f"stream_format must be 'audio' or 'sse', got {body.stream_format!r}",
             field="stream_format",
         )
     engine = _engine_for(body.model, state)
@@ -120,7 +156,13 @@ async def speech(body: SpeechRequest, request: Request, state: State) -> Any:
     except InvalidRequest as e:
         e.field = _OPENAI_PARAMS.get(e.field or "", e.field)
         raise
-    stream = body.stream is not False or body.stream_format == "audio"
+    sse = body.stream_format == "sse"
+    if sse and not get_format(plan.fmt).streamable:
+        raise InvalidRequest(
+            f"response_format {plan.fmt!r} is made whole, not as a stream of events",
+            field="stream_format",
+        )
+    stream = sse or body.stream is not False or body.stream_format == "audio"
     # OpenAI's pcm has no header: clients assume 24 kHz, so resample whatever the engine makes.
     out_rate = OPENAI_PCM_RATE if plan.fmt == "pcm" else None
     return await responses.respond(
@@ -130,6 +172,7 @@ async def speech(body: SpeechRequest, request: Request, state: State) -> Any:
         stream=stream,
         save_hint="speech" if body.save else None,
         out_rate=out_rate,
+        framing=SpeechEvents() if sse else None,
     )
 
 
