@@ -56,9 +56,12 @@ def test_streaming_response_with_speed(sdk):
 )
 def test_current_openai_model_and_voice_names(sdk, model, voice):
     """The names in the SDK's own SpeechModel and Voice types (and the dated snapshots
-    clients hard-code) are accepted; an unmapped OpenAI voice speaks with the default."""
+    clients hard-code) are accepted; an unmapped OpenAI voice speaks with the default.
+    `instructions` is taken and has no effect (no engine here takes a prompt)."""
     text = f"{model} speaks as {voice}"
-    response = sdk.audio.speech.create(model=model, voice=voice, input=text, response_format="wav")
+    response = sdk.audio.speech.create(
+        model=model, voice=voice, input=text, response_format="wav", instructions="Whisper."
+    )
     samples, rate, _ = decode(response.read(), "wav")
     assert abs(dominant_frequency(samples, rate) - fake_frequency("alpha", text)) < 5
 
