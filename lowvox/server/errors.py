@@ -11,6 +11,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from lowvox.errors import LowvoxError
+from lowvox.server.routes.paths import collapse_slashes
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +24,11 @@ def error_response(
     status: int, message: str, kind: str, field: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
     # `detail` is what FastAPI clients expect; `error` is the OpenAI shape, so both SDK
-    # families show the message.
+    # families show the message. OpenAI's `code` is a string or null (its openapi.yaml,
+    # `Error`): typed clients (Rust's async-openai, say) fail to read a number there.
     body = {
         "detail": message,
-        "error": {"message": message, "type": kind, "param": field, "code": status},
+        "error": {"message": message, "type": kind, "param": field, "code": None},
     }
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -85,7 +87,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, field = _describe_validation(exc, request.headers.get("content-type", ""))
-        return error_response(422, message, "invalid_request_error", field)
+        # OpenAI answers a missing or mistyped field with 400, never 422, and its SDKs
+        # raise BadRequestError only for 400: its routes do the same here.
+        status = 400 if collapse_slashes(request.url.path).startswith("/v1/") else 422
+        return error_response(status, message, "invalid_request_error", field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from starlette.requests import Request
@@ -107,6 +107,21 @@ async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
 def _cheap(fmt: str, out_rate: int | None, rate: int) -> bool:
     # 16-bit PCM at the engine's rate is a clip and a cast: no thread hop needed.
     return fmt in ("wav", "pcm") and (out_rate is None or out_rate == rate)
+
+
+class Framing(Protocol):
+    """How a stream wraps its encoded audio, for an API that sends events rather than bare
+    bytes (OpenAI's `stream_format: "sse"`)."""
+
+    media_type: str
+
+    def delta(self, data: bytes) -> bytes:
+        """What goes out for a block of encoded audio."""
+        ...
+
+    def end(self, error: BaseException | None) -> bytes:
+        """What ends the stream: complete (`error` None), or cut short by `error`."""
+        ...
 
 
 class _Discarded(Exception):
@@ -309,6 +324,7 @@ async def _streamed(
     headers: dict[str, str],
     name: str | None,
     out_rate: int | None,
+    framing: Framing | None = None,
 ) -> Response:
     fmt, rate = plan.fmt, plan.sample_rate
     stream_encoder = _encoder_module().StreamEncoder(fmt, rate, out_rate)
@@ -403,21 +419,25 @@ async def _streamed(
                 if offset < spool.size:
                     data = spool.read(offset, _READ_BLOCK)
                     offset += len(data)
-                    yield data
+                    yield framing.delta(data) if framing is not None else data
                 elif spool.done:
                     break
                 else:
                     await spool.wait()
             sent = True
             if spool.error is not None:
-                # The headers are gone: all a client can be told is that the stream ends.
+                # The headers are gone: all a client can be told is that the stream ends
+                # (or, in a stream of events, an event saying why).
                 logger.warning("stream of job %d ended early: %s", job.id, spool.error)
+            if framing is not None:
+                yield framing.end(spool.error)
         finally:
             if not sent:
                 logger.info("client left mid-stream; job %d cancelled", job.id)
             await cleanup()
 
-    return JobStream(body(), job, cleanup, media_type=media_type(fmt), headers=headers)
+    sent_type = framing.media_type if framing is not None else media_type(fmt)
+    return JobStream(body(), job, cleanup, media_type=sent_type, headers=headers)
 
 
 class JobStream(StreamingResponse):
@@ -517,11 +537,13 @@ async def respond(
     save_hint: str | None = None,
     timestamp: bool = True,
     out_rate: int | None = None,
+    framing: Framing | None = None,
 ) -> Response:
     """Run a planned job and answer with its audio, resampled to `out_rate` when the API
     fixes one: streamed as it is made (when the format can be), or as a whole file with
     its exact length. Either way the audio is encoded as it arrives and held in memory
-    only up to `response_memory_bytes`.
+    only up to `response_memory_bytes`. A stream with `framing` sends its audio wrapped
+    in the API's events (the caller makes sure the format streams).
 
     With `save_hint` the audio is also written to the outputs folder, streamed or not, and
     `X-Output-File-Url` tells where it will be; a stream cut short (the client left, a
@@ -539,7 +561,7 @@ async def respond(
     job = submit(plan, tag)
     try:
         if stream:
-            return await _streamed(state, plan, job, request, headers, name, out_rate)
+            return await _streamed(state, plan, job, request, headers, name, out_rate, framing)
         return await _whole(state, plan, job, request, headers, name, out_rate)
     except BaseException:
         job.cancel.set()  # nobody will read what it makes
