@@ -163,6 +163,9 @@ class EngineCapabilities:
     temperature: bool = False
     repetition_penalty: bool = False
     multivoice: bool = True
+    # Takes `split_sentences` (False: the whole text in one generation, as XTTS's
+    # `enable_text_splitting=False` does).
+    sentence_splitting: bool = False
 
 
 class Engine(ABC):

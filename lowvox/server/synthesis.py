@@ -160,6 +160,8 @@ def usable_options(engine: Engine, options: Mapping[str, Any]) -> dict[str, Any]
         allowed.add("repetition_penalty")
     if caps.pitch:
         allowed.add("pitch")
+    if caps.sentence_splitting:
+        allowed.add("split_sentences")
     return {k: v for k, v in options.items() if k in allowed}
 
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from lowvox.engines.base import EngineCapabilities
 from lowvox.server.routes.xtts_api import _request_options
 from tests.server.srv_audio import decode, dominant_frequency
-from tests.server.srv_fixtures import CHUNK_SECONDS, fake_chunks, fake_frequency
+from tests.server.srv_fixtures import (
+    CHUNK_SECONDS,
+    FakeEngine,
+    FakeFactory,
+    fake_chunks,
+    fake_frequency,
+    live_server,
+)
 
 ST_JSON = {"Content-Type": "application/json", "Cache-Control": "no-cache"}
 # What the provider sends from its sliders: jQuery .val() gives strings.
@@ -20,6 +28,30 @@ ST_SETTINGS = {
     "enable_text_splitting": True,
     "stream_chunk_size": "100",
 }
+
+
+class OptionsEngine(FakeEngine):
+    """Takes the options XTTS takes, and remembers those each request brought."""
+
+    capabilities = EngineCapabilities(
+        streaming=True, temperature=True, repetition_penalty=True, sentence_splitting=True
+    )
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.options_seen: list[dict] = []
+
+    def synthesize_stream(self, request, cancel=None):
+        self.options_seen.append(dict(request.options))
+        yield from super().synthesize_stream(request, cancel)
+
+
+@pytest.fixture(scope="module")
+def options_server(tmp_path_factory):
+    factory = FakeFactory()
+    factory.engines = {"espeak": OptionsEngine(), "xtts": OptionsEngine()}
+    with live_server(tmp_path_factory.mktemp("xtts-api-options"), factory) as s:
+        yield s
 
 
 def test_sillytavern_xtts_sequence(server, client):
@@ -122,3 +154,26 @@ def test_bad_generation_requests(client):
 def test_sample_of_unknown_voice_is_404(client):
     assert client.get("/sample/nobody.wav").status_code == 404
     assert client.get("/sample/..%2F..%2Fetc%2Fpasswd").status_code == 404
+
+
+def test_settings_reach_an_engine_that_takes_them(options_server):
+    # xtts-api-server hands its settings to XTTS's inference(): enable_text_splitting false
+    # speaks the whole text in one generation (real tts_funcs.py, coqui's xtts.py).
+    engine = options_server.factory.engines["espeak"]
+    speech = {"text": "One sentence. And another one.", "speaker_wav": "alpha", "language": "en"}
+    with options_server.client() as c:
+        for splitting in (False, True):
+            settings = {**ST_SETTINGS, "top_k": "40", "enable_text_splitting": splitting}
+            assert c.post("/set_tts_settings", json=settings, headers=ST_JSON).status_code == 200
+            assert c.post("/tts_to_audio/", json=speech, headers=ST_JSON).status_code == 200
+            with c.stream("GET", "/tts_stream/", params=speech) as r:
+                assert r.status_code == 200
+                r.read()
+            for seen in engine.options_seen[-2:]:
+                assert seen == {
+                    "temperature": 0.75,
+                    "repetition_penalty": 5.0,
+                    "top_p": 0.85,
+                    "top_k": 40,
+                    "split_sentences": splitting,
+                }

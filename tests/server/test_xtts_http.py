@@ -139,3 +139,19 @@ def test_impossible_runtime_change_keeps_the_engine(xtts_server):
         assert c.get("/api/runtime").json()["device"] == before["device"]
         voice = c.get("/v1/audio/voices").json()["voices"][0]["id"]
         assert len(speech(c, voice=voice).content) > 0  # the engine still speaks
+
+
+def test_xtts_api_text_splitting_off_reaches_the_model(xtts_server):
+    # xtts-api-server's enable_text_splitting=false speaks the text in one generation; one
+    # over XTTS's 400 text tokens is then refused (as coqui asserts), before any generation.
+    long_text = "This sentence is spoken again and again. " * 40
+    with xtts_server.client() as c:
+        voice = c.get("/speakers_list").json()[0]
+        body = {"text": long_text, "speaker_wav": voice, "language": "en"}
+        assert c.post("/set_tts_settings", json={"enable_text_splitting": False}).status_code == 200
+        try:
+            r = c.post("/tts_to_audio/", json=body)
+            assert r.status_code == 400, r.text
+            assert "turn sentence splitting on" in r.json()["detail"]
+        finally:
+            c.post("/set_tts_settings", json={"enable_text_splitting": True})

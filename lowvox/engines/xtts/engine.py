@@ -84,6 +84,7 @@ class XttsEngine(Engine):
         temperature=True,
         repetition_penalty=True,
         multivoice=True,
+        sentence_splitting=True,
     )
 
     def __init__(

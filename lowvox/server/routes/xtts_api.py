@@ -50,8 +50,8 @@ SETTINGS_FIELDS = {
     "repetition_penalty": "0.01-100",
     "top_p": "0-1",
     "top_k": "0-1000 (0: off)",
-    "stream_chunk_size": "1-1000 (accepted, ignored)",
-    "enable_text_splitting": "true | false (accepted; long texts are always split)",
+    "stream_chunk_size": "1-1000 (accepted, ignored: lowvox streams at its own pace)",
+    "enable_text_splitting": "true | false (false: the whole text in one generation)",
 }
 
 LANGUAGE_NAMES = {
@@ -130,9 +130,16 @@ async def set_tts_settings(request: Request, state: State) -> dict:
 def _request_options(state: ServerState) -> tuple[float, dict[str, Any]]:
     opts = dict(state.tts_options)
     speed = float(opts.pop("speed", 1.0))
-    # top_k 0 stays 0: off, as in xtts-api-server (coqui hands it to transformers' generate),
-    # and as lowvox's sampler reads it; None would mean the checkpoint's default (50).
+    # top_k 0 stays 0: off, as lowvox's sampler reads it (xtts-api-server refuses it).
+    # length_penalty changes nothing: XTTS samples with one beam, and transformers applies
+    # it to beam search only, so xtts-api-server's value is a no-op too.
+    opts.pop("length_penalty", None)
+    # How many tokens xtts-api-server vocodes per streamed chunk: the audio is the same,
+    # and lowvox's scheduler picks its own cadence for every stream it serves.
     opts.pop("stream_chunk_size", None)
+    split = opts.pop("enable_text_splitting", None)
+    if split is not None:
+        opts["split_sentences"] = bool(split)
     return speed, opts
 
 
