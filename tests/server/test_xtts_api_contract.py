@@ -177,3 +177,41 @@ def test_settings_reach_an_engine_that_takes_them(options_server):
                     "top_k": 40,
                     "split_sentences": splitting,
                 }
+
+
+def test_get_tts_settings_and_the_defaults_requests_use(tmp_path):
+    # Real server.py: GET /get_tts_settings answers tts_settings plus stream_chunk_size;
+    # tts_funcs.py starts from its own table and hands it to every inference call.
+    defaults = {
+        "temperature": 0.75,
+        "length_penalty": 1.0,
+        "repetition_penalty": 5.0,
+        "top_k": 50,
+        "top_p": 0.85,
+        "speed": 1.0,
+        "enable_text_splitting": True,
+        "stream_chunk_size": 100,
+    }
+    factory = FakeFactory()
+    factory.engines = {"espeak": OptionsEngine()}
+    speech = {"text": "hello there", "speaker_wav": "alpha", "language": "en"}
+    with live_server(tmp_path, factory) as s, s.client() as c:
+        got = c.get("/get_tts_settings").json()
+        assert got == defaults
+        assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in defaults.items()}
+        assert c.post("/tts_to_audio/", json=speech).status_code == 200
+        assert factory.engines["espeak"].options_seen[-1] == {
+            "temperature": 0.75,
+            "repetition_penalty": 5.0,
+            "top_k": 50,
+            "top_p": 0.85,
+            "split_sentences": True,
+        }
+        # A script's round trip: read the settings, change two, post them all back.
+        changed = {**got, "speed": 1.25, "enable_text_splitting": False}
+        assert c.post("/set_tts_settings", json=changed).status_code == 200
+        assert c.get("/get_tts_settings").json() == changed
+        # SillyTavern's slider strings come back as numbers.
+        assert c.post("/set_tts_settings", json=ST_SETTINGS, headers=ST_JSON).status_code == 200
+        got = c.get("/get_tts_settings").json()
+        assert got["temperature"] == 0.75 and got["top_k"] == 0 and got["stream_chunk_size"] == 100

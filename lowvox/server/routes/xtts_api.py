@@ -61,6 +61,19 @@ LANGUAGE_NAMES = {
     "ja": "Japanese", "ko": "Korean", "hu": "Hungarian", "hi": "Hindi",
 }  # fmt: skip
 
+# What xtts-api-server starts with (its tts_funcs.py), the released XTTS v2 config.json's
+# values; these routes speak with them until /set_tts_settings changes them.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "temperature": 0.75,
+    "length_penalty": 1.0,
+    "repetition_penalty": 5.0,
+    "top_k": 50,
+    "top_p": 0.85,
+    "speed": 1.0,
+    "enable_text_splitting": True,
+    "stream_chunk_size": 100,
+}
+
 # /set_tts_settings fields: name -> (kind, lowest, highest)
 _SETTINGS = {
     "temperature": (float, 0.01, 10.0),
@@ -127,19 +140,28 @@ async def set_tts_settings(request: Request, state: State) -> dict:
     return {"message": "Settings successfully applied"}
 
 
+def _settings(state: ServerState) -> dict[str, Any]:
+    """The settings these routes speak with: xtts-api-server hands its whole table to
+    every generation, its defaults too (not the checkpoint's), and so do they."""
+    return {**DEFAULT_SETTINGS, **state.tts_options}
+
+
+@router.get("/get_tts_settings")
+async def get_tts_settings(state: State) -> dict:
+    return _settings(state)
+
+
 def _request_options(state: ServerState) -> tuple[float, dict[str, Any]]:
-    opts = dict(state.tts_options)
-    speed = float(opts.pop("speed", 1.0))
+    opts = _settings(state)
+    speed = float(opts.pop("speed"))
     # top_k 0 stays 0: off, as lowvox's sampler reads it (xtts-api-server refuses it).
     # length_penalty changes nothing: XTTS samples with one beam, and transformers applies
     # it to beam search only, so xtts-api-server's value is a no-op too.
-    opts.pop("length_penalty", None)
+    opts.pop("length_penalty")
     # How many tokens xtts-api-server vocodes per streamed chunk: the audio is the same,
     # and lowvox's scheduler picks its own cadence for every stream it serves.
-    opts.pop("stream_chunk_size", None)
-    split = opts.pop("enable_text_splitting", None)
-    if split is not None:
-        opts["split_sentences"] = bool(split)
+    opts.pop("stream_chunk_size")
+    opts["split_sentences"] = bool(opts.pop("enable_text_splitting"))
     return speed, opts
 
 
