@@ -215,3 +215,50 @@ def test_get_tts_settings_and_the_defaults_requests_use(tmp_path):
         assert c.post("/set_tts_settings", json=ST_SETTINGS, headers=ST_JSON).status_code == 200
         got = c.get("/get_tts_settings").json()
         assert got["temperature"] == 0.75 and got["top_k"] == 0 and got["stream_chunk_size"] == 100
+
+
+def test_get_models_list_and_switch_model(tmp_path):
+    # Real server.py/tts_funcs.py: the list is what can be loaded; switching to the model
+    # already loaded, or to one not listed, is a 400 with a detail; else "Model switched".
+    with live_server(tmp_path) as s, s.client() as c:
+        assert c.get("/get_models_list").json() == ["espeak", "xtts"]
+        r = c.post("/switch_model", json={"model_name": "espeak"})
+        assert r.status_code == 400 and "already loaded" in r.json()["detail"]
+        r = c.post("/switch_model", json={"model_name": "v2.0.2"})
+        assert r.status_code == 400 and "espeak, xtts" in r.json()["detail"]
+        assert c.post("/switch_model", json={}).status_code == 400
+        r = c.post("/switch_model", json={"model_name": "xtts"})
+        assert r.status_code == 200 and r.json() == {"message": "Model switched to xtts"}
+        speech = {"text": "now the other one", "speaker_wav": "alpha", "language": "en"}
+        assert c.post("/tts_to_audio/", json=speech).status_code == 200
+        assert s.factory.engines["xtts"].finished_jobs == ["now the other one"]
+
+
+def test_folder_routes_never_move_a_folder(server, client, tmp_path):
+    # Real server.py: /get_folders gives the three folders; /set_output and
+    # /set_speaker_folder take any existing directory (400 otherwise). lowvox keeps its
+    # folders: the one in use is agreed to, anything else is a 400 the client handles.
+    state = server.state
+    folders = {
+        "speaker_folder": str(state.voices.root),
+        "output_folder": str(state.outputs.root),
+        "model_folder": str(server.settings.models_path),
+    }
+    assert client.get("/get_folders").json() == folders
+    link = tmp_path / "link"
+    for route, key, word in (
+        ("/set_output", "output_folder", "Output"),
+        ("/set_speaker_folder", "speaker_folder", "Speaker"),
+    ):
+        current = folders[key]
+        for same in (current, current + "/"):
+            r = client.post(route, json={key: same})
+            assert r.status_code == 200 and r.json() == {"message": f"{word} folder set to {same}"}
+        link.unlink(missing_ok=True)
+        link.symlink_to(current)  # the same folder, but only by following a link: not looked at
+        for elsewhere in (str(tmp_path), "/etc", "speakers/", "../..", "a\x00b", str(link), ""):
+            r = client.post(route, json={key: elsewhere})
+            assert r.status_code == 400, (route, elsewhere)
+            assert key in r.json()["detail"]
+        assert client.post(route, json={key: {"path": current}}).status_code == 400
+    assert client.get("/get_folders").json() == folders

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -15,7 +16,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from lowvox.errors import InvalidRequest, UnknownVoice
+from lowvox.errors import InvalidRequest, UnknownEngine, UnknownVoice
 from lowvox.server import responses, synthesis
 from lowvox.server.outputs import safe_stem, served_file
 from lowvox.server.routes.alltalk import (
@@ -39,6 +40,9 @@ SPEECH_FIELDS = {
     "speaker_wav": "the voice",
     "language": "a language code, or auto",
 }
+MODEL_FIELDS = {"model_name": "an engine's name, as /get_models_list gives it"}
+OUTPUT_FIELDS = {"output_folder": "the folder outputs go to: only the one it is (not changed)"}
+SPEAKER_FIELDS = {"speaker_folder": "the voice folder: only the one it is (not changed)"}
 FILE_FIELDS = {
     **SPEECH_FIELDS,
     "file_name_or_path": "the saved file's name (its folder is ignored)",
@@ -209,6 +213,82 @@ async def tts_to_file(request: Request, state: State) -> dict:
         "output_path": str(state.outputs.find(name)),
         "output_url": synthesis.output_url(state.settings, "/audio", name),
     }
+
+
+# -- Folders and models --------------------------------------------------------------------
+# xtts-api-server lets a client point it at any folder (/set_output, /set_speaker_folder):
+# lowvox's folders are set where it is started, so those routes only agree with what is.
+
+
+@router.get("/get_folders")
+async def get_folders(state: State) -> dict:
+    settings = state.settings
+    return {
+        "speaker_folder": str(state.voices.root),
+        "output_folder": str(state.outputs.root),
+        "model_folder": str(settings.model_dir or settings.models_path),
+    }
+
+
+@router.get("/get_models_list")
+async def get_models_list(state: State) -> list[str]:
+    """lowvox's models are its engines, those that can run here (as /switch_model takes)."""
+    return await state.hub.available()
+
+
+@router.post("/switch_model", openapi_extra=form_body(MODEL_FIELDS, required=("model_name",)))
+async def switch_model(request: Request, state: State) -> dict:
+    """As xtts-api-server: 400 for the model already loaded and for one not offered."""
+    name = (text(await fields(request), "model_name") or "").strip()
+    if not name:
+        raise InvalidRequest("model_name is required", field="model_name")
+    if name.lower() == state.hub.default:
+        raise InvalidRequest(f"the model {name!r} is already loaded", field="model_name")
+    available = await state.hub.available()
+    if name.lower() not in available:
+        # UnknownEngine's message, with xtts-api-server's status for it.
+        raise InvalidRequest(str(UnknownEngine(name, available)), field="model_name")
+    await state.hub.reload(name)
+    return {"message": f"Model switched to {name}"}
+
+
+def _same_folder(body: dict[str, Any], key: str, current: Path, setting: str) -> str:
+    """The folder `body[key]` when it names `current`. The client's path is only compared,
+    never looked at on disk: not even to follow its links (which would tell what exists
+    on this machine)."""
+    folder = (text(body, key) or "").strip()
+    if not folder:
+        raise InvalidRequest(f"{key} is required", field=key)
+    try:
+        same = Path(os.path.abspath(os.path.expanduser(folder))) in (
+            current.absolute(),
+            current.resolve(),
+        )
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        same = False
+    if not same:
+        raise InvalidRequest(
+            f"{key} stays {current}: lowvox does not change its folders over HTTP "
+            f"(set {setting} where it is started)",
+            field=key,
+        )
+    return folder
+
+
+@router.post("/set_output", openapi_extra=form_body(OUTPUT_FIELDS, required=("output_folder",)))
+async def set_output(request: Request, state: State) -> dict:
+    body = await fields(request)
+    folder = _same_folder(body, "output_folder", state.outputs.root, "outputs_dir")
+    return {"message": f"Output folder set to {folder}"}
+
+
+@router.post(
+    "/set_speaker_folder", openapi_extra=form_body(SPEAKER_FIELDS, required=("speaker_folder",))
+)
+async def set_speaker_folder(request: Request, state: State) -> dict:
+    body = await fields(request)
+    folder = _same_folder(body, "speaker_folder", state.voices.root, "voices_dir")
+    return {"message": f"Speaker folder set to {folder}"}
 
 
 def _preview_path(state: ServerState, engine: str, voice_id: str) -> Path:
