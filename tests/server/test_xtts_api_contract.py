@@ -77,6 +77,8 @@ def test_sillytavern_xtts_sequence(server, client):
     )
     assert r.status_code == 200
     assert r.headers["content-type"] == "audio/wav"
+    # The real server.py answers with FileResponse(..., filename="output.wav").
+    assert r.headers["content-disposition"] == 'attachment; filename="output.wav"'
     samples, rate, _ = decode(r.content, "wav")
     assert abs(len(samples) / rate - fake_chunks(text) * CHUNK_SECONDS) < 0.01
     # The speed set through /set_tts_settings applies (the fake engine scales its pitch).

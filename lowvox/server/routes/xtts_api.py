@@ -189,7 +189,10 @@ async def _plan(state: ServerState, form: dict[str, Any]) -> synthesis.Plan:
 async def tts_to_audio(request: Request, state: State) -> Any:
     form = await fields(request)
     plan = await _plan(state, form)
-    return await responses.respond(state, plan, request, stream=False)
+    response = await responses.respond(state, plan, request, stream=False)
+    # As xtts-api-server's FileResponse names it (a download is saved as output.wav).
+    response.headers["Content-Disposition"] = 'attachment; filename="output.wav"'
+    return response
 
 
 @router.get("/tts_stream", openapi_extra=query_fields(SPEECH_FIELDS, required=("text",)))
