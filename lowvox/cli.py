@@ -191,7 +191,8 @@ def cmd_say(args: argparse.Namespace) -> int:
     to_stdout = args.output == "-"
     fmt = (args.format or ("wav" if to_stdout else format_from_path(args.output))).lower()
     options = {"pitch": args.pitch} if args.pitch is not None else {}
-    engine = create_engine(settings.engine, settings)
+    # The user's own command: `--voice ref.wav` may name an audio file to clone.
+    engine = create_engine(settings.engine, settings, voice_files=True)
     # Check everything before loading weights or writing a byte.
     get_format(fmt)
     engine.load()

@@ -27,26 +27,30 @@ __all__ = [
 ]
 
 
-def _espeak(settings: Settings) -> Engine:
+def _espeak(settings: Settings, voice_files: bool) -> Engine:
     from lowvox.engines.espeak import EspeakEngine
 
     return EspeakEngine()
 
 
-def _xtts(settings: Settings) -> Engine:
+def _xtts(settings: Settings, voice_files: bool) -> Engine:
     from lowvox.engines.xtts.engine import XttsEngine
 
-    return XttsEngine.from_settings(settings)
+    return XttsEngine.from_settings(settings, allow_voice_paths=voice_files)
 
 
 # Factories import lazily so that the espeak voice never pays for torch.
-_FACTORIES: dict[str, Callable[[Settings], Engine]] = {"espeak": _espeak, "xtts": _xtts}
+_FACTORIES: dict[str, Callable[[Settings, bool], Engine]] = {"espeak": _espeak, "xtts": _xtts}
 ENGINE_NAMES = tuple(_FACTORIES)
 
 
-def create_engine(name: str, settings: Settings) -> Engine:
+def create_engine(name: str, settings: Settings, *, voice_files: bool = False) -> Engine:
+    """The engine `name`, configured from `settings`. Its voices are the ones it has and
+    the library's; with `voice_files` (`lowvox say --voice ref.wav`, the user's own
+    command) a voice may also be an audio file's path. The server and jobs never ask for
+    that: no client or document can make an engine open a file."""
     try:
         factory = _FACTORIES[name.lower()]
     except KeyError:
         raise UnknownEngine(name, list(ENGINE_NAMES)) from None
-    return factory(settings)
+    return factory(settings, voice_files)

@@ -31,6 +31,24 @@ MAX_SPEED = 4.0
 OptionValue = str | int | float | bool | None
 
 
+def check_voice_name(voice: object) -> str | None:
+    """A voice as a client or a document names it: stripped, or None for the default.
+    Clients name voices; they never point at files. Anything path-like is refused so
+    that no engine ever opens a file a client chose."""
+    if voice is None:
+        return None
+    if not isinstance(voice, str):
+        raise InvalidRequest("voice must be a string", field="voice")
+    name = voice.strip()
+    if not name:
+        return None
+    if "/" in name or "\\" in name or name.startswith(".") or "\x00" in name or len(name) > 200:
+        raise InvalidRequest(
+            f"invalid voice name: {voice[:80]!r} (a voice name, not a path)", field="voice"
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class AudioChunk:
     """A piece of mono audio: float32 samples in [-1, 1] at `sample_rate`."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from lowvox.engines.base import SynthesisRequest
+from lowvox.engines.base import SynthesisRequest, check_voice_name
 from lowvox.errors import InvalidRequest
 from lowvox.jobs.executors import Executor
 from lowvox.jobs.model import BookMeta, Document, Line
@@ -121,6 +121,9 @@ async def create_job(
     if settings.narrator is not None:
         voices |= {settings.narrator.narrator_voice, settings.narrator.character_voice}
     for voice in sorted(voices, key=lambda v: v or ""):
+        # A job names voices (a `[voice:…]` tag too), never files: a path is refused here,
+        # whatever the engine would make of it.
+        check_voice_name(voice)
         await executor.validate(SynthesisRequest(text="Hello.", voice=voice, language=language))
     meta = BookMeta(
         title=(title or doc.title or Path(filename).stem)[:300],
@@ -148,6 +151,7 @@ async def check_retake(
     """Refuse, before the sentence's row changes, a retake with an unknown voice or a text
     the engine would not take: stored, it would fail the finished job and keep the bad
     voice or text."""
+    check_voice_name(voice)
     if voice or text is not None:
         await executor.validate(
             SynthesisRequest(

@@ -19,7 +19,7 @@ import numpy as np
 from starlette.requests import Request
 
 from lowvox.audio.formats import get_format
-from lowvox.engines.base import Engine, SynthesisRequest
+from lowvox.engines.base import Engine, SynthesisRequest, check_voice_name
 from lowvox.errors import InvalidRequest, LowvoxError, UnknownVoice
 from lowvox.server.engines import EngineHub, EngineSlot
 from lowvox.server.narration import Turn
@@ -178,23 +178,6 @@ def known_voice(voice: str | None, known: set[str]) -> str | None:
     if stem in known or stem.lower() in lowered:
         return lowered.get(stem.lower(), stem)
     raise UnknownVoice(voice)
-
-
-def check_voice_name(voice: Any) -> str | None:
-    """Clients name voices; they never point at files. Anything path-like is refused so
-    that no engine ever opens a file a client chose."""
-    if voice is None:
-        return None
-    if not isinstance(voice, str):
-        raise InvalidRequest("voice must be a string", field="voice")
-    name = voice.strip()
-    if not name:
-        return None
-    if "/" in name or "\\" in name or name.startswith(".") or "\x00" in name or len(name) > 200:
-        raise InvalidRequest(
-            f"invalid voice name: {voice[:80]!r} (a voice name, not a path)", field="voice"
-        )
-    return name
 
 
 def request_tag(request: Request | None) -> str:

@@ -204,6 +204,9 @@ def _epub(encrypted: bool = False) -> bytes:
         ({"files": {"file": ("book.pdf", b"%PDF-1.4", "application/pdf")}}, 400, ".pdf"),
         ({"json": {"text": "Hello there.", "voice": "nobody"}}, 404, "nobody"),
         ({"json": {"text": "Hi. [voice:ghost]Boo.[/voice]"}}, 404, "ghost"),
+        # A tag names a voice, never a file on the server (XTTS would have cloned it).
+        ({"json": {"text": "Hi. [voice:/etc/ref.wav]Boo.[/voice]"}}, 400, "not a path"),
+        ({"json": {"text": "Hi. [voice:..\\x\\ref.wav]Boo.[/voice]"}}, 400, "not a path"),
         ({"json": {"text": "   "}}, 400, "text"),
         ({"json": {"text": "Hi.", "format": "exe"}}, 400, "format"),
         ({"json": {"text": "Hi.", "seed": 2**70}}, 400, "seed"),

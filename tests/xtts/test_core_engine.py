@@ -25,7 +25,7 @@ def engine(random_bundle, golden_dir, tmp_path_factory) -> XttsEngine:
     shutil.copy(golden_dir / "ref_b.wav", voices / "Bob" / "clip_01.wav")
     shutil.copy(golden_dir / "ref_a.wav", voices / "Alice.wav")
     settings = Settings(home=home, model_dir=random_bundle.path, engine="xtts")
-    engine = create_engine("xtts", settings)
+    engine = create_engine("xtts", settings, voice_files=True)  # as `lowvox say` makes it
     assert isinstance(engine, XttsEngine)
     return engine
 
@@ -74,6 +74,24 @@ def test_voice_paths_can_be_refused(engine, golden_dir) -> None:
     locked = XttsEngine(engine.model_dir, voices_dir=engine.voices_dir, allow_voice_paths=False)
     with pytest.raises(UnknownVoice):
         locked.validate(SynthesisRequest("Hi.", voice=str(golden_dir / "ref_c.wav")))
+
+
+def test_engines_open_voice_files_only_when_asked(
+    engine, golden_dir, tmp_path, monkeypatch
+) -> None:
+    """What the server and jobs make (`create_engine` by default) takes no audio file for
+    a voice, absolute or relative to where it runs; `lowvox say` asks for it."""
+    settings = Settings(home=tmp_path, model_dir=engine.model_dir, voices_dir=engine.voices_dir)
+    shutil.copy(golden_dir / "ref_c.wav", tmp_path / "here.wav")
+    monkeypatch.chdir(tmp_path)
+    paths = (str(golden_dir / "ref_c.wav"), "here.wav")
+    served = create_engine("xtts", settings)
+    for voice in paths:
+        with pytest.raises(UnknownVoice):
+            served.validate(SynthesisRequest("Hi.", voice=voice))
+    said = create_engine("xtts", settings, voice_files=True)
+    for voice in paths:
+        assert said.validate(SynthesisRequest("Hi.", voice=voice)).voice == voice
 
 
 def test_stream_matches_whole_and_respects_cancel(engine) -> None:

@@ -109,8 +109,9 @@ class XttsEngine(Engine):
         `kv_cache_mb`: the KV-cache memory they may reserve (None: half the memory free at
         load)."""
         self.model_dir = Path(model_dir)
-        # A voice given as an audio file path is for the CLI; a server sets this False (and
-        # refuses path-like names itself) so that no client can make it open a file.
+        # A voice given as an audio file path is for the CLI's `say`; engines made from the
+        # settings for the server and jobs leave it off (`create_engine`), and the server
+        # also refuses path-like names itself, so that no client can make it open a file.
         self.allow_voice_paths = allow_voice_paths
         missing = missing_model_files(self.model_dir)
         if missing:
@@ -153,12 +154,13 @@ class XttsEngine(Engine):
         self._studio: dict[str, Voice] | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> XttsEngine:
-        """The model folder is `settings.model_dir`, else `<models>/<model_name>`."""
+    def from_settings(cls, settings: Settings, allow_voice_paths: bool = False) -> XttsEngine:
+        """The model folder is `settings.model_dir`, else `<models>/<model_name>`. Voices
+        given as audio file paths are refused unless `allow_voice_paths` (the CLI's)."""
         model_dir = settings.model_dir or settings.models_path / settings.model_name
         missing = missing_model_files(model_dir)
         if missing:  # before planning: a missing model is the error that matters
-            return cls(model_dir)
+            return cls(model_dir, allow_voice_paths=allow_voice_paths)
         machine = probe_machine()
         plan = make_plan(machine, settings.device, settings.precision, settings.residency)
         log.info("xtts plan: %s", plan.describe())
@@ -173,6 +175,7 @@ class XttsEngine(Engine):
             plan=plan,
             threads=settings.threads or machine.cpu_count,
             vocoder_precision=settings.vocoder_precision,
+            allow_voice_paths=allow_voice_paths,
             max_batch_size=settings.max_batch_size,
             kv_cache_mb=settings.kv_cache_mb,
         )

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from lowvox.audio.formats import FORMATS
+from lowvox.engines.base import check_voice_name
 from lowvox.errors import InvalidRequest
 from lowvox.jobs.model import Pauses
 from lowvox.jobs.plan import parse_chapters
@@ -31,7 +32,6 @@ from lowvox.jobs.store import JobInfo, JobSettings, NarratorSettings
 from lowvox.server.routes.paths import TolerantRoute, read_form, read_json
 from lowvox.server.routes.voices import PayloadTooLarge
 from lowvox.server.state import State
-from lowvox.server.synthesis import check_voice_name
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"], route_class=TolerantRoute)
 
