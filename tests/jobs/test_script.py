@@ -219,3 +219,21 @@ def test_counts_leave_tags_out():
     doc = book(("[voice:Bob]Two  words[/voice] [pause:1]", "Three more words."))
     assert count_words(doc) == 5
     assert count_chars(doc) == len("Two words") + len("Three more words.")
+
+
+@pytest.mark.parametrize("unit", ["[a:", "[voice:", "[pause:1", "[/voice:x"])
+def test_the_tag_pattern_does_work_linear_in_the_paragraph(unit):
+    # A paragraph of brackets that never close: each match attempt used to scan to the
+    # end of the paragraph, so 120 kB of "[a:" took a minute to plan, and the jobs API
+    # takes millions of characters. Steps are counted on the model matcher.
+    from lowvox.jobs import script
+    from tests.text.test_number_patterns_linear import GROWTH_LIMIT, growth
+
+    ratio = growth(script._TAG, lambda n: unit * (n // len(unit) + 1))
+    assert ratio < GROWTH_LIMIT, f"work grew {ratio:.1f}x over 4x input"
+
+
+def test_a_tag_value_holds_no_bracket():
+    # "[voice:a[b]": the "[b]" is prose, and so is what comes before it.
+    doc = book(("Say [voice:a[b] that.",))
+    assert "".join(ln.text for ln in plan_lines(doc, language="en")) == "Say [voice:a[b] that."
