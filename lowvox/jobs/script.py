@@ -11,7 +11,9 @@ Inline tags, in any paragraph (see docs/long-form.md, "Inputs and tags"):
   sentences but not paragraphs, and tags do not nest.
 - `[pause:1.5]`: that many seconds (more than 0, at most 30) of extra silence at that
   point. It becomes the `pause_after` of the line before it in the chapter, or the
-  `pause_before` of the first line when nothing comes before it.
+  `pause_before` of the first line when nothing comes before it. Tags that meet at one
+  point add up, to at most 30 s too: ten characters of tags cannot ask for hours of
+  silence.
 
 Bracketed text that is not shaped like a tag (`[sic]`, `[1]`, `[Note: ...]`, a URL) is
 read as it is; a tag that is shaped like one but wrong (`[voise:Bob]`, `[pause:soon]`, a
@@ -93,9 +95,10 @@ def plan_lines(
                 if isinstance(event, float):
                     if chapter_lines:
                         last = chapter_lines[-1]
-                        chapter_lines[-1] = replace(last, pause_after=last.pause_after + event)
+                        total = _added_pause(last.pause_after, event, where)
+                        chapter_lines[-1] = replace(last, pause_after=total)
                     else:
-                        pause_before += event
+                        pause_before = _added_pause(pause_before, event, where)
                     continue
                 voice, text = event
                 for chunk in _chunks(text, lang, limit):
@@ -103,6 +106,18 @@ def plan_lines(
                     pause_before = 0.0
         lines.extend(chapter_lines)
     return lines
+
+
+def _added_pause(pause: float, more: float, where: str) -> float:
+    """`pause` with `more` seconds added; BadDocument when the pauses that meet at one
+    point come to more than `MAX_PAUSE_S`, as one tag may not either."""
+    total = pause + more
+    if total > MAX_PAUSE_S:
+        raise BadDocument(
+            f"the [pause:…] tags in {where} add up to {total:g} s at one point; "
+            f"pauses that meet may come to at most {MAX_PAUSE_S:g} seconds"
+        )
+    return total
 
 
 def _chunks(text: str, lang: str, limit: int) -> list[str]:
