@@ -258,3 +258,16 @@ def test_pauses_that_meet_come_to_at_most_30_seconds(paragraphs):
 def test_pauses_that_meet_may_come_to_30_seconds():
     lines = plan_lines(book(("[pause:10][pause:20]Hi. [pause:15][pause:15]",)), language="en")
     assert [(ln.pause_before, ln.pause_after) for ln in lines] == [(30.0, 30.0)]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("mode", ["character", "silent"])
+def test_narrator_mode_plans_a_paragraph_of_quotes_in_one_pass(mode):
+    # Narrator mode puts a mark after every quote and asterisk, and each mark looked at
+    # every mark before it: 40 kB of quotes took 20 s, 60 kB 45 s, and a job may hold 5
+    # million characters. This takes well under a second; the timeout stops a hang.
+    paragraph = '"*' * 30_000 + '"Hello," she said. [pause:1] *Fine.*'
+    lines = plan_lines(book((paragraph,)), language="en", narrator=Narrator("N", "C", mode))
+    assert (lines[-1].text, lines[-1].voice) == ("Fine.", "N")
+    assert lines[-2].text.startswith("Hello,") and lines[-2].voice == "C"
+    assert lines[-2].pause_after == 1.0
