@@ -302,8 +302,13 @@ class VoiceStore:
             )
 
     def _exists(self, name: str) -> bool:
+        """Whether `name` is a voice, or is taken by something that is not one (a folder
+        without clips, a symbolic link someone put there): a rename onto it would fail or
+        land in it."""
         lowered = name.lower()
-        return any(v.name.lower() == lowered for v in self.list())
+        if any(v.name.lower() == lowered for v in self.list()):
+            return True
+        return any(os.path.lexists(self.root / n) for n in (name, f"{name}.wav"))
 
 
 def _clips(folder: Path) -> list[Path]:
