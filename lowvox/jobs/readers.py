@@ -147,7 +147,9 @@ def _read_text(text: str, title: str) -> Document:
 
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?)\n(?:---|\.\.\.)[ \t]*(?:\n|\Z)", re.DOTALL)
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
-_ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
+# A heading's optional closing `#`s are taken off by `_atx_text`: a lazy `(.*?)` followed
+# by optional spaces and `#`s went back over a line's run of spaces once per character.
+_ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*))?$")
 _SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
 _RULE = re.compile(r"^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
 _QUOTE = re.compile(r"^ {0,3}>[ \t]?")
@@ -155,18 +157,23 @@ _LIST_ITEM = re.compile(r"^[ \t]*(?:[-+*]|\d{1,9}[.)])(?:[ \t]+|$)")
 _INDENTED = re.compile(r"^(?: {4}|\t)")
 # `[label]: destination "optional title"`, alone on its line.
 _LINK_DEF = re.compile(
-    r"^ {0,3}\[([^\]]+)\]:[ \t]*(?:<[^>\n]*>|\S+)"
+    r"^ {0,3}\[([^\[\]]+)\]:[ \t]*(?:<[^>\n]*>|\S+)"
     r"(?:[ \t]+(?:\"[^\"\n]*\"|'[^'\n]*'|\([^)\n]*\)))?[ \t]*$",
     re.MULTILINE,
 )
-_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
-_RAW_BLOCK = re.compile(r"<(script|style)\b.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
+# Comments, <script>/<style> blocks and code spans are found by `_without_comments`,
+# `_without_raw_blocks` and `_code_spans`, and link labels hold no `[`: a pattern that
+# runs on to the end of the text from every opening that is never closed does work
+# quadratic in the text (cubic for code spans), and a job's text may be 5 million
+# characters (120 kB of "<!--" took 12 s, 40 kB of "x" and backticks ten minutes).
+_RAW_OPEN = re.compile(r"<(script|style)\b", re.IGNORECASE)
+_RAW_CLOSE = {name: re.compile(rf"</{name}\s*>", re.IGNORECASE) for name in ("script", "style")}
+_TICKS = re.compile(r"`+")
 
-_IMAGE = re.compile(r"!\[[^\]]*\](?:\((?:[^()]|\([^()]*\))*\)|\[[^\]]*\])")
-_INLINE_LINK = re.compile(r"\[([^\]]*)\]\((?:[^()]|\([^()]*\))*\)")
-_REF_LINK = re.compile(r"\[([^\]]+)\]\[([^\]]*)\]")
-_SHORTCUT_LINK = re.compile(r"\[([^\]]+)\](?![\[(:])")
-_CODE_SPAN = re.compile(r"(`+)(.+?)\1")
+_IMAGE = re.compile(r"!\[[^\[\]]*\](?:\((?:[^()]|\([^()]*\))*\)|\[[^\[\]]*\])")
+_INLINE_LINK = re.compile(r"\[([^\[\]]*)\]\((?:[^()]|\([^()]*\))*\)")
+_REF_LINK = re.compile(r"\[([^\[\]]+)\]\[([^\[\]]*)\]")
+_SHORTCUT_LINK = re.compile(r"\[([^\[\]]+)\](?![\[(:])")
 _AUTOLINK = re.compile(r"<(?:[a-z][a-z0-9+.-]{1,31}:[^<>\s]*|[^<>\s@]+@[^<>\s@]+)>", re.I)
 _HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>")
 _ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
@@ -186,6 +193,75 @@ def _front_matter(text: str) -> tuple[dict[str, str], str]:
     return meta, text[m.end() :]
 
 
+def _without_comments(text: str) -> str:
+    """`text` without its `<!-- … -->` comments; one never closed is left as it is."""
+    out: list[str] = []
+    pos = 0
+    while (start := text.find("<!--", pos)) != -1:
+        end = text.find("-->", start + 4)
+        if end == -1:  # no later comment closes either
+            break
+        out.append(text[pos:start])
+        pos = end + 3
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _without_raw_blocks(text: str) -> str:
+    """`text` without its `<script>…</script>` and `<style>…</style>` blocks (any case);
+    one never closed is left as it is."""
+    out: list[str] = []
+    pos = search = 0
+    unclosed: set[str] = set()  # no closing tag after here: later openings need no look
+    while (m := _RAW_OPEN.search(text, search)) is not None:
+        name = m.group(1).lower()
+        close = None if name in unclosed else _RAW_CLOSE[name].search(text, m.end())
+        if close is None:
+            unclosed.add(name)
+            search = m.end()
+            continue
+        out.append(text[pos : m.start()])
+        pos = search = close.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _code_spans(text: str) -> str:
+    """Code spans unwrapped (their text, stripped): a run of backticks opens one that the
+    next run of the same length closes; a run that nothing closes stays as it is."""
+    runs = [m.span() for m in _TICKS.finditer(text)]
+    if len(runs) < 2:
+        return text
+    closer: dict[int, int] = {}  # run -> the next run of the same length
+    last: dict[int, int] = {}  # length -> the latest run of that length
+    for i in range(len(runs) - 1, -1, -1):
+        length = runs[i][1] - runs[i][0]
+        if length in last:
+            closer[i] = last[length]
+        last[length] = i
+    out: list[str] = []
+    pos = i = 0
+    while i < len(runs):
+        j = closer.get(i)
+        if j is None:
+            i += 1
+            continue
+        (start, opened), (closed, end) = runs[i], runs[j]
+        out += [text[pos:start], text[opened:closed].strip()]
+        pos, i = end, j + 1
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _atx_text(rest: str | None) -> str:
+    """An ATX heading's text: `rest` without its closing `#`s (those after a space)."""
+    text = (rest or "").rstrip(" \t")
+    bare = text.rstrip("#")
+    if bare != text and bare[-1:] in (" ", "\t"):
+        return bare.rstrip(" \t")
+    return text
+
+
 def _md_inline(text: str, refs: set[str]) -> str:
     """Markdown inline syntax to the text it shows: images gone, links as their text,
     code spans and HTML unwrapped; emphasis markers and quotes are kept."""
@@ -197,7 +273,7 @@ def _md_inline(text: str, refs: set[str]) -> str:
     def shortcut(m: re.Match[str]) -> str:
         return m.group(1) if m.group(1).strip().lower() in refs else m.group(0)
 
-    text = _CODE_SPAN.sub(lambda m: m.group(2).strip(), text)
+    text = _code_spans(text)
     text = _IMAGE.sub("", text)
     text = _INLINE_LINK.sub(r"\1", text)
     text = _REF_LINK.sub(ref_link, text)
@@ -244,7 +320,7 @@ def _md_blocks(text: str, refs: set[str]) -> list[tuple[int, str]]:
             continue
         if (m := _ATX.match(line)) is not None:
             end_paragraph()
-            blocks.append((len(m.group(1)), _md_inline(m.group(2) or "", refs)))
+            blocks.append((len(m.group(1)), _md_inline(_atx_text(m.group(2)), refs)))
             in_list = False
             continue
         if lines and not in_list and (m := _SETEXT.match(line)) is not None:
@@ -274,7 +350,7 @@ def _read_markdown(text: str, title: str) -> Document:
     """ATX (and setext) headings start chapters: the top-most level present, or `##` when a
     single `#` at the top names the book. Deeper headings read as paragraphs."""
     meta, body = _front_matter(text)
-    body = _RAW_BLOCK.sub("", _COMMENT.sub("", body))
+    body = _without_raw_blocks(_without_comments(body))
     refs = {m.group(1).strip().lower() for m in _LINK_DEF.finditer(body)}
     blocks = _md_blocks(_LINK_DEF.sub("", body), refs)
 

@@ -11,7 +11,9 @@ Inline tags, in any paragraph (see docs/long-form.md, "Inputs and tags"):
   sentences but not paragraphs, and tags do not nest.
 - `[pause:1.5]`: that many seconds (more than 0, at most 30) of extra silence at that
   point. It becomes the `pause_after` of the line before it in the chapter, or the
-  `pause_before` of the first line when nothing comes before it.
+  `pause_before` of the first line when nothing comes before it. Tags that meet at one
+  point add up, to at most 30 s too: ten characters of tags cannot ask for hours of
+  silence.
 
 Bracketed text that is not shaped like a tag (`[sic]`, `[1]`, `[Note: ...]`, a URL) is
 read as it is; a tag that is shaped like one but wrong (`[voise:Bob]`, `[pause:soon]`, a
@@ -93,9 +95,10 @@ def plan_lines(
                 if isinstance(event, float):
                     if chapter_lines:
                         last = chapter_lines[-1]
-                        chapter_lines[-1] = replace(last, pause_after=last.pause_after + event)
+                        total = _added_pause(last.pause_after, event, where)
+                        chapter_lines[-1] = replace(last, pause_after=total)
                     else:
-                        pause_before += event
+                        pause_before = _added_pause(pause_before, event, where)
                     continue
                 voice, text = event
                 for chunk in _chunks(text, lang, limit):
@@ -103,6 +106,18 @@ def plan_lines(
                     pause_before = 0.0
         lines.extend(chapter_lines)
     return lines
+
+
+def _added_pause(pause: float, more: float, where: str) -> float:
+    """`pause` with `more` seconds added; BadDocument when the pauses that meet at one
+    point come to more than `MAX_PAUSE_S`, as one tag may not either."""
+    total = pause + more
+    if total > MAX_PAUSE_S:
+        raise BadDocument(
+            f"the [pause:…] tags in {where} add up to {total:g} s at one point; "
+            f"pauses that meet may come to at most {MAX_PAUSE_S:g} seconds"
+        )
+    return total
 
 
 def _chunks(text: str, lang: str, limit: int) -> list[str]:
@@ -134,7 +149,9 @@ def _where(chapter: int, title: str, paragraph: int) -> str:
 # `[name:value]` or `[/name]`. Only `voice` and `pause` are tags in any shape; other names
 # are tags (and errors) only as `[lowercase:value]` with no space after the colon, so
 # that bracketed prose such as "[sic]", "[Note: see above]" or a URL is read as written.
-_TAG = re.compile(r"\[(/?)([A-Za-z]+)(?::([^\]\n]*))?\]")
+# A value holds no `[`: each match attempt stops at the next bracket, so a paragraph of
+# unclosed `[a:[a:…` is scanned once, not once per bracket (quadratic: 120 kB took 60 s).
+_TAG = re.compile(r"\[(/?)([A-Za-z]+)(?::([^\[\]\n]*))?\]")
 _SECONDS = re.compile(r"\d+(?:\.\d+)?|\.\d+")
 _TAG_NAMES = ("voice", "pause")
 _HELP = "tags are [voice:Name]…[/voice] and [pause:seconds]"
@@ -299,17 +316,25 @@ def _events(
 
     inner = {int(i) for m in marks if isinstance(m, _Span) for i in _MARK.findall(m.text)}
     met: set[int] = set()
-    out: list[tuple[str | None, str] | float] = []
+    swept = 0  # every mark below this one is met, or inside a voice tag
+    # (voice, pieces of its text) to speak, and pauses. The pieces are joined once at the
+    # end, and each mark is looked at once by the sweep: a paragraph of quotes (a mark
+    # each in narrator mode) took time quadratic in its length (40 kB: 20 s).
+    out: list[tuple[str | None, list[str]] | float] = []
 
     def say(voice: str | None, text: str) -> None:
-        if out and isinstance(out[-1], tuple) and out[-1][0] == voice:
-            out[-1] = (voice, out[-1][1] + text)
+        last = out[-1] if out else None
+        if isinstance(last, tuple) and last[0] == voice:
+            last[1].append(text)
         elif text:
-            out.append((voice, text))
+            out.append((voice, [text]))
 
     def meet(i: int) -> None:
         # Marks before this one that were not met went with silent text: they stood here.
-        for j in range(i + 1):
+        nonlocal swept
+        todo = range(swept, i + 1) if i >= swept else (i,) if i >= 0 else ()
+        swept = max(swept, i + 1)
+        for j in todo:
             if j in met or (j in inner and j != i):
                 continue
             met.add(j)
@@ -330,8 +355,10 @@ def _events(
     for voice, text in segments:
         walk(f" {text} ", voice)  # segments come stripped: keep words apart
     meet(len(marks) - 1)
-    return [
-        e if isinstance(e, float) else (e[0], " ".join(e[1].split()))
-        for e in out
-        if isinstance(e, float) or _speakable(e[1])
-    ]
+    events: list[tuple[str | None, str] | float] = []
+    for e in out:
+        if isinstance(e, float):
+            events.append(e)
+        elif _speakable(said := "".join(e[1])):
+            events.append((e[0], " ".join(said.split())))
+    return events

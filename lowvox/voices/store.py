@@ -6,7 +6,8 @@ per upload, per voice and for the library) before anything is written, stored as
 mono WAV at the library's rate at most (48 kHz by default), and published with one atomic
 rename of a temporary folder, so a failed or concurrent upload never leaves a half-made
 voice behind. A lone
-`<root>/<name>.wav` (AllTalk's layout) also counts as a one-clip voice.
+`<root>/<name>.wav` (AllTalk's layout) also counts as a one-clip voice. Symbolic links in
+the library (a voice folder, a clip, a lone `.wav`) are not voices or clips.
 """
 
 from __future__ import annotations
@@ -190,9 +191,7 @@ class VoiceStore:
             if entry.name.startswith("."):
                 continue
             if entry.is_dir(follow_symlinks=False):
-                clips = sorted(
-                    p for p in Path(entry.path).iterdir() if p.suffix == ".wav" and p.is_file()
-                )
+                clips = _clips(Path(entry.path))
                 if clips:
                     voices.append(StoredVoice(entry.name, clips, entry.stat().st_mtime))
             elif entry.is_file(follow_symlinks=False) and entry.name.endswith(".wav"):
@@ -303,8 +302,28 @@ class VoiceStore:
             )
 
     def _exists(self, name: str) -> bool:
+        """Whether `name` is a voice, or is taken by something that is not one (a folder
+        without clips, a symbolic link someone put there): a rename onto it would fail or
+        land in it."""
         lowered = name.lower()
-        return any(v.name.lower() == lowered for v in self.list())
+        if any(v.name.lower() == lowered for v in self.list()):
+            return True
+        return any(os.path.lexists(self.root / n) for n in (name, f"{name}.wav"))
+
+
+def _clips(folder: Path) -> list[Path]:
+    """A voice folder's clips: its `.wav` files that are files of their own. A symbolic
+    link is no clip, as a linked folder or `<name>.wav` is no voice: whoever may write to
+    the library must not make the server read (clone from, or send) a file elsewhere."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(
+                Path(e.path)
+                for e in it
+                if Path(e.name).suffix == ".wav" and e.is_file(follow_symlinks=False)
+            )
+    except OSError:  # removed or renamed meanwhile
+        return []
 
 
 def _is_flat(voice: StoredVoice, root: Path) -> bool:

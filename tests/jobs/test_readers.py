@@ -465,3 +465,60 @@ def test_markdown_single_heading_titles_the_book():
     doc = read_document(b"# My Story\n\nOnce upon a time.\n", "x.md")
     assert doc.title == "My Story"
     assert [(c.title, c.paragraphs) for c in doc.chapters] == [("My Story", ("Once upon a time.",))]
+
+
+def test_markdown_comments_raw_blocks_and_code_spans_are_unwrapped():
+    text = (
+        "A <!-- hidden --> B <!-- never closed\n\n"
+        "C <script>x()</script> D <STYLE>p {}</style > E <script> open\n\n"
+        "F `code` and ``a ` b`` G ``` unmatched\n\n"
+        "# Title ##\n\nx\n\n# #\n\ny\n\n# Only text #hash\n\nz\n"
+    )
+    doc = read_document(text.encode(), "x.md")
+    assert doc.chapters[0].paragraphs == (
+        "A B <!-- never closed",
+        "C D E open",  # the unclosed <script> is a tag, as HTML in a paragraph is
+        "F code and a ` b G ``` unmatched",
+    )
+    assert [ch.title for ch in doc.chapters[1:]] == ["Title", "#", "Only text #hash"]
+
+
+# A Markdown job may hold millions of characters: every pattern and scan of the reader
+# does work linear in it. Each of these took minutes to hours at this size (quadratic, or
+# cubic for the backticks) before; the timeout only stops a hang.
+_PATHOLOGICAL = {
+    "unclosed comments": "<!--" * 250_000,
+    "unclosed script": "<script" * 150_000,
+    "unclosed style": "<style>x" * 120_000,
+    "link labels": "[a:" * 300_000,
+    "link definitions": "[\n" * 200_000,
+    "images": "![" * 500_000,
+    "CDATA": "<![CDATA[" * 100_000,
+    "heading spaces": "Text.\n\n# a" + " " * 1_000_000 + "b\n\nMore.",
+    "backticks": "x" + "`" * 1_000_000,
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(_PATHOLOGICAL))
+def test_markdown_reading_is_linear_in_the_text(name):
+    text = _PATHOLOGICAL[name]
+    doc = read_document(text.encode(), "big.md")
+    assert sum(len(p) for ch in doc.chapters for p in ch.paragraphs) > 0
+
+
+@pytest.mark.parametrize(
+    ("pattern", "unit"),
+    [
+        ("_IMAGE", "!["),
+        ("_INLINE_LINK", "[a:"),
+        ("_REF_LINK", "[a:"),
+        ("_SHORTCUT_LINK", "[a:"),
+    ],
+)
+def test_markdown_inline_patterns_do_linear_work(pattern, unit):
+    from lowvox.jobs import readers
+    from tests.text.test_number_patterns_linear import GROWTH_LIMIT, growth
+
+    ratio = growth(getattr(readers, pattern), lambda n: unit * n + "b")
+    assert ratio < GROWTH_LIMIT, f"work grew {ratio:.1f}x over 4x input"

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from lowvox.errors import InvalidRequest
 from lowvox.jobs import runner as runner_module
-from lowvox.jobs.plan import create_job
+from lowvox.jobs.plan import MAX_CHAPTER_PARTS, create_job, parse_chapters
 from lowvox.jobs.runner import JobRunner, book_file, subtitle_paths, take_seed
 from lowvox.jobs.store import JobSettings, JobStore
 from tests.jobs.fakes import FakeExecutor
@@ -423,3 +424,12 @@ def test_a_full_disk_while_assembling_fails_the_job_and_resuming_only_assembles(
     assert store.progress(first.id).done == 8  # every sentence is kept
     assert second.state == "done" and len(executor.calls) == calls  # nothing spoken again
     assert subtitle_paths(book_file(store, second))[0].is_file()
+
+
+def test_chapter_ranges_that_overlap_count_each_chapter_once():
+    assert parse_chapters("5-7, 2-3,6-9,2") == (1, 2, 4, 5, 6, 7, 8)
+    spec = ",".join(["1-100000"] * MAX_CHAPTER_PARTS)
+    assert parse_chapters(spec) == tuple(range(100_000))
+    with pytest.raises(InvalidRequest, match="at most 1,000") as e:
+        parse_chapters(spec + ",3")
+    assert e.value.field == "chapters"

@@ -219,3 +219,55 @@ def test_counts_leave_tags_out():
     doc = book(("[voice:Bob]Two  words[/voice] [pause:1]", "Three more words."))
     assert count_words(doc) == 5
     assert count_chars(doc) == len("Two words") + len("Three more words.")
+
+
+@pytest.mark.parametrize("unit", ["[a:", "[voice:", "[pause:1", "[/voice:x"])
+def test_the_tag_pattern_does_work_linear_in_the_paragraph(unit):
+    # A paragraph of brackets that never close: each match attempt used to scan to the
+    # end of the paragraph, so 120 kB of "[a:" took a minute to plan, and the jobs API
+    # takes millions of characters. Steps are counted on the model matcher.
+    from lowvox.jobs import script
+    from tests.text.test_number_patterns_linear import GROWTH_LIMIT, growth
+
+    ratio = growth(script._TAG, lambda n: unit * (n // len(unit) + 1))
+    assert ratio < GROWTH_LIMIT, f"work grew {ratio:.1f}x over 4x input"
+
+
+def test_a_tag_value_holds_no_bracket():
+    # "[voice:a[b]": the "[b]" is prose, and so is what comes before it.
+    doc = book(("Say [voice:a[b] that.",))
+    assert "".join(ln.text for ln in plan_lines(doc, language="en")) == "Say [voice:a[b] that."
+
+
+@pytest.mark.parametrize(
+    "paragraphs",
+    [
+        ("Hi. " + "[pause:30]" * 1_000,),  # was 30,000 s of silence after "Hi."
+        ("Hi. [pause:20]", "[pause:20]More."),  # after a line, across paragraphs
+        ("[pause:20][pause:20]Hi.",),  # before the chapter's first line
+    ],
+)
+def test_pauses_that_meet_come_to_at_most_30_seconds(paragraphs):
+    # Ten characters of tags each asked for 30 s more of silence at the same point: a
+    # 100 kB job made a book of 83 hours of silence, 14 GB as WAV.
+    with pytest.raises(BadDocument, match="add up to") as e:
+        plan_lines(book(paragraphs), language="en")
+    assert "at most 30" in str(e.value) and e.value.status_code == 400
+
+
+def test_pauses_that_meet_may_come_to_30_seconds():
+    lines = plan_lines(book(("[pause:10][pause:20]Hi. [pause:15][pause:15]",)), language="en")
+    assert [(ln.pause_before, ln.pause_after) for ln in lines] == [(30.0, 30.0)]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("mode", ["character", "silent"])
+def test_narrator_mode_plans_a_paragraph_of_quotes_in_one_pass(mode):
+    # Narrator mode puts a mark after every quote and asterisk, and each mark looked at
+    # every mark before it: 40 kB of quotes took 20 s, 60 kB 45 s, and a job may hold 5
+    # million characters. This takes well under a second; the timeout stops a hang.
+    paragraph = '"*' * 30_000 + '"Hello," she said. [pause:1] *Fine.*'
+    lines = plan_lines(book((paragraph,)), language="en", narrator=Narrator("N", "C", mode))
+    assert (lines[-1].text, lines[-1].voice) == ("Fine.", "N")
+    assert lines[-2].text.startswith("Hello,") and lines[-2].voice == "C"
+    assert lines[-2].pause_after == 1.0

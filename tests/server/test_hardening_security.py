@@ -475,31 +475,55 @@ def linked_library(server):
     secret.write_text("the secret")
     (root / "Linked").mkdir()
     (root / "Linked" / "clip_01.wav").symlink_to(secret)
+    (root / "Mixed").mkdir()
+    (root / "Mixed" / "clip_01.wav").symlink_to(secret)
+    (root / "Mixed" / "clip_02.wav").write_bytes(_wav())
     (root / "Real").mkdir()
     (root / "Real" / "clip_01.wav").write_bytes(_wav())
     yield
-    for name in ("Linked", "Real"):
+    for name in ("Linked", "Mixed", "Real"):
         for f in (root / name).iterdir():
             f.unlink()
         (root / name).rmdir()
 
 
 def test_library_preview_refuses_a_symlinked_clip(server, linked_library):
+    # A linked clip is no clip: a folder holding only links is no voice, and a voice's
+    # other clips are all it has (an engine that clones never reads the link's target).
     with server.client() as c:
         r = c.get("/api/library/voices/Real/preview")
         assert r.status_code == 200
         assert r.content == _wav()
         r = c.get("/api/library/voices/Linked/preview")
-        assert r.status_code == 403
+        assert r.status_code == 404
         assert b"the secret" not in r.content
-        assert "symbolic link" in r.json()["detail"]
+        r = c.get("/api/library/voices/Mixed/preview")
+        assert r.status_code == 200 and r.content == _wav()
+        listed = {v["name"]: v["clips"] for v in c.get("/api/library/voices").json()["voices"]}
+        assert listed == {"Mixed": 1, "Real": 1}
+    assert [p.name for p in server.state.voices.get("Mixed").clips] == ["clip_02.wav"]
 
 
 def test_xtts_sample_refuses_a_symlinked_clip(server, linked_library):
     with server.client() as c:
         r = c.get("/sample/Linked.wav")
-        assert r.status_code == 403
+        assert r.status_code == 404
         assert b"the secret" not in r.content
+
+
+def test_served_file_refuses_links_on_the_way(tmp_path):
+    # The routes' last check, for a link that appears after the library was listed.
+    from lowvox.server.outputs import FileRefused, served_file
+
+    root = tmp_path / "voices"
+    (root / "Real").mkdir(parents=True)
+    (root / "Real" / "clip_01.wav").write_bytes(b"RIFF")
+    (root / "Via").symlink_to(root / "Real")
+    (root / "Real" / "link.wav").symlink_to(root / "Real" / "clip_01.wav")
+    assert served_file(root / "Real" / "clip_01.wav", root) == root / "Real" / "clip_01.wav"
+    for path in (root / "Via" / "clip_01.wav", root / "Real" / "link.wav", tmp_path / "x"):
+        with pytest.raises(FileRefused):
+            served_file(path, root)
 
 
 # -- 9. What a crash leaves behind ------------------------------------------------------------

@@ -213,6 +213,10 @@ def _epub(encrypted: bool = False) -> bytes:
         ({"json": {"text": "Hi.", "chapters": "9-x"}}, 400, "chapters"),
         ({"json": {"text": "Hi.", "chapters": "1-200001"}}, 400, "chapter numbers"),
         ({"json": {"text": "Hi.", "chapters": "1-999999999999"}}, 400, "chapter numbers"),
+        # Parsed on the event loop: 3,000 parts of "1-100000" held every request 5 s.
+        ({"json": {"text": "Hi.", "chapters": ",".join(["1-100000"] * 1001)}}, 400, "1,000"),
+        # Pauses that meet are bound as one is (they made hours of silence).
+        ({"json": {"text": "Hi. [pause:20] [pause:20]"}}, 400, "add up to"),
         ({"json": {"text": "x" * 300_000}}, 413, "limit"),
         ({"content": b"{nope", "headers": {"content-type": "application/json"}}, 400, "json"),
     ],

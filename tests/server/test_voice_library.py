@@ -144,6 +144,31 @@ def test_duplicate_and_bad_rename(lib):
         c.delete("/api/library/voices/other")
 
 
+def test_a_name_taken_by_something_that_is_no_voice_is_a_409(lib, tmp_path):
+    # A folder without clips, or a link someone put in the library, is no voice, but an
+    # upload or rename onto its name was a 500 (the rename failed) and closed the
+    # connection; into the link's target nothing may go.
+    root = lib.settings.voices_path
+    (root / "Notes").mkdir()
+    (root / "Notes" / "readme.txt").write_text("not a voice")
+    (root / "Elsewhere").symlink_to(tmp_path)
+    try:
+        with lib.client() as c:
+            for name in ("Notes", "Elsewhere"):
+                assert upload(c, name, wav_bytes(3)).status_code == 409
+            assert upload(c, "mine", wav_bytes(3)).status_code == 201
+            for name in ("Notes", "Elsewhere"):
+                r = c.patch("/api/library/voices/mine", json={"name": name})
+                assert r.status_code == 409, r.text
+            assert c.get("/api/ready").text == "Ready"
+            c.delete("/api/library/voices/mine")
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        (root / "Elsewhere").unlink()
+        (root / "Notes" / "readme.txt").unlink()
+        (root / "Notes").rmdir()
+
+
 def test_not_multipart_and_malformed_multipart(lib):
     with lib.client() as c:
         assert c.post("/api/library/voices", json={"name": "x"}).status_code == 400
