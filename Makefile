@@ -5,8 +5,9 @@
 #
 # and, once set up:
 #
-#   make test-fast   the fast tier (what plain `pytest` runs; ~3 minutes on 2 Zen 4 cores,
-#                    7.5 on 2 cores of an AVX2-only Zen 1 EPYC)
+#   make test-fast   the fast tier (what plain `pytest` runs; ~1.7 minutes on 2 cores of
+#                    an AMX Xeon, where it took 3.2 before the scheduling tests got a narrow
+#                    vocoder; expect ~2.5x that on an AVX2-only Zen 1 EPYC)
 #   make lint        ruff (lint and format check, the pre-commit hooks) and mypy (lowvox/)
 #
 # Set-up is idempotent: each step leaves a stamp in the venv and reruns only when
