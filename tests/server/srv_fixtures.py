@@ -10,7 +10,7 @@ import hashlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -192,6 +192,18 @@ class LiveServer:
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=self.timeout, **kwargs)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Whether `condition()` holds within `timeout` seconds (polled every 10 ms): for what
+    a server does on its own threads. A test asserts the result; the timeout only bounds a
+    test that would otherwise hang."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
 
 
 def make_settings(tmp: Path, **overrides) -> Settings:

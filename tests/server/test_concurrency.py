@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 
 from tests.server.srv_audio import decode, dominant_frequency
-from tests.server.srv_fixtures import CHUNK_SECONDS, FAKE_RATE, fake_frequency, live_server
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
+from tests.server.srv_fixtures import (
+    CHUNK_SECONDS,
+    FAKE_RATE,
+    fake_frequency,
+    live_server,
+    wait_for,
+)
 
 API_KINDS = ("openai", "openai-stream", "alltalk", "alltalk-stream", "xtts", "xtts-stream")
 

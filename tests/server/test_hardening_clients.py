@@ -18,7 +18,6 @@ import struct
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable
 from urllib.parse import urljoin
 
 import httpx
@@ -36,20 +35,12 @@ from tests.server.srv_fixtures import (
     fake_chunks,
     live_server,
     st_form,
+    wait_for,
 )
 
 PAGE = "http://localhost:8000"  # SillyTavern's page, as its browser requests name it
 TGWUI_PAGE = "http://127.0.0.1:7860/"  # text-generation-webui's chat page
 TGWUI_HEADERS = {"User-Agent": "python-requests/2.32.3"}  # its extension runs in Python
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def wav_bytes(seconds: float, rate: int = 22_050, channels: int = 1, fmt: str = "WAV") -> bytes:

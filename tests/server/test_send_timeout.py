@@ -13,7 +13,6 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,18 +31,10 @@ from tests.server.srv_fixtures import (
     FakeFactory,
     fake_frequency,
     production_server,
+    wait_for,
 )
 
 TIMED_OUT = "(send_timeout)"  # the end of the guard's log line
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def _records(caplog) -> list[logging.LogRecord]:
