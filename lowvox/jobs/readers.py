@@ -564,13 +564,41 @@ class _Part:
     heading: str = ""  # the first h1/h2 in it, a title when the table of contents has none
 
 
-class _PageText(HTMLParser):
+class _Markup(HTMLParser):
+    """`HTMLParser` as Python 3.11 ships it, without two of its faults on broken pages.
+
+    `<![` not followed by CDATA or another keyword raised AssertionError; it is read as
+    a bogus comment (to the next `>`), as HTML does. And at the end of the page, every
+    `<` that begins a construct never closed (`<a`, `</x`, `<!--`, `<?`) was read as
+    text and the rest of the page parsed again from just after it: time quadratic in the
+    page (80,000 characters of `<a ` took 47 s). Such a construct now runs to the end of
+    the page and is dropped, as HTML (and Python from 3.13.4 on) reads it."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+
+    def parse_marked_section(self, i: int, report: bool = True) -> int:
+        try:
+            return super().parse_marked_section(i, report)
+        except AssertionError:
+            return self.parse_bogus_comment(i)
+
+    def close(self) -> None:
+        # feed() parsed every construct it could close; what is left, unless it is the
+        # text of an unclosed <script>/<style>, begins with the first that it could not.
+        rest = self.rawdata
+        if not self.cdata_elem and rest.startswith("<") and rest not in ("<", "</"):
+            self.rawdata = ""
+        super().close()
+
+
+class _PageText(_Markup):
     """An XHTML page's readable text, as paragraphs. Block elements break paragraphs; notes,
     note references, navigation, scripts and ruby readings are left out. An element whose
     id is in `anchors` (a table-of-contents target) starts a new part with that title."""
 
     def __init__(self, title: str | None, anchors: dict[str, str]) -> None:
-        super().__init__(convert_charrefs=True)
+        super().__init__()
         self.parts = [_Part(title, [])]
         self.page_title = ""
         self._anchors = anchors
@@ -655,12 +683,12 @@ class _PageText(HTMLParser):
         self._break()
 
 
-class _NavText(HTMLParser):
+class _NavText(_Markup):
     """An EPUB 3 navigation document: the table of contents as (depth, href, title), and
     the landmarks as (type, href)."""
 
     def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
+        super().__init__()
         self.toc: list[tuple[int, str, str]] = []
         self.landmarks: list[tuple[str, str]] = []
         self._nav: list[str] = []  # the kind of each open <nav>

@@ -522,3 +522,65 @@ def test_markdown_inline_patterns_do_linear_work(pattern, unit):
 
     ratio = growth(getattr(readers, pattern), lambda n: unit * n + "b")
     assert ratio < GROWTH_LIMIT, f"work grew {ratio:.1f}x over 4x input"
+
+
+# ---------------------------------------------------------------------------------------
+# EPUB pages that are broken or built to be slow
+
+
+def _page_paragraphs(body: str, *, whole: str | None = None) -> list[str]:
+    """The paragraphs read from a page of `body`, or from a page that is just `whole`."""
+    epub = make_epub([Page("ch1.xhtml", body, toc="One")])
+    if whole is not None:
+        epub = epub_with(epub, "OEBPS/ch1.xhtml", whole)
+    doc = read_document(epub, "b.epub")
+    return [p for ch in doc.chapters for p in ch.paragraphs]
+
+
+# At the end of a page, Python 3.11's HTMLParser read each `<` of a construct never closed
+# (no `>`, or no `-->`, up to the end of the page) as text and parsed the rest of the page
+# again after it: hours for a page of a few hundred kilobytes (80,000 characters of "<a "
+# took 47 s). The timeout only stops a hang.
+_UNCLOSED = {
+    "start tags": "<a " * 100_000,
+    "start tags with attributes": "<p x" * 100_000,
+    "end tags": "</a " * 100_000,
+    "comments": "<!--" * 100_000,
+    "processing instructions": "<?" * 150_000,
+}
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("name", sorted(_UNCLOSED))
+def test_epub_page_with_unclosed_markup_is_read_in_linear_time(name):
+    whole = "<html><body><p>Before.</p>" + _UNCLOSED[name]
+    assert _page_paragraphs("", whole=whole) == ["Before."]
+
+
+def test_epub_page_ends_an_unclosed_construct_at_the_end_of_the_page():
+    # As HTML reads it: the construct runs to the end of the page and is not text.
+    assert _page_paragraphs('<p>Kept.</p><p>Cut <a href="x') == ["Kept.", "Cut"]
+    assert _page_paragraphs("<p>Kept.</p><!-- never closed <p>gone</p>") == ["Kept."]
+    assert _page_paragraphs("<p>A &lt; b, and a trailing <") == ["A < b, and a trailing <"]
+
+
+def test_epub_page_with_a_bad_marked_section_is_read():
+    # "<![" without CDATA after it raised AssertionError inside HTMLParser.
+    assert _page_paragraphs("<p>One <![ x ]> two <![CDATA[three]]></p><p>four <![</p>") == [
+        "One two",
+        "four",
+    ]
+
+
+def zip_entry(epub: bytes, name: str) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(epub)) as z:
+        return z.read(name)
+
+
+def epub_with(epub: bytes, name: str, content: str | bytes) -> bytes:
+    """The EPUB with one entry's content replaced."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(epub)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, content if info.filename == name else src.read(info))
+    return out.getvalue()
