@@ -13,6 +13,7 @@ and while reading, so a zip bomb is refused instead of filling memory.
 
 from __future__ import annotations
 
+import codecs
 import io
 import logging
 import posixpath
@@ -503,8 +504,11 @@ def _xml(raw: bytes, name: str, path: str) -> Element:
 
 def _resolve(base: str, href: str) -> tuple[str, str] | None:
     """An href inside the book, relative to the file `base`, as (zip path, fragment); None
-    for links that leave the book."""
-    parts = urlsplit(href)
+    for links that leave the book, or that cannot be read (`//[`, a bad IPv6 host)."""
+    try:
+        parts = urlsplit(href)
+    except ValueError:
+        return None
     if parts.scheme or parts.netloc:
         return None
     path = unquote(parts.path)
@@ -525,9 +529,16 @@ def _decode_markup(raw: bytes) -> str:
     if m:
         codec = m.group(1).decode("ascii")
     try:
-        return raw.decode(codec, errors="replace")
-    except LookupError:  # an encoding name Python does not know
-        return raw.decode("utf-8-sig", errors="replace")
+        if codecs.lookup(codec).name not in _NOT_CHARSETS:
+            return raw.decode(codec, errors="replace")
+    except (LookupError, UnicodeError):  # an encoding name Python does not know
+        pass
+    return raw.decode("utf-8-sig", errors="replace")
+
+
+# Python codecs that are not character sets a page can be written in: they refuse
+# errors="replace" (idna, undefined), fail anyway (punycode) or read escapes as text.
+_NOT_CHARSETS = {"idna", "punycode", "undefined", "unicode-escape", "raw-unicode-escape"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -693,7 +704,7 @@ class _NavText(_Markup):
         self.landmarks: list[tuple[str, str]] = []
         self._nav: list[str] = []  # the kind of each open <nav>
         self._depth = 0  # <ol> nesting inside the toc nav
-        self._link: tuple[str, set[str]] | None = None
+        self._link: tuple[str, set[str], str] | None = None  # href, types, nav kind
         self._title: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -704,7 +715,7 @@ class _NavText(_Markup):
         elif tag == "ol" and self._nav:
             self._depth += 1
         elif tag == "a" and self._nav and a.get("href"):
-            self._link, self._title = (a["href"] or "", _types(a)), []
+            self._link, self._title = (a["href"] or "", _types(a), self._nav[-1]), []
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "nav" and self._nav:
@@ -712,10 +723,11 @@ class _NavText(_Markup):
         elif tag == "ol" and self._nav:
             self._depth -= 1
         elif tag == "a" and self._link is not None:
-            href, kinds = self._link
-            if self._nav[-1] == "toc":
+            # The kind of the <nav> the link was opened in: a broken page may close it first.
+            href, kinds, nav = self._link
+            if nav == "toc":
                 self.toc.append((self._depth, href, _clean("".join(self._title))))
-            elif self._nav[-1] == "landmarks":
+            elif nav == "landmarks":
                 self.landmarks.extend((k, href) for k in kinds)
             self._link = None
 
@@ -858,7 +870,7 @@ def _navigation(
             None,
         )
         if nav_map is not None:
-            toc.extend(_ncx_points(nav_map, ncx.path, 1))
+            toc.extend(_ncx_points(nav_map, ncx.path))
 
     for el in opf.iter():
         if _local(el.tag) == "reference" and el.get("href"):
@@ -866,18 +878,33 @@ def _navigation(
     return toc, unread
 
 
-def _ncx_points(parent: Element, ncx_path: str, depth: int) -> list[_TocEntry]:
+def _ncx_points(nav_map: Element, ncx_path: str) -> list[_TocEntry]:
+    """The NCX's navPoints in document order, each with its nesting depth (1 at the top).
+
+    Walked with a stack, not by recursion: a book may nest points thousands deep."""
     out = []
-    for point in parent:
+    stack = [(point, 1) for point in reversed(nav_map)]
+    while stack:
+        point, depth = stack.pop()
         if _local(point.tag) != "navPoint":
             continue
-        label = next((el for el in point.iter() if _local(el.tag) == "text"), None)
+        # Its own label: a point without one does not take its first sub-point's.
+        label = next(
+            (
+                el
+                for child in point
+                if _local(child.tag) == "navLabel"
+                for el in child.iter()
+                if _local(el.tag) == "text"
+            ),
+            None,
+        )
         content = next((el for el in point if _local(el.tag) == "content"), None)
         where = _resolve(ncx_path, content.get("src", "")) if content is not None else None
         if where is not None:
             title = _clean("".join(label.itertext())) if label is not None else ""
             out.append(_TocEntry(depth, where[0], where[1], title))
-        out.extend(_ncx_points(point, ncx_path, depth + 1))
+        stack.extend((child, depth + 1) for child in reversed(point))
     return out
 
 

@@ -572,6 +572,57 @@ def test_epub_page_with_a_bad_marked_section_is_read():
     ]
 
 
+def test_epub_nav_closed_before_its_link_is_read():
+    # </nav> before </a> left the link without its <nav>: IndexError.
+    page = Page("ch1.xhtml", "<p>Text.</p>")
+    epub = make_epub([page])
+    broken = epub_with(
+        epub,
+        "OEBPS/nav.xhtml",
+        xhtml('<nav epub:type="toc"><ol><li><a href="ch1.xhtml">Chapter</nav></a></li></ol>'),
+    )
+    doc = read_document(broken, "b.epub")
+    assert [(ch.title, ch.paragraphs) for ch in doc.chapters] == [("Chapter", ("Text.",))]
+
+
+@pytest.mark.parametrize("encoding", ["idna", "undefined", "punycode", "unicode_escape"])
+def test_epub_page_declaring_a_python_only_codec_is_read_as_utf8(encoding):
+    # errors="replace" made idna and undefined raise UnicodeError, punycode failed anyway.
+    page = xhtml("<p>Caf\u00e9 \\x41.</p>").replace('encoding="utf-8"', f'encoding="{encoding}"')
+    epub = epub_with(make_epub([Page("ch1.xhtml", "x", toc="One")]), "OEBPS/ch1.xhtml", page)
+    doc = read_document(epub, "b.epub")
+    assert doc.chapters[0].paragraphs == ("Caf\u00e9 \\x41.",)
+
+
+def test_epub_hrefs_that_urlsplit_refuses_are_links_out_of_the_book():
+    # "//[" is an unterminated IPv6 host: urlsplit raised ValueError.
+    epub = make_epub(
+        [Page("ch1.xhtml", "<p>Text.</p>", toc="One")],
+        toc_extra=(("//[", "Bad"), ("http://[x/y", "Worse")),
+        guide=(("toc", "//[x"),),
+    )
+    doc = read_document(epub, "b.epub")
+    assert [(ch.title, ch.paragraphs) for ch in doc.chapters] == [("One", ("Text.",))]
+
+
+def test_epub2_ncx_nested_thousands_deep_is_read():
+    # Points were read by recursion: RecursionError past about 1,000 levels.
+    depth = 5_000
+    deeper = '<navPoint><navLabel><text>Deeper</text></navLabel><content src="ch1.xhtml#x"/>'
+    points = (
+        '<navPoint><navLabel><text>One</text></navLabel><content src="ch1.xhtml"/>'
+        + deeper * depth
+        + "</navPoint>" * (depth + 1)
+    )
+    ncx = (
+        '<?xml version="1.0"?><ncx xmlns="http://www.daisy.org/z3986/2005/ncx/" '
+        f'version="2005-1"><navMap>{points}</navMap></ncx>'
+    )
+    epub = make_epub([Page("ch1.xhtml", "<p>Text.</p>", toc="One")], version=2)
+    doc = read_document(epub_with(epub, "OEBPS/toc.ncx", ncx), "b.epub")
+    assert [(ch.title, ch.paragraphs) for ch in doc.chapters] == [("One", ("Text.",))]
+
+
 def zip_entry(epub: bytes, name: str) -> bytes:
     with zipfile.ZipFile(io.BytesIO(epub)) as z:
         return z.read(name)
