@@ -797,7 +797,11 @@ def _read_epub(data: bytes, name: str, title: str, max_unpacked_bytes: int) -> D
         raise BadDocument(f"{name} is damaged: its package file has no reading order (spine)")
 
     toc, unread = _navigation(book, opf, opf_path, items, spine)
+    entries: dict[str, list[_TocEntry]] = {}
+    for entry in toc:
+        entries.setdefault(entry.path, []).append(entry)
     chapters: list[Chapter] = []
+    seen: set[str] = set()  # pages read: EPUB lets the spine name each page once
     for ref in spine:
         if _local(ref.tag) != "itemref" or ref.get("linear", "").strip().lower() == "no":
             continue
@@ -807,11 +811,13 @@ def _read_epub(data: bytes, name: str, title: str, max_unpacked_bytes: int) -> D
             or "nav" in item.properties
             or item.media_type not in _PAGE_TYPES
             or item.path in unread
+            or item.path in seen
         ):
             logger.debug("%s: not reading spine item %s", name, ref.get("idref"))
             continue
+        seen.add(item.path)
         raw = book.read(item.path)
-        found = _page_chapters(raw, [e for e in toc if e.path == item.path]) if raw else []
+        found = _page_chapters(raw, entries.get(item.path, [])) if raw else []
         if not found:
             logger.debug("%s: no text in %s", name, item.path)
         chapters.extend(found)
@@ -911,7 +917,8 @@ def _ncx_points(nav_map: Element, ncx_path: str) -> list[_TocEntry]:
 def _page_chapters(raw: bytes, entries: list[_TocEntry]) -> list[Chapter]:
     """One page's chapters: usually one, titled by the table of contents; a page that the
     contents enters at several places of the same level is split there."""
-    top = [e for e in entries if e.depth == min((e.depth for e in entries), default=0)]
+    level = min((e.depth for e in entries), default=0)
+    top = [e for e in entries if e.depth == level]
     whole = next((e.title for e in top if not e.fragment), None)
     anchors: dict[str, str] = {}
     for e in top:
