@@ -372,34 +372,36 @@ def _char_words(s: str) -> list[str]:
 # reads ".…" after Latin text as one symbol. (Its dictionary makes other, rarer choices
 # around dots that this does not follow.)
 _JA_KEPT = re.compile(r"\d[\d,]*\.\d+(?![.\d])|\.\.\.|(?:(?<=[\x00-\x7f])|^)\.…")
+# A run of digits and commas: `_JA_KEPT` looks to its end from any digit in it, and
+# finds a decimal number from all of them or from none (only what follows the run counts).
+_JA_DIGIT_RUN = re.compile(r"\d[\d,]*")
 
 
 def _japanese_words(s: str) -> list[str]:
     """Japanese: punctuation marks are tokens of their own; the words between them do not
     matter for sentence boundaries, so each run is kept whole."""
     out: list[str] = []
-    word = ""
+    start = 0  # where the word being read began: a word is a slice, not grown by +=
     i = 0
+    unkept = 0  # no number, ellipsis or symbol starts before this: a run of digits it failed in
     while i < len(s):
-        kept = _JA_KEPT.match(s, i)
+        kept = _JA_KEPT.match(s, i) if i >= unkept else None
+        if kept is None and i >= unkept and (run := _JA_DIGIT_RUN.match(s, i)):
+            unkept = run.end()
         if kept:
-            if word:
-                out.append(word)
-                word = ""
+            if start < i:
+                out.append(s[start:i])
             out.append(kept.group(0))
-            i = kept.end()
+            i = start = kept.end()
             continue
-        c = s[i]
-        if unicodedata.category(c).startswith("P"):
-            if word:
-                out.append(word)
-                word = ""
-            out.append(c)
-        else:
-            word += c
+        if unicodedata.category(s[i]).startswith("P"):
+            if start < i:
+                out.append(s[start:i])
+            out.append(s[i])
+            start = i + 1
         i += 1
-    if word:
-        out.append(word)
+    if start < len(s):
+        out.append(s[start:])
     return out
 
 

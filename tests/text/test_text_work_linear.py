@@ -158,3 +158,42 @@ def _html_filter_work(monkeypatch: pytest.MonkeyPatch, text: str) -> int:
 def test_html_filter_work_on_unclosed_elements_is_linear(monkeypatch, unit):
     small, large = (_html_filter_work(monkeypatch, unit * (n // 4)) for n in LADDER)
     assert large / max(small, 1) < GROWTH_LIMIT
+
+
+def _japanese_work(monkeypatch: pytest.MonkeyPatch, text: str) -> int:
+    """Characters Japanese tokenizing's kept-symbol pattern reads: to its match's end, or
+    when it fails to the end of the run of digits and commas it had to look through."""
+    counter = [0]
+    run = re.compile(r"[\d,]*")
+
+    class Counting:
+        def __init__(self, pattern: re.Pattern[str]) -> None:
+            self._pattern = pattern
+
+        def match(self, text: str, pos: int = 0) -> re.Match[str] | None:
+            found = self._pattern.match(text, pos)
+            read = run.match(text, pos)
+            counter[0] += max(found.end() if found else 0, read.end() if read else pos) - pos + 1
+            return found
+
+    monkeypatch.setattr(sentence_tokens, "_JA_KEPT", Counting(sentence_tokens._JA_KEPT))
+    tokens = sentence_tokens.tokens(text, "ja")
+    assert "".join(t.text + t.space for t in tokens) == text
+    return counter[0]
+
+
+@pytest.mark.parametrize("unit", ["1", "1,", "12,345", "１"])
+def test_japanese_tokens_work_on_a_run_of_digits_is_linear(monkeypatch, unit):
+    # From every digit of a run of digits and commas the pattern for decimal numbers
+    # ("3.5") read to the end of the run looking for its dot: 80,000 digits took 10 s.
+    small, large = (_japanese_work(monkeypatch, unit * (n // len(unit))) for n in LADDER)
+    assert large / max(small, 1) < GROWTH_LIMIT
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("unit", ["1", "あ", "漢字"])
+def test_japanese_tokens_of_a_long_word_take_linear_time(unit):
+    # A word was grown one character at a time with +=, copying it each time: 1,280,000
+    # digits took 48 s. The timeout only stops a hang.
+    text = unit * (1_000_000 // len(unit))
+    assert [t.text for t in sentence_tokens.tokens(text, "ja")] == [text]
