@@ -47,6 +47,7 @@ from lowvox.errors import LowvoxError, UnknownEngine, UnknownVoice
 from lowvox.server import synthesis
 from lowvox.server.engines import EngineHub, EngineSlot
 from lowvox.server.state import ServerState
+from lowvox.text.split_rules import SPECIAL_CASES
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +156,37 @@ _SENTENCE_END = re.compile(r"""(?<![.!?…])[.!?…]+["'”’»)\]]*\s+|[。！
 _UNFINISHED_END = ".!?…\"'”’»)]"
 
 
+# Words whose full stop ends no sentence: the HTTP splitter's abbreviations of every
+# language (`Dr.`, `e.g.`, `Sra.`), and initials (`U.S.`, `J.`). A stream sent "Dr." on its
+# own would be spoken as a sentence of its own; joined to what follows, the engine's own
+# splitter decides as it does for HTTP.
+_KEEPS_DOT = frozenset().union(*SPECIAL_CASES.values())
+_INITIALS = re.compile(r"(?:[^\W\d_]\.)+")
+_LONGEST_KEPT = max(map(len, _KEEPS_DOT))
+_OPENERS = "\"'“‘«(["
+
+
+def _abbreviation_at(text: str, dot: int) -> bool:
+    """Whether the full stop at `dot` closes an abbreviation or initials: looks back at
+    most `_LONGEST_KEPT` characters, so a stream of them costs linear time."""
+    lo = max(0, dot + 1 - _LONGEST_KEPT)
+    i = dot
+    while i > lo and not text[i - 1].isspace():
+        i -= 1
+    if i == lo and i > 0 and not text[i - 1].isspace():
+        return False  # a word longer than any abbreviation
+    word = text[i : dot + 1].lstrip(_OPENERS)
+    return word in _KEEPS_DOT or _INITIALS.fullmatch(word) is not None
+
+
 def split_complete(text: str, start: int = 0) -> tuple[str, str]:
     """(the complete sentences at the start of `text`, the rest, to wait for more), looking
     for sentence ends from `start` on."""
     end = 0
     for match in _SENTENCE_END.finditer(text, start):
+        mark = match.group()
+        if mark[0] == "." and not mark.startswith("..") and _abbreviation_at(text, match.start()):
+            continue
         end = match.end()
     return text[:end], text[end:]
 

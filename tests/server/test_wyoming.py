@@ -629,8 +629,22 @@ def test_split_complete_keeps_unfinished_sentences():
     assert split_complete("- milk\n- eggs") == ("- milk\n", "- eggs")
 
 
+def test_abbreviations_and_initials_end_no_streamed_sentence():
+    # "Dr." sent on its own was spoken as a sentence of its own (an LLM's reply streamed by
+    # Home Assistant), where HTTP's splitter keeps it with its name.
+    assert split_complete("Dr. Smith is in. He") == ("Dr. Smith is in. ", "He")
+    assert split_complete("Ask (Prof. Li) now. Or") == ("Ask (Prof. Li) now. ", "Or")
+    assert split_complete("Made in the U.S. Then") == ("", "Made in the U.S. Then")
+    assert split_complete("Fruit, e.g. pears. Or") == ("Fruit, e.g. pears. ", "Or")
+    assert split_complete("La Sra. Ruiz llegó. Y") == ("La Sra. Ruiz llegó. ", "Y")
+    # Ordinary words, words longer than any abbreviation and ellipses still end sentences.
+    assert split_complete("It is done. Go") == ("It is done. ", "Go")
+    assert split_complete("Supercalifragilistic. Go") == ("Supercalifragilistic. ", "Go")
+    assert split_complete("Wait... Go") == ("Wait... ", "Go")
+
+
 def test_text_arriving_piecewise_splits_as_if_whole():
-    text = 'One. "Two?!" Three 3.5 four… five.) 六。 seven\n eight'
+    text = 'One. "Two?!" Dr. Three 3.5 four… U.S. five.) 六。 seven\n eight'
     for size in (1, 2, 3, 7):
         kept, spoken = "", ""
         for i in range(0, len(text), size):
