@@ -629,8 +629,22 @@ def test_split_complete_keeps_unfinished_sentences():
     assert split_complete("- milk\n- eggs") == ("- milk\n", "- eggs")
 
 
+def test_abbreviations_and_initials_end_no_streamed_sentence():
+    # "Dr." sent on its own was spoken as a sentence of its own (an LLM's reply streamed by
+    # Home Assistant), where HTTP's splitter keeps it with its name.
+    assert split_complete("Dr. Smith is in. He") == ("Dr. Smith is in. ", "He")
+    assert split_complete("Ask (Prof. Li) now. Or") == ("Ask (Prof. Li) now. ", "Or")
+    assert split_complete("Made in the U.S. Then") == ("", "Made in the U.S. Then")
+    assert split_complete("Fruit, e.g. pears. Or") == ("Fruit, e.g. pears. ", "Or")
+    assert split_complete("La Sra. Ruiz llegó. Y") == ("La Sra. Ruiz llegó. ", "Y")
+    # Ordinary words, words longer than any abbreviation and ellipses still end sentences.
+    assert split_complete("It is done. Go") == ("It is done. ", "Go")
+    assert split_complete("Supercalifragilistic. Go") == ("Supercalifragilistic. ", "Go")
+    assert split_complete("Wait... Go") == ("Wait... ", "Go")
+
+
 def test_text_arriving_piecewise_splits_as_if_whole():
-    text = 'One. "Two?!" Three 3.5 four… five.) 六。 seven\n eight'
+    text = 'One. "Two?!" Dr. Three 3.5 four… U.S. five.) 六。 seven\n eight'
     for size in (1, 2, 3, 7):
         kept, spoken = "", ""
         for i in range(0, len(text), size):
@@ -639,6 +653,50 @@ def test_text_arriving_piecewise_splits_as_if_whole():
         # The same words on each side (a line break's trailing spaces may fall either way).
         whole = split_complete(text)
         assert (spoken.split(), kept.split()) == (whole[0].split(), whole[1].split()), size
+
+
+class _CountingPattern:
+    """The sentence-end pattern, adding up the characters it is asked to look through."""
+
+    def __init__(self, pattern, counter: list[int]) -> None:
+        self._pattern, self._counter = pattern, counter
+
+    def finditer(self, text: str, pos: int = 0):
+        self._counter[0] += len(text) - pos
+        return self._pattern.finditer(text, pos)
+
+
+def _streaming_work(unit: str, n: int) -> int:
+    """Characters the sentence-end pattern looks through while `unit` arrives n times, one
+    event each, after "Go" and before " Next"."""
+    counter = [0]
+    with pytest.MonkeyPatch.context() as mp:
+        real = wyoming_server._SENTENCE_END
+        mp.setattr(wyoming_server, "_SENTENCE_END", _CountingPattern(real, counter))
+        kept, spoken = "", ""
+        for piece in ["Go"] + [unit] * n + [" Next"]:
+            complete, kept = add_text(kept, piece)
+            spoken += complete
+    assert (spoken, kept) == ("Go" + unit * n + " ", "Next")
+    return counter[0]
+
+
+@pytest.mark.parametrize("unit", [".", "?!", ".)", "…»"])
+def test_a_long_sentence_end_streamed_a_mark_at_a_time_is_read_in_linear_time(unit):
+    # Every event looked through the whole unfinished end again: 2,000 dots sent one at a
+    # time took 48 s of the event loop that HTTP shares. Counted, not timed: over sizes
+    # n and 4n linear work grows about 4x, quadratic 16x.
+    small, large = _streaming_work(unit, 500), _streaming_work(unit, 2000)
+    assert large / max(small, 1) < 6
+
+
+@pytest.mark.timeout(20)
+def test_a_long_run_of_marks_is_split_in_linear_time():
+    # From every mark of a run the pattern read the rest of the run to fail the same way:
+    # 8,000 dots took 1.6 s, 200,000 would take about 1,000 s. The timeout only stops a hang.
+    dots = "." * 200_000
+    assert split_complete("Go" + dots + " on") == ("Go" + dots + " ", "on")
+    assert split_complete("Go" + dots + ")" * 1000) == ("", "Go" + dots + ")" * 1000)
 
 
 def test_serve_flags_and_environment(monkeypatch):
