@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-dir", help="where converted weights and random models live")
     bench.add_argument("--compare-reference", metavar="PYTHON", help="a python with coqui-tts")
     bench.add_argument("--fidelity", action="store_true", help="reduced precision vs fp32")
-    bench.add_argument("--golden", help="also report fidelity on this model folder")
+    bench.add_argument("--golden", help="with --fidelity: also report it on this model folder")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     from lowvox.jobs.cli import add_parsers
 
