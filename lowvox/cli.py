@@ -189,6 +189,8 @@ def cmd_say(args: argparse.Namespace) -> int:
 
     settings = _settings_from_args(args)
     to_stdout = args.output == "-"
+    if not to_stdout and Path(args.output).is_dir():  # known now, not after the speech
+        raise LowvoxError(f"cannot write {args.output}: it is a folder")
     fmt = (args.format or ("wav" if to_stdout else format_from_path(args.output))).lower()
     options = {"pitch": args.pitch} if args.pitch is not None else {}
     # The user's own command: `--voice ref.wav` may name an audio file to clone.

@@ -204,6 +204,23 @@ def test_unwritable_output_is_a_clear_error(tmp_path, where):
     assert not list(tmp_path.glob(".*.part"))  # no temporary left behind
 
 
+def test_output_folder_is_refused_before_the_engine_loads(tmp_path):
+    """`-o` naming a folder is known at once: it was found only when the audio was written,
+    after the model had loaded and spoken the whole text (here the missing model would
+    have been the first complaint)."""
+    out = tmp_path / "taken"
+    out.mkdir()
+    proc = run_cli(
+        "say", "Hi", "-o", str(out),
+        "--engine", "xtts", "--model-dir", str(tmp_path / "no-model"),
+        home=tmp_path,
+    )  # fmt: skip
+    err = proc.stderr.decode()
+    assert proc.returncode == 2
+    assert f"cannot write {out}: it is a folder" in err
+    assert "no XTTS model" not in err
+
+
 def test_data_folder_that_cannot_be_made_is_a_clear_error(tmp_path):
     proc = run_cli("jobs", "list", "--home", "/proc/lowvox-test-home", home=tmp_path)
     err = proc.stderr.decode()
