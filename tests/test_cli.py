@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -219,6 +220,21 @@ def test_output_folder_is_refused_before_the_engine_loads(tmp_path):
     assert proc.returncode == 2
     assert f"cannot write {out}: it is a folder" in err
     assert "no XTTS model" not in err
+
+
+@pytest.mark.slow
+def test_serve_on_a_taken_port_is_a_clear_error_not_ready(tmp_path):
+    """A port in use is said at once, in one line; the server used to load its engine,
+    log `lowvox is ready: http://...` and only then fail to bind (exit 3)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli("serve", "--port", str(port), home=tmp_path)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2
+    assert f"lowvox: error: cannot listen on 127.0.0.1:{port}" in err
+    assert "is ready" not in err and "Traceback" not in err
 
 
 def test_data_folder_that_cannot_be_made_is_a_clear_error(tmp_path):
