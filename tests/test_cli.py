@@ -120,6 +120,29 @@ def test_text_over_the_limit(tmp_path):
     assert "over the limit of 10" in proc.stderr.decode()
 
 
+def test_stdin_is_read_no_further_than_the_limit(tmp_path):
+    """`yes | lowvox say - -o x.wav` once read the endless pipe into memory (gigabytes in
+    seconds) before any check; now it reads one character past the limit and stops. A
+    file as standard input shows how far it was read: its offset is shared."""
+    (tmp_path / "cfg.toml").write_text("max_text_chars = 10\n")
+    source = tmp_path / "endless.txt"
+    source.write_bytes(b"endless text " * 400_000)  # 5 MB stands in for a pipe that never ends
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOWVOX_")}
+    env["LOWVOX_HOME"] = str(tmp_path)
+    with source.open("rb") as stdin:
+        proc = subprocess.run(
+            [sys.executable, "-m", "lowvox", "say", "-", "-o", str(tmp_path / "x.wav"),
+             "--config", str(tmp_path / "cfg.toml")],
+            stdin=stdin, capture_output=True, env=env, timeout=120,
+        )  # fmt: skip
+        consumed = os.lseek(stdin.fileno(), 0, os.SEEK_CUR)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2
+    assert "standard input is over the limit of 10 characters" in err
+    assert consumed < 1_000_000  # the buffer of one read, not the whole input
+    assert not list(tmp_path.glob("x.*"))
+
+
 def test_voices_lists_english(tmp_path):
     proc = run_cli("voices", home=tmp_path)
     assert proc.returncode == 0, proc.stderr.decode()
