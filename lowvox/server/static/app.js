@@ -92,7 +92,9 @@ function showAudio(url, filename) {
   player.onended = null;
   // <audio> cannot read the server's answer: a refused stream (a 429, a 401, a voice gone)
   // or a file gone from the list would otherwise fail with no word.
-  player.onerror = () => say(`cannot play ${filename || "the stream"}: the server refused it or the connection broke (Generate shows the server's reason)`, true);
+  player.onerror = () => say(filename
+    ? `cannot play ${filename}: the server refused it or the connection broke`
+    : "the stream failed: the server refused it or the connection broke (Generate shows the server's reason)", true);
   state.streamHint = null;
   player.src = url;
   player.play().catch(() => { /* autoplay may be blocked; the controls remain */ });
