@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lowvox import __version__
-from lowvox.errors import LowvoxError
+from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.files import write_atomic
 from lowvox.settings import Settings, load_settings
 
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-dir", help="where converted weights and random models live")
     bench.add_argument("--compare-reference", metavar="PYTHON", help="a python with coqui-tts")
     bench.add_argument("--fidelity", action="store_true", help="reduced precision vs fp32")
-    bench.add_argument("--golden", help="also report fidelity on this model folder")
+    bench.add_argument("--golden", help="with --fidelity: also report it on this model folder")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     from lowvox.jobs.cli import add_parsers
 
@@ -178,8 +178,15 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _read_text(text: str) -> str:
-    return sys.stdin.read() if text == "-" else text
+def _read_text(text: str, limit: int) -> str:
+    """The text argument, or ('-') standard input: read no further than one character past
+    `limit`, so that an endless pipe is refused rather than read into memory."""
+    if text != "-":
+        return text
+    data = sys.stdin.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidRequest(f"standard input is over the limit of {limit} characters")
+    return data
 
 
 def cmd_say(args: argparse.Namespace) -> int:
@@ -189,7 +196,10 @@ def cmd_say(args: argparse.Namespace) -> int:
 
     settings = _settings_from_args(args)
     to_stdout = args.output == "-"
+    if not to_stdout and Path(args.output).is_dir():  # known now, not after the speech
+        raise LowvoxError(f"cannot write {args.output}: it is a folder")
     fmt = (args.format or ("wav" if to_stdout else format_from_path(args.output))).lower()
+    text = _read_text(args.text, settings.max_text_chars)
     options = {"pitch": args.pitch} if args.pitch is not None else {}
     # The user's own command: `--voice ref.wav` may name an audio file to clone.
     engine = create_engine(settings.engine, settings, voice_files=True)
@@ -198,7 +208,7 @@ def cmd_say(args: argparse.Namespace) -> int:
     engine.load()
     request = engine.validate(
         SynthesisRequest(
-            text=_read_text(args.text),
+            text=text,
             voice=args.voice or settings.voice,
             language=args.language or settings.language,
             speed=args.speed,

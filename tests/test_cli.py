@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,29 @@ def test_text_over_the_limit(tmp_path):
     assert "over the limit of 10" in proc.stderr.decode()
 
 
+def test_stdin_is_read_no_further_than_the_limit(tmp_path):
+    """`yes | lowvox say - -o x.wav` once read the endless pipe into memory (gigabytes in
+    seconds) before any check; now it reads one character past the limit and stops. A
+    file as standard input shows how far it was read: its offset is shared."""
+    (tmp_path / "cfg.toml").write_text("max_text_chars = 10\n")
+    source = tmp_path / "endless.txt"
+    source.write_bytes(b"endless text " * 400_000)  # 5 MB stands in for a pipe that never ends
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOWVOX_")}
+    env["LOWVOX_HOME"] = str(tmp_path)
+    with source.open("rb") as stdin:
+        proc = subprocess.run(
+            [sys.executable, "-m", "lowvox", "say", "-", "-o", str(tmp_path / "x.wav"),
+             "--config", str(tmp_path / "cfg.toml")],
+            stdin=stdin, capture_output=True, env=env, timeout=120,
+        )  # fmt: skip
+        consumed = os.lseek(stdin.fileno(), 0, os.SEEK_CUR)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2
+    assert "standard input is over the limit of 10 characters" in err
+    assert consumed < 1_000_000  # the buffer of one read, not the whole input
+    assert not list(tmp_path.glob("x.*"))
+
+
 def test_voices_lists_english(tmp_path):
     proc = run_cli("voices", home=tmp_path)
     assert proc.returncode == 0, proc.stderr.decode()
@@ -202,6 +226,38 @@ def test_unwritable_output_is_a_clear_error(tmp_path, where):
     assert "Traceback" not in err
     assert f"cannot write {out}" in err
     assert not list(tmp_path.glob(".*.part"))  # no temporary left behind
+
+
+def test_output_folder_is_refused_before_the_engine_loads(tmp_path):
+    """`-o` naming a folder is known at once: it was found only when the audio was written,
+    after the model had loaded and spoken the whole text (here the missing model would
+    have been the first complaint)."""
+    out = tmp_path / "taken"
+    out.mkdir()
+    proc = run_cli(
+        "say", "Hi", "-o", str(out),
+        "--engine", "xtts", "--model-dir", str(tmp_path / "no-model"),
+        home=tmp_path,
+    )  # fmt: skip
+    err = proc.stderr.decode()
+    assert proc.returncode == 2
+    assert f"cannot write {out}: it is a folder" in err
+    assert "no XTTS model" not in err
+
+
+@pytest.mark.slow
+def test_serve_on_a_taken_port_is_a_clear_error_not_ready(tmp_path):
+    """A port in use is said at once, in one line; the server used to load its engine,
+    log `lowvox is ready: http://...` and only then fail to bind (exit 3)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli("serve", "--port", str(port), home=tmp_path)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2
+    assert f"lowvox: error: cannot listen on 127.0.0.1:{port}" in err
+    assert "is ready" not in err and "Traceback" not in err
 
 
 def test_data_folder_that_cannot_be_made_is_a_clear_error(tmp_path):

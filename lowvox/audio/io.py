@@ -199,6 +199,7 @@ def read_audio(
     max_seconds: float | None = None,
     max_rate: int | None = None,
     limits: DecodeLimits | None = None,
+    name: str | None = None,
 ) -> Audio:
     """Decode an audio file, bytes or binary file object to mono float32.
 
@@ -207,9 +208,10 @@ def read_audio(
     (and resampled to `max_rate` when the file's rate is above it), so memory follows the
     mono result, not the file. `max_seconds` stops decoding a little after that much
     audio (long uploads stay cheap). Raises InvalidRequest for missing, empty, non-audio,
-    out-of-limits or corrupt input.
+    out-of-limits or corrupt input, naming the source (`name`: what to call bytes or a file
+    object, e.g. the file they were read from).
     """
-    name = _describe(source)
+    name = name or _describe(source)
     handle = _open(source)
     limits = limits or DecodeLimits()
     try:
@@ -227,18 +229,25 @@ def read_audio(
 
 
 def load_audio(
-    source: AudioSource | Audio, sample_rate: int, *, max_seconds: float | None = None
+    source: AudioSource | Audio,
+    sample_rate: int,
+    *,
+    max_seconds: float | None = None,
+    name: str | None = None,
 ) -> torch.Tensor:
     """Audio as a `[1, N]` float32 tensor at `sample_rate`, clipped to [-1, 1].
 
     With `max_seconds`, N is at most `max_seconds * sample_rate` (the cut is made after
-    resampling, so it matches resampling the whole file).
+    resampling, so it matches resampling the whole file). `name`: as for `read_audio`.
     """
     import torch  # the engines' path: reading alone (voice uploads) needs no torch
 
     from lowvox.audio.resample import resample
 
-    audio = source if isinstance(source, Audio) else read_audio(source, max_seconds=max_seconds)
+    if isinstance(source, Audio):
+        audio = source
+    else:
+        audio = read_audio(source, max_seconds=max_seconds, name=name)
     wave = torch.from_numpy(audio.samples).unsqueeze(0)  # [1, N]
     wave = resample(wave, audio.sample_rate, sample_rate)
     if max_seconds is not None:

@@ -90,6 +90,11 @@ def check_options(opts: BenchOptions) -> BenchOptions:
         for value in values:
             if value < 1:
                 raise LowvoxError(f"{name} must be 1 or more, got {value}")
+    if opts.golden_dir is not None:
+        if not opts.fidelity:
+            raise LowvoxError("--golden needs --fidelity (it adds a model to that report)")
+        if not (opts.golden_dir / "model.pth").is_file():
+            raise LowvoxError(f"no model.pth in {opts.golden_dir}")
     return replace(opts, precisions=precisions, devices=devices)
 
 

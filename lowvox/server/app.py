@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -296,4 +297,20 @@ def serve(settings: Settings) -> None:
         )
     if settings.trusted_networks and not settings.api_key:
         logger.warning("trusted_networks does nothing without an api_key: no client needs one")
-    uvicorn.Server(server_config(app, settings)).run()
+    # Bound before the engine loads: a port in use is one clear error at once, not a
+    # "lowvox is ready" line followed by uvicorn's failure to bind.
+    sock = _bind(settings.host, settings.port)
+    with sock:
+        uvicorn.Server(server_config(app, settings)).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:  # in use, not this machine's address, an unknown name
+        sock.close()
+        raise LowvoxError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return sock

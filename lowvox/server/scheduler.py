@@ -7,7 +7,8 @@ the calls handed to it (`call`/`run`: loading, voice preparation, runtime switch
 drives the engine's batch (`Engine.open_batch`) one step at a time. At every step finished
 requests leave and waiting ones join (continuous batching): interactive jobs first, bulk
 jobs (long-form work) only into slots interactive ones leave free, each within the batch's
-own bound (rows and KV-cache memory). A job's segments run one after another in its slot.
+own bound (rows and KV-cache memory). A job's segments run one after another, each
+admitted within that bound.
 One request's failure is delivered to that request alone.
 """
 
@@ -300,13 +301,15 @@ class Scheduler:
                     if not queue:
                         continue
                     room = batch.capacity - (1 if priority is Priority.BULK else 0)
-                    if len(batch) < max(1, room) and batch.fits(queue[0].segments[0]):
+                    head = queue[0]
+                    if len(batch) < max(1, room) and batch.fits(head.segments[head.segment]):
                         job = self._joining = queue.popleft()
                     break
                 if job is None:
                     return
-            job.began = time.monotonic()
-            job.started.set()
+            if not job.started.is_set():  # not a later segment that waited for room
+                job.began = time.monotonic()
+                job.started.set()
             self._start_segment(batch, job)
 
     def _start_segment(self, batch: EngineBatch, job: Job) -> None:
@@ -345,6 +348,12 @@ class Scheduler:
             del self._running[event.request]
             more = event.error is None and not job.cancel.is_set()
             more = more and job.segment + 1 < len(job.segments)
+            if more and not batch.fits(job.segments[job.segment + 1]):
+                # Its next segment waits for room (rows, KV budget) as a new job would,
+                # ahead of the jobs that came after it.
+                job.segment += 1
+                self._pending[job.priority].appendleft(job)
+                return
             if more:
                 self._joining = job  # never out of reach of a cancel between segments
         if event.error is not None:

@@ -89,6 +89,10 @@ def test_bench_table_and_bad_model_dir(tmp_path):
         (["--batch-sizes", "1,0"], "batch size must be 1 or more"),
         (["--new-tokens", "0"], "new tokens must be 1 or more"),
         (["--threads", "0"], "threads must be 1 or more"),
+        # --golden adds a model to --fidelity's report: alone it was silently ignored, and
+        # a wrong folder failed only after every case had run.
+        (["--golden", "/nonexistent-golden"], "--golden needs --fidelity"),
+        (["--golden", "/nonexistent-golden", "--fidelity"], "no model.pth in /nonexistent"),
     ],
 )
 def test_bench_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):

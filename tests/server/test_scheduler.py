@@ -213,6 +213,35 @@ def test_admission_waits_for_room_in_the_batch():
     assert engine.steps[0] == ["big one here"]
 
 
+def test_a_later_segment_also_waits_for_room_in_the_batch():
+    """A job's next segment (a narrator turn) joins within the batch's bound as a new job
+    does: it once joined unchecked, so a short first turn let a long one past the KV
+    budget beside another long request."""
+
+    def fits(batch, request):
+        busy = any("big" in batch.texts[r] for r in batch._streams)
+        return not (busy and "big" in request.text)
+
+    engine = BatchFake(fits=fits)
+    sched = Scheduler(engine, max_queue=8)
+
+    def submit(sched):
+        gate = threading.Event()
+        sched.call(gate.wait)
+        turns = sched.submit([req("short turn"), req("big turn comes next")])
+        jobs = [turns, sched.submit([req("big one here now")])]
+        gate.set()
+        return jobs
+
+    out = run_jobs(sched, submit)
+    assert all(isinstance(o, np.ndarray) for o in out)
+    assert len(out[0]) == 6 * 2400  # both turns, in order
+    assert not any(sum("big" in t for t in step) > 1 for step in engine.steps)
+    assert engine.finished_jobs.index("big one here now") < engine.finished_jobs.index(
+        "big turn comes next"
+    )
+
+
 def test_a_full_queue_says_when_to_retry():
     engine = FakeEngine(chunk_delay=0)
     sched = Scheduler(engine, max_queue=2)

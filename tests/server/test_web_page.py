@@ -174,6 +174,23 @@ def test_bad_input_shows_the_message(page):
     assert "text is empty" in page.inner_text("#message")
 
 
+@pytest.mark.slow
+def test_a_refused_stream_shows_an_error(page):
+    """<audio> cannot read the server's answer: a stream the server refuses (here a voice
+    deleted since the page loaded; a 429 or 401 the same) says so instead of showing
+    "streaming…" for ever."""
+    page.evaluate(
+        "(() => { const s = document.querySelector('#voice');"
+        " s.add(new Option('gone', 'gone')); s.value = 'gone'; })()"
+    )
+    page.fill("#text", "a voice that is gone")
+    page.click("#stream")
+    page.wait_for_function(
+        "document.querySelector('#message').classList.contains('error')", timeout=15_000
+    )
+    assert "stream" in page.inner_text("#message")
+
+
 def test_upload_a_voice(page, page_server, tmp_path):
     t = np.arange(3 * 16_000) / 16_000
     clip = tmp_path / "me.wav"

@@ -119,6 +119,15 @@ def test_bad_references_are_invalid_requests(model, tmp_path: Path) -> None:
         V.clone_voice(model, (np.full(22050, np.nan, np.float32), 22050), **SETTINGS)
 
 
+def test_an_unreadable_reference_file_is_named_in_the_error(model, tmp_path: Path) -> None:
+    """`lowvox say --voice broken.wav` said "not a readable audio file: <audio data>": the
+    file was read to bytes (for the voice cache's digest) and its name was lost."""
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"definitely not audio" * 100)
+    with pytest.raises(InvalidRequest, match=f"not a readable audio file: {broken}"):
+        V.clone_voice(model, broken, **SETTINGS)
+
+
 @pytest.mark.parametrize("samples", [1, 10, 300])
 def test_clips_of_a_few_samples_are_invalid_requests(model, clip: Path, tmp_path, samples) -> None:
     """Shorter than the speaker encoder's STFT window, alone or beside a good clip: a clear

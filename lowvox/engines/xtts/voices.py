@@ -130,6 +130,7 @@ class _Reference:
 
     digest: str
     data: bytes | Audio
+    name: str | None = None  # the file it was read from, for errors
 
 
 def _as_reference(ref: RefInput, default_rate: int) -> _Reference:
@@ -141,7 +142,7 @@ def _as_reference(ref: RefInput, default_rate: int) -> _Reference:
             raise InvalidRequest(f"reference audio not found: {path}") from e
         except OSError as e:
             raise InvalidRequest(f"cannot read reference audio {path}: {e}") from e
-        return _Reference("file:" + hashlib.sha256(data).hexdigest(), data)
+        return _Reference("file:" + hashlib.sha256(data).hexdigest(), data, str(path))
     if isinstance(ref, bytes | bytearray | memoryview):
         data = bytes(ref)
         return _Reference("file:" + hashlib.sha256(data).hexdigest(), data)
@@ -347,7 +348,7 @@ def _is_single_reference(x: RefInput | Iterable[RefInput]) -> TypeIs[RefInput]:
 def _decode(ref: _Reference, rate: int, max_ref_length: int) -> torch.Tensor:
     source = io.BytesIO(ref.data) if isinstance(ref.data, bytes) else ref.data
     max_seconds = max_ref_length if max_ref_length > 0 else None
-    audio = load_audio(source, rate, max_seconds=max_seconds)  # [1, N], clipped
+    audio = load_audio(source, rate, max_seconds=max_seconds, name=ref.name)  # [1, N], clipped
     if audio.shape[-1] == 0:
         raise InvalidRequest("reference audio is empty")
     return audio

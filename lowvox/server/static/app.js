@@ -90,6 +90,11 @@ function request() {
 function showAudio(url, filename) {
   const player = $("player");
   player.onended = null;
+  // <audio> cannot read the server's answer: a refused stream (a 429, a 401, a voice gone)
+  // or a file gone from the list would otherwise fail with no word.
+  player.onerror = () => say(filename
+    ? `cannot play ${filename}: the server refused it or the connection broke`
+    : "the stream failed: the server refused it or the connection broke (Generate shows the server's reason)", true);
   state.streamHint = null;
   player.src = url;
   player.play().catch(() => { /* autoplay may be blocked; the controls remain */ });
@@ -170,6 +175,7 @@ function stop() {
   player.pause();
   if (player.src.includes("/api/tts-generate-streaming")) {
     player.onended = null;
+    player.onerror = null;
     player.removeAttribute("src");
     player.load(); // ends the stream's download
     say("stopped");
