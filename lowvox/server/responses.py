@@ -186,6 +186,8 @@ class _KeptCopy:
             return False
         self.settled = True
         if self.broken or (cut and not self.audio):
+            with contextlib.suppress(Exception):  # only to free it: the file is dropped
+                self.encoder.close()
             self.part.discard()
             return False
         try:
@@ -366,6 +368,10 @@ async def _streamed(
                 await keep(cut=True)
             except Exception as failed:  # noqa: BLE001 -- logged; the stream's own error stands
                 logger.warning("could not keep %s: %s", name, failed)
+            # Frees its FFmpeg objects now: this frame stays in a reference cycle (through
+            # `spool.error`) until the garbage collector finds it.
+            with contextlib.suppress(Exception):
+                await _off_loop(stream_encoder.close)
             if not isinstance(e, Exception):
                 raise
         finally:
