@@ -21,6 +21,7 @@ import soundfile as sf
 from lowvox.cli import main as cli_main
 from lowvox.errors import EngineUnavailable, LowvoxError
 from lowvox.server.app import body_limit
+from lowvox.server.security import redact_api_keys
 from lowvox.settings import Settings, load_settings
 from tests.server.srv_fixtures import FakeFactory, live_server, make_settings, production_server
 
@@ -323,6 +324,17 @@ def test_access_log_hides_api_keys(tmp_path):
     lines = [r for r in records if "/api/ready" in r]
     assert len(lines) == 3, records
     assert all("s3cret" not in line and "[redacted]" in line for line in lines), lines
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("unit", ["?a", "?"])
+def test_hiding_keys_in_a_long_query_takes_linear_time(unit):
+    # From every `?` of a query made of `?a` pairs the pattern read to the end of the line
+    # looking for an `=`: one 60 KB request line (a 401 without a key) held the event
+    # loop, which writes the access log, for 16 s, and every other client with it. The
+    # timeout only stops a hang.
+    line = "GET /api/ready?" + unit * 200_000 + "&api_key=s3cret HTTP/1.1"
+    assert redact_api_keys(line).endswith("&api_key=[redacted] HTTP/1.1")
 
 
 @pytest.mark.slow
