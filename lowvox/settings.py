@@ -179,6 +179,11 @@ class Settings(BaseSettings):
                 name = name.split(":", 1)[0]
             if not name or "/" in name or " " in name:
                 raise ValueError(f"allowed_hosts: {host!r} is not a host name (e.g. tts.lan)")
+            if "*" in name and name != "*":  # it would match no Host at all
+                raise ValueError(
+                    f"allowed_hosts: {host!r} is not a host name; '.home.lan' allows every "
+                    "name under home.lan, '*' alone every name"
+                )
             out.append(name)
         return out
 
@@ -251,6 +256,11 @@ def _normalise_origin(origin: str) -> str:
     text = origin.strip()
     if text == "*":
         return text
+    if "*" in text:  # browsers send one origin: a pattern would match none
+        raise ValueError(
+            f"cors_origins: {origin!r} is a pattern; list each origin (e.g. "
+            'http://localhost:8000), or "*" alone for every page (which needs api_key)'
+        )
     parts = urlsplit(text.rstrip("/"))
     try:
         port = parts.port

@@ -143,6 +143,16 @@ def test_any_origin_needs_a_key(tmp_path):
         assert c.get("/api/ready", headers={"Origin": EVIL}).status_code == 401
 
 
+def test_a_wildcard_inside_a_name_is_refused_with_the_form_that_works():
+    # Both were taken and then matched nothing: every request by those names was refused
+    # while the setting looked right.
+    with pytest.raises(LowvoxError, match="'.home.lan' allows"):
+        load_settings(allowed_hosts=["*.home.lan"])
+    with pytest.raises(LowvoxError, match="list each origin"):
+        load_settings(cors_origins=["http://*.home.lan:8000"])
+    assert load_settings(allowed_hosts=["*"]).allowed_hosts == ["*"]
+
+
 def test_origins_from_the_environment_and_the_command_line(monkeypatch, capsys):
     monkeypatch.setenv("LOWVOX_CORS_ORIGINS", "http://localhost:8000, https://webui.lan")
     assert load_settings().cors_origins == ["http://localhost:8000", "https://webui.lan"]
