@@ -515,13 +515,19 @@ async def _whole(
         part = _PartFile(state.outputs.path_for(name))
         try:
             await _render(plan, job, request, part.file, out_rate)
+            # Opened before it is published: from then on a retention sweep (by the size
+            # limit) may remove it at any time, and the answer is still sent whole.
+            file: Any = await asyncio.to_thread(open, part.file.name, "rb")
         except BaseException:
             part.discard()
             raise
-        await _off_loop(part.publish)
+        try:
+            await _off_loop(part.publish)
+        except BaseException:
+            file.close()
+            raise
         await asyncio.to_thread(state.outputs.enforce_retention, name)
         _remember(state, plan, name)
-        file: Any = await asyncio.to_thread(open, part.path, "rb")
         size = os.fstat(file.fileno()).st_size
     else:
         file = _spooled_file(state)  # closed by FileBody
