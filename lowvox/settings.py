@@ -117,7 +117,8 @@ class Settings(BaseSettings):
     # that cannot send one. The socket's peer address decides, never X-Forwarded-For.
     trusted_networks: Annotated[list[str], NoDecode] = []
     header_timeout: float = Field(20.0, gt=0)  # seconds to send a request's headers
-    body_timeout: float = Field(30.0, gt=0)  # seconds of silence while a body arrives
+    # Seconds of silence while a body arrives; after as many, a body must average 500 B/s.
+    body_timeout: float = Field(30.0, gt=0)
     # Seconds a client may take none of an answer that waits for it (a paused <audio>
     # player, a hung reader) before its connection is reset and its job cancelled.
     send_timeout: float = Field(300.0, gt=0)

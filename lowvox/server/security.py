@@ -292,11 +292,18 @@ class BodyTimeout(InvalidRequest):
     status_code = 408
 
 
+# Once a body has had `body_timeout` seconds, it must have come at this many bytes a
+# second on average (as Apache's mod_reqtimeout MinRate): a client that trickles it a byte
+# at a time, never silent for long, cannot hold its connection for as long as it likes.
+MIN_BODY_RATE = 500
+
+
 class BodyLimitMiddleware:
     """Refuses request bodies over the route's limit (413), by Content-Length before the
     route runs and by counting while the body arrives, and bodies that stop arriving for
-    `timeout` seconds (408). `routes` maps (method, path) to a larger limit (uploads);
-    every other route gets `limit`, so no text route reads a large body."""
+    `timeout` seconds or arrive slower than `MIN_BODY_RATE` after those (408). `routes`
+    maps (method, path) to a larger limit (uploads); every other route gets `limit`, so no
+    text route reads a large body."""
 
     def __init__(
         self,
@@ -344,6 +351,7 @@ class _BodyGuard:
         self.limit = limit
         self.timeout = timeout
         self.seen = 0
+        self.began: float | None = None  # when the route first asked for the body
         self.complete = False
         self.started = False
         self.answered = False
@@ -355,12 +363,24 @@ class _BodyGuard:
         if self.complete or self.timeout is None:
             # After the body, receive only waits for the client to go away: no timeout.
             return await self._receive()
+        now = asyncio.get_running_loop().time()
+        if self.began is None:
+            self.began = now
+        deadline = self.began + self.timeout + self.seen / MIN_BODY_RATE
+        wait = min(self.timeout, deadline - now)
         try:
-            message = await asyncio.wait_for(self._receive(), self.timeout)
+            message = await asyncio.wait_for(self._receive(), max(wait, 0.0))
         except asyncio.TimeoutError:
-            self.problem = BodyTimeout(
-                f"the request body stopped arriving (nothing for {self.timeout:g} s)"
-            )
+            if wait < self.timeout:
+                self.problem = BodyTimeout(
+                    f"the request body arrives too slowly ({self.seen} bytes in "
+                    f"{now + max(wait, 0.0) - self.began:.0f} s; after the first "
+                    f"{self.timeout:g} s it must average {MIN_BODY_RATE} bytes/s)"
+                )
+            else:
+                self.problem = BodyTimeout(
+                    f"the request body stopped arriving (nothing for {self.timeout:g} s)"
+                )
             raise self.problem from None
         if message["type"] == "http.request":
             self.seen += len(message.get("body", b""))

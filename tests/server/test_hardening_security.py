@@ -8,6 +8,7 @@ The slow-client and access-log tests run the server the way `lowvox serve` does
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -447,6 +448,31 @@ def test_half_sent_requests_are_closed_and_others_served(slow):
         assert read_until_closed(sock) == b""
     with slow.client() as c:
         assert c.get("/api/ready").text == "Ready"
+
+
+@pytest.mark.slow
+def test_a_body_trickled_a_byte_at_a_time_is_closed(slow):
+    """Slow-POST: a client that sends its body a byte at a time, never silent for
+    body_timeout, held its connection for as long as the body lasted (a 300 KB text
+    body at a byte every 29 s: 100 days; max_connections of them shut everyone out)."""
+    sock = raw(
+        slow,
+        b"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
+    )
+    sock.settimeout(0.25)  # a byte every 0.25 s: never the 1 s body_timeout of silence
+    answer = b""
+    for _ in range(40):
+        with contextlib.suppress(OSError):  # the server may have closed it already
+            sock.sendall(b" ")
+        try:
+            answer = sock.recv(65536)
+        except TimeoutError:
+            continue
+        break
+    sock.close()
+    assert answer, "the server was still waiting for the body after 40 bytes in 10 s"
+    assert status_of(answer) == 408 and b"too slowly" in answer
 
 
 @pytest.mark.slow
