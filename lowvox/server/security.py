@@ -142,6 +142,11 @@ class SiteGuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
+        if sum(name == b"host" for name, _ in scope.get("headers") or ()) > 1:
+            # This check would read one and the routes another (RFC 9112: a 400).
+            message = "a request has one Host header"
+            await error_response(400, message, "invalid_request_error")(scope, receive, send)
+            return
         host = headers.get(b"host", b"").decode("latin-1")
         if host and not self.host_allowed(host):
             message = (

@@ -186,6 +186,16 @@ def test_a_foreign_host_header_is_refused(server):
             assert r.status_code == 200, host
 
 
+def test_two_host_headers_are_refused(server):
+    # The check read the last Host and the routes the first (the page's own URLs): a
+    # request must have one (RFC 9112, 3.2).
+    for hosts in ((b"evil.example", b"127.0.0.1"), (b"127.0.0.1", b"127.0.0.1")):
+        head = b"".join(b"Host: " + h + b"\r\n" for h in hosts)
+        sock = raw(server, b"GET /speakers HTTP/1.1\r\n" + head + b"Connection: close\r\n\r\n")
+        answer = read_until_closed(sock)
+        assert status_of(answer) == 400 and b"one Host header" in answer
+
+
 def test_allowed_hosts_and_public_url_open_more_names(tmp_path):
     with (
         live_server(
