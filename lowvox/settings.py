@@ -117,7 +117,8 @@ class Settings(BaseSettings):
     # that cannot send one. The socket's peer address decides, never X-Forwarded-For.
     trusted_networks: Annotated[list[str], NoDecode] = []
     header_timeout: float = Field(20.0, gt=0)  # seconds to send a request's headers
-    body_timeout: float = Field(30.0, gt=0)  # seconds of silence while a body arrives
+    # Seconds of silence while a body arrives; after as many, a body must average 500 B/s.
+    body_timeout: float = Field(30.0, gt=0)
     # Seconds a client may take none of an answer that waits for it (a paused <audio>
     # player, a hung reader) before its connection is reset and its job cancelled.
     send_timeout: float = Field(300.0, gt=0)
@@ -179,6 +180,11 @@ class Settings(BaseSettings):
                 name = name.split(":", 1)[0]
             if not name or "/" in name or " " in name:
                 raise ValueError(f"allowed_hosts: {host!r} is not a host name (e.g. tts.lan)")
+            if "*" in name and name != "*":  # it would match no Host at all
+                raise ValueError(
+                    f"allowed_hosts: {host!r} is not a host name; '.home.lan' allows every "
+                    "name under home.lan, '*' alone every name"
+                )
             out.append(name)
         return out
 
@@ -251,6 +257,11 @@ def _normalise_origin(origin: str) -> str:
     text = origin.strip()
     if text == "*":
         return text
+    if "*" in text:  # browsers send one origin: a pattern would match none
+        raise ValueError(
+            f"cors_origins: {origin!r} is a pattern; list each origin (e.g. "
+            'http://localhost:8000), or "*" alone for every page (which needs api_key)'
+        )
     parts = urlsplit(text.rstrip("/"))
     try:
         port = parts.port

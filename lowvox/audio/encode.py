@@ -394,22 +394,28 @@ class FileEncoder:
         self._samples += len(x)
 
     def close(self) -> None:
-        """Finish the file (closing twice does nothing). The file object stays open."""
+        """Finish the file (closing twice does nothing) and free the FFmpeg objects, even
+        when finishing fails. The file object stays open."""
         if self._closed:
             return
-        if self._resampler is not None:
-            self._encode(self._resampler.flush())
-        self._closed = True
-        if self._av is not None:
-            try:
-                self._av.close()
-            except av.FFmpegError as e:
-                raise LowvoxError(f"{self.format.name} encoding failed: {e}") from e
-        elif self.format.name == "wav":
-            end = self._file.tell()
-            self._file.seek(self._start)
-            self._file.write(wav_header(self.sample_rate, self._samples))
-            self._file.seek(end)
+        try:
+            if self._resampler is not None:
+                self._encode(self._resampler.flush())
+            if self._av is not None:
+                try:
+                    self._av.close()
+                except av.FFmpegError as e:
+                    raise LowvoxError(f"{self.format.name} encoding failed: {e}") from e
+            elif self.format.name == "wav":
+                end = self._file.tell()
+                self._file.seek(self._start)
+                self._file.write(wav_header(self.sample_rate, self._samples))
+                self._file.seek(end)
+        finally:
+            self._closed = True
+            # Their codec and resampler threads end now, not when a reference cycle that
+            # holds this encoder (a cut stream's) is collected.
+            self._av = self._resampler = None
 
 
 class StreamEncoder:
@@ -451,18 +457,24 @@ class StreamEncoder:
         return self._start() + _to_s16le(x)
 
     def close(self) -> bytes:
-        """Finish the stream; returns the last bytes. Closing twice returns b""."""
+        """Finish the stream and free the FFmpeg objects, even when finishing fails;
+        returns the last bytes. Closing twice returns b""."""
         if self._closed:
             return b""
-        tail = self._encode(self._resampler.flush()) if self._resampler is not None else b""
-        self._closed = True
-        if self._av is not None:
-            try:
-                self._av.close()
-            except av.FFmpegError as e:
-                raise LowvoxError(f"{self.format.name} encoding failed: {e}") from e
-            return tail + self._sink.take()
-        return tail + self._start()
+        try:
+            tail = self._encode(self._resampler.flush()) if self._resampler is not None else b""
+            if self._av is not None:
+                try:
+                    self._av.close()
+                except av.FFmpegError as e:
+                    raise LowvoxError(f"{self.format.name} encoding failed: {e}") from e
+                return tail + self._sink.take()
+            return tail + self._start()
+        finally:
+            self._closed = True
+            # Their codec and resampler threads end now, not when a reference cycle that
+            # holds this encoder (a cut stream's) is collected.
+            self._av = self._resampler = None
 
     def _start(self) -> bytes:
         """The WAV header, once, before the first samples (or at close when there were none)."""

@@ -186,6 +186,8 @@ class _KeptCopy:
             return False
         self.settled = True
         if self.broken or (cut and not self.audio):
+            with contextlib.suppress(Exception):  # only to free it: the file is dropped
+                self.encoder.close()
             self.part.discard()
             return False
         try:
@@ -366,6 +368,10 @@ async def _streamed(
                 await keep(cut=True)
             except Exception as failed:  # noqa: BLE001 -- logged; the stream's own error stands
                 logger.warning("could not keep %s: %s", name, failed)
+            # Frees its FFmpeg objects now: this frame stays in a reference cycle (through
+            # `spool.error`) until the garbage collector finds it.
+            with contextlib.suppress(Exception):
+                await _off_loop(stream_encoder.close)
             if not isinstance(e, Exception):
                 raise
         finally:
@@ -509,13 +515,19 @@ async def _whole(
         part = _PartFile(state.outputs.path_for(name))
         try:
             await _render(plan, job, request, part.file, out_rate)
+            # Opened before it is published: from then on a retention sweep (by the size
+            # limit) may remove it at any time, and the answer is still sent whole.
+            file: Any = await asyncio.to_thread(open, part.file.name, "rb")
         except BaseException:
             part.discard()
             raise
-        await _off_loop(part.publish)
+        try:
+            await _off_loop(part.publish)
+        except BaseException:
+            file.close()
+            raise
         await asyncio.to_thread(state.outputs.enforce_retention, name)
         _remember(state, plan, name)
-        file: Any = await asyncio.to_thread(open, part.path, "rb")
         size = os.fstat(file.fileno()).st_size
     else:
         file = _spooled_file(state)  # closed by FileBody

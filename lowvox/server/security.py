@@ -142,6 +142,11 @@ class SiteGuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
+        if sum(name == b"host" for name, _ in scope.get("headers") or ()) > 1:
+            # This check would read one and the routes another (RFC 9112: a 400).
+            message = "a request has one Host header"
+            await error_response(400, message, "invalid_request_error")(scope, receive, send)
+            return
         host = headers.get(b"host", b"").decode("latin-1")
         if host and not self.host_allowed(host):
             message = (
@@ -292,11 +297,18 @@ class BodyTimeout(InvalidRequest):
     status_code = 408
 
 
+# Once a body has had `body_timeout` seconds, it must have come at this many bytes a
+# second on average (as Apache's mod_reqtimeout MinRate): a client that trickles it a byte
+# at a time, never silent for long, cannot hold its connection for as long as it likes.
+MIN_BODY_RATE = 500
+
+
 class BodyLimitMiddleware:
     """Refuses request bodies over the route's limit (413), by Content-Length before the
     route runs and by counting while the body arrives, and bodies that stop arriving for
-    `timeout` seconds (408). `routes` maps (method, path) to a larger limit (uploads);
-    every other route gets `limit`, so no text route reads a large body."""
+    `timeout` seconds or arrive slower than `MIN_BODY_RATE` after those (408). `routes`
+    maps (method, path) to a larger limit (uploads); every other route gets `limit`, so no
+    text route reads a large body."""
 
     def __init__(
         self,
@@ -344,6 +356,7 @@ class _BodyGuard:
         self.limit = limit
         self.timeout = timeout
         self.seen = 0
+        self.began: float | None = None  # when the route first asked for the body
         self.complete = False
         self.started = False
         self.answered = False
@@ -355,12 +368,24 @@ class _BodyGuard:
         if self.complete or self.timeout is None:
             # After the body, receive only waits for the client to go away: no timeout.
             return await self._receive()
+        now = asyncio.get_running_loop().time()
+        if self.began is None:
+            self.began = now
+        deadline = self.began + self.timeout + self.seen / MIN_BODY_RATE
+        wait = min(self.timeout, deadline - now)
         try:
-            message = await asyncio.wait_for(self._receive(), self.timeout)
+            message = await asyncio.wait_for(self._receive(), max(wait, 0.0))
         except asyncio.TimeoutError:
-            self.problem = BodyTimeout(
-                f"the request body stopped arriving (nothing for {self.timeout:g} s)"
-            )
+            if wait < self.timeout:
+                self.problem = BodyTimeout(
+                    f"the request body arrives too slowly ({self.seen} bytes in "
+                    f"{now + max(wait, 0.0) - self.began:.0f} s; after the first "
+                    f"{self.timeout:g} s it must average {MIN_BODY_RATE} bytes/s)"
+                )
+            else:
+                self.problem = BodyTimeout(
+                    f"the request body stopped arriving (nothing for {self.timeout:g} s)"
+                )
             raise self.problem from None
         if message["type"] == "http.request":
             self.seen += len(message.get("body", b""))
@@ -570,8 +595,12 @@ def guarded_protocol(
     return GuardedProtocol
 
 
-# A query parameter in a URL: its name and value, as they were sent.
-_QUERY_PARAM = re.compile(r"([?&])([^=&\s\"'#]*)=([^&\s\"']*)")
+# A query parameter in a URL: its name and value, as they were sent. A name holds no `?`:
+# otherwise the name from each `?` of `??????` would run to the end of the text, and a
+# request line of 64 KB took seconds to log (on the event loop). A key after a `?` in
+# another's name or value (`?x?api_key=`) is not one ApiKeyMiddleware takes; it is still
+# hidden, from its own `?`.
+_QUERY_PARAM = re.compile(r"([?&])([^=&?\s\"'#]*)=([^&\s\"']*)")
 
 
 def redact_api_keys(text: str) -> str:

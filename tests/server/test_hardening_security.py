@@ -8,6 +8,7 @@ The slow-client and access-log tests run the server the way `lowvox serve` does
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -21,6 +22,7 @@ import soundfile as sf
 from lowvox.cli import main as cli_main
 from lowvox.errors import EngineUnavailable, LowvoxError
 from lowvox.server.app import body_limit
+from lowvox.server.security import redact_api_keys
 from lowvox.settings import Settings, load_settings
 from tests.server.srv_fixtures import FakeFactory, live_server, make_settings, production_server
 
@@ -142,6 +144,16 @@ def test_any_origin_needs_a_key(tmp_path):
         assert c.get("/api/ready", headers={"Origin": EVIL}).status_code == 401
 
 
+def test_a_wildcard_inside_a_name_is_refused_with_the_form_that_works():
+    # Both were taken and then matched nothing: every request by those names was refused
+    # while the setting looked right.
+    with pytest.raises(LowvoxError, match="'.home.lan' allows"):
+        load_settings(allowed_hosts=["*.home.lan"])
+    with pytest.raises(LowvoxError, match="list each origin"):
+        load_settings(cors_origins=["http://*.home.lan:8000"])
+    assert load_settings(allowed_hosts=["*"]).allowed_hosts == ["*"]
+
+
 def test_origins_from_the_environment_and_the_command_line(monkeypatch, capsys):
     monkeypatch.setenv("LOWVOX_CORS_ORIGINS", "http://localhost:8000, https://webui.lan")
     assert load_settings().cors_origins == ["http://localhost:8000", "https://webui.lan"]
@@ -172,6 +184,16 @@ def test_a_foreign_host_header_is_refused(server):
         for host in ("localhost", "127.0.0.1", "[::1]", "192.168.1.5", "host.docker.internal"):
             r = c.get("/api/ready", headers={"Host": f"{host}:{server.port}"})
             assert r.status_code == 200, host
+
+
+def test_two_host_headers_are_refused(server):
+    # The check read the last Host and the routes the first (the page's own URLs): a
+    # request must have one (RFC 9112, 3.2).
+    for hosts in ((b"evil.example", b"127.0.0.1"), (b"127.0.0.1", b"127.0.0.1")):
+        head = b"".join(b"Host: " + h + b"\r\n" for h in hosts)
+        sock = raw(server, b"GET /speakers HTTP/1.1\r\n" + head + b"Connection: close\r\n\r\n")
+        answer = read_until_closed(sock)
+        assert status_of(answer) == 400 and b"one Host header" in answer
 
 
 def test_allowed_hosts_and_public_url_open_more_names(tmp_path):
@@ -325,6 +347,17 @@ def test_access_log_hides_api_keys(tmp_path):
     assert all("s3cret" not in line and "[redacted]" in line for line in lines), lines
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("unit", ["?a", "?"])
+def test_hiding_keys_in_a_long_query_takes_linear_time(unit):
+    # From every `?` of a query made of `?a` pairs the pattern read to the end of the line
+    # looking for an `=`: one 60 KB request line (a 401 without a key) held the event
+    # loop, which writes the access log, for 16 s, and every other client with it. The
+    # timeout only stops a hang.
+    line = "GET /api/ready?" + unit * 200_000 + "&api_key=s3cret HTTP/1.1"
+    assert redact_api_keys(line).endswith("&api_key=[redacted] HTTP/1.1")
+
+
 @pytest.mark.slow
 def test_the_web_page_never_puts_the_key_in_a_url(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -425,6 +458,31 @@ def test_half_sent_requests_are_closed_and_others_served(slow):
         assert read_until_closed(sock) == b""
     with slow.client() as c:
         assert c.get("/api/ready").text == "Ready"
+
+
+@pytest.mark.slow
+def test_a_body_trickled_a_byte_at_a_time_is_closed(slow):
+    """Slow-POST: a client that sends its body a byte at a time, never silent for
+    body_timeout, held its connection for as long as the body lasted (a 300 KB text
+    body at a byte every 29 s: 100 days; max_connections of them shut everyone out)."""
+    sock = raw(
+        slow,
+        b"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
+    )
+    sock.settimeout(0.25)  # a byte every 0.25 s: never the 1 s body_timeout of silence
+    answer = b""
+    for _ in range(40):
+        with contextlib.suppress(OSError):  # the server may have closed it already
+            sock.sendall(b" ")
+        try:
+            answer = sock.recv(65536)
+        except TimeoutError:
+            continue
+        break
+    sock.close()
+    assert answer, "the server was still waiting for the body after 40 bytes in 10 s"
+    assert status_of(answer) == 408 and b"too slowly" in answer
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import pytest
 
 from lowvox.server import app as app_module
 from lowvox.server.outputs import OutputNotFound, OutputStore, safe_stem
-from tests.server.srv_fixtures import live_server
+from tests.server.srv_audio import decode
+from tests.server.srv_fixtures import CHUNK_SECONDS, FAKE_RATE, fake_chunks, live_server
 
 
 @pytest.mark.parametrize(
@@ -90,3 +91,21 @@ def test_retention_runs_while_the_server_is_up(tmp_path, monkeypatch):
         while old.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not old.exists()
+
+
+def test_a_saved_answer_is_sent_whole_when_retention_removes_its_file_at_once(tmp_path):
+    """With outputs_max_bytes under one answer's size, a sweep (the periodic one, or
+    another request's) removes a file as soon as it is published. The answer that saved
+    it was read back from the published file: a 500 when the sweep came first."""
+    with live_server(tmp_path, outputs_max_bytes=1) as s, s.client() as c:
+        store = s.state.outputs
+        sweep = store.enforce_retention
+        # Every sweep keeps nothing, as the periodic one: it removes the file at once.
+        store.enforce_retention = lambda keep=None: sweep()
+        text = "saved then swept"
+        body = {"input": text, "voice": "alpha", "response_format": "wav", "save": True}
+        r = c.post("/v1/audio/speech", json={**body, "stream": False})
+        assert r.status_code == 200, r.text
+        samples, rate, _ = decode(r.content, "wav")
+        assert len(samples) == fake_chunks(text) * int(CHUNK_SECONDS * FAKE_RATE)
+        assert not (s.settings.outputs_path / r.headers["x-output-file"]).exists()
