@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from lowvox.errors import Cancelled, InvalidRequest, LowvoxError
-from lowvox.files import atomic_path, why_not_written
+from lowvox.files import why_not_written, write_atomic
 from lowvox.jobs import assemble as assembly
 from lowvox.jobs.executors import Executor, Take
 from lowvox.jobs.model import BookMeta
@@ -144,10 +145,13 @@ def take_seed(job_seed: int, index: int, attempt: int, take: int) -> int:
 
 
 def write_sentence_audio(path: Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Encoded in memory, then written: libsndfile reports a full disk as its own "System
+    error.", where a plain write raises the OSError that says what is wrong."""
     import soundfile as sf
 
-    with atomic_path(path) as tmp:
-        sf.write(tmp, samples, sample_rate, format="FLAC", subtype=SENTENCE_SUBTYPE)
+    buf = io.BytesIO()
+    sf.write(buf, samples, sample_rate, format="FLAC", subtype=SENTENCE_SUBTYPE)
+    write_atomic(path, buf.getvalue())
 
 
 @dataclass

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,6 +190,56 @@ def test_a_full_disk_stops_the_job_and_resuming_finishes_it(store, monkeypatch):
     assert done_then == 2
     assert second.state == "done"
     assert not list(store.folder(first.id).rglob("*.part"))
+
+
+# A job whose sentence cannot be written because the file system refuses (here a file size
+# limit, EFBIG: a real error from write(2), like a full disk's ENOSPC, with no root needed).
+_FILE_LIMIT_SCRIPT = """
+import asyncio, json, os, resource, signal, sys
+from lowvox.jobs.runner import JobRunner
+from lowvox.jobs.store import JobStore
+from tests.jobs.fakes import FakeExecutor
+from tests.jobs.test_runner import new_job
+
+store, executor = JobStore(sys.argv[1]), FakeExecutor(concurrency=1)
+
+async def go():
+    job = await new_job(store, executor, text=sys.argv[2], name="long.txt")
+    # Room for the database to grow, none for a sentence's audio.
+    biggest = max(p.stat().st_size for p in store.root.rglob("*") if p.is_file())
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (biggest + 256 * 1024, resource.RLIM_INFINITY))
+    job = await JobRunner(store, executor).run(job.id)
+    print(json.dumps({"id": job.id, "state": job.state, "error": job.error}))
+
+asyncio.run(go())
+"""
+
+
+@pytest.mark.slow
+def test_a_sentence_the_file_system_refuses_stops_the_job_resumably(tmp_path):
+    # soundfile turns a failed write into its own "System error." (not an OSError): the
+    # job died with it instead of stopping with a reason and waiting to be resumed.
+    long = ", ".join(["this sentence takes far more room than is left"] * 4) + "."
+    done = subprocess.run(
+        [sys.executable, "-c", _FILE_LIMIT_SCRIPT, str(tmp_path / "jobs"), long],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    assert done.returncode == 0, done.stderr
+    first = json.loads(done.stdout.splitlines()[-1])
+    assert first["state"] == "failed"
+    assert "cannot write sentence audio ([Errno 27] File too large)" in first["error"]
+    assert "resume once fixed" in first["error"]
+    store = JobStore(tmp_path / "jobs")
+    try:
+        assert not list(store.folder(first["id"]).rglob("*.part"))
+        again = run(JobRunner(store, FakeExecutor()).run(first["id"]))
+        assert again.state == "done" and store.progress(again.id).done == 1
+    finally:
+        store.close()
 
 
 def test_pause_then_resume_gives_the_same_book_as_an_uninterrupted_run(tmp_path):
