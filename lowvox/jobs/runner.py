@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from lowvox.errors import Cancelled, InvalidRequest, LowvoxError
-from lowvox.files import why_not_written, write_atomic
+from lowvox.files import sweep_partials, why_not_written, write_atomic
 from lowvox.jobs import assemble as assembly
 from lowvox.jobs.executors import Executor, Take
 from lowvox.jobs.model import BookMeta
@@ -220,6 +220,9 @@ class JobRunner:
         store = self.store
         if not await asyncio.to_thread(store.claim, job_id):
             raise JobConflict(f"job {job_id} is being worked on by another process")
+        # Only the lease holder writes sentence audio: what a killed holder was writing
+        # can go now (another process's store sweep spares fresh files).
+        await asyncio.to_thread(sweep_partials, store.folder(job_id) / "audio")
         job = await asyncio.to_thread(store.get, job_id)
         run = _Run(job)
         self._runs[job_id] = run

@@ -29,6 +29,7 @@ from lowvox.jobs.runner import (
     recognizer_for,
 )
 from lowvox.jobs.store import JobConflict, JobInfo, JobSettings, JobStore
+from lowvox.server.outputs import STALE_PARTIAL_S
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,10 @@ class JobService:
     # -- life -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        swept = await asyncio.to_thread(sweep_partials, self.store.root)
+        # Another server or a `lowvox book` may be writing into the store right now: only
+        # what no live writer would leave this long is removed (a job's runner sweeps its
+        # own sentence audio when it takes the job).
+        swept = await asyncio.to_thread(sweep_partials, self.store.root, STALE_PARTIAL_S)
         if swept:
             logger.info("removed %d partial file(s) left in the job store", swept)
         for job in await asyncio.to_thread(

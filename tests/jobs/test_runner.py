@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,13 @@ import pytest
 import soundfile as sf
 
 from lowvox.errors import InvalidRequest
+from lowvox.files import PART_SUFFIX, atomic_path
 from lowvox.jobs import runner as runner_module
 from lowvox.jobs.plan import MAX_CHAPTER_PARTS, create_job, parse_chapters
 from lowvox.jobs.runner import JobRunner, book_file, subtitle_paths, take_seed
+from lowvox.jobs.service import JobService
 from lowvox.jobs.store import JobSettings, JobStore
+from lowvox.settings import Settings
 from tests.jobs.fakes import FakeExecutor
 
 BOOK = """# The Book
@@ -334,6 +338,43 @@ def test_a_second_runner_cannot_take_a_job_in_progress(store):
         return other
 
     assert run(go()) is False
+
+
+def test_what_a_killed_runner_was_writing_is_removed_when_the_job_is_taken_again(store):
+    # `lowvox book` never swept its store: every kill left the sentences in flight behind.
+    executor = FakeExecutor()
+
+    async def go():
+        job = await new_job(store, executor)
+        audio = store.audio_path(job.id, 3)
+        tmp = audio.with_name(f".{audio.name}.killed{PART_SUFFIX}")  # as atomic_path names it
+        tmp.write_bytes(b"half a FLAC")
+        return await JobRunner(store, executor).run(job.id), tmp
+
+    job, tmp = run(go())
+    assert job.state == "done" and not tmp.exists()
+    assert not list(store.folder(job.id).rglob("*.part"))
+
+
+def test_a_server_starting_spares_what_another_process_is_writing_into_the_store(tmp_path):
+    # Another server or a `lowvox book` on the same data folder: the store is shared, so a
+    # fresh temporary may belong to a live writer (only old ones are a dead writer's).
+    service = JobService(Settings(home=tmp_path), hub=None)
+    out = service.store.root / ("a" * 32) / "out"
+    out.mkdir(parents=True)
+    stale = out / ".chapter-001.wav.dead.part"
+    stale.write_bytes(b"left by a writer killed long ago")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+
+    async def go():
+        with atomic_path(out / "book.wav") as tmp:
+            tmp.write_bytes(b"a book being assembled")
+            await service.start()
+            await service.close()
+
+    run(go())
+    assert (out / "book.wav").read_bytes() == b"a book being assembled"
+    assert not stale.exists()
 
 
 def test_a_speech_recognition_mismatch_is_retaken(store):
