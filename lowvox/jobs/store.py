@@ -242,18 +242,27 @@ class JobStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        path = self.root / "jobs.sqlite3"
         self._db = sqlite3.connect(
-            self.root / "jobs.sqlite3", check_same_thread=False, timeout=30.0, isolation_level=None
+            path, check_same_thread=False, timeout=30.0, isolation_level=None
         )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with self._lock:
-            self._db.executescript(_SCHEMA)
-        self._db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-        )
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            with self._lock:
+                self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        except sqlite3.DatabaseError as e:
+            # A damaged or foreign file: say which, and leave it as it is for its owner.
+            self._db.close()
+            raise LowvoxError(
+                f"cannot open the job store {path} ({e}); move it aside to start afresh"
+            ) from e
 
     def close(self) -> None:
         with self._lock:

@@ -6,6 +6,7 @@ import sqlite3
 
 import pytest
 
+from lowvox.cli import main
 from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.jobs.model import BookMeta, Line, Pauses
 from lowvox.jobs.store import (
@@ -40,6 +41,26 @@ def make(store, **kw):
         settings=JobSettings(engine="espeak", voice="alpha", **kw),
         lines=LINES,
     )
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_database_is_a_clear_error_and_is_left_as_it_is(tmp_path, capsys, damage):
+    # It was a traceback from `lowvox jobs` and `lowvox serve` (sqlite3.DatabaseError).
+    db = tmp_path / "jobs" / "jobs.sqlite3"
+    if damage == "garbage":
+        db.parent.mkdir()
+        db.write_bytes(b"not a database at all\n" * 500)
+    else:
+        store = JobStore(tmp_path / "jobs")
+        make(store)
+        store.close()
+        db.write_bytes(db.read_bytes()[:20_000])
+    before = db.read_bytes()
+    with pytest.raises(LowvoxError, match="cannot open the job store .*jobs.sqlite3"):
+        JobStore(tmp_path / "jobs")
+    assert main(["jobs", "list", "--home", str(tmp_path)]) == 2
+    assert "move it aside" in capsys.readouterr().err
+    assert db.read_bytes() == before
 
 
 def test_create_keeps_input_chapters_and_sentences(store):
