@@ -234,9 +234,12 @@ class JobRunner:
         try:
             if job.state == "cancelled":
                 return job
-            if job.state == "done" and not await self._pending(job):
-                if book_path is not None and not book_path.exists():
-                    await self.assemble(job_id, book_path=book_path)
+            # A finished job whose book is gone is assembled again below.
+            if (
+                job.state == "done"
+                and (book_path is None or book_path.exists())
+                and not await self._pending(job)
+            ):
                 return job
             try:
                 job = await asyncio.to_thread(store.set_state, job_id, "running", expect=states)
@@ -250,6 +253,7 @@ class JobRunner:
                 job = run.job = await asyncio.to_thread(store.get, job_id)
             # Until nothing is pending: a retake asked for meanwhile, even while the book
             # was being assembled, joins this run.
+            redone: set[int] = set()
             while True:
                 while not run.stop.is_set() and (pending := await self._pending(run.job)):
                     await self._speak_pending(run, pending)
@@ -271,6 +275,18 @@ class JobRunner:
                     if await self._pending(run.job):
                         continue
                     raise
+                except assembly.DamagedSentence as e:
+                    # Its audio was lost or damaged after it was done: spoken again with
+                    # its seed (with every other whose file is gone), once in a run.
+                    if e.index in redone:
+                        raise _StopJob(f"cannot assemble the book ({e}); resume once fixed") from e
+                    again = {e.index, *await asyncio.to_thread(self._lost_audio, job_id)}
+                    logger.warning(
+                        "job %s: %s; speaking %d sentence(s) again", job_id, e, len(again)
+                    )
+                    redone |= again
+                    await asyncio.to_thread(store.redo, job_id, sorted(again))
+                    continue
                 except (LowvoxError, OSError) as e:
                     # A full disk, an unwritable output: every sentence is kept, and
                     # resuming assembles again.
@@ -297,6 +313,10 @@ class JobRunner:
                 await renewer
             self._runs.pop(job_id, None)
             await asyncio.to_thread(store.release, job_id)
+
+    def _lost_audio(self, job_id: str) -> list[int]:
+        done = self.store.sentences(job_id, state="done")
+        return [s.idx for s in done if not self.store.audio_path(job_id, s.idx).is_file()]
 
     async def _pending(self, job: JobInfo) -> list[Sentence]:
         return await asyncio.to_thread(self.store.sentences, job.id, state="pending")

@@ -548,6 +548,17 @@ class JobStore:
             db.execute("UPDATE jobs SET updated = ? WHERE id = ?", (time.time(), job_id))
         return self.sentence(job_id, index)
 
+    def redo(self, job_id: str, indices: Sequence[int]) -> int:
+        """Done sentences back to pending with the same attempt (so the same seeds): their
+        audio was lost or damaged after they were done."""
+        with self._tx() as db:
+            cur = db.executemany(
+                "UPDATE sentences SET state = 'pending', error = NULL"
+                " WHERE job = ? AND idx = ? AND state = 'done'",
+                [(job_id, i) for i in indices],
+            )
+        return cur.rowcount
+
     def retry_failed(self, job_id: str) -> int:
         """Failed sentences back to pending (resume after the cause was fixed)."""
         with self._tx() as db:

@@ -308,6 +308,56 @@ def test_edit_and_retake_re_bake_without_speaking_anything_else(store):
     assert "A new paragraph starts." not in vtt
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_sentence_audio_lost_after_it_was_done_is_spoken_again_with_its_seed(store, damage):
+    # Re-baking a book whose sentence files were deleted (to save room, say) or damaged
+    # failed the job "resume once fixed", and every resume failed the same way.
+    executor = FakeExecutor()
+
+    async def go():
+        job = await new_job(store, executor)
+        runner = JobRunner(store, executor)
+        await runner.run(job.id)
+        before = sentence_audio(store, job.id)
+        calls = len(executor.calls)
+        lost = [store.audio_path(job.id, i) for i in (1, 6)]
+        for path in lost:
+            if damage == "missing":
+                path.unlink()
+            else:
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        store.retake(job.id, 3)
+        done = await runner.run(job.id)
+        return job, before, executor.calls[calls:], done
+
+    job, before, again, done = run(go())
+    assert done.state == "done", done.error
+    assert sorted(t.index for t in again) == [1, 3, 6]
+    after = sentence_audio(store, job.id)
+    assert all(np.array_equal(before[i], after[i]) for i in before if i != 3)
+    assert [s.attempt for s in store.sentences(job.id)] == [0, 0, 0, 1, 0, 0, 0, 0]
+
+
+def test_a_sentence_whose_audio_is_damaged_again_stops_the_job_after_one_redo(store, monkeypatch):
+    executor = FakeExecutor()
+    real = runner_module.write_sentence_audio
+
+    def damaging(path, samples, rate):
+        real(path, samples, rate)
+        if path.name == "000001.flac":
+            path.write_bytes(b"not FLAC")
+
+    monkeypatch.setattr(runner_module, "write_sentence_audio", damaging)
+
+    async def go():
+        job = await new_job(store, executor)
+        return await JobRunner(store, executor).run(job.id)
+
+    job = run(go())
+    assert job.state == "failed" and "cannot read the audio of sentence 1" in job.error
+    assert [t.index for t in executor.calls].count(1) == 2  # spoken again once, no more
+
+
 def test_unknown_voice_in_a_tag_stores_nothing(store):
     from lowvox.errors import UnknownVoice
 
