@@ -3,8 +3,9 @@
 `JobService` owns the job store and a queue of jobs to run. Its task (on the event loop)
 runs the oldest waiting job through a `JobRunner`; the job's sentences go to the engine's
 scheduler at bulk priority, so interactive requests keep their turn while a book renders.
-At start-up, jobs the server was running when it stopped (or was killed) are queued again;
-failed and paused jobs wait for a resume.
+At start-up, jobs the server was running when it stopped (or was killed) are queued again,
+and so are finished ones with a retake still to speak; failed and paused jobs wait for a
+resume.
 """
 
 from __future__ import annotations
@@ -60,8 +61,12 @@ class JobService:
         if swept:
             logger.info("removed %d partial file(s) left in the job store", swept)
         for job in await asyncio.to_thread(
-            self.store.jobs, origin="server", states=("queued", "running")
+            self.store.jobs, origin="server", states=("queued", "running", "done")
         ):
+            # A done job with a sentence to speak: a retake whose job was not yet queued
+            # again when the server stopped.
+            if job.state == "done" and not await asyncio.to_thread(self._has_pending, job.id):
+                continue
             logger.info("job %s (%s) will resume", job.id, job.title)
             self._queue.put_nowait(job.id)
         self._task = asyncio.create_task(self._loop(), name="lowvox-jobs")

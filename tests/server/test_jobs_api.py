@@ -246,6 +246,26 @@ def test_a_job_the_server_was_running_resumes_when_it_starts_again(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_retake_the_server_was_killed_before_queueing_is_spoken_when_it_starts_again(tmp_path):
+    from lowvox.jobs.store import JobStore
+
+    with live_server(tmp_path, FakeFactory(), job_retakes=0) as first, first.client() as c:
+        job = wait_state(c, create(c)["id"])
+        first.server.should_exit = True
+    # A retake writes the sentence's row, then queues the job: killed between the two, the
+    # job was left done with a sentence to speak, and no start ever ran it again.
+    store = JobStore(tmp_path / "jobs")
+    store.retake(job["id"], 2, text="A retake nobody heard.")
+    store.close()
+    with live_server(tmp_path, FakeFactory(), job_retakes=0) as second, second.client() as c:
+        deadline = time.monotonic() + 10
+        while "A retake nobody heard." not in (srt := c.get(job["downloads"]["srt"]).text):
+            assert time.monotonic() < deadline, "the retake was never spoken"
+            time.sleep(0.05)
+        assert wait_state(c, job["id"])["progress"]["done"] == 7 and srt.count(" --> ") == 7
+
+
+@pytest.mark.slow
 def test_a_job_still_leased_by_a_dead_server_elsewhere_resumes_once_the_lease_lapses(
     tmp_path, monkeypatch
 ):
