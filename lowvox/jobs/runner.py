@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import glob
 import io
 import logging
 import threading
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from lowvox.errors import Cancelled, InvalidRequest, LowvoxError
-from lowvox.files import sweep_partials, why_not_written, write_atomic
+from lowvox.files import PART_SUFFIX, sweep_partials, why_not_written, write_atomic
 from lowvox.jobs import assemble as assembly
 from lowvox.jobs.executors import Executor, Take
 from lowvox.jobs.model import BookMeta
@@ -220,10 +221,8 @@ class JobRunner:
         store = self.store
         if not await asyncio.to_thread(store.claim, job_id):
             raise JobConflict(f"job {job_id} is being worked on by another process")
-        # Only the lease holder writes sentence audio: what a killed holder was writing
-        # can go now (another process's store sweep spares fresh files).
-        await asyncio.to_thread(sweep_partials, store.folder(job_id) / "audio")
         job = await asyncio.to_thread(store.get, job_id)
+        await asyncio.to_thread(self._sweep, job, book_path or book_file(store, job))
         run = _Run(job)
         self._runs[job_id] = run
         if job_id in self._early_stops:
@@ -313,6 +312,16 @@ class JobRunner:
                 await renewer
             self._runs.pop(job_id, None)
             await asyncio.to_thread(store.release, job_id)
+
+    def _sweep(self, job: JobInfo, book: Path) -> None:
+        """Remove what a killed holder of the job's lease was writing: only the holder
+        writes sentence audio and the book (another process's sweep of the store spares
+        fresh files), and a `lowvox book` output's folder is swept by no one else."""
+        sweep_partials(self.store.folder(job.id) / "audio")
+        names = [
+            glob.escape(f".{p.name}.") + f"*{PART_SUFFIX}" for p in (book, *subtitle_paths(book))
+        ]
+        sweep_partials(book.parent, patterns=names, recursive=False)
 
     def _lost_audio(self, job_id: str) -> list[int]:
         done = self.store.sentences(job_id, state="done")

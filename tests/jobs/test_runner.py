@@ -406,6 +406,30 @@ def test_what_a_killed_runner_was_writing_is_removed_when_the_job_is_taken_again
     assert not list(store.folder(job.id).rglob("*.part"))
 
 
+def test_a_book_a_killed_runner_was_assembling_is_removed_when_the_job_is_taken_again(
+    store, tmp_path
+):
+    # Each `lowvox book` killed while assembling left a hidden partial book (as big as the
+    # book, at the end) in the user's folder, and no rerun removed it.
+    out = tmp_path / "out" / "My Book [1].wav"
+    out.parent.mkdir()
+    mine = [out.parent / f".{name}.killed{PART_SUFFIX}" for name in
+            ("My Book [1].wav", "My Book [1].srt", "My Book [1].vtt")]  # fmt: skip
+    others = [out.parent / f".My Book 1.wav.other{PART_SUFFIX}",  # another book's
+              out.parent / "sub" / f".{out.name}.other{PART_SUFFIX}"]  # fmt: skip
+    others[1].parent.mkdir()
+    for path in mine + others:
+        path.write_bytes(b"half a book")
+    executor = FakeExecutor()
+
+    async def go():
+        job = await new_job(store, executor)
+        return await JobRunner(store, executor).run(job.id, book_path=out)
+
+    assert run(go()).state == "done" and out.is_file()
+    assert not any(p.exists() for p in mine) and all(p.exists() for p in others)
+
+
 def test_a_server_starting_spares_what_another_process_is_writing_into_the_store(tmp_path):
     # Another server or a `lowvox book` on the same data folder: the store is shared, so a
     # fresh temporary may belong to a live writer (only old ones are a dead writer's).
