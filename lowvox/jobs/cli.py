@@ -203,9 +203,11 @@ async def _book(
     from lowvox.jobs.plan import create_job
     from lowvox.jobs.runner import JobRunner, recognizer_for, subtitle_paths
     from lowvox.server.engines import EngineHub
+    from lowvox.server.outputs import STALE_PARTIAL_S
 
     recognizer = recognizer_for(settings)
     store = _store(settings)
+    store.sweep_orphans(STALE_PARTIAL_S)
     hub = EngineHub(settings)
     executor = open_executor(settings, hub, job_settings.engine)
     bar = ProgressBar(progress)

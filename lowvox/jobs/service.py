@@ -60,6 +60,9 @@ class JobService:
         swept = await asyncio.to_thread(sweep_partials, self.store.root, STALE_PARTIAL_S)
         if swept:
             logger.info("removed %d partial file(s) left in the job store", swept)
+        orphans = await asyncio.to_thread(self.store.sweep_orphans, STALE_PARTIAL_S)
+        if orphans:
+            logger.info("removed %d job folder(s) without a job in the store", orphans)
         for job in await asyncio.to_thread(
             self.store.jobs, origin="server", states=("queued", "running", "done")
         ):

@@ -28,6 +28,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -438,6 +439,26 @@ class JobStore:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         # The row is gone first: a folder without a row is never listed, only swept.
         shutil.rmtree(folder, ignore_errors=True)
+
+    def sweep_orphans(self, older_than_s: float) -> int:
+        """Remove job folders without a row, left by a process killed while it created or
+        deleted a job; returns how many. A folder is spared until it is `older_than_s`
+        old: a job being created has its folder a moment before its row."""
+        rows = {r["id"] for r in self._query("SELECT id FROM jobs")}
+        now = time.time()
+        removed = 0
+        for folder in self.root.iterdir():
+            if not _is_job_id(folder.name) or folder.name in rows:
+                continue
+            try:
+                st = folder.lstat()
+                if not stat.S_ISDIR(st.st_mode) or now - st.st_mtime < older_than_s:
+                    continue
+                shutil.rmtree(folder)
+            except OSError:  # gone already, or not ours to remove
+                continue
+            removed += 1
+        return removed
 
     # -- leases: one process works on a job at a time ---------------------------------
 

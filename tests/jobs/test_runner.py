@@ -451,6 +451,26 @@ def test_a_server_starting_spares_what_another_process_is_writing_into_the_store
     assert not stale.exists()
 
 
+def test_job_folders_left_without_a_job_are_removed_once_stale(store, tmp_path):
+    # A process killed while it created a job (folder and input written, no row yet) or
+    # deleted one (row gone, folder half removed) left the folder for good.
+    kept = run(new_job(store, FakeExecutor()))
+    old, fresh = store.root / ("b" * 32), store.root / ("c" * 32)
+    for folder in (old, fresh):
+        (folder / "audio").mkdir(parents=True)
+        (folder / "input.md").write_bytes(b"# A book nobody will ever see")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    os.utime(store.folder(kept.id), (time.time() - 3600, time.time() - 3600))
+    service = JobService(Settings(home=tmp_path), hub=None, store=store)
+
+    async def go():
+        await service.start()
+        await service.close()  # before the job it queued runs: only the sweep is tested
+
+    run(go())
+    assert not old.exists() and fresh.exists() and store.folder(kept.id).exists()
+
+
 def test_a_speech_recognition_mismatch_is_retaken(store):
     text = "Only one sentence here."
 
