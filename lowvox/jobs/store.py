@@ -338,7 +338,13 @@ class JobStore:
             if meta.cover and cover_type:
                 ext = ".png" if cover_type == "image/png" else ".jpg"
                 write_atomic(folder / f"cover{ext}", meta.cover)
+            sha = hashlib.sha256(data).hexdigest()
             with self._tx() as db:
+                # Two `lowvox book` runs of one command started together: the second
+                # continues the first's job (and finds it held) rather than making another.
+                twin = _cli_job(db, output, sha, settings) if origin == "cli" and output else None
+                if twin is not None:
+                    raise _Twin(twin)
                 db.execute(
                     "INSERT INTO jobs (id, created, updated, state, origin, title, author,"
                     " language, input_name, input_sha256, settings, output, cover_type)"
@@ -346,7 +352,7 @@ class JobStore:
                     (
                         job_id, now, now, state, origin, meta.title, meta.author,
                         meta.language or settings.language, Path(input_name).name[:200],
-                        hashlib.sha256(data).hexdigest(), settings.to_json(), output, cover_type,
+                        sha, settings.to_json(), output, cover_type,
                     ),
                 )  # fmt: skip
                 db.executemany(
@@ -364,6 +370,8 @@ class JobStore:
                 )  # fmt: skip
         except BaseException as e:
             shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(e, _Twin):
+                return self.get(e.job_id)
             if isinstance(e, (OSError, sqlite3.OperationalError)):  # a full disk, say
                 raise LowvoxError(f"cannot store the job ({why_not_written(e)})") from e
             raise
@@ -392,15 +400,9 @@ class JobStore:
 
     def find_cli_job(self, output: str, input_sha256: str, settings: JobSettings) -> JobInfo | None:
         """The `lowvox book` job that a rerun of the same command continues."""
-        for job in self.jobs(origin="cli"):
-            if (
-                job.output == output
-                and job.input_sha256 == input_sha256
-                and job.settings == settings
-                and job.state != "cancelled"
-            ):
-                return job
-        return None
+        with self._lock:
+            found = _cli_job(self._db, output, input_sha256, settings)
+        return None if found is None else self.get(found)
 
     def set_state(
         self, job_id: str, state: JobState, error: str | None = None, *, expect: Sequence[str] = ()
@@ -609,6 +611,26 @@ class JobStore:
             flagged=flagged or 0,
             audio_seconds=samples / sample_rate if sample_rate else 0.0,
         )
+
+
+class _Twin(Exception):
+    """The job being stored exists already (it rolls the transaction back)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+def _cli_job(
+    db: sqlite3.Connection, output: str, input_sha256: str, settings: JobSettings
+) -> str | None:
+    """The id of the `lowvox book` job of this output, input and settings, if any."""
+    rows = db.execute(
+        "SELECT id, settings FROM jobs WHERE origin = 'cli' AND output = ?"
+        " AND input_sha256 = ? AND state != 'cancelled' ORDER BY created",
+        (output, input_sha256),
+    ).fetchall()
+    return next((r["id"] for r in rows if JobSettings.from_json(r["settings"]) == settings), None)
 
 
 def _leased(row: sqlite3.Row, exclude: str) -> bool:

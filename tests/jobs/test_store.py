@@ -33,13 +33,15 @@ def store(tmp_path):
     s.close()
 
 
-def make(store, **kw):
+def make(store, origin="server", output=None, **kw):
     return store.create(
         input_name="book.txt",
         data=b"One.\n\nTwo.",
         meta=META,
         settings=JobSettings(engine="espeak", voice="alpha", **kw),
         lines=LINES,
+        origin=origin,
+        output=output,
     )
 
 
@@ -111,6 +113,19 @@ def test_a_full_disk_while_storing_a_job_says_so_and_stores_nothing(store, monke
         make(store)
     assert store.jobs() == []
     assert [p.name for p in store.root.iterdir() if p.is_dir()] == []
+
+
+def test_two_book_runs_of_one_command_started_together_store_one_job(store):
+    # Both looked for the job before either stored it: each made its own and spoke the
+    # whole book, two processes doing the same hours of work.
+    first = make(store, origin="cli", output="/books/a.m4b")
+    second = make(store, origin="cli", output="/books/a.m4b")
+    other = make(store, origin="cli", output="/books/b.m4b")
+    assert second.id == first.id != other.id
+    assert len(store.jobs()) == 2
+    assert sorted(p.name for p in store.root.iterdir() if p.is_dir()) == sorted(
+        [first.id, other.id]
+    )
 
 
 def test_unknown_and_malformed_ids_are_404(store):
