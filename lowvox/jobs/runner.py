@@ -233,10 +233,10 @@ class JobRunner:
         try:
             if job.state == "cancelled":
                 return job
-            # A finished job whose book is gone is assembled again below.
+            # A finished job whose book or subtitles are gone is assembled again below.
             if (
                 job.state == "done"
-                and (book_path is None or book_path.exists())
+                and (book_path is None or all(p.exists() for p in _outputs(book_path)))
                 and not await self._pending(job)
             ):
                 return job
@@ -318,9 +318,7 @@ class JobRunner:
         writes sentence audio and the book (another process's sweep of the store spares
         fresh files), and a `lowvox book` output's folder is swept by no one else."""
         sweep_partials(self.store.folder(job.id) / "audio")
-        names = [
-            glob.escape(f".{p.name}.") + f"*{PART_SUFFIX}" for p in (book, *subtitle_paths(book))
-        ]
+        names = [glob.escape(f".{p.name}.") + f"*{PART_SUFFIX}" for p in _outputs(book)]
         sweep_partials(book.parent, patterns=names, recursive=False)
 
     def _lost_audio(self, job_id: str) -> list[int]:
@@ -561,6 +559,11 @@ def book_file(store: JobStore, job: JobInfo) -> Path:
 
 def subtitle_paths(book: Path) -> tuple[Path, Path]:
     return book.with_suffix(".srt"), book.with_suffix(".vtt")
+
+
+def _outputs(book: Path) -> tuple[Path, Path, Path]:
+    """The files assembling a book writes: the book and its subtitles."""
+    return (book, *subtitle_paths(book))
 
 
 def chapter_format(fmt: str) -> str:
