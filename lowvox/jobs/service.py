@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -125,16 +126,20 @@ class JobService:
                 )
             except LowvoxError as e:
                 logger.warning("job %s stopped: %s", job_id, e)
-                with contextlib.suppress(LowvoxError):
-                    await asyncio.to_thread(self.store.set_state, job_id, "failed", str(e))
+                await self._fail(job_id, str(e))
             except Exception:
                 logger.exception("job %s failed", job_id)
-                with contextlib.suppress(LowvoxError):
-                    await asyncio.to_thread(
-                        self.store.set_state, job_id, "failed", "internal error (see the log)"
-                    )
+                await self._fail(job_id, "internal error (see the log)")
             finally:
                 self._runner, self._current = None, None
+
+    async def _fail(self, job_id: str, error: str) -> None:
+        """Record that a job failed. A store that cannot (a full disk fails its writes too)
+        leaves the job as it was, resumed at the next start; the loop goes on."""
+        try:
+            await asyncio.to_thread(self.store.set_state, job_id, "failed", error)
+        except (LowvoxError, sqlite3.Error) as e:
+            logger.error("job %s: cannot record that it failed (%s)", job_id, e)
 
     def _has_pending(self, job_id: str) -> bool:
         return bool(self.store.sentences(job_id, state="pending"))
