@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -39,6 +40,8 @@ from typing import Any, Literal
 
 from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.jobs.model import BookMeta, Line, Pauses
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -212,6 +215,13 @@ class JobNotFound(LowvoxError):
 
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no such job: {job_id!r}")
+
+
+class DamagedJob(LowvoxError):
+    """A job's row cannot be read (edited by hand, or written by another version)."""
+
+    def __init__(self, job_id: str, why: str) -> None:
+        super().__init__(f"job {job_id} is damaged in the job store ({why})")
 
 
 class JobConflict(LowvoxError):
@@ -396,7 +406,13 @@ class JobStore:
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args.extend(states)
-        return [_job(r) for r in self._query(sql + " ORDER BY created", args)]
+        jobs = []
+        for row in self._query(sql + " ORDER BY created", args):
+            try:
+                jobs.append(_job(row))
+            except DamagedJob as e:  # one damaged row must not hide or stop the others
+                logger.warning("%s; it is left out", e)
+        return jobs
 
     def find_cli_job(self, output: str, input_sha256: str, settings: JobSettings) -> JobInfo | None:
         """The `lowvox book` job that a rerun of the same command continues."""
@@ -630,7 +646,11 @@ def _cli_job(
         " AND input_sha256 = ? AND state != 'cancelled' ORDER BY created",
         (output, input_sha256),
     ).fetchall()
-    return next((r["id"] for r in rows if JobSettings.from_json(r["settings"]) == settings), None)
+    for row in rows:
+        with contextlib.suppress(DamagedJob):
+            if _settings(row) == settings:
+                return str(row["id"])
+    return None
 
 
 def _leased(row: sqlite3.Row, exclude: str) -> bool:
@@ -655,9 +675,16 @@ def _alive(owner: str) -> bool:
     return True
 
 
+def _settings(row: sqlite3.Row) -> JobSettings:
+    try:
+        return JobSettings.from_json(row["settings"])
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not settings
+        raise DamagedJob(row["id"], f"its settings cannot be read: {e}") from e
+
+
 def _job(row: sqlite3.Row) -> JobInfo:
     values = dict(row)
-    values["settings"] = JobSettings.from_json(values["settings"])
+    values["settings"] = _settings(row)
     return JobInfo(**values)
 
 

@@ -65,6 +65,26 @@ def test_a_damaged_database_is_a_clear_error_and_is_left_as_it_is(tmp_path, caps
     assert db.read_bytes() == before
 
 
+@pytest.mark.parametrize("settings", ["{not json", '{"engine": "x", "pauses": 7}', "[]"])
+def test_a_job_whose_stored_settings_are_damaged_is_left_out_not_fatal(tmp_path, capsys, settings):
+    # One such row (edited by hand, or written by another version) made every listing,
+    # `lowvox jobs` and the server's start-up raise.
+    store = JobStore(tmp_path / "jobs")
+    bad, good = make(store), make(store)
+    store.close()
+    with sqlite3.connect(tmp_path / "jobs" / "jobs.sqlite3") as db:
+        db.execute("UPDATE jobs SET settings = ? WHERE id = ?", (settings, bad.id))
+    store = JobStore(tmp_path / "jobs")
+    try:
+        assert [j.id for j in store.jobs()] == [good.id]
+        with pytest.raises(LowvoxError, match=f"job {bad.id} is damaged in the job store"):
+            store.get(bad.id)
+    finally:
+        store.close()
+    assert main(["jobs", "list", "--home", str(tmp_path)]) == 0
+    assert good.id[:12] in capsys.readouterr().out
+
+
 def test_create_keeps_input_chapters_and_sentences(store):
     job = make(store)
     assert job.state == "queued" and job.title == "Book" and job.author == "Ann"
