@@ -222,7 +222,6 @@ class JobRunner:
         if not await asyncio.to_thread(store.claim, job_id):
             raise JobConflict(f"job {job_id} is being worked on by another process")
         job = await asyncio.to_thread(store.get, job_id)
-        await asyncio.to_thread(self._sweep, job, book_path or book_file(store, job))
         run = _Run(job)
         self._runs[job_id] = run
         if job_id in self._early_stops:
@@ -231,6 +230,7 @@ class JobRunner:
             run.cancel.set()
         renewer = asyncio.create_task(self._renew(run))
         try:
+            await asyncio.to_thread(self._sweep, job, book_path or book_file(store, job))
             if job.state == "cancelled":
                 return job
             # A finished job whose book or subtitles are gone is assembled again below.
