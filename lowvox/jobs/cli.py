@@ -277,6 +277,8 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _show(store: Any, job: Any, every: bool) -> None:
+    from lowvox.jobs.store import by_chapter
+
     p = store.progress(job.id, job.sample_rate)
     print(f"job       {job.id}")
     print(f"title     {job.title}" + (f" — {job.author}" if job.author else ""))
@@ -288,9 +290,10 @@ def _show(store: Any, job: Any, every: bool) -> None:
         print(f"output    {job.output}")
     chapters = store.chapters(job.id)
     sentences = store.sentences(job.id)
+    grouped = by_chapter(sentences)
     print("chapters")
     for i, title in enumerate(chapters):
-        mine = [s for s in sentences if s.chapter == i]
+        mine = grouped.get(i)
         if mine:
             done = sum(s.state == "done" for s in mine)
             print(f"  {i + 1:3d}  {done}/{len(mine)}  {title}")

@@ -33,7 +33,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -208,6 +208,14 @@ class Progress:
     @property
     def pending(self) -> int:
         return self.total - self.done - self.failed
+
+
+def by_chapter(sentences: Iterable[Sentence]) -> dict[int, list[Sentence]]:
+    """Sentences grouped by chapter, in one pass (a book may have many thousands)."""
+    groups: dict[int, list[Sentence]] = {}
+    for s in sentences:
+        groups.setdefault(s.chapter, []).append(s)
+    return groups
 
 
 class JobNotFound(LowvoxError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,6 +18,7 @@ from lowvox.jobs.store import (
     NarratorSettings,
     sentence_seed,
 )
+from lowvox.server.routes.jobs import describe
 
 LINES = [
     Line(chapter=0, paragraph=0, text="One."),
@@ -146,6 +148,34 @@ def test_two_book_runs_of_one_command_started_together_store_one_job(store):
     assert sorted(p.name for p in store.root.iterdir() if p.is_dir()) == sorted(
         [first.id, other.id]
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_job_of_many_chapters_is_described_in_linear_time(tmp_path, capsys):
+    # The server's job description (every GET of a job, and the answer to its creation)
+    # and `lowvox jobs show` looked through every sentence for each chapter: 30,000
+    # chapters of a sentence each (a 1 MB Markdown file, under the job limit) took about
+    # 100 s for each, on a thread of the server. Now a few seconds, growing linearly.
+    n = 30_000
+    store = JobStore(tmp_path / "jobs")
+    lines = [Line(chapter=i, paragraph=0, text=f"Sentence {i}.") for i in range(n)]
+    meta = BookMeta(title="Book", chapter_titles=tuple(f"Chapter {i}" for i in range(n)))
+    job = store.create(
+        input_name="book.md",
+        data=b"...",
+        meta=meta,
+        settings=JobSettings(engine="espeak"),
+        lines=lines,
+    )
+    state = SimpleNamespace(jobs=SimpleNamespace(store=store))
+    try:
+        chapters = describe(state, job, detail=True)["chapters"]
+    finally:
+        store.close()
+    assert [c["first_sentence"] for c in chapters] == list(range(n))
+    assert main(["jobs", "show", job.id, "--home", str(tmp_path)]) == 0
+    assert f"{n:5d}  0/1  Chapter {n - 1}" in capsys.readouterr().out
 
 
 def test_unknown_and_malformed_ids_are_404(store):
