@@ -232,6 +232,13 @@ class DamagedJob(LowvoxError):
         super().__init__(f"job {job_id} is damaged in the job store ({why})")
 
 
+class StoreFull(LowvoxError):
+    """The job store cannot be written: its disk is full."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"cannot write the job store {path}: the disk is full")
+
+
 class JobConflict(LowvoxError):
     """The job is not in a state that allows what was asked."""
 
@@ -289,15 +296,23 @@ class JobStore:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: one writer at a time, across processes)."""
+        """One write transaction (BEGIN IMMEDIATE: one writer at a time, across processes).
+        A full disk (SQLite's SQLITE_FULL) is a `StoreFull`; the transaction is undone."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite ends some failed ones itself
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as e:
+                # SQLITE_FULL's own words (Python 3.10 does not give the error's code).
+                if "database or disk is full" in str(e):
+                    raise StoreFull(self.root / "jobs.sqlite3") from e
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lowvox.errors import InvalidRequest
+from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.files import PART_SUFFIX, atomic_path
 from lowvox.jobs import runner as runner_module
 from lowvox.jobs.plan import MAX_CHAPTER_PARTS, create_job, parse_chapters
@@ -244,6 +244,25 @@ def test_a_sentence_the_file_system_refuses_stops_the_job_resumably(tmp_path):
         assert again.state == "done" and store.progress(again.id).done == 1
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_a_job_store_too_full_to_record_a_sentence_is_a_clear_error_and_resumes(store):
+    # SQLite's own "database or disk is full" escaped as sqlite3.OperationalError: a
+    # traceback from `lowvox book`. Here the database may not grow (max_page_count), which
+    # SQLite reports exactly as a full disk (SQLITE_FULL).
+    text = "\n\n".join(f"Sentence number {i} is here to fill the page." for i in range(300))
+    executor = FakeExecutor()
+    job = run(new_job(store, executor, text=text, name="long.txt"))
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(LowvoxError, match="cannot write the job store .* the disk is full"):
+        run(JobRunner(store, executor).run(job.id))
+    kept, calls = store.progress(job.id).done, len(executor.calls)
+    store._db.execute("PRAGMA max_page_count = 1073741823")  # room is made
+    again = run(JobRunner(store, executor).run(job.id))
+    assert again.state == "done" and store.progress(job.id).done == 300
+    assert len(executor.calls) - calls == 300 - kept  # what was kept is not spoken again
 
 
 def test_pause_then_resume_gives_the_same_book_as_an_uninterrupted_run(tmp_path):
