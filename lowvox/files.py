@@ -110,18 +110,20 @@ def sweep_partials(
     folder: str | os.PathLike[str],
     older_than_s: float = 0.0,
     patterns: Sequence[str] = (PARTIAL_GLOB,),
+    *,
+    recursive: bool = True,
 ) -> int:
-    """Remove the temporaries that killed writers left under `folder` (recursively):
-    files and folders whose names match one of the glob `patterns`; returns how many.
-    `older_than_s` spares those a live writer may still be using. Symbolic links are
-    neither removed nor followed."""
+    """Remove the temporaries that killed writers left under `folder` (recursively, unless
+    not `recursive`): files and folders whose names match one of the glob `patterns`;
+    returns how many. `older_than_s` spares those a live writer may still be using.
+    Symbolic links are neither removed nor followed."""
     root = Path(folder)
     if not root.is_dir():
         return 0
     now = time.time()
     removed = 0
     for pattern in patterns:
-        for tmp in list(root.rglob(pattern)):
+        for tmp in list(root.rglob(pattern) if recursive else root.glob(pattern)):
             try:
                 st = tmp.lstat()
                 if now - st.st_mtime < older_than_s:

@@ -47,6 +47,7 @@ __all__ = [
     "BOOK_FORMATS",
     "ChapterSpan",
     "Cue",
+    "DamagedSentence",
     "Piece",
     "Timeline",
     "assemble",
@@ -184,18 +185,30 @@ def _span(chapter: int, first: int, stop: int, rate: int) -> ChapterSpan:
 _SILENCE_CHUNK_S = 10  # silence is made in pieces of at most this many seconds
 
 
+class DamagedSentence(LowvoxError):
+    """A sentence's file is missing or is not the audio the job recorded."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 def _read_piece(piece: Piece, sample_rate: int) -> np.ndarray:
     try:
         data, rate = sf.read(piece.path, dtype="float32", always_2d=True)  # [N, C]
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        raise LowvoxError(f"cannot read the audio of sentence {piece.index}: {e}") from e
+        raise DamagedSentence(
+            piece.index, f"cannot read the audio of sentence {piece.index}: {e}"
+        ) from e
     if rate != sample_rate:
-        raise LowvoxError(
-            f"sentence {piece.index} is at {rate} Hz, the job's audio at {sample_rate} Hz"
+        raise DamagedSentence(
+            piece.index,
+            f"sentence {piece.index} is at {rate} Hz, the job's audio at {sample_rate} Hz",
         )
     if data.shape[0] != piece.samples:
-        raise LowvoxError(
-            f"sentence {piece.index} has {data.shape[0]} samples, the job recorded {piece.samples}"
+        raise DamagedSentence(
+            piece.index,
+            f"sentence {piece.index} has {data.shape[0]} samples, the job recorded {piece.samples}",
         )
     return data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
 

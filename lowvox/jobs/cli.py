@@ -203,9 +203,11 @@ async def _book(
     from lowvox.jobs.plan import create_job
     from lowvox.jobs.runner import JobRunner, recognizer_for, subtitle_paths
     from lowvox.server.engines import EngineHub
+    from lowvox.server.outputs import STALE_PARTIAL_S
 
     recognizer = recognizer_for(settings)
     store = _store(settings)
+    store.sweep_orphans(STALE_PARTIAL_S)
     hub = EngineHub(settings)
     executor = open_executor(settings, hub, job_settings.engine)
     bar = ProgressBar(progress)
@@ -275,6 +277,8 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _show(store: Any, job: Any, every: bool) -> None:
+    from lowvox.jobs.store import by_chapter
+
     p = store.progress(job.id, job.sample_rate)
     print(f"job       {job.id}")
     print(f"title     {job.title}" + (f" — {job.author}" if job.author else ""))
@@ -286,9 +290,10 @@ def _show(store: Any, job: Any, every: bool) -> None:
         print(f"output    {job.output}")
     chapters = store.chapters(job.id)
     sentences = store.sentences(job.id)
+    grouped = by_chapter(sentences)
     print("chapters")
     for i, title in enumerate(chapters):
-        mine = [s for s in sentences if s.chapter == i]
+        mine = grouped.get(i)
         if mine:
             done = sum(s.state == "done" for s in mine)
             print(f"  {i + 1:3d}  {done}/{len(mine)}  {title}")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import glob
+import io
 import logging
 import threading
 import time
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from lowvox.errors import Cancelled, InvalidRequest, LowvoxError
-from lowvox.files import atomic_path, why_not_written
+from lowvox.files import PART_SUFFIX, sweep_partials, why_not_written, write_atomic
 from lowvox.jobs import assemble as assembly
 from lowvox.jobs.executors import Executor, Take
 from lowvox.jobs.model import BookMeta
@@ -144,10 +146,13 @@ def take_seed(job_seed: int, index: int, attempt: int, take: int) -> int:
 
 
 def write_sentence_audio(path: Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Encoded in memory, then written: libsndfile reports a full disk as its own "System
+    error.", where a plain write raises the OSError that says what is wrong."""
     import soundfile as sf
 
-    with atomic_path(path) as tmp:
-        sf.write(tmp, samples, sample_rate, format="FLAC", subtype=SENTENCE_SUBTYPE)
+    buf = io.BytesIO()
+    sf.write(buf, samples, sample_rate, format="FLAC", subtype=SENTENCE_SUBTYPE)
+    write_atomic(path, buf.getvalue())
 
 
 @dataclass
@@ -225,11 +230,15 @@ class JobRunner:
             run.cancel.set()
         renewer = asyncio.create_task(self._renew(run))
         try:
+            await asyncio.to_thread(self._sweep, job, book_path or book_file(store, job))
             if job.state == "cancelled":
                 return job
-            if job.state == "done" and not await self._pending(job):
-                if book_path is not None and not book_path.exists():
-                    await self.assemble(job_id, book_path=book_path)
+            # A finished job whose book or subtitles are gone is assembled again below.
+            if (
+                job.state == "done"
+                and (book_path is None or all(p.exists() for p in _outputs(book_path)))
+                and not await self._pending(job)
+            ):
                 return job
             try:
                 job = await asyncio.to_thread(store.set_state, job_id, "running", expect=states)
@@ -243,6 +252,7 @@ class JobRunner:
                 job = run.job = await asyncio.to_thread(store.get, job_id)
             # Until nothing is pending: a retake asked for meanwhile, even while the book
             # was being assembled, joins this run.
+            redone: set[int] = set()
             while True:
                 while not run.stop.is_set() and (pending := await self._pending(run.job)):
                     await self._speak_pending(run, pending)
@@ -264,6 +274,18 @@ class JobRunner:
                     if await self._pending(run.job):
                         continue
                     raise
+                except assembly.DamagedSentence as e:
+                    # Its audio was lost or damaged after it was done: spoken again with
+                    # its seed (with every other whose file is gone), once in a run.
+                    if e.index in redone:
+                        raise _StopJob(f"cannot assemble the book ({e}); resume once fixed") from e
+                    again = {e.index, *await asyncio.to_thread(self._lost_audio, job_id)}
+                    logger.warning(
+                        "job %s: %s; speaking %d sentence(s) again", job_id, e, len(again)
+                    )
+                    redone |= again
+                    await asyncio.to_thread(store.redo, job_id, sorted(again))
+                    continue
                 except (LowvoxError, OSError) as e:
                     # A full disk, an unwritable output: every sentence is kept, and
                     # resuming assembles again.
@@ -290,6 +312,18 @@ class JobRunner:
                 await renewer
             self._runs.pop(job_id, None)
             await asyncio.to_thread(store.release, job_id)
+
+    def _sweep(self, job: JobInfo, book: Path) -> None:
+        """Remove what a killed holder of the job's lease was writing: only the holder
+        writes sentence audio and the book (another process's sweep of the store spares
+        fresh files), and a `lowvox book` output's folder is swept by no one else."""
+        sweep_partials(self.store.folder(job.id) / "audio")
+        names = [glob.escape(f".{p.name}.") + f"*{PART_SUFFIX}" for p in _outputs(book)]
+        sweep_partials(book.parent, patterns=names, recursive=False)
+
+    def _lost_audio(self, job_id: str) -> list[int]:
+        done = self.store.sentences(job_id, state="done")
+        return [s.idx for s in done if not self.store.audio_path(job_id, s.idx).is_file()]
 
     async def _pending(self, job: JobInfo) -> list[Sentence]:
         return await asyncio.to_thread(self.store.sentences, job.id, state="pending")
@@ -525,6 +559,11 @@ def book_file(store: JobStore, job: JobInfo) -> Path:
 
 def subtitle_paths(book: Path) -> tuple[Path, Path]:
     return book.with_suffix(".srt"), book.with_suffix(".vtt")
+
+
+def _outputs(book: Path) -> tuple[Path, Path, Path]:
+    """The files assembling a book writes: the book and its subtitles."""
+    return (book, *subtitle_paths(book))
 
 
 def chapter_format(fmt: str) -> str:

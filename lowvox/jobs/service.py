@@ -3,8 +3,9 @@
 `JobService` owns the job store and a queue of jobs to run. Its task (on the event loop)
 runs the oldest waiting job through a `JobRunner`; the job's sentences go to the engine's
 scheduler at bulk priority, so interactive requests keep their turn while a book renders.
-At start-up, jobs the server was running when it stopped (or was killed) are queued again;
-failed and paused jobs wait for a resume.
+At start-up, jobs the server was running when it stopped (or was killed) are queued again,
+and so are finished ones with a retake still to speak; failed and paused jobs wait for a
+resume.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from lowvox.jobs.runner import (
     recognizer_for,
 )
 from lowvox.jobs.store import JobConflict, JobInfo, JobSettings, JobStore
+from lowvox.server.outputs import STALE_PARTIAL_S
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +55,22 @@ class JobService:
     # -- life -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        swept = await asyncio.to_thread(sweep_partials, self.store.root)
+        # Another server or a `lowvox book` may be writing into the store right now: only
+        # what no live writer would leave this long is removed (a job's runner sweeps its
+        # own sentence audio when it takes the job).
+        swept = await asyncio.to_thread(sweep_partials, self.store.root, STALE_PARTIAL_S)
         if swept:
             logger.info("removed %d partial file(s) left in the job store", swept)
+        orphans = await asyncio.to_thread(self.store.sweep_orphans, STALE_PARTIAL_S)
+        if orphans:
+            logger.info("removed %d job folder(s) without a job in the store", orphans)
         for job in await asyncio.to_thread(
-            self.store.jobs, origin="server", states=("queued", "running")
+            self.store.jobs, origin="server", states=("queued", "running", "done")
         ):
+            # A done job with a sentence to speak: a retake whose job was not yet queued
+            # again when the server stopped.
+            if job.state == "done" and not await asyncio.to_thread(self._has_pending, job.id):
+                continue
             logger.info("job %s (%s) will resume", job.id, job.title)
             self._queue.put_nowait(job.id)
         self._task = asyncio.create_task(self._loop(), name="lowvox-jobs")
@@ -113,16 +126,20 @@ class JobService:
                 )
             except LowvoxError as e:
                 logger.warning("job %s stopped: %s", job_id, e)
-                with contextlib.suppress(LowvoxError):
-                    await asyncio.to_thread(self.store.set_state, job_id, "failed", str(e))
+                await self._fail(job_id, str(e))
             except Exception:
                 logger.exception("job %s failed", job_id)
-                with contextlib.suppress(LowvoxError):
-                    await asyncio.to_thread(
-                        self.store.set_state, job_id, "failed", "internal error (see the log)"
-                    )
+                await self._fail(job_id, "internal error (see the log)")
             finally:
                 self._runner, self._current = None, None
+
+    async def _fail(self, job_id: str, error: str) -> None:
+        """Record that a job failed. A store that cannot (a full disk fails its writes too)
+        leaves the job as it was, resumed at the next start; the loop goes on."""
+        try:
+            await asyncio.to_thread(self.store.set_state, job_id, "failed", error)
+        except (LowvoxError, sqlite3.Error) as e:
+            logger.error("job %s: cannot record that it failed (%s)", job_id, e)
 
     def _has_pending(self, job_id: str) -> bool:
         return bool(self.store.sentences(job_id, state="pending"))

@@ -24,20 +24,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
 import sqlite3
+import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.jobs.model import BookMeta, Line, Pauses
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -206,11 +210,33 @@ class Progress:
         return self.total - self.done - self.failed
 
 
+def by_chapter(sentences: Iterable[Sentence]) -> dict[int, list[Sentence]]:
+    """Sentences grouped by chapter, in one pass (a book may have many thousands)."""
+    groups: dict[int, list[Sentence]] = {}
+    for s in sentences:
+        groups.setdefault(s.chapter, []).append(s)
+    return groups
+
+
 class JobNotFound(LowvoxError):
     status_code = 404
 
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no such job: {job_id!r}")
+
+
+class DamagedJob(LowvoxError):
+    """A job's row cannot be read (edited by hand, or written by another version)."""
+
+    def __init__(self, job_id: str, why: str) -> None:
+        super().__init__(f"job {job_id} is damaged in the job store ({why})")
+
+
+class StoreFull(LowvoxError):
+    """The job store cannot be written: its disk is full."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"cannot write the job store {path}: the disk is full")
 
 
 class JobConflict(LowvoxError):
@@ -242,18 +268,27 @@ class JobStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        path = self.root / "jobs.sqlite3"
         self._db = sqlite3.connect(
-            self.root / "jobs.sqlite3", check_same_thread=False, timeout=30.0, isolation_level=None
+            path, check_same_thread=False, timeout=30.0, isolation_level=None
         )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with self._lock:
-            self._db.executescript(_SCHEMA)
-        self._db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-        )
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            with self._lock:
+                self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        except sqlite3.DatabaseError as e:
+            # A damaged or foreign file: say which, and leave it as it is for its owner.
+            self._db.close()
+            raise LowvoxError(
+                f"cannot open the job store {path} ({e}); move it aside to start afresh"
+            ) from e
 
     def close(self) -> None:
         with self._lock:
@@ -261,15 +296,23 @@ class JobStore:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: one writer at a time, across processes)."""
+        """One write transaction (BEGIN IMMEDIATE: one writer at a time, across processes).
+        A full disk (SQLite's SQLITE_FULL) is a `StoreFull`; the transaction is undone."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite ends some failed ones itself
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as e:
+                # SQLITE_FULL's own words (Python 3.10 does not give the error's code).
+                if "database or disk is full" in str(e):
+                    raise StoreFull(self.root / "jobs.sqlite3") from e
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -328,7 +371,13 @@ class JobStore:
             if meta.cover and cover_type:
                 ext = ".png" if cover_type == "image/png" else ".jpg"
                 write_atomic(folder / f"cover{ext}", meta.cover)
+            sha = hashlib.sha256(data).hexdigest()
             with self._tx() as db:
+                # Two `lowvox book` runs of one command started together: the second
+                # continues the first's job (and finds it held) rather than making another.
+                twin = _cli_job(db, output, sha, settings) if origin == "cli" and output else None
+                if twin is not None:
+                    raise _Twin(twin)
                 db.execute(
                     "INSERT INTO jobs (id, created, updated, state, origin, title, author,"
                     " language, input_name, input_sha256, settings, output, cover_type)"
@@ -336,7 +385,7 @@ class JobStore:
                     (
                         job_id, now, now, state, origin, meta.title, meta.author,
                         meta.language or settings.language, Path(input_name).name[:200],
-                        hashlib.sha256(data).hexdigest(), settings.to_json(), output, cover_type,
+                        sha, settings.to_json(), output, cover_type,
                     ),
                 )  # fmt: skip
                 db.executemany(
@@ -354,6 +403,8 @@ class JobStore:
                 )  # fmt: skip
         except BaseException as e:
             shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(e, _Twin):
+                return self.get(e.job_id)
             if isinstance(e, (OSError, sqlite3.OperationalError)):  # a full disk, say
                 raise LowvoxError(f"cannot store the job ({why_not_written(e)})") from e
             raise
@@ -378,19 +429,19 @@ class JobStore:
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args.extend(states)
-        return [_job(r) for r in self._query(sql + " ORDER BY created", args)]
+        jobs = []
+        for row in self._query(sql + " ORDER BY created", args):
+            try:
+                jobs.append(_job(row))
+            except DamagedJob as e:  # one damaged row must not hide or stop the others
+                logger.warning("%s; it is left out", e)
+        return jobs
 
     def find_cli_job(self, output: str, input_sha256: str, settings: JobSettings) -> JobInfo | None:
         """The `lowvox book` job that a rerun of the same command continues."""
-        for job in self.jobs(origin="cli"):
-            if (
-                job.output == output
-                and job.input_sha256 == input_sha256
-                and job.settings == settings
-                and job.state != "cancelled"
-            ):
-                return job
-        return None
+        with self._lock:
+            found = _cli_job(self._db, output, input_sha256, settings)
+        return None if found is None else self.get(found)
 
     def set_state(
         self, job_id: str, state: JobState, error: str | None = None, *, expect: Sequence[str] = ()
@@ -429,6 +480,26 @@ class JobStore:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         # The row is gone first: a folder without a row is never listed, only swept.
         shutil.rmtree(folder, ignore_errors=True)
+
+    def sweep_orphans(self, older_than_s: float) -> int:
+        """Remove job folders without a row, left by a process killed while it created or
+        deleted a job; returns how many. A folder is spared until it is `older_than_s`
+        old: a job being created has its folder a moment before its row."""
+        rows = {r["id"] for r in self._query("SELECT id FROM jobs")}
+        now = time.time()
+        removed = 0
+        for folder in self.root.iterdir():
+            if not _is_job_id(folder.name) or folder.name in rows:
+                continue
+            try:
+                st = folder.lstat()
+                if not stat.S_ISDIR(st.st_mode) or now - st.st_mtime < older_than_s:
+                    continue
+                shutil.rmtree(folder)
+            except OSError:  # gone already, or not ours to remove
+                continue
+            removed += 1
+        return removed
 
     # -- leases: one process works on a job at a time ---------------------------------
 
@@ -539,6 +610,17 @@ class JobStore:
             db.execute("UPDATE jobs SET updated = ? WHERE id = ?", (time.time(), job_id))
         return self.sentence(job_id, index)
 
+    def redo(self, job_id: str, indices: Sequence[int]) -> int:
+        """Done sentences back to pending with the same attempt (so the same seeds): their
+        audio was lost or damaged after they were done."""
+        with self._tx() as db:
+            cur = db.executemany(
+                "UPDATE sentences SET state = 'pending', error = NULL"
+                " WHERE job = ? AND idx = ? AND state = 'done'",
+                [(job_id, i) for i in indices],
+            )
+        return cur.rowcount
+
     def retry_failed(self, job_id: str) -> int:
         """Failed sentences back to pending (resume after the cause was fixed)."""
         with self._tx() as db:
@@ -570,6 +652,30 @@ class JobStore:
         )
 
 
+class _Twin(Exception):
+    """The job being stored exists already (it rolls the transaction back)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+def _cli_job(
+    db: sqlite3.Connection, output: str, input_sha256: str, settings: JobSettings
+) -> str | None:
+    """The id of the `lowvox book` job of this output, input and settings, if any."""
+    rows = db.execute(
+        "SELECT id, settings FROM jobs WHERE origin = 'cli' AND output = ?"
+        " AND input_sha256 = ? AND state != 'cancelled' ORDER BY created",
+        (output, input_sha256),
+    ).fetchall()
+    for row in rows:
+        with contextlib.suppress(DamagedJob):
+            if _settings(row) == settings:
+                return str(row["id"])
+    return None
+
+
 def _leased(row: sqlite3.Row, exclude: str) -> bool:
     """Whether someone other than `exclude` holds a live lease: one not yet lapsed, whose
     owner (when it is a process on this host) is still alive."""
@@ -592,9 +698,16 @@ def _alive(owner: str) -> bool:
     return True
 
 
+def _settings(row: sqlite3.Row) -> JobSettings:
+    try:
+        return JobSettings.from_json(row["settings"])
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not settings
+        raise DamagedJob(row["id"], f"its settings cannot be read: {e}") from e
+
+
 def _job(row: sqlite3.Row) -> JobInfo:
     values = dict(row)
-    values["settings"] = JobSettings.from_json(values["settings"])
+    values["settings"] = _settings(row)
     return JobInfo(**values)
 
 

@@ -94,6 +94,44 @@ def test_retake_from_the_cli_re_bakes_the_book(tmp_path, book, capsys):
     assert "The clocks were silent." in srt and "striking thirteen" not in srt
 
 
+def test_rerun_after_the_book_and_a_sentence_file_were_deleted_makes_them_again(
+    tmp_path, book, capsys
+):
+    # It failed "cannot read the audio of sentence 4" on every rerun: nothing spoke it again.
+    out = tmp_path / "book.wav"
+    home = tmp_path / "home"
+    cmd = ["book", str(book), "-o", str(out), "--engine", "espeak", "--no-progress",
+           "--home", str(home)]  # fmt: skip
+    assert main(cmd) == 0
+    srt = out.with_suffix(".srt").read_text()
+    out.unlink()
+    (lost,) = (home / "jobs").glob("*/audio/000004.flac")
+    lost.unlink()
+    capsys.readouterr()
+    assert main(cmd) == 0, capsys.readouterr().err
+    assert out.is_file() and lost.is_file()
+    # espeak-ng's takes depend on what it spoke before in the process: a sample or so.
+    cues = [block.split("\n", 2)[2] for block in srt.strip().split("\n\n")]
+    again = out.with_suffix(".srt").read_text()
+    assert [block.split("\n", 2)[2] for block in again.strip().split("\n\n")] == cues
+
+
+def test_rerun_of_a_finished_book_whose_subtitles_were_deleted_writes_them_again(
+    tmp_path, book, capsys
+):
+    # It said "wrote book.wav (+ book.srt, book.vtt)" and wrote neither.
+    out = tmp_path / "book.wav"
+    cmd = ["book", str(book), "-o", str(out), "--engine", "espeak", "--no-progress",
+           "--home", str(tmp_path / "home")]  # fmt: skip
+    assert main(cmd) == 0
+    srt, vtt = out.with_suffix(".srt"), out.with_suffix(".vtt")
+    cues = srt.read_text()
+    srt.unlink()
+    vtt.unlink()
+    assert main(cmd) == 0
+    assert srt.read_text() == cues and vtt.is_file()
+
+
 def test_a_retake_with_an_unknown_voice_is_refused_and_changes_nothing(tmp_path, book, capsys):
     out = tmp_path / "book.wav"
     args = ["--home", str(tmp_path / "home")]

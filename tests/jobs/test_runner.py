@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from lowvox.errors import InvalidRequest
+from lowvox.errors import InvalidRequest, LowvoxError
+from lowvox.files import PART_SUFFIX, atomic_path
 from lowvox.jobs import runner as runner_module
 from lowvox.jobs.plan import MAX_CHAPTER_PARTS, create_job, parse_chapters
 from lowvox.jobs.runner import JobRunner, book_file, subtitle_paths, take_seed
+from lowvox.jobs.service import JobService
 from lowvox.jobs.store import JobSettings, JobStore
+from lowvox.settings import Settings
 from tests.jobs.fakes import FakeExecutor
 
 BOOK = """# The Book
@@ -187,6 +196,75 @@ def test_a_full_disk_stops_the_job_and_resuming_finishes_it(store, monkeypatch):
     assert not list(store.folder(first.id).rglob("*.part"))
 
 
+# A job whose sentence cannot be written because the file system refuses (here a file size
+# limit, EFBIG: a real error from write(2), like a full disk's ENOSPC, with no root needed).
+_FILE_LIMIT_SCRIPT = """
+import asyncio, json, os, resource, signal, sys
+from lowvox.jobs.runner import JobRunner
+from lowvox.jobs.store import JobStore
+from tests.jobs.fakes import FakeExecutor
+from tests.jobs.test_runner import new_job
+
+store, executor = JobStore(sys.argv[1]), FakeExecutor(concurrency=1)
+
+async def go():
+    job = await new_job(store, executor, text=sys.argv[2], name="long.txt")
+    # Room for the database to grow, none for a sentence's audio.
+    biggest = max(p.stat().st_size for p in store.root.rglob("*") if p.is_file())
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (biggest + 256 * 1024, resource.RLIM_INFINITY))
+    job = await JobRunner(store, executor).run(job.id)
+    print(json.dumps({"id": job.id, "state": job.state, "error": job.error}))
+
+asyncio.run(go())
+"""
+
+
+@pytest.mark.slow
+def test_a_sentence_the_file_system_refuses_stops_the_job_resumably(tmp_path):
+    # soundfile turns a failed write into its own "System error." (not an OSError): the
+    # job died with it instead of stopping with a reason and waiting to be resumed.
+    long = ", ".join(["this sentence takes far more room than is left"] * 4) + "."
+    done = subprocess.run(
+        [sys.executable, "-c", _FILE_LIMIT_SCRIPT, str(tmp_path / "jobs"), long],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    assert done.returncode == 0, done.stderr
+    first = json.loads(done.stdout.splitlines()[-1])
+    assert first["state"] == "failed"
+    assert "cannot write sentence audio ([Errno 27] File too large)" in first["error"]
+    assert "resume once fixed" in first["error"]
+    store = JobStore(tmp_path / "jobs")
+    try:
+        assert not list(store.folder(first["id"]).rglob("*.part"))
+        again = run(JobRunner(store, FakeExecutor()).run(first["id"]))
+        assert again.state == "done" and store.progress(again.id).done == 1
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_a_job_store_too_full_to_record_a_sentence_is_a_clear_error_and_resumes(store):
+    # SQLite's own "database or disk is full" escaped as sqlite3.OperationalError: a
+    # traceback from `lowvox book`. Here the database may not grow (max_page_count), which
+    # SQLite reports exactly as a full disk (SQLITE_FULL).
+    text = "\n\n".join(f"Sentence number {i} is here to fill the page." for i in range(300))
+    executor = FakeExecutor()
+    job = run(new_job(store, executor, text=text, name="long.txt"))
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(LowvoxError, match="cannot write the job store .* the disk is full"):
+        run(JobRunner(store, executor).run(job.id))
+    kept, calls = store.progress(job.id).done, len(executor.calls)
+    store._db.execute("PRAGMA max_page_count = 1073741823")  # room is made
+    again = run(JobRunner(store, executor).run(job.id))
+    assert again.state == "done" and store.progress(job.id).done == 300
+    assert len(executor.calls) - calls == 300 - kept  # what was kept is not spoken again
+
+
 def test_pause_then_resume_gives_the_same_book_as_an_uninterrupted_run(tmp_path):
     async def uninterrupted():
         store = JobStore(tmp_path / "a")
@@ -249,6 +327,56 @@ def test_edit_and_retake_re_bake_without_speaking_anything_else(store):
     assert "A new paragraph starts." not in vtt
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_sentence_audio_lost_after_it_was_done_is_spoken_again_with_its_seed(store, damage):
+    # Re-baking a book whose sentence files were deleted (to save room, say) or damaged
+    # failed the job "resume once fixed", and every resume failed the same way.
+    executor = FakeExecutor()
+
+    async def go():
+        job = await new_job(store, executor)
+        runner = JobRunner(store, executor)
+        await runner.run(job.id)
+        before = sentence_audio(store, job.id)
+        calls = len(executor.calls)
+        lost = [store.audio_path(job.id, i) for i in (1, 6)]
+        for path in lost:
+            if damage == "missing":
+                path.unlink()
+            else:
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        store.retake(job.id, 3)
+        done = await runner.run(job.id)
+        return job, before, executor.calls[calls:], done
+
+    job, before, again, done = run(go())
+    assert done.state == "done", done.error
+    assert sorted(t.index for t in again) == [1, 3, 6]
+    after = sentence_audio(store, job.id)
+    assert all(np.array_equal(before[i], after[i]) for i in before if i != 3)
+    assert [s.attempt for s in store.sentences(job.id)] == [0, 0, 0, 1, 0, 0, 0, 0]
+
+
+def test_a_sentence_whose_audio_is_damaged_again_stops_the_job_after_one_redo(store, monkeypatch):
+    executor = FakeExecutor()
+    real = runner_module.write_sentence_audio
+
+    def damaging(path, samples, rate):
+        real(path, samples, rate)
+        if path.name == "000001.flac":
+            path.write_bytes(b"not FLAC")
+
+    monkeypatch.setattr(runner_module, "write_sentence_audio", damaging)
+
+    async def go():
+        job = await new_job(store, executor)
+        return await JobRunner(store, executor).run(job.id)
+
+    job = run(go())
+    assert job.state == "failed" and "cannot read the audio of sentence 1" in job.error
+    assert [t.index for t in executor.calls].count(1) == 2  # spoken again once, no more
+
+
 def test_unknown_voice_in_a_tag_stores_nothing(store):
     from lowvox.errors import UnknownVoice
 
@@ -279,6 +407,87 @@ def test_a_second_runner_cannot_take_a_job_in_progress(store):
         return other
 
     assert run(go()) is False
+
+
+def test_what_a_killed_runner_was_writing_is_removed_when_the_job_is_taken_again(store):
+    # `lowvox book` never swept its store: every kill left the sentences in flight behind.
+    executor = FakeExecutor()
+
+    async def go():
+        job = await new_job(store, executor)
+        audio = store.audio_path(job.id, 3)
+        tmp = audio.with_name(f".{audio.name}.killed{PART_SUFFIX}")  # as atomic_path names it
+        tmp.write_bytes(b"half a FLAC")
+        return await JobRunner(store, executor).run(job.id), tmp
+
+    job, tmp = run(go())
+    assert job.state == "done" and not tmp.exists()
+    assert not list(store.folder(job.id).rglob("*.part"))
+
+
+def test_a_book_a_killed_runner_was_assembling_is_removed_when_the_job_is_taken_again(
+    store, tmp_path
+):
+    # Each `lowvox book` killed while assembling left a hidden partial book (as big as the
+    # book, at the end) in the user's folder, and no rerun removed it.
+    out = tmp_path / "out" / "My Book [1].wav"
+    out.parent.mkdir()
+    mine = [out.parent / f".{name}.killed{PART_SUFFIX}" for name in
+            ("My Book [1].wav", "My Book [1].srt", "My Book [1].vtt")]  # fmt: skip
+    others = [out.parent / f".My Book 1.wav.other{PART_SUFFIX}",  # another book's
+              out.parent / "sub" / f".{out.name}.other{PART_SUFFIX}"]  # fmt: skip
+    others[1].parent.mkdir()
+    for path in mine + others:
+        path.write_bytes(b"half a book")
+    executor = FakeExecutor()
+
+    async def go():
+        job = await new_job(store, executor)
+        return await JobRunner(store, executor).run(job.id, book_path=out)
+
+    assert run(go()).state == "done" and out.is_file()
+    assert not any(p.exists() for p in mine) and all(p.exists() for p in others)
+
+
+def test_a_server_starting_spares_what_another_process_is_writing_into_the_store(tmp_path):
+    # Another server or a `lowvox book` on the same data folder: the store is shared, so a
+    # fresh temporary may belong to a live writer (only old ones are a dead writer's).
+    service = JobService(Settings(home=tmp_path), hub=None)
+    out = service.store.root / ("a" * 32) / "out"
+    out.mkdir(parents=True)
+    stale = out / ".chapter-001.wav.dead.part"
+    stale.write_bytes(b"left by a writer killed long ago")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+
+    async def go():
+        with atomic_path(out / "book.wav") as tmp:
+            tmp.write_bytes(b"a book being assembled")
+            await service.start()
+            await service.close()
+
+    run(go())
+    assert (out / "book.wav").read_bytes() == b"a book being assembled"
+    assert not stale.exists()
+
+
+def test_job_folders_left_without_a_job_are_removed_once_stale(store, tmp_path):
+    # A process killed while it created a job (folder and input written, no row yet) or
+    # deleted one (row gone, folder half removed) left the folder for good.
+    kept = run(new_job(store, FakeExecutor()))
+    old, fresh = store.root / ("b" * 32), store.root / ("c" * 32)
+    for folder in (old, fresh):
+        (folder / "audio").mkdir(parents=True)
+        (folder / "input.md").write_bytes(b"# A book nobody will ever see")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    os.utime(store.folder(kept.id), (time.time() - 3600, time.time() - 3600))
+    service = JobService(Settings(home=tmp_path), hub=None, store=store)
+
+    async def go():
+        await service.start()
+        await service.close()  # before the job it queued runs: only the sweep is tested
+
+    run(go())
+    assert not old.exists() and fresh.exists() and store.folder(kept.id).exists()
 
 
 def test_a_speech_recognition_mismatch_is_retaken(store):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
+from types import SimpleNamespace
 
 import pytest
 
+from lowvox.cli import main
 from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.jobs.model import BookMeta, Line, Pauses
 from lowvox.jobs.store import (
@@ -16,6 +18,7 @@ from lowvox.jobs.store import (
     NarratorSettings,
     sentence_seed,
 )
+from lowvox.server.routes.jobs import describe
 
 LINES = [
     Line(chapter=0, paragraph=0, text="One."),
@@ -32,14 +35,56 @@ def store(tmp_path):
     s.close()
 
 
-def make(store, **kw):
+def make(store, origin="server", output=None, **kw):
     return store.create(
         input_name="book.txt",
         data=b"One.\n\nTwo.",
         meta=META,
         settings=JobSettings(engine="espeak", voice="alpha", **kw),
         lines=LINES,
+        origin=origin,
+        output=output,
     )
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_database_is_a_clear_error_and_is_left_as_it_is(tmp_path, capsys, damage):
+    # It was a traceback from `lowvox jobs` and `lowvox serve` (sqlite3.DatabaseError).
+    db = tmp_path / "jobs" / "jobs.sqlite3"
+    if damage == "garbage":
+        db.parent.mkdir()
+        db.write_bytes(b"not a database at all\n" * 500)
+    else:
+        store = JobStore(tmp_path / "jobs")
+        make(store)
+        store.close()
+        db.write_bytes(db.read_bytes()[:20_000])
+    before = db.read_bytes()
+    with pytest.raises(LowvoxError, match="cannot open the job store .*jobs.sqlite3"):
+        JobStore(tmp_path / "jobs")
+    assert main(["jobs", "list", "--home", str(tmp_path)]) == 2
+    assert "move it aside" in capsys.readouterr().err
+    assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("settings", ["{not json", '{"engine": "x", "pauses": 7}', "[]"])
+def test_a_job_whose_stored_settings_are_damaged_is_left_out_not_fatal(tmp_path, capsys, settings):
+    # One such row (edited by hand, or written by another version) made every listing,
+    # `lowvox jobs` and the server's start-up raise.
+    store = JobStore(tmp_path / "jobs")
+    bad, good = make(store), make(store)
+    store.close()
+    with sqlite3.connect(tmp_path / "jobs" / "jobs.sqlite3") as db:
+        db.execute("UPDATE jobs SET settings = ? WHERE id = ?", (settings, bad.id))
+    store = JobStore(tmp_path / "jobs")
+    try:
+        assert [j.id for j in store.jobs()] == [good.id]
+        with pytest.raises(LowvoxError, match=f"job {bad.id} is damaged in the job store"):
+            store.get(bad.id)
+    finally:
+        store.close()
+    assert main(["jobs", "list", "--home", str(tmp_path)]) == 0
+    assert good.id[:12] in capsys.readouterr().out
 
 
 def test_create_keeps_input_chapters_and_sentences(store):
@@ -90,6 +135,47 @@ def test_a_full_disk_while_storing_a_job_says_so_and_stores_nothing(store, monke
         make(store)
     assert store.jobs() == []
     assert [p.name for p in store.root.iterdir() if p.is_dir()] == []
+
+
+def test_two_book_runs_of_one_command_started_together_store_one_job(store):
+    # Both looked for the job before either stored it: each made its own and spoke the
+    # whole book, two processes doing the same hours of work.
+    first = make(store, origin="cli", output="/books/a.m4b")
+    second = make(store, origin="cli", output="/books/a.m4b")
+    other = make(store, origin="cli", output="/books/b.m4b")
+    assert second.id == first.id != other.id
+    assert len(store.jobs()) == 2
+    assert sorted(p.name for p in store.root.iterdir() if p.is_dir()) == sorted(
+        [first.id, other.id]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_job_of_many_chapters_is_described_in_linear_time(tmp_path, capsys):
+    # The server's job description (every GET of a job, and the answer to its creation)
+    # and `lowvox jobs show` looked through every sentence for each chapter: 30,000
+    # chapters of a sentence each (a 1 MB Markdown file, under the job limit) took about
+    # 100 s for each, on a thread of the server. Now a few seconds, growing linearly.
+    n = 30_000
+    store = JobStore(tmp_path / "jobs")
+    lines = [Line(chapter=i, paragraph=0, text=f"Sentence {i}.") for i in range(n)]
+    meta = BookMeta(title="Book", chapter_titles=tuple(f"Chapter {i}" for i in range(n)))
+    job = store.create(
+        input_name="book.md",
+        data=b"...",
+        meta=meta,
+        settings=JobSettings(engine="espeak"),
+        lines=lines,
+    )
+    state = SimpleNamespace(jobs=SimpleNamespace(store=store))
+    try:
+        chapters = describe(state, job, detail=True)["chapters"]
+    finally:
+        store.close()
+    assert [c["first_sentence"] for c in chapters] == list(range(n))
+    assert main(["jobs", "show", job.id, "--home", str(tmp_path)]) == 0
+    assert f"{n:5d}  0/1  Chapter {n - 1}" in capsys.readouterr().out
 
 
 def test_unknown_and_malformed_ids_are_404(store):

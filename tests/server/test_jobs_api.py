@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
+import threading
 import time
 import zipfile
 
@@ -243,6 +245,60 @@ def test_a_job_the_server_was_running_resumes_when_it_starts_again(tmp_path):
     with live_server(tmp_path, FakeFactory(), job_retakes=0) as second, second.client() as c:
         done = wait_state(c, job["id"])
         assert done["progress"]["done"] == 7
+
+
+@pytest.mark.slow
+def test_a_job_whose_failure_cannot_be_recorded_does_not_stop_the_jobs_after_it(
+    tmp_path, monkeypatch
+):
+    # A full disk fails the database's writes too: recording the job's failure raised in
+    # the job loop's error handler, and that ended the loop: no job ran again until a
+    # restart (a resume was accepted and never acted on).
+    from lowvox.jobs.store import JobStore
+
+    real_finish, real_set_state = JobStore.finish_sentence, JobStore.set_state
+    full = threading.Event()
+    tried = threading.Event()
+
+    def finish_sentence(self, *args, **kwargs):
+        if full.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_finish(self, *args, **kwargs)
+
+    def set_state(self, job_id, state, *args, **kwargs):
+        if full.is_set() and state == "failed":
+            tried.set()
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_set_state(self, job_id, state, *args, **kwargs)
+
+    monkeypatch.setattr(JobStore, "finish_sentence", finish_sentence)
+    monkeypatch.setattr(JobStore, "set_state", set_state)
+    with live_server(tmp_path, job_retakes=0) as server, server.client() as c:
+        full.set()
+        create(c)
+        assert tried.wait(30), "the job never failed"
+        full.clear()  # room is made
+        assert wait_state(c, create(c)["id"])["progress"]["done"] == 7
+
+
+@pytest.mark.slow
+def test_a_retake_the_server_was_killed_before_queueing_is_spoken_when_it_starts_again(tmp_path):
+    from lowvox.jobs.store import JobStore
+
+    with live_server(tmp_path, FakeFactory(), job_retakes=0) as first, first.client() as c:
+        job = wait_state(c, create(c)["id"])
+        first.server.should_exit = True
+    # A retake writes the sentence's row, then queues the job: killed between the two, the
+    # job was left done with a sentence to speak, and no start ever ran it again.
+    store = JobStore(tmp_path / "jobs")
+    store.retake(job["id"], 2, text="A retake nobody heard.")
+    store.close()
+    with live_server(tmp_path, FakeFactory(), job_retakes=0) as second, second.client() as c:
+        deadline = time.monotonic() + 10
+        while "A retake nobody heard." not in (srt := c.get(job["downloads"]["srt"]).text):
+            assert time.monotonic() < deadline, "the retake was never spoken"
+            time.sleep(0.05)
+        assert wait_state(c, job["id"])["progress"]["done"] == 7 and srt.count(" --> ") == 7
 
 
 @pytest.mark.slow

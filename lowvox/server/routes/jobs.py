@@ -28,7 +28,7 @@ from lowvox.jobs.model import Pauses
 from lowvox.jobs.plan import parse_chapters
 from lowvox.jobs.runner import subtitle_paths
 from lowvox.jobs.service import JobService
-from lowvox.jobs.store import JobInfo, JobSettings, NarratorSettings
+from lowvox.jobs.store import JobInfo, JobSettings, NarratorSettings, by_chapter
 from lowvox.server.routes.paths import TolerantRoute, read_form, read_json
 from lowvox.server.routes.voices import PayloadTooLarge
 from lowvox.server.state import State
@@ -146,9 +146,10 @@ def describe(state: Any, job: JobInfo, *, detail: bool = False) -> dict[str, Any
         return out
     rate = job.sample_rate or 1
     sentences = store.sentences(job.id)
+    grouped = by_chapter(sentences)
     chapters = []
     for i, title in enumerate(store.chapters(job.id)):
-        mine = [s for s in sentences if s.chapter == i]
+        mine = grouped.get(i)
         if not mine:
             continue
         entry: dict[str, Any] = {
