@@ -150,8 +150,10 @@ _RULES: tuple[tuple[re.Pattern[str], Callable[[str], str]], ...] = (
     (re.compile(r"(\d+(?:\.\d+)?)"), spell_number),
 )  # fmt: skip
 
-# Latin-digit-Latin codes (P2P, B2B) keep their digit.
-_CODE = re.compile(r"(([a-zA-Z]+)二([a-zA-Z]+))")
+# Latin-digit-Latin codes (P2P, B2B) keep their digit. A match starts only where a run of
+# letters starts: the reference's pattern, tried at every letter of a long run, reads to
+# the end of the run each time (quadratic), and finds nothing a run's start does not.
+_CODE = re.compile(r"((?<![a-zA-Z])([a-zA-Z]+)二([a-zA-Z]+))")
 
 _CN_PUNCTUATION = (
     "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃《》「」『』【】〔〕"
