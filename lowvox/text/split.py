@@ -46,6 +46,37 @@ def _sentences(text: str, family: str) -> list[str]:
 _FAMILY = {"zh": "zh", "ja": "ja", "ar": "ar", "es": "es", "hi": "hi"}
 
 
+class _Wrapper(textwrap.TextWrapper):
+    """textwrap's wrapping, with a word longer than a line cut in linear time.
+
+    textwrap cuts one line off such a word per call and keeps the rest as a new string, so
+    a word of n characters costs n * n / width (a 2,560,000-character word took 9 s, and a
+    job may hold 5,000,000). Here the rest is cut into all its lines at once: each is
+    exactly a line wide, as textwrap would cut it, and the last one starts a line of its
+    own. Of a run of whitespace only that last piece is kept: textwrap drops every line
+    cut from such a run (and the whole run once a line has been written). The lines are
+    textwrap's; `test_wrapping_is_textwraps` compares them.
+    """
+
+    def _handle_long_word(
+        self, reversed_chunks: list[str], cur_line: list[str], cur_len: int, width: int
+    ) -> None:
+        super()._handle_long_word(reversed_chunks, cur_line, cur_len, width)
+        rest = reversed_chunks[-1] if reversed_chunks else ""
+        if width < 1 or len(rest) <= width:
+            return
+        starts = range(0, len(rest), width)
+        if rest.strip():
+            reversed_chunks[-1:] = [rest[i : i + width] for i in reversed(starts)]
+        else:
+            reversed_chunks[-1] = rest[starts[-1] :]
+
+
+def _wrap(text: str, width: int, tabsize: int = 8) -> list[str]:
+    """`textwrap.wrap(text, width, break_on_hyphens=False, tabsize=tabsize)`, in linear time."""
+    return _Wrapper(width=width, break_on_hyphens=False, tabsize=tabsize).wrap(text)
+
+
 def split_sentences_exact(text: str, lang: str, limit: int | None) -> list[str]:
     """The reference's chunks, blank ones included (see `split_sentences`)."""
     if limit is None or len(text) < limit:
@@ -57,9 +88,7 @@ def split_sentences_exact(text: str, lang: str, limit: int | None) -> list[str]:
             # The joining space is not counted against the limit, as in the reference.
             chunks[-1] = (chunks[-1] + " " + sentence).lstrip()
         elif len(sentence) > limit:
-            chunks += textwrap.wrap(
-                sentence, width=limit, drop_whitespace=True, break_on_hyphens=False, tabsize=1
-            )
+            chunks += _wrap(sentence, limit, tabsize=1)
         else:
             chunks.append(sentence)
     if len(chunks) > 1 and chunks[0] == "":
@@ -100,7 +129,7 @@ def split_into_sentences(text: str, lang: str, limit: int | None = None) -> list
     for sentence in _sentences(text, _FAMILY.get(rule_key(lang), "en")):
         sentence = " ".join(sentence.split())
         if len(sentence) > limit:
-            out += textwrap.wrap(sentence, width=limit, break_on_hyphens=False)
+            out += _wrap(sentence, limit)
         elif sentence:
             out.append(sentence)
     return out
@@ -113,5 +142,5 @@ def fit_pieces(piece: str, too_long: Callable[[str], bool]) -> list[str]:
     character is given back as it is, for the caller to refuse."""
     if len(piece) < 2 or not too_long(piece):
         return [piece]
-    halves = textwrap.wrap(piece, width=(len(piece) + 1) // 2, break_on_hyphens=False)
+    halves = _wrap(piece, (len(piece) + 1) // 2)
     return [part for half in halves for part in fit_pieces(half, too_long)]

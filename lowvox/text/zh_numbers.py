@@ -29,6 +29,21 @@ _Symbol = tuple[str, int]
 
 def _grouped(digits: str) -> list[_Symbol]:
     """Symbols for an integer string read with units; zeros inside are said once."""
+    # Past the largest unit, the count of that unit is itself a number read with units.
+    # Those counts are taken off the right in a loop: recursing once per unit ran out of
+    # stack on a run of 45,000 digits.
+    top = _UNITS[-1][0]
+    first = len(digits) - len(digits.lstrip("0"))
+    end = len(digits)
+    tails: list[list[_Symbol]] = []
+    while end - first > top:
+        tails.append([("u", top), *_grouped_below_top(digits[end - top : end])])
+        end -= top
+    return _grouped_below_top(digits[:end]) + [s for tail in reversed(tails) for s in tail]
+
+
+def _grouped_below_top(digits: str) -> list[_Symbol]:
+    """`_grouped` for at most as many significant digits as the largest unit has zeros."""
     stripped = digits.lstrip("0")
     if not stripped:
         return []
@@ -36,7 +51,9 @@ def _grouped(digits: str) -> list[_Symbol]:
         value = ("d", int(stripped))
         return [("d", 0), value] if len(digits) != len(stripped) else [value]
     power = next(p for p, _ in reversed(_UNITS) if p < len(stripped))
-    return _grouped(digits[:-power]) + [("u", power)] + _grouped(stripped[-power:])
+    return (
+        _grouped_below_top(digits[:-power]) + [("u", power)] + _grouped_below_top(stripped[-power:])
+    )
 
 
 def _use_liang(symbols: list[_Symbol]) -> list[_Symbol]:
@@ -150,8 +167,10 @@ _RULES: tuple[tuple[re.Pattern[str], Callable[[str], str]], ...] = (
     (re.compile(r"(\d+(?:\.\d+)?)"), spell_number),
 )  # fmt: skip
 
-# Latin-digit-Latin codes (P2P, B2B) keep their digit.
-_CODE = re.compile(r"(([a-zA-Z]+)二([a-zA-Z]+))")
+# Latin-digit-Latin codes (P2P, B2B) keep their digit. A match starts only where a run of
+# letters starts: the reference's pattern, tried at every letter of a long run, reads to
+# the end of the run each time (quadratic), and finds nothing a run's start does not.
+_CODE = re.compile(r"((?<![a-zA-Z])([a-zA-Z]+)二([a-zA-Z]+))")
 
 _CN_PUNCTUATION = (
     "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃《》「」『』【】〔〕"

@@ -210,6 +210,15 @@ def _epub(encrypted: bool = False) -> bytes:
         ({"json": {"text": "Hi. [voice:/etc/ref.wav]Boo.[/voice]"}}, 400, "not a path"),
         ({"json": {"text": "Hi. [voice:..\\x\\ref.wav]Boo.[/voice]"}}, 400, "not a path"),
         ({"json": {"text": "   "}}, 400, "text"),
+        # A broken \u escape: JSON allows it, UTF-8 cannot store it (it was a 500).
+        (
+            {
+                "content": rb'{"text": "Hi \ud800."}',
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+            "lone surrogate",
+        ),
         ({"json": {"text": "Hi.", "format": "exe"}}, 400, "format"),
         ({"json": {"text": "Hi.", "seed": 2**70}}, 400, "seed"),
         ({"json": {"text": "Hi.", "chapters": "9-x"}}, 400, "chapters"),

@@ -188,6 +188,7 @@ def _inputs(n: int) -> dict[str, str]:
         "£ then digits": "£" + "1" * n,
         "text": "^" + "中" * n + "$",
         "digits in anchors": "^" + "1" * n + "$",
+        "letters": "^" + "x" * n + "$",
     }
 
 
@@ -203,6 +204,7 @@ def _patterns() -> dict[str, re.Pattern[str]]:
     found.update({f"currency {c}": p for c, p in numbers._CURRENCIES})
     found.update({f"ordinal {lang}": p for lang, p in numbers._ORDINALS.items()})
     found.update({f"zh rule {i}": p for i, (p, _) in enumerate(zh_numbers._RULES)})
+    found["zh code"] = zh_numbers._CODE
     return found
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from lowvox.errors import InvalidRequest, LowvoxError, UnknownLanguage
 from lowvox.text import CHAR_LIMITS, LANGUAGES, char_limit, normalize, resolve_language
 from lowvox.text.cjk import romanize_hangul
 from lowvox.text.hindi import cardinal, ordinal
+from lowvox.text.zh_numbers import spell_number
 
 
 def test_seventeen_languages_with_their_limits():
@@ -104,6 +107,15 @@ def test_hindi_huge_decimal_and_ordinal_keep_their_reading():
     seven = "सात"
     assert normalize("7" * 5_000 + ".5", "hi").split() == [seven] * 5_000 + ["दशमलव", "पाँच"]
     assert normalize("7" * 5_000 + "th", "hi").split() == [seven] * 4_999 + [seven + "वाँ"]
+
+
+def test_a_chinese_number_longer_than_the_stack_is_deep_is_spelled():
+    # Past 载 (10^44) the count of 载 is itself a number: spelled by recursing once per
+    # 44 digits, so "1" x 60,000 followed by 个 raised RecursionError from normalize.
+    digits = "1" * (44 * (sys.getrecursionlimit() + 10))
+    spelled = spell_number(digits)
+    assert spelled.count("载") == len(digits) // 44 - 1
+    assert spell_number("1" * 45) == "一载" + spell_number("1" * 44)
 
 
 def test_turkish_dotted_capital_as_xtts_inference_sees_it():

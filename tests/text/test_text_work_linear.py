@@ -13,15 +13,17 @@ quadratic 16x.
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
 import sys
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from lowvox.text import filters, narrator, sentence_tokens, split_sentences
-from lowvox.text.split import split_into_sentences
+from lowvox.text.split import _wrap, split_into_sentences
 
 LADDER = (500, 2000)
 GROWTH_LIMIT = 6.0
@@ -197,3 +199,58 @@ def test_japanese_tokens_of_a_long_word_take_linear_time(unit):
     # digits took 48 s. The timeout only stops a hang.
     text = unit * (1_000_000 // len(unit))
     assert [t.text for t in sentence_tokens.tokens(text, "ja")] == [text]
+
+
+def _wrap_work(
+    monkeypatch: pytest.MonkeyPatch, split: Callable[[str], list[str]], text: str
+) -> int:
+    """Characters of over-long words that textwrap's long-word step is handed (it copies
+    what it keeps of each)."""
+    counter = [0]
+    real = textwrap.TextWrapper._handle_long_word
+
+    def counted(self: Any, chunks: list[str], *args: Any) -> None:
+        counter[0] += len(chunks[-1])
+        real(self, chunks, *args)
+
+    monkeypatch.setattr(textwrap.TextWrapper, "_handle_long_word", counted)
+    pieces = split(text)
+    assert "".join(pieces) == text.strip()
+    return counter[0]
+
+
+WRAPPED: dict[str, Callable[[str], list[str]]] = {
+    "split_sentences": lambda text: split_sentences(text, "ja"),
+    "split_into_sentences": lambda text: split_into_sentences(text, "ja"),
+}
+
+
+@pytest.mark.parametrize("unit", ["あ", "a", "1"])
+@pytest.mark.parametrize("name", sorted(WRAPPED))
+def test_wrapping_a_long_word_is_linear(monkeypatch, name, unit):
+    # textwrap kept the rest of a word longer than a line as a new string once per line:
+    # a 2,560,000-character word (a job may hold 5,000,000) took 9 s to plan.
+    small, large = (_wrap_work(monkeypatch, WRAPPED[name], unit * n) for n in LADDER)
+    assert large / max(small, 1) < GROWTH_LIMIT
+
+
+def test_wrapping_a_long_run_of_whitespace_is_linear(monkeypatch):
+    def split(text: str) -> list[str]:
+        return [c.strip() for c in split_sentences(text, "ja")]
+
+    small, large = (_wrap_work(monkeypatch, split, " " * n + "a") for n in LADDER)
+    assert large / max(small, 1) < GROWTH_LIMIT
+
+
+def test_wrapping_is_textwraps():
+    # The linear long-word step cuts what textwrap cuts, runs of whitespace included.
+    rng = random.Random(4)
+    for _ in range(3000):
+        text = "".join(
+            rng.choice("ab- \t\nあ") * rng.choice((1, 2, 5, 13, 30))
+            for _ in range(rng.randint(0, 6))
+        )
+        width = rng.randint(1, 12)
+        for options in ({"tabsize": 1}, {}):
+            expected = textwrap.wrap(text, width=width, break_on_hyphens=False, **options)
+            assert _wrap(text, width, **options) == expected, (text, width, options)

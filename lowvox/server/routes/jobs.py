@@ -212,7 +212,13 @@ async def _read_create(request: Request, state: Any) -> tuple[JobOptions, bytes,
         opts = _parse_options(body)
     if not opts.text or not opts.text.strip():
         raise InvalidRequest("give `text` or upload a `file`", field="text")
-    data = opts.text.encode("utf-8")
+    try:
+        data = opts.text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, from a broken \u escape in the JSON
+        raise InvalidRequest(
+            f"the text is not valid Unicode: a lone surrogate at character {e.start}",
+            field="text",
+        ) from None
     if len(data) > limit:
         raise PayloadTooLarge(f"the text is over the job limit of {limit} bytes", field="text")
     return opts, data, "text.md" if opts.markdown else "text.txt"
