@@ -265,7 +265,19 @@ def test_studio_speakers_never_unpickle_code(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "payload", [[1, 2], {"a": {"gpt_cond_latent": torch.zeros(1, 32, 4)}}, {"a": 3}]
+    "payload",
+    [
+        [1, 2],
+        {"a": {"gpt_cond_latent": torch.zeros(1, 32, 4)}},
+        {"a": 3},
+        # Two voices' latents: no reshape makes one voice of them.
+        {
+            "a": {
+                "gpt_cond_latent": torch.zeros(2, 32, 4),
+                "speaker_embedding": torch.zeros(1, 8, 1),
+            }
+        },
+    ],
 )
 def test_malformed_speaker_files(tmp_path: Path, payload) -> None:
     path = tmp_path / "speakers_xtts.pth"

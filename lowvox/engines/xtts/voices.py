@@ -455,7 +455,13 @@ def load_studio_speakers(path: str | os.PathLike[str]) -> dict[str, Voice]:
                 raise TypeError("not tensors")
         except (TypeError, KeyError) as e:
             raise SpeakerFileError(f"{path}: speaker {name!r} is malformed ({e})") from e
-        latent = latent.float().reshape(1, *latent.shape[-2:])  # [1, 32, D]
-        emb = emb.float().reshape(1, -1, 1)  # [1, 512, 1]
+        try:
+            latent = latent.float().reshape(1, *latent.shape[-2:])  # [1, 32, D]
+            emb = emb.float().reshape(1, -1, 1)  # [1, 512, 1]
+        except RuntimeError as e:  # more than one speaker's worth of values, or none
+            raise SpeakerFileError(
+                f"{path}: speaker {name!r} has tensors of shapes {tuple(latent.shape)} and "
+                f"{tuple(emb.shape)}, not one voice's [1, 32, D] and [1, 512, 1]"
+            ) from e
         voices[str(name)] = Voice(latent, emb, name=str(name))
     return voices
