@@ -13,6 +13,7 @@ import torch
 from lowvox.audio.io import Audio
 from lowvox.engines.xtts import voices as V
 from lowvox.errors import InvalidRequest
+from tests.full_disk import files_limited_to
 from tests.xtts.test_voice_helpers import random_voice_model
 
 SETTINGS = {"gpt_cond_len": 30, "gpt_cond_chunk_len": 4, "max_ref_length": 30}
@@ -225,6 +226,14 @@ def test_unwritable_cache_does_not_fail_cloning(model, clip: Path, tmp_path: Pat
     blocker.write_text("a file where the cache folder should be")
     voice = V.clone_voice(model, clip, cache=V.VoiceCache(blocker / "cache"), **SETTINGS)
     assert voice.gpt_cond_latent.shape == (1, 8, 96)
+
+
+def test_a_full_disk_does_not_fail_cloning(model, clip: Path, tmp_path: Path) -> None:
+    cache = V.VoiceCache(tmp_path / "cache")
+    with files_limited_to(1024):
+        voice = V.clone_voice(model, clip, cache=cache, **SETTINGS)
+    assert voice.gpt_cond_latent.shape == (1, 8, 96)
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written file, no leftover
 
 
 # ------------------------------------------------------------------------------------------

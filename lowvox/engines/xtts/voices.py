@@ -236,27 +236,21 @@ class VoiceCache:
         return Voice(latent.float(), emb.float())
 
     def put(self, key: str, voice: Voice) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        from lowvox.files import atomic_path
+        from lowvox.files import write_atomic
 
         path = self.path(key)
+        tensors = {
+            "gpt_cond_latent": voice.gpt_cond_latent.detach().float().cpu().contiguous(),
+            "speaker_embedding": voice.speaker_embedding.detach().float().cpu().contiguous(),
+        }
+        # Serialised here and written by `write_atomic` (a few kB): safetensors' own
+        # `save_file` reports a full disk as its own error type and, killed mid-write,
+        # leaves a temporary under a name no sweep knows.
+        data = save(tensors, metadata={"version": CACHE_VERSION})
         try:
-            with atomic_path(path, fsync=False) as tmp:
-                save_file(
-                    {
-                        "gpt_cond_latent": voice.gpt_cond_latent.detach()
-                        .float()
-                        .cpu()
-                        .contiguous(),
-                        "speaker_embedding": voice.speaker_embedding.detach()
-                        .float()
-                        .cpu()
-                        .contiguous(),
-                    },
-                    str(tmp),
-                    metadata={"version": CACHE_VERSION},
-                )
+            write_atomic(path, data, fsync=False)
         except OSError as e:
             logger.warning("could not write voice cache file %s: %s", path, e)
 
