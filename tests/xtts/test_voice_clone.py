@@ -268,8 +268,9 @@ class _Evil:
 def test_studio_speakers_never_unpickle_code(tmp_path: Path) -> None:
     path = tmp_path / "speakers_xtts.pth"
     torch.save({"x": _Evil()}, path)
-    with pytest.raises(V.SpeakerFileError):
+    with pytest.raises(V.SpeakerFileError, match="refusing to load") as caught:
         V.load_studio_speakers(path)
+    assert "weights_only" not in str(caught.value)  # torch's advice would run the payload
     assert not Path("/tmp/lowvox-pwned").exists()
 
 

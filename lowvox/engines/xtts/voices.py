@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import pickle
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -437,8 +438,14 @@ def load_studio_speakers(path: str | os.PathLike[str]) -> dict[str, Voice]:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise SpeakerFileError(f"speaker file not found: {path}") from e
-    except Exception as e:  # torch raises several unrelated types for bad/unsafe files
-        raise SpeakerFileError(f"cannot read speaker file {path}: {e}") from e
+    except pickle.UnpicklingError as e:
+        # Not torch's message, which suggests `weights_only=False`: running the file's code.
+        raise SpeakerFileError(
+            f"{path} is not a file of tensors alone (damaged, or it holds code); "
+            "refusing to load it"
+        ) from e
+    except Exception as e:  # torch raises several unrelated types for damaged files
+        raise SpeakerFileError(f"cannot read speaker file {path}: {e!r}") from e
     if not isinstance(raw, dict):
         raise SpeakerFileError(f"{path}: expected a mapping of speaker names")
     voices: dict[str, Voice] = {}
