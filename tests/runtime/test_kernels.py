@@ -368,12 +368,14 @@ def test_builds_that_a_killed_process_left_are_swept(fresh_kernels, monkeypatch,
     fresh_kernels.mkdir()
     stale = fresh_kernels / ".lowvox_cpu_0123456789abcdef.so.x1y2z3.part"
     live = fresh_kernels / ".lowvox_cpu_0123456789abcdef.so.a4b5c6.part"  # another build's
-    for path in (stale, live):
+    foreign = fresh_kernels / ".download.zip.part"  # another program's, in a shared folder
+    for path in (stale, live, foreign):
         path.write_bytes(b"\x7fELF")
     hour_ago = time.time() - 3600
     os.utime(stale, (hour_ago, hour_ago))
+    os.utime(foreign, (hour_ago, hour_ago))
     assert build.build_library() is None
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and foreign.exists()
 
 
 @needs_kernels

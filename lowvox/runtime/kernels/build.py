@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lowvox.files import atomic_path, sweep_partials
+from lowvox.files import PART_SUFFIX, atomic_path, sweep_partials
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,9 @@ def build_library(folder: Path | None = None) -> Path | None:
         log.info("no C compiler found: lowvox's CPU kernels are off, torch's are used")
         return None
     folder = folder or kernel_dir()
-    # Builds that a killed process left unfinished (a live one finishes within the timeout).
-    sweep_partials(folder, older_than_s=2 * BUILD_TIMEOUT_S)
+    # Builds that a killed process left unfinished (a live one finishes within the timeout);
+    # only ours: LOWVOX_KERNEL_DIR may name a folder that other programs write to.
+    sweep_partials(folder, 2 * BUILD_TIMEOUT_S, (f".lowvox_cpu_*.so.*{PART_SUFFIX}",))
     source = SOURCE.read_bytes()
     version = _compiler_version(cc)
     errors = []
