@@ -145,17 +145,28 @@ def _checked_header(
 ) -> tuple[dict[str, Any], int, dict[str, str]]:
     """The tensors' header entries, where their data begins, and the file's metadata,
     which must have every `expected` value and a sha256 (else `_Stale`). The file must be
-    whole, even when only some tensors are read: a truncated cache is never taken for a
-    good one."""
+    whole and every entry's shape fit its bytes, even when only some tensors are read: a
+    truncated or damaged cache is never taken for a good one."""
     header, base = _read_header(f)
     meta = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
     stale = sorted(k for k, v in expected.items() if meta.get(k) != v)
     if stale or "sha256" not in meta:
         raise _Stale(", ".join(stale) or "no sha256")
-    end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    end = max((_entry(name, info)[3] for name, info in header.items()), default=0)
     if os.fstat(f.fileno()).st_size < base + end:
         raise ValueError("the file is shorter than its header says (truncated)")
     return header, base, meta
+
+
+def _entry(name: str, info: dict[str, Any]) -> tuple[torch.dtype, list[int], int, int]:
+    """A header entry's dtype, shape and byte range; ValueError when they disagree. Every
+    entry is checked before anything is allocated (a damaged shape may be negative)."""
+    dtype = _DTYPES[info["dtype"]]
+    shape = [int(n) for n in info["shape"]]
+    start, end = (int(n) for n in info["data_offsets"])
+    if min(shape, default=0) < 0 or end - start != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{name}: {end - start} bytes stored for shape {shape} {dtype}")
+    return dtype, shape, start, end
 
 
 # safetensors dtype names -> torch dtypes (those a lowvox model can hold).
@@ -242,13 +253,9 @@ def _read_tensor(
     then count a second time once copied) or sit at unaligned file offsets, which the fused
     int8 kernels cannot read. Here each tensor is a fresh, 64-byte-aligned allocation.
     """
-    dtype = _DTYPES[info["dtype"]]
-    shape = [int(n) for n in info["shape"]]
-    start, end = (int(n) for n in info["data_offsets"])
+    dtype, shape, start, end = _entry(name, info)
+    nbytes = end - start
     t = torch.empty(shape, dtype=dtype) if out is None else out.view(dtype).view(shape)
-    nbytes = t.numel() * t.element_size()
-    if end - start != nbytes:
-        raise ValueError(f"{name}: {end - start} bytes stored for shape {shape} {dtype}")
     if nbytes:
         buf = t.view(-1).view(torch.uint8).numpy().data  # a writable memoryview of `t`
         f.seek(base + start)

@@ -198,7 +198,8 @@ async def _sweep_leftovers(settings: Settings) -> None:
     sweeps: list[tuple[Path, float, tuple[str, ...]]] = [
         (settings.outputs_path, 0.0, (PARTIAL_GLOB,)),
         (settings.voices_path, 0.0, (PARTIAL_GLOB, ".upload-*", ".trash-*")),
-        (settings.cache_path, CACHE_SWEEP_AGE_S, (PARTIAL_GLOB, "*.tmp")),
+        # `.tmp*`: safetensors' save_file (the weights cache) writes its own temporary.
+        (settings.cache_path, CACHE_SWEEP_AGE_S, (PARTIAL_GLOB, "*.tmp", ".tmp*")),
     ]
     for folder, age, patterns in sweeps:
         removed = await asyncio.to_thread(sweep_partials, folder, age, patterns)

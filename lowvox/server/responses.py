@@ -32,7 +32,7 @@ from starlette.types import Receive, Scope, Send
 
 from lowvox.audio.formats import get_format
 from lowvox.errors import Cancelled, LowvoxError
-from lowvox.files import atomic_path
+from lowvox.files import atomic_path, why_not_written
 from lowvox.server.scheduler import Job, Priority
 from lowvox.server.state import Generation, ServerState
 from lowvox.server.synthesis import Plan, media_type, output_url, request_tag, submit
@@ -134,6 +134,7 @@ class _PartFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._settled = False  # published, or its temporary removed
         self._atomic = atomic_path(path, fsync=False)
         temporary = self._atomic.__enter__()
         try:
@@ -143,13 +144,26 @@ class _PartFile:
             raise
 
     def publish(self) -> None:
+        """Publish the file; when that fails, `discard` still removes the temporary."""
         self.file.close()
+        self._settled = True
         self._atomic.__exit__(None, None, None)
 
     def discard(self) -> None:
-        if not self.file.closed:
+        if self._settled:
+            return
+        self._settled = True
+        with contextlib.suppress(OSError):  # a full disk fails the last flush as well
             self.file.close()
-            self._atomic.__exit__(_Discarded, _Discarded(), None)
+        self._atomic.__exit__(_Discarded, _Discarded(), None)
+
+
+def _not_saved(path: Path, error: BaseException) -> BaseException:
+    """What a client is told when its audio could not be written to `path`: why (a full
+    disk, say), rather than an internal server error."""
+    if isinstance(error, OSError):
+        return LowvoxError(f"cannot save {path.name} ({why_not_written(error)})")
+    return error
 
 
 class _KeptCopy:
@@ -240,10 +254,13 @@ async def render_file(
     try:
         job = submit(plan, tag or request_tag(request), priority)
         await _render(plan, job, request, part.file, None)
-    except BaseException:
+        await _off_loop(part.publish)
+    except BaseException as e:
         part.discard()
-        raise
-    await _off_loop(part.publish)
+        failure = _not_saved(path, e)
+        if failure is e:
+            raise
+        raise failure from e
 
 
 async def save(
@@ -518,14 +535,17 @@ async def _whole(
             # Opened before it is published: from then on a retention sweep (by the size
             # limit) may remove it at any time, and the answer is still sent whole.
             file: Any = await asyncio.to_thread(open, part.file.name, "rb")
-        except BaseException:
+            try:
+                await _off_loop(part.publish)
+            except BaseException:
+                file.close()
+                raise
+        except BaseException as e:
             part.discard()
-            raise
-        try:
-            await _off_loop(part.publish)
-        except BaseException:
-            file.close()
-            raise
+            failure = _not_saved(part.path, e)
+            if failure is e:
+                raise
+            raise failure from e
         await asyncio.to_thread(state.outputs.enforce_retention, name)
         _remember(state, plan, name)
         size = os.fstat(file.fileno()).st_size

@@ -13,6 +13,7 @@ the library (a voice folder, a clip, a lone `.wav`) are not voices or clips.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import numpy as np
 import soundfile as sf
 
 from lowvox.errors import InvalidRequest, LowvoxError
+from lowvox.files import why_not_written
 
 logger = logging.getLogger(__name__)
 
@@ -233,14 +235,12 @@ class VoiceStore:
                 )
         self._check_room(size)
         tmp = self.root / f".upload-{uuid.uuid4().hex}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             paths = []
             for i, clip in enumerate(clips, start=1):
                 path = tmp / f"clip_{i:02d}.wav"
-                sf.write(
-                    str(path), np.clip(clip.samples, -1, 1), clip.sample_rate, subtype="PCM_16"
-                )
+                path.write_bytes(_wav(clip))
                 paths.append(path.name)
             meta = {"name": name, "clips": paths, "created": time.time()}
             (tmp / "voice.json").write_text(json.dumps(meta, indent=2))
@@ -249,6 +249,8 @@ class VoiceStore:
                     raise VoiceExists(name)
                 self._check_room(size)  # again: another upload may have landed meanwhile
                 os.rename(tmp, self.root / name)
+        except OSError as e:  # a full disk, say
+            raise LowvoxError(f"cannot store the voice {name!r} ({why_not_written(e)})") from e
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -309,6 +311,16 @@ class VoiceStore:
         if any(v.name.lower() == lowered for v in self.list()):
             return True
         return any(os.path.lexists(self.root / n) for n in (name, f"{name}.wav"))
+
+
+def _wav(clip: Clip) -> bytes:
+    """The clip as stored: 16-bit WAV. Encoded in memory (a clip is bounded by the upload
+    limits) so that a failed write is an OSError that says why, not libsndfile's
+    "System error."."""
+    buf = io.BytesIO()
+    samples = np.clip(clip.samples, -1, 1)
+    sf.write(buf, samples, clip.sample_rate, subtype="PCM_16", format="WAV")
+    return buf.getvalue()
 
 
 def _clips(folder: Path) -> list[Path]:

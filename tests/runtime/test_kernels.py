@@ -5,6 +5,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 
 import pytest
 import torch
@@ -335,7 +336,7 @@ def test_built_once_then_reused(fresh_kernels):
     kernels.reset()
     assert kernels.available()
     assert [p.stat().st_mtime_ns for p in fresh_kernels.glob("*.so")] == [stamp]
-    assert not list(fresh_kernels.glob("tmp*"))  # no temporary file left behind
+    assert [p.name for p in fresh_kernels.iterdir()] == [built[0].name]  # no temporary left
     assert kernels.isa() in kernels.ISA_NAMES.values()
     assert str(fresh_kernels) in kernels.describe()
 
@@ -355,7 +356,42 @@ def test_a_compiler_that_fails_leaves_no_library(fresh_kernels, monkeypatch, tmp
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     assert build.build_library() is None
-    assert not list(fresh_kernels.glob("*"))
+    assert not list(fresh_kernels.iterdir())  # not even a hidden temporary
+
+
+@needs_compiler
+def test_builds_that_a_killed_process_left_are_swept(fresh_kernels, monkeypatch, tmp_path):
+    fake = tmp_path / "fakecc"
+    fake.write_text("#!/bin/sh\necho 'fakecc 1.0'\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    fresh_kernels.mkdir()
+    stale = fresh_kernels / ".lowvox_cpu_0123456789abcdef.so.x1y2z3.part"
+    live = fresh_kernels / ".lowvox_cpu_0123456789abcdef.so.a4b5c6.part"  # another build's
+    foreign = fresh_kernels / ".download.zip.part"  # another program's, in a shared folder
+    for path in (stale, live, foreign):
+        path.write_bytes(b"\x7fELF")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    os.utime(foreign, (hour_ago, hour_ago))
+    assert build.build_library() is None
+    assert not stale.exists() and live.exists() and foreign.exists()
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_a_damaged_library_is_built_again(fresh_kernels):
+    """Loading a library cut short kills the process with SIGBUS; one that is no library
+    at all never loads. Either is built again rather than taken as good."""
+    built = build.build_library()
+    assert built is not None
+    whole = built.read_bytes()
+    for damaged in (whole[: len(whole) // 2], os.urandom(1000)):
+        built.write_bytes(damaged)
+        assert build.build_library() == built
+        assert built.stat().st_size == len(whole)  # checked before loading it can crash
+    kernels.reset()
+    assert kernels.available()
 
 
 def test_switched_off_by_environment(no_kernels):

@@ -1,7 +1,9 @@
 """Reading part of a weights cache: some tensors left on disk at load, read later from the
 same file once it is checked to be the one the model was loaded from."""
 
+import json
 import os
+import struct
 
 import pytest
 import torch
@@ -60,7 +62,9 @@ def _rewrite(path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-@pytest.mark.parametrize("damage", ["missing", "stale", "truncated", "garbage", "bad-entry"])
+@pytest.mark.parametrize(
+    "damage", ["missing", "stale", "truncated", "garbage", "bad-entry", "bad-shape"]
+)
 def test_a_cache_that_changed_since_the_load_raises_a_clear_error(tmp_path, damage):
     path = tmp_path / "m.safetensors"
     write_quantized(path, state(), META)
@@ -72,10 +76,14 @@ def test_a_cache_that_changed_since_the_load_raises_a_clear_error(tmp_path, dama
         _rewrite(path, path.read_bytes()[:-8])
     elif damage == "garbage":
         _rewrite(path, b"\x00" * 8 + b"{" * 100)
-    else:
+    elif damage == "bad-entry":
         save_file({"spk.w": torch.zeros(2)}, str(path), metadata=META)
         raw = path.read_bytes().replace(b'{"dtype"', b'["dtype"', 1)
         _rewrite(path, raw)
+    else:  # as many values as stored, in a shape no tensor can have
+        entry = {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}
+        header = json.dumps({"__metadata__": META, "spk.w": entry}).encode()
+        _rewrite(path, struct.pack("<Q", len(header)) + header + bytes(16))
     with pytest.raises(CacheError) as caught:
         read_tensors(path, META, LATER)
     assert isinstance(caught.value, LowvoxError) and str(path) in str(caught.value)

@@ -9,6 +9,7 @@ import pytest
 
 from lowvox.server import app as app_module
 from lowvox.server.outputs import OutputNotFound, OutputStore, safe_stem
+from tests.full_disk import files_limited_to
 from tests.server.srv_audio import decode
 from tests.server.srv_fixtures import CHUNK_SECONDS, FAKE_RATE, fake_chunks, live_server
 
@@ -44,6 +45,16 @@ def test_generated_file_is_served(client):
     url = r.json()["output_file_url"]
     audio = client.get(url)
     assert audio.status_code == 200 and audio.headers["content-type"] == "audio/wav"
+
+
+def test_a_full_disk_while_saving_says_so_and_leaves_nothing(tmp_path):
+    form = {"text_input": "Hello there. " * 20, "character_voice_gen": "alpha"}
+    with live_server(tmp_path) as s, s.client() as c:
+        with files_limited_to(2000):
+            r = c.post("/api/tts-generate", data=form)
+        assert r.status_code == 500
+        assert r.json()["detail"].startswith("cannot save ")
+        assert list(s.settings.outputs_path.iterdir()) == []  # not even a temporary
 
 
 def test_unknown_output_is_404(client):

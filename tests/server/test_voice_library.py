@@ -9,7 +9,9 @@ import pytest
 import soundfile as sf
 
 from lowvox.engines.base import EngineCapabilities, VoiceInfo
-from lowvox.errors import InvalidRequest
+from lowvox.errors import InvalidRequest, LowvoxError
+from lowvox.voices.store import VoiceStore
+from tests.full_disk import files_limited_to
 from tests.server.srv_fixtures import FakeEngine, FakeFactory, live_server
 
 
@@ -197,3 +199,14 @@ def test_sillytavern_xtts_lists_library_voices_with_absolute_previews(lib):
         assert speakers["alpha"]["preview_url"] == lib.url + "/sample/alpha.wav"  # built-in too
         assert c.get(url.removeprefix(lib.url)).status_code == 200
         c.delete("/api/library/voices/Library Lady")
+
+
+def test_a_full_disk_stores_no_voice_and_says_why(tmp_path):
+    store = VoiceStore(tmp_path / "voices")
+    clip = wav_bytes(2.0)
+    with files_limited_to(len(clip) // 2), pytest.raises(LowvoxError) as caught:
+        store.add("Bob", [("bob.wav", clip)])
+    assert str(caught.value).startswith("cannot store the voice 'Bob' ([Errno 27]")
+    assert list(store.root.iterdir()) == []  # no half-made voice, no leftover
+    store.add("Bob", [("bob.wav", clip)])  # room again: stored, as a plain write would
+    assert sf.info(store.get("Bob").clips[0]).frames == sf.info(io.BytesIO(clip)).frames

@@ -25,6 +25,7 @@ from lowvox.engines.xtts.checkpoint import (
 from lowvox.engines.xtts.config import XttsConfig
 from lowvox.engines.xtts.loader import from_state_dict
 from lowvox.errors import LowvoxError
+from tests.full_disk import files_limited_to
 
 # ---------------------------------------------------------------------------------------------
 # The golden checkpoint through the real loader
@@ -271,6 +272,15 @@ def test_corrupt_cache_is_rebuilt(random_bundle, tmp_path: Path) -> None:
     weights = load_weights(random_bundle.path / "model.pth", cache)
     assert "gpt.mel_head.weight" in weights.state_dict
     assert load_weights(random_bundle.path / "model.pth", cache).fingerprint == weights.fingerprint
+
+
+def test_a_full_disk_while_writing_the_cache_still_loads(random_bundle, tmp_path: Path) -> None:
+    cache = tmp_path / "cache" / "weights.safetensors"
+    cache.parent.mkdir()
+    with files_limited_to(4096):
+        weights = load_weights(random_bundle.path / "model.pth", cache)
+    assert "gpt.mel_head.weight" in weights.state_dict
+    assert not cache.exists()
 
 
 def test_cache_goes_beside_a_writable_checkpoint_only(tmp_path: Path, golden_dir: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 from lowvox.audio.io import Audio
 from lowvox.engines.xtts import voices as V
 from lowvox.errors import InvalidRequest
+from tests.full_disk import files_limited_to
 from tests.xtts.test_voice_helpers import random_voice_model
 
 SETTINGS = {"gpt_cond_len": 30, "gpt_cond_chunk_len": 4, "max_ref_length": 30}
@@ -227,6 +228,14 @@ def test_unwritable_cache_does_not_fail_cloning(model, clip: Path, tmp_path: Pat
     assert voice.gpt_cond_latent.shape == (1, 8, 96)
 
 
+def test_a_full_disk_does_not_fail_cloning(model, clip: Path, tmp_path: Path) -> None:
+    cache = V.VoiceCache(tmp_path / "cache")
+    with files_limited_to(1024):
+        voice = V.clone_voice(model, clip, cache=cache, **SETTINGS)
+    assert voice.gpt_cond_latent.shape == (1, 8, 96)
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written file, no leftover
+
+
 # ------------------------------------------------------------------------------------------
 # Studio speakers
 
@@ -259,13 +268,26 @@ class _Evil:
 def test_studio_speakers_never_unpickle_code(tmp_path: Path) -> None:
     path = tmp_path / "speakers_xtts.pth"
     torch.save({"x": _Evil()}, path)
-    with pytest.raises(V.SpeakerFileError):
+    with pytest.raises(V.SpeakerFileError, match="refusing to load") as caught:
         V.load_studio_speakers(path)
+    assert "weights_only" not in str(caught.value)  # torch's advice would run the payload
     assert not Path("/tmp/lowvox-pwned").exists()
 
 
 @pytest.mark.parametrize(
-    "payload", [[1, 2], {"a": {"gpt_cond_latent": torch.zeros(1, 32, 4)}}, {"a": 3}]
+    "payload",
+    [
+        [1, 2],
+        {"a": {"gpt_cond_latent": torch.zeros(1, 32, 4)}},
+        {"a": 3},
+        # Two voices' latents: no reshape makes one voice of them.
+        {
+            "a": {
+                "gpt_cond_latent": torch.zeros(2, 32, 4),
+                "speaker_embedding": torch.zeros(1, 8, 1),
+            }
+        },
+    ],
 )
 def test_malformed_speaker_files(tmp_path: Path, payload) -> None:
     path = tmp_path / "speakers_xtts.pth"

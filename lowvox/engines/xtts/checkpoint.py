@@ -369,6 +369,6 @@ def load_weights(
             with atomic_path(cache_path, fsync=False) as tmp:
                 save_file(state, str(tmp), metadata=meta)
             log.info("wrote weights cache %s", cache_path)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # the latter: its writer's I/O errors (disk full)
             log.warning("could not write weights cache %s: %s", cache_path, e)
     return LoadedWeights(state, sha, ckpt.config)

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import pickle
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -236,27 +237,21 @@ class VoiceCache:
         return Voice(latent.float(), emb.float())
 
     def put(self, key: str, voice: Voice) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        from lowvox.files import atomic_path
+        from lowvox.files import write_atomic
 
         path = self.path(key)
+        tensors = {
+            "gpt_cond_latent": voice.gpt_cond_latent.detach().float().cpu().contiguous(),
+            "speaker_embedding": voice.speaker_embedding.detach().float().cpu().contiguous(),
+        }
+        # Serialised here and written by `write_atomic` (a few kB): safetensors' own
+        # `save_file` reports a full disk as its own error type and, killed mid-write,
+        # leaves a temporary under a name no sweep knows.
+        data = save(tensors, metadata={"version": CACHE_VERSION})
         try:
-            with atomic_path(path, fsync=False) as tmp:
-                save_file(
-                    {
-                        "gpt_cond_latent": voice.gpt_cond_latent.detach()
-                        .float()
-                        .cpu()
-                        .contiguous(),
-                        "speaker_embedding": voice.speaker_embedding.detach()
-                        .float()
-                        .cpu()
-                        .contiguous(),
-                    },
-                    str(tmp),
-                    metadata={"version": CACHE_VERSION},
-                )
+            write_atomic(path, data, fsync=False)
         except OSError as e:
             logger.warning("could not write voice cache file %s: %s", path, e)
 
@@ -443,8 +438,14 @@ def load_studio_speakers(path: str | os.PathLike[str]) -> dict[str, Voice]:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise SpeakerFileError(f"speaker file not found: {path}") from e
-    except Exception as e:  # torch raises several unrelated types for bad/unsafe files
-        raise SpeakerFileError(f"cannot read speaker file {path}: {e}") from e
+    except pickle.UnpicklingError as e:
+        # Not torch's message, which suggests `weights_only=False`: running the file's code.
+        raise SpeakerFileError(
+            f"{path} is not a file of tensors alone (damaged, or it holds code); "
+            "refusing to load it"
+        ) from e
+    except Exception as e:  # torch raises several unrelated types for damaged files
+        raise SpeakerFileError(f"cannot read speaker file {path}: {e!r}") from e
     if not isinstance(raw, dict):
         raise SpeakerFileError(f"{path}: expected a mapping of speaker names")
     voices: dict[str, Voice] = {}
@@ -455,7 +456,13 @@ def load_studio_speakers(path: str | os.PathLike[str]) -> dict[str, Voice]:
                 raise TypeError("not tensors")
         except (TypeError, KeyError) as e:
             raise SpeakerFileError(f"{path}: speaker {name!r} is malformed ({e})") from e
-        latent = latent.float().reshape(1, *latent.shape[-2:])  # [1, 32, D]
-        emb = emb.float().reshape(1, -1, 1)  # [1, 512, 1]
+        try:
+            latent = latent.float().reshape(1, *latent.shape[-2:])  # [1, 32, D]
+            emb = emb.float().reshape(1, -1, 1)  # [1, 512, 1]
+        except RuntimeError as e:  # more than one speaker's worth of values, or none
+            raise SpeakerFileError(
+                f"{path}: speaker {name!r} has tensors of shapes {tuple(latent.shape)} and "
+                f"{tuple(emb.shape)}, not one voice's [1, 32, D] and [1, 512, 1]"
+            ) from e
         voices[str(name)] = Voice(latent, emb, name=str(name))
     return voices

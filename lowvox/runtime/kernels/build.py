@@ -3,9 +3,11 @@
 The library is built with the system C compiler (`$CC`, else cc/gcc/clang) for the CPU it
 runs on (`-march=native`), keyed by a hash of the source, compiler, flags and the CPU's
 feature list: a cache folder shared between different machines never hands one a library
-it cannot execute. The build goes to a temporary name and is renamed into place, so
-concurrent processes never load a half-written file. No compiler, or a failed build, means
-no library: callers fall back to torch's kernels.
+it cannot execute. The build goes to a temporary name and is renamed into place
+(`lowvox.files.atomic_path`), so concurrent processes never load a half-written file; a
+library found damaged (empty, cut short: loading one that is cut short kills the process
+with SIGBUS) is built again. No compiler, or a failed build, means no library: callers fall
+back to torch's kernels.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
-import tempfile
+import sys
 from pathlib import Path
+
+from lowvox.files import PART_SUFFIX, atomic_path, sweep_partials
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,9 @@ def build_library(folder: Path | None = None) -> Path | None:
         log.info("no C compiler found: lowvox's CPU kernels are off, torch's are used")
         return None
     folder = folder or kernel_dir()
+    # Builds that a killed process left unfinished (a live one finishes within the timeout);
+    # only ours: LOWVOX_KERNEL_DIR may name a folder that other programs write to.
+    sweep_partials(folder, 2 * BUILD_TIMEOUT_S, (f".lowvox_cpu_*.so.*{PART_SUFFIX}",))
     source = SOURCE.read_bytes()
     version = _compiler_version(cc)
     errors = []
@@ -115,7 +123,9 @@ def build_library(folder: Path | None = None) -> Path | None:
         digest = hashlib.sha256(source + stamp.encode()).hexdigest()[:16]
         target = folder / f"lowvox_cpu_{digest}.so"
         if target.is_file():
-            return target
+            if _whole_library(target):
+                return target
+            log.warning("the CPU kernels library %s is damaged; building it again", target)
         error = _compile(cc, flags, target)
         if error is None:
             log.info("built lowvox CPU kernels with %s %s", Path(cc).name, " ".join(flags))
@@ -125,23 +135,39 @@ def build_library(folder: Path | None = None) -> Path | None:
     return None
 
 
+def _whole_library(path: Path) -> bool:
+    """Whether the file at `path` holds all that its ELF header says it does (the section
+    headers, which the linker writes last). On macOS (Mach-O, not checked): not empty."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if head[:4] != b"\x7fELF":
+        return sys.platform == "darwin" and size > 0
+    if head[4:6] != b"\x02\x01":  # not 64-bit little-endian: not checked further
+        return True
+    if len(head) < 64:
+        return False
+    (shoff,) = struct.unpack_from("<Q", head, 40)
+    shentsize, shnum = struct.unpack_from("<HH", head, 58)
+    return shnum > 0 and shoff + shentsize * shnum <= size
+
+
+class _BuildFailed(Exception):
+    """The compiler's complaint (raised so that `atomic_path` removes the temporary file)."""
+
+
 def _compile(cc: str, flags: tuple[str, ...], target: Path) -> str | None:
     """Compile to `target` atomically; the error text, or None on success."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-    except OSError as e:
-        return f"cannot write to {target.parent}: {e}"
-    cmd = [cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-        if out.returncode != 0:
-            return (out.stderr or out.stdout).strip()[-500:] or f"exit status {out.returncode}"
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            cmd = [cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(tmp), "-lm"]
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            if out.returncode != 0:
+                error = (out.stderr or out.stdout).strip()[-500:]
+                raise _BuildFailed(error or f"exit status {out.returncode}")
         return None
-    except (OSError, subprocess.SubprocessError) as e:
+    except (_BuildFailed, OSError, subprocess.SubprocessError) as e:
         return str(e)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
