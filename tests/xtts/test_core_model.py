@@ -218,6 +218,12 @@ def test_bad_requests_are_clear_errors(random_model) -> None:
     # Streams validate everything before the first chunk is asked for.
     with pytest.raises(InvalidRequest):
         say_stream(m, "Hi.", voice="Test Speaker", first_chunk_tokens=0)
+    # A cadence that is not a whole number of tokens too (2.5 used to fail mid-stream as
+    # "synthesis failed", NaN to mean "never", "3" to raise a TypeError).
+    for name in ("first_chunk_tokens", "chunk_tokens"):
+        for bad in (2.5, float("nan"), "3", True, 0):
+            with pytest.raises(InvalidRequest, match=name):
+                say_stream(m, "Hi.", voice="Test Speaker", **{name: bad})
     with pytest.raises(InvalidRequest, match="tokens long"):
         say_stream(m, "word " * 400, voice="Test Speaker", split_sentences=False)
     assert pick_language("en-US", m.config.languages) == "en"
