@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -226,6 +228,14 @@ def test_bad_requests_are_clear_errors(random_model) -> None:
                 say_stream(m, "Hi.", voice="Test Speaker", **{name: bad})
     with pytest.raises(InvalidRequest, match="tokens long"):
         say_stream(m, "word " * 400, voice="Test Speaker", split_sentences=False)
+    # A voice that does not fit the model, or is not a voice, before the stream starts
+    # too (they used to fail at its first step).
+    studio = m.speakers["Test Speaker"]
+    nan = Voice(torch.full_like(studio.gpt_cond_latent, math.nan), studio.speaker_embedding)
+    narrow = Voice(studio.gpt_cond_latent[..., :7], studio.speaker_embedding)
+    for bad_voice, why in ((nan, "NaN"), (narrow, "do not fit"), (["x"], "must be a Voice")):
+        with pytest.raises(InvalidRequest, match=why):
+            say_stream(m, "Hi.", voice=bad_voice)
     assert pick_language("en-US", m.config.languages) == "en"
     assert pick_language("zh_CN", m.config.languages) == "zh-cn"
 

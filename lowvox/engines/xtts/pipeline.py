@@ -148,6 +148,13 @@ def prepare(
         if name not in model.speakers:
             raise UnknownVoice(name)
         voice = model.speakers[name]
+    elif not isinstance(voice, Voice):
+        raise InvalidRequest(
+            f"voice must be a Voice or a studio speaker's name, not {type(voice).__name__}",
+            field="voice",
+        )
+    # Again at its first sentence (`Batch`), for utterances that were not prepared here.
+    check_voice(voice, model.gpt.dim, model.config.model_args.d_vector_dim)
     limit = model.config.model_args.gpt_max_text_tokens
     pieces = encode_text(model.tokenizer, text, lang, opts.split_sentences, limit)
     return Utterance(pieces, voice, opts, first_chunk_tokens, chunk_tokens)
