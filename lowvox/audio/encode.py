@@ -149,11 +149,14 @@ def _to_s16le(x: np.ndarray) -> bytes:
 
 
 def wav_header(sample_rate: int, num_samples: int | None) -> bytes:
-    """A 44-byte header for mono 16-bit PCM; `num_samples=None` marks the length unknown."""
-    if num_samples is None:
+    """A 44-byte header for mono 16-bit PCM; `num_samples=None` marks the length unknown.
+    So does a length whose sizes do not fit RIFF's 32 bits (a file over 4 GiB, ~24.8 h
+    at 24 kHz): FFmpeg reads such a file to its end, as it reads a stream, where exact
+    sizes would not fit the header at all (closing the file used to fail)."""
+    data_size = None if num_samples is None else 2 * num_samples
+    if data_size is None or 36 + data_size > _UNKNOWN_SIZE:
         riff_size = data_size = _UNKNOWN_SIZE
     else:
-        data_size = 2 * num_samples
         riff_size = 36 + data_size
     return struct.pack(
         "<4sI4s4sIHHIIHH4sI",

@@ -17,6 +17,8 @@ from lowvox.audio.encode import (
     format_from_path,
     get_format,
     output_rate,
+    streaming_wav_header,
+    wav_header,
 )
 from lowvox.errors import InvalidRequest, LowvoxError, UnsupportedFormat
 
@@ -149,6 +151,17 @@ def test_streaming_wav_header_has_unknown_sizes() -> None:
     # libsndfile reads such a stream to its end.
     x, sr = sf.read(io.BytesIO(first + second), dtype="float32")
     assert sr == 24000 and len(x) == 4800
+
+
+def test_wav_header_past_riffs_32_bits_marks_the_length_unknown() -> None:
+    # The largest file RIFF can size (36 + 2 * n <= 2**32 - 1) keeps exact sizes; one
+    # sample more (a FileEncoder closing ~24.8 h of 24 kHz audio) gets the streaming
+    # header, which FFmpeg reads to the end of the file, instead of failing at the end.
+    largest = (0xFFFFFFFF - 36) // 2
+    riff_size, data_size = struct.unpack("<4xI32xI", wav_header(24000, largest))
+    assert (riff_size, data_size) == (36 + 2 * largest, 2 * largest)
+    assert wav_header(24000, largest + 1) == streaming_wav_header(24000)
+    assert wav_header(24000, 2**40) == streaming_wav_header(24000)
 
 
 def test_pcm_is_headerless_s16le() -> None:

@@ -128,6 +128,9 @@ def test_tts_to_file_stays_in_outputs(server, client):
         # The XTTS sampler needs a penalty above 0: accepted, it would fail every request.
         ({"repetition_penalty": "0"}, 400),
         ({"enable_text_splitting": "perhaps"}, 400),
+        # Integer settings: a fraction is refused, not cut to an integer.
+        ({"top_k": "2.5"}, 400),
+        ({"stream_chunk_size": 10.5}, 400),
     ],
 )
 def test_bad_settings(client, body, status):

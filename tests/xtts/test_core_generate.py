@@ -218,7 +218,12 @@ def test_incremental_stretch_equals_whole(speed: float, piece: int) -> None:
     latents = torch.randn(1, 53, 16)
     whole = stretch_latents(latents, speed)
     stretcher = LatentStretcher(speed)
-    parts = [stretcher.push(latents[:, i : i + piece]) for i in range(0, 53, piece)]
+    parts = []
+    for i in range(0, 53, piece):
+        parts.append(stretcher.push(latents[:, i : i + piece]))
+        # Only the next output's two source frames are kept: a push's cost does not grow
+        # with the sentence (it used to keep, and copy, every frame received).
+        assert stretcher.held <= 2
     parts.append(stretcher.finish())
     joined = torch.cat([p for p in parts if p.numel()], dim=1)
     assert joined.shape == whole.shape

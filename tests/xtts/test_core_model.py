@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -218,8 +220,22 @@ def test_bad_requests_are_clear_errors(random_model) -> None:
     # Streams validate everything before the first chunk is asked for.
     with pytest.raises(InvalidRequest):
         say_stream(m, "Hi.", voice="Test Speaker", first_chunk_tokens=0)
+    # A cadence that is not a whole number of tokens too (2.5 used to fail mid-stream as
+    # "synthesis failed", NaN to mean "never", "3" to raise a TypeError).
+    for name in ("first_chunk_tokens", "chunk_tokens"):
+        for bad in (2.5, float("nan"), "3", True, 0):
+            with pytest.raises(InvalidRequest, match=name):
+                say_stream(m, "Hi.", voice="Test Speaker", **{name: bad})
     with pytest.raises(InvalidRequest, match="tokens long"):
         say_stream(m, "word " * 400, voice="Test Speaker", split_sentences=False)
+    # A voice that does not fit the model, or is not a voice, before the stream starts
+    # too (they used to fail at its first step).
+    studio = m.speakers["Test Speaker"]
+    nan = Voice(torch.full_like(studio.gpt_cond_latent, math.nan), studio.speaker_embedding)
+    narrow = Voice(studio.gpt_cond_latent[..., :7], studio.speaker_embedding)
+    for bad_voice, why in ((nan, "NaN"), (narrow, "do not fit"), (["x"], "must be a Voice")):
+        with pytest.raises(InvalidRequest, match=why):
+            say_stream(m, "Hi.", voice=bad_voice)
     assert pick_language("en-US", m.config.languages) == "en"
     assert pick_language("zh_CN", m.config.languages) == "zh-cn"
 

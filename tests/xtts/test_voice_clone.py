@@ -120,6 +120,20 @@ def test_bad_references_are_invalid_requests(model, tmp_path: Path) -> None:
         V.clone_voice(model, (np.full(22050, np.nan, np.float32), 22050), **SETTINGS)
 
 
+@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("value", [2.7, float("nan"), "5", True])
+def test_clip_lengths_that_are_not_whole_seconds_are_invalid_requests(
+    model, clip: Path, name: str, value
+) -> None:
+    # The reference slices the audio by these seconds: 2.7 is not silently 2 here, and NaN
+    # is not a ValueError from int().
+    with pytest.raises(InvalidRequest, match=f"{name} must be a whole number") as e:
+        V.clone_voice(model, clip, **{**SETTINGS, name: value})
+    assert e.value.field == name
+    # numpy integers (a length read from an array) are whole seconds too
+    assert V.clone_voice(model, clip, **{**SETTINGS, name: np.int64(SETTINGS[name])})
+
+
 def test_an_unreadable_reference_file_is_named_in_the_error(model, tmp_path: Path) -> None:
     """`lowvox say --voice broken.wav` said "not a readable audio file: <audio data>": the
     file was read to bytes (for the voice cache's digest) and its name was lost."""

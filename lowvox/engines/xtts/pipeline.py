@@ -132,10 +132,13 @@ def prepare(
 
     if model.tokenizer is None:
         raise LowvoxError("the model was loaded without its tokenizer")
+    sizes = {"first_chunk_tokens": first_chunk_tokens, "chunk_tokens": chunk_tokens}
+    for name, n in sizes.items():
+        # Checked here, not by the vocoder, which would fail on 2.5 mid-stream.
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise InvalidRequest(f"{name} must be a whole number of tokens >= 1, got {n!r}", name)
     if chunk_tokens is None:
         chunk_tokens = max(first_chunk_tokens, DEFAULT_CHUNK_TOKENS)
-    if first_chunk_tokens < 1 or chunk_tokens < 1:
-        raise InvalidRequest("chunk sizes must be at least one token", field="chunk_tokens")
     opts = (options or XttsOptions()).resolved(model.config)
     lang = pick_language(language, model.config.languages, text)
     if voice is None or isinstance(voice, str):
@@ -145,6 +148,13 @@ def prepare(
         if name not in model.speakers:
             raise UnknownVoice(name)
         voice = model.speakers[name]
+    elif not isinstance(voice, Voice):
+        raise InvalidRequest(
+            f"voice must be a Voice or a studio speaker's name, not {type(voice).__name__}",
+            field="voice",
+        )
+    # Again at its first sentence (`Batch`), for utterances that were not prepared here.
+    check_voice(voice, model.gpt.dim, model.config.model_args.d_vector_dim)
     limit = model.config.model_args.gpt_max_text_tokens
     pieces = encode_text(model.tokenizer, text, lang, opts.split_sentences, limit)
     return Utterance(pieces, voice, opts, first_chunk_tokens, chunk_tokens)

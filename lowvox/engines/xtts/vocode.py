@@ -410,29 +410,46 @@ class LatentStretcher:
         self.scale = 1.0 / max(speed, 0.05)
         # Same single-precision source step as torch's linear interpolation kernel.
         self._step = torch.tensor(1.0 / self.scale, dtype=torch.float32)
-        self._frames: torch.Tensor | None = None  # [1, n, D], every frame received so far
+        # [1, m, D]: the frames received from `_first` on, those later outputs still read
+        # (earlier ones are dropped: a push costs the same however long the sentence).
+        self._frames: torch.Tensor | None = None
+        self._first = 0
+        self._received = 0
         self._emitted = 0
 
     @property
     def received(self) -> int:
+        return self._received
+
+    @property
+    def held(self) -> int:
+        """Frames kept for the outputs still to come."""
         return 0 if self._frames is None else self._frames.shape[1]
+
+    def _source(self, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source position and its left frame's index for output frames `j`."""
+        src = (self._step * (j.to(torch.float32) + 0.5) - 0.5).clamp(min=0.0)
+        return src, src.long()
 
     def _emit(self, upto: int, final: bool) -> torch.Tensor | None:
         if self._frames is None:
             return None
         n = self.received
-        j = torch.arange(self._emitted, upto, dtype=torch.float32)
-        src = (self._step * (j + 0.5) - 0.5).clamp(min=0.0)
-        i0 = src.long()
+        src, i0 = self._source(torch.arange(self._emitted, upto))
         i1 = torch.where(i0 < n - 1, i0 + 1, i0)
         if not final:
             keep = int((i0 + 1 < n).sum())  # i0 + 1 < n holds for a prefix of j
             src, i0, i1 = src[:keep], i0[:keep], i1[:keep]
         frames = self._frames
         w1 = (src - i0.float()).to(frames.device, frames.dtype)[None, :, None]
-        i0, i1 = i0.to(frames.device), i1.to(frames.device)
+        i0, i1 = (i0 - self._first).to(frames.device), (i1 - self._first).to(frames.device)
         out = frames[:, i0] * (1 - w1) + frames[:, i1] * w1
         self._emitted += out.shape[1]
+        # The next output reads from its left frame on (left frames only grow with j).
+        _, after = self._source(torch.tensor([self._emitted]))
+        drop = min(int(after[0]), n - 1) - self._first
+        if drop > 0:
+            self._frames, self._first = frames[:, drop:], self._first + drop
         return out
 
     def push(self, latents: torch.Tensor) -> torch.Tensor:
@@ -440,6 +457,7 @@ class LatentStretcher:
         if self.speed == 1.0:
             return latents
         self._frames = latents if self._frames is None else torch.cat([self._frames, latents], 1)
+        self._received += latents.shape[1]
         out = self._emit(int(self.received * self.scale), final=False)
         return out if out is not None else latents[:, :0]
 

@@ -374,6 +374,16 @@ def clone_voice(
     )
     if not refs_in:
         raise InvalidRequest("no reference audio given")
+    lengths = {
+        "gpt_cond_len": gpt_cond_len,
+        "gpt_cond_chunk_len": gpt_cond_chunk_len,
+        "max_ref_length": max_ref_length,
+    }
+    for name, value in lengths.items():
+        # Whole seconds, as the reference slices them: 2.7 is not silently 2, NaN not a
+        # ValueError from int().
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise InvalidRequest(f"{name} must be a whole number of seconds, got {value!r}", name)
     rate = int(model.config.audio.sample_rate)
     refs = [_as_reference(r, rate) for r in refs_in]
     settings = CloneSettings(

@@ -138,6 +138,8 @@ async def set_tts_settings(request: Request, state: State) -> dict:
                 raise InvalidRequest(
                     f"{key} {value:g} is out of range ({low:g}-{high:g})", field=key
                 )
+            if kind is int and value != int(value):  # top_k 2.7 is not silently 2
+                raise InvalidRequest(f"{key} must be a whole number, not {value:g}", field=key)
             value = int(value) if kind is int else value
         updates[key] = value
     state.tts_options.update(updates)
