@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
+import stat
 import sys
 import tempfile
 import time
@@ -163,17 +165,32 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     fmt = "m4b" if output.suffix.lower() == ".m4b" else format_from_path(output)
     if fmt not in ("m4b", "mp3", "opus", "flac", "wav", "m4a"):
         raise InvalidRequest(f"a book can be m4b, mp3, opus, flac or wav, not {fmt}")
-    try:
-        data = source.read_bytes()
-    except OSError as e:
-        raise LowvoxError(f"cannot read {source}: {e.strerror or e}") from e
-    if len(data) > settings.max_job_bytes:
-        raise InvalidRequest(
-            f"{source} is {len(data):,} bytes, over the job limit of {settings.max_job_bytes:,}"
-        )
+    data = read_input(source, settings.max_job_bytes)
     _check_writable(output)
     job_settings = _job_settings(args, settings, fmt)
     return asyncio.run(_book(settings, source, data, output, job_settings, not args.no_progress))
+
+
+def read_input(source: Path, limit: int) -> bytes:
+    """The input file's bytes, refused when over `limit` (the server's `max_job_bytes`).
+
+    No more than `limit + 1` bytes are read, whatever `source` is: a device such as
+    /dev/zero, a pipe or a file that grows would otherwise be read into memory without
+    end (4.7 GB in 4 s). A regular file's size is checked before any byte is read."""
+    try:
+        with open(source, "rb") as f:
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode) and st.st_size > limit:
+                raise InvalidRequest(
+                    f"{source} is {st.st_size:,} bytes, over the job limit of {limit:,}",
+                    field="file",
+                )
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise LowvoxError(f"cannot read {source}: {e.strerror or e}") from e
+    if len(data) > limit:
+        raise InvalidRequest(f"{source} is over the job limit of {limit:,} bytes", field="file")
+    return data
 
 
 def _check_writable(output: Path) -> None:

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -275,3 +276,36 @@ def test_rerun_after_sigkill_finishes_the_same_book(tmp_path, engine):
             return [block.split("\n", 2)[2] for block in srt.strip().split("\n\n")]
 
         assert texts(srt_whole) == texts(srt_cut)
+
+
+def test_an_endless_input_is_refused_after_reading_just_past_the_job_limit(
+    tmp_path, capsys, monkeypatch
+):
+    # `lowvox book /dev/zero` (or a pipe, or a huge file) was read whole into memory:
+    # 4.7 GB in 4 s. Here a pipe offers 20 MB against a limit of 1,000 bytes; the reader
+    # must stop at 1,001, so the writer is cut off within the pipe's buffer (64 kB).
+    monkeypatch.setenv("LOWVOX_MAX_JOB_BYTES", "1000")
+    fifo = tmp_path / "endless.txt"
+    os.mkfifo(fifo)
+    written = 0
+
+    def feed() -> None:
+        nonlocal written
+        chunk = b"word " * 1000
+        try:
+            with open(fifo, "wb") as f:
+                for _ in range(4000):
+                    f.write(chunk)
+                    written += len(chunk)
+        except BrokenPipeError:
+            pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    rc = main(["book", str(fifo), "-o", str(tmp_path / "x.wav"), "--engine", "espeak",
+               "--home", str(tmp_path / "h"), "--no-progress"])  # fmt: skip
+    writer.join(60)
+    err = capsys.readouterr().err
+    assert written < 1_000_000
+    assert rc == 2
+    assert "lowvox: error:" in err and "over the job limit of 1,000" in err
