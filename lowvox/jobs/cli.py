@@ -129,32 +129,56 @@ def _clock(seconds: float) -> str:
     )
 
 
-def _job_settings(args: argparse.Namespace, settings: Settings, fmt: str) -> Any:
-    from lowvox.jobs.plan import parse_chapters
-    from lowvox.jobs.store import JobSettings, NarratorSettings
+# `book`'s flags by the names of the job options they give, for its error messages.
+_FLAGS = {
+    "voice": "--voice",
+    "language": "--language",
+    "speed": "--speed",
+    "chapters": "--chapters",
+    "title": "--title",
+    "seed": "--seed",
+    "retakes": "--retakes",
+    "temperature": "--temperature",
+    "max_new_tokens": "--max-new-tokens",
+    "narrator_voice": "--narrator-voice",
+    "character_voice": "--voice",
+    "lufs": "--lufs",
+}
 
-    options: dict[str, Any] = {}
-    if args.temperature is not None:
-        options["temperature"] = args.temperature
-    if args.max_new_tokens is not None:
-        options["max_new_tokens"] = args.max_new_tokens
-    return JobSettings(
+
+def _job_settings(args: argparse.Namespace, settings: Settings, fmt: str) -> Any:
+    """The job's settings from `book`'s flags, checked as the HTTP jobs route checks its
+    fields (`lowvox.jobs.options`): before any job is created."""
+    from dataclasses import replace
+
+    from lowvox.jobs.options import job_settings, parse_job_options
+
+    given = {
+        "voice": args.voice,
+        "language": args.language,
+        "speed": args.speed,
+        "chapters": args.chapters,
+        "title": args.title,
+        "seed": args.seed,
+        "retakes": args.retakes,
+        "temperature": args.temperature,
+        "max_new_tokens": args.max_new_tokens,
+        "narrator_voice": args.narrator_voice,
+        # In narrator mode "speech" is spoken in --voice (None: the settings' voice).
+        "character_voice": args.voice if args.narrator_voice else None,
+    }
+    fields = {k: v for k, v in given.items() if v is not None}
+    fields["lufs"] = None if args.no_normalize else args.lufs  # None: no normalisation
+    opts = parse_job_options(fields, names=_FLAGS)
+    job = job_settings(
+        opts,
         engine=settings.engine,
-        voice=args.voice or settings.voice,
-        language=args.language or settings.language,
-        speed=args.speed,
-        options=options,
-        seed=args.seed,
-        format=fmt,
-        retakes=settings.job_retakes if args.retakes is None else args.retakes,
-        target_lufs=None if args.no_normalize else args.lufs,
-        narrator=(
-            NarratorSettings(narrator_voice=args.narrator_voice, character_voice=args.voice)
-            if args.narrator_voice
-            else None
-        ),
-        chapters=parse_chapters(args.chapters),
+        default_voice=settings.voice,
+        default_language=settings.language,
+        default_retakes=settings.job_retakes,
     )
+    # The format comes from the output's name, and the assembler writes .m4a books too.
+    return replace(job, format=fmt)
 
 
 def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
@@ -165,9 +189,9 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     fmt = "m4b" if output.suffix.lower() == ".m4b" else format_from_path(output)
     if fmt not in ("m4b", "mp3", "opus", "flac", "wav", "m4a"):
         raise InvalidRequest(f"a book can be m4b, mp3, opus, flac or wav, not {fmt}")
-    data = read_input(source, settings.max_job_bytes)
-    _check_writable(output)
     job_settings = _job_settings(args, settings, fmt)
+    _check_writable(output)
+    data = read_input(source, settings.max_job_bytes)
     return asyncio.run(_book(settings, source, data, output, job_settings, not args.no_progress))
 
 

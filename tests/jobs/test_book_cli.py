@@ -309,3 +309,33 @@ def test_an_endless_input_is_refused_after_reading_just_past_the_job_limit(
     assert written < 1_000_000
     assert rc == 2
     assert "lowvox: error:" in err and "over the job limit of 1,000" in err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--speed", "0"],  # every sentence failed, after the job was made
+        ["--speed", "nan"],
+        ["--lufs", "nan"],  # a book of clipped noise, "wrote ..." and exit 0
+        ["--lufs", "0"],
+        ["--retakes", "-1"],
+        ["--retakes", "11"],
+        ["--temperature", "-1"],
+        ["--temperature", "inf"],
+        ["--seed", "-1"],
+        ["--seed", str(2**64)],
+        ["--max-new-tokens", "0"],
+        ["--title", "t" * 301],
+    ],
+)
+def test_out_of_range_options_are_refused_before_a_job_exists(tmp_path, book, capsys, flags):
+    # The HTTP jobs route's ranges (lowvox.jobs.options), not a second copy of them.
+    home = tmp_path / "h"
+    rc = main(["book", str(book), "-o", str(tmp_path / "x.wav"), "--engine", "espeak",
+               "--home", str(home), "--no-progress", *flags])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"lowvox: error: invalid job: {flags[0]}: ") and err.count("\n") == 1
+    assert main(["jobs", "list", "--home", str(home)]) == 0
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "x.wav").exists()
