@@ -192,7 +192,9 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     job_settings = _job_settings(args, settings, fmt)
     _check_writable(output)
     data = read_input(source, settings.max_job_bytes)
-    return asyncio.run(_book(settings, source, data, output, job_settings, not args.no_progress))
+    return asyncio.run(
+        _book(settings, source, data, output, job_settings, args.title, not args.no_progress)
+    )
 
 
 def read_input(source: Path, limit: int) -> bytes:
@@ -238,6 +240,7 @@ async def _book(
     data: bytes,
     output: Path,
     job_settings: Any,
+    title: str | None,
     progress: bool,
 ) -> int:
     from lowvox.jobs.executors import open_executor
@@ -265,6 +268,7 @@ async def _book(
                 settings=job_settings,
                 max_chars=settings.max_job_chars,
                 max_unpacked_bytes=settings.max_job_bytes * 4,
+                title=title,
                 origin="cli",
                 output=str(output),
             )

@@ -339,3 +339,17 @@ def test_out_of_range_options_are_refused_before_a_job_exists(tmp_path, book, ca
     assert main(["jobs", "list", "--home", str(home)]) == 0
     assert capsys.readouterr().out == ""
     assert not (tmp_path / "x.wav").exists()
+
+
+@pytest.mark.slow
+def test_title_names_the_job_and_the_book(tmp_path, book, capsys):
+    # `--title` was parsed and then dropped: the book kept the title from the input.
+    home = tmp_path / "h"
+    rc = main(["book", str(book), "-o", str(tmp_path / "x.wav"), "--engine", "espeak",
+               "--home", str(home), "--no-progress", "--chapters", "2",
+               "--title", "A Title Given"])  # fmt: skip
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["jobs", "list", "--home", str(home)]) == 0
+    listing = capsys.readouterr().out
+    assert "A Title Given" in listing and "The Test Book" not in listing
