@@ -14,12 +14,12 @@ import hashlib
 import os
 import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from lowvox.errors import InvalidRequest, LowvoxError
+from lowvox.files import check_writable
 from lowvox.settings import Settings
 
 
@@ -190,7 +190,7 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     if fmt not in ("m4b", "mp3", "opus", "flac", "wav", "m4a"):
         raise InvalidRequest(f"a book can be m4b, mp3, opus, flac or wav, not {fmt}")
     job_settings = _job_settings(args, settings, fmt)
-    _check_writable(output)
+    check_writable(output)  # known now, not when the book is assembled
     data = read_input(source, settings.max_job_bytes)
     return asyncio.run(
         _book(settings, source, data, output, job_settings, args.title, not args.no_progress)
@@ -217,21 +217,6 @@ def read_input(source: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise InvalidRequest(f"{source} is over the job limit of {limit:,} bytes", field="file")
     return data
-
-
-def _check_writable(output: Path) -> None:
-    """Refuse now, not after hours of speech, a book that could not be written."""
-    if output.is_dir():
-        raise InvalidRequest(f"{output} is a folder; give the book's file name")
-    folder = next((p for p in output.parents if p.exists()), None)
-    if folder is not None and not folder.is_dir():
-        raise LowvoxError(f"cannot write the book to {output.parent}: {folder} is a file")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output.parent):
-            pass
-    except OSError as e:
-        raise LowvoxError(f"cannot write the book to {output.parent}: {e.strerror or e}") from e
 
 
 async def _book(

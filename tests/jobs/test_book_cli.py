@@ -353,3 +353,18 @@ def test_title_names_the_job_and_the_book(tmp_path, book, capsys):
     assert main(["jobs", "list", "--home", str(home)]) == 0
     listing = capsys.readouterr().out
     assert "A Title Given" in listing and "The Test Book" not in listing
+
+
+@pytest.mark.parametrize("why", ["bad option", "nothing to speak"])
+def test_a_refused_book_makes_no_folders_for_its_output(tmp_path, book, capsys, why):
+    # The output check made the book's folders before anything else was checked, and left
+    # them behind when the job was refused.
+    out = tmp_path / "new" / "deeper" / "x.wav"
+    src, flags = book, ["--speed", "0"]
+    if why == "nothing to speak":
+        src, flags = tmp_path / "empty.txt", []
+        src.write_text("")
+    rc = main(["book", str(src), "-o", str(out), "--engine", "espeak",
+               "--home", str(tmp_path / "h"), "--no-progress", *flags])  # fmt: skip
+    assert rc == 2 and "lowvox: error:" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
