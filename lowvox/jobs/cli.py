@@ -187,8 +187,8 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     source = Path(args.input)
     output = Path(args.output).expanduser().resolve()
     fmt = "m4b" if output.suffix.lower() == ".m4b" else format_from_path(output)
-    if fmt not in ("m4b", "mp3", "opus", "flac", "wav", "m4a"):
-        raise InvalidRequest(f"a book can be m4b, mp3, opus, flac or wav, not {fmt}")
+    if fmt not in ("m4b", "m4a", "mp3", "opus", "flac", "wav"):
+        raise InvalidRequest(f"a book can be m4b, m4a, mp3, opus, flac or wav, not {fmt}")
     job_settings = _job_settings(args, settings, fmt)
     check_writable(output)  # known now, not when the book is assembled
     data = read_input(source, settings.max_job_bytes)

@@ -368,3 +368,14 @@ def test_a_refused_book_makes_no_folders_for_its_output(tmp_path, book, capsys, 
                "--home", str(tmp_path / "h"), "--no-progress", *flags])  # fmt: skip
     assert rc == 2 and "lowvox: error:" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_an_output_format_no_book_is_written_in_is_refused_naming_those_that_are(
+    tmp_path, book, capsys
+):
+    # The message left out m4a, which `book` writes.
+    rc = main(["book", str(book), "-o", str(tmp_path / "x.aac"), "--engine", "espeak",
+               "--home", str(tmp_path / "h"), "--no-progress"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err == "lowvox: error: a book can be m4b, m4a, mp3, opus, flac or wav, not aac\n"
