@@ -335,11 +335,16 @@ def _show(store: Any, job: Any, every: bool) -> None:
 
 async def _retake(settings: Settings, store: Any, job: Any, args: argparse.Namespace) -> int:
     from lowvox.jobs.executors import open_executor
+    from lowvox.jobs.options import parse_sentence_edit
     from lowvox.jobs.plan import check_retake
     from lowvox.jobs.runner import JobRunner
     from lowvox.server.engines import EngineHub
 
-    text = args.text.strip() if args.text is not None else None
+    # As the retake route checks its body (at most 2,000 characters of text).
+    edit = parse_sentence_edit(
+        {"text": args.text, "voice": args.voice}, names={"text": "--text", "voice": "--voice"}
+    )
+    text = edit.text.strip() if edit.text is not None else None
     if text is not None and not text:
         raise InvalidRequest("the new text is empty")
     if job.state == "cancelled":

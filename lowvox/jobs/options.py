@@ -10,7 +10,7 @@ job is created, not sentence by sentence or at assembly after hours of speech.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -19,6 +19,8 @@ from lowvox.errors import InvalidRequest
 from lowvox.jobs.model import Pauses
 from lowvox.jobs.plan import parse_chapters
 from lowvox.jobs.store import JobSettings, NarratorSettings
+
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
 class JobOptions(BaseModel):
@@ -49,19 +51,41 @@ class JobOptions(BaseModel):
     lufs: float | None = Field(-18.0, ge=-40, le=-6, description="loudness target; null: off")
 
 
+class SentenceEdit(BaseModel):
+    """A retake's new text or voice (the retake route's body, `jobs retake`'s flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, max_length=2000)
+    voice: str | None = None
+
+
 def parse_job_options(
     fields: Mapping[str, Any], *, names: Mapping[str, str] | None = None
 ) -> JobOptions:
     """`fields` checked into `JobOptions`; `InvalidRequest` naming the first problems.
     `names` gives a field the name its caller knows it by (`--lufs` for `lufs`)."""
+    return _checked(JobOptions, "job", fields, names)
+
+
+def parse_sentence_edit(
+    fields: Mapping[str, Any], *, names: Mapping[str, str] | None = None
+) -> SentenceEdit:
+    """`fields` checked into a `SentenceEdit`, as `parse_job_options` checks a job."""
+    return _checked(SentenceEdit, "retake", fields, names)
+
+
+def _checked(
+    model: type[_Model], what: str, fields: Mapping[str, Any], names: Mapping[str, str] | None
+) -> _Model:
     try:
-        return JobOptions.model_validate(dict(fields))
+        return model.model_validate(dict(fields))
     except ValidationError as e:
         problems = []
         for err in e.errors()[:5]:
             where = ".".join(str(p) for p in err["loc"]) or "body"
             problems.append(f"{(names or {}).get(where, where)}: {err['msg']}")
-        raise InvalidRequest("invalid job: " + "; ".join(problems)) from None
+        raise InvalidRequest(f"invalid {what}: " + "; ".join(problems)) from None
 
 
 def job_settings(

@@ -379,3 +379,31 @@ def test_an_output_format_no_book_is_written_in_is_refused_naming_those_that_are
     assert rc == 2
     err = capsys.readouterr().err
     assert err == "lowvox: error: a book can be m4b, m4a, mp3, opus, flac or wav, not aac\n"
+
+
+def test_a_retake_text_over_the_routes_limit_is_refused_and_changes_nothing(tmp_path, capsys):
+    # The retake route takes at most 2,000 characters; `jobs retake --text` took up to the
+    # engine's 20,000 as one sentence's take.
+    from lowvox.jobs.model import BookMeta, Line
+    from lowvox.jobs.store import JobSettings, JobStore
+
+    store = JobStore(tmp_path / "jobs")
+    job = store.create(
+        input_name="book.txt",
+        data=b"One.",
+        meta=BookMeta(title="Book"),
+        settings=JobSettings(engine="espeak"),
+        lines=[Line(chapter=0, paragraph=0, text="One.")],
+        origin="cli",
+    )
+    store.close()
+    rc = main(["jobs", "retake", job.id, "0", "--text", "word " * 401, "--engine", "espeak",
+               "--home", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("lowvox: error: invalid retake: --text: ") and "2000" in err
+    store = JobStore(tmp_path / "jobs")
+    try:
+        assert store.sentence(job.id, 0).text == "One."
+    finally:
+        store.close()

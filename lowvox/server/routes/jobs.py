@@ -18,13 +18,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from lowvox.audio.formats import FORMATS
 from lowvox.engines.base import check_voice_name
 from lowvox.errors import InvalidRequest
-from lowvox.jobs.options import JobOptions, job_settings, parse_job_options
+from lowvox.jobs.options import JobOptions, SentenceEdit, job_settings, parse_job_options
 from lowvox.jobs.runner import subtitle_paths
 from lowvox.jobs.service import JobService
 from lowvox.jobs.store import JobInfo, JobSettings, by_chapter
@@ -40,13 +39,6 @@ SentenceIndex = Annotated[int, Path(ge=0, le=2**31 - 1)]
 _TERMINAL = ("done", "failed", "cancelled")
 # Server-Sent Events: a comment line this often keeps proxies from closing the stream.
 _SSE_HEARTBEAT_S = 15.0
-
-
-class SentenceEdit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text: str | None = Field(None, max_length=2000)
-    voice: str | None = None
 
 
 def _service(state: Any) -> JobService:
