@@ -407,3 +407,21 @@ def test_a_retake_text_over_the_routes_limit_is_refused_and_changes_nothing(tmp_
         assert store.sentence(job.id, 0).text == "One."
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_max_new_tokens_over_the_models_limit_is_refused_before_a_job_exists(
+    tmp_path, book, capsys
+):
+    # 4,000 is within the route's bound (4,096) but over the model's own limit: the job
+    # was stored and every sentence then failed "max_new_tokens must be in 1..602".
+    if not golden_available():
+        pytest.skip(f"no golden bundle at {GOLDEN}")
+    home = tmp_path / "h"
+    rc = main(["book", str(book), "-o", str(tmp_path / "x.wav"), "--engine", "xtts",
+               "--model-dir", str(GOLDEN), "--device", "cpu", "--precision", "fp32",
+               "--home", str(home), "--no-progress", "--max-new-tokens", "4000"])  # fmt: skip
+    assert rc == 2
+    assert "max_new_tokens must be in 1.." in capsys.readouterr().err
+    assert main(["jobs", "list", "--home", str(home)]) == 0
+    assert capsys.readouterr().out == ""
