@@ -168,8 +168,9 @@ def _job_settings(args: argparse.Namespace, settings: Settings, fmt: str) -> Any
         "character_voice": args.voice if args.narrator_voice else None,
     }
     fields = {k: v for k, v in given.items() if v is not None}
-    fields["lufs"] = None if args.no_normalize else args.lufs  # None: no normalisation
-    opts = parse_job_options(fields, names=_FLAGS)
+    opts = parse_job_options({**fields, "lufs": args.lufs}, names=_FLAGS)
+    if args.no_normalize:  # --lufs is checked all the same: a bad value is a mistake
+        opts = opts.model_copy(update={"lufs": None})
     job = job_settings(
         opts,
         engine=settings.engine,

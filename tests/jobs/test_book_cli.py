@@ -318,6 +318,7 @@ def test_an_endless_input_is_refused_after_reading_just_past_the_job_limit(
         ["--speed", "nan"],
         ["--lufs", "nan"],  # a book of clipped noise, "wrote ..." and exit 0
         ["--lufs", "0"],
+        ["--lufs", "nan", "--no-normalize"],
         ["--retakes", "-1"],
         ["--retakes", "11"],
         ["--temperature", "-1"],
