@@ -11,7 +11,7 @@ from typing import Any
 
 from lowvox import __version__
 from lowvox.errors import InvalidRequest, LowvoxError
-from lowvox.files import write_atomic
+from lowvox.files import check_writable, write_atomic
 from lowvox.settings import Settings, load_settings
 
 log = logging.getLogger("lowvox")
@@ -196,8 +196,8 @@ def cmd_say(args: argparse.Namespace) -> int:
 
     settings = _settings_from_args(args)
     to_stdout = args.output == "-"
-    if not to_stdout and Path(args.output).is_dir():  # known now, not after the speech
-        raise LowvoxError(f"cannot write {args.output}: it is a folder")
+    if not to_stdout:
+        check_writable(args.output)  # known now, not after the speech
     fmt = (args.format or ("wav" if to_stdout else format_from_path(args.output))).lower()
     text = _read_text(args.text, settings.max_text_chars)
     options = {"pitch": args.pitch} if args.pitch is not None else {}

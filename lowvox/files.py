@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from lowvox.errors import LowvoxError
+
 PART_SUFFIX = ".part"
 # The names `atomic_path` gives its temporaries (a glob).
 PARTIAL_GLOB = f".*{PART_SUFFIX}"
@@ -93,6 +95,24 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = Tru
     """Replace `path` with `data` in one step."""
     with atomic_open(path, fsync=fsync) as f:
         f.write(data)
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Refuse now, before the work that makes it (a model load, hours of speech), a file
+    that `write_atomic` could not write at `path`: a folder, a place under a file, or a
+    folder that takes no new files. Nothing is made: the nearest folder that exists is
+    tried with an unnamed temporary file, and missing folders are left to the writer."""
+    target = Path(path)
+    if target.is_dir():
+        raise LowvoxError(f"cannot write {target}: it is a folder")
+    folder = next((p for p in target.parents if p.exists()), Path("."))
+    if not folder.is_dir():
+        raise LowvoxError(f"cannot write {target}: {folder} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise LowvoxError(f"cannot write {target}: {e.strerror or e}") from e
 
 
 def why_not_written(e: BaseException) -> str:

@@ -228,12 +228,19 @@ def test_unwritable_output_is_a_clear_error(tmp_path, where):
     assert not list(tmp_path.glob(".*.part"))  # no temporary left behind
 
 
-def test_output_folder_is_refused_before_the_engine_loads(tmp_path):
-    """`-o` naming a folder is known at once: it was found only when the audio was written,
-    after the model had loaded and spoken the whole text (here the missing model would
-    have been the first complaint)."""
-    out = tmp_path / "taken"
-    out.mkdir()
+@pytest.mark.parametrize("where", ["a folder", "under a file"])
+def test_output_folder_is_refused_before_the_engine_loads(tmp_path, where):
+    """`-o` naming a folder, or a place under a file, is known at once: it was found only
+    when the audio was written, after the model had loaded and spoken the whole text (here
+    the missing model would have been the first complaint). `lowvox book` checks its
+    output with the same helper."""
+    taken = tmp_path / "taken"
+    if where == "a folder":
+        taken.mkdir()
+        out, why = taken, "it is a folder"
+    else:
+        taken.write_bytes(b"a file")
+        out, why = taken / "deeper" / "x.wav", f"{taken} is a file"
     proc = run_cli(
         "say", "Hi", "-o", str(out),
         "--engine", "xtts", "--model-dir", str(tmp_path / "no-model"),
@@ -241,8 +248,7 @@ def test_output_folder_is_refused_before_the_engine_loads(tmp_path):
     )  # fmt: skip
     err = proc.stderr.decode()
     assert proc.returncode == 2
-    assert f"cannot write {out}: it is a folder" in err
-    assert "no XTTS model" not in err
+    assert err == f"lowvox: error: cannot write {out}: {why}\n"
 
 
 @pytest.mark.slow

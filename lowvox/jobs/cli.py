@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
+import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from lowvox.errors import InvalidRequest, LowvoxError
+from lowvox.files import check_writable
 from lowvox.settings import Settings
 
 
@@ -127,32 +129,57 @@ def _clock(seconds: float) -> str:
     )
 
 
-def _job_settings(args: argparse.Namespace, settings: Settings, fmt: str) -> Any:
-    from lowvox.jobs.plan import parse_chapters
-    from lowvox.jobs.store import JobSettings, NarratorSettings
+# `book`'s flags by the names of the job options they give, for its error messages.
+_FLAGS = {
+    "voice": "--voice",
+    "language": "--language",
+    "speed": "--speed",
+    "chapters": "--chapters",
+    "title": "--title",
+    "seed": "--seed",
+    "retakes": "--retakes",
+    "temperature": "--temperature",
+    "max_new_tokens": "--max-new-tokens",
+    "narrator_voice": "--narrator-voice",
+    "character_voice": "--voice",
+    "lufs": "--lufs",
+}
 
-    options: dict[str, Any] = {}
-    if args.temperature is not None:
-        options["temperature"] = args.temperature
-    if args.max_new_tokens is not None:
-        options["max_new_tokens"] = args.max_new_tokens
-    return JobSettings(
+
+def _job_settings(args: argparse.Namespace, settings: Settings, fmt: str) -> Any:
+    """The job's settings from `book`'s flags, checked as the HTTP jobs route checks its
+    fields (`lowvox.jobs.options`): before any job is created."""
+    from dataclasses import replace
+
+    from lowvox.jobs.options import job_settings, parse_job_options
+
+    given = {
+        "voice": args.voice,
+        "language": args.language,
+        "speed": args.speed,
+        "chapters": args.chapters,
+        "title": args.title,
+        "seed": args.seed,
+        "retakes": args.retakes,
+        "temperature": args.temperature,
+        "max_new_tokens": args.max_new_tokens,
+        "narrator_voice": args.narrator_voice,
+        # In narrator mode "speech" is spoken in --voice (None: the settings' voice).
+        "character_voice": args.voice if args.narrator_voice else None,
+    }
+    fields = {k: v for k, v in given.items() if v is not None}
+    opts = parse_job_options({**fields, "lufs": args.lufs}, names=_FLAGS)
+    if args.no_normalize:  # --lufs is checked all the same: a bad value is a mistake
+        opts = opts.model_copy(update={"lufs": None})
+    job = job_settings(
+        opts,
         engine=settings.engine,
-        voice=args.voice or settings.voice,
-        language=args.language or settings.language,
-        speed=args.speed,
-        options=options,
-        seed=args.seed,
-        format=fmt,
-        retakes=settings.job_retakes if args.retakes is None else args.retakes,
-        target_lufs=None if args.no_normalize else args.lufs,
-        narrator=(
-            NarratorSettings(narrator_voice=args.narrator_voice, character_voice=args.voice)
-            if args.narrator_voice
-            else None
-        ),
-        chapters=parse_chapters(args.chapters),
+        default_voice=settings.voice,
+        default_language=settings.language,
+        default_retakes=settings.job_retakes,
     )
+    # The format comes from the output's name, and the assembler writes .m4a books too.
+    return replace(job, format=fmt)
 
 
 def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
@@ -161,34 +188,36 @@ def cmd_book(args: argparse.Namespace, settings: Settings) -> int:
     source = Path(args.input)
     output = Path(args.output).expanduser().resolve()
     fmt = "m4b" if output.suffix.lower() == ".m4b" else format_from_path(output)
-    if fmt not in ("m4b", "mp3", "opus", "flac", "wav", "m4a"):
-        raise InvalidRequest(f"a book can be m4b, mp3, opus, flac or wav, not {fmt}")
+    if fmt not in ("m4b", "m4a", "mp3", "opus", "flac", "wav"):
+        raise InvalidRequest(f"a book can be m4b, m4a, mp3, opus, flac or wav, not {fmt}")
+    job_settings = _job_settings(args, settings, fmt)
+    check_writable(output)  # known now, not when the book is assembled
+    data = read_input(source, settings.max_job_bytes)
+    return asyncio.run(
+        _book(settings, source, data, output, job_settings, args.title, not args.no_progress)
+    )
+
+
+def read_input(source: Path, limit: int) -> bytes:
+    """The input file's bytes, refused when over `limit` (the server's `max_job_bytes`).
+
+    No more than `limit + 1` bytes are read, whatever `source` is: a device such as
+    /dev/zero, a pipe or a file that grows would otherwise be read into memory without
+    end (4.7 GB in 4 s). A regular file's size is checked before any byte is read."""
     try:
-        data = source.read_bytes()
+        with open(source, "rb") as f:
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode) and st.st_size > limit:
+                raise InvalidRequest(
+                    f"{source} is {st.st_size:,} bytes, over the job limit of {limit:,}",
+                    field="file",
+                )
+            data = f.read(limit + 1)
     except OSError as e:
         raise LowvoxError(f"cannot read {source}: {e.strerror or e}") from e
-    if len(data) > settings.max_job_bytes:
-        raise InvalidRequest(
-            f"{source} is {len(data):,} bytes, over the job limit of {settings.max_job_bytes:,}"
-        )
-    _check_writable(output)
-    job_settings = _job_settings(args, settings, fmt)
-    return asyncio.run(_book(settings, source, data, output, job_settings, not args.no_progress))
-
-
-def _check_writable(output: Path) -> None:
-    """Refuse now, not after hours of speech, a book that could not be written."""
-    if output.is_dir():
-        raise InvalidRequest(f"{output} is a folder; give the book's file name")
-    folder = next((p for p in output.parents if p.exists()), None)
-    if folder is not None and not folder.is_dir():
-        raise LowvoxError(f"cannot write the book to {output.parent}: {folder} is a file")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output.parent):
-            pass
-    except OSError as e:
-        raise LowvoxError(f"cannot write the book to {output.parent}: {e.strerror or e}") from e
+    if len(data) > limit:
+        raise InvalidRequest(f"{source} is over the job limit of {limit:,} bytes", field="file")
+    return data
 
 
 async def _book(
@@ -197,6 +226,7 @@ async def _book(
     data: bytes,
     output: Path,
     job_settings: Any,
+    title: str | None,
     progress: bool,
 ) -> int:
     from lowvox.jobs.executors import open_executor
@@ -224,6 +254,7 @@ async def _book(
                 settings=job_settings,
                 max_chars=settings.max_job_chars,
                 max_unpacked_bytes=settings.max_job_bytes * 4,
+                title=title,
                 origin="cli",
                 output=str(output),
             )
@@ -305,11 +336,16 @@ def _show(store: Any, job: Any, every: bool) -> None:
 
 async def _retake(settings: Settings, store: Any, job: Any, args: argparse.Namespace) -> int:
     from lowvox.jobs.executors import open_executor
+    from lowvox.jobs.options import parse_sentence_edit
     from lowvox.jobs.plan import check_retake
     from lowvox.jobs.runner import JobRunner
     from lowvox.server.engines import EngineHub
 
-    text = args.text.strip() if args.text is not None else None
+    # As the retake route checks its body (at most 2,000 characters of text).
+    edit = parse_sentence_edit(
+        {"text": args.text, "voice": args.voice}, names={"text": "--text", "voice": "--voice"}
+    )
+    text = edit.text.strip() if edit.text is not None else None
     if text is not None and not text:
         raise InvalidRequest("the new text is empty")
     if job.state == "cancelled":

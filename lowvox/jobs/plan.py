@@ -102,12 +102,16 @@ async def create_job(
             f"the text is {chars:,} characters, over the job limit of {max_chars:,}",
             field="file",
         )
-    # The language: as asked, or (auto) as the engine detects it from the text.
+    # The language: as asked, or (auto) as the engine detects it from the text. The
+    # job's speed and options go with it: a value the engine refuses (XTTS's
+    # max_new_tokens over the model's limit) is refused here, not by every sentence.
     probe = await executor.validate(
         SynthesisRequest(
             text=_sample_text(doc) or doc.title,
             voice=settings.voice,
             language=settings.language or doc.language or "en",
+            speed=settings.speed,
+            options=settings.options,
         )
     )
     language = probe.language or "en"

@@ -552,7 +552,11 @@ class JobStore:
         return [_sentence(r) for r in self._query(sql + " ORDER BY idx", args)]
 
     def sentence(self, job_id: str, index: int) -> Sentence:
-        rows = self._query("SELECT * FROM sentences WHERE job = ? AND idx = ?", (job_id, index))
+        # A number SQLite cannot hold (`jobs retake ID 99999999999999999999`) is no
+        # sentence either, not an OverflowError.
+        rows = []
+        if -(2**63) <= index < 2**63:
+            rows = self._query("SELECT * FROM sentences WHERE job = ? AND idx = ?", (job_id, index))
         if not rows:
             raise InvalidRequest(f"job {job_id} has no sentence {index}", field="sentence")
         return _sentence(rows[0])

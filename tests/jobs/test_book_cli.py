@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -275,3 +276,153 @@ def test_rerun_after_sigkill_finishes_the_same_book(tmp_path, engine):
             return [block.split("\n", 2)[2] for block in srt.strip().split("\n\n")]
 
         assert texts(srt_whole) == texts(srt_cut)
+
+
+def test_an_endless_input_is_refused_after_reading_just_past_the_job_limit(
+    tmp_path, capsys, monkeypatch
+):
+    # `lowvox book /dev/zero` (or a pipe, or a huge file) was read whole into memory:
+    # 4.7 GB in 4 s. Here a pipe offers 20 MB against a limit of 1,000 bytes; the reader
+    # must stop at 1,001, so the writer is cut off within the pipe's buffer (64 kB).
+    monkeypatch.setenv("LOWVOX_MAX_JOB_BYTES", "1000")
+    fifo = tmp_path / "endless.txt"
+    os.mkfifo(fifo)
+    written = 0
+
+    def feed() -> None:
+        nonlocal written
+        chunk = b"word " * 1000
+        try:
+            with open(fifo, "wb") as f:
+                for _ in range(4000):
+                    f.write(chunk)
+                    written += len(chunk)
+        except BrokenPipeError:
+            pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    rc = main(["book", str(fifo), "-o", str(tmp_path / "x.wav"), "--engine", "espeak",
+               "--home", str(tmp_path / "h"), "--no-progress"])  # fmt: skip
+    writer.join(60)
+    err = capsys.readouterr().err
+    assert written < 1_000_000
+    assert rc == 2
+    assert "lowvox: error:" in err and "over the job limit of 1,000" in err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--speed", "0"],  # every sentence failed, after the job was made
+        ["--speed", "nan"],
+        ["--lufs", "nan"],  # a book of clipped noise, "wrote ..." and exit 0
+        ["--lufs", "0"],
+        ["--lufs", "nan", "--no-normalize"],
+        ["--retakes", "-1"],
+        ["--retakes", "11"],
+        ["--temperature", "-1"],
+        ["--temperature", "inf"],
+        ["--seed", "-1"],
+        ["--seed", str(2**64)],
+        ["--max-new-tokens", "0"],
+        ["--title", "t" * 301],
+    ],
+)
+def test_out_of_range_options_are_refused_before_a_job_exists(tmp_path, book, capsys, flags):
+    # The HTTP jobs route's ranges (lowvox.jobs.options), not a second copy of them.
+    home = tmp_path / "h"
+    rc = main(["book", str(book), "-o", str(tmp_path / "x.wav"), "--engine", "espeak",
+               "--home", str(home), "--no-progress", *flags])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"lowvox: error: invalid job: {flags[0]}: ") and err.count("\n") == 1
+    assert main(["jobs", "list", "--home", str(home)]) == 0
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "x.wav").exists()
+
+
+@pytest.mark.slow
+def test_title_names_the_job_and_the_book(tmp_path, book, capsys):
+    # `--title` was parsed and then dropped: the book kept the title from the input.
+    home = tmp_path / "h"
+    rc = main(["book", str(book), "-o", str(tmp_path / "x.wav"), "--engine", "espeak",
+               "--home", str(home), "--no-progress", "--chapters", "2",
+               "--title", "A Title Given"])  # fmt: skip
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["jobs", "list", "--home", str(home)]) == 0
+    listing = capsys.readouterr().out
+    assert "A Title Given" in listing and "The Test Book" not in listing
+
+
+@pytest.mark.parametrize("why", ["bad option", "nothing to speak"])
+def test_a_refused_book_makes_no_folders_for_its_output(tmp_path, book, capsys, why):
+    # The output check made the book's folders before anything else was checked, and left
+    # them behind when the job was refused.
+    out = tmp_path / "new" / "deeper" / "x.wav"
+    src, flags = book, ["--speed", "0"]
+    if why == "nothing to speak":
+        src, flags = tmp_path / "empty.txt", []
+        src.write_text("")
+    rc = main(["book", str(src), "-o", str(out), "--engine", "espeak",
+               "--home", str(tmp_path / "h"), "--no-progress", *flags])  # fmt: skip
+    assert rc == 2 and "lowvox: error:" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_output_format_no_book_is_written_in_is_refused_naming_those_that_are(
+    tmp_path, book, capsys
+):
+    # The message left out m4a, which `book` writes.
+    rc = main(["book", str(book), "-o", str(tmp_path / "x.aac"), "--engine", "espeak",
+               "--home", str(tmp_path / "h"), "--no-progress"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err == "lowvox: error: a book can be m4b, m4a, mp3, opus, flac or wav, not aac\n"
+
+
+def test_a_retake_text_over_the_routes_limit_is_refused_and_changes_nothing(tmp_path, capsys):
+    # The retake route takes at most 2,000 characters; `jobs retake --text` took up to the
+    # engine's 20,000 as one sentence's take.
+    from lowvox.jobs.model import BookMeta, Line
+    from lowvox.jobs.store import JobSettings, JobStore
+
+    store = JobStore(tmp_path / "jobs")
+    job = store.create(
+        input_name="book.txt",
+        data=b"One.",
+        meta=BookMeta(title="Book"),
+        settings=JobSettings(engine="espeak"),
+        lines=[Line(chapter=0, paragraph=0, text="One.")],
+        origin="cli",
+    )
+    store.close()
+    rc = main(["jobs", "retake", job.id, "0", "--text", "word " * 401, "--engine", "espeak",
+               "--home", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("lowvox: error: invalid retake: --text: ") and "2000" in err
+    store = JobStore(tmp_path / "jobs")
+    try:
+        assert store.sentence(job.id, 0).text == "One."
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_max_new_tokens_over_the_models_limit_is_refused_before_a_job_exists(
+    tmp_path, book, capsys
+):
+    # 4,000 is within the route's bound (4,096) but over the model's own limit: the job
+    # was stored and every sentence then failed "max_new_tokens must be in 1..602".
+    if not golden_available():
+        pytest.skip(f"no golden bundle at {GOLDEN}")
+    home = tmp_path / "h"
+    rc = main(["book", str(book), "-o", str(tmp_path / "x.wav"), "--engine", "xtts",
+               "--model-dir", str(GOLDEN), "--device", "cpu", "--precision", "fp32",
+               "--home", str(home), "--no-progress", "--max-new-tokens", "4000"])  # fmt: skip
+    assert rc == 2
+    assert "max_new_tokens must be in 1.." in capsys.readouterr().err
+    assert main(["jobs", "list", "--home", str(home)]) == 0
+    assert capsys.readouterr().out == ""

@@ -642,3 +642,31 @@ def test_chapter_ranges_that_overlap_count_each_chapter_once():
     with pytest.raises(InvalidRequest, match="at most 1,000") as e:
         parse_chapters(spec + ",3")
     assert e.value.field == "chapters"
+
+
+def test_a_speed_the_engine_refuses_is_refused_before_the_job_is_stored(tmp_path, store):
+    # The job's speed and options were first seen by the engine sentence by sentence:
+    # the job was stored and then every sentence failed.
+    from lowvox.jobs.executors import LocalExecutor
+    from lowvox.server.engines import EngineHub
+
+    async def go() -> None:
+        hub = EngineHub(Settings(home=tmp_path / "home", engine="espeak"))
+        try:
+            executor = LocalExecutor(hub, "espeak")
+            await executor.start()
+            with pytest.raises(InvalidRequest, match="speed 0.1 is out of range"):
+                await create_job(
+                    store,
+                    executor,
+                    data=b"One sentence.",
+                    filename="book.txt",
+                    settings=JobSettings(engine="espeak", speed=0.1),
+                    max_chars=100_000,
+                    max_unpacked_bytes=10**7,
+                )
+        finally:
+            await hub.close()
+
+    run(go())
+    assert store.jobs() == []

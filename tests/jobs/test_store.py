@@ -268,3 +268,18 @@ def test_seeds_depend_on_job_sentence_and_attempt_only():
     seeds = {sentence_seed(s, i, a) for s in range(3) for i in range(50) for a in range(3)}
     assert len(seeds) == 3 * 50 * 3
     assert all(0 <= x < 2**63 for x in seeds)
+
+
+@pytest.mark.parametrize("index", [-1, 3, 2**63, 10**23])
+def test_a_sentence_number_out_of_reach_is_no_sentence(tmp_path, capsys, index):
+    # `lowvox jobs retake ID 99999999999999999999999` was an OverflowError traceback.
+    store = JobStore(tmp_path / "jobs")
+    job = make(store)
+    try:
+        with pytest.raises(InvalidRequest, match=f"has no sentence {index}"):
+            store.sentence(job.id, index)
+    finally:
+        store.close()
+    rc = main(["jobs", "retake", job.id, str(index), "--home", str(tmp_path)])
+    assert rc == 2
+    assert capsys.readouterr().err == f"lowvox: error: job {job.id} has no sentence {index}\n"

@@ -18,17 +18,15 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from lowvox.audio.formats import FORMATS
 from lowvox.engines.base import check_voice_name
 from lowvox.errors import InvalidRequest
-from lowvox.jobs.model import Pauses
-from lowvox.jobs.plan import parse_chapters
+from lowvox.jobs.options import JobOptions, SentenceEdit, job_settings, parse_job_options
 from lowvox.jobs.runner import subtitle_paths
 from lowvox.jobs.service import JobService
-from lowvox.jobs.store import JobInfo, JobSettings, NarratorSettings, by_chapter
+from lowvox.jobs.store import JobInfo, JobSettings, by_chapter
 from lowvox.server.routes.paths import TolerantRoute, read_form, read_json
 from lowvox.server.routes.voices import PayloadTooLarge
 from lowvox.server.state import State
@@ -43,70 +41,17 @@ _TERMINAL = ("done", "failed", "cancelled")
 _SSE_HEARTBEAT_S = 15.0
 
 
-class JobOptions(BaseModel):
-    """How to speak a job (JSON body, or the form fields of an upload)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    text: str | None = Field(None, description="the text (JSON jobs); Markdown if markdown=true")
-    markdown: bool = False
-    title: str | None = Field(None, max_length=300)
-    engine: str | None = None
-    voice: str | None = None
-    language: str | None = Field(None, description="language code or 'auto'")
-    speed: float = Field(1.0, ge=0.25, le=4.0)
-    format: Literal["m4b", "mp3", "opus", "flac", "wav"] = "m4b"
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    retakes: int | None = Field(None, ge=0, le=10)
-    temperature: float | None = Field(None, gt=0, le=5)
-    max_new_tokens: int | None = Field(None, ge=1, le=4096, description="XTTS: audio tokens cap")
-    chapters: str | None = Field(None, description="1-based chapters to speak: 2-5,7")
-    narrator_voice: str | None = None
-    character_voice: str | None = None
-    text_not_inside: Literal["character", "narrator", "silent"] = "character"
-    pause_sentence: float = Field(Pauses.sentence, ge=0, le=10)
-    pause_paragraph: float = Field(Pauses.paragraph, ge=0, le=30)
-    pause_chapter: float = Field(Pauses.chapter, ge=0, le=60)
-    lufs: float | None = Field(-18.0, ge=-40, le=-6, description="loudness target; null: off")
-
-
-class SentenceEdit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text: str | None = Field(None, max_length=2000)
-    voice: str | None = None
-
-
 def _service(state: Any) -> JobService:
     return state.jobs
 
 
 def _settings(state: Any, opts: JobOptions) -> JobSettings:
-    options: dict[str, Any] = {}
-    if opts.temperature is not None:
-        options["temperature"] = opts.temperature
-    if opts.max_new_tokens is not None:
-        options["max_new_tokens"] = opts.max_new_tokens
-    narrator = None
-    if opts.narrator_voice or opts.character_voice:
-        narrator = NarratorSettings(
-            narrator_voice=check_voice_name(opts.narrator_voice),
-            character_voice=check_voice_name(opts.character_voice),
-            text_not_inside=opts.text_not_inside,
-        )
-    return JobSettings(
+    return job_settings(
+        opts,
         engine=state.hub.resolve_name(opts.engine),
-        voice=check_voice_name(opts.voice) or state.settings.voice,
-        language=(opts.language or state.settings.language).strip(),
-        speed=opts.speed,
-        options=options,
-        seed=opts.seed,
-        format=opts.format,
-        retakes=state.settings.job_retakes if opts.retakes is None else opts.retakes,
-        pauses=Pauses(opts.pause_sentence, opts.pause_paragraph, opts.pause_chapter),
-        target_lufs=opts.lufs,
-        narrator=narrator,
-        chapters=parse_chapters(opts.chapters),
+        default_voice=state.settings.voice,
+        default_language=state.settings.language,
+        default_retakes=state.settings.job_retakes,
     )
 
 
@@ -198,7 +143,7 @@ async def _read_create(request: Request, state: Any) -> tuple[JobOptions, bytes,
         form = await read_form(request, "could not read the upload", max_files=1, max_fields=40)
         upload = form.get("file")
         fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str) and v != ""}
-        opts = _parse_options(fields)
+        opts = parse_job_options(fields)
         if isinstance(upload, UploadFile):
             data = await upload.read(limit + 1)
             if len(data) > limit:
@@ -209,7 +154,7 @@ async def _read_create(request: Request, state: Any) -> tuple[JobOptions, bytes,
         body = await read_json(request, "send JSON with `text`, or a multipart upload with `file`")
         if not isinstance(body, dict):
             raise InvalidRequest("the body must be a JSON object")
-        opts = _parse_options(body)
+        opts = parse_job_options(body)
     if not opts.text or not opts.text.strip():
         raise InvalidRequest("give `text` or upload a `file`", field="text")
     try:
@@ -222,19 +167,6 @@ async def _read_create(request: Request, state: Any) -> tuple[JobOptions, bytes,
     if len(data) > limit:
         raise PayloadTooLarge(f"the text is over the job limit of {limit} bytes", field="text")
     return opts, data, "text.md" if opts.markdown else "text.txt"
-
-
-def _parse_options(fields: dict[str, Any]) -> JobOptions:
-    from pydantic import ValidationError
-
-    try:
-        return JobOptions.model_validate(fields)
-    except ValidationError as e:
-        problems = [
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-            for err in e.errors()[:5]
-        ]
-        raise InvalidRequest("invalid job: " + "; ".join(problems)) from None
 
 
 def _upload_schema() -> dict[str, Any]:
