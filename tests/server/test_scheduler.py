@@ -189,13 +189,15 @@ def test_interactive_jobs_go_first_and_bulk_leaves_a_slot_free():
     assert max(sum(t.startswith("bulk") for t in step) for step in engine.steps) == 2
 
 
+def _one_big_at_a_time(batch, request):
+    """A batch budget that holds one request with "big" in its text at a time."""
+    busy = any("big" in batch.texts[r] for r in batch._streams)
+    return not (busy and "big" in request.text)
+
+
 def test_admission_waits_for_room_in_the_batch():
     # A budget of one big request at a time: the second waits until the first has left.
-    def fits(batch, request):
-        busy = any("big" in batch.texts[r] for r in batch._streams)
-        return not (busy and "big" in request.text)
-
-    engine = BatchFake(fits=fits)
+    engine = BatchFake(fits=_one_big_at_a_time)
     sched = Scheduler(engine, max_queue=8)
 
     def submit(sched):
@@ -218,11 +220,7 @@ def test_a_later_segment_also_waits_for_room_in_the_batch():
     does: it once joined unchecked, so a short first turn let a long one past the KV
     budget beside another long request."""
 
-    def fits(batch, request):
-        busy = any("big" in batch.texts[r] for r in batch._streams)
-        return not (busy and "big" in request.text)
-
-    engine = BatchFake(fits=fits)
+    engine = BatchFake(fits=_one_big_at_a_time)
     sched = Scheduler(engine, max_queue=8)
 
     def submit(sched):
