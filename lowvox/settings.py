@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     # flagged sentence, and where sentences are spoken (this process, or a Ray cluster).
     max_job_bytes: int = Field(50 * 1024 * 1024, ge=1)
     max_job_chars: int = Field(5_000_000, ge=1)
+    # Jobs the server keeps, whatever their state (0: no limit): one more is refused (413)
+    # until finished ones are deleted. `lowvox book`'s own jobs are not counted.
+    max_jobs: int = Field(200, ge=0)
     job_retakes: int = Field(2, ge=0, le=10)
     # A speech recognition check of every take (faster-whisper model name or folder, e.g.
     # "tiny"; needs lowvox[asr]); None: off.

@@ -90,9 +90,11 @@ async def create_job(
     title: str | None = None,
     origin: str = "server",
     output: str | None = None,
+    max_jobs: int = 0,
 ) -> JobInfo:
     """Read, check and plan a job, then store it (state `queued`). Raises a 4xx
-    `LowvoxError` naming the problem; nothing is stored when anything is wrong."""
+    `LowvoxError` naming the problem; nothing is stored when anything is wrong.
+    `max_jobs`: as for `JobStore.create`."""
     doc = await asyncio.to_thread(
         read_document, data, filename, max_unpacked_bytes=max_unpacked_bytes
     )
@@ -163,6 +165,7 @@ async def create_job(
         lines=lines,
         origin=origin,
         output=output,
+        max_jobs=max_jobs,
     )
 
 

@@ -159,6 +159,7 @@ class JobService:
             max_chars=self.settings.max_job_chars,
             max_unpacked_bytes=self.settings.max_job_bytes * 4,
             title=title,
+            max_jobs=self.settings.max_jobs,
         )
         self._queue.put_nowait(job.id)
         return job

@@ -232,6 +232,19 @@ class DamagedJob(LowvoxError):
         super().__init__(f"job {job_id} is damaged in the job store ({why})")
 
 
+class TooManyJobs(InvalidRequest):
+    """The server already keeps `max_jobs` jobs."""
+
+    status_code = 413
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(
+            f"the job store is full: it keeps {count} jobs, the limit is {limit} (max_jobs); "
+            "delete finished jobs to make room",
+            field="file",
+        )
+
+
 class StoreFull(LowvoxError):
     """The job store cannot be written: its disk is full."""
 
@@ -353,9 +366,12 @@ class JobStore:
         origin: str = "server",
         output: str | None = None,
         state: JobState = "queued",
+        max_jobs: int = 0,
     ) -> JobInfo:
         """Store a planned job: its input, cover, chapters and sentences, in one go. The
-        folder is complete before the row appears, so a half-made job is never listed."""
+        folder is complete before the row appears, so a half-made job is never listed.
+        `max_jobs` (0: none): how many jobs of this `origin` the store may keep, counted
+        in the same transaction that adds one."""
         from lowvox.files import why_not_written, write_atomic
 
         if not lines:
@@ -378,6 +394,11 @@ class JobStore:
                 twin = _cli_job(db, output, sha, settings) if origin == "cli" and output else None
                 if twin is not None:
                     raise _Twin(twin)
+                if max_jobs:
+                    sql = "SELECT COUNT(*) FROM jobs WHERE origin = ?"
+                    (count,) = db.execute(sql, (origin,)).fetchone()
+                    if count >= max_jobs:
+                        raise TooManyJobs(count, max_jobs)
                 db.execute(
                     "INSERT INTO jobs (id, created, updated, state, origin, title, author,"
                     " language, input_name, input_sha256, settings, output, cover_type)"

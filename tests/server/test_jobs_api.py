@@ -331,6 +331,23 @@ def test_a_job_still_leased_by_a_dead_server_elsewhere_resumes_once_the_lease_la
         assert wait_state(c, job["id"])["progress"]["done"] == 7
 
 
+def test_the_server_keeps_at_most_max_jobs_jobs(tmp_path):
+    # The job store had no bound: every POST kept its input (up to max_job_bytes) and its
+    # audio until someone deleted the job.
+    with live_server(tmp_path, max_jobs=2) as s, s.client() as c:
+        first = create(c)
+        create(c)
+        folders = sorted(p.name for p in (tmp_path / "jobs").iterdir())
+        r = c.post("/api/jobs", json={"text": TEXT, "format": "wav"})
+        assert r.status_code == 413, r.text
+        assert "max_jobs" in r.json()["error"]["message"]
+        assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == folders
+        assert len(c.get("/api/jobs").json()["jobs"]) == 2
+        wait_state(c, first["id"])
+        assert c.delete(f"/api/jobs/{first['id']}").status_code == 200
+        assert c.post("/api/jobs", json={"text": TEXT, "format": "wav"}).status_code == 201
+
+
 def test_jobs_need_the_api_key_when_one_is_set(tmp_path):
     with live_server(tmp_path, api_key="sekrit") as s, s.client() as c:
         assert c.get("/api/jobs").status_code == 401
