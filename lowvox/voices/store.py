@@ -56,8 +56,8 @@ class VoiceNotFound(LowvoxError):
 class VoiceExists(LowvoxError):
     status_code = 409
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"a voice called {name!r} already exists")
+    def __init__(self, name: str, what: str = "a voice") -> None:
+        super().__init__(f"{what} called {name!r} already exists")
 
 
 @dataclass(frozen=True)

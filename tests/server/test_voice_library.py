@@ -146,6 +146,22 @@ def test_duplicate_and_bad_rename(lib):
         c.delete("/api/library/voices/other")
 
 
+def test_a_built_in_voice_name_is_a_409(lib):
+    # The cloning engine looks its own voices up first (XTTS: its studio speakers), so a
+    # library voice called "Alpha" was stored, listed and previewed as the uploaded clips
+    # while every request for it spoke the built-in voice.
+    with lib.client() as c:
+        r = upload(c, "ALPHA", wav_bytes(3))
+        assert r.status_code == 409, r.text
+        assert "built-in" in r.json()["detail"]
+        assert upload(c, "mine2", wav_bytes(3)).status_code == 201
+        r = c.patch("/api/library/voices/mine2", json={"name": "beta"})
+        assert r.status_code == 409, r.text
+        names = [v["name"] for v in c.get("/api/library/voices").json()["voices"]]
+        assert "ALPHA" not in names and "beta" not in names and "mine2" in names
+        c.delete("/api/library/voices/mine2")
+
+
 def test_a_name_taken_by_something_that_is_no_voice_is_a_409(lib, tmp_path):
     # A folder without clips, or a link someone put in the library, is no voice, but an
     # upload or rename onto its name was a 500 (the rename failed) and closed the

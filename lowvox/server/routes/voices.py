@@ -22,7 +22,7 @@ from lowvox.server import synthesis
 from lowvox.server.outputs import served_file
 from lowvox.server.routes.paths import TolerantRoute, read_form, read_json
 from lowvox.server.state import ServerState, State
-from lowvox.voices.store import MAX_CLIPS, StoredVoice
+from lowvox.voices.store import MAX_CLIPS, StoredVoice, VoiceExists, check_name
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,19 @@ async def _engine_hook(state: ServerState, method: str, *args: Any) -> None:
         if slot.engine.capabilities.cloning:
             hook: Callable[..., None] = getattr(slot.engine, method)
             await slot.scheduler.run(functools.partial(hook, *args))
+
+
+async def _not_built_in(state: ServerState, name: str) -> None:
+    """VoiceExists when `name` is, in any letter case, a built-in voice (XTTS's studio
+    speakers) of a loaded engine that clones: that engine looks its own voices up first,
+    so a library voice of that name would be stored and listed but never spoken."""
+    lowered = check_name(name).lower()
+    for slot in state.hub.loaded().values():
+        if not slot.engine.capabilities.cloning:
+            continue
+        for info in await state.hub.voices(slot):
+            if info.kind != "cloned" and lowered in (info.id.lower(), info.name.lower()):
+                raise VoiceExists(info.name, f"a built-in voice of engine {slot.name!r}")
 
 
 @router.get("/voices")
@@ -87,6 +100,7 @@ async def upload_voice(request: Request, state: State) -> dict:
     for f in files:
         data = await f.read(state.settings.max_upload_bytes + 1)
         uploads.append((f.filename or "upload", data))
+    await _not_built_in(state, name)
     voice = await asyncio.to_thread(state.voices.add, name, uploads)
     try:
         await _engine_hook(state, "prepare_voice", voice.name, list(voice.clips))
@@ -106,6 +120,7 @@ async def rename_voice(name: str, request: Request, state: State) -> dict:
     new = body.get("name") if isinstance(body, dict) else None
     if not isinstance(new, str):
         raise InvalidRequest("the new name is missing", field="name")
+    await _not_built_in(state, new)
     voice = await asyncio.to_thread(state.voices.rename, name, new)
     await _engine_hook(state, "forget_voice", name)
     await _engine_hook(state, "prepare_voice", voice.name, list(voice.clips))
