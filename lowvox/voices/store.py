@@ -265,7 +265,10 @@ class VoiceStore:
                 raise VoiceExists(new)
             src = voice.clips[0] if _is_flat(voice, self.root) else voice.clips[0].parent
             dst = self.root / (f"{new}.wav" if _is_flat(voice, self.root) else new)
-            os.rename(src, dst)
+            try:
+                os.rename(src, dst)
+            except FileNotFoundError as e:  # renamed or deleted since it was looked up
+                raise VoiceNotFound(old) from e
         return self.get(new)
 
     def delete(self, name: str) -> None:
@@ -276,7 +279,10 @@ class VoiceStore:
                 return
             # Rename first so the voice disappears at once, then remove at leisure.
             trash = self.root / f".trash-{uuid.uuid4().hex}"
-            os.rename(voice.clips[0].parent, trash)
+            try:
+                os.rename(voice.clips[0].parent, trash)
+            except FileNotFoundError as e:  # renamed or deleted since it was looked up
+                raise VoiceNotFound(name) from e
         shutil.rmtree(trash, ignore_errors=True)
 
     def size(self) -> int:

@@ -10,7 +10,7 @@ import soundfile as sf
 
 from lowvox.engines.base import EngineCapabilities, VoiceInfo
 from lowvox.errors import InvalidRequest, LowvoxError
-from lowvox.voices.store import VoiceStore
+from lowvox.voices.store import VoiceNotFound, VoiceStore
 from tests.full_disk import files_limited_to
 from tests.server.srv_fixtures import FakeEngine, FakeFactory, live_server
 
@@ -226,3 +226,19 @@ def test_a_full_disk_stores_no_voice_and_says_why(tmp_path):
     assert list(store.root.iterdir()) == []  # no half-made voice, no leftover
     store.add("Bob", [("bob.wav", clip)])  # room again: stored, as a plain write would
     assert sf.info(store.get("Bob").clips[0]).frames == sf.info(io.BytesIO(clip)).frames
+
+
+def test_a_voice_gone_between_lookup_and_change_is_a_404(tmp_path, monkeypatch):
+    # Two deletes (or a rename and a delete) of one voice at once: both looked it up, the
+    # first moved it away, and the second's rename of the folder raised FileNotFoundError,
+    # a 500 instead of the 404 a voice that is gone is.
+    store = VoiceStore(tmp_path)
+    store.add("Twice", [("a.wav", wav_bytes(3))])
+    stale = store.get("Twice")
+    store.delete("Twice")
+    monkeypatch.setattr(store, "get", lambda name: stale)
+    with pytest.raises(VoiceNotFound):
+        store.delete("Twice")
+    with pytest.raises(VoiceNotFound):
+        store.rename("Twice", "Other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
