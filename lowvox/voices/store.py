@@ -32,6 +32,7 @@ import soundfile as sf
 
 from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.files import why_not_written
+from lowvox.voices import fold_name
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class VoiceStore:
             if voice.name == wanted:
                 return voice
         for voice in self.list():
-            if voice.name.lower() == wanted.lower():
+            if fold_name(voice.name) == fold_name(wanted):
                 return voice
         raise VoiceNotFound(name)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import unicodedata
 
 import numpy as np
 import pytest
@@ -242,3 +243,21 @@ def test_a_voice_gone_between_lookup_and_change_is_a_404(tmp_path, monkeypatch):
     with pytest.raises(VoiceNotFound):
         store.rename("Twice", "Other")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_name_in_another_unicode_form_finds_the_voice(lib):
+    # A voice file named on one system ("Zoë", NFC) and asked for from another that spells
+    # the ë as e + a combining diaeresis (NFD, as macOS does) was an unknown voice: 404.
+    nfc, nfd = (unicodedata.normalize(form, "Zoë") for form in ("NFC", "NFD"))
+    assert nfc != nfd
+    path = lib.settings.voices_path / f"{nfc}.wav"
+    path.write_bytes(wav_bytes(3))
+    try:
+        assert VoiceStore(lib.settings.voices_path).get(nfd.upper()).name == nfc
+        engine = CloningEngine()
+        engine.prepared.append((nfc, 1))
+        assert engine.resolve_voice(nfd) == nfc
+        with lib.client() as c:
+            assert c.get(f"/api/library/voices/{nfd}/preview").status_code == 200
+    finally:
+        path.unlink()

@@ -31,6 +31,7 @@ from lowvox.server.routes.alltalk import (
 from lowvox.server.routes.paths import TolerantRoute
 from lowvox.server.scheduler import Priority
 from lowvox.server.state import ServerState, State
+from lowvox.voices import fold_name
 from lowvox.voices.store import VoiceNotFound
 
 router = APIRouter(route_class=TolerantRoute)
@@ -313,8 +314,8 @@ async def _builtin_preview(state: ServerState, name: str) -> Path:
     voices = await state.hub.voices(slot)
     voice = next((v for v in voices if wanted in (v.id, v.name)), None)
     if voice is None:
-        lowered = wanted.lower()
-        voice = next((v for v in voices if lowered in (v.id.lower(), v.name.lower())), None)
+        folded = fold_name(wanted)
+        voice = next((v for v in voices if folded in (fold_name(v.id), fold_name(v.name))), None)
     if voice is None:
         raise UnknownVoice(name)
     path = _preview_path(state, slot.name, voice.id)
