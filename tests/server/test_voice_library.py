@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import unicodedata
 
 import numpy as np
@@ -261,3 +262,26 @@ def test_a_name_in_another_unicode_form_finds_the_voice(lib):
             assert c.get(f"/api/library/voices/{nfd}/preview").status_code == 200
     finally:
         path.unlink()
+
+
+def test_a_preview_sends_a_readable_clip_or_says_the_voice_is_damaged(lib):
+    # The first clip was sent as audio/wav whatever it held: a damaged one (garbage, a
+    # file cut short by a copy) reached the player as a 200 that no player plays.
+    root = lib.settings.voices_path
+    broken, half = root / "Broken", root / "Half"
+    for folder in (broken, half):
+        folder.mkdir()
+    (broken / "clip_01.wav").write_bytes(b"not audio at all" * 100)
+    (half / "clip_01.wav").write_bytes(b"")
+    (half / "clip_02.wav").write_bytes(good := wav_bytes(3))
+    try:
+        with lib.client() as c:
+            for url in ("/api/library/voices/Broken/preview", "/sample/Broken.wav"):
+                r = c.get(url)
+                assert r.status_code == 400 and "no readable clip" in r.json()["detail"], url
+            for url in ("/api/library/voices/Half/preview", "/sample/Half.wav"):
+                r = c.get(url)
+                assert r.status_code == 200 and r.content == good, url
+    finally:
+        for folder in (broken, half):
+            shutil.rmtree(folder)

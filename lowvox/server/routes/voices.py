@@ -11,8 +11,10 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import soundfile as sf
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
@@ -134,9 +136,26 @@ async def delete_voice(name: str, state: State) -> dict:
     return {"deleted": name}
 
 
+def preview_clip(voice: StoredVoice, root: Path) -> Path:
+    """The first of the voice's clips that is readable audio, to send as its preview: a
+    damaged clip (a file someone copied in half, or not audio at all) was sent as audio/wav
+    that no player plays. A symbolic link placed in the library must not send what it
+    points at (`served_file`)."""
+    for clip in voice.clips:
+        path = served_file(clip, root)
+        try:
+            if sf.info(str(path)).frames > 0:
+                return path
+        except (sf.LibsndfileError, RuntimeError, OSError):
+            continue
+    raise InvalidRequest(
+        f"voice {voice.name!r} has no readable clip to preview (damaged files in its folder)",
+        field="voice",
+    )
+
+
 @router.get("/voices/{name}/preview")
 async def preview(name: str, state: State) -> FileResponse:
     voice = await asyncio.to_thread(state.voices.get, name)
-    # A symbolic link placed in the library must not send what it points at.
-    clip = await asyncio.to_thread(served_file, voice.clips[0], state.voices.root)
+    clip = await asyncio.to_thread(preview_clip, voice, state.voices.root)
     return FileResponse(clip, media_type="audio/wav")

@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse
 
 from lowvox.errors import InvalidRequest, UnknownEngine, UnknownVoice
 from lowvox.server import responses, synthesis
-from lowvox.server.outputs import safe_stem, served_file
+from lowvox.server.outputs import safe_stem
 from lowvox.server.routes.alltalk import (
     PREVIEW_TEXT,
     fields,
@@ -29,6 +29,7 @@ from lowvox.server.routes.alltalk import (
     text,
 )
 from lowvox.server.routes.paths import TolerantRoute
+from lowvox.server.routes.voices import preview_clip
 from lowvox.server.scheduler import Priority
 from lowvox.server.state import ServerState, State
 from lowvox.voices import fold_name
@@ -351,5 +352,5 @@ async def sample(name: str, state: State) -> FileResponse:
     except VoiceNotFound:
         path = await _builtin_preview(state, name)
         return FileResponse(path, media_type="audio/wav")
-    clip = await asyncio.to_thread(served_file, voice.clips[0], state.voices.root)
+    clip = await asyncio.to_thread(preview_clip, voice, state.voices.root)
     return FileResponse(clip, media_type="audio/wav")
