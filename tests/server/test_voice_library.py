@@ -81,6 +81,8 @@ def test_upload_list_preview_rename_delete(lib):
         assert ("Narrator One", 2) in lib.engine.prepared
         names = [x["name"] for x in c.get("/api/library/voices").json()["voices"]]
         assert "Narrator One" in names
+        # Quoted, as /speakers' are: a raw space is no URL (curl refuses it).
+        assert v["preview_url"] == "/api/library/voices/Narrator%20One/preview"
         p = c.get(v["preview_url"])
         assert p.status_code == 200
         samples, rate = sf.read(io.BytesIO(p.content))

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import soundfile as sf
 from fastapi import APIRouter, Request
@@ -42,7 +43,7 @@ def describe(state: ServerState, voice: StoredVoice) -> dict[str, Any]:
         "duration": round(voice.duration, 2),
         "created": voice.created,
         "preview_url": synthesis.output_url(
-            state.settings, "/api/library/voices", f"{voice.name}/preview"
+            state.settings, "/api/library/voices", f"{quote(voice.name, safe='')}/preview"
         ),
     }
 
