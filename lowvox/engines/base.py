@@ -20,6 +20,7 @@ import numpy as np
 
 from lowvox.errors import Cancelled, InvalidRequest, LowvoxError, UnknownVoice
 from lowvox.text.languages import pick_language
+from lowvox.voices import fold_name
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +264,9 @@ class Engine(ABC):
         for info in self.voices():
             if info.id in candidates or info.name in candidates:
                 return info.id
-        lowered = {c.lower() for c in candidates}
+        folded = {fold_name(c) for c in candidates}
         for info in self.voices():
-            if info.id.lower() in lowered or info.name.lower() in lowered:
+            if fold_name(info.id) in folded or fold_name(info.name) in folded:
                 return info.id
         raise UnknownVoice(voice)
 

@@ -48,6 +48,7 @@ from lowvox.server import synthesis
 from lowvox.server.engines import EngineHub, EngineSlot
 from lowvox.server.state import ServerState
 from lowvox.text.split_rules import SPECIAL_CASES
+from lowvox.voices import fold_name
 
 logger = logging.getLogger(__name__)
 
@@ -304,10 +305,10 @@ async def resolve_target(
 async def _voice_by_name(hub: EngineHub, name: str, preferred: EngineSlot) -> Target:
     slots = [preferred]
     slots += [s for n, s in hub.loaded().items() if n != preferred.name]
-    wanted = name.strip().lower()
+    wanted = fold_name(name.strip())
     for slot in slots:
         for v in await hub.voices(slot):
-            if wanted in (v.id.lower(), v.name.lower()):
+            if wanted in (fold_name(v.id), fold_name(v.name)):
                 return Target(slot.name, v.id, v.language)
     raise UnknownVoice(name)
 

@@ -32,6 +32,7 @@ import soundfile as sf
 
 from lowvox.errors import InvalidRequest, LowvoxError
 from lowvox.files import why_not_written
+from lowvox.voices import fold_name
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class VoiceNotFound(LowvoxError):
 class VoiceExists(LowvoxError):
     status_code = 409
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"a voice called {name!r} already exists")
+    def __init__(self, name: str, what: str = "a voice") -> None:
+        super().__init__(f"{what} called {name!r} already exists")
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ class VoiceStore:
             if voice.name == wanted:
                 return voice
         for voice in self.list():
-            if voice.name.lower() == wanted.lower():
+            if fold_name(voice.name) == fold_name(wanted):
                 return voice
         raise VoiceNotFound(name)
 
@@ -265,7 +266,10 @@ class VoiceStore:
                 raise VoiceExists(new)
             src = voice.clips[0] if _is_flat(voice, self.root) else voice.clips[0].parent
             dst = self.root / (f"{new}.wav" if _is_flat(voice, self.root) else new)
-            os.rename(src, dst)
+            try:
+                os.rename(src, dst)
+            except FileNotFoundError as e:  # renamed or deleted since it was looked up
+                raise VoiceNotFound(old) from e
         return self.get(new)
 
     def delete(self, name: str) -> None:
@@ -276,7 +280,10 @@ class VoiceStore:
                 return
             # Rename first so the voice disappears at once, then remove at leisure.
             trash = self.root / f".trash-{uuid.uuid4().hex}"
-            os.rename(voice.clips[0].parent, trash)
+            try:
+                os.rename(voice.clips[0].parent, trash)
+            except FileNotFoundError as e:  # renamed or deleted since it was looked up
+                raise VoiceNotFound(name) from e
         shutil.rmtree(trash, ignore_errors=True)
 
     def size(self) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+import unicodedata
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import soundfile as sf
 
 from lowvox.engines.base import EngineCapabilities, VoiceInfo
 from lowvox.errors import InvalidRequest, LowvoxError
-from lowvox.voices.store import VoiceStore
+from lowvox.voices.store import VoiceNotFound, VoiceStore
 from tests.full_disk import files_limited_to
 from tests.server.srv_fixtures import FakeEngine, FakeFactory, live_server
 
@@ -79,6 +81,8 @@ def test_upload_list_preview_rename_delete(lib):
         assert ("Narrator One", 2) in lib.engine.prepared
         names = [x["name"] for x in c.get("/api/library/voices").json()["voices"]]
         assert "Narrator One" in names
+        # Quoted, as /speakers' are: a raw space is no URL (curl refuses it).
+        assert v["preview_url"] == "/api/library/voices/Narrator%20One/preview"
         p = c.get(v["preview_url"])
         assert p.status_code == 200
         samples, rate = sf.read(io.BytesIO(p.content))
@@ -146,6 +150,22 @@ def test_duplicate_and_bad_rename(lib):
         c.delete("/api/library/voices/other")
 
 
+def test_a_built_in_voice_name_is_a_409(lib):
+    # The cloning engine looks its own voices up first (XTTS: its studio speakers), so a
+    # library voice called "Alpha" was stored, listed and previewed as the uploaded clips
+    # while every request for it spoke the built-in voice.
+    with lib.client() as c:
+        r = upload(c, "ALPHA", wav_bytes(3))
+        assert r.status_code == 409, r.text
+        assert "built-in" in r.json()["detail"]
+        assert upload(c, "mine2", wav_bytes(3)).status_code == 201
+        r = c.patch("/api/library/voices/mine2", json={"name": "beta"})
+        assert r.status_code == 409, r.text
+        names = [v["name"] for v in c.get("/api/library/voices").json()["voices"]]
+        assert "ALPHA" not in names and "beta" not in names and "mine2" in names
+        c.delete("/api/library/voices/mine2")
+
+
 def test_a_name_taken_by_something_that_is_no_voice_is_a_409(lib, tmp_path):
     # A folder without clips, or a link someone put in the library, is no voice, but an
     # upload or rename onto its name was a 500 (the rename failed) and closed the
@@ -210,3 +230,60 @@ def test_a_full_disk_stores_no_voice_and_says_why(tmp_path):
     assert list(store.root.iterdir()) == []  # no half-made voice, no leftover
     store.add("Bob", [("bob.wav", clip)])  # room again: stored, as a plain write would
     assert sf.info(store.get("Bob").clips[0]).frames == sf.info(io.BytesIO(clip)).frames
+
+
+def test_a_voice_gone_between_lookup_and_change_is_a_404(tmp_path, monkeypatch):
+    # Two deletes (or a rename and a delete) of one voice at once: both looked it up, the
+    # first moved it away, and the second's rename of the folder raised FileNotFoundError,
+    # a 500 instead of the 404 a voice that is gone is.
+    store = VoiceStore(tmp_path)
+    store.add("Twice", [("a.wav", wav_bytes(3))])
+    stale = store.get("Twice")
+    store.delete("Twice")
+    monkeypatch.setattr(store, "get", lambda name: stale)
+    with pytest.raises(VoiceNotFound):
+        store.delete("Twice")
+    with pytest.raises(VoiceNotFound):
+        store.rename("Twice", "Other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_name_in_another_unicode_form_finds_the_voice(lib):
+    # A voice file named on one system ("Zoë", NFC) and asked for from another that spells
+    # the ë as e + a combining diaeresis (NFD, as macOS does) was an unknown voice: 404.
+    nfc, nfd = (unicodedata.normalize(form, "Zoë") for form in ("NFC", "NFD"))
+    assert nfc != nfd
+    path = lib.settings.voices_path / f"{nfc}.wav"
+    path.write_bytes(wav_bytes(3))
+    try:
+        assert VoiceStore(lib.settings.voices_path).get(nfd.upper()).name == nfc
+        engine = CloningEngine()
+        engine.prepared.append((nfc, 1))
+        assert engine.resolve_voice(nfd) == nfc
+        with lib.client() as c:
+            assert c.get(f"/api/library/voices/{nfd}/preview").status_code == 200
+    finally:
+        path.unlink()
+
+
+def test_a_preview_sends_a_readable_clip_or_says_the_voice_is_damaged(lib):
+    # The first clip was sent as audio/wav whatever it held: a damaged one (garbage, a
+    # file cut short by a copy) reached the player as a 200 that no player plays.
+    root = lib.settings.voices_path
+    broken, half = root / "Broken", root / "Half"
+    for folder in (broken, half):
+        folder.mkdir()
+    (broken / "clip_01.wav").write_bytes(b"not audio at all" * 100)
+    (half / "clip_01.wav").write_bytes(b"")
+    (half / "clip_02.wav").write_bytes(good := wav_bytes(3))
+    try:
+        with lib.client() as c:
+            for url in ("/api/library/voices/Broken/preview", "/sample/Broken.wav"):
+                r = c.get(url)
+                assert r.status_code == 400 and "no readable clip" in r.json()["detail"], url
+            for url in ("/api/library/voices/Half/preview", "/sample/Half.wav"):
+                r = c.get(url)
+                assert r.status_code == 200 and r.content == good, url
+    finally:
+        for folder in (broken, half):
+            shutil.rmtree(folder)

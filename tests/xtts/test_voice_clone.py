@@ -3,6 +3,7 @@ studio speakers. `clone_voice` only needs the attributes listed in the XTTS cont
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,30 @@ def test_corrupt_cache_file_is_ignored_and_rewritten(
     calls = enc.calls
     V.clone_voice(model, clip, cache=cache, **SETTINGS)
     assert enc.calls == calls
+
+
+def test_the_cache_keeps_at_most_max_entries_least_recently_used_first(
+    model, clip: Path, tmp_path: Path
+) -> None:
+    # Every changed, deleted or re-uploaded voice left its latents behind for good: the
+    # cache folder grew without bound.
+    cache = V.VoiceCache(tmp_path / "cache", max_entries=2)
+    data, rate = sf.read(clip, dtype="float32")
+    a, b, c = ((data * g, rate) for g in (0.5, 0.6, 0.7))
+    V.clone_voice(model, a, cache=cache, **SETTINGS)
+    (fa,) = (tmp_path / "cache").glob("*.safetensors")
+    V.clone_voice(model, b, cache=cache, **SETTINGS)
+    (fb,) = set((tmp_path / "cache").glob("*.safetensors")) - {fa}
+    os.utime(fa, (1, 1))  # a was stored first ...
+    os.utime(fb, (2, 2))
+    V.clone_voice(model, a, cache=cache, **SETTINGS)  # ... but is used again: b goes
+    V.clone_voice(model, c, cache=cache, **SETTINGS)
+    left = set((tmp_path / "cache").glob("*.safetensors"))
+    assert len(left) == 2 and fa in left and fb not in left
+    enc = Counter(model.gpt.conditioning_encoder)
+    V.clone_voice(model, a, cache=cache, **SETTINGS)
+    V.clone_voice(model, c, cache=cache, **SETTINGS)
+    assert enc.calls == 0  # the two kept are hits
 
 
 def test_unwritable_cache_does_not_fail_cloning(model, clip: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ the model rate, clip, cut to `max_ref_length`, optionally peak-normalise, then e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -195,11 +196,15 @@ class VoiceCache:
     """Cloned voices as safetensors files in `cache_dir`, keyed by content and settings.
 
     A file that cannot be read or does not hold a voice is treated as missing (and replaced
-    on the next `put`): the cache can never make cloning fail.
+    on the next `put`): the cache can never make cloning fail. It keeps at most
+    `max_entries` voices: every changed, deleted or re-uploaded library voice leaves its
+    old latents behind (a full-size voice is ~130 kB), so past that the least recently
+    used are removed (a hit marks a file used).
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, cache_dir: str | os.PathLike[str], max_entries: int = 1024) -> None:
         self.cache_dir = Path(cache_dir)
+        self.max_entries = max_entries
 
     @staticmethod
     def key(digests: Sequence[str], settings: CloneSettings, fingerprint: str) -> str:
@@ -234,6 +239,8 @@ class VoiceCache:
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
             logger.warning("ignoring unreadable voice cache file %s: %s", path, e)
             return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used: the last to go when the cache is pruned
         return Voice(latent.float(), emb.float())
 
     def put(self, key: str, voice: Voice) -> None:
@@ -254,6 +261,30 @@ class VoiceCache:
             write_atomic(path, data, fsync=False)
         except OSError as e:
             logger.warning("could not write voice cache file %s: %s", path, e)
+            return
+        self._prune(keep=path)
+
+    def _prune(self, keep: Path) -> None:
+        """Remove the least recently used voices beyond `max_entries` (never `keep`)."""
+        try:
+            entries = []
+            with os.scandir(self.cache_dir) as it:
+                for e in it:
+                    if e.name.startswith("voice-") and e.name.endswith(".safetensors"):
+                        with contextlib.suppress(OSError):
+                            entries.append((e.stat(follow_symlinks=False).st_mtime, e.path))
+        except OSError:
+            return
+        excess = len(entries) - self.max_entries
+        if excess <= 0:
+            return
+        for _, old in sorted(entries)[: excess + 1]:
+            if excess <= 0:
+                break
+            if Path(old) != keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(old)
+                excess -= 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,11 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import soundfile as sf
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
@@ -22,7 +25,7 @@ from lowvox.server import synthesis
 from lowvox.server.outputs import served_file
 from lowvox.server.routes.paths import TolerantRoute, read_form, read_json
 from lowvox.server.state import ServerState, State
-from lowvox.voices.store import MAX_CLIPS, StoredVoice
+from lowvox.voices.store import MAX_CLIPS, StoredVoice, VoiceExists, check_name
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ def describe(state: ServerState, voice: StoredVoice) -> dict[str, Any]:
         "duration": round(voice.duration, 2),
         "created": voice.created,
         "preview_url": synthesis.output_url(
-            state.settings, "/api/library/voices", f"{voice.name}/preview"
+            state.settings, "/api/library/voices", f"{quote(voice.name, safe='')}/preview"
         ),
     }
 
@@ -52,6 +55,19 @@ async def _engine_hook(state: ServerState, method: str, *args: Any) -> None:
         if slot.engine.capabilities.cloning:
             hook: Callable[..., None] = getattr(slot.engine, method)
             await slot.scheduler.run(functools.partial(hook, *args))
+
+
+async def _not_built_in(state: ServerState, name: str) -> None:
+    """VoiceExists when `name` is, in any letter case, a built-in voice (XTTS's studio
+    speakers) of a loaded engine that clones: that engine looks its own voices up first,
+    so a library voice of that name would be stored and listed but never spoken."""
+    lowered = check_name(name).lower()
+    for slot in state.hub.loaded().values():
+        if not slot.engine.capabilities.cloning:
+            continue
+        for info in await state.hub.voices(slot):
+            if info.kind != "cloned" and lowered in (info.id.lower(), info.name.lower()):
+                raise VoiceExists(info.name, f"a built-in voice of engine {slot.name!r}")
 
 
 @router.get("/voices")
@@ -87,6 +103,7 @@ async def upload_voice(request: Request, state: State) -> dict:
     for f in files:
         data = await f.read(state.settings.max_upload_bytes + 1)
         uploads.append((f.filename or "upload", data))
+    await _not_built_in(state, name)
     voice = await asyncio.to_thread(state.voices.add, name, uploads)
     try:
         await _engine_hook(state, "prepare_voice", voice.name, list(voice.clips))
@@ -106,6 +123,7 @@ async def rename_voice(name: str, request: Request, state: State) -> dict:
     new = body.get("name") if isinstance(body, dict) else None
     if not isinstance(new, str):
         raise InvalidRequest("the new name is missing", field="name")
+    await _not_built_in(state, new)
     voice = await asyncio.to_thread(state.voices.rename, name, new)
     await _engine_hook(state, "forget_voice", name)
     await _engine_hook(state, "prepare_voice", voice.name, list(voice.clips))
@@ -119,9 +137,26 @@ async def delete_voice(name: str, state: State) -> dict:
     return {"deleted": name}
 
 
+def preview_clip(voice: StoredVoice, root: Path) -> Path:
+    """The first of the voice's clips that is readable audio, to send as its preview: a
+    damaged clip (a file someone copied in half, or not audio at all) was sent as audio/wav
+    that no player plays. A symbolic link placed in the library must not send what it
+    points at (`served_file`)."""
+    for clip in voice.clips:
+        path = served_file(clip, root)
+        try:
+            if sf.info(str(path)).frames > 0:
+                return path
+        except (sf.LibsndfileError, RuntimeError, OSError):
+            continue
+    raise InvalidRequest(
+        f"voice {voice.name!r} has no readable clip to preview (damaged files in its folder)",
+        field="voice",
+    )
+
+
 @router.get("/voices/{name}/preview")
 async def preview(name: str, state: State) -> FileResponse:
     voice = await asyncio.to_thread(state.voices.get, name)
-    # A symbolic link placed in the library must not send what it points at.
-    clip = await asyncio.to_thread(served_file, voice.clips[0], state.voices.root)
+    clip = await asyncio.to_thread(preview_clip, voice, state.voices.root)
     return FileResponse(clip, media_type="audio/wav")

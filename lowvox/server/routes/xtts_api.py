@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse
 
 from lowvox.errors import InvalidRequest, UnknownEngine, UnknownVoice
 from lowvox.server import responses, synthesis
-from lowvox.server.outputs import safe_stem, served_file
+from lowvox.server.outputs import safe_stem
 from lowvox.server.routes.alltalk import (
     PREVIEW_TEXT,
     fields,
@@ -29,8 +29,10 @@ from lowvox.server.routes.alltalk import (
     text,
 )
 from lowvox.server.routes.paths import TolerantRoute
+from lowvox.server.routes.voices import preview_clip
 from lowvox.server.scheduler import Priority
 from lowvox.server.state import ServerState, State
+from lowvox.voices import fold_name
 from lowvox.voices.store import VoiceNotFound
 
 router = APIRouter(route_class=TolerantRoute)
@@ -313,8 +315,8 @@ async def _builtin_preview(state: ServerState, name: str) -> Path:
     voices = await state.hub.voices(slot)
     voice = next((v for v in voices if wanted in (v.id, v.name)), None)
     if voice is None:
-        lowered = wanted.lower()
-        voice = next((v for v in voices if lowered in (v.id.lower(), v.name.lower())), None)
+        folded = fold_name(wanted)
+        voice = next((v for v in voices if folded in (fold_name(v.id), fold_name(v.name))), None)
     if voice is None:
         raise UnknownVoice(name)
     path = _preview_path(state, slot.name, voice.id)
@@ -350,5 +352,5 @@ async def sample(name: str, state: State) -> FileResponse:
     except VoiceNotFound:
         path = await _builtin_preview(state, name)
         return FileResponse(path, media_type="audio/wav")
-    clip = await asyncio.to_thread(served_file, voice.clips[0], state.voices.root)
+    clip = await asyncio.to_thread(preview_clip, voice, state.voices.root)
     return FileResponse(clip, media_type="audio/wav")
