@@ -141,7 +141,7 @@ class EngineHub:
             if warmup:
                 await scheduler.run(engine.warmup)
         except BaseException as e:
-            scheduler.stop()
+            scheduler.stop(last=engine.unload)  # what a failed warm-up had loaded
             if isinstance(e, LowvoxError):
                 raise
             raise EngineUnavailable(f"engine {key!r} failed to load: {e}") from e
@@ -169,12 +169,9 @@ class EngineHub:
 
     @staticmethod
     def _stop_slot(slot: EngineSlot) -> None:
-        slot.scheduler.cancel_all()
-        try:
-            slot.scheduler.call(slot.engine.unload).result(timeout=30)
-        except Exception as e:  # shutting down anyway; say why and carry on
-            logger.warning("unloading %s failed: %s", slot.name, e)
-        slot.scheduler.stop()
+        # New work is refused first (a request that already holds the slot gets
+        # EngineRestarting), then the model is unloaded on its own thread as it ends.
+        slot.scheduler.stop(timeout=30, last=slot.engine.unload)
 
     @staticmethod
     def idle_for(slot: EngineSlot, now: float) -> float:
