@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from lowvox.engines.base import SynthesisRequest
 from lowvox.errors import LowvoxError
 from lowvox.server.engines import EngineHub
+from tests.golden import GOLDEN
 from tests.server.srv_fixtures import FakeFactory, make_settings
 
 
@@ -39,3 +42,39 @@ def test_a_job_arriving_while_its_engine_unloads_is_refused_not_run(tmp_path):
     late = asyncio.run(main())
     assert "job" not in late
     assert "shutting down" in str(late["error"])
+
+
+class _StubModel:
+    """Stands for a loaded XttsModel on the GPU: records where it was asked to move."""
+
+    def __init__(self) -> None:
+        self.moves: list[str] = []
+
+    def to(self, device: str) -> _StubModel:
+        self.moves.append(device)
+        return self
+
+
+@pytest.mark.slow  # builds an XttsEngine (reads the golden config; imports torch)
+def test_low_vram_cannot_move_the_weights_under_running_requests(tmp_path):
+    # On a GPU, turning low-VRAM on mid-batch moved the weights to RAM under the batch's
+    # GPU KV cache (its next step failed every row); turning it off let the running
+    # requests' residency put the weights back in RAM as they ended. Mid-request the
+    # switch is now refused (503 with Retry-After); between requests it applies.
+    if not (GOLDEN / "model.pth").is_file():
+        pytest.skip("golden xtts-tiny bundle not found")
+    from lowvox.engines.xtts.engine import LowVramBusy, XttsEngine
+    from lowvox.runtime.planner import Plan
+
+    plan = Plan(device="cuda:0", precision="fp16", residency="gpu", compute_dtype="float16")
+    engine = XttsEngine(GOLDEN, cache_dir=tmp_path, plan=plan)
+    model = _StubModel()
+    engine._model = model  # type: ignore[assignment]
+    engine._make_residency = lambda m: None  # type: ignore[method-assign,assignment,return-value]
+    with engine._on_device():  # a request is running
+        with pytest.raises(LowVramBusy) as refused:
+            engine.set_low_vram(True)
+        assert refused.value.status_code == 503 and refused.value.retry_after > 0
+        assert model.moves == [] and not engine.low_vram
+    engine.set_low_vram(True)  # between requests
+    assert model.moves == ["cpu"] and engine.low_vram
