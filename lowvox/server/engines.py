@@ -68,6 +68,9 @@ class EngineHub:
         self.default = settings.engine.lower()
         self._slots: dict[str, EngineSlot] = {}
         self._lock = asyncio.Lock()
+        # One reload or runtime change at a time: each is "stop, change, start" (and a
+        # failed runtime change puts the old settings back), which must not interleave.
+        self._switching = asyncio.Lock()
         # name -> (can run here, when that was found out), for the model lists.
         self._availability: dict[str, tuple[bool, float]] = {}
 
@@ -152,6 +155,25 @@ class EngineHub:
     async def reload(self, name: str | None = None) -> EngineSlot:
         """Stop the engine (if running) and start it again; becomes the default engine."""
         key = self.resolve_name(name)
+        async with self._switching:
+            return await self._reload(key)
+
+    async def reconfigure(self, updates: dict[str, object]) -> EngineSlot:
+        """Apply settings `updates` (device, precision, residency) by reloading the default
+        engine with them. A change that cannot load (cuda without a GPU) changes nothing:
+        the old settings come back, the engine is reloaded with them, and the error is
+        raised. Changes asked for together apply one after another, each on the last."""
+        async with self._switching:
+            previous = self.settings
+            self.settings = previous.model_copy(update=updates)
+            try:
+                return await self._reload(self.default)
+            except LowvoxError:
+                self.settings = previous
+                await self._reload(self.default)
+                raise
+
+    async def _reload(self, key: str) -> EngineSlot:
         async with self._lock:
             old = self._slots.pop(key, None)
         if old is not None:

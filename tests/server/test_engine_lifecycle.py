@@ -4,14 +4,17 @@ idle unloads that happen while requests hold the engine (fakes: fast and determi
 from __future__ import annotations
 
 import asyncio
+import threading
 
+import httpx
 import pytest
 
 from lowvox.engines.base import SynthesisRequest
 from lowvox.errors import LowvoxError
+from lowvox.runtime.planner import PlanError
 from lowvox.server.engines import EngineHub
 from tests.golden import GOLDEN
-from tests.server.srv_fixtures import FakeFactory, make_settings
+from tests.server.srv_fixtures import FakeFactory, live_server, make_settings, wait_for
 
 
 def test_a_job_arriving_while_its_engine_unloads_is_refused_not_run(tmp_path):
@@ -78,3 +81,49 @@ def test_low_vram_cannot_move_the_weights_under_running_requests(tmp_path):
         assert model.moves == [] and not engine.low_vram
     engine.set_low_vram(True)  # between requests
     assert model.moves == ["cpu"] and engine.low_vram
+
+
+class _NoGpuFactory(FakeFactory):
+    """A machine without a GPU: an engine for device cuda fails to build, once `release`
+    is set (so a test can send another change while this one is loading)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cuda_asked = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, name, settings):
+        if settings.device.startswith("cuda"):
+            self.cuda_asked.set()
+            assert self.release.wait(30)
+            raise PlanError("device cuda was asked for, but no CUDA GPU is available")
+        return super().__call__(name, settings)
+
+
+@pytest.mark.slow  # a live server
+def test_runtime_changes_sent_together_apply_one_after_another(tmp_path):
+    # A change that fails put back the settings it had found, including those another
+    # change had set meanwhile: that change was answered 200 yet silently undone.
+    factory = _NoGpuFactory()
+    with live_server(tmp_path, factory) as server, server.client() as client:
+        answers: dict[str, httpx.Response] = {}
+
+        def change(key: str, body: dict) -> None:
+            with server.client() as c:
+                answers[key] = c.post("/api/runtime", json=body)
+
+        cuda = threading.Thread(target=change, args=("cuda", {"device": "cuda"}))
+        cuda.start()
+        assert factory.cuda_asked.wait(30)
+        int8 = threading.Thread(target=change, args=("int8", {"precision": "int8"}))
+        int8.start()
+        # Time for it to arrive; it cannot be answered before the cuda change ends.
+        assert not wait_for(lambda: "int8" in answers, timeout=0.3)
+        factory.release.set()
+        cuda.join(30)
+        int8.join(30)
+        assert answers["cuda"].status_code == 400 and "no CUDA GPU" in answers["cuda"].text
+        assert answers["int8"].status_code == 200, answers["int8"].text
+        assert answers["int8"].json()["precision"] == "int8"
+        now = client.get("/api/runtime").json()
+        assert (now["device"], now["precision"]) == ("auto", "int8")
