@@ -127,3 +127,36 @@ def test_runtime_changes_sent_together_apply_one_after_another(tmp_path):
         assert answers["int8"].json()["precision"] == "int8"
         now = client.get("/api/runtime").json()
         assert (now["device"], now["precision"]) == ("auto", "int8")
+
+
+@pytest.mark.slow  # builds an XttsEngine (reads the golden config; imports torch)
+def test_the_fast_path_switch_reaches_the_next_batch(tmp_path, monkeypatch):
+    # The scheduler keeps one XttsBatch for good, and its pipeline batch was only made
+    # anew for a reloaded model: AllTalk's "DeepSpeed" switch (CUDA graphs) never took
+    # effect, and low-VRAM on would have kept replaying graphs over weights that move.
+    if not (GOLDEN / "model.pth").is_file():
+        pytest.skip("golden xtts-tiny bundle not found")
+    from lowvox.engines.xtts import pipeline
+    from lowvox.engines.xtts.engine import XttsBatch, XttsEngine
+    from lowvox.runtime.planner import Plan
+
+    class FakePipelineBatch:
+        def __init__(self, model, max_rows, graphs, kv_positions) -> None:
+            self.model = model
+            self.decoder = type("Decoder", (), {"graphs": graphs})()
+
+        def __len__(self) -> int:
+            return 0
+
+    monkeypatch.setattr(pipeline, "Batch", FakePipelineBatch)
+    plan = Plan(device="cuda:0", precision="fp16", residency="gpu", compute_dtype="float16")
+    engine = XttsEngine(GOLDEN, cache_dir=tmp_path, plan=plan)
+    engine._model = _StubModel()  # type: ignore[assignment]
+    engine._make_residency = lambda m: None  # type: ignore[method-assign,assignment,return-value]
+    engine.kv_positions = lambda m: 64  # type: ignore[method-assign]
+    batch = XttsBatch(engine)
+    assert not batch._pipeline().decoder.graphs
+    engine.set_fast_path(True)
+    assert batch._pipeline().decoder.graphs
+    engine.set_low_vram(True)  # weights that move: no graphs
+    assert not batch._pipeline().decoder.graphs

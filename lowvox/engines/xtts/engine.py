@@ -486,7 +486,12 @@ class XttsBatch(EngineBatch):
 
         model = self.engine.model
         batch = self._batch
-        if batch is None or (batch.model is not model and not len(batch)):
+        # Made anew, once empty, for a reloaded model and after the fast-path or low-VRAM
+        # switch (CUDA graphs on or off: a graph must never replay over weights that move).
+        stale = batch is not None and (
+            batch.model is not model or batch.decoder.graphs != self.engine.graphs
+        )
+        if batch is None or (stale and not len(batch)):
             batch = Batch(
                 model,
                 max_rows=self.engine.max_batch_size,
