@@ -145,8 +145,10 @@ class EngineHub:
                 await scheduler.run(engine.warmup)
         except BaseException as e:
             scheduler.stop(last=engine.unload)  # what a failed warm-up had loaded
-            if isinstance(e, LowvoxError):
-                raise
+            if isinstance(e, LowvoxError) and e.status_code < 500:
+                raise  # the request's own fault (an impossible device plan): a 4xx
+            # A damaged or half-copied model file is the server's state, not a bug: a 503
+            # with Retry-After, and the next request tries to load it again.
             raise EngineUnavailable(f"engine {key!r} failed to load: {e}") from e
         logger.info("engine %s ready", key)
         self._availability[key] = (True, time.monotonic())

@@ -10,11 +10,11 @@ import httpx
 import pytest
 
 from lowvox.engines.base import SynthesisRequest
-from lowvox.errors import LowvoxError
+from lowvox.errors import EngineUnavailable, LowvoxError
 from lowvox.runtime.planner import PlanError
 from lowvox.server.engines import EngineHub
 from tests.golden import GOLDEN
-from tests.server.srv_fixtures import FakeFactory, live_server, make_settings, wait_for
+from tests.server.srv_fixtures import FakeEngine, FakeFactory, live_server, make_settings, wait_for
 
 
 def test_a_job_arriving_while_its_engine_unloads_is_refused_not_run(tmp_path):
@@ -160,3 +160,31 @@ def test_the_fast_path_switch_reaches_the_next_batch(tmp_path, monkeypatch):
     assert batch._pipeline().decoder.graphs
     engine.set_low_vram(True)  # weights that move: no graphs
     assert not batch._pipeline().decoder.graphs
+
+
+def test_a_model_that_fails_to_load_is_a_503_and_the_next_request_loads_it(tmp_path):
+    # A damaged model file (the loader's own LowvoxError, a 500) was passed on as a 500
+    # without Retry-After; the slot is not kept, so once the file is restored the next
+    # request loads it.
+    factory = FakeFactory()
+    hub = EngineHub(make_settings(tmp_path), factory)
+    damaged = [True]
+
+    def load() -> None:
+        if damaged[0]:
+            raise LowvoxError("cannot read checkpoint model.pth: truncated")
+
+    async def main() -> None:
+        factory.engines["espeak"] = engine = FakeEngine()
+        engine.load = load  # type: ignore[method-assign]
+        with pytest.raises(EngineUnavailable) as failed:
+            await hub.get()
+        assert failed.value.status_code == 503 and "truncated" in str(failed.value)
+        assert hub.loaded() == {}
+        damaged[0] = False  # the file restored
+        slot = await hub.get()
+        assert slot.engine is engine
+        await hub.close()
+
+    asyncio.run(main())
+    assert [t for t in threading.enumerate() if t.name.startswith("lowvox-")] == []
