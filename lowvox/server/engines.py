@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from lowvox.engines import ENGINE_NAMES, Engine, VoiceInfo, create_engine
 from lowvox.errors import EngineUnavailable, InvalidRequest, LowvoxError, UnknownEngine
-from lowvox.server.scheduler import Scheduler
+from lowvox.server.scheduler import Priority, Scheduler
 from lowvox.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -188,8 +188,9 @@ class EngineHub:
     def cancel(self, tag: str) -> int:
         return sum(slot.scheduler.cancel(tag) for slot in list(self._slots.values()))
 
-    def cancel_all(self) -> int:
-        return sum(slot.scheduler.cancel_all() for slot in list(self._slots.values()))
+    def cancel_all(self, priority: Priority | None = None) -> int:
+        slots = list(self._slots.values())
+        return sum(slot.scheduler.cancel_all(priority) for slot in slots)
 
     @staticmethod
     def _stop_slot(slot: EngineSlot) -> None:

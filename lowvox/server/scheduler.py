@@ -188,10 +188,12 @@ class Scheduler:
             rate = max(1, self._capacity) / max(self._job_seconds, 0.1)  # jobs per second
             return max(1, math.ceil((ahead - free + 1) / rate))
 
-    def cancel_all(self) -> int:
-        """Stop every running and waiting job; returns how many were stopped."""
+    def cancel_all(self, priority: Priority | None = None) -> int:
+        """Stop every running and waiting job (of `priority`, when given); returns how many
+        were stopped."""
         with self._cond:
             jobs = [*self._in_hand(), *self._waiting()]
+            jobs = [j for j in jobs if priority is None or j.priority is priority]
             for job in jobs:
                 job.cancel.set()
             self._drop_cancelled()

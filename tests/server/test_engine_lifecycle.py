@@ -4,6 +4,7 @@ idle unloads that happen while requests hold the engine (fakes: fast and determi
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import httpx
@@ -14,7 +15,14 @@ from lowvox.errors import EngineUnavailable, LowvoxError
 from lowvox.runtime.planner import PlanError
 from lowvox.server.engines import EngineHub
 from tests.golden import GOLDEN
-from tests.server.srv_fixtures import FakeEngine, FakeFactory, live_server, make_settings, wait_for
+from tests.server.srv_fixtures import (
+    FakeEngine,
+    FakeFactory,
+    ProductionServer,
+    live_server,
+    make_settings,
+    wait_for,
+)
 
 
 def test_a_job_arriving_while_its_engine_unloads_is_refused_not_run(tmp_path):
@@ -188,3 +196,40 @@ def test_a_model_that_fails_to_load_is_a_503_and_the_next_request_loads_it(tmp_p
 
     asyncio.run(main())
     assert [t for t in threading.enumerate() if t.name.startswith("lowvox-")] == []
+
+
+@pytest.mark.slow  # a live server
+def test_stopping_the_server_ends_a_stream_cleanly_and_at_once(tmp_path, caplog):
+    # uvicorn waits for open responses before the application's shutdown: a stream ran on
+    # until that wait's bound (5 s) and was then killed mid-body with a traceback. Its job
+    # is now cancelled as the server stops; the body ends with what was made.
+    server = ProductionServer(make_settings(tmp_path), FakeFactory()).__enter__()
+    server.engine.gate.clear()  # the stream holds before its last chunk
+    got: dict = {}
+
+    def listen() -> None:
+        with (
+            server.client() as c,
+            c.stream(
+                "POST",
+                "/v1/audio/speech",
+                json={"input": "one two three four", "voice": "alpha", "response_format": "pcm"},
+            ) as r,
+        ):
+            got["status"] = r.status_code
+            try:
+                got["bytes"] = sum(len(b) for b in r.iter_bytes())
+            except httpx.HTTPError as e:
+                got["error"] = repr(e)
+
+    listener = threading.Thread(target=listen)
+    with caplog.at_level(logging.INFO):
+        listener.start()
+        assert wait_for(server.engine.started.is_set)
+        server.server.should_exit = True
+        listener.join(30)
+        server.thread.join(30)
+    assert not server.thread.is_alive()
+    assert got.get("status") == 200 and "error" not in got and got["bytes"] > 0, got
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "1 request(s) in progress cut short" in caplog.text
