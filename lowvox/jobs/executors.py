@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -20,6 +21,12 @@ from typing import Any
 import numpy as np
 
 from lowvox.engines.base import Engine, SynthesisRequest
+
+logger = logging.getLogger(__name__)
+
+# How many engine restarts (reloads, runtime switches) one take outlives before its
+# sentence fails: a bound, so an engine restarted in a loop cannot hold a job forever.
+RESTARTS_PER_TAKE = 5
 
 
 @dataclass(frozen=True)
@@ -129,16 +136,30 @@ class LocalExecutor(Executor):
         return await asyncio.to_thread(slot.engine.validate, request, self.max_chars)
 
     async def speak(self, take: Take, cancel: threading.Event | None = None) -> np.ndarray:
+        from lowvox.errors import LowvoxError
         from lowvox.server.scheduler import Priority
 
-        slot = await self._current()
-        request = await asyncio.to_thread(engine_request, slot.engine, take, self.max_chars)
-        job = slot.scheduler.submit([request], tag=f"job:{take.job}", priority=Priority.BULK)
-        # A stop that came while this take was being validated: `cancel` was set before
-        # `cancel(job)` ran, which may have missed this just-submitted take.
-        if cancel is not None and cancel.is_set():
-            job.cancel.set()
-        return await collect_audio(job)
+        for attempt in range(RESTARTS_PER_TAKE + 1):
+            slot = await self._current()
+            try:
+                request = await asyncio.to_thread(engine_request, slot.engine, take, self.max_chars)
+                job = slot.scheduler.submit(
+                    [request], tag=f"job:{take.job}", priority=Priority.BULK
+                )
+                # A stop that came while this take was being validated: `cancel` was set
+                # before `cancel(job)` ran, which may have missed this just-submitted take.
+                if cancel is not None and cancel.is_set():
+                    job.cancel.set()
+                return await collect_audio(job)
+            except LowvoxError:
+                # The engine was restarted under the take (a reload, a runtime switch, an
+                # idle unload): not this sentence's failure, nor a stop of the job. The
+                # take is spoken again, from the start, by the engine as it is now.
+                stopped = cancel is not None and cancel.is_set()
+                if not slot.retired or stopped or attempt == RESTARTS_PER_TAKE:
+                    raise
+                logger.info("job %s sentence %d: engine restarted; again", take.job, take.index)
+        raise AssertionError("unreachable")
 
     async def cancel(self, job: str) -> None:
         if self._slot is not None:

@@ -31,6 +31,7 @@ from lowvox.server.engines import EngineFactory, EngineHub
 from lowvox.server.errors import install_error_handlers
 from lowvox.server.outputs import OutputStore
 from lowvox.server.routes import alltalk, core, jobs, openai, voices, web, xtts_api
+from lowvox.server.scheduler import Priority
 from lowvox.server.security import (
     MAX_HEADER_BYTES,
     ApiKeyMiddleware,
@@ -284,9 +285,28 @@ def server_config(app: Any, settings: Settings) -> uvicorn.Config:
     )
 
 
+def make_server(config: uvicorn.Config) -> uvicorn.Server:
+    """uvicorn's server, which first ends the requests still speaking when it is asked to
+    stop (SIGTERM, Ctrl-C). uvicorn waits for open responses before the application's own
+    shutdown; a stream would run on until that wait's bound and then be killed mid-body
+    with a traceback. Its job is cancelled instead: the stream ends cleanly with what it
+    made. Long-form jobs are left to the application's shutdown (they resume later)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            state = getattr(getattr(self.config.app, "state", None), "lowvox", None)
+            if isinstance(state, ServerState):
+                cut = state.hub.cancel_all(Priority.INTERACTIVE)
+                if cut:
+                    logger.info("stopping: %d request(s) in progress cut short", cut)
+            await super().shutdown(sockets)
+
+    return Server(config)
+
+
 def serve(settings: Settings) -> None:
     """Run the server in the foreground (blocking) on settings.host:settings.port."""
-    import uvicorn
 
     # Constructing the default engine checks its files and libraries (no model loading), so
     # a missing model is a clean LowvoxError for the CLI rather than a failed lifespan.
@@ -302,7 +322,7 @@ def serve(settings: Settings) -> None:
     # "lowvox is ready" line followed by uvicorn's failure to bind.
     sock = _bind(settings.host, settings.port)
     with sock:
-        uvicorn.Server(server_config(app, settings)).run(sockets=[sock])
+        make_server(server_config(app, settings)).run(sockets=[sock])
 
 
 def _bind(host: str, port: int) -> socket.socket:

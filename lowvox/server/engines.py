@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from lowvox.engines import ENGINE_NAMES, Engine, VoiceInfo, create_engine
 from lowvox.errors import EngineUnavailable, InvalidRequest, LowvoxError, UnknownEngine
-from lowvox.server.scheduler import Scheduler
+from lowvox.server.scheduler import Priority, Scheduler
 from lowvox.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ class EngineHub:
         self.default = settings.engine.lower()
         self._slots: dict[str, EngineSlot] = {}
         self._lock = asyncio.Lock()
+        # One reload or runtime change at a time: each is "stop, change, start" (and a
+        # failed runtime change puts the old settings back), which must not interleave.
+        self._switching = asyncio.Lock()
         # name -> (can run here, when that was found out), for the model lists.
         self._availability: dict[str, tuple[bool, float]] = {}
 
@@ -141,9 +144,11 @@ class EngineHub:
             if warmup:
                 await scheduler.run(engine.warmup)
         except BaseException as e:
-            scheduler.stop()
-            if isinstance(e, LowvoxError):
-                raise
+            scheduler.stop(last=engine.unload)  # what a failed warm-up had loaded
+            if isinstance(e, LowvoxError) and e.status_code < 500:
+                raise  # the request's own fault (an impossible device plan): a 4xx
+            # A damaged or half-copied model file is the server's state, not a bug: a 503
+            # with Retry-After, and the next request tries to load it again.
             raise EngineUnavailable(f"engine {key!r} failed to load: {e}") from e
         logger.info("engine %s ready", key)
         self._availability[key] = (True, time.monotonic())
@@ -152,6 +157,25 @@ class EngineHub:
     async def reload(self, name: str | None = None) -> EngineSlot:
         """Stop the engine (if running) and start it again; becomes the default engine."""
         key = self.resolve_name(name)
+        async with self._switching:
+            return await self._reload(key)
+
+    async def reconfigure(self, updates: dict[str, object]) -> EngineSlot:
+        """Apply settings `updates` (device, precision, residency) by reloading the default
+        engine with them. A change that cannot load (cuda without a GPU) changes nothing:
+        the old settings come back, the engine is reloaded with them, and the error is
+        raised. Changes asked for together apply one after another, each on the last."""
+        async with self._switching:
+            previous = self.settings
+            self.settings = previous.model_copy(update=updates)
+            try:
+                return await self._reload(self.default)
+            except LowvoxError:
+                self.settings = previous
+                await self._reload(self.default)
+                raise
+
+    async def _reload(self, key: str) -> EngineSlot:
         async with self._lock:
             old = self._slots.pop(key, None)
         if old is not None:
@@ -164,17 +188,15 @@ class EngineHub:
     def cancel(self, tag: str) -> int:
         return sum(slot.scheduler.cancel(tag) for slot in list(self._slots.values()))
 
-    def cancel_all(self) -> int:
-        return sum(slot.scheduler.cancel_all() for slot in list(self._slots.values()))
+    def cancel_all(self, priority: Priority | None = None) -> int:
+        slots = list(self._slots.values())
+        return sum(slot.scheduler.cancel_all(priority) for slot in slots)
 
     @staticmethod
     def _stop_slot(slot: EngineSlot) -> None:
-        slot.scheduler.cancel_all()
-        try:
-            slot.scheduler.call(slot.engine.unload).result(timeout=30)
-        except Exception as e:  # shutting down anyway; say why and carry on
-            logger.warning("unloading %s failed: %s", slot.name, e)
-        slot.scheduler.stop()
+        # New work is refused first (a request that already holds the slot gets
+        # EngineRestarting), then the model is unloaded on its own thread as it ends.
+        slot.scheduler.stop(timeout=30, last=slot.engine.unload)
 
     @staticmethod
     def idle_for(slot: EngineSlot, now: float) -> float:

@@ -134,6 +134,7 @@ class Scheduler:
         self._capacity = 1
         self._cond = threading.Condition()
         self._stopping = False
+        self._last: Callable[[], object] | None = None  # run by the worker as it ends
         self._job_seconds = 2.0  # running mean of a job's time in the batch, for Retry-After
         self._thread = threading.Thread(target=self._work, name=f"lowvox-{self.name}", daemon=True)
         self._thread.start()
@@ -187,10 +188,12 @@ class Scheduler:
             rate = max(1, self._capacity) / max(self._job_seconds, 0.1)  # jobs per second
             return max(1, math.ceil((ahead - free + 1) / rate))
 
-    def cancel_all(self) -> int:
-        """Stop every running and waiting job; returns how many were stopped."""
+    def cancel_all(self, priority: Priority | None = None) -> int:
+        """Stop every running and waiting job (of `priority`, when given); returns how many
+        were stopped."""
         with self._cond:
             jobs = [*self._in_hand(), *self._waiting()]
+            jobs = [j for j in jobs if priority is None or j.priority is priority]
             for job in jobs:
                 job.cancel.set()
             self._drop_cancelled()
@@ -219,12 +222,21 @@ class Scheduler:
         with self._cond:
             return sum(1 for j in self._waiting() if not j.cancel.is_set())
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, last: Callable[[], object] | None = None) -> None:
+        """Refuse new jobs and calls, end those in hand, and let the worker go. `last`
+        (an engine's `unload`) runs on the worker once nothing else can: a job submitted
+        after it would load the model again on a scheduler that is going away."""
         with self._cond:
             self._stopping = True
+            if last is not None:
+                self._last = last
             self._cond.notify()
         self.cancel_all()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning(
+                "%s: the worker is still busy after %.0f s; left behind", self.name, timeout
+            )
 
     # -- the worker ------------------------------------------------------------------
 
@@ -257,7 +269,8 @@ class Scheduler:
                 calls = list(self._calls)
                 self._calls.clear()
                 if self._stopping and not (calls or self._running):
-                    return
+                    last, self._last = self._last, None
+                    break
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -287,6 +300,12 @@ class Scheduler:
                 continue
             for event in events:
                 self._deliver(batch, event)
+        del batch  # its rows' memory goes before the model's
+        if last is not None:
+            try:
+                last()
+            except Exception as e:  # stopping anyway; say why
+                logger.warning("%s: %s", self.name, e)
 
     def _admit(self, batch: EngineBatch) -> None:
         """Waiting jobs into the batch while it has room: interactive first, bulk jobs only

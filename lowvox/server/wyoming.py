@@ -45,7 +45,7 @@ import lowvox
 from lowvox.audio.encode import StreamEncoder
 from lowvox.errors import LowvoxError, UnknownEngine, UnknownVoice
 from lowvox.server import synthesis
-from lowvox.server.engines import EngineHub, EngineSlot
+from lowvox.server.engines import EngineHub, EngineRestarting, EngineSlot
 from lowvox.server.state import ServerState
 from lowvox.text.split_rules import SPECIAL_CASES
 from lowvox.voices import fold_name
@@ -516,11 +516,15 @@ class Connection:
                 await self._send(encoder, first.samples, rate)
                 async for chunk in chunks:
                     await self._send(encoder, chunk.samples, rate)
-        except LowvoxError:
+        except LowvoxError as e:
             # Failed or cancelled (/api/stop) after audio-start: clients read until
             # audio-stop, so end the audio before saying why.
             if started:
                 await self._write(AudioStop().event())
+            if plan.slot.retired and not isinstance(e, EngineRestarting):
+                # Cut short by a reload or runtime change, not cancelled: say so (and when
+                # to try again), as HTTP's 503 does.
+                raise plan.slot.restarting() from e
             raise
         finally:
             if not job.finished.is_set():

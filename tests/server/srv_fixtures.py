@@ -19,7 +19,7 @@ import uvicorn
 
 from lowvox.engines.base import AudioChunk, Engine, EngineCapabilities, SynthesisRequest, VoiceInfo
 from lowvox.errors import UnknownEngine
-from lowvox.server.app import create_app, server_config
+from lowvox.server.app import create_app, make_server, server_config
 from lowvox.settings import Settings
 
 FAKE_RATE = 24_000
@@ -227,7 +227,7 @@ class ProductionServer(LiveServer):
         config = server_config(
             self.app, settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
         )
-        self.server = uvicorn.Server(config)
+        self.server = make_server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
 

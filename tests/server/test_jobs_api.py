@@ -13,7 +13,7 @@ import zipfile
 import pytest
 import soundfile as sf
 
-from tests.server.srv_fixtures import FakeFactory, live_server
+from tests.server.srv_fixtures import FakeFactory, live_server, wait_for
 
 TEXT = """# A Small Book
 
@@ -173,6 +173,21 @@ def test_an_interactive_request_is_served_while_a_book_renders(client, server):
     state = client.get(f"/api/jobs/{job['id']}").json()["job"]
     assert state["progress"]["done"] < 40  # the book was still rendering
     client.post(f"/api/jobs/{job['id']}/cancel")
+
+
+def test_a_job_outlives_a_reload_of_its_engine(client, server):
+    # A reload (or a runtime switch, which is one) cancels the takes in flight; the job
+    # speaks them again on the reloaded engine instead of failing with "generation
+    # cancelled".
+    server.engine.gate.clear()
+    server.engine.started.clear()
+    job = create(client)
+    assert wait_for(server.engine.started.is_set)
+    assert client.post("/api/reload").json()["status"] == "model-success"
+    server.engine.gate.set()
+    done = wait_state(client, job["id"], ("done", "failed", "paused", "cancelled"))
+    assert done["state"] == "done", done
+    assert done["progress"]["done"] == 7
 
 
 def _epub(encrypted: bool = False) -> bytes:

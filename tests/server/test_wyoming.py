@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import httpx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -409,6 +410,26 @@ def test_disconnect_mid_stream_cancels_the_job(server):
         time.sleep(0.02)
     assert text in engine.cancelled_jobs
     assert text not in engine.finished_jobs
+
+
+def test_a_stream_cut_short_by_a_reload_says_the_engine_restarts(server):
+    # Not "generation cancelled" (what the client would take for a stop it never asked
+    # for): the engine is restarting, and when to try again, as HTTP's 503 says.
+    server.engine.gate.clear()
+
+    async def main() -> list[Event]:
+        async with connect(server) as c:
+            await send(c, SynthesizeStart(voice=SynthesizeVoice(name="alpha")))
+            await send(c, SynthesizeChunk(text="Cut this sentence short please. "))
+            await read_until(c, is_type(AudioChunk))  # the job is running
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+                assert (await http.post("/api/reload")).json()["status"] == "model-success"
+            return await read_until(c, is_type(Error))
+
+    events = run(main())
+    assert any(AudioStop.is_type(e.type) for e in events)
+    error = Error.from_event(events[-1])
+    assert error.code == "EngineRestarting" and "restarting" in error.text, error
 
 
 def test_stopping_the_server_ends_connections_and_their_jobs(tmp_path):

@@ -151,6 +151,9 @@ class XttsEngine(Engine):
         self._fast_path = False
         self._model: XttsModel | None = None
         self._residency: Residency | None = None
+        # Requests (a batch with rows, a stream) inside `_on_device` now: while any is,
+        # the weights may not move (their KV caches and residency are tied to them).
+        self._in_use = 0
         self._studio: dict[str, Voice] | None = None
 
     @classmethod
@@ -278,9 +281,15 @@ class XttsEngine(Engine):
         enabled = bool(enabled)
         if enabled == self._low_vram:
             return
-        self._low_vram = enabled
         model = self._model
-        if not self.device.startswith("cuda") and self.plan.residency != "low_vram":
+        moves = self.device.startswith("cuda") or self.plan.residency == "low_vram"
+        if moves and model is not None and self._in_use:
+            # Mid-request the weights cannot move: turning it on would leave the batch's
+            # KV cache on the GPU with the weights in RAM, turning it off would let the
+            # running requests' residency put the weights back in RAM as they end.
+            raise LowVramBusy()
+        self._low_vram = enabled
+        if not moves:
             log.info("low-VRAM mode has no effect on the CPU")
             return
         if model is None:
@@ -433,8 +442,24 @@ class XttsEngine(Engine):
     def _on_device(self) -> Iterator[None]:
         """The weights on their compute device while requests run (low-VRAM residency)."""
         residency = self._residency
-        with residency.active() if residency is not None else contextlib.nullcontext():
-            yield
+        self._in_use += 1
+        try:
+            with residency.active() if residency is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self._in_use -= 1
+
+
+class LowVramBusy(EngineUnavailable):
+    """The low-VRAM switch came while requests run on the weights it would move: a 503
+    with a Retry-After of a few seconds: asked again once they are done, it applies."""
+
+    retry_after = 5
+
+    def __init__(self) -> None:
+        super().__init__(
+            "low-VRAM mode cannot change while requests are running; retry when they are done"
+        )
 
 
 class XttsBatch(EngineBatch):
@@ -461,7 +486,12 @@ class XttsBatch(EngineBatch):
 
         model = self.engine.model
         batch = self._batch
-        if batch is None or (batch.model is not model and not len(batch)):
+        # Made anew, once empty, for a reloaded model and after the fast-path or low-VRAM
+        # switch (CUDA graphs on or off: a graph must never replay over weights that move).
+        stale = batch is not None and (
+            batch.model is not model or batch.decoder.graphs != self.engine.graphs
+        )
+        if batch is None or (stale and not len(batch)):
             batch = Batch(
                 model,
                 max_rows=self.engine.max_batch_size,

@@ -207,14 +207,10 @@ async def change_runtime(change: RuntimeChange, state: State) -> dict:
             field="residency",
         )
     if updates:
-        previous = state.settings
-        state.settings = state.hub.settings = previous.model_copy(update=updates)
+        # An impossible plan (say cuda on a machine without a GPU) changes nothing: the
+        # engine comes back as it was, and the caller gets the reason.
         try:
-            await state.hub.reload(state.hub.default)
-        except LowvoxError:
-            # An impossible plan (say cuda on a machine without a GPU) changes nothing:
-            # the engine comes back as it was, and the caller gets the reason.
-            state.settings = state.hub.settings = previous
-            await state.hub.reload(state.hub.default)
-            raise
+            await state.hub.reconfigure(updates)
+        finally:
+            state.settings = state.hub.settings
     return await runtime(state)
