@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from lowvox.engines.base import Engine, SynthesisRequest
+from lowvox.errors import LowvoxError
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,6 @@ class LocalExecutor(Executor):
         return await asyncio.to_thread(slot.engine.validate, request, self.max_chars)
 
     async def speak(self, take: Take, cancel: threading.Event | None = None) -> np.ndarray:
-        from lowvox.errors import LowvoxError
         from lowvox.server.scheduler import Priority
 
         for attempt in range(RESTARTS_PER_TAKE + 1):

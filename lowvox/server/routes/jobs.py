@@ -33,7 +33,6 @@ from lowvox.server.state import State
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"], route_class=TolerantRoute)
 
-BOOK_FORMATS = ("m4b", "mp3", "opus", "flac", "wav")
 # A sentence number as a path parameter: bounded, so no database integer overflows.
 SentenceIndex = Annotated[int, Path(ge=0, le=2**31 - 1)]
 _TERMINAL = ("done", "failed", "cancelled")
